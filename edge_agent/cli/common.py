@@ -1,0 +1,134 @@
+"""Options and start-up steps shared by sub-commands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, NoReturn
+
+from edge_agent.config import AgentConfig, ConfigError, KeywordConfig, load_config, merge_update
+from edge_agent.engine.lexicon import LexiconError
+from edge_agent.engine.model import DecoderSettings, KeywordSpec, KwsModel, ModelError
+from edge_agent.model_store import ModelSource, resolve_model_dir
+
+EXIT_USAGE = 2
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    print(f"edge-agent: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def add_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", metavar="FILE", help="YAML configuration file (see config.yaml)")
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    add_config_option(parser)
+    parser.add_argument(
+        "--model-dir", metavar="DIR", help="directory with the model files (overrides model.dir)"
+    )
+    parser.add_argument(
+        "--backend", choices=("numpy", "torch"), help="network backend (overrides engine.backend)"
+    )
+    parser.add_argument("--threads", type=int, metavar="N", help="torch threads (overrides engine.threads)")
+
+
+def add_keyword_options(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    parser.add_argument(
+        "--keywords",
+        metavar="K1,K2",
+        required=required,
+        help="comma-separated keywords, each optionally TEXT:THRESHOLD (default: the config's, 小云小云)",
+    )
+    parser.add_argument("--threshold", type=float, metavar="T", help="threshold for every keyword")
+    parser.add_argument(
+        "--homophones", action="store_true", help="also accept characters that sound the same (pinyin extra)"
+    )
+
+
+def load_settings(args: argparse.Namespace) -> AgentConfig:
+    """The config file (if any) with command-line overrides, validated like the file."""
+    try:
+        config = load_config(getattr(args, "config", None))
+        update: dict[str, Any] = {}
+        if getattr(args, "model_dir", None):
+            update.setdefault("model", {})["dir"] = args.model_dir
+        if getattr(args, "backend", None):
+            update.setdefault("engine", {})["backend"] = args.backend
+        if getattr(args, "threads", None) is not None:
+            update.setdefault("engine", {})["threads"] = args.threads
+        if (
+            getattr(args, "keywords", None)
+            or getattr(args, "threshold", None) is not None
+            or getattr(args, "homophones", False)
+        ):
+            update["keywords"] = [_keyword_update(k, args) for k in _keyword_texts(args, config)]
+        return merge_update(config, update) if update else config
+    except ConfigError as error:
+        fail(str(error))
+
+
+def _keyword_texts(args: argparse.Namespace, config: AgentConfig) -> list[str]:
+    if getattr(args, "keywords", None):
+        texts = [k.strip() for k in args.keywords.split(",") if k.strip()]
+        if not texts:
+            fail("--keywords: no keyword given")
+        return texts
+    return [k.text for k in config.keywords]
+
+
+def _keyword_update(text: str, args: argparse.Namespace) -> dict[str, Any]:
+    entry: dict[str, Any] = {"text": text}
+    if args.threshold is not None:
+        entry["threshold"] = args.threshold
+    if ":" in text:
+        entry["text"], _, threshold = text.partition(":")
+        try:
+            entry["threshold"] = float(threshold)
+        except ValueError:
+            fail(f"--keywords: {text!r}: the part after ':' must be a threshold")
+    if getattr(args, "homophones", False):
+        entry["homophones"] = True
+    return entry
+
+
+def model_source(config: AgentConfig) -> ModelSource:
+    return ModelSource(
+        model_id=config.model.id,
+        revision=config.model.revision,
+        directory=config.model.dir,
+        cache_dir=config.model.cache_dir,
+        download=config.model.download,
+    )
+
+
+def open_model(config: AgentConfig) -> KwsModel:
+    try:
+        directory = resolve_model_dir(model_source(config))
+        return KwsModel.load(directory, backend=config.engine.backend, threads=config.engine.threads)
+    except (ModelError, ImportError) as error:
+        fail(str(error))
+
+
+def keyword_specs(config: AgentConfig) -> list[tuple[KeywordSpec, bool]]:
+    return [(_spec(k), k.homophones) for k in config.keywords]
+
+
+def _spec(keyword: KeywordConfig) -> KeywordSpec:
+    return KeywordSpec(keyword.text, keyword.threshold, keyword.min_duration, keyword.max_duration)
+
+
+def decoder_settings(config: AgentConfig) -> DecoderSettings:
+    return DecoderSettings(
+        refractory_seconds=config.engine.refractory,
+        gap_tolerance=config.engine.gap_tolerance,
+        hold_seconds=config.engine.hold,
+    )
+
+
+def compile_keywords(model: KwsModel, config: AgentConfig) -> list[Any]:
+    try:
+        return [model.compile(spec, homophones) for spec, homophones in keyword_specs(config)]
+    except (LexiconError, ValueError, ImportError) as error:
+        fail(f"keywords: {error}")

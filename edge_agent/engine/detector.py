@@ -1,0 +1,81 @@
+"""Per-stream keyword detector: 16 kHz mono samples in, detections out.
+
+This is the engine's whole public surface for audio: everything else (files, microphones, MQTT
+streams, HTTP uploads) converts its audio to 16 kHz mono at its own edge and calls
+:meth:`KeywordDetector.feed`. One detector per stream: it holds that stream's feature
+remainder, network memory and decoder state, and nothing global.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from edge_agent.engine.decoder import CompiledKeyword, Detection
+from edge_agent.engine.features import SAMPLE_RATE_HZ, FeatureStream
+
+if TYPE_CHECKING:
+    from edge_agent.engine.model import DecoderSettings, KwsModel
+
+
+class KeywordDetector:
+    """Feed audio chunks of any size in order; :meth:`finish` at the end of the stream."""
+
+    def __init__(
+        self, model: KwsModel, keywords: Sequence[CompiledKeyword], settings: DecoderSettings
+    ) -> None:
+        self._model = model
+        self._settings = settings
+        self._features = FeatureStream(model.cmvn)
+        self._network_state = model.network.new_state()
+        self._decoder = model.decoder(keywords, settings)
+        self._samples_seen = 0
+
+    @property
+    def keywords(self) -> list[CompiledKeyword]:
+        return self._decoder.keywords
+
+    @property
+    def audio_seconds(self) -> float:
+        """Audio fed since the stream started (or was reset)."""
+        return self._samples_seen / SAMPLE_RATE_HZ
+
+    def feed(self, samples: np.ndarray) -> list[Detection]:
+        """Add 16 kHz mono samples (int16, or float in 16-bit units); return new detections."""
+        samples = np.asarray(samples)
+        if samples.ndim != 1:
+            raise ValueError(f"expected a 1-D array of mono samples, got shape {samples.shape}")
+        if samples.size == 0:
+            return []
+        self._samples_seen += samples.shape[0]
+        features = self._features.accept(samples)
+        if features.shape[0] == 0:
+            return []
+        posteriors = self._model.network.forward(self._network_state, features, columns=self._decoder.columns)
+        return self._decoder.process(posteriors)
+
+    def finish(self) -> list[Detection]:
+        """End of stream: score the last frames, return what they hold, and start afresh."""
+        features = self._features.finish()
+        posteriors = self._model.network.forward(
+            self._network_state, features, final=True, columns=self._decoder.columns
+        )
+        detections = self._decoder.process(posteriors) + self._decoder.finish()
+        self.reset()
+        return detections
+
+    def reset(self) -> None:
+        """Forget the stream; the next sample is time 0 of a new one."""
+        self._features.reset()
+        self._network_state = self._model.network.new_state()
+        self._decoder.reset()
+        self._samples_seen = 0
+
+    def set_keywords(self, keywords: Sequence[CompiledKeyword]) -> None:
+        """Replace the keywords without losing the stream: times keep counting from its start.
+
+        A keyword being spoken at the moment of the swap may be missed; nothing else is.
+        """
+        self._decoder = self._model.decoder(keywords, self._settings, first_frame=self._decoder.frames_seen)

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what edge-agent and its tests need on Debian/Ubuntu (run as root or with sudo).
+# Idempotent: packages already present are skipped, so a second run takes seconds.
+#   EDGE_AGENT_EXTRAS  pip extras to install (default: everything the tests use)
+#   EDGE_AGENT_TORCH   torch requirement when torch is missing (default: torch==2.13.0). On x86-64
+#                      PyPI's torch is the multi-GB CUDA build; to get the CPU build first run
+#                      pip install torch --index-url https://download.pytorch.org/whl/cpu
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+debian_packages=(mosquitto mosquitto-clients portaudio19-dev openssl python3-dev gcc)
+missing=()
+for package in "${debian_packages[@]}"; do
+  dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "installing Debian packages: ${missing[*]}"
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# The Debian package enables a system-wide broker; tests and the quickstart start their own.
+
+PYTHON="${PYTHON:-python3}"
+if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
+  "$PYTHON" -m pip install -q "${EDGE_AGENT_TORCH:-torch==2.13.0}"
+fi
+"$PYTHON" -m pip install -q -e ".[${EDGE_AGENT_EXTRAS:-test,torch,modelscope,mic,pinyin}]"

@@ -1,0 +1,200 @@
+"""The keyword decoder on synthetic posteriors: every rule of the detection policy, no model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_agent.engine.decoder import CompiledKeyword, KeywordDecoder
+
+FRAME = 0.03
+BLANK, A, B, C, D, X = range(6)
+VOCAB = 6
+
+
+def posteriors(length: int, events: dict[int, dict[int, float]]) -> np.ndarray:
+    """Frames of mostly blank; ``events[frame] = {token: probability}``, the rest on blank."""
+    p = np.zeros((length, VOCAB))
+    p[:, BLANK] = 1.0
+    for frame, tokens in events.items():
+        for token, prob in tokens.items():
+            p[frame, token] = prob
+        p[frame, BLANK] = 1.0 - sum(tokens.values())
+    return p
+
+
+def keyword(
+    text: str, tokens: list[int], threshold: float = 0.3, low: float = 0.1, high: float = 2.5
+) -> CompiledKeyword:
+    return CompiledKeyword(text, tuple((t,) for t in tokens), threshold, low, high)
+
+
+def decode(p: np.ndarray, keywords: list[CompiledKeyword], chunk: int = 0, **options):  # type: ignore[no-untyped-def]
+    decoder = KeywordDecoder(keywords, frame_seconds=FRAME, **options)
+    found = []
+    if chunk:
+        for start in range(0, p.shape[0], chunk):
+            found += decoder.process(p[start : start + chunk])
+    else:
+        found += decoder.process(p)
+    return found + decoder.finish()
+
+
+ABCD = keyword("abcd", [A, B, C, D])
+
+
+def spoken(
+    start: int, probs: tuple[float, ...] = (0.9, 0.9, 0.9, 0.9), spacing: int = 6
+) -> dict[int, dict[int, float]]:
+    pairs = zip([A, B, C, D], probs, strict=True)
+    return {start + i * spacing: {token: prob} for i, (token, prob) in enumerate(pairs)}
+
+
+def test_detects_a_keyword_with_times_covering_its_peaks() -> None:
+    p = posteriors(100, spoken(20))
+    (found,) = decode(p, [ABCD])
+    assert found.keyword == "abcd"
+    assert found.confidence == pytest.approx(0.9, abs=1e-6)
+    assert found.peak_frames == (20, 26, 32, 38)
+    assert found.start < 20 * FRAME and found.end > 38 * FRAME
+    assert found.end - found.start <= 2.5
+
+
+def test_confidence_is_length_normalised() -> None:
+    """2- and 4-character keywords with the same per-character evidence score the same."""
+    two = keyword("ab", [A, B])
+    p = posteriors(80, {10: {A: 0.5}, 16: {B: 0.5}, 40: {A: 0.5}, 46: {B: 0.5}, 52: {C: 0.5}, 58: {D: 0.5}})
+    found = {d.keyword: d.confidence for d in decode(p, [two, ABCD])}
+    assert found["ab"] == pytest.approx(0.5, abs=1e-6)
+    assert found["abcd"] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_unrelated_speech_between_characters_breaks_the_match() -> None:
+    clean = posteriors(100, spoken(20, spacing=8))
+    intruded = clean.copy()
+    for frame in (28 + 3, 28 + 4):  # a confident other character between B and C
+        intruded[frame] = 0.0
+        intruded[frame, X] = 0.95
+        intruded[frame, BLANK] = 0.05
+    assert len(decode(clean, [ABCD])) == 1
+    assert decode(intruded, [ABCD]) == []
+
+
+def test_keyword_ending_on_the_last_frame_is_found_at_finish() -> None:
+    p = posteriors(39, spoken(20))  # D on frame 38, the very last one
+    decoder = KeywordDecoder([ABCD], frame_seconds=FRAME)
+    assert decoder.process(p) == []  # still waiting for the frame after its peak
+    (found,) = decoder.finish()
+    assert found.peak_frames[-1] == 38
+
+
+def test_repeated_character_needs_a_blank_between() -> None:
+    aa = keyword("aa", [A, A], threshold=0.3, low=0.0)
+    one_long_a = posteriors(40, {10: {A: 0.9}, 11: {A: 0.9}, 12: {A: 0.9}})
+    two_as = posteriors(40, {10: {A: 0.9}, 11: {A: 0.2}, 12: {A: 0.9}})
+    assert decode(one_long_a, [aa]) == []
+    (found,) = decode(two_as, [aa])
+    assert found.peak_frames == (10, 12)
+
+
+def test_duration_limits() -> None:
+    fast = posteriors(60, spoken(10, spacing=1))  # 4 characters in 0.12 s
+    slow = posteriors(300, spoken(10, spacing=40))  # 3.6 s
+    assert decode(fast, [keyword("abcd", [A, B, C, D], low=0.25)]) == []
+    assert decode(slow, [keyword("abcd", [A, B, C, D], high=2.5)]) == []
+    assert len(decode(slow, [keyword("abcd", [A, B, C, D], high=5.0)])) == 1
+
+
+def test_refractory_period_merges_repeats_but_not_later_keywords() -> None:
+    close = posteriors(200, {**spoken(20), **spoken(50)})  # second one 0.9 s later
+    apart = posteriors(300, {**spoken(20), **spoken(100)})  # 2.4 s later
+    assert len(decode(close, [ABCD], refractory_seconds=1.0)) == 1
+    assert len(decode(apart, [ABCD], refractory_seconds=1.0)) == 2
+    assert len(decode(close, [ABCD], refractory_seconds=0.0)) == 2
+
+
+def test_one_spoken_keyword_gives_one_detection_even_without_refractory() -> None:
+    smeared = posteriors(100, {**spoken(20), 39: {D: 0.8}, 40: {D: 0.7}})
+    assert len(decode(smeared, [ABCD], refractory_seconds=0.0)) == 1
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 17, 64])
+def test_chunking_never_changes_detections(chunk: int) -> None:
+    rng = np.random.default_rng(chunk)
+    events = {**spoken(20), **spoken(120, (0.6, 0.7, 0.5, 0.9)), **spoken(230, (0.9, 0.2, 0.9, 0.9))}
+    for frame in rng.integers(0, 300, size=40):
+        events.setdefault(int(frame), {int(rng.integers(1, 6)): float(rng.uniform(0.05, 0.6))})
+    p = posteriors(300, events)
+    whole = decode(p, [ABCD, keyword("cd", [C, D])])
+    assert whole  # the test means something only if there is something to find
+    assert decode(p, [ABCD, keyword("cd", [C, D])], chunk=chunk) == whole
+
+
+def test_weak_match_borrowing_the_first_characters_does_not_hide_the_real_one() -> None:
+    """Noise-level a, b early, then a clear 'abcd': report the clear one, with its own times."""
+    events = {5: {A: 0.02}, 12: {B: 0.02}, **spoken(40, spacing=8)}
+    p = posteriors(120, events)
+    (found,) = decode(p, [keyword("abcd", [A, B, C, D], threshold=0.05)])
+    assert found.peak_frames == (40, 48, 56, 64)
+    assert found.confidence == pytest.approx(0.9, abs=1e-6)
+
+
+def test_score_does_not_drift_after_long_silence() -> None:
+    short = posteriors(60, spoken(20))
+    long = posteriors(3000, spoken(2920))
+    assert decode(short, [ABCD])[0].confidence == pytest.approx(decode(long, [ABCD])[0].confidence, abs=1e-9)
+
+
+def test_streams_do_not_share_state() -> None:
+    first = KeywordDecoder([ABCD], frame_seconds=FRAME)
+    second = KeywordDecoder([ABCD], frame_seconds=FRAME)
+    half_a = posteriors(30, {20: {A: 0.9}, 26: {B: 0.9}})
+    half_b = posteriors(30, {2: {C: 0.9}, 8: {D: 0.9}})
+    first.process(half_a)
+    second.process(posteriors(30, {}))
+    assert second.process(half_b) + second.finish() == []
+    assert len(first.process(half_b) + first.finish()) == 1
+
+
+def test_below_threshold_is_not_reported() -> None:
+    p = posteriors(100, spoken(20, (0.2, 0.2, 0.2, 0.2)))
+    assert decode(p, [keyword("abcd", [A, B, C, D], threshold=0.3)]) == []
+    assert len(decode(p, [keyword("abcd", [A, B, C, D], threshold=0.1)])) == 1
+
+
+def test_homophone_group_sums_posteriors() -> None:
+    grouped = CompiledKeyword("ab", ((A, X), (B,)), 0.5, 0.0, 2.5)
+    p = posteriors(40, {10: {A: 0.3, X: 0.4}, 16: {B: 0.7}})
+    (found,) = decode(p, [grouped])
+    assert found.confidence == pytest.approx(0.7, abs=1e-6)
+
+
+def test_times_count_from_the_first_frame_given() -> None:
+    p = posteriors(60, spoken(10))
+    (from_zero,) = decode(p, [ABCD])
+    decoder = KeywordDecoder([ABCD], frame_seconds=FRAME, first_frame=1000)
+    (later,) = decoder.process(p) + decoder.finish()
+    assert later.peak_frames == tuple(f + 1000 for f in from_zero.peak_frames)
+    assert later.start == pytest.approx(from_zero.start + 1000 * FRAME)
+    assert later.end == pytest.approx(from_zero.end + 1000 * FRAME)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"threshold": 0.0}, "threshold"),
+        ({"threshold": 1.5}, "threshold"),
+        ({"low": 3.0, "high": 2.0}, "min_duration"),
+    ],
+)
+def test_invalid_keyword_policy_is_refused(kwargs, message) -> None:  # type: ignore[no-untyped-def]
+    options = {"threshold": 0.3, "low": 0.1, "high": 2.5, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        keyword("abcd", [A, B, C, D], **options)
+
+
+def test_decoder_options_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"gap_tolerance"):
+        KeywordDecoder([ABCD], frame_seconds=FRAME, gap_tolerance=1.0)
+    with pytest.raises(ValueError, match=r"at least one keyword"):
+        KeywordDecoder([], frame_seconds=FRAME)

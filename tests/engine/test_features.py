@@ -1,0 +1,136 @@
+from __future__ import annotations
+
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_agent.engine.features import (
+    FEATURE_DIM,
+    NUM_MEL_BINS,
+    Cmvn,
+    FeatureStream,
+    KaldiFbank,
+)
+
+knf = pytest.importorskip("kaldi_native_fbank")
+
+
+def kaldi_fbank(samples: np.ndarray) -> np.ndarray:
+    """The reference: kaldi-native-fbank, the C++ port of Kaldi's compute-fbank-feats."""
+    options = knf.FbankOptions()
+    options.frame_opts.dither = 0
+    options.frame_opts.window_type = "hamming"
+    options.mel_opts.num_bins = NUM_MEL_BINS
+    fbank = knf.OnlineFbank(options)
+    fbank.accept_waveform(16000, np.asarray(samples, dtype=np.float32).tolist())
+    fbank.input_finished()
+    return np.array([fbank.get_frame(i) for i in range(fbank.num_frames_ready)], dtype=np.float32)
+
+
+def identity_cmvn() -> Cmvn:
+    return Cmvn(np.zeros(FEATURE_DIM, np.float32), np.ones(FEATURE_DIM, np.float32))
+
+
+def read_samples(path: Path) -> np.ndarray:
+    with wave.open(str(path)) as wav:
+        return np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
+
+
+def test_fbank_matches_kaldi_on_synthetic_audio() -> None:
+    rng = np.random.default_rng(1)
+    t = np.arange(16000 * 2) / 16000
+    signal = 3000 * np.sin(2 * np.pi * 440 * t) + rng.normal(0, 300, t.shape)
+    samples = np.round(signal).astype(np.int16)
+    ours = KaldiFbank().frames(samples)
+    reference = kaldi_fbank(samples)
+    assert ours.shape == reference.shape == (198, NUM_MEL_BINS)
+    np.testing.assert_allclose(ours, reference, atol=2e-3)
+
+
+def test_fbank_matches_kaldi_on_a_real_recording(example_wav: Path) -> None:
+    samples = read_samples(example_wav)
+    ours = KaldiFbank().frames(samples)
+    reference = kaldi_fbank(samples)
+    assert ours.shape == reference.shape
+    # float64 here vs float32 in Kaldi: differences stay in the fourth decimal of a log energy.
+    assert np.abs(ours - reference).max() < 2e-3
+    assert np.abs(ours - reference).mean() < 1e-4
+
+
+def test_fbank_of_digital_silence_is_the_floor_not_minus_infinity() -> None:
+    frames = KaldiFbank().frames(np.zeros(1600, np.int16))
+    assert np.isfinite(frames).all()
+    np.testing.assert_allclose(frames, np.log(np.finfo(np.float32).eps), rtol=1e-6)
+
+
+def test_fewer_samples_than_a_window_give_no_frames() -> None:
+    assert KaldiFbank().frames(np.zeros(399, np.int16)).shape == (0, NUM_MEL_BINS)
+
+
+def whole(stream: FeatureStream, samples: np.ndarray) -> np.ndarray:
+    return np.concatenate([stream.accept(samples), stream.finish()])
+
+
+def chunked(stream: FeatureStream, samples: np.ndarray, sizes: list[int]) -> np.ndarray:
+    out, offset, i = [], 0, 0
+    while offset < samples.shape[0]:
+        size = sizes[i % len(sizes)]
+        out.append(stream.accept(samples[offset : offset + size]))
+        offset += size
+        i += 1
+    out.append(stream.finish())
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("sizes", [[1], [160], [1600], [16000], [7, 401, 3, 999, 160 * 3 + 1]])
+def test_any_chunking_gives_exactly_the_whole_signal_features(sizes: list[int]) -> None:
+    rng = np.random.default_rng(2)
+    samples = rng.integers(-8000, 8000, size=16000 * 2 + 123).astype(np.int16)
+    if sizes == [1]:
+        samples = samples[:6000]  # one sample at a time is slow; 0.375 s is plenty of frames
+    expected = whole(FeatureStream(identity_cmvn()), samples)
+    got = chunked(FeatureStream(identity_cmvn()), samples, sizes)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_context_and_decimation_layout() -> None:
+    """Output j = fbank frames 3j-2 .. 3j+2 (edges repeated), every third frame kept."""
+    rng = np.random.default_rng(3)
+    samples = rng.integers(-8000, 8000, size=400 + 160 * 10).astype(np.int16)  # 11 fbank frames
+    fbank = KaldiFbank().frames(samples)
+    assert fbank.shape[0] == 11
+    spliced = whole(FeatureStream(identity_cmvn()), samples)
+    assert spliced.shape == (4, FEATURE_DIM)  # centres 0, 3, 6, 9
+    for j, centre in enumerate([0, 3, 6, 9]):
+        expected = np.concatenate([fbank[min(max(centre + k, 0), 10)] for k in range(-2, 3)])
+        np.testing.assert_allclose(spliced[j], expected, atol=1e-5)
+
+
+def test_cmvn_is_add_then_scale() -> None:
+    shift = np.full(FEATURE_DIM, 2.0, np.float32)
+    scale = np.full(FEATURE_DIM, 0.5, np.float32)
+    samples = np.random.default_rng(4).integers(-8000, 8000, size=4000).astype(np.int16)
+    raw = whole(FeatureStream(identity_cmvn()), samples)
+    normalised = whole(FeatureStream(Cmvn(shift, scale)), samples)
+    np.testing.assert_allclose(normalised, (raw + 2.0) * 0.5, atol=1e-5)
+
+
+def test_stream_resets_after_finish() -> None:
+    samples = np.random.default_rng(5).integers(-8000, 8000, size=8000).astype(np.int16)
+    stream = FeatureStream(identity_cmvn())
+    first = whole(stream, samples)
+    second = whole(stream, samples)
+    np.testing.assert_array_equal(first, second)
+
+
+def test_wrong_cmvn_dimension_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"400 dimensions"):
+        FeatureStream(Cmvn(np.zeros(80, np.float32), np.ones(80, np.float32)))
+
+
+def test_stereo_array_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"1-D"):
+        FeatureStream(identity_cmvn()).accept(np.zeros((100, 2), np.int16))
