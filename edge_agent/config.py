@@ -118,6 +118,13 @@ class EngineConfig:
         minimum=0.0,
         maximum=0.99,
     )
+    queue_mb: float = option(
+        64.0,
+        doc="Audio and requests waiting for the engine, at most (MB); "
+        "beyond it input is refused and counted.",
+        minimum=1.0,
+        maximum=4096.0,
+    )
     hold: float = option(
         DEFAULT_HOLD_SECONDS,
         doc="Longest wait (s) for a better match before a weak detection is reported; "
@@ -274,6 +281,21 @@ class HealthConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class OutboxConfig:
+    path: str | None = option(
+        None,
+        doc="SQLite file that keeps detections until the broker acknowledges them. Default: "
+        "$STATE_DIRECTORY/outbox.db under systemd, else ~/.local/state/edge-agent/{device}/outbox.db.",
+    )
+    max_events: int = option(
+        10_000, doc="Most events kept; the oldest are dropped first.", minimum=1, maximum=10_000_000
+    )
+    max_age: float = option(
+        7 * 24 * 3600.0, doc="Events older than this (s) are dropped.", minimum=1.0, maximum=365 * 24 * 3600.0
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
 class LoggingConfig:
     level: Literal["debug", "info", "warning", "error"] = option("info", doc="Log level.")
     format: Literal["text", "json"] = option("text", doc="Human-readable lines or one JSON object per line.")
@@ -291,6 +313,7 @@ class AgentConfig:
     mqtt: MqttConfig = option(factory=MqttConfig, doc="Broker connection.")
     audio: AudioConfig = option(factory=AudioConfig, doc="Audio inputs.")
     health: HealthConfig = option(factory=HealthConfig, doc="Telemetry.")
+    outbox: OutboxConfig = option(factory=OutboxConfig, doc="Store-and-forward of detections.")
     logging: LoggingConfig = option(factory=LoggingConfig, doc="Logs.")
 
     @property
@@ -300,6 +323,22 @@ class AgentConfig:
     @property
     def client_id(self) -> str:
         return self.mqtt.client_id or f"edge_agent-{self.device_id}"
+
+    def outbox_path(self, env: Mapping[str, str] | None = None) -> Path:
+        env = os.environ if env is None else env
+        if self.outbox.path:
+            return Path(self.outbox.path).expanduser()
+        if env.get("STATE_DIRECTORY"):
+            # systemd's StateDirectory= (may list several, colon-separated)
+            return Path(env["STATE_DIRECTORY"].split(":")[0]) / "outbox.db"
+        return (
+            Path(env.get("HOME", str(Path.home())))
+            / ".local"
+            / "state"
+            / "edge-agent"
+            / self.device_id
+            / "outbox.db"
+        )
 
 
 # --- parsing ---------------------------------------------------------------------------------
@@ -460,7 +499,7 @@ def _check_rules(config: AgentConfig) -> None:
         raise ConfigError("mqtt.tls.key_file", "mqtt.tls.cert_file and mqtt.tls.key_file go together")
     # The host name becomes part of topics; refuse one that cannot.
     if config.device.id is None and not _ID_PATTERN.match(default_device_id()):
-            raise ConfigError("device.id", "cannot be derived from the host name; set it")
+        raise ConfigError("device.id", "cannot be derived from the host name; set it")
     if not config.keywords:
         raise ConfigError("keywords", "at least one keyword is needed")
     seen: set[str] = set()

@@ -104,7 +104,7 @@ def resolve_model_dir(source: ModelSource, env: Mapping[str, str] | None = None)
             downloaded = _download(source, cache_dir)
         except ImportError:
             tried.append("download from ModelScope (the modelscope package is not installed)")
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - any hub failure is reported, with its type
             tried.append(
                 f"download of {source.model_id}@{source.revision} from ModelScope "
                 f"({type(error).__name__}: {_first_line(error)})"

@@ -7,7 +7,9 @@ homophones are merged). A match picks one frame per character, in order; its sco
 
 ``q_i(f)`` is the posterior of character i's group at frame f, so the first term is the log of
 the geometric mean of the n peak posteriors: keywords of every length share one [0, 1] scale
-(the usual decoder's square root of a product does not). ``h(u)`` penalises frames *between*
+(the usual decoder's square root of a product does not); each character must also reach
+``threshold ** (n - 1)`` by itself, so strong characters cannot carry one never said.
+``h(u)`` penalises frames *between*
 two characters that belong to neither of them nor to blank: ``h = min(1, c / (1 - gap_tolerance))``
 with ``c = blank + q_i + q_{i+1}``. Unrelated speech between the characters therefore breaks
 the match, instead of letting a decoder stitch a keyword out of syllables spread over 2.5 s.
@@ -107,6 +109,12 @@ class _KeywordSearch:
         self.frame_seconds = frame_seconds
         self.frame_center_seconds = frame_center_seconds
         self.log_threshold = math.log(keyword.threshold)
+        # Every character must reach threshold^(n-1) on its own. Without it three clear
+        # characters carry a fourth that was never said: 小云小 then silence scores 0.054 (the 云
+        # at 1e-5) against a default threshold of 0.05, while the weakest character of a real
+        # 小云小云 in the dev set is 1e-3 (floor 1.25e-4). For poorly recognised custom keywords
+        # the threshold is low and the floor negligible (八角岭 at 0.002: 4e-6).
+        self.char_floor = keyword.threshold ** (len(keyword.token_groups) - 1)
         self.gap_scale = 1.0 / (1.0 - gap_tolerance)
         self.window_frames = int(math.ceil(keyword.max_duration / frame_seconds)) + 1
         self.refractory_frames = int(round(refractory_seconds / frame_seconds))
@@ -131,6 +139,8 @@ class _KeywordSearch:
         blank = gathered[:, 0]
         q = np.stack([gathered[:, cols].sum(axis=1) for cols in self.group_columns], axis=1)
         log_q = np.log(np.maximum(q, _POSTERIOR_FLOOR)) / self.n
+        # A character below the floor was not said: it cannot be part of a match.
+        log_q[q < self.char_floor] = _NEG_INF
         if self.n == 1:
             empty = np.zeros((q.shape[0], 0))
             return log_q, empty, empty.astype(bool)

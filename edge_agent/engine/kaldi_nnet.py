@@ -173,9 +173,7 @@ class Rescale:
         return self.input_dim
 
 
-Component = (
-    AffineTransform | LinearTransform | Fsmn | RectifiedLinear | Softmax | Splice | AddShift | Rescale
-)
+Component = AffineTransform | LinearTransform | Fsmn | RectifiedLinear | Softmax | Splice | AddShift | Rescale
 
 _SIZE_BYTE = 4
 _INT = struct.Struct("<i")

@@ -198,3 +198,13 @@ def test_decoder_options_are_checked() -> None:
         KeywordDecoder([ABCD], frame_seconds=FRAME, gap_tolerance=1.0)
     with pytest.raises(ValueError, match=r"at least one keyword"):
         KeywordDecoder([], frame_seconds=FRAME)
+
+
+def test_a_character_never_said_cannot_be_carried_by_the_others() -> None:
+    """Three clear characters and a fourth at silence level: geometric mean 0.055, no match."""
+    events = {20: {A: 0.99}, 26: {B: 0.99}, 32: {C: 0.99}, 38: {D: 1e-5}}
+    p = posteriors(80, events)
+    assert decode(p, [keyword("abcd", [A, B, C, D], threshold=0.05)]) == []
+    events[38] = {D: 1e-3}  # weak but said (floor 0.05**3 = 1.25e-4)
+    (found,) = decode(posteriors(80, events), [keyword("abcd", [A, B, C, D], threshold=0.05)])
+    assert found.peak_posteriors[-1] == pytest.approx(1e-3)

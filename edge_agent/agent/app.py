@@ -1,0 +1,636 @@
+"""The edge agent: audio sources and MQTT streams in, detections and health out.
+
+Threads, and who talks to whom:
+
+* ``mqtt-network`` (transport): receives messages; handlers validate cheaply and *submit*
+  work to the engine worker; never blocks, never infers.
+* ``engine-worker``: runs every stream's detector; reports detections, which go into the
+  on-disk outbox before anything is published.
+* ``outbox-publisher``: publishes outbox events in order while connected, deletes them on PUBACK.
+* ``health``: publishes retained health every ``health.interval`` seconds.
+* one thread per local audio source (file player, microphone pump).
+
+The agent keeps detecting while the broker is away; detections wait in the outbox.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import psutil
+
+from edge_agent import __version__
+from edge_agent.agent.outbox import Outbox, OutboxPublisher, StoredEvent
+from edge_agent.agent.worker import (
+    CallItem,
+    EngineWorker,
+    FileRequest,
+    PcmChunk,
+    SampleChunk,
+    StreamControlItem,
+    StreamState,
+)
+from edge_agent.audio.pcm import AudioFormatError, PcmFormat
+from edge_agent.audio.sources import AudioChunk, AudioSource
+from edge_agent.config import AgentConfig
+from edge_agent.engine.decoder import CompiledKeyword, Detection
+from edge_agent.engine.model import DecoderSettings, KwsModel
+from edge_agent.mqtt.messages import (
+    AudioControl,
+    AudioTopic,
+    Availability,
+    DetectionEvent,
+    DetectRequestTopic,
+    DetectResponse,
+    DeviceInfo,
+    ErrorReport,
+    HealthReport,
+    PayloadError,
+    finite_or_none,
+)
+from edge_agent.mqtt.transport import InboundMessage, MqttTransport
+from edge_agent.system import board_temperature, platform_summary
+
+log = logging.getLogger(__name__)
+
+# Identical errors (same code and topic) are published at most this often; the rest are counted.
+ERROR_INTERVAL_SECONDS = 1.0
+# Audio a stream may send ahead of real time before the rate limit applies (seconds).
+RATE_BURST_SECONDS = 5.0
+
+
+def iso_utc(epoch: float) -> str:
+    return (
+        datetime.fromtimestamp(epoch, tz=timezone.utc)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+
+
+@dataclass
+class _RateState:
+    allowance: float
+    updated: float
+
+
+class Agent:
+    """Wires configuration, model, transport, worker, outbox and sources; ``start``/``stop``."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        model: KwsModel,
+        keywords: Sequence[CompiledKeyword],
+        settings: DecoderSettings,
+        sources: Sequence[AudioSource] = (),
+        transport_factory: Callable[..., MqttTransport] = MqttTransport,
+        outbox: Outbox | None = None,
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.device_id = config.device_id
+        self.prefix = config.mqtt.topic_prefix
+        self.boot_id = uuid.uuid4().hex[:12]
+        self.started = time.time()
+        self._started_monotonic = time.monotonic()
+        self.sources = list(sources)
+        self._stop = threading.Event()
+        self._process = psutil.Process()
+        self._process.cpu_percent(None)  # the first call only starts the measurement
+        self._error_times: dict[tuple[str, str | None], float] = {}
+        self._error_suppressed: dict[tuple[str, str | None], int] = {}
+        self.refused: dict[str, int] = {}
+        self.detections = 0
+        self._rates: dict[str, _RateState] = {}
+        self._health_thread: threading.Thread | None = None
+        self.listeners: list[Callable[[DetectionEvent], None]] = []
+
+        self.worker = EngineWorker(
+            model,
+            keywords,
+            settings,
+            self,
+            max_streams=config.audio.mqtt.max_streams,
+            idle_timeout=config.audio.mqtt.idle_timeout,
+            max_queued_bytes=int(config.engine.queue_mb * 1024 * 1024),
+        )
+        self.transport: MqttTransport | None = None
+        self.outbox: Outbox | None = None
+        self.publisher: OutboxPublisher | None = None
+        if config.mqtt.enabled:
+            self.transport = transport_factory(
+                config.mqtt,
+                config.client_id,
+                will_topic=self.topic(Availability.TOPIC),
+                will_payload=Availability.OFFLINE,
+            )
+            self.outbox = outbox or Outbox(
+                config.outbox_path(), config.outbox.max_events, config.outbox.max_age
+            )
+            self.publisher = OutboxPublisher(
+                self.outbox,
+                self._publish_event,
+                lambda: self.transport is not None and self.transport.connected,
+                self.boot_id,
+            )
+
+    # --- topics ------------------------------------------------------------------------------
+    def topic(self, template: Any, **parts: str) -> str:
+        return template.format(prefix=self.prefix, device=self.device_id, **parts)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        log.info(
+            "edge-agent %s starting as %s (boot %s), model %s, backend %s, keywords %s",
+            __version__,
+            self.device_id,
+            self.boot_id,
+            self.config.model.id,
+            self.model.backend,
+            ", ".join(f"{k.text}@{k.threshold}" for k in self.worker.keywords),
+        )
+        self.worker.start()
+        if self.transport is not None and self.publisher is not None:
+            self.transport.on_connected(self._on_connected)
+            self.transport.on_acknowledged(self.publisher.acknowledged)
+            self._subscribe()
+            self.publisher.start()
+            self.transport.start()
+        for source in self.sources:
+            try:
+                source.start(self._source_sink(source))
+            except Exception as error:  # noqa: BLE001 - a missing microphone must not stop the rest
+                log.error("audio source %s did not start: %s", source.stream_id, error)
+                self.refuse(
+                    "source_failed", f"audio source {source.stream_id}: {error}", stream=source.stream_id
+                )
+        self._health_thread = threading.Thread(target=self._health_loop, name="health", daemon=True)
+        self._health_thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop sources, finish streams, flush detections, say ``offline``, disconnect."""
+        deadline = time.monotonic() + timeout
+        self._stop.set()
+        for source in self.sources:
+            source.stop()
+        self.worker.stop(timeout=max(1.0, deadline - time.monotonic()))
+        if self.publisher is not None:
+            flushed = self.publisher.flush(max(0.0, min(3.0, deadline - time.monotonic())))
+            if not flushed and self.outbox is not None:
+                log.warning("%d detections stay in the outbox until the next start", self.outbox.depth())
+            self.publisher.stop()
+        if self.transport is not None:
+            self.transport.stop(
+                [(self.topic(Availability.TOPIC), Availability.OFFLINE, True)],
+                timeout=max(0.5, deadline - time.monotonic()),
+            )
+        if self.outbox is not None:
+            self.outbox.close()
+        log.info("edge-agent stopped")
+
+    def wait(self, stop: threading.Event) -> None:
+        """Block until ``stop`` is set or every finite source has finished, if all are finite."""
+        while not stop.wait(0.2):
+            if self.sources and not self.transport and all(s.finished for s in self.sources):
+                self.worker.drain()
+                return
+
+    # --- connection hooks --------------------------------------------------------------------
+    def _subscribe(self) -> None:
+        assert self.transport is not None
+        if self.config.audio.mqtt.enabled:
+            prefix, device = self.prefix, self.device_id
+            self.transport.subscribe(AudioTopic.TOPIC.filter(prefix=prefix, device=device), self._on_audio)
+            self.transport.subscribe(
+                AudioControl.TOPIC.filter(prefix=prefix, device=device), self._on_control
+            )
+        self.transport.subscribe(
+            DetectRequestTopic.TOPIC.format(prefix=self.prefix, device=self.device_id),
+            self._on_detect_request,
+            qos=1,
+        )
+        self.transport.subscribe(
+            DetectRequestTopic.TOPIC_WITH_ID.filter(prefix=self.prefix, device=self.device_id),
+            self._on_detect_request,
+            qos=1,
+        )
+
+    def _on_connected(self) -> None:
+        """After every CONNACK: retained state first, then the outbox backlog."""
+        assert self.transport is not None
+        self.transport.publish(self.topic(Availability.TOPIC), Availability.ONLINE, qos=1, retain=True)
+        self.transport.publish(
+            self.topic(DeviceInfo.TOPIC), self.device_info().to_payload(), qos=1, retain=True
+        )
+        self.publish_health()
+        if self.publisher is not None:
+            self.publisher.notify()
+
+    def device_info(self) -> DeviceInfo:
+        return DeviceInfo(
+            device=self.device_id,
+            name=self.config.device.name,
+            version=__version__,
+            boot_id=self.boot_id,
+            started=iso_utc(self.started),
+            model={
+                "id": self.config.model.id,
+                "revision": self.config.model.revision,
+                "backend": self.model.backend,
+                "directory": str(self.model.directory),
+                "latency_s": round(self.model.latency_seconds, 3),
+            },
+            keywords=[
+                {
+                    "text": k.text,
+                    "threshold": k.threshold,
+                    "min_duration": k.min_duration,
+                    "max_duration": k.max_duration,
+                }
+                for k in self.worker.keywords
+            ],
+            sources=[s.describe() for s in self.sources],
+            platform=platform_summary(),
+            topics={
+                "detection": self.topic(DetectionEvent.TOPIC),
+                "health": self.topic(HealthReport.TOPIC),
+                "error": self.topic(ErrorReport.TOPIC),
+                "audio": AudioTopic.TOPIC.filter(prefix=self.prefix, device=self.device_id),
+                "detect_request": self.topic(DetectRequestTopic.TOPIC),
+            },
+            groups=list(self.config.device.groups),
+            muted=self.worker.muted,
+        )
+
+    # --- inbound (network thread: validate, enqueue, return) ---------------------------------
+    def _check_size(self, message: InboundMessage, stream: str | None = None) -> bool:
+        limit = self.config.mqtt.max_payload_bytes
+        if len(message.payload) > limit:
+            self.refuse(
+                "payload_too_large",
+                f"payload of {len(message.payload)} bytes exceeds mqtt.max_payload_bytes ({limit})",
+                topic=message.topic,
+                stream=stream,
+            )
+            return False
+        return True
+
+    def _on_audio(self, message: InboundMessage) -> None:
+        parts = AudioTopic.TOPIC.match(message.topic, self.prefix)
+        if parts is None:
+            return
+        stream = parts["stream"]
+        if not self._check_size(message, stream):
+            return
+        payload = message.payload
+        if not payload:
+            self.refuse("bad_audio_chunk", "empty audio payload", topic=message.topic, stream=stream)
+            return
+        if payload[:4] == b"RIFF":
+            self.refuse(
+                "bad_audio_chunk",
+                "a WAV file was sent to a raw PCM topic: send raw samples, "
+                "or the whole file to detect/request",
+                topic=message.topic,
+                stream=stream,
+            )
+            return
+        if _looks_like_json(payload):
+            self.refuse(
+                "bad_audio_chunk",
+                "JSON was sent to an audio topic; control messages go to audio/{stream}/control",
+                topic=message.topic,
+                stream=stream,
+            )
+            return
+        fmt: PcmFormat | None = None
+        if message.user_properties and any(
+            k in message.user_properties for k in ("rate", "channels", "width")
+        ):
+            try:
+                fmt = PcmFormat.from_properties(message.user_properties)
+            except AudioFormatError as error:
+                self.refuse("bad_audio_format", str(error), topic=message.topic, stream=stream)
+                return
+        frame_bytes = (fmt or PcmFormat()).frame_bytes
+        if len(payload) % frame_bytes:
+            self.refuse(
+                "bad_audio_chunk",
+                f"{len(payload)} bytes is not a whole number of {frame_bytes}-byte frames "
+                f"({(fmt or PcmFormat()).describe()})",
+                topic=message.topic,
+                stream=stream,
+            )
+            return
+        if not self._rate_ok(stream, len(payload) / (fmt or PcmFormat()).bytes_per_second, message):
+            return
+        if not self.worker.submit(PcmChunk(stream, payload, message.received_at, message.topic, fmt)):
+            self.refuse(
+                "queue_full", "the engine is behind; audio chunk dropped", topic=message.topic, stream=stream
+            )
+
+    def _rate_ok(self, stream: str, seconds: float, message: InboundMessage) -> bool:
+        factor = self.config.audio.mqtt.max_rate_factor
+        if factor <= 0:
+            return True
+        now = time.monotonic()
+        state = self._rates.get(stream)
+        if state is None:
+            state = self._rates[stream] = _RateState(RATE_BURST_SECONDS, now)
+        state.allowance = min(RATE_BURST_SECONDS, state.allowance + (now - state.updated) * factor)
+        state.updated = now
+        if seconds > state.allowance:
+            self.refuse(
+                "rate_limited",
+                f"stream sends faster than {factor:g}x real time (audio.mqtt.max_rate_factor); chunk refused",
+                topic=message.topic,
+                stream=stream,
+            )
+            return False
+        state.allowance -= seconds
+        return True
+
+    def _on_control(self, message: InboundMessage) -> None:
+        parts = AudioControl.TOPIC.match(message.topic, self.prefix)
+        if parts is None or not self._check_size(message, parts["stream"]):
+            return
+        stream = parts["stream"]
+        try:
+            control = AudioControl.from_payload(message.payload)
+            fmt = None
+            if control.action == "start":
+                fmt = PcmFormat(control.rate or 16_000, control.channels or 1, control.width or 2)
+        except (PayloadError, AudioFormatError) as error:
+            self.refuse("bad_payload", str(error), topic=message.topic, stream=stream)
+            return
+        if not self.worker.submit(StreamControlItem(stream, control.action, message.topic, fmt)):
+            self.refuse(
+                "queue_full",
+                "the engine is behind; control message dropped",
+                topic=message.topic,
+                stream=stream,
+            )
+
+    def _on_detect_request(self, message: InboundMessage) -> None:
+        parts = DetectRequestTopic.TOPIC_WITH_ID.match(message.topic, self.prefix)
+        request_id = parts["request_id"] if parts else None
+        respond = self._responder(message, request_id)
+        if respond is None:
+            self.refuse(
+                "bad_request",
+                "no way to answer: use MQTT 5 with a response topic, "
+                "or publish to detect/request/{request_id}",
+                topic=message.topic,
+            )
+            return
+        if not self._check_size(message):
+            respond(
+                {
+                    "ok": False,
+                    "error": f"payload exceeds mqtt.max_payload_bytes ({self.config.mqtt.max_payload_bytes})",
+                }
+            )
+            return
+
+        def reply(result: dict[str, Any]) -> None:
+            if not result.get("ok"):
+                self.refuse("bad_wav", str(result.get("error")), topic=message.topic)
+            respond(result)
+
+        if not self.worker.submit(
+            FileRequest(message.payload, f"request {request_id or message.topic}", reply)
+        ):
+            respond({"ok": False, "error": "the engine is busy; try again"})
+
+    def _responder(
+        self, message: InboundMessage, request_id: str | None
+    ) -> Callable[[dict[str, Any]], None] | None:
+        assert self.transport is not None
+        transport = self.transport
+        if message.response_topic:
+            topic, correlation = message.response_topic, message.correlation_data
+        elif request_id is not None:
+            topic, correlation = self.topic(DetectResponse.TOPIC, request_id=request_id), None
+        else:
+            return None
+
+        def respond(result: dict[str, Any]) -> None:
+            response = DetectResponse(
+                device=self.device_id,
+                request_id=request_id,
+                ok=bool(result.get("ok")),
+                detected=bool(result.get("detected", False)),
+                detections=list(result.get("detections", [])),
+                duration_s=result.get("duration_s"),
+                processing_ms=result.get("processing_ms"),
+                error=result.get("error"),
+            )
+            transport.publish(topic, response.to_payload(), qos=1, correlation_data=correlation)
+
+        return respond
+
+    # --- local sources -----------------------------------------------------------------------
+    def _source_sink(self, source: AudioSource) -> Callable[[AudioChunk], bool]:
+        kind = source.describe().get("type", "local")
+
+        def sink(chunk: AudioChunk) -> bool:
+            return self.worker.submit(
+                SampleChunk(chunk.stream_id, str(kind), chunk.samples, chunk.captured_at, chunk.final)
+            )
+
+        return sink
+
+    # --- worker events (worker thread) -------------------------------------------------------
+    def detection(self, stream: StreamState, detection: Detection, wall_end: float) -> None:
+        self.detections += 1
+        log.info(
+            "detected %s in %s: confidence %.3f, %.2f-%.2f s",
+            detection.keyword,
+            stream.id,
+            detection.confidence,
+            detection.start,
+            detection.end,
+        )
+        if self.outbox is None:
+            event = self._event(stream, detection, wall_end, seq=self.detections)
+            self._notify(event)
+            return
+
+        def body(seq: int) -> dict[str, Any]:
+            event = self._event(stream, detection, wall_end, seq)
+            data = event.to_dict()
+            data["_end_epoch"] = wall_end
+            return data
+
+        stored = self.outbox.append(self.topic(DetectionEvent.TOPIC), body, self.boot_id)
+        if self.publisher is not None:
+            self.publisher.notify()
+        self._notify(_event_from_body(stored.body))
+
+    def _event(self, stream: StreamState, detection: Detection, wall_end: float, seq: int) -> DetectionEvent:
+        return DetectionEvent(
+            device=self.device_id,
+            stream=stream.id,
+            keyword=detection.keyword,
+            confidence=round(float(detection.confidence), 4),
+            start=round(detection.start, 3),
+            end=round(detection.end, 3),
+            time=iso_utc(wall_end),
+            seq=seq,
+            boot_id=self.boot_id,
+        )
+
+    def _notify(self, event: DetectionEvent) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(event)
+            except Exception:
+                log.exception("detection listener failed")
+
+    def _publish_event(self, event: StoredEvent, replayed: bool) -> int | None:
+        """Outbox publisher thread: one stored detection to MQTT, with its delay and flags."""
+        assert self.transport is not None
+        body = dict(event.body)
+        end_epoch = body.pop("_end_epoch", None)
+        if not replayed and isinstance(end_epoch, (int, float)):
+            body["delay_ms"] = round((time.time() - end_epoch) * 1000.0, 1)
+        body["replayed"] = replayed
+        expiry = self.config.mqtt.detection_expiry if not replayed else None
+        return self.transport.publish(
+            event.topic,
+            json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
+            qos=max(1, self.config.mqtt.qos),
+            expiry_seconds=expiry or None,
+        )
+
+    def refuse(self, code: str, message: str, topic: str | None = None, stream: str | None = None) -> None:
+        """Log, count and (rate-limited) publish an input the agent refused."""
+        self.refused[code] = self.refused.get(code, 0) + 1
+        key = (code, topic or stream)
+        now = time.monotonic()
+        last = self._error_times.get(key)
+        if last is not None and now - last < ERROR_INTERVAL_SECONDS:
+            self._error_suppressed[key] = self._error_suppressed.get(key, 0) + 1
+            return
+        self._error_times[key] = now
+        suppressed = self._error_suppressed.pop(key, 0)
+        log.warning("refused %s%s: %s", code, f" (stream {stream})" if stream else "", message)
+        if self.transport is not None:
+            report = ErrorReport(
+                device=self.device_id,
+                time=iso_utc(time.time()),
+                code=code,
+                message=message,
+                topic=topic,
+                stream=stream,
+                suppressed=suppressed,
+            )
+            self.transport.publish(self.topic(ErrorReport.TOPIC), report.to_payload(), qos=0)
+
+    # --- health --------------------------------------------------------------------------------
+    def health_report(self) -> HealthReport:
+        try:
+            cpu = round(self._process.cpu_percent(None), 1)
+            rss = round(self._process.memory_info().rss / 1e6, 1)
+        except psutil.Error:
+            cpu = rss = None
+        streams = {}
+        for stream in self.worker.streams():
+            counters = stream.counters
+            streams[stream.id] = {
+                "kind": stream.kind,
+                "audio_seconds": round(counters.audio_seconds, 2),
+                "chunks": counters.chunks,
+                "dropped_chunks": counters.dropped_chunks,
+                "rtf": finite_or_none(counters.rtf(), 5),
+                "last_audio": iso_utc(counters.last_audio) if counters.last_audio else None,
+                "level_dbfs": finite_or_none(stream.level(), 1),
+                "detections": counters.detections,
+            }
+        for source in self.sources:
+            stats = source.stats()
+            entry = streams.setdefault(source.stream_id, {"kind": str(source.describe().get("type"))})
+            entry["dropped_chunks"] = stats.dropped_chunks
+            entry["overflows"] = stats.overflows
+            entry["running"] = stats.running
+            if stats.error:
+                entry["error"] = stats.error
+        transport_stats = self.transport.stats if self.transport is not None else None
+        worker = self.worker
+        return HealthReport(
+            device=self.device_id,
+            boot_id=self.boot_id,
+            time=iso_utc(time.time()),
+            uptime_s=round(time.monotonic() - self._started_monotonic, 1),
+            cpu_percent=cpu,
+            memory_rss_mb=rss,
+            temperature_c=board_temperature(),
+            detections=self.detections,
+            mqtt_reconnects=transport_stats.reconnects if transport_stats else 0,
+            streams=streams,
+            outbox_depth=self.outbox.depth() if self.outbox is not None else 0,
+            outbox_dropped=self.outbox.dropped_this_run if self.outbox is not None else 0,
+            refused=dict(self.refused),
+            muted=worker.muted,
+            interval_s=self.config.health.interval,
+            worker={
+                "alive": worker.alive,
+                "queue_items": worker.queue_depth,
+                "queue_bytes": worker.queued_bytes,
+                "queue_high_water_bytes": worker.stats.queue_high_water,
+                "refused_items": worker.stats.refused_items,
+                "item_errors": worker.stats.item_errors,
+                "last_error": worker.last_error,
+                "streams_open": len(worker.streams()),
+            },
+        )
+
+    def publish_health(self) -> None:
+        if self.transport is None:
+            return
+        self.transport.publish(
+            self.topic(HealthReport.TOPIC), self.health_report().to_payload(), qos=0, retain=True
+        )
+
+    def _health_loop(self) -> None:
+        interval = self.config.health.interval
+        while not self._stop.wait(interval):
+            try:
+                if self.outbox is not None:
+                    self.outbox.expire()
+                self.publish_health()
+            except Exception:
+                log.exception("health report failed")
+
+    # --- run-time changes ------------------------------------------------------------------------
+    def call_on_worker(self, action: Callable[[], None]) -> bool:
+        return self.worker.submit(CallItem(action))
+
+
+def _looks_like_json(payload: bytes) -> bool:
+    head = payload[:1]
+    if head not in (b"{", b"["):
+        return False
+    try:
+        json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return True
+
+
+def _event_from_body(body: dict[str, Any]) -> DetectionEvent:
+    data = {k: v for k, v in body.items() if not k.startswith("_") and k != "schema"}
+    return DetectionEvent(**data)
+
+
+def default_environment() -> dict[str, str]:
+    return dict(os.environ)

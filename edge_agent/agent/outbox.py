@@ -1,0 +1,277 @@
+"""Store-and-forward for detections: on disk before they are published, gone only after PUBACK.
+
+paho keeps unacknowledged QoS 1 messages in memory only, so a restart or a power cut during an
+outage would lose them. Every event is first committed to SQLite (WAL, ``synchronous=FULL``:
+a detection is durable before anyone is told about it), then published in sequence order by
+:class:`OutboxPublisher`, and deleted when the broker acknowledges it. After a reconnect or a
+restart the rest is replayed in order. The store is bounded by count and age; the oldest
+events go first and every drop is counted (and shown in health).
+
+Sequence numbers come from the same database, so they keep increasing across restarts and
+receivers can de-duplicate on ``(device, seq)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY,
+    topic TEXT NOT NULL,
+    body TEXT NOT NULL,
+    created REAL NOT NULL,
+    boot_id TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    seq: int
+    topic: str
+    body: dict[str, Any]
+    created: float
+    boot_id: str
+
+
+class OutboxError(RuntimeError):
+    """The outbox file cannot be opened or written."""
+
+
+class Outbox:
+    """A bounded, persistent FIFO of events with a persistent sequence counter. Thread-safe."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        max_events: int = 10_000,
+        max_age_seconds: float = 7 * 24 * 3600,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = str(path)
+        self.max_events = max_events
+        self.max_age_seconds = max_age_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as error:
+            raise OutboxError(f"cannot open the outbox {self.path}: {error}") from None
+        self.dropped_this_run = 0
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # --- writing -------------------------------------------------------------------------
+    def append(self, topic: str, make_body: Callable[[int], dict[str, Any]], boot_id: str) -> StoredEvent:
+        """Store a new event; ``make_body(seq)`` builds its payload with the assigned number."""
+        now = self._clock()
+        with self._lock, self._transaction():
+            seq = self._bump("next_seq")
+            body = make_body(seq)
+            self._db.execute(
+                "INSERT INTO events (seq, topic, body, created, boot_id) VALUES (?, ?, ?, ?, ?)",
+                (seq, topic, json.dumps(body, ensure_ascii=False), now, boot_id),
+            )
+            self._enforce_bounds(now)
+        return StoredEvent(seq, topic, body, now, boot_id)
+
+    def remove(self, seq: int) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM events WHERE seq = ?", (seq,))
+
+    def expire(self) -> int:
+        """Drop events older than the age bound now; returns how many."""
+        with self._lock, self._transaction():
+            return self._enforce_bounds(self._clock())
+
+    # --- reading -------------------------------------------------------------------------
+    def pending(self, after_seq: int = -1, limit: int = 100) -> list[StoredEvent]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, topic, body, created, boot_id FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after_seq, limit),
+            ).fetchall()
+        return [StoredEvent(r[0], r[1], json.loads(r[2]), r[3], r[4]) for r in rows]
+
+    def depth(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+
+    @property
+    def dropped_total(self) -> int:
+        with self._lock:
+            return self._counter("dropped")
+
+    # --- internals (lock held) -----------------------------------------------------------
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+    def _counter(self, name: str) -> int:
+        row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def _bump(self, name: str, by: int = 1) -> int:
+        value = self._counter(name)
+        self._db.execute(
+            "INSERT INTO counters (name, value) VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            (name, value + by),
+        )
+        return value
+
+    def _enforce_bounds(self, now: float) -> int:
+        dropped = self._db.execute(
+            "DELETE FROM events WHERE created < ?", (now - self.max_age_seconds,)
+        ).rowcount
+        count = int(self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+        if count > self.max_events:
+            dropped += self._db.execute(
+                "DELETE FROM events WHERE seq IN (SELECT seq FROM events ORDER BY seq LIMIT ?)",
+                (count - self.max_events,),
+            ).rowcount
+        if dropped:
+            self._bump("dropped", dropped)
+            self.dropped_this_run += dropped
+            log.warning("outbox full or events too old: dropped the %d oldest", dropped)
+        return dropped
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind: object, error: object, trace: object) -> None:
+        if kind is None:
+            self._db.execute("COMMIT")
+        else:
+            self._db.execute("ROLLBACK")
+
+
+class OutboxPublisher:
+    """Publishes outbox events in order while connected; deletes each on its PUBACK.
+
+    ``publish(event, replayed) -> mid`` hands one event to MQTT; acknowledgements come back
+    through :meth:`acknowledged`. Events already handed over stay in paho's session and are
+    re-sent by paho itself after a reconnect, so they are not published twice by us.
+
+    paho calls ``on_publish`` while holding its outgoing-message lock, and ``publish()`` takes
+    the same lock: so :meth:`acknowledged` only enqueues the message id, and all bookkeeping
+    (and the SQLite delete) happens on this publisher's own thread, never under a lock that a
+    publish could wait for.
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        publish: Callable[[StoredEvent, bool], int | None],
+        is_connected: Callable[[], bool],
+        boot_id: str,
+        live_window_seconds: float = 2.0,
+        max_in_flight: int = 20,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._outbox = outbox
+        self._publish = publish
+        self._is_connected = is_connected
+        self._boot_id = boot_id
+        self._live_window = live_window_seconds
+        self._max_in_flight = max_in_flight
+        self._clock = clock
+        self._in_flight: dict[int, int] = {}  # mid -> seq; publisher thread only
+        self._last_handed = -1  # highest seq handed to MQTT in this run
+        self._acks: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.published = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="outbox-publisher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def notify(self) -> None:
+        """Something changed: a new event, a connection."""
+        self._wake.set()
+
+    def acknowledged(self, mid: int) -> None:
+        """Called on paho's network thread: enqueue only."""
+        self._acks.put(mid)
+        self._wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until everything stored so far is acknowledged (used at shutdown)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._outbox.depth() == 0:
+                return True
+            self._wake.set()
+            time.sleep(0.02)
+        return self._outbox.depth() == 0
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.clear()
+            self._drain_acknowledgements()
+            handed = self._hand_over()
+            self._drain_acknowledgements()
+            if not handed:
+                self._wake.wait(0.5)
+
+    def _drain_acknowledgements(self) -> None:
+        while True:
+            try:
+                mid = self._acks.get_nowait()
+            except queue.Empty:
+                return
+            seq = self._in_flight.pop(mid, None)
+            if seq is not None:
+                self._outbox.remove(seq)
+                self.published += 1
+
+    def _hand_over(self) -> int:
+        room = self._max_in_flight - len(self._in_flight)
+        if room <= 0 or not self._is_connected():
+            return 0
+        handed = 0
+        for event in self._outbox.pending(self._last_handed, room):
+            replayed = event.boot_id != self._boot_id or self._clock() - event.created > self._live_window
+            mid = self._publish(event, replayed)
+            if mid is None:
+                break  # disconnected meanwhile; retried on the next wake-up
+            self._in_flight[mid] = event.seq
+            self._last_handed = event.seq
+            handed += 1
+        return handed

@@ -1,0 +1,116 @@
+"""``edge-agent run``: the long-running agent (sources + MQTT), until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+from edge_agent.agent.app import Agent
+from edge_agent.agent.outbox import OutboxError
+from edge_agent.audio.sources import AudioSource, FileAudioSource, create_source
+from edge_agent.cli.common import (
+    add_model_options,
+    compile_keywords,
+    decoder_settings,
+    fail,
+    load_settings,
+    open_model,
+)
+from edge_agent.config import AgentConfig, ConfigError, FileSource, merge_update
+from edge_agent.logs import configure_logging
+from edge_agent.system import tune_allocator
+
+log = logging.getLogger("edge_agent")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser(
+        "run",
+        help="run the agent: listen, spot keywords, report over MQTT",
+        description="Run the agent until SIGINT/SIGTERM: audio sources and MQTT audio streams in, "
+        "detections, availability and health out. Settings come from -c FILE, then "
+        "EDGE_AGENT_* environment variables, then these options.",
+    )
+    add_model_options(parser)
+    parser.add_argument("--broker", metavar="HOST[:PORT]", help="MQTT broker (overrides mqtt.host/mqtt.port)")
+    parser.add_argument("--device-id", metavar="ID", help="device id (overrides device.id)")
+    parser.add_argument(
+        "--file",
+        metavar="PATH",
+        action="append",
+        default=[],
+        help="also play a WAV file or folder as a stream",
+    )
+    parser.add_argument("--no-mqtt", action="store_true", help="no broker: log detections only")
+    parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="log level")
+    parser.set_defaults(handler=run_agent)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    update: dict[str, Any] = {}
+    if args.broker:
+        host, _, port = args.broker.partition(":")
+        update.setdefault("mqtt", {})["host"] = host
+        if port:
+            try:
+                update["mqtt"]["port"] = int(port)
+            except ValueError:
+                fail(f"--broker: port {port!r} is not a number")
+    if args.device_id:
+        update["device"] = {"id": args.device_id}
+    if args.no_mqtt:
+        update.setdefault("mqtt", {})["enabled"] = False
+    if args.log_level or args.log_json:
+        update["logging"] = {}
+        if args.log_level:
+            update["logging"]["level"] = args.log_level
+        if args.log_json:
+            update["logging"]["format"] = "json"
+    return update
+
+
+def build_sources(config: AgentConfig, extra_files: list[str]) -> list[AudioSource]:
+    sources: list[AudioSource] = [create_source(entry) for entry in config.audio.sources]
+    for index, path in enumerate(extra_files):
+        stream_id = (
+            "file" if index == 0 and not any(s.stream_id == "file" for s in sources) else f"file{index}"
+        )
+        sources.append(FileAudioSource(FileSource(id=stream_id, path=path)))
+    return sources
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    tune_allocator()
+    config = load_settings(args)
+    try:
+        config = merge_update(config, _overrides(args))
+    except ConfigError as error:
+        fail(str(error))
+    configure_logging(config.logging.level, config.logging.format == "json")
+    model = open_model(config)
+    keywords = compile_keywords(model, config)
+    try:
+        sources = build_sources(config, args.file)
+        agent = Agent(config, model, keywords, decoder_settings(config), sources)
+    except (ConfigError, OutboxError, ImportError, ValueError) as error:
+        fail(str(error))
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    agent.start()
+    try:
+        agent.wait(stop)
+    finally:
+        agent.stop()
+    return 0

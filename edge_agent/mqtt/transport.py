@@ -1,0 +1,369 @@
+"""The agent's only paho-mqtt client: connection, reconnects, subscriptions, publishing.
+
+One network thread runs paho's ``loop()`` and owns (re)connection: exponential back-off with
+jitter between ``reconnect_min_delay`` and ``reconnect_max_delay``, forever. After every
+CONNACK the remembered subscriptions are restored and the ``on_connected`` hooks run (they
+re-publish retained state: availability, info, discovery), as Home Assistant and Zigbee2MQTT
+users expect, and only then: a device must never claim ``online`` before the broker knows it.
+
+Inbound messages are handed to their handlers on the network thread; handlers must only
+enqueue (never infer, never wait for a publish: paho #527). A handler that raises is logged and
+counted; it never stops the network thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edge_agent.config import ConfigError, MqttConfig, read_password
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InboundMessage:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    user_properties: dict[str, str] = field(default_factory=dict)
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+    received_at: float = 0.0  # time.time()
+
+
+Handler = Callable[[InboundMessage], None]
+
+
+@dataclass
+class TransportStats:
+    connected: bool = False
+    connects: int = 0
+    reconnects: int = 0
+    last_error: str | None = None
+    messages_in: int = 0
+    bytes_in: int = 0
+    messages_out: int = 0
+    handler_errors: int = 0
+
+
+def build_tls_context(config: MqttConfig) -> ssl.SSLContext | None:
+    """The TLS context, or a ConfigError naming the key whose file is missing or unreadable."""
+    tls = config.tls
+    if not tls.enabled:
+        return None
+    try:
+        context = (
+            ssl.create_default_context(cafile=tls.ca_file) if tls.ca_file else ssl.create_default_context()
+        )
+    except FileNotFoundError:
+        raise ConfigError("mqtt.tls.ca_file", f"{tls.ca_file} does not exist") from None
+    except (ssl.SSLError, OSError, ValueError) as error:
+        raise ConfigError(
+            "mqtt.tls.ca_file", f"{tls.ca_file} is not a PEM CA certificate ({error})"
+        ) from None
+    if tls.cert_file and tls.key_file:
+        try:
+            context.load_cert_chain(tls.cert_file, tls.key_file)
+        except FileNotFoundError as error:
+            key = "mqtt.tls.cert_file" if error.filename == tls.cert_file else "mqtt.tls.key_file"
+            raise ConfigError(key, f"{error.filename or tls.cert_file} does not exist") from None
+        except (ssl.SSLError, OSError) as error:
+            raise ConfigError(
+                "mqtt.tls.cert_file", f"cannot load {tls.cert_file} with {tls.key_file} ({error})"
+            ) from None
+    if tls.insecure:
+        # Explicitly requested in config (mqtt.tls.insecure), and logged loudly at start-up.
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _describe_failure(error: BaseException) -> str:
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"TLS: the broker's certificate was not accepted ({error.verify_message})"
+    if isinstance(error, ssl.SSLError):
+        return f"TLS handshake failed ({error.reason or error})"
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused (is the broker running on that host and port?)"
+    return f"{type(error).__name__}: {error}"
+
+
+class MqttTransport:
+    """paho-mqtt behind publish / subscribe / start / stop."""
+
+    def __init__(
+        self,
+        config: MqttConfig,
+        client_id: str,
+        will_topic: str | None = None,
+        will_payload: bytes = b"offline",
+        client_factory: Callable[..., paho.Client] = paho.Client,
+    ) -> None:
+        self.config = config
+        self.client_id = client_id
+        self.stats = TransportStats()
+        self._mqtt5 = config.protocol == "5"
+        self._subscriptions: dict[str, tuple[int, Handler]] = {}
+        self._connected_hooks: list[Callable[[], None]] = []
+        self._ack_listeners: list[Callable[[int], None]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._attempt = 0
+
+        protocol = paho.MQTTv5 if self._mqtt5 else paho.MQTTv311
+        kwargs: dict[str, Any] = {"client_id": client_id, "protocol": protocol}
+        if not self._mqtt5:
+            kwargs["clean_session"] = True
+        self._client = client_factory(CallbackAPIVersion.VERSION2, **kwargs)
+        self._client.max_queued_messages_set(10_000)  # bounded: paho's default is unlimited
+        if config.username:
+            self._client.username_pw_set(config.username, read_password(config))
+        context = build_tls_context(config)
+        if context is not None:
+            self._client.tls_set_context(context)
+            if config.tls.insecure:
+                self._client.tls_insecure_set(True)
+                log.warning("mqtt.tls.insecure is set: the broker's certificate is NOT verified")
+        if will_topic:
+            self._client.will_set(will_topic, will_payload, qos=1, retain=True)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._client.on_publish = self._on_publish
+
+    # --- public API ----------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def mqtt5(self) -> bool:
+        return self._mqtt5
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def on_connected(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` on the network thread after every CONNACK (after re-subscribing)."""
+        self._connected_hooks.append(hook)
+
+    def on_acknowledged(self, listener: Callable[[int], None]) -> None:
+        """``listener(mid)`` when the broker acknowledges a QoS>0 publish (PUBACK)."""
+        self._ack_listeners.append(listener)
+
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 0) -> None:
+        with self._lock:
+            self._subscriptions[topic_filter] = (qos, handler)
+        if self.connected:
+            self._client.subscribe(topic_filter, qos)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        with self._lock:
+            self._subscriptions.pop(topic_filter, None)
+        if self.connected:
+            self._client.unsubscribe(topic_filter)
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 0,
+        retain: bool = False,
+        expiry_seconds: int | None = None,
+        response_topic: str | None = None,
+        correlation_data: bytes | None = None,
+        user_properties: Iterable[tuple[str, str]] = (),
+    ) -> int | None:
+        """Queue a publish; returns its message id, or None if it was dropped.
+
+        QoS 0 while disconnected is dropped (retained state is re-published on connect);
+        QoS 1/2 is queued by paho and sent after the next CONNACK.
+        """
+        if qos == 0 and not self.connected:
+            return None
+        properties = None
+        if self._mqtt5:
+            properties = Properties(PacketTypes.PUBLISH)
+            if expiry_seconds:
+                properties.MessageExpiryInterval = int(expiry_seconds)
+            if response_topic:
+                properties.ResponseTopic = response_topic
+            if correlation_data is not None:
+                properties.CorrelationData = correlation_data
+            user = list(user_properties)
+            if user:
+                properties.UserProperty = user
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            log.warning("publish to %s failed: %s", topic, paho.error_string(info.rc))
+            return None
+        self.stats.messages_out += 1
+        return int(info.mid)
+
+    def start(self) -> None:
+        """Connect in the background; returns at once."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._client.connect_async(self.config.host, self.config.port, self.config.keepalive)
+        self._thread = threading.Thread(target=self._run, name="mqtt-network", daemon=True)
+        self._thread.start()
+
+    def stop(self, final_messages: Iterable[tuple[str, bytes, bool]] = (), timeout: float = 5.0) -> None:
+        """Publish ``final_messages`` (topic, payload, retain) at QoS 1, wait for them, disconnect.
+
+        A clean DISCONNECT means the broker does not send the last will: the final messages
+        must say ``offline`` themselves.
+        """
+        deadline = time.monotonic() + timeout
+        if self.connected:
+            infos = []
+            for topic, payload, retain in final_messages:
+                infos.append(self._client.publish(topic, payload, qos=1, retain=retain))
+            for info in infos:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    info.wait_for_publish(timeout=remaining)
+                except (RuntimeError, ValueError):
+                    break
+        self._stop.set()
+        with contextlib.suppress(OSError, ValueError):
+            self._client.disconnect()
+        if self._thread is not None:
+            self._thread.join(max(0.1, deadline - time.monotonic() + 1.0))
+            self._thread = None
+        self._connected.clear()
+        self.stats.connected = False
+
+    # --- network thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        socket_open = False
+        while not self._stop.is_set():
+            if not socket_open:
+                try:
+                    self._client.reconnect()
+                    socket_open = True
+                except (OSError, ssl.SSLError) as error:
+                    self._failed(_describe_failure(error))
+                    continue
+            try:
+                rc = self._client.loop(timeout=0.2)
+            except (OSError, ssl.SSLError) as error:
+                self._failed(_describe_failure(error))
+                socket_open = False
+                continue
+            if rc != paho.MQTT_ERR_SUCCESS and not self._stop.is_set():
+                socket_open = False
+                self._failed(f"connection lost ({paho.error_string(rc)})")
+
+    def _failed(self, reason: str) -> None:
+        self._connected.clear()
+        self.stats.connected = False
+        if reason != self.stats.last_error:
+            log.warning("MQTT %s:%d: %s", self.config.host, self.config.port, reason)
+        self.stats.last_error = reason
+        self._stop.wait(self._next_delay())
+
+    def _next_delay(self) -> float:
+        """Exponential back-off with equal jitter, so a fleet does not reconnect in lock-step."""
+        base = min(self.config.reconnect_max_delay, self.config.reconnect_min_delay * (2**self._attempt))
+        self._attempt = min(self._attempt + 1, 30)
+        return base / 2 + random.uniform(0, base / 2)
+
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
+    ) -> None:
+        if getattr(reason_code, "is_failure", False):
+            self.stats.last_error = f"broker refused the connection: {reason_code}"
+            log.error(
+                "MQTT %s:%d refused the connection: %s", self.config.host, self.config.port, reason_code
+            )
+            return
+        self._attempt = 0
+        self.stats.connects += 1
+        if self.stats.connects > 1:
+            self.stats.reconnects += 1
+        self.stats.last_error = None
+        log.info("MQTT connected to %s:%d as %s", self.config.host, self.config.port, self.client_id)
+        with self._lock:
+            subscriptions = [(f, qos) for f, (qos, _) in self._subscriptions.items()]
+        if subscriptions:
+            client.subscribe(subscriptions)
+        self._connected.set()
+        self.stats.connected = True
+        for hook in list(self._connected_hooks):
+            try:
+                hook()
+            except Exception:
+                log.exception("on-connect hook failed")
+
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
+    ) -> None:
+        self._connected.clear()
+        self.stats.connected = False
+        if not self._stop.is_set():
+            log.warning("MQTT disconnected: %s", reason_code)
+
+    def _on_publish(
+        self, client: paho.Client, userdata: Any, mid: int, reason_code: Any, properties: Any
+    ) -> None:
+        for listener in self._ack_listeners:
+            try:
+                listener(mid)
+            except Exception:
+                log.exception("publish acknowledgement listener failed")
+
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        self.stats.messages_in += 1
+        self.stats.bytes_in += len(message.payload)
+        inbound = _inbound(message)
+        with self._lock:
+            handlers = [
+                h for f, (_, h) in self._subscriptions.items() if paho.topic_matches_sub(f, message.topic)
+            ]
+        for handler in handlers:
+            try:
+                handler(inbound)
+            except Exception:
+                self.stats.handler_errors += 1
+                log.exception("handler for %s failed", message.topic)
+
+
+def _inbound(message: paho.MQTTMessage) -> InboundMessage:
+    properties = getattr(message, "properties", None)
+    user: dict[str, str] = {}
+    response_topic = correlation = None
+    if properties is not None:
+        for key, value in getattr(properties, "UserProperty", []) or []:
+            user[str(key)] = str(value)
+        response_topic = getattr(properties, "ResponseTopic", None)
+        correlation = getattr(properties, "CorrelationData", None)
+    return InboundMessage(
+        topic=message.topic,
+        payload=bytes(message.payload),
+        qos=message.qos,
+        retain=bool(message.retain),
+        user_properties=user,
+        response_topic=response_topic,
+        correlation_data=correlation,
+        received_at=time.time(),
+    )

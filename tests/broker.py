@@ -1,0 +1,172 @@
+"""A real mosquitto for tests: started on a free loopback port, stopped and restarted at will."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Broker:
+    """mosquitto on 127.0.0.1:port with a config the test may extend (TLS, ACLs...)."""
+
+    def __init__(self, workdir: Path, extra_config: str = "", port: int | None = None) -> None:
+        self.binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not os.path.exists(self.binary):
+            raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.extra_config = extra_config
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / f"mosquitto-{self.port}.log"
+
+    def start(self) -> Broker:
+        config = self.workdir / f"mosquitto-{self.port}.conf"
+        listener = (
+            self.extra_config
+            if "listener" in self.extra_config
+            else (f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{self.extra_config}")
+        )
+        config.write_text(f"persistence false\n{listener}\n", encoding="utf-8")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [self.binary, "-c", str(config), "-v"], stdout=self._log, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mosquitto exited: {self.log_path.read_text(errors='replace')[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("mosquitto did not start listening")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self.process = None
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
+            self._log = None
+
+
+@dataclass
+class Received:
+    topic: str
+    payload: bytes
+    retain: bool
+    properties: Any = None
+    at: float = field(default_factory=time.time)
+
+    def json(self) -> Any:
+        return json.loads(self.payload)
+
+
+class Client:
+    """A paho test client that records everything it receives."""
+
+    def __init__(
+        self, port: int, protocol: int = paho.MQTTv5, client_id: str = "", clean: bool = True, **tls: Any
+    ) -> None:
+        kwargs: dict[str, Any] = {"client_id": client_id, "protocol": protocol}
+        if protocol != paho.MQTTv5:
+            kwargs["clean_session"] = clean
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, **kwargs)
+        self.protocol = protocol
+        self.clean = clean
+        self.port = port
+        self.messages: list[Received] = []
+        self._lock = threading.Condition()
+        self._connected = threading.Event()
+        self.client.on_message = self._on_message
+        self.client.on_connect = lambda *a: self._connected.set()
+        if tls:
+            self.client.tls_set(**tls)
+
+    def connect(self) -> Client:
+        if self.protocol == paho.MQTTv5:
+            self.client.connect("127.0.0.1", self.port, 30, clean_start=self.clean)
+        else:
+            self.client.connect("127.0.0.1", self.port, 30)
+        self.client.loop_start()
+        assert self._connected.wait(10), "test client could not connect"
+        return self
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def subscribe(self, topic: str, qos: int = 1) -> Client:
+        result, _ = self.client.subscribe(topic, qos)
+        assert result == paho.MQTT_ERR_SUCCESS
+        time.sleep(0.1)  # SUBACK round trip on loopback
+        return self
+
+    def publish(
+        self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False, **props: Any
+    ) -> None:
+        properties = None
+        if props:
+            properties = Properties(PacketTypes.PUBLISH)
+            for key, value in props.items():
+                setattr(properties, key, value)
+        info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        if qos:
+            info.wait_for_publish(10)
+
+    def _on_message(self, client: Any, userdata: Any, message: paho.MQTTMessage) -> None:
+        with self._lock:
+            self.messages.append(
+                Received(
+                    message.topic,
+                    bytes(message.payload),
+                    bool(message.retain),
+                    getattr(message, "properties", None),
+                )
+            )
+            self._lock.notify_all()
+
+    def on(self, topic_filter: str) -> list[Received]:
+        with self._lock:
+            return [m for m in self.messages if paho.topic_matches_sub(topic_filter, m.topic)]
+
+    def wait_for(
+        self, topic_filter: str, predicate: Callable[[list[Received]], bool] = bool, timeout: float = 15.0
+    ) -> list[Received]:
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                found = [m for m in self.messages if paho.topic_matches_sub(topic_filter, m.topic)]
+                if predicate(found):
+                    return found
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    seen = [(m.topic, m.payload[:80]) for m in found]
+                    raise AssertionError(f"timed out waiting on {topic_filter}; got {seen}")
+                self._lock.wait(remaining)
