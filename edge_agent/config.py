@@ -296,6 +296,16 @@ class OutboxConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class HttpConfig:
+    enabled: bool = option(False, doc="Serve the local HTTP API, /ui test page and /metrics.")
+    host: str = option("127.0.0.1", doc="Address to bind; 0.0.0.0 exposes the API to the network (no auth).")
+    port: int = option(8080, doc="TCP port.", minimum=1, maximum=65535)
+    max_upload_mb: float = option(
+        20.0, doc="Largest WAV accepted by POST /detect (MB); larger gets 413.", minimum=0.1, maximum=1024
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
 class LoggingConfig:
     level: Literal["debug", "info", "warning", "error"] = option("info", doc="Log level.")
     format: Literal["text", "json"] = option("text", doc="Human-readable lines or one JSON object per line.")
@@ -314,6 +324,7 @@ class AgentConfig:
     audio: AudioConfig = option(factory=AudioConfig, doc="Audio inputs.")
     health: HealthConfig = option(factory=HealthConfig, doc="Telemetry.")
     outbox: OutboxConfig = option(factory=OutboxConfig, doc="Store-and-forward of detections.")
+    http: HttpConfig = option(factory=HttpConfig, doc="Local HTTP API.")
     logging: LoggingConfig = option(factory=LoggingConfig, doc="Logs.")
 
     @property
