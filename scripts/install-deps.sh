@@ -24,7 +24,8 @@ fi
 # The Debian package enables a system-wide broker; tests and the quickstart start their own.
 
 PYTHON="${PYTHON:-python3}"
-if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
+if [ -z "${EDGE_AGENT_SKIP_TORCH:-}" ] && ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
   "$PYTHON" -m pip install -q "${EDGE_AGENT_TORCH:-torch==2.13.0}"
 fi
-"$PYTHON" -m pip install -q -e ".[${EDGE_AGENT_EXTRAS:-test,torch,modelscope,mic,pinyin}]"
+EXTRAS="${EDGE_AGENT_EXTRAS-test,torch,modelscope,mic,pinyin}"
+"$PYTHON" -m pip install -q -e ".${EXTRAS:+[$EXTRAS]}"

@@ -7,7 +7,7 @@ import argparse
 import yaml
 
 from edge_agent.cli.common import add_config_option, load_settings
-from edge_agent.config import config_reference, to_dict
+from edge_agent.config import config_reference, example_yaml, to_dict
 
 REFERENCE_HEADER = """# Configuration reference
 
@@ -27,11 +27,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     check.set_defaults(handler=_check)
     reference = actions.add_parser("reference", help="print the Markdown reference of every key")
     reference.set_defaults(handler=_reference)
+    example = actions.add_parser(
+        "example", help="print a commented config.yaml with every key at its default"
+    )
+    example.set_defaults(handler=_example)
 
 
 def _check(args: argparse.Namespace) -> int:
     config = load_settings(args)  # exits 2 with "key: problem" when invalid
     print(yaml.safe_dump(to_dict(config), allow_unicode=True, sort_keys=False), end="")
+    return 0
+
+
+def _example(args: argparse.Namespace) -> int:
+    print(example_yaml(), end="")
     return 0
 
 

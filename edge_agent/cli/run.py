@@ -7,11 +7,8 @@ import logging
 import signal
 import threading
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from edge_agent.agent.app import Agent
-from edge_agent.agent.outbox import OutboxError
-from edge_agent.audio.sources import AudioSource, FileAudioSource, create_source
 from edge_agent.cli.common import (
     add_model_options,
     compile_keywords,
@@ -23,6 +20,9 @@ from edge_agent.cli.common import (
 from edge_agent.config import AgentConfig, ConfigError, FileSource, merge_update
 from edge_agent.logs import configure_logging
 from edge_agent.system import tune_allocator
+
+if TYPE_CHECKING:
+    from edge_agent.audio.sources import AudioSource
 
 log = logging.getLogger("edge_agent")
 
@@ -75,6 +75,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_sources(config: AgentConfig, extra_files: list[str]) -> list[AudioSource]:
+    from edge_agent.audio.sources import FileAudioSource, create_source
+
     sources: list[AudioSource] = [create_source(entry) for entry in config.audio.sources]
     for index, path in enumerate(extra_files):
         stream_id = (
@@ -85,6 +87,10 @@ def build_sources(config: AgentConfig, extra_files: list[str]) -> list[AudioSour
 
 
 def run_agent(args: argparse.Namespace) -> int:
+    # Imported here: `edge-agent detect` should not pay for paho, psutil and SQLite.
+    from edge_agent.agent.app import Agent
+    from edge_agent.agent.outbox import OutboxError
+
     tune_allocator()
     config = load_settings(args)
     try:

@@ -19,6 +19,9 @@ from edge_agent.engine.features import SAMPLE_RATE_HZ, FeatureStream
 if TYPE_CHECKING:
     from edge_agent.engine.model import DecoderSettings, KwsModel
 
+# Largest piece of audio run through the network at once (4 s).
+_BLOCK_SAMPLES = 4 * SAMPLE_RATE_HZ
+
 
 class KeywordDetector:
     """Feed audio chunks of any size in order; :meth:`finish` at the end of the stream."""
@@ -47,6 +50,17 @@ class KeywordDetector:
         samples = np.asarray(samples)
         if samples.ndim != 1:
             raise ValueError(f"expected a 1-D array of mono samples, got shape {samples.shape}")
+        if samples.shape[0] > _BLOCK_SAMPLES:
+            # Long inputs (whole files) in blocks: the network's intermediate matrices are
+            # 2599 columns wide, so an unbounded block would cost ~30 MB per minute of audio.
+            # Chunking never changes results.
+            found: list[Detection] = []
+            for offset in range(0, samples.shape[0], _BLOCK_SAMPLES):
+                found += self._feed_block(samples[offset : offset + _BLOCK_SAMPLES])
+            return found
+        return self._feed_block(samples)
+
+    def _feed_block(self, samples: np.ndarray) -> list[Detection]:
         if samples.size == 0:
             return []
         self._samples_seen += samples.shape[0]

@@ -18,6 +18,7 @@ of an unfinished window, spliced frames still waiting for right context, the dec
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -77,12 +78,21 @@ def _hamming(length: int) -> np.ndarray:
     return 0.54 - 0.46 * np.cos(2.0 * math.pi * n / (length - 1))
 
 
+@functools.lru_cache(maxsize=1)
+def _fbank_constants() -> tuple[np.ndarray, np.ndarray]:
+    """Window and mel matrix, computed once per process (every stream shares them)."""
+    window = _hamming(FRAME_LENGTH_SAMPLES)
+    banks = kaldi_mel_banks().astype(np.float32)
+    window.setflags(write=False)
+    banks.setflags(write=False)
+    return window, banks
+
+
 class KaldiFbank:
     """Stateless, vectorised log mel filterbank for whole blocks of frames (dither 0)."""
 
     def __init__(self) -> None:
-        self._window = _hamming(FRAME_LENGTH_SAMPLES)
-        self._banks = kaldi_mel_banks().astype(np.float64)
+        self._window, self._banks = _fbank_constants()
 
     def frames(self, samples: np.ndarray) -> np.ndarray:
         """Log mel energies of every complete frame in ``samples`` (16-bit sample units)."""
@@ -107,10 +117,12 @@ class KaldiFbank:
         emphasized -= (means * (1.0 - PREEMPHASIS))[:, None]
         emphasized *= self._window
         spectrum = np.fft.rfft(emphasized, n=FFT_SIZE, axis=1)
-        power = spectrum.real**2 + spectrum.imag**2
+        # The power spectrum spans ~12 decades; float32 keeps 7 digits of each value, far more
+        # than the 1e-4 the log mel energies need, and makes the mel product twice as fast.
+        power = (spectrum.real**2 + spectrum.imag**2).astype(np.float32)
         energies = power @ self._banks
         np.maximum(energies, _ENERGY_FLOOR, out=energies)
-        return np.log(energies).astype(np.float32)
+        return np.log(energies, out=energies)
 
 
 @dataclass(frozen=True)

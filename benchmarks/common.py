@@ -1,0 +1,75 @@
+"""Shared pieces of the benchmarks: the machine they ran on, where the data is, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+SHARED = REPO.parent / "shared"
+
+
+def model_dir() -> Path:
+    env = os.environ.get("EDGE_AGENT_MODEL_DIR")
+    path = Path(env) if env else SHARED / "models" / "speech_charctc_kws_phone-xiaoyun"
+    if not (path / "kwsr.net").is_file():
+        raise SystemExit(f"model not found at {path}: set EDGE_AGENT_MODEL_DIR")
+    return path
+
+
+def dev_audio() -> Path:
+    env = os.environ.get("EDGE_AGENT_DEV_AUDIO")
+    path = Path(env) if env else SHARED / "audio" / "dev"
+    if not (path / "trans.txt").is_file():
+        raise SystemExit(f"recordings not found at {path}: set EDGE_AGENT_DEV_AUDIO")
+    return path
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on: they mean nothing without it."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "machine": platform.machine(),
+        "system": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "commit": commit,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+    }
+
+
+def write_result(name: str, result: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)

@@ -1,0 +1,156 @@
+"""Engine benchmark: single-stream real-time factor, start-up time and peak RSS, per backend.
+
+    python -m benchmarks.engine [--repeat 3]
+
+For each backend (numpy, torch):
+
+* **RTF, whole files**: engine time (features + network + decoder) over all of audio/dev,
+  divided by its duration, on one thread (OPENBLAS/OMP/MKL threads and torch threads = 1);
+  best of ``--repeat`` passes, so a busy neighbour does not inflate the figure.
+* **RTF, streaming**: the same audio fed in 100 ms chunks, as the agent feeds a microphone.
+* **`edge-agent detect` over audio/dev** as a subprocess: wall time, start-up time (the same
+  command on one 1-second file), and peak RSS (the child's ru_maxrss), plus whether torch
+  was imported (it must not be, with numpy).
+
+Results go to benchmarks/results/engine.json and a table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_variable] = "1"
+
+import numpy as np  # noqa: E402
+
+from benchmarks.common import dev_audio, machine, model_dir, write_result  # noqa: E402
+from edge_agent.audio.wav import encode_wav, read_wav, to_mono_16k  # noqa: E402
+from edge_agent.engine.model import KeywordSpec, KwsModel  # noqa: E402
+from edge_agent.system import tune_allocator  # noqa: E402
+
+CHUNK_SAMPLES = 1600  # 100 ms
+
+
+def load_recordings() -> list[np.ndarray]:
+    files = sorted(dev_audio().glob("*/*.wav"))
+    return [to_mono_16k(read_wav(path)) for path in files]
+
+
+def engine_rtf(model: KwsModel, recordings: list[np.ndarray], chunk: int, repeat: int) -> float:
+    audio_seconds = sum(r.shape[0] for r in recordings) / 16000
+    best = float("inf")
+    for _ in range(repeat):
+        started = time.perf_counter()
+        for samples in recordings:
+            detector = model.detector([KeywordSpec("小云小云")])
+            if chunk:
+                for offset in range(0, samples.shape[0], chunk):
+                    detector.feed(samples[offset : offset + chunk])
+            else:
+                detector.feed(samples)
+            detector.finish()
+        best = min(best, time.perf_counter() - started)
+    return best / audio_seconds
+
+
+def cli_run(backend: str, files: list[str]) -> dict[str, float | bool]:
+    """Run `edge-agent detect` in a fresh process; wall time, peak RSS, torch imported?"""
+    probe = (
+        "import runpy, sys, resource\n"
+        "sys.argv = ['edge-agent'] + sys.argv[1:]\n"
+        "try:\n"
+        "    runpy.run_module('edge_agent', run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "sys.stderr.write('TORCH=%s\\n' % ('torch' in sys.modules))\n"
+    )
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    started = time.perf_counter()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            probe,
+            "detect",
+            "--model-dir",
+            str(model_dir()),
+            "--backend",
+            backend,
+            *files,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    elapsed = time.perf_counter() - started
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {
+        "seconds": elapsed,
+        # ru_maxrss of children is the largest child so far: run the torch one last.
+        "peak_rss_mb": max(peak_kb, before) / 1024,
+        "torch_imported": "TORCH=True" in result.stderr,
+        "files": len(result.stdout.splitlines()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--backends", default="numpy,torch")
+    args = parser.parse_args()
+    tune_allocator()
+    recordings = load_recordings()
+    audio_seconds = sum(r.shape[0] for r in recordings) / 16000
+    files = [str(p) for p in sorted(dev_audio().glob("*/*.wav"))]
+    with tempfile.TemporaryDirectory() as folder:
+        one_second = Path(folder) / "one-second.wav"
+        one_second.write_bytes(encode_wav(np.zeros(16000)))
+        results = {}
+        for backend in args.backends.split(","):
+            model = KwsModel.load(model_dir(), backend=backend, threads=1)
+            results[backend] = {
+                "rtf_whole_file": engine_rtf(model, recordings, 0, args.repeat),
+                "rtf_streaming_100ms": engine_rtf(model, recordings, CHUNK_SAMPLES, args.repeat),
+                "startup_seconds": min(
+                    cli_run(backend, [str(one_second)])["seconds"] for _ in range(args.repeat)
+                ),
+                "detect_all": cli_run(backend, files),
+            }
+    report = {
+        "benchmark": "engine",
+        "machine": machine(),
+        "audio_seconds": round(audio_seconds, 1),
+        "files": len(files),
+        "results": results,
+    }
+    path = write_result("engine", report)
+    print(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; one thread per process")
+    print(f"audio: {len(files)} files, {audio_seconds:.1f} s (audio/dev)")
+    print(
+        f"{'backend':8} {'RTF whole':>10} {'RTF 100ms':>10} {'start-up s':>10} {'detect s':>9}"
+        f" {'peak RSS MB':>11} torch?"
+    )
+    for backend, r in results.items():
+        run = r["detect_all"]
+        print(
+            f"{backend:8} {r['rtf_whole_file']:10.5f} {r['rtf_streaming_100ms']:10.5f}"
+            f" {r['startup_seconds']:10.2f}"
+            f" {run['seconds']:9.2f} {run['peak_rss_mb']:11.1f} {run['torch_imported']}"
+        )
+    print(f"written: {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
+    print(json.dumps({b: round(r["rtf_whole_file"], 6) for b, r in results.items()}))
+
+
+if __name__ == "__main__":
+    main()

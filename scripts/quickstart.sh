@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The agent's main job, end to end, on a fresh Debian/Ubuntu machine (as root or with sudo):
+#   1. installs what is missing (mosquitto, the edge-agent package);
+#   2. finds the model (EDGE_AGENT_MODEL_DIR, ../shared, the ModelScope cache, or downloads it);
+#   3. starts a local mosquitto and the agent;
+#   4. streams the model's example recording of 小云小云 to the agent over MQTT, in real time,
+#      as a thin device would, and prints the detection the agent publishes;
+#   5. stops the agent (it publishes `offline`) and the broker.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$(pwd)"
+PYTHON="${PYTHON:-python3}"
+
+EDGE_AGENT_EXTRAS="${EDGE_AGENT_EXTRAS:-modelscope}" EDGE_AGENT_SKIP_TORCH=1 bash scripts/install-deps.sh
+
+if [ -z "${EDGE_AGENT_MODEL_DIR:-}" ] && [ -f "$ROOT/../shared/models/speech_charctc_kws_phone-xiaoyun/kwsr.net" ]; then
+  export EDGE_AGENT_MODEL_DIR="$ROOT/../shared/models/speech_charctc_kws_phone-xiaoyun"
+fi
+MODEL_DIR="$("$PYTHON" -m edge_agent model path)"
+EXAMPLE="$MODEL_DIR/example/kws_xiaoyunxiaoyun.wav"
+echo "model: $MODEL_DIR"
+
+WORK="$(mktemp -d)"
+PORT="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+cleanup() {
+  [ -n "${AGENT_PID:-}" ] && kill -TERM "$AGENT_PID" 2>/dev/null && wait "$AGENT_PID" 2>/dev/null || true
+  [ -n "${BROKER_PID:-}" ] && kill "$BROKER_PID" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\n' "$PORT" > "$WORK/mosquitto.conf"
+mosquitto -c "$WORK/mosquitto.conf" > "$WORK/mosquitto.log" 2>&1 &
+BROKER_PID=$!
+for _ in $(seq 1 50); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.1; done
+echo "broker: mosquitto on 127.0.0.1:$PORT"
+
+# Everything the agent publishes, as any MQTT client sees it.
+mosquitto_sub -h 127.0.0.1 -p "$PORT" -v -t 'edge_agent/quickstart/availability' -t 'edge_agent/quickstart/info' \
+  -t 'edge_agent/quickstart/health' -t 'edge_agent/quickstart/detection' -t 'edge_agent/quickstart/error' \
+  > "$WORK/broker-traffic.log" 2>&1 &
+
+EDGE_AGENT_OUTBOX__PATH="$WORK/outbox.db" "$PYTHON" -m edge_agent run \
+  --broker "127.0.0.1:$PORT" --device-id quickstart > "$WORK/agent.log" 2>&1 &
+AGENT_PID=$!
+for _ in $(seq 1 300); do
+  grep -q "edge_agent/quickstart/availability online" "$WORK/broker-traffic.log" 2>/dev/null && break
+  sleep 0.1
+done
+echo "agent: online (edge_agent/quickstart/availability)"
+
+echo "streaming $EXAMPLE to edge_agent/quickstart/audio/demo in real time..."
+"$PYTHON" -m edge_agent stream --broker "127.0.0.1:$PORT" --device quickstart --stream demo --wait 2 "$EXAMPLE" \
+  | tee "$WORK/detections.jsonl"
+
+kill -TERM "$AGENT_PID"; wait "$AGENT_PID" || true; AGENT_PID=""
+sleep 0.3
+echo
+echo "--- what the broker saw (availability, info, health, detection) ---"
+cut -c1-200 "$WORK/broker-traffic.log"
+echo "--- agent log ---"
+cat "$WORK/agent.log"
+if ! grep -q '小云小云' "$WORK/detections.jsonl"; then
+  echo "FAILED: no detection of 小云小云 arrived" >&2
+  exit 1
+fi
+echo
+echo "OK: 小云小云 detected and published over MQTT."
