@@ -24,7 +24,7 @@ import numpy as np
 from edge_agent.audio.pcm import AudioFormatError, PcmConverter, PcmFormat, level_dbfs
 from edge_agent.audio.wav import WavError, parse_wav, to_mono_16k
 from edge_agent.engine.decoder import CompiledKeyword, Detection
-from edge_agent.engine.detector import KeywordDetector
+from edge_agent.engine.detector import KeywordDetector, feed_many
 from edge_agent.engine.features import SAMPLE_RATE_HZ
 from edge_agent.engine.model import DecoderSettings, KwsModel
 
@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 # Time constant of the input level reported in health (seconds).
 _LEVEL_SECONDS = 1.0
+# Most queued items taken into one batch.
+_MAX_BATCH_ITEMS = 4096
 
 
 # --- work items ------------------------------------------------------------------------------
@@ -137,18 +139,31 @@ class StreamState:
         # (samples fed so far, wall time of the last of them): maps stream time to wall time.
         self._clock_marks: deque[tuple[int, float]] = deque(maxlen=256)
         self._samples_fed = 0
+        self._pending: list[np.ndarray] = []
 
-    def feed(self, samples: np.ndarray, captured_at: float) -> list[Detection]:
-        started = time.perf_counter()
+    def append(self, samples: np.ndarray, captured_at: float) -> None:
+        """Queue converted audio for the next batch; counters and clock are updated now."""
         self._samples_fed += samples.shape[0]
         self._clock_marks.append((self._samples_fed, captured_at))
-        detections = self.detector.feed(samples) if samples.size else []
-        self._account(samples, captured_at, time.perf_counter() - started)
-        return detections
+        self._pending.append(samples)
+        self._account(samples, captured_at)
+
+    def take_pending(self) -> np.ndarray:
+        pending, self._pending = self._pending, []
+        if len(pending) == 1:
+            return pending[0]
+        return np.concatenate(pending) if pending else np.zeros(0, np.float32)
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._pending)
 
     def finish(self) -> list[Detection]:
         tail = self.converter.finish() if self.converter is not None else np.zeros(0, np.float32)
-        detections = self.detector.feed(tail) if tail.size else []
+        if tail.size:
+            self._samples_fed += tail.shape[0]
+        audio = np.concatenate([self.take_pending(), tail])
+        detections = self.detector.feed(audio) if audio.size else []
         detections += self.detector.finish()
         # Walls are computed before the reset of the clock marks.
         return detections
@@ -159,6 +174,7 @@ class StreamState:
         self.converter = PcmConverter(fmt) if fmt is not None else None
         self._clock_marks.clear()
         self._samples_fed = 0
+        self._pending = []
 
     def wall_time(self, stream_seconds: float) -> float:
         """Wall-clock time at ``stream_seconds`` into the stream (from arrival times)."""
@@ -171,16 +187,15 @@ class StreamState:
             return wall - (fed - target) / SAMPLE_RATE_HZ
         return time.time()
 
-    def _account(self, samples: np.ndarray, captured_at: float, elapsed: float) -> None:
+    def _account(self, samples: np.ndarray, captured_at: float) -> None:
         counters = self.counters
         seconds = samples.shape[0] / SAMPLE_RATE_HZ
         counters.audio_seconds += seconds
         counters.chunks += 1
-        counters.processing_seconds += elapsed
         counters.last_audio = captured_at
         self.last_activity = time.monotonic()
         if samples.size:
-            power = float(np.mean(np.square(samples, dtype=np.float64)))
+            power = float(np.dot(samples, samples)) / samples.shape[0]
             weight = min(1.0, seconds / _LEVEL_SECONDS)
             previous = counters.level_power
             counters.level_power = power if previous is None else previous + weight * (power - previous)
@@ -321,27 +336,20 @@ class EngineWorker:
         try:
             while True:
                 try:
-                    item = self._queue.get(timeout=0.5)
+                    first = self._queue.get(timeout=0.5)
                 except queue.Empty:
                     self._close_idle_streams()
                     continue
-                if item is None:
-                    return
-                with self._queued_lock:
-                    self._queued_bytes -= _item_bytes(item)
-                self.stats.items += 1
-                try:
-                    self._handle(item)
-                except Exception as error:
-                    self.stats.item_errors += 1
-                    self.last_error = f"{type(error).__name__}: {error}"
-                    log.exception("worker failed on %s", type(item).__name__)
+                batch = [first]
+                # Everything already waiting joins this batch: when the worker falls behind, the
+                # batches grow and the per-chunk overhead shrinks, instead of the delay growing.
+                while len(batch) < _MAX_BATCH_ITEMS:
                     try:
-                        self._events.refuse(
-                            "internal_error", self.last_error, stream=getattr(item, "stream", None)
-                        )
-                    except Exception:
-                        log.exception("could not report a worker error")
+                        batch.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                if not self._process(batch):
+                    return
                 self._close_idle_streams()
         except BaseException as error:  # pragma: no cover - visible in health
             self.last_error = f"worker died: {type(error).__name__}: {error}"
@@ -350,12 +358,61 @@ class EngineWorker:
         finally:
             self.alive = False
 
+    def _process(self, batch: list[WorkItem | None]) -> bool:
+        """Handle a batch in order. Audio is gathered per stream and run as one engine pass,
+        flushed before any other item, so controls and configuration changes keep their place.
+        Returns False at the stop sentinel."""
+        waiting: dict[str, StreamState] = {}
+        for item in batch:
+            if item is None:
+                self._run_audio(waiting)
+                return False
+            with self._queued_lock:
+                self._queued_bytes -= _item_bytes(item)
+            self.stats.items += 1
+            try:
+                if isinstance(item, PcmChunk):
+                    self._gather_pcm(item, waiting)
+                elif isinstance(item, SampleChunk):
+                    self._gather_samples(item, waiting)
+                else:
+                    self._run_audio(waiting)
+                    self._handle(item)
+            except Exception as error:  # noqa: BLE001 - one bad item must not stop the worker
+                self._item_failed(getattr(item, "stream", None), error)
+        self._run_audio(waiting)
+        return True
+
+    def _item_failed(self, stream: str | None, error: Exception) -> None:
+        self.stats.item_errors += 1
+        self.last_error = f"{type(error).__name__}: {error}"
+        log.exception("worker failed (stream %s)", stream)
+        try:
+            self._events.refuse("internal_error", self.last_error, stream=stream)
+        except Exception:
+            log.exception("could not report a worker error")
+
+    def _run_audio(self, waiting: dict[str, StreamState]) -> None:
+        """One batched engine pass over the audio gathered per stream."""
+        streams = [stream for stream in waiting.values() if stream.has_pending]
+        waiting.clear()
+        if not streams:
+            return
+        chunks = [stream.take_pending() for stream in streams]
+        started = time.perf_counter()
+        try:
+            results = feed_many([stream.detector for stream in streams], chunks)
+        except Exception as error:  # noqa: BLE001 - reported; the streams go on with the next audio
+            self._item_failed(streams[0].id if len(streams) == 1 else None, error)
+            return
+        elapsed = time.perf_counter() - started
+        total = sum(chunk.shape[0] for chunk in chunks) or 1
+        for stream, chunk, detections in zip(streams, chunks, results, strict=True):
+            stream.counters.processing_seconds += elapsed * chunk.shape[0] / total
+            self._emit(stream, detections)
+
     def _handle(self, item: WorkItem) -> None:
-        if isinstance(item, PcmChunk):
-            self._handle_pcm(item)
-        elif isinstance(item, SampleChunk):
-            self._handle_samples(item)
-        elif isinstance(item, StreamControlItem):
+        if isinstance(item, StreamControlItem):
             self._handle_control(item)
         elif isinstance(item, FileRequest):
             item.reply(self.scan_wav(item.wav, item.source))
@@ -392,7 +449,7 @@ class EngineWorker:
         log.info("stream %s (%s) opened", stream_id, kind)
         return stream
 
-    def _handle_pcm(self, item: PcmChunk) -> None:
+    def _gather_pcm(self, item: PcmChunk, waiting: dict[str, StreamState]) -> None:
         stream = self._stream(item.stream, "mqtt", item.fmt or PcmFormat(), item.topic)
         if stream is None:
             return
@@ -402,20 +459,22 @@ class EngineWorker:
         if item.fmt is not None and (stream.converter is None or stream.converter.format != item.fmt):
             # A chunk declaring a different format: convert from here on; keep detector state.
             stream.converter = PcmConverter(item.fmt)
-        converter = stream.converter or PcmConverter(PcmFormat())
-        stream.converter = converter
-        samples = converter.convert(item.data)
-        self._emit(stream, stream.feed(samples, item.received_at))
+        if stream.converter is None:
+            stream.converter = PcmConverter(PcmFormat())
+        stream.append(stream.converter.convert(item.data), item.received_at)
+        waiting[stream.id] = stream
 
-    def _handle_samples(self, item: SampleChunk) -> None:
+    def _gather_samples(self, item: SampleChunk, waiting: dict[str, StreamState]) -> None:
         stream = self._stream(item.stream, item.kind, None, None)
         if stream is None:
             return
         if self.muted:
             self.stats.muted_seconds += item.samples.shape[0] / SAMPLE_RATE_HZ
             return
-        self._emit(stream, stream.feed(item.samples, item.captured_at))
+        stream.append(item.samples, item.captured_at)
+        waiting[stream.id] = stream
         if item.final:
+            self._run_audio(waiting)
             self._emit(stream, stream.finish())
             stream.restart(None)
 

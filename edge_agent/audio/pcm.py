@@ -94,8 +94,11 @@ class PcmConverter:
         data = self._remainder + data
         usable = len(data) - len(data) % self.format.frame_bytes
         self._remainder = data[usable:]
-        frames = decode_pcm(data[:usable], self.format)
-        mono = frames.mean(axis=1, dtype=np.float32) if self.format.channels > 1 else frames[:, 0]
+        if self.format.channels == 1 and self.format.width == 2:
+            mono = np.frombuffer(data, dtype="<i2", count=usable // 2).astype(np.float32)  # the usual case
+        else:
+            frames = decode_pcm(data[:usable], self.format)
+            mono = frames.mean(axis=1, dtype=np.float32) if self.format.channels > 1 else frames[:, 0]
         if self._resampler is not None:
             mono = self._resampler.process(mono)
         return np.ascontiguousarray(mono, dtype=np.float32)

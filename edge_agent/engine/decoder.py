@@ -121,6 +121,12 @@ class _KeywordSearch:
         self.hold_frames = max(1, int(round(hold_seconds / frame_seconds)))
         # Columns of the gathered posterior matrix summed for each character.
         self.group_columns = [np.array([columns[t] for t in group]) for group in keyword.token_groups]
+        # One output per character (the usual case): a single gather instead of n sums.
+        self.single_columns = (
+            np.array([cols[0] for cols in self.group_columns])
+            if all(c.size == 1 for c in self.group_columns)
+            else None
+        )
         self.repeated = [
             set(keyword.token_groups[i]) == set(keyword.token_groups[i + 1]) for i in range(self.n - 1)
         ]
@@ -137,7 +143,10 @@ class _KeywordSearch:
     def _terms(self, gathered: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per-character log posteriors L (t, n), gap log penalties g (t, n-1), dips (t, n-1)."""
         blank = gathered[:, 0]
-        q = np.stack([gathered[:, cols].sum(axis=1) for cols in self.group_columns], axis=1)
+        if self.single_columns is not None:
+            q = gathered[:, self.single_columns]
+        else:
+            q = np.stack([gathered[:, cols].sum(axis=1) for cols in self.group_columns], axis=1)
         log_q = np.log(np.maximum(q, _POSTERIOR_FLOOR)) / self.n
         # A character below the floor was not said: it cannot be part of a match.
         log_q[q < self.char_floor] = _NEG_INF
@@ -212,9 +221,19 @@ class _KeywordSearch:
             detections.append(detection)
         return detections
 
+    def _idle(self, gathered: np.ndarray) -> bool:
+        """Nothing can match in this span: no live partial match and no first character loud
+        enough to start one. Most audio is like that; it skips the recurrence entirely."""
+        if self.pending is not None or np.isfinite(self.carry).any() or np.isfinite(self.carry_pre).any():
+            return False
+        first = gathered[:, self.group_columns[0]]
+        return float(first.sum(axis=1).max() if first.shape[1] > 1 else first.max()) < self.char_floor
+
     def _process_span(
         self, gathered: np.ndarray, history: np.ndarray, history_first: int, first_frame: int
     ) -> tuple[Detection, int] | None:
+        if self._idle(gathered):
+            return None
         log_q, gap, dips = self._terms(gathered)
         scores, carry, carry_pre, _, prefix = self._run(log_q, gap, dips, self.carry, self.carry_pre)
         candidates = np.flatnonzero(scores >= self.log_threshold)
@@ -247,6 +266,10 @@ class _KeywordSearch:
             if settled or frame - self.pending.frame >= self.hold_frames:
                 return self._fire(self.pending.frame + 1)
             i += 1
+        # A partial match below the threshold can only lose score from here (each further
+        # character adds log q <= 0): drop it, so that quiet audio goes back to the idle path.
+        carry[carry < self.log_threshold] = _NEG_INF
+        carry_pre[carry_pre < self.log_threshold] = _NEG_INF
         self.carry, self.carry_pre = carry, carry_pre
         return None
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edge_agent.engine.decoder import CompiledKeyword, Detection
-from edge_agent.engine.features import SAMPLE_RATE_HZ, FeatureStream
+from edge_agent.engine.features import SAMPLE_RATE_HZ, FeatureStream, accept_many
 
 if TYPE_CHECKING:
     from edge_agent.engine.model import DecoderSettings, KwsModel
@@ -93,3 +93,33 @@ class KeywordDetector:
         A keyword being spoken at the moment of the swap may be missed; nothing else is.
         """
         self._decoder = self._model.decoder(keywords, self._settings, first_frame=self._decoder.frames_seen)
+
+
+def feed_many(detectors: Sequence[KeywordDetector], chunks: Sequence[np.ndarray]) -> list[list[Detection]]:
+    """:meth:`KeywordDetector.feed` for many streams at once, with the same results.
+
+    The streams' windows share one FFT, and their frames go through the network together (one
+    matrix product per layer for all of them); each detector keeps its own state. Detectors
+    must come from one model; those with different keyword outputs are batched separately.
+    """
+    results: list[list[Detection]] = [[] for _ in detectors]
+    groups: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+    for i, (detector, chunk) in enumerate(zip(detectors, chunks, strict=True)):
+        samples = np.asarray(chunk)
+        if samples.ndim != 1 or samples.shape[0] > _BLOCK_SAMPLES:
+            results[i] = detector.feed(samples)  # large or invalid: the one-stream path
+            continue
+        key = (id(detector._model), tuple(int(c) for c in detector._decoder.columns))
+        groups.setdefault(key, []).append(i)
+    for members in groups.values():
+        batch = [detectors[i] for i in members]
+        for i in members:
+            detectors[i]._samples_seen += int(np.asarray(chunks[i]).shape[0])
+        features = accept_many([d._features for d in batch], [np.asarray(chunks[i]) for i in members])
+        network = batch[0]._model.network
+        posteriors = network.forward_many(
+            [d._network_state for d in batch], features, columns=batch[0]._decoder.columns
+        )
+        for i, detector, frames in zip(members, batch, posteriors, strict=True):
+            results[i] = detector._decoder.process(frames) if frames.shape[0] else []
+    return results

@@ -96,9 +96,13 @@ class KaldiFbank:
 
     def frames(self, samples: np.ndarray) -> np.ndarray:
         """Log mel energies of every complete frame in ``samples`` (16-bit sample units)."""
+        return self.log_mel(self.windows(samples))
+
+    def windows(self, samples: np.ndarray) -> np.ndarray:
+        """Every complete frame, DC-removed, pre-emphasised and windowed: (count, 400) float64."""
         n = samples.shape[0]
         if n < FRAME_LENGTH_SAMPLES:
-            return np.zeros((0, NUM_MEL_BINS), dtype=np.float32)
+            return np.zeros((0, FRAME_LENGTH_SAMPLES), dtype=np.float64)
         count = 1 + (n - FRAME_LENGTH_SAMPLES) // FRAME_SHIFT_SAMPLES
         x = np.asarray(samples, dtype=np.float64)
         starts = np.arange(count) * FRAME_SHIFT_SAMPLES
@@ -110,13 +114,22 @@ class KaldiFbank:
         means = (cumulative[starts + FRAME_LENGTH_SAMPLES] - cumulative[starts]) / FRAME_LENGTH_SAMPLES
         differences = x[1:] - PREEMPHASIS * x[:-1]
         emphasized = np.empty((count, FRAME_LENGTH_SAMPLES), dtype=np.float64)
-        emphasized[:, 1:] = np.lib.stride_tricks.sliding_window_view(differences, FRAME_LENGTH_SAMPLES - 1)[
-            starts
-        ]
+        # Overlapping frames as a strided view (sliding_window_view's checks cost more than the
+        # copy for short chunks); the view is only read, row by row, into ``emphasized``.
+        step = differences.strides[0]
+        emphasized[:, 1:] = np.lib.stride_tricks.as_strided(
+            differences, shape=(count, FRAME_LENGTH_SAMPLES - 1), strides=(FRAME_SHIFT_SAMPLES * step, step)
+        )
         emphasized[:, 0] = x[starts] * (1.0 - PREEMPHASIS)
         emphasized -= (means * (1.0 - PREEMPHASIS))[:, None]
         emphasized *= self._window
-        spectrum = np.fft.rfft(emphasized, n=FFT_SIZE, axis=1)
+        return emphasized
+
+    def log_mel(self, windows: np.ndarray) -> np.ndarray:
+        """Log mel energies of windowed frames; rows may come from many streams at once."""
+        if windows.shape[0] == 0:
+            return np.zeros((0, NUM_MEL_BINS), dtype=np.float32)
+        spectrum = np.fft.rfft(windows, n=FFT_SIZE, axis=1)
         # The power spectrum spans ~12 decades; float32 keeps 7 digits of each value, far more
         # than the 1e-4 the log mel energies need, and makes the mel product twice as fast.
         power = (spectrum.real**2 + spectrum.imag**2).astype(np.float32)
@@ -167,15 +180,25 @@ class FeatureStream:
 
     def accept(self, samples: np.ndarray) -> np.ndarray:
         """Add samples (int16 or float in 16-bit units); return the new (n, 400) frames."""
+        return self.complete(self._fbank.log_mel(self.prepare(samples)))
+
+    def prepare(self, samples: np.ndarray) -> np.ndarray:
+        """First half of :meth:`accept`: buffer samples, return the windows now complete.
+
+        Split so that many streams can share one FFT and mel product (:func:`accept_many`).
+        """
         samples = np.asarray(samples)
         if samples.ndim != 1:
             raise ValueError(f"expected mono samples as a 1-D array, got shape {samples.shape}")
         self._samples_total += samples.shape[0]
         buffered = np.concatenate([self._pending_samples, samples.astype(np.float64, copy=False)])
-        new_frames = self._fbank.frames(buffered)
-        consumed = new_frames.shape[0] * FRAME_SHIFT_SAMPLES
-        self._pending_samples = buffered[consumed:]
-        return self._splice(new_frames, final=False)
+        windows = self._fbank.windows(buffered)
+        self._pending_samples = buffered[windows.shape[0] * FRAME_SHIFT_SAMPLES :]
+        return windows
+
+    def complete(self, log_mel: np.ndarray) -> np.ndarray:
+        """Second half of :meth:`accept`: the filterbank frames of :meth:`prepare`'s windows."""
+        return self._splice(log_mel, final=False)
 
     def finish(self) -> np.ndarray:
         """Flush the end of the stream and reset; returns the last frames (maybe none)."""
@@ -209,3 +232,17 @@ class FeatureStream:
         keep_from = min(max(0, self._next_output_center - CONTEXT_LEFT), total)
         self._context = frames[keep_from - first_index :]
         return output
+
+
+def accept_many(streams: list[FeatureStream], samples: list[np.ndarray]) -> list[np.ndarray]:
+    """:meth:`FeatureStream.accept` for several streams, with one FFT for all their frames."""
+    if not streams:
+        return []
+    windows = [stream.prepare(chunk) for stream, chunk in zip(streams, samples, strict=True)]
+    counts = [w.shape[0] for w in windows]
+    log_mel = streams[0]._fbank.log_mel(np.concatenate(windows))
+    results, offset = [], 0
+    for stream, count in zip(streams, counts, strict=True):
+        results.append(stream.complete(log_mel[offset : offset + count]))
+        offset += count
+    return results

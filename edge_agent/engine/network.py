@@ -66,6 +66,15 @@ class NetworkBackend(Protocol):
         """
         ...
 
+    def forward_many(
+        self,
+        states: Sequence[NetworkState],
+        features: Sequence[np.ndarray],
+        columns: np.ndarray | None = None,
+    ) -> list[np.ndarray]:
+        """:meth:`forward` for several streams at once; the same results, in one pass."""
+        ...
+
 
 @dataclass
 class _FsmnBuffer:
@@ -168,6 +177,38 @@ class NumpyNetwork:
             state.finished = True
         return x
 
+    def forward_many(  # type: ignore[override]
+        self,
+        states: Sequence[NumpyState],
+        features: Sequence[np.ndarray],
+        columns: np.ndarray | None = None,
+    ) -> list[np.ndarray]:
+        """All streams' new frames through every layer together: one matrix product per layer
+        for all of them, and one gather per FSMN tap; each stream keeps its own memory."""
+        if any(state.finished for state in states):
+            raise RuntimeError("a stream's network state was finished; create a new one")
+        counts = [int(f.shape[0]) for f in features]
+        x = np.concatenate([np.asarray(f, dtype=np.float32) for f in features]) if features else None
+        if x is None or x.ndim != 2 or x.shape[1] != self.input_dim:
+            raise ValueError(f"expected features of shape (n, {self.input_dim})")
+        fsmn_index = 0
+        for component in self.components:
+            if isinstance(component, AffineTransform):
+                x = x @ self._weights_t[id(component)]
+                x += component.bias
+            elif isinstance(component, LinearTransform):
+                x = x @ self._weights_t[id(component)]
+            elif isinstance(component, RectifiedLinear):
+                np.maximum(x, 0.0, out=x)
+            elif isinstance(component, Fsmn):
+                buffers = [state.buffers[fsmn_index] for state in states]
+                x, counts = _fsmn_many(component, buffers, x, counts)
+                fsmn_index += 1
+            elif isinstance(component, Softmax):
+                x = softmax(x, columns)
+        bounds = np.cumsum([0, *counts])
+        return [x[bounds[i] : bounds[i + 1]] for i in range(len(counts))]
+
     @staticmethod
     def _fsmn_step(layer: Fsmn, buffer: _FsmnBuffer, new: np.ndarray, final: bool) -> np.ndarray:
         history = layer.history_frames
@@ -183,6 +224,47 @@ class NumpyNetwork:
         outputs = fsmn_memory(layer, inputs, history, ready)
         buffer.frames = inputs[ready:]
         return outputs
+
+
+def _fsmn_many(
+    layer: Fsmn, buffers: list[_FsmnBuffer], new: np.ndarray, counts: list[int]
+) -> tuple[np.ndarray, list[int]]:
+    """One FSMN layer for many streams: rows of ``new`` are the streams' frames, in order.
+
+    Each stream's buffered inputs and new frames are laid out one after the other in one
+    matrix; the outputs that are ready (their look-ahead has arrived) are computed with one
+    gather per filter tap for all streams together, then each stream keeps its tail.
+    """
+    history, lookahead = layer.history_frames, layer.lookahead_frames
+    pieces, starts, lengths, ready = [], [], [], []
+    position = offset = 0
+    for buffer, count in zip(buffers, counts, strict=True):
+        pieces += [buffer.frames, new[offset : offset + count]]
+        offset += count
+        length = buffer.frames.shape[0] + count
+        starts.append(position)
+        lengths.append(length)
+        ready.append(max(0, length - history - lookahead))
+        position += length
+    inputs = np.concatenate(pieces)
+    total = sum(ready)
+    # Row index of every ready output frame: stream i's run starts at starts[i] + history.
+    run_starts = np.asarray(starts, dtype=np.int64) + history
+    index = np.repeat(run_starts - np.cumsum([0, *ready[:-1]]), ready) + np.arange(total)
+    outputs = fsmn_memory_at(layer, inputs, index)
+    for buffer, start, length, done in zip(buffers, starts, lengths, ready, strict=True):
+        buffer.frames = inputs[start + done : start + length].copy()
+    return outputs, ready
+
+
+def fsmn_memory_at(layer: Fsmn, inputs: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Outputs of ``layer`` for the rows ``index`` of ``inputs`` (neighbours read around them)."""
+    result = inputs[index]
+    for i in range(layer.left.shape[0]):
+        result += layer.left[i] * inputs[index - i * layer.left_stride]
+    for j in range(layer.right.shape[0]):
+        result += layer.right[j] * inputs[index + (j + 1) * layer.right_stride]
+    return result
 
 
 def softmax(logits: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:

@@ -127,6 +127,15 @@ class TorchNetwork:
                 state.finished = True
             return x.numpy().astype(np.float32, copy=False)
 
+    def forward_many(
+        self,
+        states: Sequence[TorchState],
+        features: Sequence[np.ndarray],
+        columns: np.ndarray | None = None,
+    ) -> list[np.ndarray]:
+        # torch's per-call overhead is small next to its kernels; one stream at a time is fine.
+        return [self.forward(state, f, columns=columns) for state, f in zip(states, features, strict=True)]
+
     def _fsmn_step(self, payload: Any, state: TorchState, index: int, new: Any, final: bool) -> Any:
         torch = self._torch
         layer, left, right = payload

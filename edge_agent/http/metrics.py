@@ -1,8 +1,10 @@
 """Prometheus text exposition (format 0.0.4), written by hand: no client library on the device.
 
-Only counters and gauges are used. A counter family is written under its base name in ``# TYPE``
-with ``_total`` samples, which both the classic parser and OpenMetrics-aware scrapers accept.
-Families with the same name from several sources (the HTTP layer and a backend) are merged.
+Only counters and gauges are used. A counter is written as ``name_total`` in its ``# HELP`` and
+``# TYPE`` lines and samples alike, as the 0.0.4 format wants (metadata names must equal sample
+names; only OpenMetrics strips ``_total``) and as prometheus_client itself writes it; its
+parser then reports the family as ``name``. Families with the same name from several sources
+(the HTTP layer and a backend) are merged.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ def render(families: Iterable[MetricFamily]) -> str:
     lines: list[str] = []
     for family in merged.values():
         sample_name = f"{family.name}_total" if family.kind == "counter" else family.name
-        lines.append(f"# HELP {family.name} {_escape_help(family.help)}")
-        lines.append(f"# TYPE {family.name} {family.kind}")
+        lines.append(f"# HELP {sample_name} {_escape_help(family.help)}")
+        lines.append(f"# TYPE {sample_name} {family.kind}")
         lines.extend(f"{sample_name}{_labels(sample)} {_value(sample.value)}" for sample in family.samples)
     return "\n".join(lines) + "\n"
 

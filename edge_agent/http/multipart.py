@@ -194,7 +194,7 @@ def _split_params(value: str) -> list[str]:
 
 def _unquote(raw: str, whole: str) -> str:
     if not raw.startswith('"'):
-        if '"' in raw or not raw:
+        if not _TOKEN.match(raw):  # unquoted values are tokens (RFC 9110): no spaces, no quotes
             raise MultipartError(f"malformed parameter value {raw!r} in {whole!r}")
         return raw
     if len(raw) < 2 or not raw.endswith('"'):

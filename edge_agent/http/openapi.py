@@ -16,6 +16,8 @@ from typing import Any
 from edge_agent import __version__
 
 OPENAPI_VERSION = "3.0.3"
+# `http.max_upload_mb` counts binary megabytes, like the engine's queue_mb.
+BYTES_PER_MB = 1024 * 1024
 
 _ERROR_REF = {"$ref": "#/components/schemas/Error"}
 
@@ -94,7 +96,7 @@ def _detect_parameters() -> list[dict[str, Any]]:
 
 def openapi_document(max_upload_bytes: int) -> dict[str, Any]:
     """The API description; ``max_upload_bytes`` is the configured upload limit (documented)."""
-    upload_mb = max_upload_bytes / 1_000_000
+    upload_mb = max_upload_bytes / BYTES_PER_MB
     return {
         "openapi": OPENAPI_VERSION,
         "info": {
@@ -272,10 +274,10 @@ def _schemas() -> dict[str, Any]:
         },
         "Threshold": {
             "type": "number",
-            "minimum": 0,
-            "exclusiveMinimum": True,
+            "minimum": 0.000001,
             "maximum": 1,
-            "description": "Detection threshold for every keyword of this request, in (0, 1]; "
+            "description": "Detection threshold for every keyword of this request, in [0.000001, 1] "
+            "(as `keywords[].threshold` in the config); "
             "default: each keyword's configured threshold.",
         },
         "Keywords": {
@@ -479,7 +481,7 @@ def _render_operation(document: dict[str, Any], path: str, method: str, operatio
     for status, response in operation["responses"].items():
         schema_html = ""
         for media_type, content in response.get("content", {}).items():
-            expanded = _expand(document, content.get("schema", {}))
+            expanded = expand_refs(document, content.get("schema", {}))
             schema_html += (
                 f"<details><summary>{_e(media_type)}</summary>"
                 f"<pre>{_e(json.dumps(expanded, indent=2, ensure_ascii=False))}</pre></details>"
@@ -504,16 +506,16 @@ def _resolve(document: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]
     return schema
 
 
-def _expand(document: dict[str, Any], schema: Any, depth: int = 0) -> Any:
+def expand_refs(document: dict[str, Any], schema: Any, depth: int = 0) -> Any:
     """The schema with references replaced by their targets (the API's schemas are not recursive)."""
     if depth > 20:
         return schema
     if isinstance(schema, dict):
         if "$ref" in schema:
-            return _expand(document, _resolve(document, schema), depth + 1)
-        return {key: _expand(document, value, depth + 1) for key, value in schema.items()}
+            return expand_refs(document, _resolve(document, schema), depth + 1)
+        return {key: expand_refs(document, value, depth + 1) for key, value in schema.items()}
     if isinstance(schema, list):
-        return [_expand(document, item, depth + 1) for item in schema]
+        return [expand_refs(document, item, depth + 1) for item in schema]
     return schema
 
 

@@ -118,6 +118,7 @@ class MqttTransport:
         self.stats = TransportStats()
         self._mqtt5 = config.protocol == "5"
         self._subscriptions: dict[str, tuple[int, Handler]] = {}
+        self._handler_cache: dict[str, list[Handler]] = {}
         self._connected_hooks: list[Callable[[], None]] = []
         self._ack_listeners: list[Callable[[int], None]] = []
         self._lock = threading.Lock()
@@ -170,12 +171,14 @@ class MqttTransport:
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 0) -> None:
         with self._lock:
             self._subscriptions[topic_filter] = (qos, handler)
+            self._handler_cache.clear()
         if self.connected:
             self._client.subscribe(topic_filter, qos)
 
     def unsubscribe(self, topic_filter: str) -> None:
         with self._lock:
             self._subscriptions.pop(topic_filter, None)
+            self._handler_cache.clear()
         if self.connected:
             self._client.unsubscribe(topic_filter)
 
@@ -337,9 +340,15 @@ class MqttTransport:
         self.stats.bytes_in += len(message.payload)
         inbound = _inbound(message)
         with self._lock:
-            handlers = [
-                h for f, (_, h) in self._subscriptions.items() if paho.topic_matches_sub(f, message.topic)
-            ]
+            handlers = self._handler_cache.get(message.topic)
+            if handlers is None:
+                # Audio streams reuse a few topics thousands of times: match each topic once.
+                handlers = [
+                    h for f, (_, h) in self._subscriptions.items() if paho.topic_matches_sub(f, message.topic)
+                ]
+                if len(self._handler_cache) > 10_000:
+                    self._handler_cache.clear()
+                self._handler_cache[message.topic] = handlers
         for handler in handlers:
             try:
                 handler(inbound)

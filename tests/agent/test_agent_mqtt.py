@@ -62,6 +62,9 @@ def assert_same(streamed: dict[str, list[dict]], reference: dict[str, list[dict]
 
 def test_announces_itself_with_retained_state(broker, make_agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     make_agent(agent_config(broker.port, tmp_path))
+    probe = Client(broker.port).connect().subscribe(f"{PREFIX}/health")
+    probe.wait_for(f"{PREFIX}/health")  # the agent has published its retained state
+    probe.close()
     late = Client(broker.port).connect().subscribe(f"{PREFIX}/#")  # joins after: sees retained only
     try:
         late.wait_for(f"{PREFIX}/health")

@@ -1,0 +1,197 @@
+"""End-to-end delay through mosquitto: keyword spoken -> detection received by a subscriber.
+
+    python -m benchmarks.mqtt_latency [--streams 1,16,64,128] [--seconds 60]
+
+Starts mosquitto on a free loopback port and the agent as its own process
+(`edge-agent run`), then plays the 25 positive recordings of audio/dev, one after another with
+0.5 s of silence between them, on N concurrent streams in real time, in 100 ms chunks, the way
+N thin devices with microphones would. A subscriber receives the detections.
+
+delay = arrival time at the subscriber - (wall time the stream started + the detection's
+``end`` in stream seconds), i.e. from the moment the end of the keyword was spoken. It includes
+the 100 ms chunking, the model's look-ahead (~0.29 s), inference, the outbox and two broker hops.
+
+Reported per N: detections expected / received / duplicates, p50/p95/p99 delay, chunks the
+agent dropped or refused (from its retained health), and the agent's CPU and peak RSS.
+Results go to benchmarks/results/mqtt_latency.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as paho
+import psutil
+from paho.mqtt.enums import CallbackAPIVersion
+
+from benchmarks.common import dev_audio, machine, model_dir, percentile, write_result
+from edge_agent.audio.wav import read_wav, to_mono_16k
+from tests.broker import Broker
+
+CHUNK_MS = 100
+GAP_SECONDS = 0.5
+DEVICE = "bench"
+PREFIX = f"edge_agent/{DEVICE}"
+
+
+def positive_audio() -> tuple[bytes, list[float]]:
+    """All positives back to back (with gaps) as s16le, and where each one starts (s)."""
+    pieces, starts, offset = [], [], 0.0
+    gap = np.zeros(int(GAP_SECONDS * 16000), dtype=np.float32)
+    for path in sorted(dev_audio().glob("pos/*.wav")):
+        samples = to_mono_16k(read_wav(path))
+        starts.append(offset)
+        pieces += [samples, gap]
+        offset += (samples.shape[0] + gap.shape[0]) / 16000
+    audio = np.concatenate(pieces)
+    return np.clip(np.round(audio), -32768, 32767).astype("<i2").tobytes(), starts
+
+
+class Collector:
+    def __init__(self, port: int) -> None:
+        self.detections: list[tuple[float, dict[str, Any]]] = []
+        self.health: dict[str, Any] = {}
+        self.lock = threading.Lock()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port, 30)
+        self.client.subscribe([(f"{PREFIX}/detection", 1), (f"{PREFIX}/health", 0), (f"{PREFIX}/availability", 1)])
+        self.client.loop_start()
+        self.online = threading.Event()
+
+    def _on_message(self, client: Any, userdata: Any, message: paho.MQTTMessage) -> None:
+        now = time.time()
+        if message.topic.endswith("/detection"):
+            with self.lock:
+                self.detections.append((now, json.loads(message.payload)))
+        elif message.topic.endswith("/health"):
+            self.health = json.loads(message.payload)
+        elif message.payload == b"online":
+            self.online.set()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def run_once(streams: int, seconds: float, workdir: Path) -> dict[str, Any]:
+    audio, starts = positive_audio()
+    total_seconds = min(seconds, len(audio) / 32000)
+    broker = Broker(workdir).start()
+    env = {
+        **os.environ,
+        "EDGE_AGENT_OUTBOX__PATH": str(workdir / f"outbox-{streams}.db"),
+        "EDGE_AGENT_HEALTH__INTERVAL": "2",
+        "EDGE_AGENT_AUDIO__MQTT__MAX_STREAMS": str(max(64, streams)),
+    }
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "edge_agent", "run", "--model-dir", str(model_dir()), "--broker",
+         f"127.0.0.1:{broker.port}", "--device-id", DEVICE, "--log-level", "warning"],
+        env=env,
+    )
+    collector = Collector(broker.port)
+    publisher = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    publisher.connect("127.0.0.1", broker.port, 30)
+    publisher.loop_start()
+    try:
+        if not collector.online.wait(60):
+            raise SystemExit("agent did not come online")
+        process = psutil.Process(agent.pid)
+        process.cpu_percent(None)
+        chunk = 16000 * 2 * CHUNK_MS // 1000
+        chunks = int(total_seconds * 1000 / CHUNK_MS)
+        started = time.time()
+        monotonic_start = time.monotonic()
+        peak_rss = 0.0
+        for index in range(chunks):
+            delay = monotonic_start + (index + 1) * CHUNK_MS / 1000 - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)  # chunk k holds audio up to (k+1) * 100 ms: sent when "recorded"
+            payload = audio[index * chunk : (index + 1) * chunk]
+            for stream in range(streams):
+                publisher.publish(f"{PREFIX}/audio/s{stream}", payload)
+            if index % 10 == 0:
+                peak_rss = max(peak_rss, process.memory_info().rss / 1e6)
+        cpu = process.cpu_percent(None)
+        for stream in range(streams):
+            publisher.publish(f"{PREFIX}/audio/s{stream}/control", b'{"action": "end"}', qos=1)
+        expected_per_stream = sum(1 for s in starts if s + 9.0 < total_seconds)  # whole files only
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and len(collector.detections) < expected_per_stream * streams:
+            time.sleep(0.1)
+        time.sleep(2.5)  # a final health report
+        health = collector.health
+    finally:
+        publisher.disconnect()
+        publisher.loop_stop()
+        agent.terminate()
+        agent.wait(30)
+        collector.close()
+        broker.stop()
+
+    delays, keys = [], set()
+    duplicates = 0
+    for arrived, event in collector.detections:
+        key = (event["stream"], event["seq"])
+        duplicates += key in keys
+        keys.add(key)
+        delays.append((arrived - (started + event["end"])) * 1000)
+    refused = health.get("refused", {})
+    dropped = sum(s.get("dropped_chunks", 0) for s in health.get("streams", {}).values())
+    return {
+        "streams": streams,
+        "audio_seconds_per_stream": round(total_seconds, 1),
+        "detections_expected_at_least": expected_per_stream * streams,
+        "detections_received": len(collector.detections),
+        "duplicates": duplicates,
+        "delay_ms_p50": _round(percentile(delays, 50)),
+        "delay_ms_p95": _round(percentile(delays, 95)),
+        "delay_ms_p99": _round(percentile(delays, 99)),
+        "delay_ms_max": _round(max(delays) if delays else None),
+        "refused": refused,
+        "dropped_chunks": dropped,
+        "agent_cpu_percent": round(cpu, 1),
+        "agent_peak_rss_mb": round(peak_rss, 1),
+    }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", default="1", help="comma-separated stream counts")
+    parser.add_argument("--seconds", type=float, default=60.0, help="audio per stream (max ~250)")
+    args = parser.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        for count in (int(n) for n in args.streams.split(",")):
+            result = run_once(count, args.seconds, Path(folder))
+            results.append(result)
+            print(json.dumps(result, ensure_ascii=False), flush=True)
+    report = {"benchmark": "mqtt_latency", "machine": machine(), "chunk_ms": CHUNK_MS, "results": results}
+    path = write_result("mqtt_latency", report)
+    print(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores")
+    print(f"{'streams':>7} {'expected':>8} {'received':>8} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'dropped':>7}"
+          f" {'CPU %':>6} {'RSS MB':>6}")
+    for r in results:
+        print(f"{r['streams']:7d} {r['detections_expected_at_least']:8d} {r['detections_received']:8d}"
+              f" {r['delay_ms_p50']:7.0f} {r['delay_ms_p95']:7.0f} {r['delay_ms_p99']:7.0f}"
+              f" {r['dropped_chunks'] + sum(r['refused'].values()):7d} {r['agent_cpu_percent']:6.0f}"
+              f" {r['agent_peak_rss_mb']:6.0f}")
+    print(f"written: {path}")
+
+
+if __name__ == "__main__":
+    main()
