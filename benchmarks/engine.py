@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -72,8 +71,8 @@ def cli_run(backend: str, files: list[str]) -> dict[str, float | bool]:
         "except SystemExit:\n"
         "    pass\n"
         "sys.stderr.write('TORCH=%s\\n' % ('torch' in sys.modules))\n"
+        "sys.stderr.write('MAXRSS_KB=%d\\n' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     started = time.perf_counter()
     result = subprocess.run(
         [
@@ -92,11 +91,10 @@ def cli_run(backend: str, files: list[str]) -> dict[str, float | bool]:
         check=True,
     )
     elapsed = time.perf_counter() - started
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    peak_kb = int(result.stderr.split("MAXRSS_KB=")[1].split()[0])
     return {
         "seconds": elapsed,
-        # ru_maxrss of children is the largest child so far: run the torch one last.
-        "peak_rss_mb": max(peak_kb, before) / 1024,
+        "peak_rss_mb": peak_kb / 1024,
         "torch_imported": "TORCH=True" in result.stderr,
         "files": len(result.stdout.splitlines()),
     }

@@ -11,7 +11,9 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-debian_packages=(mosquitto mosquitto-clients portaudio19-dev openssl python3-dev gcc)
+# chromium (+ a CJK font for readable screenshots): the /ui browser test; systemd: systemd-analyze
+# and systemd-sysusers for the unit's tests.
+debian_packages=(mosquitto mosquitto-clients portaudio19-dev openssl python3-dev gcc chromium fonts-wqy-microhei systemd)
 missing=()
 for package in "${debian_packages[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
