@@ -65,7 +65,9 @@ class Collector:
         self.client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port, 30)
-        self.client.subscribe([(f"{PREFIX}/detection", 1), (f"{PREFIX}/health", 0), (f"{PREFIX}/availability", 1)])
+        self.client.subscribe(
+            [(f"{PREFIX}/detection", 1), (f"{PREFIX}/health", 0), (f"{PREFIX}/availability", 1)]
+        )
         self.client.loop_start()
         self.online = threading.Event()
 
@@ -95,8 +97,20 @@ def run_once(streams: int, seconds: float, workdir: Path) -> dict[str, Any]:
         "EDGE_AGENT_AUDIO__MQTT__MAX_STREAMS": str(max(64, streams)),
     }
     agent = subprocess.Popen(
-        [sys.executable, "-m", "edge_agent", "run", "--model-dir", str(model_dir()), "--broker",
-         f"127.0.0.1:{broker.port}", "--device-id", DEVICE, "--log-level", "warning"],
+        [
+            sys.executable,
+            "-m",
+            "edge_agent",
+            "run",
+            "--model-dir",
+            str(model_dir()),
+            "--broker",
+            f"127.0.0.1:{broker.port}",
+            "--device-id",
+            DEVICE,
+            "--log-level",
+            "warning",
+        ],
         env=env,
     )
     collector = Collector(broker.port)
@@ -170,7 +184,9 @@ def _round(value: float | None) -> float | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--streams", default="1", help="comma-separated stream counts")
     parser.add_argument("--seconds", type=float, default=60.0, help="audio per stream (max ~250)")
     args = parser.parse_args()
@@ -183,13 +199,21 @@ def main() -> None:
     report = {"benchmark": "mqtt_latency", "machine": machine(), "chunk_ms": CHUNK_MS, "results": results}
     path = write_result("mqtt_latency", report)
     print(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores")
-    print(f"{'streams':>7} {'expected':>8} {'received':>8} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'dropped':>7}"
-          f" {'CPU %':>6} {'RSS MB':>6}")
+    header = ("streams", "expected", "received", "p50 ms", "p95 ms", "p99 ms", "dropped", "CPU %", "RSS MB")
+    print(" ".join(f"{h:>8}" for h in header))
     for r in results:
-        print(f"{r['streams']:7d} {r['detections_expected_at_least']:8d} {r['detections_received']:8d}"
-              f" {r['delay_ms_p50']:7.0f} {r['delay_ms_p95']:7.0f} {r['delay_ms_p99']:7.0f}"
-              f" {r['dropped_chunks'] + sum(r['refused'].values()):7d} {r['agent_cpu_percent']:6.0f}"
-              f" {r['agent_peak_rss_mb']:6.0f}")
+        row = (
+            r["streams"],
+            r["detections_expected_at_least"],
+            r["detections_received"],
+            r["delay_ms_p50"],
+            r["delay_ms_p95"],
+            r["delay_ms_p99"],
+            r["dropped_chunks"] + sum(r["refused"].values()),
+            r["agent_cpu_percent"],
+            r["agent_peak_rss_mb"],
+        )
+        print(" ".join(f"{value:>8.0f}" if value is not None else f"{'-':>8}" for value in row))
     print(f"written: {path}")
 
 
