@@ -19,6 +19,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edge_agent.mqtt.transport import close_sockets
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -29,13 +31,16 @@ def free_port() -> int:
 class Broker:
     """mosquitto on 127.0.0.1:port with a config the test may extend (TLS, ACLs...)."""
 
-    def __init__(self, workdir: Path, extra_config: str = "", port: int | None = None) -> None:
+    def __init__(
+        self, workdir: Path, extra_config: str = "", port: int | None = None, persistence: bool = False
+    ) -> None:
         self.binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not os.path.exists(self.binary):
             raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
         self.workdir = workdir
         self.port = port or free_port()
         self.extra_config = extra_config
+        self.persistence = persistence
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / f"mosquitto-{self.port}.log"
 
@@ -46,7 +51,15 @@ class Broker:
             if "listener" in self.extra_config
             else (f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{self.extra_config}")
         )
-        config.write_text(f"persistence false\n{listener}\n", encoding="utf-8")
+        if self.persistence:
+            # Sessions, subscriptions and queued messages survive a restart, as on a real broker.
+            storage = f"persistence true\npersistence_location {self.workdir}/\nautosave_interval 1\n"
+        else:
+            storage = "persistence false\n"
+        # Started as root, mosquitto drops to the "mosquitto" user, which cannot write its
+        # database in the test's folder; as any other user this line is ignored.
+        user = "user root\n" if os.geteuid() == 0 else ""
+        config.write_text(f"{user}{storage}{listener}\n", encoding="utf-8")
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [self.binary, "-c", str(config), "-v"], stdout=self._log, stderr=subprocess.STDOUT
@@ -61,6 +74,11 @@ class Broker:
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError("mosquitto did not start listening")
+
+    def restart(self, downtime: float = 0.0) -> None:
+        self.stop()
+        time.sleep(downtime)
+        self.start()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -92,7 +110,13 @@ class Client:
     """A paho test client that records everything it receives."""
 
     def __init__(
-        self, port: int, protocol: int = paho.MQTTv5, client_id: str = "", clean: bool = True, **tls: Any
+        self,
+        port: int,
+        protocol: int = paho.MQTTv5,
+        client_id: str = "",
+        clean: bool = True,
+        session_expiry: int = 0,
+        **tls: Any,
     ) -> None:
         kwargs: dict[str, Any] = {"client_id": client_id, "protocol": protocol}
         if protocol != paho.MQTTv5:
@@ -100,6 +124,8 @@ class Client:
         self.client = paho.Client(CallbackAPIVersion.VERSION2, **kwargs)
         self.protocol = protocol
         self.clean = clean
+        self.session_expiry = session_expiry
+        self.client.reconnect_delay_set(0.2, 1.0)
         self.port = port
         self.messages: list[Received] = []
         self._lock = threading.Condition()
@@ -111,7 +137,12 @@ class Client:
 
     def connect(self) -> Client:
         if self.protocol == paho.MQTTv5:
-            self.client.connect("127.0.0.1", self.port, 30, clean_start=self.clean)
+            properties = None
+            if self.session_expiry:
+                # A persistent session: the broker queues QoS 1 messages while we are away.
+                properties = Properties(PacketTypes.CONNECT)
+                properties.SessionExpiryInterval = self.session_expiry
+            self.client.connect("127.0.0.1", self.port, 30, clean_start=self.clean, properties=properties)
         else:
             self.client.connect("127.0.0.1", self.port, 30)
         self.client.loop_start()
@@ -121,6 +152,7 @@ class Client:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+        close_sockets(self.client)
 
     def subscribe(self, topic: str, qos: int = 1) -> Client:
         result, _ = self.client.subscribe(topic, qos)

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from edge_agent.agent.app import Agent
+from edge_agent.config import AgentConfig
+from tests.broker import Broker, Client
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED = REPO_ROOT.parent / "shared"
@@ -88,3 +93,47 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         if name.startswith("EDGE_AGENT_") or name == "MODELSCOPE_CACHE":
             monkeypatch.delenv(name, raising=False)
     yield
+
+
+# --- a broker and in-process agents (integration tests) ---------------------------------------
+
+
+@pytest.fixture()
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    instance = Broker(tmp_path).start()
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture()
+def make_agent(numpy_model, tmp_path: Path) -> Iterator[Callable[..., Agent]]:  # type: ignore[no-untyped-def]
+    from edge_agent.cli.common import compile_keywords, decoder_settings
+
+    agents: list[Agent] = []
+
+    def make(config: AgentConfig, sources: list[Any] | None = None, start: bool = True) -> Agent:
+        agent = Agent(
+            config,
+            numpy_model,
+            compile_keywords(numpy_model, config),
+            decoder_settings(config),
+            sources or [],
+        )
+        agents.append(agent)
+        if start:
+            agent.start()
+            if agent.transport is not None:
+                assert agent.transport.wait_connected(10), "agent did not connect"
+        return agent
+
+    yield make
+    for agent in agents:
+        if not agent._stop.is_set():
+            agent.stop(timeout=5)
+
+
+@pytest.fixture()
+def client(broker: Broker) -> Iterator[Client]:
+    instance = Client(broker.port).connect()
+    yield instance
+    instance.close()

@@ -110,6 +110,10 @@ class Agent:
         self._error_suppressed: dict[tuple[str, str | None], int] = {}
         self.refused: dict[str, int] = {}
         self.detections = 0
+        self.detections_by_keyword: dict[str, int] = {}
+        # Audio chunks refused before reaching the worker (queue full), per MQTT stream.
+        self.dropped_by_stream: dict[str, int] = {}
+        self.settings = settings
         self._rates: dict[str, _RateState] = {}
         self._health_thread: threading.Thread | None = None
         self.listeners: list[Callable[[DetectionEvent], None]] = []
@@ -197,10 +201,12 @@ class Agent:
             self.outbox.close()
         log.info("edge-agent stopped")
 
-    def wait(self, stop: threading.Event) -> None:
-        """Block until ``stop`` is set or every finite source has finished, if all are finite."""
+    def wait(self, stop: threading.Event, keep_running: bool = False) -> None:
+        """Block until ``stop`` is set; without MQTT (and unless ``keep_running``, for a server),
+        also when every source is finite and has finished."""
         while not stop.wait(0.2):
-            if self.sources and not self.transport and all(s.finished for s in self.sources):
+            finite = self.sources and not self.transport and not keep_running
+            if finite and all(s.finished for s in self.sources):
                 self.worker.drain()
                 return
 
@@ -334,6 +340,7 @@ class Agent:
         if not self._rate_ok(stream, len(payload) / (fmt or PcmFormat()).bytes_per_second, message):
             return
         if not self.worker.submit(PcmChunk(stream, payload, message.received_at, message.topic, fmt)):
+            self.dropped_by_stream[stream] = self.dropped_by_stream.get(stream, 0) + 1
             self.refuse(
                 "queue_full", "the engine is behind; audio chunk dropped", topic=message.topic, stream=stream
             )
@@ -452,6 +459,8 @@ class Agent:
     # --- worker events (worker thread) -------------------------------------------------------
     def detection(self, stream: StreamState, detection: Detection, wall_end: float) -> None:
         self.detections += 1
+        by_keyword = self.detections_by_keyword
+        by_keyword[detection.keyword] = by_keyword.get(detection.keyword, 0) + 1
         log.info(
             "detected %s in %s: confidence %.3f, %.2f-%.2f s",
             detection.keyword,
@@ -534,7 +543,7 @@ class Agent:
                 stream=stream,
                 suppressed=suppressed,
             )
-            self.transport.publish(self.topic(ErrorReport.TOPIC), report.to_payload(), qos=0)
+            self.transport.publish(self.topic(ErrorReport.TOPIC), report.to_payload(), qos=1)
 
     # --- health --------------------------------------------------------------------------------
     def health_report(self) -> HealthReport:
@@ -550,11 +559,13 @@ class Agent:
                 "kind": stream.kind,
                 "audio_seconds": round(counters.audio_seconds, 2),
                 "chunks": counters.chunks,
-                "dropped_chunks": counters.dropped_chunks,
+                "dropped_chunks": counters.dropped_chunks + self.dropped_by_stream.get(stream.id, 0),
                 "rtf": finite_or_none(counters.rtf(), 5),
                 "last_audio": iso_utc(counters.last_audio) if counters.last_audio else None,
                 "level_dbfs": finite_or_none(stream.level(), 1),
                 "detections": counters.detections,
+                "gaps": counters.gaps,
+                "gap_seconds": round(counters.gap_seconds, 1),
             }
         for source in self.sources:
             stats = source.stats()

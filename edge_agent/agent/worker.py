@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 # Time constant of the input level reported in health (seconds).
 _LEVEL_SECONDS = 1.0
+# A stream whose audio arrives this much later than its length explains has lost audio (s).
+GAP_SECONDS = 1.0
 # Most queued items taken into one batch.
 _MAX_BATCH_ITEMS = 4096
 
@@ -121,6 +123,8 @@ class StreamCounters:
     level_power: float | None = None  # smoothed mean square, 16-bit units
     detections: int = 0
     errors: int = 0
+    gaps: int = 0
+    gap_seconds: float = 0.0
 
     def rtf(self) -> float | None:
         return self.processing_seconds / self.audio_seconds if self.audio_seconds > 0 else None
@@ -140,13 +144,27 @@ class StreamState:
         self._clock_marks: deque[tuple[int, float]] = deque(maxlen=256)
         self._samples_fed = 0
         self._pending: list[np.ndarray] = []
+        self._clock_offset: float | None = None
 
-    def append(self, samples: np.ndarray, captured_at: float) -> None:
-        """Queue converted audio for the next batch; counters and clock are updated now."""
+    def append(self, samples: np.ndarray, captured_at: float) -> float:
+        """Queue converted audio for the next batch; counters and clock are updated now.
+
+        Returns the seconds of audio missing before this chunk (0.0 normally): arrival time
+        minus stream position stays constant for a real-time sender, and jumps by the length
+        of whatever was lost on the way (a broker restart, a network outage).
+        """
+        gap = 0.0
+        offset = captured_at - (self._samples_fed + samples.shape[0]) / SAMPLE_RATE_HZ
+        if self._clock_offset is not None and offset - self._clock_offset > GAP_SECONDS:
+            gap = offset - self._clock_offset
+            self.counters.gaps += 1
+            self.counters.gap_seconds += gap
+        self._clock_offset = offset
         self._samples_fed += samples.shape[0]
         self._clock_marks.append((self._samples_fed, captured_at))
         self._pending.append(samples)
         self._account(samples, captured_at)
+        return gap
 
     def take_pending(self) -> np.ndarray:
         pending, self._pending = self._pending, []
@@ -175,6 +193,7 @@ class StreamState:
         self._clock_marks.clear()
         self._samples_fed = 0
         self._pending = []
+        self._clock_offset = None
 
     def wall_time(self, stream_seconds: float) -> float:
         """Wall-clock time at ``stream_seconds`` into the stream (from arrival times)."""
@@ -248,6 +267,7 @@ class EngineWorker:
         self._queued_bytes = 0
         self._queued_lock = threading.Lock()
         self._streams: dict[str, StreamState] = {}
+        self._recently_closed: dict[str, float] = {}  # stream id -> wall time of its last audio
         self._streams_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
@@ -441,6 +461,16 @@ class EngineWorker:
                 stream_id,
             )
             return None
+        closed_at = self._recently_closed.pop(stream_id, None)
+        if closed_at is not None and topic is not None:
+            pause = time.time() - closed_at
+            self._refuse(
+                "audio_gap",
+                f"stream resumed {pause:.1f} s after it went quiet and was closed; it starts afresh "
+                "(audio sent meanwhile was lost?)",
+                topic,
+                stream_id,
+            )
         detector = self._model.detector(self._keywords, self._settings)
         stream = StreamState(stream_id, kind, detector, fmt)
         with self._streams_lock:
@@ -461,8 +491,16 @@ class EngineWorker:
             stream.converter = PcmConverter(item.fmt)
         if stream.converter is None:
             stream.converter = PcmConverter(PcmFormat())
-        stream.append(stream.converter.convert(item.data), item.received_at)
+        gap = stream.append(stream.converter.convert(item.data), item.received_at)
         waiting[stream.id] = stream
+        if gap:
+            self._refuse(
+                "audio_gap",
+                f"stream resumed after {gap:.1f} s without audio: what was sent meanwhile was lost "
+                "(broker restart or network outage?); detection goes on from here",
+                item.topic,
+                stream.id,
+            )
 
     def _gather_samples(self, item: SampleChunk, waiting: dict[str, StreamState]) -> None:
         stream = self._stream(item.stream, item.kind, None, None)
@@ -491,10 +529,15 @@ class EngineWorker:
             if existing is not None:
                 self._close(existing)
 
-    def _close(self, stream: StreamState) -> None:
+    def _close(self, stream: StreamState, idle: bool = False) -> None:
         self._emit(stream, stream.finish())
         with self._streams_lock:
             self._streams.pop(stream.id, None)
+        if idle:
+            # Remembered (boundedly) so that a stream coming back after an outage is reported.
+            if len(self._recently_closed) > 10 * self.max_streams:
+                self._recently_closed.clear()
+            self._recently_closed[stream.id] = stream.counters.last_audio or time.time()
         self.stats.streams_closed += 1
         log.info("stream %s closed after %.1f s of audio", stream.id, stream.counters.audio_seconds)
 
@@ -502,7 +545,7 @@ class EngineWorker:
         now = time.monotonic()
         for stream in self.streams():
             if stream.kind == "mqtt" and now - stream.last_activity > self.idle_timeout:
-                self._close(stream)
+                self._close(stream, idle=True)
 
     def _finish_all(self) -> None:
         for stream in self.streams():

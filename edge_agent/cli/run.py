@@ -114,9 +114,22 @@ def run_agent(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    http_server = None
+    if config.http.enabled:
+        from edge_agent.http.agent_backend import AgentBackend
+        from edge_agent.http.server import start_http_server
+
+        backend = AgentBackend(agent)  # before start(): every live detection is counted
+        try:
+            http_server = start_http_server(config.http, backend)
+        except OSError as error:
+            fail(f"http: cannot listen on {config.http.host}:{config.http.port}: {error.strerror or error}")
+        log.info("HTTP API on %s (docs at /docs, test page at /ui)", http_server.url)
     agent.start()
     try:
-        agent.wait(stop)
+        agent.wait(stop, keep_running=http_server is not None)
     finally:
+        if http_server is not None:
+            http_server.stop()  # before the agent closes its outbox
         agent.stop()
     return 0

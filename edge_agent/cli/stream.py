@@ -19,6 +19,7 @@ import numpy as np
 from edge_agent.audio.wav import WavError, read_wav, to_mono_16k
 from edge_agent.cli.common import fail
 from edge_agent.mqtt.messages import AudioControl, AudioTopic, Availability, DetectionEvent
+from edge_agent.mqtt.transport import close_sockets
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -110,5 +111,6 @@ def run_stream(args: argparse.Namespace) -> int:
     finally:
         client.disconnect()
         client.loop_stop()
+        close_sockets(client)
     print(f"{len(seen)} detection(s) on stream {args.stream}", file=sys.stderr)
     return 0

@@ -24,7 +24,15 @@ import psutil
 from edge_agent import __version__
 from edge_agent.audio.wav import TARGET_SAMPLE_RATE_HZ
 from edge_agent.http import metrics as prometheus
-from edge_agent.http.backend import ApiBackend, ApiError, BadRequest, KeywordRequest, MetricFamily, Sample
+from edge_agent.http.backend import (
+    ApiBackend,
+    ApiError,
+    BadRequest,
+    KeywordRequest,
+    MetricFamily,
+    PayloadTooLarge,
+    Sample,
+)
 from edge_agent.http.detection import AUDIO_FIELD
 from edge_agent.http.multipart import MultipartError, boundary_of, parse_header_value, parse_multipart
 from edge_agent.http.openapi import openapi_document, render_docs
@@ -48,10 +56,6 @@ _PAGE_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
 }
-
-
-class PayloadTooLarge(ApiError):
-    status = 413
 
 
 class UnsupportedMediaType(ApiError):

@@ -42,6 +42,12 @@ class BadRequest(ApiError):
     status = 400
 
 
+class PayloadTooLarge(ApiError):
+    """The upload, or the audio in it, is larger than the limits: 413."""
+
+    status = 413
+
+
 class NotReady(ApiError):
     """The model is loading, failed to load, or every detection slot is busy: 503."""
 

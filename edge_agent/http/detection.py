@@ -24,13 +24,25 @@ from edge_agent.engine.decoder import CompiledKeyword, Detection
 from edge_agent.engine.features import SAMPLE_RATE_HZ
 from edge_agent.engine.lexicon import LexiconError, normalize_keyword
 from edge_agent.engine.model import DEFAULT_THRESHOLD, DecoderSettings, KeywordSpec, KwsModel
-from edge_agent.http.backend import BadRequest, DetectResult, KeywordRequest, MetricFamily, NotReady, Sample
+from edge_agent.http.backend import (
+    BadRequest,
+    DetectResult,
+    KeywordRequest,
+    MetricFamily,
+    NotReady,
+    PayloadTooLarge,
+    Sample,
+)
 
 # Custom keywords per request, at most: decoding cost grows with each one.
 MAX_KEYWORDS_PER_REQUEST = 16
 # Detections allowed to run at once, and how long a request waits for a slot before a 503.
 DEFAULT_MAX_CONCURRENT = 2
 DEFAULT_WAIT_SECONDS = 30.0
+# Longest audio one request may hold. The byte limit alone does not bound it: 20 MB of 8-bit
+# audio at 1 kHz is 5.5 hours, 1.3 GB once resampled to 16 kHz float32, and minutes of CPU.
+# Ten minutes is 38 MB of samples and about 2 s of engine time on one x86 core (more on a Pi).
+MAX_AUDIO_SECONDS = 600.0
 # The name the WAV parser puts at the start of its messages (the multipart field's name).
 AUDIO_FIELD = "audio_file"
 
@@ -88,10 +100,17 @@ class DetectionService:
         try:
             started = time.perf_counter()
             try:
-                samples = to_mono_16k(parse_wav(wav, source=AUDIO_FIELD))
+                decoded = parse_wav(wav, source=AUDIO_FIELD)
             except WavError as error:
                 self._count("bad_request")
                 raise BadRequest(str(error)) from None
+            if decoded.info.duration_seconds > MAX_AUDIO_SECONDS:
+                self._count("bad_request")
+                raise PayloadTooLarge(
+                    f"{AUDIO_FIELD}: {decoded.info.duration_seconds:.1f} s of audio, more than the "
+                    f"{MAX_AUDIO_SECONDS:g} s one request may hold; split the recording"
+                )
+            samples = to_mono_16k(decoded)
             detector = self.model.detector(compiled, self._settings())
             detections: list[Detection] = detector.feed(samples)
             detections.extend(detector.finish())

@@ -14,6 +14,7 @@ import json
 from typing import Any
 
 from edge_agent import __version__
+from edge_agent.http.detection import MAX_AUDIO_SECONDS
 
 OPENAPI_VERSION = "3.0.3"
 # `http.max_upload_mb` counts binary megabytes, like the engine's queue_mb.
@@ -175,7 +176,10 @@ def openapi_document(max_upload_bytes: int) -> dict[str, Any]:
                             "the model does not know (named), or a malformed form."
                         ),
                         "411": _error("No Content-Length (chunked uploads are not accepted)."),
-                        "413": _error(f"The upload is larger than {upload_mb:g} MB."),
+                        "413": _error(
+                            f"The upload is larger than {upload_mb:g} MB, or holds more than "
+                            f"{MAX_AUDIO_SECONDS:g} s of audio."
+                        ),
                         "415": _error("The body is neither multipart/form-data nor audio/wav."),
                         **_common_errors("500", "503"),
                     },

@@ -79,6 +79,7 @@ class _Handler(BaseHTTPRequestHandler):
         """Refuse an oversized upload before the client sends it."""
         refusal = self._body_refusal()
         if refusal is not None:
+            self.server.api.count(urlsplit(self.path).path, refusal.status)
             self._send(refusal, close=True)
             return False
         return super().handle_expect_100()

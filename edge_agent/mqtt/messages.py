@@ -83,7 +83,13 @@ class Topic:
 
 
 def _json(payload: dict[str, Any]) -> bytes:
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        # A string that is not valid Unicode (a lone surrogate from somebody's topic name):
+        # \u escapes keep the JSON valid instead of failing the whole message.
+        return json.dumps(payload, ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode("ascii")
 
 
 def parse_json_object(payload: bytes, what: str) -> dict[str, Any]:

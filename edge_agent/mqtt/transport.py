@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -65,12 +66,13 @@ def build_tls_context(config: MqttConfig) -> ssl.SSLContext | None:
     tls = config.tls
     if not tls.enabled:
         return None
+    for key, path in (("ca_file", tls.ca_file), ("cert_file", tls.cert_file), ("key_file", tls.key_file)):
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"mqtt.tls.{key}", f"{path} does not exist")
     try:
         context = (
             ssl.create_default_context(cafile=tls.ca_file) if tls.ca_file else ssl.create_default_context()
         )
-    except FileNotFoundError:
-        raise ConfigError("mqtt.tls.ca_file", f"{tls.ca_file} does not exist") from None
     except (ssl.SSLError, OSError, ValueError) as error:
         raise ConfigError(
             "mqtt.tls.ca_file", f"{tls.ca_file} is not a PEM CA certificate ({error})"
@@ -78,9 +80,6 @@ def build_tls_context(config: MqttConfig) -> ssl.SSLContext | None:
     if tls.cert_file and tls.key_file:
         try:
             context.load_cert_chain(tls.cert_file, tls.key_file)
-        except FileNotFoundError as error:
-            key = "mqtt.tls.cert_file" if error.filename == tls.cert_file else "mqtt.tls.key_file"
-            raise ConfigError(key, f"{error.filename or tls.cert_file} does not exist") from None
         except (ssl.SSLError, OSError) as error:
             raise ConfigError(
                 "mqtt.tls.cert_file", f"cannot load {tls.cert_file} with {tls.key_file} ({error})"
@@ -126,6 +125,7 @@ class MqttTransport:
         self._connected = threading.Event()
         self._thread: threading.Thread | None = None
         self._attempt = 0
+        self._refusal: str | None = None
 
         protocol = paho.MQTTv5 if self._mqtt5 else paho.MQTTv311
         kwargs: dict[str, Any] = {"client_id": client_id, "protocol": protocol}
@@ -253,6 +253,7 @@ class MqttTransport:
         if self._thread is not None:
             self._thread.join(max(0.1, deadline - time.monotonic() + 1.0))
             self._thread = None
+        close_sockets(self._client)
         self._connected.clear()
         self.stats.connected = False
 
@@ -278,6 +279,8 @@ class MqttTransport:
                 self._failed(f"connection lost ({paho.error_string(rc)})")
 
     def _failed(self, reason: str) -> None:
+        if self._refusal is not None:
+            reason, self._refusal = self._refusal, None
         self._connected.clear()
         self.stats.connected = False
         if reason != self.stats.last_error:
@@ -295,7 +298,9 @@ class MqttTransport:
         self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
     ) -> None:
         if getattr(reason_code, "is_failure", False):
-            self.stats.last_error = f"broker refused the connection: {reason_code}"
+            # The broker closes the socket next; keep this reason rather than "connection lost".
+            self._refusal = f"broker refused the connection: {reason_code}"
+            self.stats.last_error = self._refusal
             log.error(
                 "MQTT %s:%d refused the connection: %s", self.config.host, self.config.port, reason_code
             )
@@ -355,6 +360,17 @@ class MqttTransport:
             except Exception:
                 self.stats.handler_errors += 1
                 log.exception("handler for %s failed", message.topic)
+
+
+def close_sockets(client: paho.Client) -> None:
+    """Close the socket and the wake-up socket pair paho keeps after ``loop()``.
+
+    paho only closes them in ``__del__``; when the client dies in a reference cycle the sockets
+    may be finalised first and leak (ResourceWarning). paho 2.x has no public call for this.
+    """
+    reset = getattr(client, "_reset_sockets", None)
+    if reset is not None:
+        reset()
 
 
 def _inbound(message: paho.MQTTMessage) -> InboundMessage:

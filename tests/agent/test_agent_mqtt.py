@@ -15,9 +15,9 @@ import pytest
 
 from edge_agent.audio.wav import encode_wav, read_wav, to_mono_16k
 from edge_agent.mqtt.messages import DetectionEvent, DeviceInfo, HealthReport
-from tests.agent.conftest import agent_config
 from tests.agent.streaming import pcm16, stream_files
 from tests.broker import Client
+from tests.support import agent_config
 
 PREFIX = "edge_agent/dev1"
 

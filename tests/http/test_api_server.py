@@ -330,6 +330,21 @@ def test_oversized_uploads_are_413(engine: LoadedEngine, start_server: StartServ
     assert client.detect(encode_wav(np.zeros(16000, np.float32))).status == 200
 
 
+def test_audio_longer_than_ten_minutes_is_413(client: Client) -> None:
+    # 601 s of 8-bit audio at 1 kHz: 601 KB, far below the byte limit, 38 MB once at 16 kHz.
+    frames = 601 * 1000
+    fmt = struct.pack("<HHIIHH", 1, 1, 1000, 1000, 1, 8)
+    wav = b"RIFF" + struct.pack("<I", 4 + 8 + len(fmt) + 8 + frames) + b"WAVE"
+    wav += (
+        b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", frames) + b"\x80" * frames
+    )
+    reply = client.detect(wav)
+    assert reply.status == 413
+    assert reply.json()["error"] == (
+        "audio_file: 601.0 s of audio, more than the 600 s one request may hold; split the recording"
+    )
+
+
 def test_413_comes_before_100_continue(engine: LoadedEngine, start_server: StartServer) -> None:
     _, client = start_server(ready_backend(engine), max_upload_mb=0.1)
     with socket.create_connection((client.host, client.port), timeout=10) as sock:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.conftest import require_module
 from tests.http.client import Client
 
 
-def test_schemathesis_finds_nothing(client: Client) -> None:
+def test_schemathesis_finds_nothing(client: Client, tmp_path: Path) -> None:
     require_module("schemathesis")
     result = subprocess.run(
         [
@@ -39,6 +40,8 @@ def test_schemathesis_finds_nothing(client: Client) -> None:
         capture_output=True,
         text=True,
         timeout=600,
+        cwd=tmp_path,  # it keeps a .schemathesis/ folder in the working directory
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    assert "Tested: 7" in result.stdout or "Tested: 8" in result.stdout, result.stdout[-3000:]
+    # Every operation but /openapi.json itself, which schemathesis leaves out.
+    assert "Tested: 7" in result.stdout, result.stdout[-3000:]

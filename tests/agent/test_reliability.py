@@ -1,0 +1,288 @@
+"""Faults with a real mosquitto that the tests stop, restart and kill: nothing detected is lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_agent.audio.sources import FileAudioSource
+from edge_agent.audio.wav import read_wav, to_mono_16k
+from edge_agent.config import FileSource
+from edge_agent.engine.model import KeywordSpec
+from edge_agent.mqtt.messages import DetectionEvent
+from tests.agent.streaming import pcm16
+from tests.broker import Broker, Client, free_port
+from tests.support import agent_config
+
+PREFIX = "edge_agent/dev1"
+
+
+def positives(dev_audio: Path, count: int, folder: Path) -> Path:
+    folder.mkdir()
+    for path in sorted(dev_audio.glob("pos/*.wav"))[:count]:
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+def offline_detections(numpy_model, folder: Path, gap_seconds: float) -> list[tuple[str, float, float]]:  # type: ignore[no-untyped-def]
+    """What one detector finds in the folder played as one stream (files + silent gaps)."""
+    pieces = []
+    files = sorted(folder.glob("*.wav"))
+    for index, path in enumerate(files):
+        pieces.append(to_mono_16k(read_wav(path)))
+        if index < len(files) - 1:
+            pieces.append(np.zeros(round(gap_seconds * 16000), np.float32))
+    detector = numpy_model.detector([KeywordSpec("小云小云")])
+    found = detector.feed(np.concatenate(pieces)) + detector.finish()
+    return [(d.keyword, round(d.start, 3), round(d.end, 3)) for d in found]
+
+
+def test_broker_down_30s_while_recordings_play_loses_nothing(  # type: ignore[no-untyped-def]
+    make_agent, numpy_model, dev_audio: Path, tmp_path: Path
+) -> None:
+    broker = Broker(tmp_path, persistence=True).start()
+    watcher = Client(broker.port, client_id="watcher", clean=False, session_expiry=3600).connect()
+    watcher.subscribe(f"{PREFIX}/detection", qos=1)
+    folder = positives(dev_audio, 10, tmp_path / "ten")
+    source = FileAudioSource(FileSource(id="mic", path=str(folder), realtime=True, gap_seconds=0.5))
+    agent = make_agent(agent_config(broker.port, tmp_path), sources=[source])
+    try:
+        time.sleep(20)
+        broker.stop()  # ~ from 20 s to 50 s of a 90 s recording session: 3-4 keywords in the dark
+        outage_started = time.time()
+        time.sleep(30)
+        broker.start()
+        deadline = time.monotonic() + 120
+        while not source.finished and time.monotonic() < deadline:
+            time.sleep(0.5)
+        events = watcher.wait_for(f"{PREFIX}/detection", lambda m: len(m) >= 10, timeout=60)
+        time.sleep(2)  # anything extra (a duplicate) would arrive now
+        events = [DetectionEvent.from_payload(m.payload) for m in watcher.on(f"{PREFIX}/detection")]
+    finally:
+        watcher.close()
+        agent.stop()
+        broker.stop()
+    assert [e.seq for e in events] == list(range(10)), "each exactly once, in order"
+    assert [(e.keyword, e.start, e.end) for e in events] == offline_detections(numpy_model, folder, 0.5)
+    during_outage = [e for e in events if e.replayed]
+    assert during_outage, "some keywords were spoken while the broker was down"
+    for event in during_outage:  # their times are when they were spoken, not when they were sent
+        spoken = time.mktime(time.strptime(event.time[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+        assert outage_started - 5 < spoken < outage_started + 35
+        assert event.delay_ms is None
+    assert all(not e.replayed and e.delay_ms is not None for e in events if e not in during_outage)
+
+
+def outbox_rows(path: Path) -> int:
+    try:
+        with sqlite3.connect(path) as db:
+            return int(db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+    except sqlite3.Error:
+        return 0
+
+
+def test_sigkill_with_events_in_the_outbox_publishes_them_after_restart(
+    model_dir: Path, dev_audio: Path, tmp_path: Path
+) -> None:
+    port = free_port()  # nobody listens yet: the agent cannot publish
+    folder = positives(dev_audio, 3, tmp_path / "three")
+    outbox = tmp_path / "outbox.db"
+    env = {**os.environ, "EDGE_AGENT_OUTBOX__PATH": str(outbox), "EDGE_AGENT_MQTT__RECONNECT_MAX_DELAY": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "edge_agent",
+        "run",
+        "--model-dir",
+        str(model_dir),
+        "--broker",
+        f"127.0.0.1:{port}",
+        "--device-id",
+        "dev1",
+    ]
+    config = tmp_path / "fast.yaml"
+    config.write_text(
+        f"audio:\n  sources:\n    - type: file\n      id: mic\n      path: {folder}\n      realtime: false\n",
+        encoding="utf-8",
+    )
+    first = subprocess.Popen([*command, "-c", str(config)], env=env, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while outbox_rows(outbox) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert outbox_rows(outbox) == 3
+    finally:
+        first.kill()  # SIGKILL: no chance to flush anything
+        first.wait(10)
+    broker = Broker(tmp_path, port=port).start()
+    watcher = Client(broker.port).connect().subscribe(f"{PREFIX}/detection")
+    second = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+    try:
+        messages = watcher.wait_for(f"{PREFIX}/detection", lambda m: len(m) >= 3, timeout=60)
+        events = [DetectionEvent.from_payload(m.payload) for m in messages]
+        assert [e.seq for e in events] == [0, 1, 2]
+        assert all(e.replayed for e in events)
+        assert len({e.boot_id for e in events}) == 1  # all from the first run's boot
+        deadline = time.monotonic() + 10
+        while outbox_rows(outbox) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert outbox_rows(outbox) == 0  # acknowledged, so removed
+    finally:
+        second.terminate()
+        second.wait(30)
+        watcher.close()
+        broker.stop()
+
+
+def test_outbox_bound_drops_the_oldest_and_health_shows_it(  # type: ignore[no-untyped-def]
+    make_agent, dev_audio: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    folder = positives(dev_audio, 4, tmp_path / "four")
+    source = FileAudioSource(FileSource(id="mic", path=str(folder), realtime=False))
+    config = agent_config(port, tmp_path, outbox={"max_events": 2})
+    agent = make_agent(config, sources=[source], start=False)
+    agent.start()
+    deadline = time.monotonic() + 60
+    while agent.detections < 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert agent.detections == 4
+    assert agent.outbox is not None and agent.outbox.depth() == 2
+    broker = Broker(tmp_path, port=port).start()
+    watcher = Client(broker.port).connect().subscribe(f"{PREFIX}/detection").subscribe(f"{PREFIX}/health")
+    try:
+        messages = watcher.wait_for(f"{PREFIX}/detection", lambda m: len(m) >= 2, timeout=30)
+        assert [json.loads(m.payload)["seq"] for m in messages] == [2, 3]  # 0 and 1 were the oldest
+        health = watcher.wait_for(
+            f"{PREFIX}/health", lambda m: any(json.loads(x.payload)["outbox_dropped"] for x in m)
+        )
+        assert json.loads(health[-1].payload)["outbox_dropped"] == 2
+    finally:
+        watcher.close()
+        agent.stop()
+        broker.stop()
+
+
+def test_broker_restart_mid_stream_resumes_and_reports_the_gap(  # type: ignore[no-untyped-def]
+    make_agent, example_wav: Path, tmp_path: Path
+) -> None:
+    broker = Broker(tmp_path, persistence=True).start()
+    agent = make_agent(agent_config(broker.port, tmp_path))
+    watcher = Client(broker.port, client_id="gap-watcher", clean=False, session_expiry=600).connect()
+    watcher.subscribe(f"{PREFIX}/detection").subscribe(f"{PREFIX}/error")
+    sender = Client(broker.port, client_id="thin-device").connect()
+    pcm = pcm16(example_wav) * 3  # the keyword three times, ~13.6 s
+    chunk = 3200
+    started = time.monotonic()
+    try:
+        for index, offset in enumerate(range(0, len(pcm), chunk)):
+            delay = started + index * 0.1 - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            if index == 55:  # 5.5 s in, between the second and the third keyword
+                broker.restart(downtime=2.0)
+            sender.publish(f"{PREFIX}/audio/door", pcm[offset : offset + chunk])
+        sender.publish(f"{PREFIX}/audio/door/control", b'{"action": "end"}', qos=1)
+        errors = watcher.wait_for(f"{PREFIX}/error", lambda m: any(b"audio_gap" in x.payload for x in m), 30)
+        gap = next(json.loads(m.payload) for m in errors if b"audio_gap" in m.payload)
+        assert gap["stream"] == "door" and "without audio" in gap["message"]
+        detections = watcher.wait_for(f"{PREFIX}/detection", lambda m: len(m) >= 2, timeout=30)
+        assert all(json.loads(m.payload)["stream"] == "door" for m in detections)
+        last = json.loads(detections[-1].payload)
+        assert last["end"] > 8.0  # a keyword after the restart was found: the stream resumed
+        assert agent.transport is not None and agent.transport.stats.reconnects >= 1
+    finally:
+        sender.close()
+        watcher.close()
+        agent.stop()
+        broker.stop()
+    # Retained state was lost with the broker's memory and published again after reconnecting.
+    broker.start()
+    try:
+        late = Client(broker.port).connect().subscribe(f"{PREFIX}/info")
+        assert late.wait_for(f"{PREFIX}/info", timeout=5)[-1].retain
+        late.close()
+    finally:
+        broker.stop()
+
+
+def test_availability_and_info_are_restored_after_a_broker_restart(
+    broker, make_agent, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    agent = make_agent(agent_config(broker.port, tmp_path))
+    broker.restart(downtime=1.0)  # no persistence: every retained message is gone
+    assert agent.transport is not None
+    deadline = time.monotonic() + 15
+    while agent.transport.stats.reconnects < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    late = Client(broker.port).connect().subscribe(f"{PREFIX}/availability").subscribe(f"{PREFIX}/info")
+    try:
+        assert late.wait_for(f"{PREFIX}/availability")[-1].payload == b"online"
+        assert late.wait_for(f"{PREFIX}/info")[-1].retain
+        # Subscriptions were restored too: a whole-file request is answered.
+        late.subscribe("replies/x")
+        late.publish(f"{PREFIX}/detect/request", b"not a wav", qos=1, ResponseTopic="replies/x")
+        assert json.loads(late.wait_for("replies/x")[-1].payload)["ok"] is False
+    finally:
+        late.close()
+
+
+def test_streams_sending_too_fast_are_throttled(broker, make_agent, client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    agent = make_agent(agent_config(broker.port, tmp_path, audio={"mqtt": {"max_rate_factor": 2.0}}))
+    client.subscribe(f"{PREFIX}/error")
+    one_second = bytes(32000)
+    started = time.monotonic()
+    for _ in range(12):  # 12 s of audio at once: past the 5 s burst allowance
+        client.publish(f"{PREFIX}/audio/hasty", one_second, qos=1)
+    (report,) = client.wait_for(f"{PREFIX}/error")[:1]
+    assert agent.worker.drain(10)
+    window = time.monotonic() - started  # the agent received everything within this time
+    assert report.json()["code"] == "rate_limited"
+    accepted = 12 - agent.refused["rate_limited"]
+    assert accepted <= 5 + 2.0 * window + 1  # the burst, plus twice real time while receiving
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_signal_stops_cleanly_with_offline(signal_name: str, model_dir: Path, tmp_path: Path) -> None:
+    import signal
+
+    broker = Broker(tmp_path).start()
+    watcher = Client(broker.port).connect().subscribe("edge_agent/sig/availability")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edge_agent",
+            "run",
+            "--model-dir",
+            str(model_dir),
+            "--broker",
+            f"127.0.0.1:{broker.port}",
+            "--device-id",
+            "sig",
+        ],
+        env={**os.environ, "EDGE_AGENT_OUTBOX__PATH": str(tmp_path / "o.db")},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        watcher.wait_for("edge_agent/sig/availability", lambda m: m and m[-1].payload == b"online", 60)
+        process.send_signal(getattr(signal, signal_name))
+        _, errors = process.communicate(timeout=30)
+        assert process.returncode == 0
+        assert f"received {signal_name}, stopping" in errors
+        watcher.wait_for("edge_agent/sig/availability", lambda m: m[-1].payload == b"offline")
+    finally:
+        if process.poll() is None:
+            process.kill()
+        watcher.close()
+        broker.stop()
