@@ -25,11 +25,15 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from edge_agent.engine.decoder import CompiledKeyword
 from edge_agent.engine.model import (
     DEFAULT_GAP_TOLERANCE,
     DEFAULT_HOLD_SECONDS,
     DEFAULT_REFRACTORY_SECONDS,
     DEFAULT_THRESHOLD,
+    DecoderSettings,
+    KeywordSpec,
+    KwsModel,
 )
 from edge_agent.model_store import DEFAULT_MODEL_ID, DEFAULT_REVISION
 
@@ -117,6 +121,9 @@ class EngineConfig:
         "counts against the match.",
         minimum=0.0,
         maximum=0.99,
+    )
+    muted: bool = option(
+        False, doc="Start muted (no audio processed); the mute/unmute commands change and persist it."
     )
     queue_mb: float = option(
         64.0,
@@ -295,6 +302,46 @@ class OutboxConfig:
     )
 
 
+COMMAND_NAMES = ("ping", "get_config", "set_config", "mute", "unmute", "reload_model", "restart")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommandsConfig:
+    enabled: bool = option(
+        True, doc="Accept remote commands on {prefix}/{device}/cmd/{name}, all/ and group/ topics."
+    )
+    allowed: tuple[str, ...] = option(
+        COMMAND_NAMES, doc=f"Commands accepted ({', '.join(COMMAND_NAMES)}); others get an error answer."
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class HomeAssistantConfig:
+    enabled: bool = option(False, doc="Publish Home Assistant MQTT discovery (event, sensors, mute switch).")
+    discovery_prefix: str = option(
+        "homeassistant", doc="Home Assistant's discovery prefix.", pattern=_TOPIC_PATTERN
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class HermesConfig:
+    enabled: bool = option(False, doc="Speak Rhasspy's Hermes protocol: audioFrame in, hotword detected out.")
+    site_ids: tuple[str, ...] = option((), doc="Sites to listen to; empty: every site.")
+    wakeword_id: str = option(
+        "xiaoyun", doc="The {wakewordId} of hermes/hotword/{wakewordId}/detected.", pattern=_ID_PATTERN
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolConfig:
+    enabled: bool = option(
+        False, doc="Server mode: share streams with other agents of the same pool (docs/scale-out.md)."
+    )
+    name: str = option(
+        "default", doc="Pool name; agents with the same name share the work.", pattern=_ID_PATTERN
+    )
+
+
 @dataclass(frozen=True, kw_only=True)
 class HttpConfig:
     enabled: bool = option(False, doc="Serve the local HTTP API, /ui test page and /metrics.")
@@ -325,6 +372,14 @@ class AgentConfig:
     health: HealthConfig = option(factory=HealthConfig, doc="Telemetry.")
     outbox: OutboxConfig = option(factory=OutboxConfig, doc="Store-and-forward of detections.")
     http: HttpConfig = option(factory=HttpConfig, doc="Local HTTP API.")
+    commands: CommandsConfig = option(factory=CommandsConfig, doc="Remote commands over MQTT.")
+    homeassistant: HomeAssistantConfig = option(
+        factory=HomeAssistantConfig, doc="Home Assistant MQTT discovery."
+    )
+    hermes: HermesConfig = option(factory=HermesConfig, doc="Rhasspy Hermes compatibility.")
+    pool: PoolConfig = option(
+        factory=PoolConfig, doc="Scale-out: several agents sharing streams through the broker."
+    )
     logging: LoggingConfig = option(factory=LoggingConfig, doc="Logs.")
 
     @property
@@ -530,6 +585,16 @@ def _check_rules(config: AgentConfig) -> None:
     for group in config.device.groups:
         if not _ID_PATTERN.match(group):
             raise ConfigError("device.groups", f"{group!r} is not a valid group name ([A-Za-z0-9_-])")
+    for name in config.commands.allowed:
+        if name not in COMMAND_NAMES:
+            raise ConfigError(
+                "commands.allowed", f"unknown command {name!r}; commands are {', '.join(COMMAND_NAMES)}"
+            )
+    for site in config.hermes.site_ids:
+        if not _TOPIC_PATTERN.match(site) or "/" in site:
+            raise ConfigError("hermes.site_ids", f"{site!r} cannot be a Hermes site id")
+    if config.device.id in ("all", "group", "pool"):
+        raise ConfigError("device.id", f"{config.device.id!r} is reserved for fleet topics")
 
 
 def parse_config(data: Mapping[str, Any] | None, source: str = "config") -> AgentConfig:
@@ -593,10 +658,37 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def remote_overrides_path(path: str | Path) -> Path:
+    """Where changes made with the ``set_config`` command are kept, beside the config file.
+
+    The user's file is never rewritten (its comments survive); ``config.remote.yaml`` is layered
+    over it at start-up, and the environment over both.
+    """
+    path = Path(path)
+    return path.with_name(f"{path.stem}.remote.yaml")
+
+
+def save_remote_overrides(path: str | Path, update: Mapping[str, Any]) -> Path:
+    """Merge ``update`` into the overrides file, atomically; raises OSError when not writable."""
+    target = remote_overrides_path(path)
+    current = read_config_file(target) if target.exists() else {}
+    merged = _merge(current, update)
+    temporary = target.with_name(target.name + ".tmp")
+    temporary.write_text(
+        "# Written by edge-agent's set_config/mute commands; layered over the config file.\n"
+        + yaml.safe_dump(merged, allow_unicode=True, sort_keys=False),
+        encoding="utf-8",
+    )
+    os.replace(temporary, target)
+    return target
+
+
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> AgentConfig:
-    """Defaults <- file <- environment, validated."""
+    """Defaults <- file <- remote overrides (set_config) <- environment, validated."""
     env = os.environ if env is None else env
     data = read_config_file(path) if path is not None else {}
+    if path is not None and remote_overrides_path(path).exists():
+        data = _merge(data, read_config_file(remote_overrides_path(path)))
     data = _merge(data, _env_overrides(env))
     return parse_config(data, str(path) if path else "defaults")
 
@@ -620,6 +712,35 @@ def to_dict(config: Any, include_secrets: bool = False) -> Any:
     if isinstance(config, tuple):
         return [to_dict(item, include_secrets) for item in config]
     return config
+
+
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two ``to_dict`` trees (lists compare whole)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys: list[str] = []
+        for name in dict.fromkeys([*old, *new]):
+            keys += changed_keys(old.get(name), new.get(name), f"{prefix}{name}.")
+        return keys
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+# --- from configuration to engine objects ----------------------------------------------------
+
+
+def decoder_settings_from(config: AgentConfig) -> DecoderSettings:
+    return DecoderSettings(
+        refractory_seconds=config.engine.refractory,
+        gap_tolerance=config.engine.gap_tolerance,
+        hold_seconds=config.engine.hold,
+    )
+
+
+def compile_config_keywords(model: KwsModel, config: AgentConfig) -> list[CompiledKeyword]:
+    """The configured keywords spelled with ``model``; LexiconError names an unknown character."""
+    return [
+        model.compile(KeywordSpec(k.text, k.threshold, k.min_duration, k.max_duration), k.homophones)
+        for k in config.keywords
+    ]
 
 
 def read_password(config: MqttConfig) -> str | None:

@@ -23,6 +23,7 @@ echo "model: $MODEL_DIR"
 WORK="$(mktemp -d)"
 PORT="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 cleanup() {
+  [ -n "${SUB_PID:-}" ] && kill "$SUB_PID" 2>/dev/null || true
   [ -n "${AGENT_PID:-}" ] && kill -TERM "$AGENT_PID" 2>/dev/null && wait "$AGENT_PID" 2>/dev/null || true
   [ -n "${BROKER_PID:-}" ] && kill "$BROKER_PID" 2>/dev/null || true
   rm -rf "$WORK"
@@ -39,6 +40,7 @@ echo "broker: mosquitto on 127.0.0.1:$PORT"
 mosquitto_sub -h 127.0.0.1 -p "$PORT" -v -t 'edge_agent/quickstart/availability' -t 'edge_agent/quickstart/info' \
   -t 'edge_agent/quickstart/health' -t 'edge_agent/quickstart/detection' -t 'edge_agent/quickstart/error' \
   > "$WORK/broker-traffic.log" 2>&1 &
+SUB_PID=$!
 
 EDGE_AGENT_OUTBOX__PATH="$WORK/outbox.db" "$PYTHON" -m edge_agent run \
   --broker "127.0.0.1:$PORT" --device-id quickstart > "$WORK/agent.log" 2>&1 &

@@ -107,7 +107,8 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
 
 @pytest.fixture()
 def make_agent(numpy_model, tmp_path: Path) -> Iterator[Callable[..., Agent]]:  # type: ignore[no-untyped-def]
-    from edge_agent.cli.common import compile_keywords, decoder_settings
+    from edge_agent.cli.common import compile_keywords
+    from edge_agent.config import decoder_settings_from
 
     agents: list[Agent] = []
 
@@ -116,7 +117,7 @@ def make_agent(numpy_model, tmp_path: Path) -> Iterator[Callable[..., Agent]]:  
             config,
             numpy_model,
             compile_keywords(numpy_model, config),
-            decoder_settings(config),
+            decoder_settings_from(config),
             sources or [],
         )
         agents.append(agent)

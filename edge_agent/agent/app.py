@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -41,7 +42,13 @@ from edge_agent.agent.worker import (
 )
 from edge_agent.audio.pcm import AudioFormatError, PcmFormat
 from edge_agent.audio.sources import AudioChunk, AudioSource
-from edge_agent.config import AgentConfig
+from edge_agent.config import (
+    AgentConfig,
+    changed_keys,
+    compile_config_keywords,
+    decoder_settings_from,
+    to_dict,
+)
 from edge_agent.engine.decoder import CompiledKeyword, Detection
 from edge_agent.engine.model import DecoderSettings, KwsModel
 from edge_agent.mqtt.messages import (
@@ -66,6 +73,52 @@ log = logging.getLogger(__name__)
 ERROR_INTERVAL_SECONDS = 1.0
 # Audio a stream may send ahead of real time before the rate limit applies (seconds).
 RATE_BURST_SECONDS = 5.0
+
+
+# Keys whose change takes effect at once; any other change waits for a restart.
+_LIVE_PREFIXES = (
+    "keywords",
+    "engine.refractory",
+    "engine.gap_tolerance",
+    "engine.hold",
+    "engine.muted",
+    "health.",
+    "audio.mqtt.max_streams",
+    "audio.mqtt.idle_timeout",
+    "audio.mqtt.max_rate_factor",
+    "mqtt.max_payload_bytes",
+    "mqtt.detection_expiry",
+    "commands.",
+    "homeassistant.",
+)
+
+
+def _is_live(key: str) -> bool:
+    return key.startswith(_LIVE_PREFIXES)
+
+
+class Integration:
+    """Something that plugs into the agent's MQTT life: commands, Home Assistant, Hermes, pools.
+
+    Subclasses override what they need; every hook runs on the thread named in its docstring and
+    must not block (no inference, no waiting for a publish).
+    """
+
+    def attach(self, agent: Agent) -> None:
+        """Before the agent connects: keep the agent, subscribe (``agent.transport.subscribe``)."""
+        self.agent = agent
+
+    def on_connected(self) -> None:
+        """After every CONNACK (network thread): re-publish retained state."""
+
+    def on_detection(self, event: DetectionEvent, stream: StreamState) -> None:
+        """A detection (worker thread), after it is stored in the outbox."""
+
+    def config_changed(self, keys: list[str]) -> None:
+        """``set_config`` changed these dotted keys (command thread)."""
+
+    def stop(self) -> None:
+        """The agent stops; the transport is still connected."""
 
 
 def iso_utc(epoch: float) -> str:
@@ -114,6 +167,10 @@ class Agent:
         # Audio chunks refused before reaching the worker (queue full), per MQTT stream.
         self.dropped_by_stream: dict[str, int] = {}
         self.settings = settings
+        self.config_path: Path | None = None  # set by the runner: where set_config persists changes
+        self.integrations: list[Integration] = []
+        self.restart_requested = False
+        self.stop_event: threading.Event | None = None
         self._rates: dict[str, _RateState] = {}
         self._health_thread: threading.Thread | None = None
         self.listeners: list[Callable[[DetectionEvent], None]] = []
@@ -162,11 +219,15 @@ class Agent:
             self.model.backend,
             ", ".join(f"{k.text}@{k.threshold}" for k in self.worker.keywords),
         )
+        if self.config.engine.muted:
+            self.worker.muted = True
         self.worker.start()
         if self.transport is not None and self.publisher is not None:
             self.transport.on_connected(self._on_connected)
             self.transport.on_acknowledged(self.publisher.acknowledged)
             self._subscribe()
+            for integration in self.integrations:
+                integration.attach(self)
             self.publisher.start()
             self.transport.start()
         for source in self.sources:
@@ -184,6 +245,11 @@ class Agent:
         """Stop sources, finish streams, flush detections, say ``offline``, disconnect."""
         deadline = time.monotonic() + timeout
         self._stop.set()
+        for integration in self.integrations:
+            try:
+                integration.stop()
+            except Exception:
+                log.exception("%s failed to stop", type(integration).__name__)
         for source in self.sources:
             source.stop()
         self.worker.stop(timeout=max(1.0, deadline - time.monotonic()))
@@ -238,6 +304,11 @@ class Agent:
             self.topic(DeviceInfo.TOPIC), self.device_info().to_payload(), qos=1, retain=True
         )
         self.publish_health()
+        for integration in self.integrations:
+            try:
+                integration.on_connected()
+            except Exception:
+                log.exception("%s failed after connecting", type(integration).__name__)
         if self.publisher is not None:
             self.publisher.notify()
 
@@ -483,7 +554,13 @@ class Agent:
         stored = self.outbox.append(self.topic(DetectionEvent.TOPIC), body, self.boot_id)
         if self.publisher is not None:
             self.publisher.notify()
-        self._notify(_event_from_body(stored.body))
+        event = _event_from_body(stored.body)
+        self._notify(event)
+        for integration in self.integrations:
+            try:
+                integration.on_detection(event, stream)
+            except Exception:
+                log.exception("%s failed on a detection", type(integration).__name__)
 
     def _event(self, stream: StreamState, detection: Detection, wall_end: float, seq: int) -> DetectionEvent:
         return DetectionEvent(
@@ -613,8 +690,8 @@ class Agent:
         )
 
     def _health_loop(self) -> None:
-        interval = self.config.health.interval
-        while not self._stop.wait(interval):
+        # The interval is read every time: set_config may change it.
+        while not self._stop.wait(self.config.health.interval):
             try:
                 if self.outbox is not None:
                     self.outbox.expire()
@@ -625,6 +702,53 @@ class Agent:
     # --- run-time changes ------------------------------------------------------------------------
     def call_on_worker(self, action: Callable[[], None]) -> bool:
         return self.worker.submit(CallItem(action))
+
+    def apply_config(self, new: AgentConfig) -> list[str]:
+        """Switch to ``new`` (already validated); returns the changed keys that need a restart.
+
+        Keywords, thresholds, decoder policy, mute, health interval and input limits change at
+        once, on every stream; connection, model and device settings wait for a restart.
+        """
+        changed = changed_keys(to_dict(self.config, include_secrets=True), to_dict(new, include_secrets=True))
+        restart_required = [key for key in changed if not _is_live(key)]
+        if any(key == "keywords" or key.startswith(("keywords", "engine.")) for key in changed):
+            keywords = compile_config_keywords(self.model, new)  # raises before anything changes
+            self.settings = decoder_settings_from(new)
+            self.worker.set_keywords(keywords, self.settings)
+        if new.engine.muted != self.worker.muted:
+            self.worker.set_muted(new.engine.muted)
+        self.worker.max_streams = new.audio.mqtt.max_streams
+        self.worker.idle_timeout = new.audio.mqtt.idle_timeout
+        self.config = new
+        for integration in self.integrations:
+            integration.config_changed(changed)
+        self.worker.submit(CallItem(self.publish_state))
+        return restart_required
+
+    def reload_model(self) -> KwsModel:
+        """Read the model files again (e.g. after an update) and give every stream a new detector."""
+        model = KwsModel.load(
+            self.model.directory, backend=self.config.engine.backend, threads=self.config.engine.threads
+        )
+        keywords = compile_config_keywords(model, self.config)
+        self.worker.replace_model(model, keywords)
+        self.model = model
+        self.worker.submit(CallItem(self.publish_state))
+        return model
+
+    def publish_state(self) -> None:
+        """Re-publish the retained description and health (after a change)."""
+        if self.transport is not None and self.transport.connected:
+            self.transport.publish(
+                self.topic(DeviceInfo.TOPIC), self.device_info().to_payload(), qos=1, retain=True
+            )
+            self.publish_health()
+
+    def request_restart(self) -> None:
+        """Stop, and let the runner start the agent again (``edge-agent run`` re-executes itself)."""
+        self.restart_requested = True
+        if self.stop_event is not None:
+            self.stop_event.set()
 
 
 def _looks_like_json(payload: bytes) -> bool:

@@ -325,11 +325,29 @@ class EngineWorker:
         return done.wait(max(0.0, deadline - time.monotonic()))
 
     # --- configuration (applied on the worker thread) -------------------------------------
-    def set_keywords(self, keywords: Sequence[CompiledKeyword]) -> None:
+    def set_keywords(
+        self, keywords: Sequence[CompiledKeyword], settings: DecoderSettings | None = None
+    ) -> None:
+        """New keywords (and decoder settings) for every stream, from the next chunk on."""
+
         def apply() -> None:
             self._keywords = list(keywords)
+            if settings is not None:
+                self._settings = settings
             for stream in self.streams():
-                stream.detector.set_keywords(self._keywords)
+                stream.detector.set_keywords(self._keywords, settings)
+
+        self._queue.put(CallItem(apply))
+
+    def replace_model(self, model: KwsModel, keywords: Sequence[CompiledKeyword]) -> None:
+        """A reloaded model: every stream gets a fresh detector (their state cannot carry over)."""
+
+        def apply() -> None:
+            self._model = model
+            self._keywords = list(keywords)
+            for stream in self.streams():
+                stream.detector = model.detector(self._keywords, self._settings)
+                stream.restart(stream.converter.format if stream.converter else None)
 
         self._queue.put(CallItem(apply))
 

@@ -6,9 +6,10 @@ import argparse
 import sys
 from typing import Any, NoReturn
 
-from edge_agent.config import AgentConfig, ConfigError, KeywordConfig, load_config, merge_update
+from edge_agent.config import AgentConfig, ConfigError, compile_config_keywords, load_config, merge_update
+from edge_agent.engine.decoder import CompiledKeyword
 from edge_agent.engine.lexicon import LexiconError
-from edge_agent.engine.model import DecoderSettings, KeywordSpec, KwsModel, ModelError
+from edge_agent.engine.model import KwsModel, ModelError
 from edge_agent.model_store import ModelSource, resolve_model_dir
 
 EXIT_USAGE = 2
@@ -111,24 +112,8 @@ def open_model(config: AgentConfig) -> KwsModel:
         fail(str(error))
 
 
-def keyword_specs(config: AgentConfig) -> list[tuple[KeywordSpec, bool]]:
-    return [(_spec(k), k.homophones) for k in config.keywords]
-
-
-def _spec(keyword: KeywordConfig) -> KeywordSpec:
-    return KeywordSpec(keyword.text, keyword.threshold, keyword.min_duration, keyword.max_duration)
-
-
-def decoder_settings(config: AgentConfig) -> DecoderSettings:
-    return DecoderSettings(
-        refractory_seconds=config.engine.refractory,
-        gap_tolerance=config.engine.gap_tolerance,
-        hold_seconds=config.engine.hold,
-    )
-
-
-def compile_keywords(model: KwsModel, config: AgentConfig) -> list[Any]:
+def compile_keywords(model: KwsModel, config: AgentConfig) -> list[CompiledKeyword]:
     try:
-        return [model.compile(spec, homophones) for spec, homophones in keyword_specs(config)]
+        return compile_config_keywords(model, config)
     except (LexiconError, ValueError, ImportError) as error:
         fail(f"keywords: {error}")

@@ -19,11 +19,11 @@ from edge_agent.cli.common import (
     add_keyword_options,
     add_model_options,
     compile_keywords,
-    decoder_settings,
     fail,
     load_settings,
     open_model,
 )
+from edge_agent.config import decoder_settings_from
 from edge_agent.engine.decoder import CompiledKeyword, Detection
 from edge_agent.engine.features import SAMPLE_RATE_HZ
 from edge_agent.engine.lexicon import normalize_keyword
@@ -126,7 +126,7 @@ def run_detect(args: argparse.Namespace) -> int:
     config = load_settings(args)
     model = open_model(config)
     keywords = compile_keywords(model, config)
-    settings = decoder_settings(config)
+    settings = decoder_settings_from(config)
     chunk_samples = int(round(args.chunk_ms * SAMPLE_RATE_HZ / 1000)) if args.chunk_ms > 0 else 0
     failed = False
     for name in args.files:
@@ -220,7 +220,7 @@ def run_eval(args: argparse.Namespace) -> int:
     config = load_settings(args)
     model = open_model(config)
     keywords = compile_keywords(model, config)
-    settings = decoder_settings(config)
+    settings = decoder_settings_from(config)
 
     # Which keywords each file should hold: from --labels transcripts, or from the folders.
     expected: dict[Path, set[str] | None] = {}  # None: "a keyword" (positives folder, several keywords)

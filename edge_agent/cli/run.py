@@ -4,24 +4,27 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import sys
 import threading
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from edge_agent.cli.common import (
     add_model_options,
     compile_keywords,
-    decoder_settings,
     fail,
     load_settings,
     open_model,
 )
-from edge_agent.config import AgentConfig, ConfigError, FileSource, merge_update
+from edge_agent.config import AgentConfig, ConfigError, FileSource, decoder_settings_from, merge_update
 from edge_agent.logs import configure_logging
 from edge_agent.system import tune_allocator
 
 if TYPE_CHECKING:
+    from edge_agent.agent.app import Integration
     from edge_agent.audio.sources import AudioSource
 
 log = logging.getLogger("edge_agent")
@@ -102,11 +105,14 @@ def run_agent(args: argparse.Namespace) -> int:
     keywords = compile_keywords(model, config)
     try:
         sources = build_sources(config, args.file)
-        agent = Agent(config, model, keywords, decoder_settings(config), sources)
+        agent = Agent(config, model, keywords, decoder_settings_from(config), sources)
     except (ConfigError, OutboxError, ImportError, ValueError) as error:
         fail(str(error))
 
     stop = threading.Event()
+    agent.stop_event = stop
+    agent.config_path = Path(args.config).resolve() if args.config else None
+    agent.integrations.extend(build_integrations(config))
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("received %s, stopping", signal.Signals(signum).name)
@@ -132,4 +138,16 @@ def run_agent(args: argparse.Namespace) -> int:
         if http_server is not None:
             http_server.stop()  # before the agent closes its outbox
         agent.stop()
+    if agent.restart_requested:
+        log.info("restarting")
+        # The same command line, in a fresh process image: new config, new model, same PID.
+        os.execv(sys.executable, [sys.executable, "-m", "edge_agent", *sys.argv[1:]])
     return 0
+
+
+def build_integrations(config: AgentConfig) -> list[Integration]:
+    """What plugs into the agent's MQTT life, as the configuration asks."""
+    from edge_agent.fleet.commands import CommandProcessor
+
+    integrations: list[Integration] = [CommandProcessor()]
+    return integrations

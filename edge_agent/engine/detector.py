@@ -87,11 +87,14 @@ class KeywordDetector:
         self._decoder.reset()
         self._samples_seen = 0
 
-    def set_keywords(self, keywords: Sequence[CompiledKeyword]) -> None:
-        """Replace the keywords without losing the stream: times keep counting from its start.
-
-        A keyword being spoken at the moment of the swap may be missed; nothing else is.
+    def set_keywords(
+        self, keywords: Sequence[CompiledKeyword], settings: DecoderSettings | None = None
+    ) -> None:
+        """Replace the keywords (and decoder settings) without losing the stream: times keep
+        counting from its start. A keyword being spoken at the moment of the swap may be missed.
         """
+        if settings is not None:
+            self._settings = settings
         self._decoder = self._model.decoder(keywords, self._settings, first_frame=self._decoder.frames_seen)
 
 

@@ -21,8 +21,9 @@ from typing import Any
 
 from edge_agent import __version__
 from edge_agent.agent.app import Agent
+from edge_agent.config import decoder_settings_from
 from edge_agent.http.backend import DetectResult, KeywordRequest, MetricFamily, Sample
-from edge_agent.http.detection import DEFAULT_MAX_CONCURRENT, DetectionService, decoder_settings_of
+from edge_agent.http.detection import DEFAULT_MAX_CONCURRENT, DetectionService
 from edge_agent.mqtt.messages import DetectionEvent
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class AgentBackend:
         self.service = DetectionService(
             agent.model,
             keywords=lambda: agent.worker.keywords,
-            settings=lambda: decoder_settings_of(agent.config),
+            settings=lambda: decoder_settings_from(agent.config),
             max_concurrent=max_concurrent,
         )
         self._lock = threading.Lock()

@@ -19,7 +19,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from edge_agent.audio.wav import WavError, parse_wav, to_mono_16k
-from edge_agent.config import AgentConfig
 from edge_agent.engine.decoder import CompiledKeyword, Detection
 from edge_agent.engine.features import SAMPLE_RATE_HZ
 from edge_agent.engine.lexicon import LexiconError, normalize_keyword
@@ -45,15 +44,6 @@ DEFAULT_WAIT_SECONDS = 30.0
 MAX_AUDIO_SECONDS = 600.0
 # The name the WAV parser puts at the start of its messages (the multipart field's name).
 AUDIO_FIELD = "audio_file"
-
-
-def decoder_settings_of(config: AgentConfig) -> DecoderSettings:
-    """The decoder policy of a config, as ``edge-agent run`` and ``edge-agent detect`` build it."""
-    return DecoderSettings(
-        refractory_seconds=config.engine.refractory,
-        gap_tolerance=config.engine.gap_tolerance,
-        hold_seconds=config.engine.hold,
-    )
 
 
 class DetectionService:

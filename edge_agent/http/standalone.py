@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge_agent import __version__
-from edge_agent.config import AgentConfig
+from edge_agent.config import AgentConfig, decoder_settings_from
 from edge_agent.engine.decoder import CompiledKeyword
 from edge_agent.engine.lexicon import LexiconError
 from edge_agent.engine.model import DecoderSettings, KeywordSpec, KwsModel, ModelError
 from edge_agent.http.backend import DetectResult, KeywordRequest, MetricFamily, NotReady
-from edge_agent.http.detection import DEFAULT_MAX_CONCURRENT, DetectionService, decoder_settings_of
+from edge_agent.http.detection import DEFAULT_MAX_CONCURRENT, DetectionService
 from edge_agent.model_store import ModelSource, resolve_model_dir
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def config_loader(config: AgentConfig) -> Callable[[], LoadedEngine]:
             )
         except (LexiconError, ValueError, ImportError) as error:
             raise LoadError(f"keywords: {error}") from None
-        return LoadedEngine(model, keywords, decoder_settings_of(config))
+        return LoadedEngine(model, keywords, decoder_settings_from(config))
 
     return load
 

@@ -283,7 +283,42 @@ class DetectResponse(JsonMessage):
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class CommandResult(JsonMessage):
+    """The answer to a command: to the MQTT 5 response topic (with the correlation data) when the
+    command had one, else to ``{prefix}/{device}/cmd_result``. ``id`` echoes the command's
+    ``id`` field (Zigbee2MQTT's ``transaction``), so MQTT 3.1.1 callers can match answers.
+
+    ``mosquitto_sub -t 'edge_agent/+/cmd_result'`` collects the fleet's answers.
+    """
+
+    TOPIC: ClassVar[Topic] = Topic("{prefix}/{device}/cmd_result")
+
+    device: str
+    command: str
+    ok: bool
+    id: str | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    restart_required: list[str] = field(default_factory=list)
+
+
 # --- inbound ---------------------------------------------------------------------------------
+
+
+class CommandTopic:
+    """Commands: ``{prefix}/{device}/cmd/{command}`` for one device, ``{prefix}/all/cmd/{command}``
+    for the whole fleet, ``{prefix}/group/{group}/cmd/{command}`` for a group (``device.groups``).
+
+    The payload is a JSON object of arguments (empty for none), optionally with an ``id``.
+    Retained commands are ignored: a command must never run again when a device reconnects.
+
+    ``mosquitto_pub -t edge_agent/kitchen/cmd/set_config -m '{"keywords": ["小云小云", "如家酒店"]}'``
+    """
+
+    DEVICE = Topic("{prefix}/{device}/cmd/{command}")
+    ALL = Topic("{prefix}/all/cmd/{command}")
+    GROUP = Topic("{prefix}/group/{group}/cmd/{command}")
 
 
 class AudioTopic:

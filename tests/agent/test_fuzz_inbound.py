@@ -57,11 +57,12 @@ properties = st.dictionaries(
 @pytest.fixture(scope="module")
 def fuzz_agent(numpy_model, tmp_path_factory):  # type: ignore[no-untyped-def]
     from edge_agent.agent.app import Agent
-    from edge_agent.cli.common import compile_keywords, decoder_settings
+    from edge_agent.cli.common import compile_keywords
+    from edge_agent.config import decoder_settings_from
 
     folder: Path = tmp_path_factory.mktemp("fuzz")
     config = agent_config(free_port(), folder, mqtt={"max_payload_bytes": 3000})
-    agent = Agent(config, numpy_model, compile_keywords(numpy_model, config), decoder_settings(config))
+    agent = Agent(config, numpy_model, compile_keywords(numpy_model, config), decoder_settings_from(config))
     agent.worker.start()
     yield agent
     assert agent.worker.drain(120), f"worker still busy: {agent.worker.queue_depth} items queued"

@@ -12,9 +12,8 @@ import pytest
 from edge_agent.agent.app import Agent
 from edge_agent.audio.sources import create_source
 from edge_agent.cli.detect import detect_file
-from edge_agent.config import parse_config
+from edge_agent.config import decoder_settings_from, parse_config
 from edge_agent.http.agent_backend import AgentBackend
-from edge_agent.http.detection import decoder_settings_of
 from edge_agent.http.standalone import LoadedEngine
 from tests.broker import Broker
 from tests.conftest import require_module
@@ -72,7 +71,7 @@ def test_agent_backend_reports_the_live_agent(
         config,
         engine.model,
         engine.keywords,
-        decoder_settings_of(config),
+        decoder_settings_from(config),
         [create_source(entry) for entry in config.audio.sources],
     )
     backend = AgentBackend(agent)  # before start: every live detection is counted
@@ -117,7 +116,7 @@ def test_agent_backend_reports_the_live_agent(
         )
 
         # /detect with the agent's model and keywords gives what the CLI's code path gives.
-        reference = detect_file(engine.model, engine.keywords, positive, decoder_settings_of(config))
+        reference = detect_file(engine.model, engine.keywords, positive, decoder_settings_from(config))
         result = client.detect(positive.read_bytes()).json()
         assert result["detections"] == [d.to_dict() for d in reference.detections]
         after = metric_values(client)

@@ -1,0 +1,228 @@
+"""Remote commands against real agents and a real mosquitto."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+
+from edge_agent.config import load_config, merge_update, remote_overrides_path
+from edge_agent.fleet.commands import CommandProcessor
+from tests.agent.streaming import pcm16, stream_files
+from tests.broker import Client
+from tests.support import agent_config
+
+
+def commanded_agent(make_agent, port: int, tmp_path: Path, device: str = "dev1", groups=(), **sections):  # type: ignore[no-untyped-def]
+    config = agent_config(port, tmp_path, device=device, **sections)
+    if groups:
+        config = merge_update(config, {"device": {"groups": list(groups)}})
+    agent = make_agent(config, start=False)
+    agent.integrations.append(CommandProcessor())
+    agent.start()
+    assert agent.transport.wait_connected(10)
+    time.sleep(0.2)  # SUBACK of the command topics
+    return agent
+
+
+def command(client: Client, topic: str, arguments: dict | None = None, expect: int = 1, timeout: float = 15):  # type: ignore[no-untyped-def]
+    """Send with an MQTT 5 response topic and correlation data; return the answers."""
+    reply_topic = f"replies/{uuid.uuid4().hex}"
+    correlation = uuid.uuid4().bytes
+    client.subscribe(reply_topic)
+    payload = json.dumps(arguments or {}, ensure_ascii=False)
+    client.publish(topic, payload, qos=1, ResponseTopic=reply_topic, CorrelationData=correlation)
+    answers = client.wait_for(reply_topic, lambda m: len(m) >= expect, timeout)
+    assert all(a.properties.CorrelationData == correlation for a in answers)
+    return [a.json() for a in answers]
+
+
+def test_ping_one_device_and_the_whole_fleet(broker, make_agent, client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    agents = [commanded_agent(make_agent, broker.port, tmp_path, device=f"dev{i}") for i in range(3)]
+    (one,) = command(client, "edge_agent/dev1/cmd/ping")
+    assert one["ok"] and one["device"] == "dev1" and one["result"]["pong"] is True
+    assert one["result"]["boot_id"] == agents[1].boot_id
+    everyone = command(client, "edge_agent/all/cmd/ping", expect=3)
+    assert sorted(answer["device"] for answer in everyone) == ["dev0", "dev1", "dev2"]
+    assert all(answer["ok"] for answer in everyone)
+
+
+def test_group_commands_reach_only_the_group(broker, make_agent, client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    commanded_agent(make_agent, broker.port, tmp_path, device="kitchen1", groups=["kitchen"])
+    commanded_agent(make_agent, broker.port, tmp_path, device="hall1", groups=["hall"])
+    answers = command(client, "edge_agent/group/kitchen/cmd/ping")
+    time.sleep(1.0)
+    assert [a["device"] for a in answers] == ["kitchen1"]
+
+
+def test_get_config_masks_secrets(broker, make_agent, client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    commanded_agent(make_agent, broker.port, tmp_path, mqtt={"username": "u", "password": "hunter2"})
+    # The broker here allows anonymous clients; the agent sends its credentials anyway.
+    (answer,) = command(client, "edge_agent/dev1/cmd/get_config")
+    assert answer["ok"]
+    config = answer["result"]["config"]
+    assert config["mqtt"]["password"] == "***" and config["keywords"][0]["text"] == "小云小云"
+
+
+def test_set_config_keyword_takes_effect_on_the_next_audio(  # type: ignore[no-untyped-def]
+    broker, make_agent, client, tmp_path: Path, dev_audio: Path, transcripts
+) -> None:
+    agent = commanded_agent(make_agent, broker.port, tmp_path)
+    client.subscribe("edge_agent/dev1/detection")
+    hotel = next(dev_audio / name for name, text in transcripts.items() if "如家酒店" in text)
+    stream_files(client, {"before": pcm16(hotel)})
+    time.sleep(1.5)
+    assert client.on("edge_agent/dev1/detection") == []  # not a keyword yet
+
+    (answer,) = command(client, "edge_agent/dev1/cmd/set_config", {"keywords": ["小云小云", "如家酒店"]})
+    assert answer["ok"] and answer["result"]["keywords"] == ["小云小云", "如家酒店"]
+    assert answer["restart_required"] == []
+    assert answer["result"]["persisted"] is False  # no config file to persist next to
+    stream_files(client, {"after": pcm16(hotel)})
+    (event,) = client.wait_for("edge_agent/dev1/detection")
+    assert event.json()["keyword"] == "如家酒店" and event.json()["stream"] == "after"
+    assert [k.text for k in agent.config.keywords] == ["小云小云", "如家酒店"]
+
+
+@pytest.mark.parametrize(
+    "update, reason",
+    [
+        ({"keywords": ["小☃"]}, "character '☃'"),
+        ({"keywords": [{"text": "小云小云", "threshold": 7}]}, "keywords[0].threshold"),
+        ({"engine": {"hold": "soon"}}, "engine.hold"),
+        ({"no_such_section": {}}, "no_such_section: unknown key"),
+        ({}, "needs the keys to change"),
+    ],
+)
+def test_invalid_set_config_is_rejected_and_the_old_config_still_serves(  # type: ignore[no-untyped-def]
+    update, reason: str, broker, make_agent, client, tmp_path: Path, example_wav: Path
+) -> None:
+    agent = commanded_agent(make_agent, broker.port, tmp_path)
+    before = agent.config
+    (answer,) = command(client, "edge_agent/dev1/cmd/set_config", update)
+    assert answer["ok"] is False and reason in answer["error"]
+    assert agent.config == before
+    client.subscribe("edge_agent/dev1/detection")
+    stream_files(client, {"still": pcm16(example_wav)})
+    assert client.wait_for("edge_agent/dev1/detection")[0].json()["keyword"] == "小云小云"
+
+
+def test_restart_required_keys_are_reported(broker, make_agent, client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    commanded_agent(make_agent, broker.port, tmp_path)
+    (answer,) = command(
+        client, "edge_agent/dev1/cmd/set_config", {"mqtt": {"keepalive": 45}, "health": {"interval": 2}}
+    )
+    assert answer["ok"] and answer["restart_required"] == ["mqtt.keepalive"]
+
+
+def test_mute_and_unmute(broker, make_agent, client, tmp_path: Path, example_wav: Path) -> None:  # type: ignore[no-untyped-def]
+    agent = commanded_agent(make_agent, broker.port, tmp_path)
+    client.subscribe("edge_agent/dev1/detection")
+    (muted,) = command(client, "edge_agent/dev1/cmd/mute")
+    assert muted["ok"] and muted["result"]["muted"] is True
+    stream_files(client, {"quiet": pcm16(example_wav)})
+    assert agent.worker.drain(10)
+    time.sleep(0.5)
+    assert client.on("edge_agent/dev1/detection") == []
+    (unmuted,) = command(client, "edge_agent/dev1/cmd/unmute")
+    assert unmuted["ok"] and unmuted["result"]["muted"] is False
+    stream_files(client, {"loud": pcm16(example_wav)})
+    assert client.wait_for("edge_agent/dev1/detection")[0].json()["stream"] == "loud"
+    # Home Assistant's switch sends {"muted": false} to mute: the same command.
+    (again,) = command(client, "edge_agent/dev1/cmd/mute", {"muted": True})
+    assert again["result"]["muted"] is True and agent.config.engine.muted is True
+
+
+def test_reload_model(broker, make_agent, client, tmp_path: Path, example_wav: Path) -> None:  # type: ignore[no-untyped-def]
+    agent = commanded_agent(make_agent, broker.port, tmp_path)
+    old = agent.model
+    (answer,) = command(client, "edge_agent/dev1/cmd/reload_model")
+    assert answer["ok"] and agent.model is not old
+    client.subscribe("edge_agent/dev1/detection")
+    stream_files(client, {"after-reload": pcm16(example_wav)})
+    assert client.wait_for("edge_agent/dev1/detection")[0].json()["stream"] == "after-reload"
+
+
+def test_unknown_disabled_malformed_and_retained_commands(broker, make_agent, client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    agent = commanded_agent(make_agent, broker.port, tmp_path, commands={"allowed": ["ping"]})
+    (unknown,) = command(client, "edge_agent/dev1/cmd/selfdestruct")
+    assert unknown["ok"] is False and "unknown command 'selfdestruct'" in unknown["error"]
+    (disabled,) = command(client, "edge_agent/dev1/cmd/restart")
+    assert disabled["ok"] is False and "disabled" in disabled["error"]
+    reply = "replies/malformed"
+    client.subscribe(reply)
+    client.publish("edge_agent/dev1/cmd/ping", b"{not json", qos=1, ResponseTopic=reply)
+    assert "not JSON" in client.wait_for(reply)[0].json()["error"]
+    client.publish("edge_agent/dev1/cmd/ping", b"{}", qos=1, retain=True, ResponseTopic="replies/retained")
+    client.subscribe("replies/retained")
+    time.sleep(1.0)
+    assert client.on("replies/retained") == []  # a retained command is never executed
+    assert agent.transport is not None and agent.transport.connected
+
+
+def test_mqtt311_clients_get_answers_on_cmd_result_with_their_id(broker, make_agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    commanded_agent(make_agent, broker.port, tmp_path)
+    old = Client(broker.port, protocol=paho.MQTTv311).connect().subscribe("edge_agent/+/cmd_result")
+    try:
+        old.publish("edge_agent/dev1/cmd/ping", json.dumps({"id": "tx-7"}), qos=1)
+        (answer,) = old.wait_for("edge_agent/dev1/cmd_result")
+        assert answer.json()["id"] == "tx-7" and answer.json()["ok"] is True
+    finally:
+        old.close()
+
+
+def test_set_config_and_mute_persist_beside_the_config_file(
+    broker, make_agent, client, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text("# my comments stay\nkeywords: [小云小云]\n", encoding="utf-8")
+    agent = commanded_agent(make_agent, broker.port, tmp_path)
+    agent.config_path = config_file
+    (answer,) = command(client, "edge_agent/dev1/cmd/set_config", {"keywords": ["小云小云", "如家酒店"]})
+    assert answer["result"]["persisted"] is True
+    command(client, "edge_agent/dev1/cmd/mute")
+    assert config_file.read_text(encoding="utf-8").startswith("# my comments stay")
+    reloaded = load_config(config_file, env={})
+    assert [k.text for k in reloaded.keywords] == ["小云小云", "如家酒店"] and reloaded.engine.muted is True
+    assert remote_overrides_path(config_file).exists()
+
+
+def test_restart_command_restarts_the_process(broker, model_dir: Path, tmp_path: Path, client) -> None:  # type: ignore[no-untyped-def]
+    client.subscribe("edge_agent/phoenix/info")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edge_agent",
+            "run",
+            "--model-dir",
+            str(model_dir),
+            "--broker",
+            f"127.0.0.1:{broker.port}",
+            "--device-id",
+            "phoenix",
+        ],
+        env={**os.environ, "EDGE_AGENT_OUTBOX__PATH": str(tmp_path / "o.db")},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        first = client.wait_for("edge_agent/phoenix/info", timeout=60)[-1].json()["boot_id"]
+        time.sleep(0.5)
+        (answer,) = command(client, "edge_agent/phoenix/cmd/restart")
+        assert answer["ok"] and answer["result"]["restarting"] is True
+        infos = client.wait_for(
+            "edge_agent/phoenix/info", lambda m: any(x.json()["boot_id"] != first for x in m), timeout=60
+        )
+        assert infos[-1].json()["boot_id"] != first
+        assert process.poll() is None  # same process (re-executed), still running
+    finally:
+        process.terminate()
+        process.wait(30)
