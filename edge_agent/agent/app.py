@@ -117,6 +117,9 @@ class Integration:
     def config_changed(self, keys: list[str]) -> None:
         """``set_config`` changed these dotted keys (command thread)."""
 
+    def stream_closed(self, stream: str) -> None:
+        """A stream ended or went quiet and was freed (worker thread)."""
+
     def stop(self) -> None:
         """The agent stops; the transport is still connected."""
 
@@ -363,9 +366,11 @@ class Agent:
 
     def _on_audio(self, message: InboundMessage) -> None:
         parts = AudioTopic.TOPIC.match(message.topic, self.prefix)
-        if parts is None:
-            return
-        stream = parts["stream"]
+        if parts is not None:
+            self.handle_audio(message, parts["stream"])
+
+    def handle_audio(self, message: InboundMessage, stream: str) -> None:
+        """Validate one PCM chunk of ``stream`` and queue it (network thread; never blocks)."""
         if not self._check_size(message, stream):
             return
         payload = message.payload
@@ -597,6 +602,15 @@ class Agent:
             qos=max(1, self.config.mqtt.qos),
             expiry_seconds=expiry or None,
         )
+
+    def stream_closed(self, stream: str) -> None:
+        """The worker finished a stream (end of stream or idle timeout)."""
+        self._rates.pop(stream, None)
+        for integration in self.integrations:
+            try:
+                integration.stream_closed(stream)
+            except Exception:
+                log.exception("%s failed on a closed stream", type(integration).__name__)
 
     def refuse(self, code: str, message: str, topic: str | None = None, stream: str | None = None) -> None:
         """Log, count and (rate-limited) publish an input the agent refused."""

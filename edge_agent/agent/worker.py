@@ -109,6 +109,8 @@ class WorkerEvents(Protocol):
         self, code: str, message: str, topic: str | None = None, stream: str | None = None
     ) -> None: ...
 
+    def stream_closed(self, stream: str) -> None: ...
+
 
 # --- per-stream state ------------------------------------------------------------------------
 
@@ -558,6 +560,7 @@ class EngineWorker:
             self._recently_closed[stream.id] = stream.counters.last_audio or time.time()
         self.stats.streams_closed += 1
         log.info("stream %s closed after %.1f s of audio", stream.id, stream.counters.audio_seconds)
+        self._events.stream_closed(stream.id)
 
     def _close_idle_streams(self) -> None:
         now = time.monotonic()

@@ -49,6 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="also play a WAV file or folder as a stream",
     )
     parser.add_argument("--no-mqtt", action="store_true", help="no broker: log detections only")
+    parser.add_argument("--pool", metavar="NAME", help="server mode: share streams with a pool of agents")
     parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="log level")
     parser.set_defaults(handler=run_agent)
@@ -68,6 +69,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         update["device"] = {"id": args.device_id}
     if args.no_mqtt:
         update.setdefault("mqtt", {})["enabled"] = False
+    if args.pool:
+        update["pool"] = {"enabled": True, "name": args.pool}
     if args.log_level or args.log_json:
         update["logging"] = {}
         if args.log_level:
@@ -150,4 +153,8 @@ def build_integrations(config: AgentConfig) -> list[Integration]:
     from edge_agent.fleet.commands import CommandProcessor
 
     integrations: list[Integration] = [CommandProcessor()]
+    if config.pool.enabled:
+        from edge_agent.fleet.pool import PoolWorker
+
+        integrations.append(PoolWorker(config.pool.name))
     return integrations

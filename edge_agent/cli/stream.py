@@ -12,6 +12,7 @@ import json
 import sys
 import threading
 import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     parser.add_argument("files", nargs="+", metavar="WAV")
     parser.add_argument("--broker", default="localhost:1883", metavar="HOST[:PORT]")
-    parser.add_argument("--device", required=True, metavar="ID", help="device id of the agent")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--device", metavar="ID", help="device id of the agent")
+    target.add_argument("--pool", metavar="NAME", help="a pool of agents in server mode (docs/scale-out.md)")
     parser.add_argument("--stream", default="cli", metavar="ID", help="stream id (default: cli)")
     parser.add_argument("--prefix", default="edge_agent", help="topic prefix (default: edge_agent)")
     parser.add_argument("--chunk-ms", type=int, default=100, metavar="MS")
@@ -57,19 +60,28 @@ def run_stream(args: argparse.Namespace) -> int:
         pcm.append(np.clip(np.round(samples), -32768, 32767).astype("<i2").tobytes())
     audio = b"".join(pcm)
 
-    topic_parts = {"prefix": args.prefix, "device": args.device}
+    # With a pool, any of its agents may serve the stream: listen to every device's detections.
+    topic_parts = {"prefix": args.prefix, "device": args.device or "+"}
     connected = threading.Event()
     seen: list[dict[str, Any]] = []
     availability: list[bytes] = []
+    claim: list[dict[str, Any]] = []
+    reply_topic = f"{args.prefix}/stream-cli/{uuid.uuid4().hex}/reply"
 
     def on_connect(client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        client.subscribe(DetectionEvent.TOPIC.format(**topic_parts), qos=1)
-        client.subscribe(Availability.TOPIC.format(**topic_parts), qos=1)
+        client.subscribe(DetectionEvent.TOPIC.filter(**topic_parts), qos=1)
+        if args.device:
+            client.subscribe(Availability.TOPIC.format(**topic_parts), qos=1)
+        else:
+            client.subscribe(reply_topic, qos=1)
         connected.set()
 
     def on_message(client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         if message.topic.endswith("/availability"):
             availability.append(bytes(message.payload))
+            return
+        if message.topic == reply_topic:
+            claim.append(json.loads(message.payload))
             return
         event = json.loads(message.payload)
         if event.get("stream") == args.stream:
@@ -90,9 +102,12 @@ def run_stream(args: argparse.Namespace) -> int:
         time.sleep(0.3)  # retained availability arrives
         if availability and availability[-1] != Availability.ONLINE:
             print(f"warning: agent {args.device} says {availability[-1].decode()}", file=sys.stderr)
-        audio_topic = AudioTopic.TOPIC.format(stream=args.stream, **topic_parts)
-        control_topic = AudioControl.TOPIC.format(stream=args.stream, **topic_parts)
-        client.publish(control_topic, AudioControl(action="start").to_payload(), qos=1)
+        if args.pool:
+            audio_topic, control_topic = _claim_in_pool(client, args, reply_topic, claim)
+        else:
+            audio_topic = AudioTopic.TOPIC.format(stream=args.stream, **topic_parts)
+            control_topic = AudioControl.TOPIC.format(stream=args.stream, **topic_parts)
+            client.publish(control_topic, AudioControl(action="start").to_payload(), qos=1)
         chunk_bytes = 16000 * 2 * args.chunk_ms // 1000
         started = time.monotonic()
         for index, offset in enumerate(range(0, len(audio), chunk_bytes)):
@@ -114,3 +129,28 @@ def run_stream(args: argparse.Namespace) -> int:
         close_sockets(client)
     print(f"{len(seen)} detection(s) on stream {args.stream}", file=sys.stderr)
     return 0
+
+
+def _claim_in_pool(
+    client: Any, args: argparse.Namespace, reply_topic: str, claim: list[dict[str, Any]]
+) -> tuple[str, str]:
+    """Ask the pool for a worker; stream only once one has subscribed (it answers then)."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from edge_agent.fleet.pool import PoolTopics
+
+    parts = {"prefix": args.prefix, "pool": args.pool, "stream": args.stream}
+    properties = Properties(PacketTypes.PUBLISH)
+    properties.ResponseTopic = reply_topic
+    properties.CorrelationData = args.stream.encode()
+    start = AudioControl(action="start").to_payload()
+    client.publish(PoolTopics.START.format(**parts), start, qos=1, properties=properties)
+    deadline = time.monotonic() + 10
+    while not claim and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if not claim or not claim[-1].get("ok"):
+        reason = claim[-1].get("error") if claim else "no worker of the pool answered within 10 s"
+        fail(f"pool {args.pool}: {reason}")
+    print(f"pool {args.pool}: stream {args.stream} served by {claim[-1]['worker']}", file=sys.stderr)
+    return PoolTopics.AUDIO.format(**parts), PoolTopics.CONTROL.format(**parts)

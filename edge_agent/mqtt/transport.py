@@ -349,7 +349,9 @@ class MqttTransport:
             if handlers is None:
                 # Audio streams reuse a few topics thousands of times: match each topic once.
                 handlers = [
-                    h for f, (_, h) in self._subscriptions.items() if paho.topic_matches_sub(f, message.topic)
+                    h
+                    for f, (_, h) in self._subscriptions.items()
+                    if paho.topic_matches_sub(_delivered_filter(f), message.topic)
                 ]
                 if len(self._handler_cache) > 10_000:
                     self._handler_cache.clear()
@@ -360,6 +362,13 @@ class MqttTransport:
             except Exception:
                 self.stats.handler_errors += 1
                 log.exception("handler for %s failed", message.topic)
+
+
+def _delivered_filter(topic_filter: str) -> str:
+    """The filter messages arrive under: ``$share/{group}/a/b`` delivers topics matching ``a/b``."""
+    if topic_filter.startswith("$share/"):
+        return topic_filter.split("/", 2)[2]
+    return topic_filter
 
 
 def close_sockets(client: paho.Client) -> None:
