@@ -141,21 +141,22 @@ class _KeywordSearch:
 
     # --- the recurrence ------------------------------------------------------------------
     def _terms(self, gathered: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per-character log posteriors L (t, n), gap log penalties g (t, n-1), dips (t, n-1)."""
-        blank = gathered[:, 0]
+        """Per-character log posteriors L (s, t, n), gap log penalties g (s, t, n-1) and blank
+        dips (s, t, n-1) of gathered posteriors (s streams, t frames, columns)."""
+        blank = gathered[..., 0]
         if self.single_columns is not None:
-            q = gathered[:, self.single_columns]
+            q = gathered[..., self.single_columns]
         else:
-            q = np.stack([gathered[:, cols].sum(axis=1) for cols in self.group_columns], axis=1)
+            q = np.stack([gathered[..., cols].sum(axis=-1) for cols in self.group_columns], axis=-1)
         log_q = np.log(np.maximum(q, _POSTERIOR_FLOOR)) / self.n
         # A character below the floor was not said: it cannot be part of a match.
         log_q[q < self.char_floor] = _NEG_INF
         if self.n == 1:
-            empty = np.zeros((q.shape[0], 0))
+            empty = np.zeros((*q.shape[:-1], 0))
             return log_q, empty, empty.astype(bool)
-        consistent = blank[:, None] + q[:, :-1] + np.where(self.repeated, 0.0, q[:, 1:])
-        gap = np.log(np.clip(consistent * self.gap_scale, _POSTERIOR_FLOOR, 1.0))
-        dips = blank[:, None] > q[:, :-1]
+        consistent = blank[..., None] + q[..., :-1] + np.where(self.repeated, 0.0, q[..., 1:])
+        gap = np.log(np.minimum(np.maximum(consistent * self.gap_scale, _POSTERIOR_FLOOR), 1.0))
+        dips = blank[..., None] > q[..., :-1]
         return log_q, gap, dips
 
     def _run(
@@ -168,38 +169,62 @@ class _KeywordSearch:
         backtrace: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[np.ndarray, ...]], np.ndarray]:
         """Scores of the best match ending at each frame, new carries, optional backpointers,
-        and the best partial match at each frame (any number of characters but all).
+        and the best partial match at each frame (any number of characters but all), for s
+        streams at once: arrays are (s, t, ...), carries (s, n).
 
         A_i(t) = max(V_i(t), A_i(t-1) + g_i(t)) and V_{i+1}(t) = L_{i+1}(t) + A_i(t-1), i.e.
         A_i(t) = G_i(t) + running max of (V_i - G_i) with G_i the cumulative gap penalty.
         """
-        value = log_q[:, 0]  # V_1
-        new_carry = np.full(self.n, _NEG_INF)
-        new_carry_pre = np.full(self.n, _NEG_INF)
+        streams = log_q.shape[0]
+        value = log_q[..., 0]  # V_1
+        new_carry = np.full((streams, self.n), _NEG_INF)
+        new_carry_pre = np.full((streams, self.n), _NEG_INF)
         pointers: list[tuple[np.ndarray, ...]] = []
         prefix = np.full_like(value, _NEG_INF)
         for i in range(self.n - 1):
-            cumulative = np.cumsum(gap[:, i])
+            cumulative = np.cumsum(gap[..., i], axis=1)
             if not self.repeated[i]:
-                best, arg = _running_max(value - cumulative, carry[i], backtrace)
+                best, arg = _running_max(value - cumulative, carry[:, i], backtrace)
                 a_i = best + cumulative
                 if backtrace:
                     pointers.append((arg,))
             else:
-                best_pre, arg_pre = _running_max(value - cumulative, carry_pre[i], backtrace)
+                best_pre, arg_pre = _running_max(value - cumulative, carry_pre[:, i], backtrace)
                 a_pre = best_pre + cumulative
-                previous_pre = np.concatenate(([carry_pre[i]], a_pre[:-1]))
-                entry = np.where(dips[:, i], previous_pre + gap[:, i] - cumulative, _NEG_INF)
-                best, arg = _running_max(entry, carry[i], backtrace)
+                previous_pre = np.concatenate((carry_pre[:, i, None], a_pre[:, :-1]), axis=1)
+                entry = np.where(dips[..., i], previous_pre + gap[..., i] - cumulative, _NEG_INF)
+                best, arg = _running_max(entry, carry[:, i], backtrace)
                 a_i = best + cumulative
-                new_carry_pre[i] = a_pre[-1]
+                new_carry_pre[:, i] = a_pre[:, -1]
                 if backtrace:
                     pointers.append((arg, arg_pre))
-            new_carry[i] = a_i[-1]
+            new_carry[:, i] = a_i[:, -1]
             np.maximum(prefix, a_i, out=prefix)
-            previous = np.concatenate(([carry[i]], a_i[:-1]))
-            value = log_q[:, i + 1] + previous
+            previous = np.concatenate((carry[:, i, None], a_i[:, :-1]), axis=1)
+            value = log_q[..., i + 1] + previous
         return value, new_carry, new_carry_pre, pointers, prefix
+
+    @property
+    def live(self) -> bool:
+        """A partial match or a pending detection exists: the next span cannot be skipped."""
+        return self.pending is not None or bool(
+            np.isfinite(self.carry).any() or np.isfinite(self.carry_pre).any()
+        )
+
+    def first_character_peak(self, gathered: np.ndarray) -> np.ndarray:
+        """Largest posterior of the first character per stream (gathered: (s, t, columns))."""
+        first = gathered[..., self.group_columns[0]]
+        return first.sum(axis=-1).max(axis=-1) if first.shape[-1] > 1 else first[..., 0].max(axis=-1)
+
+    def keep_carries(self, carry: np.ndarray, carry_pre: np.ndarray) -> None:
+        """End of a span with nothing to report: keep the partial matches that can still win.
+
+        A partial match below the threshold can only lose score from here (each further
+        character adds log q <= 0): it is dropped, so that quiet audio returns to the idle path.
+        """
+        carry[carry < self.log_threshold] = _NEG_INF
+        carry_pre[carry_pre < self.log_threshold] = _NEG_INF
+        self.carry, self.carry_pre = carry, carry_pre
 
     # --- streaming -----------------------------------------------------------------------
     def process(self, history: np.ndarray, history_first: int, first_frame: int) -> list[Detection]:
@@ -224,18 +249,18 @@ class _KeywordSearch:
     def _idle(self, gathered: np.ndarray) -> bool:
         """Nothing can match in this span: no live partial match and no first character loud
         enough to start one. Most audio is like that; it skips the recurrence entirely."""
-        if self.pending is not None or np.isfinite(self.carry).any() or np.isfinite(self.carry_pre).any():
-            return False
-        first = gathered[:, self.group_columns[0]]
-        return float(first.sum(axis=1).max() if first.shape[1] > 1 else first.max()) < self.char_floor
+        return not self.live and float(self.first_character_peak(gathered[None])[0]) < self.char_floor
 
     def _process_span(
         self, gathered: np.ndarray, history: np.ndarray, history_first: int, first_frame: int
     ) -> tuple[Detection, int] | None:
         if self._idle(gathered):
             return None
-        log_q, gap, dips = self._terms(gathered)
-        scores, carry, carry_pre, _, prefix = self._run(log_q, gap, dips, self.carry, self.carry_pre)
+        log_q, gap, dips = self._terms(gathered[None])
+        scores, carry, carry_pre, _, prefix = self._run(
+            log_q, gap, dips, self.carry[None], self.carry_pre[None]
+        )
+        scores, carry, carry_pre, prefix = scores[0], carry[0], carry_pre[0], prefix[0]
         candidates = np.flatnonzero(scores >= self.log_threshold)
         count = gathered.shape[0]
         i = 0
@@ -266,11 +291,7 @@ class _KeywordSearch:
             if settled or frame - self.pending.frame >= self.hold_frames:
                 return self._fire(self.pending.frame + 1)
             i += 1
-        # A partial match below the threshold can only lose score from here (each further
-        # character adds log q <= 0): drop it, so that quiet audio goes back to the idle path.
-        carry[carry < self.log_threshold] = _NEG_INF
-        carry_pre[carry_pre < self.log_threshold] = _NEG_INF
-        self.carry, self.carry_pre = carry, carry_pre
+        self.keep_carries(carry, carry_pre)
         return None
 
     def _fire(self, resume_frame: int) -> tuple[Detection, int]:
@@ -295,12 +316,13 @@ class _KeywordSearch:
         """Best match ending at ``frame`` within the duration window, or None."""
         window_start = max(frame + 1 - self.window_frames, self.search_from, history_first)
         rows = history[window_start - history_first : frame - history_first + 1]
-        log_q, gap, dips = self._terms(rows)
-        no_carry = np.full(self.n, _NEG_INF)
+        log_q, gap, dips = self._terms(rows[None])
+        no_carry = np.full((1, self.n), _NEG_INF)
         scores, _, _, pointers, _ = self._run(log_q, gap, dips, no_carry, no_carry, backtrace=True)
+        scores, log_q = scores[0], log_q[0]
         if scores[-1] < self.log_threshold:
             return None
-        peaks = self._backtrace(pointers, rows.shape[0] - 1)
+        peaks = self._backtrace([tuple(a[0] for a in entry) for entry in pointers], rows.shape[0] - 1)
         absolute = tuple(window_start + p for p in peaks)
         posteriors = tuple(float(math.exp(log_q[p, i] * self.n)) for i, p in enumerate(peaks))
         candidate = _Candidate(frame, float(math.exp(scores[-1])), absolute, posteriors)
@@ -351,18 +373,16 @@ class _KeywordSearch:
         )
 
 
-def _running_max(values: np.ndarray, initial: float, with_arg: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Running maximum of ``values`` seeded with ``initial``; with the latest arg-max if asked.
-
-    The seed stands for frames before this block; its arg-max is -1.
-    """
-    seeded = np.concatenate(([initial], values))
-    best = np.maximum.accumulate(seeded)
+def _running_max(values: np.ndarray, initial: np.ndarray, with_arg: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Running maximum along axis 1 of (s, t) ``values``, seeded per stream with ``initial``;
+    with the latest arg-max if asked. The seed stands for frames before this block (arg -1)."""
+    seeded = np.concatenate((initial[:, None], values), axis=1)
+    best = np.maximum.accumulate(seeded, axis=1)
     if not with_arg:
-        return best[1:], best[1:]
-    positions = np.where(seeded >= best, np.arange(-1, values.shape[0]), -2)
-    arg = np.maximum.accumulate(positions)
-    return best[1:], arg[1:]
+        return best[:, 1:], best[:, 1:]
+    positions = np.where(seeded >= best, np.arange(-1, values.shape[1]), -2)
+    arg = np.maximum.accumulate(positions, axis=1)
+    return best[:, 1:], arg[:, 1:]
 
 
 class KeywordDecoder:
@@ -426,18 +446,10 @@ class KeywordDecoder:
         """Decode (n, outputs) posteriors, or (n, len(columns)) if already gathered."""
         if posteriors.shape[0] == 0:
             return []
-        if posteriors.shape[1] == self.columns.shape[0]:
-            gathered = posteriors.astype(np.float64, copy=False)
-        else:
-            gathered = posteriors[:, self.columns].astype(np.float64)
-        first_frame = self._frames_seen
-        self._frames_seen += gathered.shape[0]
-        history = np.concatenate([self._history, gathered])
-        history_first = self._frames_seen - history.shape[0]
+        _, history, history_first, first_frame = self._begin(posteriors)
         detections: list[Detection] = []
         for search in self._searches:
             detections.extend(search.process(history, history_first, first_frame))
-        self._history = history[-self._history_frames :]
         detections.sort(key=lambda d: (d.end, d.keyword))
         return detections
 
@@ -447,3 +459,100 @@ class KeywordDecoder:
         detections.sort(key=lambda d: (d.end, d.keyword))
         self.reset()
         return detections
+
+    def rows_without_need(self, bounds: np.ndarray) -> int:
+        """How many leading rows need no exact posteriors, given upper bounds of them.
+
+        None while a partial match or a detection is pending; otherwise the rows before the
+        first one where some keyword's first character could reach its floor: no match can
+        start there, so their values only ever stand before a match's first character.
+        """
+        if any(search.live for search in self._searches):
+            return 0
+        needed = bounds.shape[0]
+        for search in self._searches:
+            first = bounds[:, search.group_columns[0]]
+            loud = np.flatnonzero(
+                (first.sum(axis=1) if first.shape[1] > 1 else first[:, 0]) >= search.char_floor
+            )
+            if loud.size:
+                needed = min(needed, int(loud[0]))
+        return needed
+
+    def _begin(self, posteriors: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """Account for new frames: (gathered, history, history_first, first_frame)."""
+        if posteriors.shape[1] == self.columns.shape[0]:
+            gathered = posteriors.astype(np.float64, copy=False)
+        else:
+            gathered = posteriors[:, self.columns].astype(np.float64)
+        first_frame = self._frames_seen
+        self._frames_seen += gathered.shape[0]
+        history = np.concatenate([self._history, gathered])
+        self._history = history[-self._history_frames :]
+        return gathered, history, self._frames_seen - history.shape[0], first_frame
+
+    def _signature(self) -> tuple[object, ...]:
+        """Decoders with equal signatures can share one vectorised recurrence."""
+        return tuple(
+            (s.keyword, s.gap_scale, s.window_frames, s.refractory_frames, s.hold_frames, tuple(self.columns))
+            for s in self._searches
+        )
+
+
+def process_many(
+    decoders: Sequence[KeywordDecoder], posteriors: Sequence[np.ndarray]
+) -> list[list[Detection]]:
+    """:meth:`KeywordDecoder.process` for many streams, with the same results.
+
+    The recurrence of every keyword runs once for all streams (a leading stream axis; streams
+    with fewer frames are padded with frames that can neither start, continue nor penalise a
+    match). Streams with nothing going on (the common case) cost a few array operations in
+    total; a stream with a candidate or a pending detection takes the one-stream path for this
+    span, which does the exact re-scoring and timing.
+    """
+    results: list[list[Detection]] = [[] for _ in decoders]
+    groups: dict[tuple[object, ...], list[int]] = {}
+    spans: list[tuple[np.ndarray, np.ndarray, int, int] | None] = []
+    for index, (decoder, frames) in enumerate(zip(decoders, posteriors, strict=True)):
+        if frames.shape[0] == 0:
+            spans.append(None)
+            continue
+        spans.append(decoder._begin(frames))
+        groups.setdefault(decoder._signature(), []).append(index)
+    for members in groups.values():
+        lengths = np.array([spans[i][0].shape[0] for i in members])  # type: ignore[index]
+        longest = int(lengths.max())
+        columns = decoders[members[0]].columns.shape[0]
+        stacked = np.zeros((len(members), longest, columns))
+        stacked[..., 0] = 1.0  # padding frames are pure blank
+        for row, i in enumerate(members):
+            gathered = spans[i][0]  # type: ignore[index]
+            stacked[row, : gathered.shape[0]] = gathered
+        padding = np.arange(longest)[None, :] >= lengths[:, None]
+        for slot in range(len(decoders[members[0]]._searches)):
+            searches = [decoders[i]._searches[slot] for i in members]
+            template = searches[0]
+            live = np.array([s.live for s in searches])
+            busy = live | (template.first_character_peak(stacked) >= template.char_floor)
+            rows = np.flatnonzero(busy)
+            if rows.size == 0:
+                continue
+            log_q, gap, dips = template._terms(stacked[rows])
+            log_q[padding[rows]] = _NEG_INF
+            gap[padding[rows]] = 0.0
+            dips[padding[rows]] = False
+            carry = np.stack([searches[r].carry for r in rows])
+            carry_pre = np.stack([searches[r].carry_pre for r in rows])
+            scores, new_carry, new_carry_pre, _, _ = template._run(log_q, gap, dips, carry, carry_pre)
+            candidates = (scores >= template.log_threshold).any(axis=1)
+            for position, row in enumerate(rows):
+                search = searches[row]
+                i = members[row]
+                if search.pending is None and not candidates[position]:
+                    search.keep_carries(new_carry[position], new_carry_pre[position])
+                    continue
+                _, history, history_first, first_frame = spans[i]  # type: ignore[misc]
+                results[i].extend(search.process(history, history_first, first_frame))
+    for found in results:
+        found.sort(key=lambda d: (d.end, d.keyword))
+    return results

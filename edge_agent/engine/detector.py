@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edge_agent.engine.decoder import CompiledKeyword, Detection
+from edge_agent.engine.decoder import CompiledKeyword, Detection, process_many
 from edge_agent.engine.features import SAMPLE_RATE_HZ, FeatureStream, accept_many
 
 if TYPE_CHECKING:
@@ -63,12 +63,8 @@ class KeywordDetector:
     def _feed_block(self, samples: np.ndarray) -> list[Detection]:
         if samples.size == 0:
             return []
-        self._samples_seen += samples.shape[0]
-        features = self._features.accept(samples)
-        if features.shape[0] == 0:
-            return []
-        posteriors = self._model.network.forward(self._network_state, features, columns=self._decoder.columns)
-        return self._decoder.process(posteriors)
+        # One stream is a batch of one: the same path, and the same savings, as many streams.
+        return feed_many([self], [samples])[0]
 
     def finish(self) -> list[Detection]:
         """End of stream: score the last frames, return what they hold, and start afresh."""
@@ -120,9 +116,16 @@ def feed_many(detectors: Sequence[KeywordDetector], chunks: Sequence[np.ndarray]
             detectors[i]._samples_seen += int(np.asarray(chunks[i]).shape[0])
         features = accept_many([d._features for d in batch], [np.asarray(chunks[i]) for i in members])
         network = batch[0]._model.network
+        decoders = [d._decoder for d in batch]
         posteriors = network.forward_many(
-            [d._network_state for d in batch], features, columns=batch[0]._decoder.columns
+            [d._network_state for d in batch],
+            features,
+            columns=batch[0]._decoder.columns,
+            skip=lambda bounds, decoders=decoders: [
+                decoder.rows_without_need(b) for decoder, b in zip(decoders, bounds, strict=True)
+            ],
         )
-        for i, detector, frames in zip(members, batch, posteriors, strict=True):
-            results[i] = detector._decoder.process(frames) if frames.shape[0] else []
+        found = process_many([d._decoder for d in batch], posteriors)
+        for i, detections in zip(members, found, strict=True):
+            results[i] = detections
     return results

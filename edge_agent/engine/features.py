@@ -101,26 +101,37 @@ class KaldiFbank:
     def windows(self, samples: np.ndarray) -> np.ndarray:
         """Every complete frame, DC-removed, pre-emphasised and windowed: (count, 400) float64."""
         n = samples.shape[0]
-        if n < FRAME_LENGTH_SAMPLES:
+        count = 1 + (n - FRAME_LENGTH_SAMPLES) // FRAME_SHIFT_SAMPLES if n >= FRAME_LENGTH_SAMPLES else 0
+        return self.windows_at(np.asarray(samples, dtype=np.float64), np.arange(count) * FRAME_SHIFT_SAMPLES)
+
+    def windows_at(self, signal: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """The windows starting at ``starts`` of a float64 ``signal`` (each one whole inside it).
+
+        ``signal`` may hold several streams back to back: a window never crosses a stream's end,
+        so one call serves every stream of a batch.
+        """
+        count = starts.shape[0]
+        if count == 0:
             return np.zeros((0, FRAME_LENGTH_SAMPLES), dtype=np.float64)
-        count = 1 + (n - FRAME_LENGTH_SAMPLES) // FRAME_SHIFT_SAMPLES
-        x = np.asarray(samples, dtype=np.float64)
-        starts = np.arange(count) * FRAME_SHIFT_SAMPLES
         # Per frame, Kaldi removes the mean m, then pre-emphasises: e[0] = (x[0] - m) * (1 - k),
         # e[i] = (x[i] - m) - k * (x[i-1] - m) = (x[i] - k * x[i-1]) - m * (1 - k).
         # Pre-emphasising the whole signal once and subtracting m * (1 - k) per frame is the
         # same arithmetic in far fewer passes over the data.
-        cumulative = np.concatenate(([0.0], np.cumsum(x)))
+        cumulative = np.concatenate(([0.0], np.cumsum(signal)))
         means = (cumulative[starts + FRAME_LENGTH_SAMPLES] - cumulative[starts]) / FRAME_LENGTH_SAMPLES
-        differences = x[1:] - PREEMPHASIS * x[:-1]
+        differences = signal[1:] - PREEMPHASIS * signal[:-1]
         emphasized = np.empty((count, FRAME_LENGTH_SAMPLES), dtype=np.float64)
-        # Overlapping frames as a strided view (sliding_window_view's checks cost more than the
-        # copy for short chunks); the view is only read, row by row, into ``emphasized``.
+        # Every overlapping 399-sample run of ``differences`` as a strided view (read only), from
+        # which the rows at ``starts`` are copied.
         step = differences.strides[0]
-        emphasized[:, 1:] = np.lib.stride_tricks.as_strided(
-            differences, shape=(count, FRAME_LENGTH_SAMPLES - 1), strides=(FRAME_SHIFT_SAMPLES * step, step)
+        runs = np.lib.stride_tricks.as_strided(
+            differences,
+            shape=(differences.shape[0] - (FRAME_LENGTH_SAMPLES - 1) + 1, FRAME_LENGTH_SAMPLES - 1),
+            strides=(step, step),
+            writeable=False,
         )
-        emphasized[:, 0] = x[starts] * (1.0 - PREEMPHASIS)
+        emphasized[:, 1:] = runs[starts]
+        emphasized[:, 0] = signal[starts] * (1.0 - PREEMPHASIS)
         emphasized -= (means * (1.0 - PREEMPHASIS))[:, None]
         emphasized *= self._window
         return emphasized
@@ -180,69 +191,105 @@ class FeatureStream:
 
     def accept(self, samples: np.ndarray) -> np.ndarray:
         """Add samples (int16 or float in 16-bit units); return the new (n, 400) frames."""
-        return self.complete(self._fbank.log_mel(self.prepare(samples)))
-
-    def prepare(self, samples: np.ndarray) -> np.ndarray:
-        """First half of :meth:`accept`: buffer samples, return the windows now complete.
-
-        Split so that many streams can share one FFT and mel product (:func:`accept_many`).
-        """
-        samples = np.asarray(samples)
-        if samples.ndim != 1:
-            raise ValueError(f"expected mono samples as a 1-D array, got shape {samples.shape}")
-        self._samples_total += samples.shape[0]
-        buffered = np.concatenate([self._pending_samples, samples.astype(np.float64, copy=False)])
-        windows = self._fbank.windows(buffered)
-        self._pending_samples = buffered[windows.shape[0] * FRAME_SHIFT_SAMPLES :]
-        return windows
-
-    def complete(self, log_mel: np.ndarray) -> np.ndarray:
-        """Second half of :meth:`accept`: the filterbank frames of :meth:`prepare`'s windows."""
-        return self._splice(log_mel, final=False)
+        return accept_many([self], [samples])[0]
 
     def finish(self) -> np.ndarray:
         """Flush the end of the stream and reset; returns the last frames (maybe none)."""
-        frames = self._splice(np.zeros((0, NUM_MEL_BINS), dtype=np.float32), final=True)
+        (frames,) = _splice_many([self], np.zeros((0, NUM_MEL_BINS), dtype=np.float32), [0], final=True)
         self.reset()
         return frames
 
-    def _splice(self, new_frames: np.ndarray, final: bool) -> np.ndarray:
-        """Splice with +-2 frames of context and keep every third frame, carrying state."""
-        first_index = self._fbank_frames_total - self._context.shape[0]
-        frames = np.concatenate([self._context, new_frames]) if self._context.size else new_frames
-        self._fbank_frames_total += new_frames.shape[0]
-        total = self._fbank_frames_total
-        if total == 0:
-            return np.zeros((0, FEATURE_DIM), dtype=np.float32)
-
-        # Centres that can be emitted: those with right context available (or all, at the end).
-        last_center = total - 1 if final else total - 1 - CONTEXT_RIGHT
-        centers = np.arange(self._next_output_center, last_center + 1, DECIMATION)
-        if centers.size:
-            offsets = np.arange(-CONTEXT_LEFT, CONTEXT_RIGHT + 1)
-            # Clamping to [0, total-1] repeats the first and last frame at the edges.
-            absolute = np.clip(centers[:, None] + offsets[None, :], 0, total - 1)
-            spliced = frames[absolute - first_index].reshape(centers.size, FEATURE_DIM)
-            self._next_output_center = int(centers[-1]) + DECIMATION
-            output = self._cmvn.apply(spliced)
-        else:
-            output = np.zeros((0, FEATURE_DIM), dtype=np.float32)
-
-        # Keep what later centres may still need as left context.
-        keep_from = min(max(0, self._next_output_center - CONTEXT_LEFT), total)
-        self._context = frames[keep_from - first_index :]
-        return output
-
 
 def accept_many(streams: list[FeatureStream], samples: list[np.ndarray]) -> list[np.ndarray]:
-    """:meth:`FeatureStream.accept` for several streams, with one FFT for all their frames."""
+    """:meth:`FeatureStream.accept` for several streams in one pass: their samples are laid
+    back to back, so framing, FFT, mel product, splicing and CMVN are one operation each for the
+    whole batch instead of one per stream. Each stream keeps its own remainders."""
     if not streams:
         return []
-    windows = [stream.prepare(chunk) for stream, chunk in zip(streams, samples, strict=True)]
-    counts = [w.shape[0] for w in windows]
-    log_mel = streams[0]._fbank.log_mel(np.concatenate(windows))
-    results, offset = [], 0
+    fbank = streams[0]._fbank
+    buffers, counts = [], []
+    for stream, chunk in zip(streams, samples, strict=True):
+        chunk = np.asarray(chunk)
+        if chunk.ndim != 1:
+            raise ValueError(f"expected mono samples as a 1-D array, got shape {chunk.shape}")
+        stream._samples_total += chunk.shape[0]
+        pending = stream._pending_samples
+        buffer = (
+            np.concatenate([pending, chunk.astype(np.float64)]) if pending.size else chunk.astype(np.float64)
+        )
+        buffers.append(buffer)
+        length = buffer.shape[0]
+        counts.append(
+            1 + (length - FRAME_LENGTH_SAMPLES) // FRAME_SHIFT_SAMPLES
+            if length >= FRAME_LENGTH_SAMPLES
+            else 0
+        )
+    lengths = np.array([b.shape[0] for b in buffers], dtype=np.int64)
+    frame_counts = np.array(counts, dtype=np.int64)
+    total = int(frame_counts.sum())
+    # Start of every frame in the concatenated signal: stream offset + k * shift.
+    stream_offsets = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    first_frame = np.concatenate(([0], np.cumsum(frame_counts)[:-1]))
+    within = np.arange(total) - np.repeat(first_frame, frame_counts)
+    starts = np.repeat(stream_offsets, frame_counts) + within * FRAME_SHIFT_SAMPLES
+    signal = np.concatenate(buffers) if len(buffers) > 1 else buffers[0]
+    log_mel = fbank.log_mel(fbank.windows_at(signal, starts))
+    for stream, buffer, count in zip(streams, buffers, counts, strict=True):
+        stream._pending_samples = buffer[count * FRAME_SHIFT_SAMPLES :]
+    return _splice_many(streams, log_mel, counts, final=False)
+
+
+def _splice_many(
+    streams: list[FeatureStream], log_mel: np.ndarray, counts: list[int], final: bool
+) -> list[np.ndarray]:
+    """Splice each stream's new filterbank frames with +-2 frames of context (repeating a
+    stream's first and last frame at its edges) and keep every third, for all streams at once."""
+    pieces: list[np.ndarray] = []
+    center_rows: list[np.ndarray] = []  # per stream: absolute centres to emit
+    bases: list[int] = []  # per stream: row of its absolute frame 0 in ``frames``
+    highs: list[int] = []  # per stream: its last absolute frame
+    emitted: list[int] = []
+    keep: list[tuple[int, int]] = []  # per stream: rows of ``frames`` to keep as context
+    row = offset = 0
     for stream, count in zip(streams, counts, strict=True):
-        results.append(stream.complete(log_mel[offset : offset + count]))
+        context = stream._context
+        first_index = stream._fbank_frames_total - context.shape[0]
+        pieces += [context, log_mel[offset : offset + count]]
         offset += count
-    return results
+        stream._fbank_frames_total += count
+        total_frames = stream._fbank_frames_total
+        # Centres that can be emitted: those with their right context (or all, at the end).
+        last_center = total_frames - 1 if final else total_frames - 1 - CONTEXT_RIGHT
+        first_center = stream._next_output_center
+        emit = (
+            (last_center - first_center) // DECIMATION + 1
+            if total_frames and last_center >= first_center
+            else 0
+        )
+        centers = first_center + DECIMATION * np.arange(emit)
+        center_rows.append(centers)
+        bases.append(row - first_index)
+        highs.append(total_frames - 1)
+        emitted.append(emit)
+        stream._next_output_center = first_center + DECIMATION * emit
+        keep_from = min(max(0, stream._next_output_center - CONTEXT_LEFT), total_frames)
+        rows_here = context.shape[0] + count
+        keep.append((row + keep_from - first_index, row + rows_here))
+        row += rows_here
+    frames = np.concatenate(pieces) if pieces else np.zeros((0, NUM_MEL_BINS), np.float32)
+    for stream, (start, end) in zip(streams, keep, strict=True):
+        stream._context = frames[start:end].copy()
+    emitted_total = sum(emitted)
+    if emitted_total == 0:
+        return [np.zeros((0, FEATURE_DIM), dtype=np.float32) for _ in streams]
+    centers = np.concatenate(center_rows)
+    counts_array = np.array(emitted, dtype=np.int64)
+    high = np.repeat(np.array(highs, dtype=np.int64), counts_array)[:, None]
+    base = np.repeat(np.array(bases, dtype=np.int64), counts_array)[:, None]
+    offsets = np.arange(-CONTEXT_LEFT, CONTEXT_RIGHT + 1)[None, :]
+    # Clamping to [0, last] repeats the first and last frame at a stream's edges.
+    absolute = np.minimum(np.maximum(centers[:, None] + offsets, 0), high)
+    spliced = frames[absolute + base].reshape(emitted_total, FEATURE_DIM)
+    normalised = streams[0]._cmvn.apply(spliced)
+    bounds = np.concatenate(([0], np.cumsum(counts_array)))
+    return [normalised[bounds[i] : bounds[i + 1]] for i in range(len(streams))]

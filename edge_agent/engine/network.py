@@ -16,7 +16,7 @@ torch import: torch costs ~1.8 s and ~220 MB on import) and ``TorchNetwork`` in
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -33,6 +33,10 @@ from edge_agent.engine.kaldi_nnet import (
     Softmax,
     Splice,
 )
+
+# Given upper bounds of the selected posteriors, per stream, how many leading rows of each
+# stream need no exact posteriors.
+SkipRule = Callable[[list[np.ndarray]], list[int]]
 
 
 class NetworkState(Protocol):
@@ -71,8 +75,12 @@ class NetworkBackend(Protocol):
         states: Sequence[NetworkState],
         features: Sequence[np.ndarray],
         columns: np.ndarray | None = None,
+        skip: SkipRule | None = None,
     ) -> list[np.ndarray]:
-        """:meth:`forward` for several streams at once; the same results, in one pass."""
+        """:meth:`forward` for several streams at once; the same results, in one pass.
+
+        ``skip`` (optional to honour) may waive exact posteriors for leading rows of a stream.
+        """
         ...
 
 
@@ -132,6 +140,10 @@ class NumpyNetwork:
         self.output_dim = components[-1].output_dim
         self._fsmn_layers = [c for c in components if isinstance(c, Fsmn)]
         self.lookahead_frames = sum(layer.lookahead_frames for layer in self._fsmn_layers)
+        # The output layer: the last affine transform before the final softmax.
+        self._head: AffineTransform | None = (
+            components[-2] if len(components) >= 2 and isinstance(components[-2], AffineTransform) else None
+        )
         # Pre-transpose weights once so every chunk is a plain row-major x @ W.
         self._weights_t = {
             id(c): np.ascontiguousarray(c.weight.T, dtype=np.float32)
@@ -182,9 +194,18 @@ class NumpyNetwork:
         states: Sequence[NumpyState],
         features: Sequence[np.ndarray],
         columns: np.ndarray | None = None,
+        skip: SkipRule | None = None,
     ) -> list[np.ndarray]:
         """All streams' new frames through every layer together: one matrix product per layer
-        for all of them, and one gather per FSMN tap; each stream keeps its own memory."""
+        for all of them, and one gather per FSMN tap; each stream keeps its own memory.
+
+        With ``columns`` and ``skip``: the output layer (2599 outputs, half of the network's
+        work, and the softmax) runs only for the rows that need it. The logits of ``columns``
+        alone give an upper bound of each of their posteriors (the softmax over a subset of the
+        outputs); ``skip`` gets those bounds per stream and answers how many leading rows of each
+        stream need no exact posteriors (a keyword decoder with nothing going on, whose first
+        character's bound stays below its floor). Those rows get the bounds instead.
+        """
         if any(state.finished for state in states):
             raise RuntimeError("a stream's network state was finished; create a new one")
         counts = [int(f.shape[0]) for f in features]
@@ -193,6 +214,9 @@ class NumpyNetwork:
             raise ValueError(f"expected features of shape (n, {self.input_dim})")
         fsmn_index = 0
         for component in self.components:
+            if component is self._head and skip is not None and columns is not None:
+                x = self._head_with_skip(x, counts, columns, skip)
+                break  # the head includes the softmax
             if isinstance(component, AffineTransform):
                 x = x @ self._weights_t[id(component)]
                 x += component.bias
@@ -208,6 +232,28 @@ class NumpyNetwork:
                 x = softmax(x, columns)
         bounds = np.cumsum([0, *counts])
         return [x[bounds[i] : bounds[i + 1]] for i in range(len(counts))]
+
+    def _head_with_skip(
+        self, hidden: np.ndarray, counts: list[int], columns: np.ndarray, skip: SkipRule
+    ) -> np.ndarray:
+        """The output layer and softmax for the rows ``skip`` does not waive (see forward_many)."""
+        head = self._head
+        assert head is not None
+        weights = self._weights_t[id(head)]
+        subset = hidden @ weights[:, columns]
+        subset += head.bias[columns]
+        bound = softmax(subset)
+        starts = np.cumsum([0, *counts[:-1]])
+        per_stream = [bound[start : start + count] for start, count in zip(starts, counts, strict=True)]
+        waived = skip(per_stream)
+        exact = np.ones(hidden.shape[0], dtype=bool)
+        for start, rows in zip(starts, waived, strict=True):
+            exact[start : start + rows] = False
+        if exact.any():
+            logits = hidden[exact] @ weights
+            logits += head.bias
+            bound[exact] = softmax(logits, columns)
+        return bound
 
     @staticmethod
     def _fsmn_step(layer: Fsmn, buffer: _FsmnBuffer, new: np.ndarray, final: bool) -> np.ndarray:
@@ -247,11 +293,15 @@ def _fsmn_many(
         ready.append(max(0, length - history - lookahead))
         position += length
     inputs = np.concatenate(pieces)
-    total = sum(ready)
-    # Row index of every ready output frame: stream i's run starts at starts[i] + history.
-    run_starts = np.asarray(starts, dtype=np.int64) + history
-    index = np.repeat(run_starts - np.cumsum([0, *ready[:-1]]), ready) + np.arange(total)
-    outputs = fsmn_memory_at(layer, inputs, index)
+    if len(buffers) == 1:
+        # One stream: its outputs are one contiguous run, and slices beat gathers.
+        outputs = fsmn_memory(layer, inputs, history, ready[0]) if ready[0] else inputs[:0].copy()
+    else:
+        total = sum(ready)
+        # Row index of every ready output frame: stream i's run starts at starts[i] + history.
+        run_starts = np.asarray(starts, dtype=np.int64) + history
+        index = np.repeat(run_starts - np.cumsum([0, *ready[:-1]]), ready) + np.arange(total)
+        outputs = fsmn_memory_at(layer, inputs, index)
     for buffer, start, length, done in zip(buffers, starts, lengths, ready, strict=True):
         buffer.frames = inputs[start + done : start + length].copy()
     return outputs, ready

@@ -132,8 +132,10 @@ class TorchNetwork:
         states: Sequence[TorchState],
         features: Sequence[np.ndarray],
         columns: np.ndarray | None = None,
+        skip: object = None,
     ) -> list[np.ndarray]:
         # torch's per-call overhead is small next to its kernels; one stream at a time is fine.
+        # ``skip`` is an optional saving that this backend does not take: it computes every row.
         return [self.forward(state, f, columns=columns) for state, f in zip(states, features, strict=True)]
 
     def _fsmn_step(self, payload: Any, state: TorchState, index: int, new: Any, final: bool) -> Any:

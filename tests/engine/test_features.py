@@ -134,3 +134,26 @@ def test_wrong_cmvn_dimension_is_refused() -> None:
 def test_stereo_array_is_refused() -> None:
     with pytest.raises(ValueError, match=r"1-D"):
         FeatureStream(identity_cmvn()).accept(np.zeros((100, 2), np.int16))
+
+
+def test_many_streams_in_one_batch_equal_each_stream_alone() -> None:
+    from edge_agent.engine.features import accept_many
+
+    rng = np.random.default_rng(6)
+    signals = [rng.integers(-8000, 8000, size=int(n)).astype(np.int16) for n in (9000, 123, 401, 16000, 0)]
+    alone = [FeatureStream(identity_cmvn()) for _ in signals]
+    batched = [FeatureStream(identity_cmvn()) for _ in signals]
+    sizes = [1600, 7, 160 * 3 + 1, 399]
+    offsets = [0] * len(signals)
+    for step in range(40):
+        chunks = []
+        for index, samples in enumerate(signals):
+            size = sizes[(step + index) % len(sizes)]
+            chunks.append(samples[offsets[index] : offsets[index] + size])
+            offsets[index] += size
+        expected = [stream.accept(chunk) for stream, chunk in zip(alone, chunks, strict=True)]
+        got = accept_many(batched, chunks)
+        for want, have in zip(expected, got, strict=True):
+            np.testing.assert_allclose(have, want, atol=1e-4)
+    for stream_alone, stream_batched in zip(alone, batched, strict=True):
+        np.testing.assert_allclose(stream_batched.finish(), stream_alone.finish(), atol=1e-4)

@@ -1,0 +1,125 @@
+"""Engine throughput with many streams, against a plain per-stream baseline in the same run.
+
+    python -m benchmarks.throughput [--streams 1,16,64,256] [--seconds 30]
+
+Every stream plays audio/dev recordings (positives and negatives, a different offset per
+stream) in 100 ms chunks, the way the agent's worker feeds them: all streams' chunks of one
+100 ms step go through :func:`edge_agent.engine.detector.feed_many` together (one FFT, one
+network pass, per-stream decoders). We time how long the engine needs for ``--seconds`` of
+audio on every stream, on one thread, and report:
+
+* ``rtf``: engine time / audio time, per stream (lower is better);
+* ``streams_per_core``: how many real-time streams one core could carry = N / (engine time /
+  audio seconds);
+* the **baseline** measured in the same process: one stream at a time, whole recordings, no
+  batching, numpy float32 (the plain reference of the issue), and our figures as ratios to it,
+  so the comparison holds on a noisy machine.
+
+Results: benchmarks/results/throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_variable] = "1"
+
+import numpy as np  # noqa: E402
+
+from benchmarks.common import dev_audio, machine, model_dir, write_result  # noqa: E402
+from edge_agent.audio.wav import read_wav, to_mono_16k  # noqa: E402
+from edge_agent.engine.detector import feed_many  # noqa: E402
+from edge_agent.engine.model import KeywordSpec, KwsModel  # noqa: E402
+from edge_agent.system import tune_allocator  # noqa: E402
+
+CHUNK = 1600  # 100 ms
+
+
+def corpus() -> np.ndarray:
+    files = sorted(dev_audio().glob("*/*.wav"))
+    return np.concatenate([to_mono_16k(read_wav(p)) for p in files])
+
+
+def baseline_rtf(model: KwsModel, audio: np.ndarray, seconds: float) -> float:
+    """Plain reference: whole recordings, one stream at a time, no batching."""
+    piece = audio[: int(seconds * 16000)]
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        detector = model.detector([KeywordSpec("小云小云")])
+        detector.feed(piece)
+        detector.finish()
+        best = min(best, time.perf_counter() - started)
+    return best / seconds
+
+
+def batched_rtf(model: KwsModel, audio: np.ndarray, streams: int, seconds: float) -> tuple[float, int]:
+    detectors = [model.detector([KeywordSpec("小云小云")]) for _ in range(streams)]
+    length = audio.shape[0]
+    offsets = [(i * 7919 * CHUNK) % length for i in range(streams)]
+    steps = int(seconds * 1000 / 100)
+    detections = 0
+    started = time.perf_counter()
+    for step in range(steps):
+        chunks = []
+        for offset in offsets:
+            start = (offset + step * CHUNK) % (length - CHUNK)
+            chunks.append(audio[start : start + CHUNK])
+        detections += sum(len(found) for found in feed_many(detectors, chunks))
+    elapsed = time.perf_counter() - started
+    return elapsed / (seconds * streams), detections
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--streams", default="1,16,64,256")
+    parser.add_argument("--seconds", type=float, default=30.0, help="audio per stream")
+    parser.add_argument("--backend", default="numpy")
+    args = parser.parse_args()
+    tune_allocator()
+    model = KwsModel.load(model_dir(), backend=args.backend, threads=1)
+    audio = corpus()
+    baseline = baseline_rtf(model, audio, args.seconds)
+    results = []
+    for count in (int(n) for n in args.streams.split(",")):
+        rtf, detections = batched_rtf(model, audio, count, args.seconds)
+        results.append(
+            {
+                "streams": count,
+                "rtf": round(rtf, 6),
+                "streams_per_core": round(1.0 / rtf, 1),
+                "speedup_vs_baseline": round(baseline / rtf, 2),
+                "detections": detections,
+            }
+        )
+        print(json.dumps(results[-1]), flush=True)
+    report = {
+        "benchmark": "throughput",
+        "machine": machine(),
+        "backend": args.backend,
+        "chunk_ms": 100,
+        "seconds_per_stream": args.seconds,
+        "baseline": {
+            "what": "whole recordings, one stream, no batching, numpy float32",
+            "rtf": round(baseline, 6),
+        },
+        "results": results,
+    }
+    path = write_result(f"throughput-{args.backend}", report)
+    print(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; one thread")
+    print(f"baseline (whole files, one stream): RTF {baseline:.5f} = {1 / baseline:.0f} streams per core")
+    print(f"{'streams':>8} {'RTF':>9} {'streams/core':>13} {'vs baseline':>12}")
+    for r in results:
+        ratio = r["speedup_vs_baseline"]
+        print(f"{r['streams']:>8} {r['rtf']:>9.5f} {r['streams_per_core']:>13.0f} {ratio:>11.2f}x")
+    print(f"written: {path}")
+
+
+if __name__ == "__main__":
+    main()
