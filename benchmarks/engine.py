@@ -82,8 +82,7 @@ def cli_run(backend: str, files: list[str]) -> dict[str, float | bool]:
             "detect",
             "--model-dir",
             str(model_dir()),
-            "--backend",
-            backend,
+            *(["--int8"] if backend.endswith("-int8") else ["--backend", backend]),
             *files,
         ],
         capture_output=True,
@@ -105,7 +104,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--backends", default="numpy,torch")
+    parser.add_argument("--backends", default="numpy,torch,torch-int8")
     args = parser.parse_args()
     tune_allocator()
     recordings = load_recordings()
@@ -116,7 +115,10 @@ def main() -> None:
         one_second.write_bytes(encode_wav(np.zeros(16000)))
         results = {}
         for backend in args.backends.split(","):
-            model = KwsModel.load(model_dir(), backend=backend, threads=1)
+            quantize = backend.endswith("-int8")
+            model = KwsModel.load(
+                model_dir(), backend=backend.removesuffix("-int8"), threads=1, quantize=quantize
+            )
             results[backend] = {
                 "rtf_whole_file": engine_rtf(model, recordings, 0, args.repeat),
                 "rtf_streaming_100ms": engine_rtf(model, recordings, CHUNK_SAMPLES, args.repeat),

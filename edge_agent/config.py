@@ -109,6 +109,10 @@ class EngineConfig:
     threads: int = option(
         1, doc="Threads for the torch backend (numpy runs single-threaded).", minimum=1, maximum=64
     )
+    quantize: bool = option(
+        False,
+        doc="torch backend only: int8 dynamic quantization of the linear layers (faster; see the README).",
+    )
     refractory: float = option(
         DEFAULT_REFRACTORY_SECONDS,
         doc="Seconds after a detection during which the same keyword is not reported again.",
@@ -569,6 +573,8 @@ def _check_rules(config: AgentConfig) -> None:
         raise ConfigError("device.id", "cannot be derived from the host name; set it")
     if not config.keywords:
         raise ConfigError("keywords", "at least one keyword is needed")
+    if config.engine.quantize and config.engine.backend != "torch":
+        raise ConfigError("engine.quantize", "needs engine.backend: torch")
     seen: set[str] = set()
     for i, keyword in enumerate(config.keywords):
         if keyword.text in seen:

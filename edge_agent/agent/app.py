@@ -742,7 +742,10 @@ class Agent:
     def reload_model(self) -> KwsModel:
         """Read the model files again (e.g. after an update) and give every stream a new detector."""
         model = KwsModel.load(
-            self.model.directory, backend=self.config.engine.backend, threads=self.config.engine.threads
+            self.model.directory,
+            backend=self.config.engine.backend,
+            threads=self.config.engine.threads,
+            quantize=self.config.engine.quantize,
         )
         keywords = compile_config_keywords(model, self.config)
         self.worker.replace_model(model, keywords)

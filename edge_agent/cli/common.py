@@ -33,6 +33,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--backend", choices=("numpy", "torch"), help="network backend (overrides engine.backend)"
     )
     parser.add_argument("--threads", type=int, metavar="N", help="torch threads (overrides engine.threads)")
+    parser.add_argument(
+        "--int8", action="store_true", help="torch backend: int8 dynamic quantization (engine.quantize)"
+    )
 
 
 def add_keyword_options(parser: argparse.ArgumentParser, required: bool = False) -> None:
@@ -59,6 +62,8 @@ def load_settings(args: argparse.Namespace) -> AgentConfig:
             update.setdefault("engine", {})["backend"] = args.backend
         if getattr(args, "threads", None) is not None:
             update.setdefault("engine", {})["threads"] = args.threads
+        if getattr(args, "int8", False):
+            update.setdefault("engine", {}).update({"quantize": True, "backend": "torch"})
         if (
             getattr(args, "keywords", None)
             or getattr(args, "threshold", None) is not None
@@ -107,7 +112,12 @@ def model_source(config: AgentConfig) -> ModelSource:
 def open_model(config: AgentConfig) -> KwsModel:
     try:
         directory = resolve_model_dir(model_source(config))
-        return KwsModel.load(directory, backend=config.engine.backend, threads=config.engine.threads)
+        return KwsModel.load(
+            directory,
+            backend=config.engine.backend,
+            threads=config.engine.threads,
+            quantize=config.engine.quantize,
+        )
     except (ModelError, ImportError) as error:
         fail(str(error))
 

@@ -104,7 +104,9 @@ class KwsModel:
         return self.network.lookahead_frames * OUTPUT_FRAME_SECONDS + feature_context
 
     @classmethod
-    def load(cls, directory: str | Path, backend: str = "numpy", threads: int = 1) -> KwsModel:
+    def load(
+        cls, directory: str | Path, backend: str = "numpy", threads: int = 1, quantize: bool = False
+    ) -> KwsModel:
         """Read and check the model files; raises :class:`ModelError` naming what is wrong."""
         directory = Path(directory)
         if backend not in BACKENDS:
@@ -131,8 +133,10 @@ class KwsModel:
             if backend == "torch":
                 from edge_agent.engine.torch_network import TorchNetwork
 
-                network: NetworkBackend = TorchNetwork(components, source, threads=threads)
+                network: NetworkBackend = TorchNetwork(components, source, threads=threads, quantize=quantize)
             else:
+                if quantize:
+                    raise ValueError("int8 quantization needs the torch backend (engine.backend: torch)")
                 network = NumpyNetwork(components, source)
         except ValueError as error:
             raise ModelError(str(error)) from None

@@ -100,3 +100,17 @@ def test_posteriors_sum_to_one(numpy_model) -> None:  # type: ignore[no-untyped-
     )
     assert posteriors.shape == (33, 2599)  # 98 filterbank frames, every third kept
     np.testing.assert_allclose(posteriors.sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_int8_torch_backend_runs_and_numpy_refuses_it(model_dir: Path, example_wav: Path) -> None:
+    from edge_agent.audio.wav import read_wav, to_mono_16k
+    from tests.conftest import require_module
+
+    require_module("torch")
+    model = KwsModel.load(model_dir, backend="torch", quantize=True)
+    assert model.backend == "torch-int8"
+    detector = model.detector([KeywordSpec("小云小云")])
+    (found,) = detector.feed(to_mono_16k(read_wav(example_wav))) + detector.finish()
+    assert found.confidence > 0.5
+    with pytest.raises(ModelError, match="int8 quantization needs the torch backend"):
+        KwsModel.load(model_dir, backend="numpy", quantize=True)
