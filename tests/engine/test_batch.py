@@ -39,7 +39,7 @@ def test_process_many_equals_one_decoder_per_stream_on_synthetic_posteriors() ->
     expected: list[list] = [[] for _ in range(streams)]
     got: list[list] = [[] for _ in range(streams)]
     position = [0] * streams
-    for step in range(200):
+    for _ in range(200):
         chunks = []
         for i in range(streams):
             size = int(rng.integers(0, 6))  # ragged: 0 to 5 frames per stream per step
