@@ -151,8 +151,14 @@ def run_agent(args: argparse.Namespace) -> int:
 def build_integrations(config: AgentConfig) -> list[Integration]:
     """What plugs into the agent's MQTT life, as the configuration asks."""
     from edge_agent.fleet.commands import CommandProcessor
+    from edge_agent.fleet.homeassistant import HomeAssistantDiscovery
 
-    integrations: list[Integration] = [CommandProcessor()]
+    # Home Assistant discovery is always attached: when disabled it removes what it published.
+    integrations: list[Integration] = [CommandProcessor(), HomeAssistantDiscovery()]
+    if config.hermes.enabled:
+        from edge_agent.fleet.hermes import HermesBridge
+
+        integrations.append(HermesBridge())
     if config.pool.enabled:
         from edge_agent.fleet.pool import PoolWorker
 
