@@ -22,7 +22,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 import psutil
 
 from edge_agent import __version__
+from edge_agent.agent.limits import AudioRateLimiter
 from edge_agent.agent.outbox import Outbox, OutboxPublisher, StoredEvent
 from edge_agent.agent.worker import (
     CallItem,
@@ -71,8 +71,6 @@ log = logging.getLogger(__name__)
 
 # Identical errors (same code and topic) are published at most this often; the rest are counted.
 ERROR_INTERVAL_SECONDS = 1.0
-# Audio a stream may send ahead of real time before the rate limit applies (seconds).
-RATE_BURST_SECONDS = 5.0
 
 
 # Keys whose change takes effect at once; any other change waits for a restart.
@@ -132,12 +130,6 @@ def iso_utc(epoch: float) -> str:
     )
 
 
-@dataclass
-class _RateState:
-    allowance: float
-    updated: float
-
-
 class Agent:
     """Wires configuration, model, transport, worker, outbox and sources; ``start``/``stop``."""
 
@@ -174,7 +166,7 @@ class Agent:
         self.integrations: list[Integration] = []
         self.restart_requested = False
         self.stop_event: threading.Event | None = None
-        self._rates: dict[str, _RateState] = {}
+        self._rate_limiter = AudioRateLimiter()
         self._health_thread: threading.Thread | None = None
         self.listeners: list[Callable[[DetectionEvent], None]] = []
 
@@ -352,7 +344,7 @@ class Agent:
         )
 
     # --- inbound (network thread: validate, enqueue, return) ---------------------------------
-    def _check_size(self, message: InboundMessage, stream: str | None = None) -> bool:
+    def check_size(self, message: InboundMessage, stream: str | None = None) -> bool:
         limit = self.config.mqtt.max_payload_bytes
         if len(message.payload) > limit:
             self.refuse(
@@ -371,7 +363,7 @@ class Agent:
 
     def handle_audio(self, message: InboundMessage, stream: str) -> None:
         """Validate one PCM chunk of ``stream`` and queue it (network thread; never blocks)."""
-        if not self._check_size(message, stream):
+        if not self.check_size(message, stream):
             return
         payload = message.payload
         if not payload:
@@ -413,7 +405,7 @@ class Agent:
                 stream=stream,
             )
             return
-        if not self._rate_ok(stream, len(payload) / (fmt or PcmFormat()).bytes_per_second, message):
+        if not self.rate_ok(stream, len(payload) / (fmt or PcmFormat()).bytes_per_second, message.topic):
             return
         if not self.worker.submit(PcmChunk(stream, payload, message.received_at, message.topic, fmt)):
             self.dropped_by_stream[stream] = self.dropped_by_stream.get(stream, 0) + 1
@@ -421,30 +413,22 @@ class Agent:
                 "queue_full", "the engine is behind; audio chunk dropped", topic=message.topic, stream=stream
             )
 
-    def _rate_ok(self, stream: str, seconds: float, message: InboundMessage) -> bool:
+    def rate_ok(self, stream: str, seconds: float, topic: str) -> bool:
+        """The inbound audio rate limit (audio.mqtt.max_rate_factor); refusals are reported."""
         factor = self.config.audio.mqtt.max_rate_factor
-        if factor <= 0:
+        if self._rate_limiter.allow(stream, seconds, factor):
             return True
-        now = time.monotonic()
-        state = self._rates.get(stream)
-        if state is None:
-            state = self._rates[stream] = _RateState(RATE_BURST_SECONDS, now)
-        state.allowance = min(RATE_BURST_SECONDS, state.allowance + (now - state.updated) * factor)
-        state.updated = now
-        if seconds > state.allowance:
-            self.refuse(
-                "rate_limited",
-                f"stream sends faster than {factor:g}x real time (audio.mqtt.max_rate_factor); chunk refused",
-                topic=message.topic,
-                stream=stream,
-            )
-            return False
-        state.allowance -= seconds
-        return True
+        self.refuse(
+            "rate_limited",
+            f"stream sends faster than {factor:g}x real time (audio.mqtt.max_rate_factor); chunk refused",
+            topic=topic,
+            stream=stream,
+        )
+        return False
 
     def _on_control(self, message: InboundMessage) -> None:
         parts = AudioControl.TOPIC.match(message.topic, self.prefix)
-        if parts is None or not self._check_size(message, parts["stream"]):
+        if parts is None or not self.check_size(message, parts["stream"]):
             return
         stream = parts["stream"]
         try:
@@ -475,7 +459,7 @@ class Agent:
                 topic=message.topic,
             )
             return
-        if not self._check_size(message):
+        if not self.check_size(message):
             respond(
                 {
                     "ok": False,
@@ -605,7 +589,7 @@ class Agent:
 
     def stream_closed(self, stream: str) -> None:
         """The worker finished a stream (end of stream or idle timeout)."""
-        self._rates.pop(stream, None)
+        self._rate_limiter.forget(stream)
         for integration in self.integrations:
             try:
                 integration.stream_closed(stream)

@@ -528,6 +528,8 @@ class EngineWorker:
             return
         if self.muted:
             self.stats.muted_seconds += item.samples.shape[0] / SAMPLE_RATE_HZ
+            if item.final:
+                stream.restart(None)  # the stream ended while muted: the next one starts afresh
             return
         stream.append(item.samples, item.captured_at)
         waiting[stream.id] = stream
@@ -565,7 +567,9 @@ class EngineWorker:
     def _close_idle_streams(self) -> None:
         now = time.monotonic()
         for stream in self.streams():
-            if stream.kind == "mqtt" and now - stream.last_activity > self.idle_timeout:
+            # Local sources (microphone, files) are continuous by nature; streams that arrive
+            # over the network end by going quiet.
+            if stream.kind in ("mqtt", "hermes") and now - stream.last_activity > self.idle_timeout:
                 self._close(stream, idle=True)
 
     def _finish_all(self) -> None:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edge_agent.agent.app import RATE_BURST_SECONDS, Integration
+from edge_agent.agent.app import Integration
 from edge_agent.agent.worker import SampleChunk, StreamState
 from edge_agent.audio.pcm import AudioFormatError
 from edge_agent.audio.resample import Resampler
@@ -89,8 +89,6 @@ class _Site:
     frames: int = 0
     dropped_disabled: int = 0
     errors: int = 0
-    rate_allowance: float = RATE_BURST_SECONDS
-    rate_updated: float = 0.0
 
     @property
     def enabled(self) -> bool:
@@ -190,7 +188,7 @@ class HermesBridge(Integration):
                 site.errors += 1
                 self._refuse_frame(site_id, stream, str(error), message.topic)
                 return
-            if not self._rate_ok(site, samples.shape[0] / TARGET_SAMPLE_RATE_HZ, message.topic, stream):
+            if not agent.rate_ok(stream, samples.shape[0] / TARGET_SAMPLE_RATE_HZ, message.topic):
                 return
             chunk = SampleChunk(stream, STREAM_KIND, samples, message.received_at or time.time())
             if not agent.worker.submit(chunk):
@@ -242,29 +240,6 @@ class HermesBridge(Integration):
             return None
         site = self._sites[site_id] = _Site(site_id)
         return site
-
-    def _rate_ok(self, site: _Site, seconds: float, topic: str, stream: str) -> bool:
-        """The agent's inbound audio limit (audio.mqtt.max_rate_factor), per site (lock held)."""
-        factor = self.agent.config.audio.mqtt.max_rate_factor
-        if factor <= 0:
-            return True
-        now = time.monotonic()
-        if site.rate_updated == 0.0:
-            site.rate_updated = now
-        site.rate_allowance = min(
-            RATE_BURST_SECONDS, site.rate_allowance + (now - site.rate_updated) * factor
-        )
-        site.rate_updated = now
-        if seconds > site.rate_allowance:
-            self.agent.refuse(
-                "rate_limited",
-                f"site sends faster than {factor:g}x real time (audio.mqtt.max_rate_factor); frame refused",
-                topic=topic,
-                stream=stream,
-            )
-            return False
-        site.rate_allowance -= seconds
-        return True
 
     def _refuse_frame(self, site_id: str, stream: str, error: str, topic: str) -> None:
         self.agent.refuse("bad_wav", error, topic=topic, stream=stream)
