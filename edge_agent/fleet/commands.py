@@ -83,7 +83,8 @@ class CommandProcessor(Integration):
             CommandTopic.GROUP.filter(prefix=prefix, group=group) for group in agent.config.device.groups
         ]
         for topic_filter in filters:
-            transport.subscribe(topic_filter, self._on_message, qos=1)
+            # Retain-as-published: a retained command is recognisable even when it arrives live.
+            transport.subscribe(topic_filter, self._on_message, qos=1, retain_as_published=True)
         self._thread = threading.Thread(target=self._run, name="commands", daemon=True)
         self._thread.start()
 

@@ -28,6 +28,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edge_agent.config import ConfigError, MqttConfig, read_password
 
@@ -168,12 +169,30 @@ class MqttTransport:
         """``listener(mid)`` when the broker acknowledges a QoS>0 publish (PUBACK)."""
         self._ack_listeners.append(listener)
 
-    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 0) -> None:
+    def subscribe(
+        self, topic_filter: str, handler: Handler, qos: int = 0, retain_as_published: bool = False
+    ) -> None:
+        """Remember and (when connected) make a subscription; it is restored after reconnects.
+
+        ``retain_as_published`` (MQTT 5): deliver the retain flag as the publisher set it even
+        for live messages, so that a handler can refuse retained publications altogether.
+        """
         with self._lock:
-            self._subscriptions[topic_filter] = (qos, handler)
+            self._subscriptions[topic_filter] = (self._options(qos, retain_as_published), handler)
             self._handler_cache.clear()
         if self.connected:
-            self._client.subscribe(topic_filter, qos)
+            self._client.subscribe(
+                topic_filter, **self._subscribe_arguments(self._subscriptions[topic_filter][0])
+            )
+
+    def _options(self, qos: int, retain_as_published: bool) -> Any:
+        if self._mqtt5:
+            return SubscribeOptions(qos=qos, retainAsPublished=retain_as_published)
+        return qos
+
+    @staticmethod
+    def _subscribe_arguments(options: Any) -> dict[str, Any]:
+        return {"options": options} if isinstance(options, SubscribeOptions) else {"qos": options}
 
     def unsubscribe(self, topic_filter: str) -> None:
         with self._lock:
@@ -312,7 +331,7 @@ class MqttTransport:
         self.stats.last_error = None
         log.info("MQTT connected to %s:%d as %s", self.config.host, self.config.port, self.client_id)
         with self._lock:
-            subscriptions = [(f, qos) for f, (qos, _) in self._subscriptions.items()]
+            subscriptions = [(f, options) for f, (options, _) in self._subscriptions.items()]
         if subscriptions:
             client.subscribe(subscriptions)
         self._connected.set()

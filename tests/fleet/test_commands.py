@@ -160,11 +160,23 @@ def test_unknown_disabled_malformed_and_retained_commands(broker, make_agent, cl
     client.subscribe(reply)
     client.publish("edge_agent/dev1/cmd/ping", b"{not json", qos=1, ResponseTopic=reply)
     assert "not JSON" in client.wait_for(reply)[0].json()["error"]
-    client.publish("edge_agent/dev1/cmd/ping", b"{}", qos=1, retain=True, ResponseTopic="replies/retained")
-    client.subscribe("replies/retained")
-    time.sleep(1.0)
-    assert client.on("replies/retained") == []  # a retained command is never executed
     assert agent.transport is not None and agent.transport.connected
+
+
+def test_retained_commands_are_never_executed(broker, make_agent, client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Tasmota's ghost switching: a command left retained would run every time a device
+    (re)connects. Retained commands are ignored, at connect and live (MQTT 5 subscriptions use
+    retain-as-published), and clearing one with an empty retained message runs nothing."""
+    client.subscribe("replies/retained")
+    client.publish("edge_agent/dev1/cmd/mute", b"{}", qos=1, retain=True, ResponseTopic="replies/retained")
+    agent = commanded_agent(make_agent, broker.port, tmp_path)
+    client.publish("edge_agent/dev1/cmd/mute", b"{}", qos=1, retain=True, ResponseTopic="replies/retained")
+    client.publish("edge_agent/dev1/cmd/mute", b"", qos=1, retain=True)  # clears it
+    time.sleep(1.0)
+    assert client.on("replies/retained") == []
+    assert agent.worker.muted is False
+    (answer,) = command(client, "edge_agent/dev1/cmd/ping")  # live, not retained: answered
+    assert answer["ok"]
 
 
 def test_mqtt311_clients_get_answers_on_cmd_result_with_their_id(broker, make_agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
