@@ -135,6 +135,7 @@ class _KeywordSearch:
     def reset(self) -> None:
         self.carry = np.full(self.n, _NEG_INF)  # A_i at the last frame seen
         self.carry_pre = np.full(self.n, _NEG_INF)  # repeated characters: before the blank dip
+        self._carries_alive = False  # any finite carry: kept with the carries, read per chunk
         self.search_from = 0  # absolute frame where paths may start (after the last detection)
         self.quiet_until = -1  # refractory: no detection ending before this frame
         self.pending: _Candidate | None = None
@@ -207,9 +208,7 @@ class _KeywordSearch:
     @property
     def live(self) -> bool:
         """A partial match or a pending detection exists: the next span cannot be skipped."""
-        return self.pending is not None or bool(
-            np.isfinite(self.carry).any() or np.isfinite(self.carry_pre).any()
-        )
+        return self.pending is not None or self._carries_alive
 
     def first_character_peak(self, gathered: np.ndarray) -> np.ndarray:
         """Largest posterior of the first character per stream (gathered: (s, t, columns))."""
@@ -225,6 +224,7 @@ class _KeywordSearch:
         carry[carry < self.log_threshold] = _NEG_INF
         carry_pre[carry_pre < self.log_threshold] = _NEG_INF
         self.carry, self.carry_pre = carry, carry_pre
+        self._carries_alive = bool(np.isfinite(carry).any() or np.isfinite(carry_pre).any())
 
     # --- streaming -----------------------------------------------------------------------
     def process(self, history: np.ndarray, history_first: int, first_frame: int) -> list[Detection]:
@@ -302,6 +302,7 @@ class _KeywordSearch:
         self.pending = None
         self.carry = np.full(self.n, _NEG_INF)
         self.carry_pre = np.full(self.n, _NEG_INF)
+        self._carries_alive = False
         self.search_from = resume_frame
         return detection, resume_frame
 
