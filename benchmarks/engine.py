@@ -138,13 +138,13 @@ def main() -> None:
     print(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; one thread per process")
     print(f"audio: {len(files)} files, {audio_seconds:.1f} s (audio/dev)")
     print(
-        f"{'backend':8} {'RTF whole':>10} {'RTF 100ms':>10} {'start-up s':>10} {'detect s':>9}"
+        f"{'backend':10} {'RTF whole':>10} {'RTF 100ms':>10} {'start-up s':>10} {'detect s':>9}"
         f" {'peak RSS MB':>11} torch?"
     )
     for backend, r in results.items():
         run = r["detect_all"]
         print(
-            f"{backend:8} {r['rtf_whole_file']:10.5f} {r['rtf_streaming_100ms']:10.5f}"
+            f"{backend:10} {r['rtf_whole_file']:10.5f} {r['rtf_streaming_100ms']:10.5f}"
             f" {r['startup_seconds']:10.2f}"
             f" {run['seconds']:9.2f} {run['peak_rss_mb']:11.1f} {run['torch_imported']}"
         )

@@ -35,6 +35,7 @@ from edge_agent.agent.worker import (
     CallItem,
     EngineWorker,
     FileRequest,
+    Found,
     PcmChunk,
     SampleChunk,
     StreamControlItem,
@@ -517,37 +518,48 @@ class Agent:
         return sink
 
     # --- worker events (worker thread) -------------------------------------------------------
-    def detection(self, stream: StreamState, detection: Detection, wall_end: float) -> None:
-        self.detections += 1
-        by_keyword = self.detections_by_keyword
-        by_keyword[detection.keyword] = by_keyword.get(detection.keyword, 0) + 1
-        log.info(
-            "detected %s in %s: confidence %.3f, %.2f-%.2f s",
-            detection.keyword,
-            stream.id,
-            detection.confidence,
-            detection.start,
-            detection.end,
-        )
-        if self.outbox is None:
-            event = self._event(stream, detection, wall_end, seq=self.detections)
-            self._notify(event)
+    def detected(self, found: list[Found]) -> None:
+        """The detections of one engine pass, stored in the outbox together (one commit)."""
+        for item in found:
+            detection = item.detection
+            self.detections += 1
+            by_keyword = self.detections_by_keyword
+            by_keyword[detection.keyword] = by_keyword.get(detection.keyword, 0) + 1
+            log.info(
+                "detected %s in %s: confidence %.3f, %.2f-%.2f s",
+                detection.keyword,
+                item.stream.id,
+                detection.confidence,
+                detection.start,
+                detection.end,
+            )
+        if self.outbox is None:  # numbered in memory, from 1 at every start
+            first = self.detections - len(found) + 1
+            for seq, item in enumerate(found, start=first):
+                self._announce(self._event(item.stream, item.detection, item.wall_end, seq), item)
             return
-
-        def body(seq: int) -> dict[str, Any]:
-            event = self._event(stream, detection, wall_end, seq)
-            data = event.to_dict()
-            data["_end_epoch"] = wall_end
-            return data
-
-        stored = self.outbox.append(self.topic(DetectionEvent.TOPIC), body, self.boot_id)
+        stored = self.outbox.append_many(
+            [(self.topic(DetectionEvent.TOPIC), self._body_maker(item)) for item in found], self.boot_id
+        )
         if self.publisher is not None:
             self.publisher.notify()
-        event = _event_from_body(stored.body)
+        for item, event in zip(found, stored, strict=True):
+            self._announce(_event_from_body(event.body), item)
+
+    def _body_maker(self, found: Found) -> Callable[[int], dict[str, Any]]:
+        def body(seq: int) -> dict[str, Any]:
+            data = self._event(found.stream, found.detection, found.wall_end, seq).to_dict()
+            data["_end_epoch"] = found.wall_end  # for delay_ms, computed when it is published
+            return data
+
+        return body
+
+    def _announce(self, event: DetectionEvent, found: Found) -> None:
+        """Tell the in-process listeners (HTTP, tests) and the integrations."""
         self._notify(event)
         for integration in self.integrations:
             try:
-                integration.on_detection(event, stream)
+                integration.on_detection(event, found.stream)
             except Exception:
                 log.exception("%s failed on a detection", type(integration).__name__)
 
@@ -607,7 +619,7 @@ class Agent:
             return
         self._error_times[key] = now
         suppressed = self._error_suppressed.pop(key, 0)
-        log.warning("refused %s%s: %s", code, f" (stream {stream})" if stream else "", message)
+        log.warning("%s%s: %s", code, f" (stream {stream})" if stream else "", message)
         if self.transport is not None:
             report = ErrorReport(
                 device=self.device_id,

@@ -84,16 +84,31 @@ class Outbox:
     # --- writing -------------------------------------------------------------------------
     def append(self, topic: str, make_body: Callable[[int], dict[str, Any]], boot_id: str) -> StoredEvent:
         """Store a new event; ``make_body(seq)`` builds its payload with the assigned number."""
+        return self.append_many([(topic, make_body)], boot_id)[0]
+
+    def append_many(
+        self, events: list[tuple[str, Callable[[int], dict[str, Any]]]], boot_id: str
+    ) -> list[StoredEvent]:
+        """Store events (topic, ``make_body(seq)``) in order, in one transaction.
+
+        One commit is one fsync: on an SD card that is 5-20 ms, so the detections of one engine
+        pass (a hundred streams can fire on the same chunk) are committed together.
+        """
+        if not events:
+            return []
         now = self._clock()
+        stored = []
         with self._lock, self._transaction():
-            seq = self._bump("next_seq")
-            body = make_body(seq)
-            self._db.execute(
-                "INSERT INTO events (seq, topic, body, created, boot_id) VALUES (?, ?, ?, ?, ?)",
-                (seq, topic, json.dumps(body, ensure_ascii=False), now, boot_id),
-            )
+            first = self._bump("next_seq", len(events))
+            for seq, (topic, make_body) in enumerate(events, start=first):
+                body = make_body(seq)
+                self._db.execute(
+                    "INSERT INTO events (seq, topic, body, created, boot_id) VALUES (?, ?, ?, ?, ?)",
+                    (seq, topic, json.dumps(body, ensure_ascii=False), now, boot_id),
+                )
+                stored.append(StoredEvent(seq, topic, body, now, boot_id))
             self._enforce_bounds(now)
-        return StoredEvent(seq, topic, body, now, boot_id)
+        return stored
 
     def remove(self, seq: int) -> None:
         with self._lock:

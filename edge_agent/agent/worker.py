@@ -100,10 +100,20 @@ def _item_bytes(item: WorkItem) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class Found:
+    """A detection with the stream it was made on and the wall time of the keyword's end."""
+
+    stream: StreamState
+    detection: Detection
+    wall_end: float
+
+
 class WorkerEvents(Protocol):
     """What the worker reports to the agent (called on the worker thread)."""
 
-    def detection(self, stream: StreamState, detection: Detection, wall_end: float) -> None: ...
+    def detected(self, found: list[Found]) -> None:
+        """The detections of one engine pass (or one finished stream), in order."""
 
     def refuse(
         self, code: str, message: str, topic: str | None = None, stream: str | None = None
@@ -447,9 +457,12 @@ class EngineWorker:
             return
         elapsed = time.perf_counter() - started
         total = sum(chunk.shape[0] for chunk in chunks) or 1
+        found = []
         for stream, chunk, detections in zip(streams, chunks, results, strict=True):
             stream.counters.processing_seconds += elapsed * chunk.shape[0] / total
-            self._emit(stream, detections)
+            found += self._found(stream, detections)
+        if found:
+            self._events.detected(found)
 
     def _handle(self, item: WorkItem) -> None:
         if isinstance(item, StreamControlItem):
@@ -516,8 +529,9 @@ class EngineWorker:
         if gap:
             self._refuse(
                 "audio_gap",
-                f"stream resumed after {gap:.1f} s without audio: what was sent meanwhile was lost "
-                "(broker restart or network outage?); detection goes on from here",
+                f"audio arrived {gap:.1f} s later than the stream's own length allows: audio sent "
+                "meanwhile was probably lost (broker restart, network outage) or the sender paused; "
+                "detection goes on from here",
                 item.topic,
                 stream.id,
             )
@@ -580,9 +594,14 @@ class EngineWorker:
                 self._emit(stream, stream.finish())
 
     def _emit(self, stream: StreamState, detections: list[Detection]) -> None:
-        for detection in detections:
-            stream.counters.detections += 1
-            self._events.detection(stream, detection, stream.wall_time(detection.end))
+        found = self._found(stream, detections)
+        if found:
+            self._events.detected(found)
+
+    @staticmethod
+    def _found(stream: StreamState, detections: list[Detection]) -> list[Found]:
+        stream.counters.detections += len(detections)
+        return [Found(stream, detection, stream.wall_time(detection.end)) for detection in detections]
 
     def _refuse(self, code: str, message: str, topic: str | None, stream: str | None) -> None:
         self.stats.refusals[code] = self.stats.refusals.get(code, 0) + 1

@@ -231,7 +231,16 @@ class MqttTransport:
             user = list(user_properties)
             if user:
                 properties.UserProperty = user
-        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        try:
+            if not topic:
+                # MQTT 5 lets paho send an empty topic (meant for topic aliases); brokers then drop us.
+                raise ValueError("empty topic")
+            info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        except (ValueError, UnicodeError) as error:
+            # A topic built from an inbound name (a request id, a stream id) that MQTT cannot carry:
+            # dropping this one publish must not fail the caller, who is serving other streams.
+            log.warning("publish to %r refused by the MQTT client: %s", topic, error)
+            return None
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             log.warning("publish to %s failed: %s", topic, paho.error_string(info.rc))
             return None

@@ -1,0 +1,45 @@
+"""The whole benchmark suite in one command:
+
+    python -m benchmarks [--quick]
+
+1. ``benchmarks.engine``: single-stream real-time factor on one thread (numpy, torch, torch int8),
+   start-up time and peak RSS of ``edge-agent detect`` over audio/dev;
+2. ``benchmarks.throughput``: engine throughput with 1, 16, 64 and 256 streams, in real-time
+   streams per core, next to the plain per-stream baseline measured in the same run;
+3. ``benchmarks.startup``: time from ``edge-agent run`` to ``online`` on the broker;
+4. ``benchmarks.mqtt_latency``: end-to-end delay through mosquitto with 1, 16, 64 and 128
+   concurrent real-time streams (p50/p95/p99), drops, CPU and peak RSS of the agent;
+5. the plot ``benchmarks/results/scaling.png`` (RTF and p95 delay against the number of streams).
+
+Every result file names the machine and its cores. ``--quick`` shortens the runs (for a smoke
+test, not for quoting). The soak test is separate: ``python -m benchmarks.soak``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+
+def run(module: str, *arguments: str) -> None:
+    print(f"\n=== python -m benchmarks.{module} {' '.join(arguments)}", flush=True)
+    subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *arguments], check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="short runs: a smoke test of the suite")
+    args = parser.parse_args()
+    quick = args.quick
+    run("engine", "--repeat", "1" if quick else "3")
+    run("throughput", "--streams", "1,16,64,256", "--seconds", "5" if quick else "30")
+    run("startup", "--repeat", "1" if quick else "5")
+    run("mqtt_latency", "--streams", "1,16" if quick else "1,16,64,128", "--seconds", "20" if quick else "60")
+    run("plot")
+
+
+if __name__ == "__main__":
+    main()

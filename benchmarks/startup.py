@@ -1,0 +1,97 @@
+"""Start-up: from launching ``edge-agent run`` to its retained ``online`` on the broker.
+
+    python -m benchmarks.startup [--repeat 5]
+
+The model is on local disk (audio/dev's model directory); mosquitto runs on loopback. Reported:
+median and worst of ``--repeat`` starts, for the numpy and torch backends.
+Results: benchmarks/results/startup.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from benchmarks.common import machine, model_dir, write_result
+from edge_agent.mqtt.transport import close_sockets
+from tests.broker import Broker
+
+
+def time_to_online(port: int, backend: str, workdir: Path, index: int) -> float:
+    device = f"startup{index}"
+    online = threading.Event()
+    watcher = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    watcher.on_message = lambda c, u, m: online.set() if m.payload == b"online" else None
+    watcher.connect("127.0.0.1", port, 30)
+    watcher.subscribe(f"edge_agent/{device}/availability", qos=1)
+    watcher.loop_start()
+    time.sleep(0.2)
+    started = time.perf_counter()
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edge_agent",
+            "run",
+            "--model-dir",
+            str(model_dir()),
+            "--broker",
+            f"127.0.0.1:{port}",
+            "--device-id",
+            device,
+            "--backend",
+            backend,
+            "--log-level",
+            "warning",
+        ],
+        env={**os.environ, "EDGE_AGENT_OUTBOX__PATH": str(workdir / f"{device}.db")},
+    )
+    try:
+        if not online.wait(120):
+            raise SystemExit("the agent did not come online")
+        return time.perf_counter() - started
+    finally:
+        agent.terminate()
+        agent.wait(30)
+        watcher.disconnect()
+        watcher.loop_stop()
+        close_sockets(watcher)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        broker = Broker(Path(folder)).start()
+        try:
+            for backend in ("numpy", "torch"):
+                times = [time_to_online(broker.port, backend, Path(folder), i) for i in range(args.repeat)]
+                results[backend] = {
+                    "median_s": round(statistics.median(times), 3),
+                    "max_s": round(max(times), 3),
+                }
+                median = results[backend]["median_s"]
+                print(f"{backend}: online after {median} s (median), worst {max(times):.2f} s")
+        finally:
+            broker.stop()
+    path = write_result("startup", {"benchmark": "startup", "machine": machine(), "results": results})
+    print(f"written: {path}")
+
+
+if __name__ == "__main__":
+    main()

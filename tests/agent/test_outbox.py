@@ -1,0 +1,102 @@
+"""The outbox on its own: order, numbering across restarts, bounds, batches, a bad file."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from edge_agent.agent.outbox import Outbox, OutboxError
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def body(name: str):  # type: ignore[no-untyped-def]
+    return lambda seq: {"name": name, "seq": seq}
+
+
+def test_events_come_back_in_order_with_their_numbers_in_the_body(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "o.db")
+    first = outbox.append("t/a", body("a"), "boot-1")
+    second = outbox.append("t/b", body("b"), "boot-1")
+    assert second.seq == first.seq + 1
+    pending = outbox.pending()
+    assert [(e.seq, e.topic, e.body["name"], e.body["seq"]) for e in pending] == [
+        (first.seq, "t/a", "a", first.seq),
+        (second.seq, "t/b", "b", second.seq),
+    ]
+    assert outbox.pending(after_seq=first.seq) == pending[1:]
+    outbox.remove(first.seq)
+    assert outbox.depth() == 1
+
+
+def test_numbers_keep_increasing_across_a_restart_even_when_the_outbox_was_emptied(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "o.db")
+    last = outbox.append_many([("t", body("a")), ("t", body("b"))], "boot-1")[-1]
+    for event in outbox.pending():
+        outbox.remove(event.seq)
+    outbox.close()
+    reopened = Outbox(tmp_path / "o.db")
+    assert reopened.append("t", body("c"), "boot-2").seq == last.seq + 1
+
+
+def test_a_batch_is_numbered_in_order_and_stored_whole(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "o.db")
+    stored = outbox.append_many([("t", body(str(i))) for i in range(50)], "boot")
+    assert [e.seq for e in stored] == list(range(stored[0].seq, stored[0].seq + 50))
+    assert [e.body["name"] for e in outbox.pending(limit=100)] == [str(i) for i in range(50)]
+    assert outbox.append_many([], "boot") == []
+
+
+def test_a_batch_whose_body_fails_stores_nothing_and_uses_no_numbers(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "o.db")
+    before = outbox.append("t", body("before"), "boot").seq
+
+    def broken(seq: int) -> dict:
+        raise ValueError("cannot build this one")
+
+    with pytest.raises(ValueError):
+        outbox.append_many([("t", body("x")), ("t", broken)], "boot")
+    assert outbox.depth() == 1
+    assert outbox.append("t", body("after"), "boot").seq == before + 1
+
+
+def test_the_count_bound_drops_the_oldest_and_counts_them(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "o.db", max_events=3)
+    outbox.append_many([("t", body(str(i))) for i in range(5)], "boot")
+    assert [e.body["name"] for e in outbox.pending()] == ["2", "3", "4"]
+    assert outbox.dropped_this_run == 2 and outbox.dropped_total == 2
+    outbox.close()
+    assert Outbox(tmp_path / "o.db", max_events=3).dropped_total == 2  # kept on disk
+
+
+def test_the_age_bound_drops_what_is_too_old(tmp_path: Path) -> None:
+    clock = Clock()
+    outbox = Outbox(tmp_path / "o.db", max_age_seconds=60, clock=clock)
+    outbox.append("t", body("old"), "boot")
+    clock.now += 30
+    outbox.append("t", body("young"), "boot")
+    clock.now += 45
+    assert outbox.expire() == 1
+    assert [e.body["name"] for e in outbox.pending()] == ["young"]
+
+
+def test_a_file_that_is_not_a_database_gets_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(OutboxError, match=r"cannot open the outbox .*o\.db"):
+        Outbox(path)
+
+
+def test_what_is_committed_is_on_disk_for_another_connection(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "o.db")
+    outbox.append_many([("t", body("a")), ("t", body("b"))], "boot")
+    with sqlite3.connect(tmp_path / "o.db") as other:
+        assert other.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 2

@@ -1,0 +1,38 @@
+"""The benchmark scripts still run (no timing is checked here: numbers belong in benchmarks/)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def bench(module: str, *arguments: str, results: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{module}", *arguments],
+        cwd=REPO,
+        env={**os.environ, "EDGE_AGENT_BENCH_RESULTS": str(results)},
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+
+
+def test_throughput_latency_and_plot_produce_their_files(
+    tmp_path: Path, model_dir: Path, dev_audio: Path
+) -> None:
+    bench("throughput", "--streams", "1,4", "--seconds", "2", results=tmp_path)
+    bench("mqtt_latency", "--streams", "2", "--seconds", "12", results=tmp_path)
+    bench("plot", results=tmp_path)
+    throughput = json.loads((tmp_path / "throughput-numpy.json").read_text(encoding="utf-8"))
+    assert [r["streams"] for r in throughput["results"]] == [1, 4]
+    assert throughput["machine"]["cores"] >= 1 and throughput["baseline"]["rtf"] > 0
+    latency = json.loads((tmp_path / "mqtt_latency.json").read_text(encoding="utf-8"))
+    (row,) = latency["results"]
+    assert row["detections_received"] >= row["detections_expected_at_least"] > 0
+    assert row["duplicates"] == 0
+    assert (tmp_path / "scaling.png").stat().st_size > 10_000
