@@ -288,16 +288,24 @@ class MqttTransport:
     # --- network thread ------------------------------------------------------------------
     def _run(self) -> None:
         socket_open = False
+        reader: _ReadBuffer | None = None
         while not self._stop.is_set():
             if not socket_open:
                 try:
                     self._client.reconnect()
                     socket_open = True
+                    reader = self._buffer_reads()
                 except (OSError, ssl.SSLError) as error:
                     self._failed(_describe_failure(error))
                     continue
             try:
                 rc = self._client.loop(timeout=0.2)
+                # Whole packets already in the buffer need no select(); a bounded batch keeps
+                # keepalives and our own publishes going while a burst is read.
+                for _ in range(256):
+                    if rc != paho.MQTT_ERR_SUCCESS or reader is None or not reader.buffered():
+                        break
+                    rc = self._client.loop_read()
             except (OSError, ssl.SSLError) as error:
                 self._failed(_describe_failure(error))
                 socket_open = False
@@ -305,6 +313,15 @@ class MqttTransport:
             if rc != paho.MQTT_ERR_SUCCESS and not self._stop.is_set():
                 socket_open = False
                 self._failed(f"connection lost ({paho.error_string(rc)})")
+
+    def _buffer_reads(self) -> _ReadBuffer | None:
+        # paho 2.x has no hook for this; its socket attribute is stable across 2.x (pinned <3).
+        sock = getattr(self._client, "_sock", None)
+        if sock is None or isinstance(sock, _ReadBuffer):
+            return sock
+        reader = _ReadBuffer(sock)
+        self._client._sock = reader  # type: ignore[assignment]
+        return reader
 
     def _failed(self, reason: str) -> None:
         if self._refusal is not None:
@@ -397,6 +414,46 @@ def _delivered_filter(topic_filter: str) -> str:
     if topic_filter.startswith("$share/"):
         return topic_filter.split("/", 2)[2]
     return topic_filter
+
+
+class _ReadBuffer:
+    """The client's socket, read 64 KiB at a time.
+
+    paho reads a packet with about five ``recv()`` calls (type, length bytes, body); each one
+    releases the GIL, and while the engine thread computes, taking it back costs up to a switch
+    interval (5 ms). With hundreds of audio chunks a second the network thread then falls behind
+    the broker. One large read per burst of packets avoids that; everything else (select, send,
+    TLS state) goes to the real socket.
+    """
+
+    READ_SIZE = 65536
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._data = b""
+        self._offset = 0
+
+    def recv(self, size: int) -> bytes:
+        if self._offset >= len(self._data):
+            # May raise BlockingIOError or ssl.SSLWantReadError, exactly as paho expects.
+            self._data = self._sock.recv(self.READ_SIZE)
+            self._offset = 0
+            if not self._data:
+                return b""  # the broker closed the connection
+        chunk = self._data[self._offset : self._offset + size]
+        self._offset += len(chunk)
+        return chunk
+
+    def buffered(self) -> int:
+        return len(self._data) - self._offset
+
+    def pending(self) -> int:
+        """Bytes readable without waiting: paho skips select()'s wait when this is not zero."""
+        inner = self._sock.pending() if hasattr(self._sock, "pending") else 0
+        return self.buffered() + inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
 
 
 def close_sockets(client: paho.Client) -> None:

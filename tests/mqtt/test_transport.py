@@ -28,3 +28,27 @@ def test_a_topic_mqtt_cannot_carry_drops_that_publish_only(bad_topic: str, tmp_p
         transport.stop()
         watcher.close()
         broker.stop()
+
+
+def test_read_buffer_serves_small_reads_from_one_large_read() -> None:
+    import socket
+
+    from edge_agent.mqtt.transport import _ReadBuffer
+
+    left, right = socket.socketpair()
+    left.setblocking(False)
+    try:
+        reader = _ReadBuffer(left)
+        with pytest.raises(BlockingIOError):  # nothing yet: paho sees "try again", as from a socket
+            reader.recv(1)
+        right.sendall(b"\x30\x05hello")
+        assert reader.recv(1) == b"\x30"
+        assert reader.buffered() == 6 and reader.pending() == 6  # paho will not wait in select()
+        assert reader.recv(1) == b"\x05"
+        assert reader.recv(100) == b"hello"
+        assert reader.buffered() == 0
+        assert reader.fileno() == left.fileno()  # everything else is the real socket's
+        right.close()
+        assert reader.recv(1) == b""  # the peer closed
+    finally:
+        left.close()
