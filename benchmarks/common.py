@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -74,3 +75,19 @@ def percentile(values: list[float], q: float) -> float | None:
     low = int(position)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def start_agent(
+    port: int, device: str, outbox: Path, *options: str, **settings: str
+) -> subprocess.Popen[bytes]:
+    """``edge-agent run`` as its own process against the broker on 127.0.0.1:``port``.
+
+    ``options`` are extra command-line options; ``settings`` are config overrides given the way
+    a deployment would, as environment variables (``health__interval="2"`` becomes
+    ``EDGE_AGENT_HEALTH__INTERVAL=2``).
+    """
+    env = {**os.environ, "EDGE_AGENT_OUTBOX__PATH": str(outbox)}
+    env.update({f"EDGE_AGENT_{key.upper()}": value for key, value in settings.items()})
+    command = [sys.executable, "-m", "edge_agent", "run", "--model-dir", str(model_dir())]
+    command += ["--broker", f"127.0.0.1:{port}", "--device-id", device, "--log-level", "warning", *options]
+    return subprocess.Popen(command, env=env)

@@ -23,9 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -37,7 +34,7 @@ import paho.mqtt.client as paho
 import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 
-from benchmarks.common import dev_audio, machine, model_dir, percentile, write_result
+from benchmarks.common import dev_audio, machine, percentile, start_agent, write_result
 from edge_agent.audio.wav import read_wav, to_mono_16k
 from tests.broker import Broker
 
@@ -124,28 +121,12 @@ def run_once(streams: int, seconds: float, workdir: Path) -> dict[str, Any]:
     audio, starts = positive_audio()
     total_seconds = min(seconds, len(audio) / 32000)
     broker = Broker(workdir).start()
-    env = {
-        **os.environ,
-        "EDGE_AGENT_OUTBOX__PATH": str(workdir / f"outbox-{streams}.db"),
-        "EDGE_AGENT_HEALTH__INTERVAL": "2",
-        "EDGE_AGENT_AUDIO__MQTT__MAX_STREAMS": str(max(64, streams)),
-    }
-    agent = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edge_agent",
-            "run",
-            "--model-dir",
-            str(model_dir()),
-            "--broker",
-            f"127.0.0.1:{broker.port}",
-            "--device-id",
-            DEVICE,
-            "--log-level",
-            "warning",
-        ],
-        env=env,
+    agent = start_agent(
+        broker.port,
+        DEVICE,
+        workdir / f"outbox-{streams}.db",
+        health__interval="2",
+        audio__mqtt__max_streams=str(max(64, streams)),
     )
     collector = Collector(broker.port)
     try:

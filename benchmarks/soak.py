@@ -28,9 +28,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -44,7 +41,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from benchmarks.common import dev_audio, machine, model_dir, write_result
+from benchmarks.common import dev_audio, machine, model_dir, start_agent, write_result
 from edge_agent.audio.wav import read_wav, to_mono_16k
 from edge_agent.engine.model import KeywordSpec, KwsModel
 from edge_agent.mqtt.transport import close_sockets
@@ -184,28 +181,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         workdir = Path(folder)
         broker = Broker(workdir, persistence=True).start()
-        env = {
-            **os.environ,
-            "EDGE_AGENT_OUTBOX__PATH": str(workdir / "outbox.db"),
-            "EDGE_AGENT_HEALTH__INTERVAL": "5",
-        }
-        agent = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "edge_agent",
-                "run",
-                "--model-dir",
-                str(model_dir()),
-                "--broker",
-                f"127.0.0.1:{broker.port}",
-                "--device-id",
-                DEVICE,
-                "--log-level",
-                "warning",
-            ],
-            env=env,
-        )
+        agent = start_agent(broker.port, DEVICE, workdir / "outbox.db", health__interval="5")
         watcher = Watcher(broker.port)
         device = Device(broker.port)
         process = psutil.Process(agent.pid)

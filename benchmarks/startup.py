@@ -10,10 +10,7 @@ Results: benchmarks/results/startup.json.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -23,7 +20,7 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from benchmarks.common import machine, model_dir, write_result
+from benchmarks.common import machine, start_agent, write_result
 from edge_agent.mqtt.transport import close_sockets
 from tests.broker import Broker
 
@@ -38,25 +35,7 @@ def time_to_online(port: int, backend: str, workdir: Path, index: int) -> float:
     watcher.loop_start()
     time.sleep(0.2)
     started = time.perf_counter()
-    agent = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edge_agent",
-            "run",
-            "--model-dir",
-            str(model_dir()),
-            "--broker",
-            f"127.0.0.1:{port}",
-            "--device-id",
-            device,
-            "--backend",
-            backend,
-            "--log-level",
-            "warning",
-        ],
-        env={**os.environ, "EDGE_AGENT_OUTBOX__PATH": str(workdir / f"{device}.db")},
-    )
+    agent = start_agent(port, device, workdir / f"{device}.db", "--backend", backend)
     try:
         if not online.wait(120):
             raise SystemExit("the agent did not come online")
