@@ -293,12 +293,17 @@ class Agent:
         )
 
     def _on_connected(self) -> None:
-        """After every CONNACK: retained state first, then the outbox backlog."""
+        """After every CONNACK: retained state first, then the outbox backlog.
+
+        ``info`` goes before ``online``: the broker handles one client's packets in order, so
+        whoever sees ``online`` can already read what the device is (Home Assistant and fleet
+        tools read both), even if the agent dies right after.
+        """
         assert self.transport is not None
-        self.transport.publish(self.topic(Availability.TOPIC), Availability.ONLINE, qos=1, retain=True)
         self.transport.publish(
             self.topic(DeviceInfo.TOPIC), self.device_info().to_payload(), qos=1, retain=True
         )
+        self.transport.publish(self.topic(Availability.TOPIC), Availability.ONLINE, qos=1, retain=True)
         self.publish_health()
         for integration in self.integrations:
             try:

@@ -82,6 +82,15 @@ def test_announces_itself_with_retained_state(broker, make_agent, tmp_path: Path
         late.close()
 
 
+def test_info_is_at_the_broker_before_online(broker, make_agent, client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Whoever reacts to ``online`` (and the agent may die right after) can read ``info``."""
+    client.subscribe(f"{PREFIX}/#")
+    make_agent(agent_config(broker.port, tmp_path))
+    client.wait_for(f"{PREFIX}/availability", lambda m: m and m[-1].payload == b"online")
+    topics = [m.topic.removeprefix(f"{PREFIX}/") for m in client.messages]
+    assert "info" in topics and topics.index("info") < topics.index("availability")
+
+
 def test_clean_stop_publishes_offline(broker, make_agent, client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     agent = make_agent(agent_config(broker.port, tmp_path))
     client.subscribe(f"{PREFIX}/availability")

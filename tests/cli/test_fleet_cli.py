@@ -90,6 +90,7 @@ def fleet(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     workdir = tmp_path_factory.mktemp("fleet")
     broker = Broker(workdir).start()
     watcher = Client(broker.port).connect().subscribe("edge_agent/+/availability")
+    watcher.subscribe("edge_agent/+/health")
     agents: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for device in (*LIVE, KILLED):
@@ -97,6 +98,7 @@ def fleet(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             agents[device] = start_agent(model_dir, broker.port, device, workdir, **groups)
         for device in agents:
             watcher.wait_for(f"edge_agent/{device}/availability", online, timeout=90)
+            watcher.wait_for(f"edge_agent/{device}/health")  # the killed one leaves health behind
         agents[KILLED].send_signal(signal.SIGKILL)
         agents[KILLED].wait(10)
         watcher.wait_for(f"edge_agent/{KILLED}/availability", lambda m: m[-1].payload == b"offline")
