@@ -546,6 +546,13 @@ class Agent:
         stored = self.outbox.append_many(
             [(self.topic(DetectionEvent.TOPIC), self._body_maker(item)) for item in found], self.boot_id
         )
+        if self.outbox.write_error is not None:
+            self.refuse(
+                "outbox_unwritable",
+                f"cannot write the outbox {self.outbox.path} ({self.outbox.write_error}): "
+                f"{self.outbox.unwritten} detection(s) held in memory, published as usual but lost "
+                "if the agent stops before the file can be written",
+            )
         if self.publisher is not None:
             self.publisher.notify()
         for item, event in zip(found, stored, strict=True):
@@ -682,6 +689,7 @@ class Agent:
             streams=streams,
             outbox_depth=self.outbox.depth() if self.outbox is not None else 0,
             outbox_dropped=self.outbox.dropped_this_run if self.outbox is not None else 0,
+            outbox_unwritten=self.outbox.unwritten if self.outbox is not None else 0,
             refused=dict(self.refused),
             muted=worker.muted,
             interval_s=self.config.health.interval,

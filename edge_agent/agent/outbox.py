@@ -9,6 +9,10 @@ events go first and every drop is counted (and shown in health).
 
 Sequence numbers come from the same database, so they keep increasing across restarts and
 receivers can de-duplicate on ``(device, seq)``.
+
+When the file cannot be written (disk full, a read-only or failing SD card), events are kept in
+memory, still numbered and published, and written at the next successful write: nothing is lost
+unless the agent stops before then. ``write_error`` says why meanwhile (shown in health).
 """
 
 from __future__ import annotations
@@ -73,9 +77,13 @@ class Outbox:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            self._next_seq = self._counter("next_seq")
         except sqlite3.Error as error:
             raise OutboxError(f"cannot open the outbox {self.path}: {error}") from None
         self.dropped_this_run = 0
+        # Numbered events not yet in the file (it could not be written), oldest first.
+        self._unwritten: list[StoredEvent] = []
+        self.write_error: str | None = None  # why the last write failed; None when it worked
 
     def close(self) -> None:
         with self._lock:
@@ -97,41 +105,74 @@ class Outbox:
         if not events:
             return []
         now = self._clock()
-        stored = []
-        with self._lock, self._transaction():
-            first = self._bump("next_seq", len(events))
-            for seq, (topic, make_body) in enumerate(events, start=first):
-                body = make_body(seq)
-                self._db.execute(
-                    "INSERT INTO events (seq, topic, body, created, boot_id) VALUES (?, ?, ?, ?, ?)",
-                    (seq, topic, json.dumps(body, ensure_ascii=False), now, boot_id),
-                )
-                stored.append(StoredEvent(seq, topic, body, now, boot_id))
-            self._enforce_bounds(now)
+        with self._lock:
+            stored = [
+                StoredEvent(seq, topic, make_body(seq), now, boot_id)
+                for seq, (topic, make_body) in enumerate(events, start=self._next_seq)
+            ]  # a body that cannot be built uses up no numbers
+            self._next_seq += len(events)
+            self._unwritten += stored
+            self._write_unwritten(now)
         return stored
 
     def remove(self, *seqs: int) -> None:
         """Forget acknowledged events: one transaction (one fsync) for a burst of PUBACKs."""
-        with self._lock, self._transaction():
-            self._db.executemany("DELETE FROM events WHERE seq = ?", [(seq,) for seq in seqs])
+        with self._lock:
+            if self._unwritten:
+                gone = set(seqs)
+                self._unwritten = [event for event in self._unwritten if event.seq not in gone]
+            try:
+                with self._transaction():
+                    self._db.executemany("DELETE FROM events WHERE seq = ?", [(seq,) for seq in seqs])
+            except sqlite3.Error as error:
+                # Left in the file they are sent again after a restart: receivers de-duplicate.
+                log.warning(
+                    "outbox %s: cannot delete %d acknowledged event(s): %s", self.path, len(seqs), error
+                )
 
     def expire(self) -> int:
-        """Drop events older than the age bound now; returns how many."""
-        with self._lock, self._transaction():
-            return self._enforce_bounds(self._clock())
+        """Drop events older than the age bound now (and retry a failed write); returns how many."""
+        with self._lock:
+            if self._unwritten:
+                return self._write_unwritten(self._clock())
+            try:
+                with self._transaction():
+                    return self._enforce_bounds(self._clock())
+            except sqlite3.Error as error:
+                log.warning("outbox %s: cannot drop old events: %s", self.path, error)
+                return 0
 
     # --- reading -------------------------------------------------------------------------
     def pending(self, after_seq: int = -1, limit: int = 100) -> list[StoredEvent]:
+        """Events after ``after_seq`` in order: the file's, then those it could not take yet."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT seq, topic, body, created, boot_id FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
-                (after_seq, limit),
-            ).fetchall()
-        return [StoredEvent(r[0], r[1], json.loads(r[2]), r[3], r[4]) for r in rows]
+            try:
+                rows = self._db.execute(
+                    "SELECT seq, topic, body, created, boot_id FROM events "
+                    "WHERE seq > ? ORDER BY seq LIMIT ?",
+                    (after_seq, limit),
+                ).fetchall()
+            except sqlite3.Error as error:
+                # Nothing rather than the held events alone, which would overtake the stored ones.
+                log.warning("outbox %s cannot be read: %s", self.path, error)
+                return []
+            unwritten = [event for event in self._unwritten if event.seq > after_seq]
+        stored = [StoredEvent(r[0], r[1], json.loads(r[2]), r[3], r[4]) for r in rows]
+        return (stored + unwritten)[:limit]  # unwritten events were numbered after every stored one
 
     def depth(self) -> int:
         with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+            try:
+                stored = int(self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+            except sqlite3.Error:
+                stored = 0  # unreadable: pending() reports it
+            return stored + len(self._unwritten)
+
+    @property
+    def unwritten(self) -> int:
+        """Events held in memory only, because the file could not be written."""
+        with self._lock:
+            return len(self._unwritten)
 
     @property
     def dropped_total(self) -> int:
@@ -146,13 +187,52 @@ class Outbox:
         row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
         return int(row[0]) if row else 0
 
-    def _bump(self, name: str, by: int = 1) -> int:
-        value = self._counter(name)
+    def _write_unwritten(self, now: float) -> int:
+        """Store the events held in memory, with the counter, in one transaction; returns the
+        number of old events dropped by the bounds. On failure they stay held (bounded too)."""
+        try:
+            with self._transaction():
+                self._db.executemany(
+                    "INSERT INTO events (seq, topic, body, created, boot_id) VALUES (?, ?, ?, ?, ?)",
+                    [
+                        (e.seq, e.topic, json.dumps(e.body, ensure_ascii=False), e.created, e.boot_id)
+                        for e in self._unwritten
+                    ],
+                )
+                self._set_counter("next_seq", self._next_seq)
+                dropped = self._enforce_bounds(now)
+        except sqlite3.Error as error:
+            if self.write_error is None:
+                log.error(
+                    "cannot write the outbox %s (%s): detections are kept in memory until it can be "
+                    "written, and lost if the agent stops before",
+                    self.path,
+                    error,
+                )
+            self.write_error = str(error)
+            excess = len(self._unwritten) - self.max_events
+            if excess > 0:
+                del self._unwritten[:excess]
+                self.dropped_this_run += excess
+            return max(excess, 0)
+        if self.write_error is not None:
+            log.warning(
+                "outbox %s can be written again: %d held event(s) stored", self.path, len(self._unwritten)
+            )
+            self.write_error = None
+        self._unwritten.clear()
+        return dropped
+
+    def _set_counter(self, name: str, value: int) -> None:
         self._db.execute(
             "INSERT INTO counters (name, value) VALUES (?, ?) "
             "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
-            (name, value + by),
+            (name, value),
         )
+
+    def _bump(self, name: str, by: int = 1) -> int:
+        value = self._counter(name)
+        self._set_counter(name, value + by)
         return value
 
     def _enforce_bounds(self, now: float) -> int:
@@ -181,8 +261,13 @@ class _Transaction:
 
     def __exit__(self, kind: object, error: object, trace: object) -> None:
         if kind is None:
-            self._db.execute("COMMIT")
-        else:
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error:
+                if self._db.in_transaction:  # a failed COMMIT leaves it open: undo, then report
+                    self._db.execute("ROLLBACK")
+                raise
+        elif self._db.in_transaction:  # SQLite may have rolled back itself (disk full, I/O error)
             self._db.execute("ROLLBACK")
 
 
@@ -260,9 +345,13 @@ class OutboxPublisher:
     def _run(self) -> None:
         while not self._stopping.is_set():
             self._wake.clear()
-            self._drain_acknowledgements()
-            handed = self._hand_over()
-            self._drain_acknowledgements()
+            try:
+                self._drain_acknowledgements()
+                handed = self._hand_over()
+                self._drain_acknowledgements()
+            except Exception:  # the only thread that delivers detections: it must not die
+                log.exception("outbox publisher failed; retrying")
+                handed = 0
             if not handed:
                 self._wake.wait(0.5)
 

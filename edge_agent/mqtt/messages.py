@@ -239,6 +239,7 @@ class HealthReport(JsonMessage):
     streams: dict[str, dict[str, Any]]
     outbox_depth: int = 0
     outbox_dropped: int = 0
+    outbox_unwritten: int = 0
     refused: dict[str, int] = field(default_factory=dict)
     muted: bool = False
     interval_s: float = 60.0

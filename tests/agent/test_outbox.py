@@ -100,3 +100,73 @@ def test_what_is_committed_is_on_disk_for_another_connection(tmp_path: Path) -> 
     outbox.append_many([("t", body("a")), ("t", body("b"))], "boot")
     with sqlite3.connect(tmp_path / "o.db") as other:
         assert other.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 2
+
+
+def fill_disk(outbox: Outbox) -> None:
+    """SQLite's own "database or disk is full", as on a full SD card: no page may be added."""
+    pages = outbox._db.execute("PRAGMA page_count").fetchone()[0]
+    outbox._db.execute(f"PRAGMA max_page_count = {pages}")
+
+
+def free_disk(outbox: Outbox) -> None:
+    outbox._db.execute("PRAGMA max_page_count = 1073741823")
+
+
+def make_read_only(outbox: Outbox, read_only: bool = True) -> None:
+    """Every write fails as on a file system remounted read-only (a failing SD card)."""
+    outbox._db.execute(f"PRAGMA query_only = {int(read_only)}")
+
+
+def test_a_read_only_file_holds_events_until_it_can_be_written(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "o.db")
+    make_read_only(outbox)
+    held = outbox.append("t", body("held"), "boot")
+    assert outbox.write_error is not None and "readonly" in outbox.write_error
+    assert outbox.pending() == [held]
+    make_read_only(outbox, False)
+    outbox.expire()
+    assert outbox.write_error is None and outbox.unwritten == 0
+    assert [e.seq for e in outbox.pending()] == [held.seq]
+
+
+def test_a_full_disk_keeps_events_in_memory_numbered_and_in_order(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "o.db")
+    first = outbox.append("t", body("stored"), "boot")
+    fill_disk(outbox)
+    held = outbox.append_many([("t", body(f"held{i}" + "x" * 5000)) for i in range(3)], "boot")
+    assert outbox.write_error is not None and "full" in outbox.write_error
+    assert [e.seq for e in held] == [first.seq + 1, first.seq + 2, first.seq + 3]
+    assert outbox.unwritten == 3 and outbox.depth() == 4
+    assert [e.seq for e in outbox.pending()] == [first.seq, *(e.seq for e in held)]
+    assert [e.seq for e in outbox.pending(after_seq=held[0].seq)] == [held[1].seq, held[2].seq]
+    outbox.remove(first.seq, held[0].seq)  # acknowledged while the disk is still full
+    assert [e.seq for e in outbox.pending()] == [held[1].seq, held[2].seq]
+
+    free_disk(outbox)
+    later = outbox.append("t", body("later"), "boot")
+    assert later.seq == held[2].seq + 1  # no number is given twice
+    assert outbox.write_error is None and outbox.unwritten == 0
+    outbox.close()
+    reopened = Outbox(tmp_path / "o.db")  # the held events reached the file
+    assert [e.body["name"][:5] for e in reopened.pending()] == ["held1", "held2", "later"]
+    assert reopened.append("t", body("next"), "boot").seq == later.seq + 1
+
+
+def test_held_events_are_written_by_the_periodic_expiry_too(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "o.db")
+    fill_disk(outbox)
+    outbox.append("t", body("x" * 8000), "boot")
+    assert outbox.expire() == 0 and outbox.unwritten == 1  # still full
+    free_disk(outbox)
+    outbox.expire()
+    assert outbox.unwritten == 0 and outbox.write_error is None
+    with sqlite3.connect(tmp_path / "o.db") as other:
+        assert other.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 1
+
+
+def test_held_events_are_bounded_like_stored_ones(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "o.db", max_events=2)
+    fill_disk(outbox)
+    outbox.append_many([("t", body(f"{i}" + "x" * 3000)) for i in range(5)], "boot")
+    assert [e.body["name"][0] for e in outbox.pending()] == ["3", "4"]
+    assert outbox.dropped_this_run == 3
