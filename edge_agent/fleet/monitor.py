@@ -314,6 +314,8 @@ class FleetView:
             flags.append("boot-mismatch")  # health and info from different starts: stale state
         if device.problems:
             flags.append("bad-payload")
+        if health is not None and _integer(health.outbox_unwritten):
+            flags.append("outbox-unwritable")  # detections held in memory only: disk full?
         return DeviceRow(
             device=device.device,
             status=status,

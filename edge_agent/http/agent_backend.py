@@ -192,10 +192,12 @@ class AgentBackend:
         stats = transport.stats if transport is not None else None
         depth: float | None = None
         dropped: float | None = None
+        unwritten: float | None = None
         if agent.outbox is not None:
             try:
                 depth = float(agent.outbox.depth())
                 dropped = float(agent.outbox.dropped_this_run)
+                unwritten = float(agent.outbox.unwritten)
             except Exception as error:  # noqa: BLE001 - a closed outbox must not break the scrape
                 log.debug("outbox depth unavailable: %s", error)
         return [
@@ -237,6 +239,12 @@ class AgentBackend:
                 "counter",
                 "Outbox events dropped (full or expired) this run.",
                 dropped,
+            ),
+            MetricFamily.single(
+                "edge_agent_outbox_unwritten",
+                "gauge",
+                "Detections held in memory only: the outbox file cannot be written (disk full?).",
+                unwritten,
             ),
         ]
 

@@ -263,6 +263,13 @@ def test_flags_for_a_dead_worker_muting_and_stale_health() -> None:
     assert row.worker_alive is False and row.muted is True
 
 
+def test_flag_for_an_outbox_that_cannot_be_written() -> None:
+    view = fleet()
+    feed(view, "dev-1", info=info(), health=health(outbox_unwritten=3))
+    feed(view, "dev-2", info=info("dev-2"), health=health("dev-2", outbox_unwritten=0))
+    assert [row.flags for row in view.rows()] == [["outbox-unwritable"], []]
+
+
 def test_expected_answers_for_each_target() -> None:
     view = fleet()
     feed(view, "a", info=info("a", groups=["upstairs"]), health=health("a"))
@@ -400,7 +407,7 @@ def test_docs_describe_every_column_field_and_rule() -> None:
         assert f"| `{header}` |" in docs, header
     for row_field in fields(DeviceRow):
         assert f"`{row_field.name}`" in docs, row_field.name
-    for flag in ("OVERDUE", "worker-dead", "muted", "boot-mismatch", "bad-payload"):
+    for flag in ("OVERDUE", "worker-dead", "muted", "boot-mismatch", "bad-payload", "outbox-unwritable"):
         assert f"`{flag}`" in docs, flag
     assert f"**{OVERDUE_FACTOR} × `health.interval_s`**" in docs
     assert f"never published a health report, {DEFAULT_GRACE_S:g} s after it started" in docs
