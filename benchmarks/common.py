@@ -6,10 +6,11 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from tests.support import start_agent_process
 
 REPO = Path(__file__).resolve().parent.parent
 # Where results go: the committed benchmarks/results, or elsewhere (the suite's smoke test).
@@ -79,15 +80,12 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def start_agent(
     port: int, device: str, outbox: Path, *options: str, **settings: str
-) -> subprocess.Popen[bytes]:
-    """``edge-agent run`` as its own process against the broker on 127.0.0.1:``port``.
+) -> subprocess.Popen[Any]:
+    """``edge-agent run`` as its own process (logging warnings only), against 127.0.0.1:``port``.
 
-    ``options`` are extra command-line options; ``settings`` are config overrides given the way
-    a deployment would, as environment variables (``health__interval="2"`` becomes
-    ``EDGE_AGENT_HEALTH__INTERVAL=2``).
+    ``settings`` are config overrides given the way a deployment would, as environment variables
+    (``health__interval="2"`` becomes ``EDGE_AGENT_HEALTH__INTERVAL=2``).
     """
-    env = {**os.environ, "EDGE_AGENT_OUTBOX__PATH": str(outbox)}
-    env.update({f"EDGE_AGENT_{key.upper()}": value for key, value in settings.items()})
-    command = [sys.executable, "-m", "edge_agent", "run", "--model-dir", str(model_dir())]
-    command += ["--broker", f"127.0.0.1:{port}", "--device-id", device, "--log-level", "warning", *options]
-    return subprocess.Popen(command, env=env)
+    env = {f"EDGE_AGENT_{key.upper()}": value for key, value in settings.items()}
+    options = ("--log-level", "warning", *options)
+    return start_agent_process(model_dir(), port, device, outbox, *options, env=env, stdout=None, stderr=None)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,3 +25,25 @@ def agent_config(port: int, tmp_path: Path, device: str = "dev1", **sections: An
         else:
             data[key] = value
     return parse_config(data)
+
+
+def start_agent_process(
+    model_dir: Path,
+    port: int,
+    device: str,
+    outbox: Path,
+    *options: str,
+    env: Mapping[str, str] | None = None,
+    **popen: Any,
+) -> subprocess.Popen[Any]:
+    """``edge-agent run`` as a real process against the broker on 127.0.0.1:``port``.
+
+    ``options`` are extra command-line options, ``env`` extra environment (config overrides);
+    output is discarded unless ``stdout``/``stderr`` are given.
+    """
+    command = [sys.executable, "-m", "edge_agent", "run", "--model-dir", str(model_dir)]
+    command += ["--broker", f"127.0.0.1:{port}", "--device-id", device, *options]
+    popen.setdefault("stdout", subprocess.DEVNULL)
+    popen.setdefault("stderr", subprocess.DEVNULL)
+    environment = {**os.environ, "EDGE_AGENT_OUTBOX__PATH": str(outbox), **(env or {})}
+    return subprocess.Popen(command, env=environment, **popen)

@@ -17,7 +17,7 @@ from edge_agent.audio.wav import encode_wav, read_wav, to_mono_16k
 from edge_agent.mqtt.messages import DetectionEvent, DeviceInfo, HealthReport
 from tests.agent.streaming import pcm16, stream_files
 from tests.broker import Client
-from tests.support import agent_config
+from tests.support import agent_config, start_agent_process
 
 PREFIX = "edge_agent/dev1"
 
@@ -106,23 +106,7 @@ def test_clean_stop_publishes_offline(broker, make_agent, client, tmp_path: Path
 
 def test_kill_9_leaves_offline_through_the_last_will(broker, model_dir: Path, tmp_path: Path, client) -> None:  # type: ignore[no-untyped-def]
     client.subscribe("edge_agent/killed/availability")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edge_agent",
-            "run",
-            "--model-dir",
-            str(model_dir),
-            "--broker",
-            f"127.0.0.1:{broker.port}",
-            "--device-id",
-            "killed",
-        ],
-        env={**__import__("os").environ, "EDGE_AGENT_OUTBOX__PATH": str(tmp_path / "k.db")},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = start_agent_process(model_dir, broker.port, "killed", tmp_path / "k.db")
     try:
         client.wait_for(
             "edge_agent/killed/availability", lambda m: m and m[-1].payload == b"online", timeout=60

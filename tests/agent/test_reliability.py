@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sqlite3
 import subprocess
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -22,7 +20,7 @@ from edge_agent.engine.model import KeywordSpec
 from edge_agent.mqtt.messages import DetectionEvent
 from tests.agent.streaming import pcm16
 from tests.broker import Broker, Client, free_port
-from tests.support import agent_config
+from tests.support import agent_config, start_agent_process
 
 PREFIX = "edge_agent/dev1"
 
@@ -97,25 +95,13 @@ def test_sigkill_with_events_in_the_outbox_publishes_them_after_restart(
     port = free_port()  # nobody listens yet: the agent cannot publish
     folder = positives(dev_audio, 3, tmp_path / "three")
     outbox = tmp_path / "outbox.db"
-    env = {**os.environ, "EDGE_AGENT_OUTBOX__PATH": str(outbox), "EDGE_AGENT_MQTT__RECONNECT_MAX_DELAY": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "edge_agent",
-        "run",
-        "--model-dir",
-        str(model_dir),
-        "--broker",
-        f"127.0.0.1:{port}",
-        "--device-id",
-        "dev1",
-    ]
+    env = {"EDGE_AGENT_MQTT__RECONNECT_MAX_DELAY": "1"}
     config = tmp_path / "fast.yaml"
     config.write_text(
         f"audio:\n  sources:\n    - type: file\n      id: mic\n      path: {folder}\n      realtime: false\n",
         encoding="utf-8",
     )
-    first = subprocess.Popen([*command, "-c", str(config)], env=env, stderr=subprocess.DEVNULL)
+    first = start_agent_process(model_dir, port, "dev1", outbox, "-c", str(config), env=env)
     try:
         deadline = time.monotonic() + 60
         while outbox_rows(outbox) < 3 and time.monotonic() < deadline:
@@ -126,7 +112,7 @@ def test_sigkill_with_events_in_the_outbox_publishes_them_after_restart(
         first.wait(10)
     broker = Broker(tmp_path, port=port).start()
     watcher = Client(broker.port).connect().subscribe(f"{PREFIX}/detection")
-    second = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+    second = start_agent_process(model_dir, port, "dev1", outbox, env=env)
     try:
         messages = watcher.wait_for(f"{PREFIX}/detection", lambda m: len(m) >= 3, timeout=60)
         events = [DetectionEvent.from_payload(m.payload) for m in messages]
@@ -273,22 +259,8 @@ def test_signal_stops_cleanly_with_offline(signal_name: str, model_dir: Path, tm
 
     broker = Broker(tmp_path).start()
     watcher = Client(broker.port).connect().subscribe("edge_agent/sig/availability")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edge_agent",
-            "run",
-            "--model-dir",
-            str(model_dir),
-            "--broker",
-            f"127.0.0.1:{broker.port}",
-            "--device-id",
-            "sig",
-        ],
-        env={**os.environ, "EDGE_AGENT_OUTBOX__PATH": str(tmp_path / "o.db")},
-        stderr=subprocess.PIPE,
-        text=True,
+    process = start_agent_process(
+        model_dir, broker.port, "sig", tmp_path / "o.db", stderr=subprocess.PIPE, text=True
     )
     try:
         watcher.wait_for("edge_agent/sig/availability", lambda m: m and m[-1].payload == b"online", 60)

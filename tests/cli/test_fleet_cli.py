@@ -8,7 +8,6 @@ expected to answer `all` or a group: `fleet cmd all ping` exits 0 when dev-1 and
 from __future__ import annotations
 
 import json
-import os
 import queue
 import signal
 import subprocess
@@ -29,7 +28,7 @@ from edge_agent.fleet.commands import CommandProcessor
 from edge_agent.fleet.monitor import iso_time
 from edge_agent.mqtt.messages import CommandResult, DeviceInfo, HealthReport
 from tests.broker import Broker, Client, free_port
-from tests.support import agent_config
+from tests.support import agent_config, start_agent_process
 
 LIVE = ("dev-1", "dev-2")
 KILLED = "dev-killed"
@@ -57,27 +56,9 @@ def fleet_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[st
 def start_agent(
     model_dir: Path, port: int, device: str, workdir: Path, **env: str
 ) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edge_agent",
-            "run",
-            "--model-dir",
-            str(model_dir),
-            "--broker",
-            f"127.0.0.1:{port}",
-            "--device-id",
-            device,
-        ],
-        env={
-            **os.environ,
-            "EDGE_AGENT_OUTBOX__PATH": str(workdir / f"{device}-outbox.db"),
-            "EDGE_AGENT_HEALTH__INTERVAL": "1",
-            **env,
-        },
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    outbox = workdir / f"{device}-outbox.db"
+    return start_agent_process(
+        model_dir, port, device, outbox, env={"EDGE_AGENT_HEALTH__INTERVAL": "1", **env}
     )
 
 

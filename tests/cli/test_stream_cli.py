@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 from tests.broker import Broker, Client
+from tests.support import start_agent_process
 
 
 def test_stream_sends_a_file_and_prints_the_detection(
@@ -16,23 +16,7 @@ def test_stream_sends_a_file_and_prints_the_detection(
 ) -> None:
     broker = Broker(tmp_path).start()
     watcher = Client(broker.port).connect().subscribe("edge_agent/streamed/availability")
-    agent = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edge_agent",
-            "run",
-            "--model-dir",
-            str(model_dir),
-            "--broker",
-            f"127.0.0.1:{broker.port}",
-            "--device-id",
-            "streamed",
-        ],
-        env={**os.environ, "EDGE_AGENT_OUTBOX__PATH": str(tmp_path / "outbox.db")},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    agent = start_agent_process(model_dir, broker.port, "streamed", tmp_path / "outbox.db")
     try:
         watcher.wait_for("edge_agent/streamed/availability", lambda m: m and m[-1].payload == b"online", 60)
         result = subprocess.run(

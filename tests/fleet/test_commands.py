@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -17,7 +14,7 @@ from edge_agent.config import load_config, merge_update, remote_overrides_path
 from edge_agent.fleet.commands import CommandProcessor
 from tests.agent.streaming import pcm16, stream_files
 from tests.broker import Client
-from tests.support import agent_config
+from tests.support import agent_config, start_agent_process
 
 
 def commanded_agent(make_agent, port: int, tmp_path: Path, device: str = "dev1", groups=(), **sections):  # type: ignore[no-untyped-def]
@@ -208,23 +205,7 @@ def test_set_config_and_mute_persist_beside_the_config_file(
 
 def test_restart_command_restarts_the_process(broker, model_dir: Path, tmp_path: Path, client) -> None:  # type: ignore[no-untyped-def]
     client.subscribe("edge_agent/phoenix/info")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edge_agent",
-            "run",
-            "--model-dir",
-            str(model_dir),
-            "--broker",
-            f"127.0.0.1:{broker.port}",
-            "--device-id",
-            "phoenix",
-        ],
-        env={**os.environ, "EDGE_AGENT_OUTBOX__PATH": str(tmp_path / "o.db")},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = start_agent_process(model_dir, broker.port, "phoenix", tmp_path / "o.db")
     try:
         first = client.wait_for("edge_agent/phoenix/info", timeout=60)[-1].json()["boot_id"]
         time.sleep(0.5)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 from edge_agent.fleet.pool import PoolTopics
 from tests.agent.streaming import pcm16
 from tests.broker import Client
+from tests.support import start_agent_process
 
 PREFIX = "edge_agent"
 POOL = "p1"
@@ -28,24 +28,8 @@ def workers(broker, model_dir: Path, tmp_path: Path):  # type: ignore[no-untyped
     processes = {}
     for index in range(3):
         name = f"w{index}"
-        processes[name] = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "edge_agent",
-                "run",
-                "--model-dir",
-                str(model_dir),
-                "--broker",
-                f"127.0.0.1:{broker.port}",
-                "--device-id",
-                name,
-                "--pool",
-                POOL,
-            ],
-            env={**os.environ, "EDGE_AGENT_OUTBOX__PATH": str(tmp_path / f"{name}.db")},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        processes[name] = start_agent_process(
+            model_dir, broker.port, name, tmp_path / f"{name}.db", "--pool", POOL
         )
     try:
         watcher.wait_for(
