@@ -26,7 +26,10 @@ def main() -> None:
     streams = [r["streams"] for r in throughput["results"]]
     left.plot(streams, [r["rtf"] for r in throughput["results"]], "o-", label="batched, 100 ms chunks")
     left.axhline(
-        throughput["baseline"]["rtf"], color="grey", linestyle="--", label="baseline: whole files, 1 stream"
+        throughput["baseline"]["rtf"],
+        color="grey",
+        linestyle="--",
+        label="plain reference: whole files, 1 stream",
     )
     left.set_xscale("log", base=2)
     left.set_xlabel("concurrent streams")

@@ -616,7 +616,7 @@ class EngineWorker:
         except (WavError, AudioFormatError) as error:
             return {"ok": False, "error": str(error)}
         detector = self._model.detector(self._keywords, self._settings)
-        detections = detector.feed(samples) + detector.finish()
+        detections = detector.finish(samples)  # the whole recording in one pass
         return {
             "ok": True,
             "detected": bool(detections),

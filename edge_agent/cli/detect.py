@@ -114,9 +114,9 @@ def detect_file(
     if chunk_samples > 0:
         for offset in range(0, samples.shape[0], chunk_samples):
             detections.extend(detector.feed(samples[offset : offset + chunk_samples]))
+        detections.extend(detector.finish())
     else:
-        detections.extend(detector.feed(samples))
-    detections.extend(detector.finish())
+        detections.extend(detector.finish(samples))  # the whole recording in one pass
     elapsed = time.perf_counter() - started
     return FileResult(path, tuple(detections), None, samples.shape[0] / SAMPLE_RATE_HZ, elapsed)
 

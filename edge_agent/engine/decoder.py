@@ -20,15 +20,26 @@ The best match ending at each frame is a max-plus recurrence that numpy evaluate
 chunk at once (a running maximum per character), so decoding costs a few array operations per
 chunk. That pass ignores the maximum duration, so it can only over-estimate; frames where it
 reaches the threshold are re-scored exactly over the last ``max_duration`` seconds and
-backtracked for timings. A detection fires one frame after its best frame (the last
-character's posterior peak has passed), then the keyword's search restarts after it and
-stays quiet for the refractory period: one spoken keyword, one detection.
+backtracked for timings. A detection fires one frame after its best frame once no match that
+began within the keyword's maximum duration before it could still beat it by 10% (or after the
+hold time), then the keyword's search restarts after it and stays quiet for the refractory
+period: one spoken keyword, one detection.
+
+**Exact posteriors only where they matter.** Normalising a posterior needs the network's whole
+output layer (2599 outputs), half of its arithmetic. The decoder can work from cheap upper
+bounds instead (:func:`process_many` with ``resolve``): on a frame where every keyword
+character's bound is below its floor, no character can be matched there, and treating the gap
+penalty as zero only over-estimates the recurrence, which is only a filter. So it asks
+``resolve`` for exact posteriors of (1) every frame where some character's bound reaches its
+floor, and (2) every frame of the window of a candidate match and of a pending detection. The
+exact re-scoring and the firing rule read nothing else, so the detections are those of a
+decoder given exact posteriors everywhere (the tests compare the two on real recordings).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +49,24 @@ _NEG_INF = -np.inf
 _POSTERIOR_FLOOR = 1e-10
 # A pending detection fires once no later frame could raise its confidence by more than 10%.
 _LOG_SETTLE_RATIO = math.log(0.9)
+# Gap penalty that ends every partial match in the filtering pass (finite, so that running sums
+# of it stay finite; any partial match is far below any threshold after one such frame).
+_KILL = -1.0e4
+# A bound compared with a character's floor is lowered by this factor first: the bound and the
+# exact posterior come from separate float32 products, whose roundings may differ by ~1e-7.
+_BOUND_SAFETY = 1.0 - 1e-4
+# Absolute frame standing for "no character start seen".
+_NEVER = -(10**12)
+
+#: Exact posteriors for the asked frames: per decoder, absolute frame numbers (maybe none) in,
+#: (frames, len(columns)) posteriors out.
+Resolver = Callable[[list[np.ndarray]], list[np.ndarray]]
+#: Makes the history's frames [start, stop) exact (a no-op where they are).
+Ensure = Callable[[int, int], None]
+
+
+def _already_exact(start: int, stop: int) -> None:
+    """The :data:`Ensure` of a decoder given exact posteriors."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +120,25 @@ class _Candidate:
     peak_posteriors: tuple[float, ...]
 
 
+@dataclass
+class _History:
+    """The decoder's recent frames: gathered posteriors (or bounds) and which rows are exact."""
+
+    values: np.ndarray  # (rows, columns) float64
+    exact: np.ndarray  # (rows,) bool
+    first: int  # absolute frame of row 0
+
+    @property
+    def end(self) -> int:
+        return self.first + self.values.shape[0]
+
+    def rows(self, start: int, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Values and exactness of absolute frames [start, stop)."""
+        low = start - self.first
+        high = None if stop is None else stop - self.first
+        return self.values[low:high], self.exact[low:high]
+
+
 class _KeywordSearch:
     """Decoding state of one keyword in one stream."""
 
@@ -135,21 +183,30 @@ class _KeywordSearch:
     def reset(self) -> None:
         self.carry = np.full(self.n, _NEG_INF)  # A_i at the last frame seen
         self.carry_pre = np.full(self.n, _NEG_INF)  # repeated characters: before the blank dip
-        self._carries_alive = False  # any finite carry: kept with the carries, read per chunk
         self.search_from = 0  # absolute frame where paths may start (after the last detection)
         self.quiet_until = -1  # refractory: no detection ending before this frame
         self.pending: _Candidate | None = None
+        # Absolute frames where the first character reached its floor (exactly), recent ones.
+        self.starts = np.zeros(0, dtype=np.int64)
 
-    # --- the recurrence ------------------------------------------------------------------
+    # --- per-frame terms ------------------------------------------------------------------
+    def characters(self, gathered: np.ndarray) -> np.ndarray:
+        """q: each character's posterior (or bound) (..., n) from gathered columns (..., c)."""
+        if self.single_columns is not None:
+            return gathered[..., self.single_columns]
+        return np.stack([gathered[..., cols].sum(axis=-1) for cols in self.group_columns], axis=-1)
+
+    def said(self, values: np.ndarray) -> np.ndarray:
+        """Rows (..., c) where some character may reach its floor (exact values or bounds)."""
+        return (self.characters(values) >= self.char_floor * _BOUND_SAFETY).any(axis=-1)
+
     def _terms(self, gathered: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per-character log posteriors L (s, t, n), gap log penalties g (s, t, n-1) and blank
-        dips (s, t, n-1) of gathered posteriors (s streams, t frames, columns)."""
+        dips (s, t, n-1) of exact gathered posteriors (s streams, t frames, columns)."""
         blank = gathered[..., 0]
-        if self.single_columns is not None:
-            q = gathered[..., self.single_columns]
-        else:
-            q = np.stack([gathered[..., cols].sum(axis=-1) for cols in self.group_columns], axis=-1)
-        log_q = np.log(np.maximum(q, _POSTERIOR_FLOOR)) / self.n
+        q = self.characters(gathered)
+        with np.errstate(divide="ignore"):
+            log_q = np.log(q) / self.n
         # A character below the floor was not said: it cannot be part of a match.
         log_q[q < self.char_floor] = _NEG_INF
         if self.n == 1:
@@ -160,6 +217,50 @@ class _KeywordSearch:
         dips = blank[..., None] > q[..., :-1]
         return log_q, gap, dips
 
+    def _optimistic_terms(
+        self, values: np.ndarray, exact: np.ndarray, killed: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`_terms` for the filtering pass, never below the exact terms: rows that are not
+        ``exact`` hold upper bounds, which give upper bounds of L, and the most favourable gap
+        and dip; ``killed`` rows lie too far from any first character for a match to pass."""
+        q = self.characters(values)
+        with np.errstate(divide="ignore"):
+            log_q = np.log(q) / self.n
+        log_q[q < self.char_floor * _BOUND_SAFETY] = _NEG_INF
+        log_q[killed] = _NEG_INF
+        if self.n == 1:
+            empty = np.zeros((*q.shape[:-1], 0))
+            return log_q, empty, empty.astype(bool)
+        blank = values[..., 0]
+        consistent = blank[..., None] + q[..., :-1] + np.where(self.repeated, 0.0, q[..., 1:])
+        gap = np.log(np.minimum(np.maximum(consistent * self.gap_scale, _POSTERIOR_FLOOR), 1.0))
+        dips = blank[..., None] > q[..., :-1]
+        gap[~exact] = 0.0
+        dips[~exact] = True
+        gap[killed] = _KILL
+        return log_q, gap, dips
+
+    def killed(self, frames: np.ndarray) -> np.ndarray:
+        """Which absolute ``frames`` no match can pass through: the last first-character start
+        at or before them is a whole window (or more) older. Only the filtering pass uses it."""
+        if self.starts.size == 0:
+            return np.ones(frames.shape, dtype=bool)
+        index = np.searchsorted(self.starts, frames, side="right") - 1
+        last = np.where(index >= 0, self.starts[np.maximum(index, 0)], _NEVER)
+        return frames - last >= self.window_frames
+
+    def note_starts(self, history: _History, first_frame: int) -> None:
+        """Record the frames from ``first_frame`` on where the first character may reach its
+        floor (by its exact value or its bound: every frame where a match may begin). Forget
+        those too old to matter for the frames still to come."""
+        values, _ = history.rows(first_frame)
+        first = self.characters(values)[:, 0]
+        found = np.flatnonzero(first >= self.char_floor * _BOUND_SAFETY) + first_frame
+        oldest = history.first - self.window_frames
+        kept = self.starts[self.starts >= oldest]
+        self.starts = np.concatenate([kept, found]) if found.size else kept
+
+    # --- the recurrence ------------------------------------------------------------------
     def _run(
         self,
         log_q: np.ndarray,
@@ -205,16 +306,6 @@ class _KeywordSearch:
             value = log_q[..., i + 1] + previous
         return value, new_carry, new_carry_pre, pointers, prefix
 
-    @property
-    def live(self) -> bool:
-        """A partial match or a pending detection exists: the next span cannot be skipped."""
-        return self.pending is not None or self._carries_alive
-
-    def first_character_peak(self, gathered: np.ndarray) -> np.ndarray:
-        """Largest posterior of the first character per stream (gathered: (s, t, columns))."""
-        first = gathered[..., self.group_columns[0]]
-        return first.sum(axis=-1).max(axis=-1) if first.shape[-1] > 1 else first[..., 0].max(axis=-1)
-
     def keep_carries(self, carry: np.ndarray, carry_pre: np.ndarray) -> None:
         """End of a span with nothing to report: keep the partial matches that can still win.
 
@@ -224,45 +315,88 @@ class _KeywordSearch:
         carry[carry < self.log_threshold] = _NEG_INF
         carry_pre[carry_pre < self.log_threshold] = _NEG_INF
         self.carry, self.carry_pre = carry, carry_pre
-        self._carries_alive = bool(np.isfinite(carry).any() or np.isfinite(carry_pre).any())
+
+    def expire(self, end_frame: int) -> None:
+        """A span where no character was said: partial matches carry over as if its frames
+        cost nothing (an over-estimate, as the filter may make), a repeated character's partial
+        match as if it passed its blank dip there; unless the span's last frame is a whole
+        window past the last first character, which ends them all."""
+        if bool(self.killed(np.array([end_frame - 1]))[0]):
+            self.carry = np.full(self.n, _NEG_INF)
+            self.carry_pre = np.full(self.n, _NEG_INF)
+            return
+        for i, repeated in enumerate(self.repeated):
+            if repeated:
+                self.carry[i] = max(self.carry[i], self.carry_pre[i])
+
+    def filter_pass(
+        self,
+        values: np.ndarray,
+        exact: np.ndarray,
+        frames: np.ndarray,
+        carry: np.ndarray,
+        carry_pre: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The over-estimating recurrence over s streams' rows (s, t, c) from their carries."""
+        log_q, gap, dips = self._optimistic_terms(values, exact, self.killed(frames))
+        scores, new_carry, new_carry_pre, _, _ = self._run(log_q, gap, dips, carry, carry_pre)
+        return scores, new_carry, new_carry_pre
 
     # --- streaming -----------------------------------------------------------------------
-    def process(self, history: np.ndarray, history_first: int, first_frame: int) -> list[Detection]:
+    def window_start(self, frame: int, history: _History) -> int:
+        """First frame a match ending at ``frame`` may use."""
+        return max(frame + 1 - self.window_frames, self.search_from, history.first)
+
+    def frames_read(self, frames: np.ndarray, history: _History) -> list[tuple[int, int]]:
+        """The [start, stop) spans that exact decoding reads for candidates or a pending match
+        at ``frames``: from the first possible start in each one's window to its hold time."""
+        spans = []
+        for frame in frames.tolist():
+            start = self.first_start(frame, history)
+            if start is not None:
+                spans.append((start, min(history.end, frame + 1 + self.hold_frames)))
+        return spans
+
+    def first_start(self, frame: int, history: _History) -> int | None:
+        """The first frame, in the window of a match ending at ``frame``, where the first
+        character reaches its floor: no match begins earlier, so rows before it are never read."""
+        low = self.window_start(frame, history)
+        index = int(np.searchsorted(self.starts, low))
+        if index == self.starts.shape[0] or int(self.starts[index]) > frame:
+            return None
+        return int(self.starts[index])
+
+    def process(
+        self, history: _History, first_frame: int, ensure: Ensure = _already_exact
+    ) -> list[Detection]:
         """Decode the frames from ``first_frame`` on; ``history`` holds them and those before.
 
-        ``history`` row 0 is absolute frame ``history_first``. After a detection the search
-        restarts right after its last character, which may lie before ``first_frame`` (a match
-        held over from the previous chunk), so spans are always taken from ``history``.
+        After a detection the search restarts right after its last character, which may lie
+        before ``first_frame`` (a match held over from the previous chunk), so spans are always
+        taken from ``history``.
         """
         detections: list[Detection] = []
         span_start = first_frame
-        end = history_first + history.shape[0]
-        while span_start < end:
-            rows = history[span_start - history_first :]
-            fired = self._process_span(rows, history, history_first, span_start)
+        while span_start < history.end:
+            fired = self._process_span(history, span_start, ensure)
             if fired is None:
                 break
             detection, span_start = fired
             detections.append(detection)
         return detections
 
-    def _idle(self, gathered: np.ndarray) -> bool:
-        """Nothing can match in this span: no live partial match and no first character loud
-        enough to start one. Most audio is like that; it skips the recurrence entirely."""
-        return not self.live and float(self.first_character_peak(gathered[None])[0]) < self.char_floor
-
     def _process_span(
-        self, gathered: np.ndarray, history: np.ndarray, history_first: int, first_frame: int
+        self, history: _History, first_frame: int, ensure: Ensure
     ) -> tuple[Detection, int] | None:
-        if self._idle(gathered):
-            return None
-        log_q, gap, dips = self._terms(gathered[None])
-        scores, carry, carry_pre, _, prefix = self._run(
-            log_q, gap, dips, self.carry[None], self.carry_pre[None]
+        values, exact = history.rows(first_frame)
+        frames = np.arange(first_frame, history.end)
+        scores, carry, carry_pre = self.filter_pass(
+            values[None], exact[None], frames[None], self.carry[None], self.carry_pre[None]
         )
-        scores, carry, carry_pre, prefix = scores[0], carry[0], carry_pre[0], prefix[0]
+        scores, carry, carry_pre = scores[0], carry[0], carry_pre[0]
         candidates = np.flatnonzero(scores >= self.log_threshold)
-        count = gathered.shape[0]
+        count = values.shape[0]
+        settle: tuple[int, np.ndarray] | None = None  # (first frame, best partial match per frame)
         i = 0
         while i < count:
             if self.pending is None:
@@ -273,26 +407,51 @@ class _KeywordSearch:
                 i = int(candidates[j])
                 frame = first_frame + i
                 if frame > self.quiet_until:
-                    self.pending = self._exact(history, history_first, frame)
+                    self.pending = self._exact(history, frame, ensure)
+                    settle = None
                 i += 1
                 continue
             frame = first_frame + i
             if scores[i] >= self.log_threshold:
-                candidate = self._exact(history, history_first, frame)
+                candidate = self._exact(history, frame, ensure)
                 if candidate is not None and candidate.confidence > self.pending.confidence:
                     self.pending = candidate
+                    settle = None
                     i += 1
                     continue
             # A later match can at best complete a partial match seen so far with perfect
-            # characters; fire once none could beat the pending match by a margin (at once for
-            # a confident match), or when the hold time is over. Waiting matters when a weak
-            # match borrowed the first characters of a keyword still being spoken.
-            settled = math.log(self.pending.confidence) >= prefix[i] + _LOG_SETTLE_RATIO
+            # characters; fire once none that began within a window of the pending match could
+            # beat it by a margin (at once for a confident match), or when the hold time is
+            # over. Waiting matters when a weak match borrowed the first characters of a
+            # keyword still being spoken.
+            if settle is None:
+                settle = self._partial_matches(history, self.pending.frame, ensure)
+            index = frame - settle[0]
+            best_partial = settle[1][index] if index >= 0 else _NEG_INF
+            settled = math.log(self.pending.confidence) >= best_partial + _LOG_SETTLE_RATIO
             if settled or frame - self.pending.frame >= self.hold_frames:
                 return self._fire(self.pending.frame + 1)
             i += 1
         self.keep_carries(carry, carry_pre)
         return None
+
+    def _partial_matches(
+        self, history: _History, pending_frame: int, ensure: Ensure
+    ) -> tuple[int, np.ndarray]:
+        """Best partial match (1..n-1 characters) at each frame from the pending match's window
+        up to its hold time (it fires by then), counting only matches that begin inside that
+        window; returns the first frame and the values."""
+        start = self.first_start(pending_frame, history)
+        if start is None:  # cannot happen (the pending match began in the window), but harmless
+            return pending_frame + 1, np.zeros(0)
+        stop = min(history.end, pending_frame + self.hold_frames + 1)
+        ensure(start, stop)
+        values, exact = history.rows(start, stop)
+        _require_exact(exact, "a pending detection's window")
+        log_q, gap, dips = self._terms(values[None])
+        no_carry = np.full((1, self.n), _NEG_INF)
+        *_, prefix = self._run(log_q, gap, dips, no_carry, no_carry)
+        return start, prefix[0]
 
     def _fire(self, resume_frame: int) -> tuple[Detection, int]:
         """Emit the pending detection and restart the search at ``resume_frame``."""
@@ -302,7 +461,6 @@ class _KeywordSearch:
         self.pending = None
         self.carry = np.full(self.n, _NEG_INF)
         self.carry_pre = np.full(self.n, _NEG_INF)
-        self._carries_alive = False
         self.search_from = resume_frame
         return detection, resume_frame
 
@@ -313,10 +471,15 @@ class _KeywordSearch:
         return detections
 
     # --- exact re-scoring ----------------------------------------------------------------
-    def _exact(self, history: np.ndarray, history_first: int, frame: int) -> _Candidate | None:
+    def _exact(self, history: _History, frame: int, ensure: Ensure) -> _Candidate | None:
         """Best match ending at ``frame`` within the duration window, or None."""
-        window_start = max(frame + 1 - self.window_frames, self.search_from, history_first)
-        rows = history[window_start - history_first : frame - history_first + 1]
+        window_start = self.first_start(frame, history)
+        if window_start is None:
+            return None
+        # The hold time after it too: if the match is pending, firing reads those frames.
+        ensure(window_start, min(history.end, frame + 1 + self.hold_frames))
+        rows, exact = history.rows(window_start, frame + 1)
+        _require_exact(exact, "a candidate's window")
         log_q, gap, dips = self._terms(rows[None])
         no_carry = np.full((1, self.n), _NEG_INF)
         scores, _, _, pointers, _ = self._run(log_q, gap, dips, no_carry, no_carry, backtrace=True)
@@ -374,6 +537,12 @@ class _KeywordSearch:
         )
 
 
+def _require_exact(exact: np.ndarray, what: str) -> None:
+    if not exact.all():
+        # A bug, not bad input: process_many resolves these rows before they are read.
+        raise AssertionError(f"{what} holds frames whose posteriors were never resolved")
+
+
 def _running_max(values: np.ndarray, initial: np.ndarray, with_arg: bool) -> tuple[np.ndarray, np.ndarray]:
     """Running maximum along axis 1 of (s, t) ``values``, seeded per stream with ``initial``;
     with the latest arg-max if asked. The seed stands for frames before this block (arg -1)."""
@@ -426,7 +595,7 @@ class KeywordDecoder:
             for k in keywords
         ]
         # Exact re-scoring looks back a window from frames up to one hold time old.
-        self._history_frames = max(s.window_frames + s.hold_frames for s in self._searches) + 1
+        self.history_frames = max(s.window_frames + s.hold_frames for s in self._searches) + 1
         self.reset(first_frame)
 
     @property
@@ -435,7 +604,9 @@ class KeywordDecoder:
 
     def reset(self, first_frame: int = 0) -> None:
         self._frames_seen = first_frame
-        self._history = np.zeros((0, self.columns.shape[0]), dtype=np.float64)
+        self._history = _History(
+            np.zeros((0, self.columns.shape[0]), dtype=np.float64), np.zeros(0, dtype=bool), first_frame
+        )
         for search in self._searches:
             search.reset()
 
@@ -445,14 +616,7 @@ class KeywordDecoder:
 
     def process(self, posteriors: np.ndarray) -> list[Detection]:
         """Decode (n, outputs) posteriors, or (n, len(columns)) if already gathered."""
-        if posteriors.shape[0] == 0:
-            return []
-        _, history, history_first, first_frame = self._begin(posteriors)
-        detections: list[Detection] = []
-        for search in self._searches:
-            detections.extend(search.process(history, history_first, first_frame))
-        detections.sort(key=lambda d: (d.end, d.keyword))
-        return detections
+        return process_many([self], [posteriors])[0]
 
     def finish(self) -> list[Detection]:
         """End of stream: emit detections still waiting for their next frame, then reset."""
@@ -461,36 +625,60 @@ class KeywordDecoder:
         self.reset()
         return detections
 
-    def rows_without_need(self, bounds: np.ndarray) -> int:
-        """How many leading rows need no exact posteriors, given upper bounds of them.
+    def _begin(self, posteriors: np.ndarray, exact: bool) -> int:
+        """Append new frames to the history; returns the absolute frame of the first.
 
-        None while a partial match or a detection is pending; otherwise the rows before the
-        first one where some keyword's first character could reach its floor: no match can
-        start there, so their values only ever stand before a match's first character.
-        """
-        if any(search.live for search in self._searches):
-            return 0
-        needed = bounds.shape[0]
-        for search in self._searches:
-            first = bounds[:, search.group_columns[0]]
-            loud = np.flatnonzero(
-                (first.sum(axis=1) if first.shape[1] > 1 else first[:, 0]) >= search.char_floor
-            )
-            if loud.size:
-                needed = min(needed, int(loud[0]))
-        return needed
-
-    def _begin(self, posteriors: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
-        """Account for new frames: (gathered, history, history_first, first_frame)."""
+        The history keeps ``history_frames`` rows from before this call and every new row, so
+        that a long chunk is decoded whole."""
         if posteriors.shape[1] == self.columns.shape[0]:
             gathered = posteriors.astype(np.float64, copy=False)
         else:
             gathered = posteriors[:, self.columns].astype(np.float64)
         first_frame = self._frames_seen
         self._frames_seen += gathered.shape[0]
-        history = np.concatenate([self._history, gathered])
-        self._history = history[-self._history_frames :]
-        return gathered, history, self._frames_seen - history.shape[0], first_frame
+        old = self._history
+        keep = self.history_frames
+        values = np.concatenate([old.values[-keep:], gathered])
+        flags = np.concatenate([old.exact[-keep:], np.full(gathered.shape[0], exact)])
+        self._history = _History(values, flags, self._frames_seen - values.shape[0])
+        return first_frame
+
+    @property
+    def history_first(self) -> int:
+        """Absolute frame of the oldest row the decoder keeps (it may ask to resolve it)."""
+        return self._history.first
+
+    def _unresolved(self, spans: list[tuple[int, int]]) -> np.ndarray:
+        """Frames in any of the [start, stop) ``spans`` that are not exact yet."""
+        if not spans:
+            return np.zeros(0, dtype=np.int64)
+        history = self._history
+        wanted = np.zeros(history.values.shape[0], dtype=bool)
+        for start, stop in spans:
+            wanted[start - history.first : stop - history.first] = True
+        return np.flatnonzero(wanted & ~history.exact) + history.first
+
+    def _ensure(self, resolve: Resolver, index: int, count: int) -> Ensure:
+        """On-demand resolution of this decoder's frames, as decoder ``index`` of ``count``."""
+        empty = np.zeros(0, dtype=np.int64)
+
+        def ensure(start: int, stop: int) -> None:
+            _, exact = self._history.rows(start, stop)
+            missing = np.flatnonzero(~exact) + start
+            if missing.size:
+                requests = [empty] * count
+                requests[index] = missing
+                self._fill(missing, np.asarray(resolve(requests)[index], dtype=np.float64))
+
+        return ensure
+
+    def _fill(self, frames: np.ndarray, posteriors: np.ndarray) -> None:
+        """Store exact posteriors (gathered columns) for absolute ``frames``."""
+        if frames.size == 0:
+            return
+        rows = frames - self._history.first
+        self._history.values[rows] = posteriors
+        self._history.exact[rows] = True
 
     def _signature(self) -> tuple[object, ...]:
         """Decoders with equal signatures can share one vectorised recurrence."""
@@ -500,60 +688,105 @@ class KeywordDecoder:
         )
 
 
+def _resolve(decoders: Sequence[KeywordDecoder], wanted: list[np.ndarray], resolve: Resolver) -> None:
+    """One ``resolve`` call for every decoder's wanted frames (none if nobody wants any)."""
+    if not any(frames.size for frames in wanted):
+        return
+    for decoder, frames, exact in zip(decoders, wanted, resolve(wanted), strict=True):
+        decoder._fill(frames, np.asarray(exact, dtype=np.float64))
+
+
 def process_many(
-    decoders: Sequence[KeywordDecoder], posteriors: Sequence[np.ndarray]
+    decoders: Sequence[KeywordDecoder],
+    posteriors: Sequence[np.ndarray],
+    resolve: Resolver | None = None,
 ) -> list[list[Detection]]:
     """:meth:`KeywordDecoder.process` for many streams, with the same results.
 
-    The recurrence of every keyword runs once for all streams (a leading stream axis; streams
-    with fewer frames are padded with frames that can neither start, continue nor penalise a
-    match). Streams with nothing going on (the common case) cost a few array operations in
-    total; a stream with a candidate or a pending detection takes the one-stream path for this
-    span, which does the exact re-scoring and timing.
+    Without ``resolve``, ``posteriors`` are exact. With it, they are upper bounds (as
+    :meth:`OutputLayer.bounds` gives) and ``resolve`` is asked, at most twice per call and for
+    all streams at once, for the exact posteriors of the frames that need them.
+
+    The filtering recurrence of every keyword runs once for all streams (a leading stream axis;
+    streams with fewer frames are padded with frames that can neither start, continue nor
+    penalise a match). Streams with nothing going on (the common case) cost a few array
+    operations in total; a stream with a candidate or a pending detection takes the one-stream
+    path for this span, which does the exact re-scoring and timing.
     """
     results: list[list[Detection]] = [[] for _ in decoders]
+    exact_input = resolve is None
+    first_frames: list[int | None] = []
+    for decoder, frames in zip(decoders, posteriors, strict=True):
+        first_frames.append(decoder._begin(frames, exact_input) if frames.shape[0] else None)
+    active = [i for i, first in enumerate(first_frames) if first is not None]
+    for i in active:
+        for search in decoders[i]._searches:
+            search.note_starts(decoders[i]._history, first_frames[i])  # type: ignore[arg-type]
+    # Per stream: the searches with a candidate or a pending detection, decoded exactly below,
+    # and the frames their exact decoding will read.
+    exact_work: list[list[_KeywordSearch]] = [[] for _ in decoders]
+    wanted: list[list[tuple[int, int]]] = [[] for _ in decoders]
     groups: dict[tuple[object, ...], list[int]] = {}
-    spans: list[tuple[np.ndarray, np.ndarray, int, int] | None] = []
-    for index, (decoder, frames) in enumerate(zip(decoders, posteriors, strict=True)):
-        if frames.shape[0] == 0:
-            spans.append(None)
-            continue
-        spans.append(decoder._begin(frames))
-        groups.setdefault(decoder._signature(), []).append(index)
+    for i in active:
+        groups.setdefault(decoders[i]._signature(), []).append(i)
     for members in groups.values():
-        lengths = np.array([spans[i][0].shape[0] for i in members])  # type: ignore[index]
+        spans = [decoders[i]._history.rows(first_frames[i]) for i in members]  # type: ignore[arg-type]
+        lengths = np.array([values.shape[0] for values, _ in spans])
         longest = int(lengths.max())
         columns = decoders[members[0]].columns.shape[0]
         stacked = np.zeros((len(members), longest, columns))
-        stacked[..., 0] = 1.0  # padding frames are pure blank
-        for row, i in enumerate(members):
-            gathered = spans[i][0]  # type: ignore[index]
-            stacked[row, : gathered.shape[0]] = gathered
+        stacked[..., 0] = 1.0  # padding frames are pure blank...
+        exact = np.ones((len(members), longest), dtype=bool)  # ...and exact
+        frames = np.zeros((len(members), longest), dtype=np.int64)
+        for row, ((values, flags), i) in enumerate(zip(spans, members, strict=True)):
+            stacked[row, : values.shape[0]] = values
+            exact[row, : values.shape[0]] = flags
+            frames[row] = first_frames[i] + np.arange(longest)  # type: ignore[operator]
         padding = np.arange(longest)[None, :] >= lengths[:, None]
         for slot in range(len(decoders[members[0]]._searches)):
             searches = [decoders[i]._searches[slot] for i in members]
             template = searches[0]
-            live = np.array([s.live for s in searches])
-            busy = live | (template.first_character_peak(stacked) >= template.char_floor)
+            pending = np.array([s.pending is not None for s in searches])
+            # A span where no character may reach its floor can neither start nor complete a
+            # match: its partial matches carry over (an over-estimate: the filter may keep them).
+            busy = pending | (template.said(stacked) & ~padding).any(axis=1)
+            for row in np.flatnonzero(~busy):
+                searches[row].expire(int(frames[row, 0]) + int(lengths[row]))
             rows = np.flatnonzero(busy)
             if rows.size == 0:
                 continue
-            log_q, gap, dips = template._terms(stacked[rows])
+            # Killing is per stream (its own first characters), so it is done row by row.
+            killed = np.stack([searches[r].killed(frames[r]) for r in rows]) & ~padding[rows]
+            log_q, gap, dips = template._optimistic_terms(stacked[rows], exact[rows], killed)
             log_q[padding[rows]] = _NEG_INF
             gap[padding[rows]] = 0.0
             dips[padding[rows]] = False
             carry = np.stack([searches[r].carry for r in rows])
             carry_pre = np.stack([searches[r].carry_pre for r in rows])
             scores, new_carry, new_carry_pre, _, _ = template._run(log_q, gap, dips, carry, carry_pre)
-            candidates = (scores >= template.log_threshold).any(axis=1)
+            candidates = scores >= template.log_threshold
             for position, row in enumerate(rows):
                 search = searches[row]
-                i = members[row]
-                if search.pending is None and not candidates[position]:
+                found = frames[row, np.flatnonzero(candidates[position])]
+                if search.pending is None and found.size == 0:
                     search.keep_carries(new_carry[position], new_carry_pre[position])
                     continue
-                _, history, history_first, first_frame = spans[i]  # type: ignore[misc]
-                results[i].extend(search.process(history, history_first, first_frame))
+                index = members[row]
+                exact_work[index].append(search)
+                if search.pending is not None:
+                    found = np.concatenate([[search.pending.frame], found])
+                wanted[index] += search.frames_read(found, decoders[index]._history)
+    if resolve is not None:
+        # Everything the exact decoding below will read, for every stream, in one call.
+        _resolve(decoders, [decoders[i]._unresolved(spans) for i, spans in enumerate(wanted)], resolve)
+    for i, searches in enumerate(exact_work):
+        if not searches:
+            continue
+        decoder = decoders[i]
+        # Resolved above; on demand is a safety net, for spans the filter did not foresee.
+        ensure = _already_exact if resolve is None else decoder._ensure(resolve, i, len(decoders))
+        for search in searches:
+            results[i].extend(search.process(decoder._history, first_frames[i], ensure))  # type: ignore[arg-type]
     for found in results:
         found.sort(key=lambda d: (d.end, d.keyword))
     return results

@@ -15,12 +15,14 @@ import numpy as np
 
 from edge_agent.engine.decoder import CompiledKeyword, Detection, process_many
 from edge_agent.engine.features import SAMPLE_RATE_HZ, FeatureStream, accept_many
+from edge_agent.engine.network import OutputLayer
 
 if TYPE_CHECKING:
     from edge_agent.engine.model import DecoderSettings, KwsModel
 
-# Largest piece of audio run through the network at once (4 s).
-_BLOCK_SAMPLES = 4 * SAMPLE_RATE_HZ
+# Largest piece of audio run through the network at once (8 s): long enough that the per-call
+# costs vanish, short enough that a block's working arrays stay in the CPU's caches.
+_BLOCK_SAMPLES = 8 * SAMPLE_RATE_HZ
 
 
 class KeywordDetector:
@@ -35,6 +37,7 @@ class KeywordDetector:
         self._network_state = model.network.new_state()
         self._decoder = model.decoder(keywords, settings)
         self._samples_seen = 0
+        self._hidden = _HiddenRows(model.network.output.input_dim)
 
     @property
     def keywords(self) -> list[CompiledKeyword]:
@@ -47,12 +50,9 @@ class KeywordDetector:
 
     def feed(self, samples: np.ndarray) -> list[Detection]:
         """Add 16 kHz mono samples (int16, or float in 16-bit units); return new detections."""
-        samples = np.asarray(samples)
-        if samples.ndim != 1:
-            raise ValueError(f"expected a 1-D array of mono samples, got shape {samples.shape}")
+        samples = _mono(samples)
         if samples.shape[0] > _BLOCK_SAMPLES:
-            # Long inputs (whole files) in blocks: the network's intermediate matrices are
-            # 2599 columns wide, so an unbounded block would cost ~30 MB per minute of audio.
+            # Long inputs (whole files) in blocks, so that working arrays stay small.
             # Chunking never changes results.
             found: list[Detection] = []
             for offset in range(0, samples.shape[0], _BLOCK_SAMPLES):
@@ -66,13 +66,27 @@ class KeywordDetector:
         # One stream is a batch of one: the same path, and the same savings, as many streams.
         return feed_many([self], [samples])[0]
 
-    def finish(self) -> list[Detection]:
-        """End of stream: score the last frames, return what they hold, and start afresh."""
-        features = self._features.finish()
-        posteriors = self._model.network.forward(
-            self._network_state, features, final=True, columns=self._decoder.columns
-        )
-        detections = self._decoder.process(posteriors) + self._decoder.finish()
+    def finish(self, samples: np.ndarray | None = None) -> list[Detection]:
+        """End of stream: score the last frames, return what they hold, and start afresh.
+
+        ``samples``, if given, are the stream's last samples: ``finish(recording)`` on a fresh
+        detector decodes a whole recording in one pass, the same as ``feed`` then ``finish``.
+        """
+        detections: list[Detection] = []
+        if samples is None:
+            features = self._features.finish()
+        else:
+            samples = _mono(samples)
+            # All but the last block as usual; the last one is ended in the same pass.
+            last = max(0, (samples.shape[0] - 1) // _BLOCK_SAMPLES) * _BLOCK_SAMPLES
+            if last:
+                detections += self.feed(samples[:last])
+            tail = samples[last:]
+            self._samples_seen += tail.shape[0]
+            features = np.concatenate([self._features.accept(tail), self._features.finish()])
+        hidden = self._model.network.hidden(self._network_state, features, final=True)
+        (found,) = _decode([self], [hidden])
+        detections += found + self._decoder.finish()
         self.reset()
         return detections
 
@@ -81,6 +95,7 @@ class KeywordDetector:
         self._features.reset()
         self._network_state = self._model.network.new_state()
         self._decoder.reset()
+        self._hidden = _HiddenRows(self._model.network.output.input_dim)
         self._samples_seen = 0
 
     def set_keywords(
@@ -92,6 +107,13 @@ class KeywordDetector:
         if settings is not None:
             self._settings = settings
         self._decoder = self._model.decoder(keywords, self._settings, first_frame=self._decoder.frames_seen)
+
+
+def _mono(samples: np.ndarray) -> np.ndarray:
+    samples = np.asarray(samples)
+    if samples.ndim != 1:
+        raise ValueError(f"expected a 1-D array of mono samples, got shape {samples.shape}")
+    return samples
 
 
 def feed_many(detectors: Sequence[KeywordDetector], chunks: Sequence[np.ndarray]) -> list[list[Detection]]:
@@ -115,17 +137,60 @@ def feed_many(detectors: Sequence[KeywordDetector], chunks: Sequence[np.ndarray]
         for i in members:
             detectors[i]._samples_seen += int(np.asarray(chunks[i]).shape[0])
         features = accept_many([d._features for d in batch], [np.asarray(chunks[i]) for i in members])
-        network = batch[0]._model.network
-        decoders = [d._decoder for d in batch]
-        posteriors = network.forward_many(
-            [d._network_state for d in batch],
-            features,
-            columns=batch[0]._decoder.columns,
-            skip=lambda bounds, decoders=decoders: [
-                decoder.rows_without_need(b) for decoder, b in zip(decoders, bounds, strict=True)
-            ],
-        )
-        found = process_many([d._decoder for d in batch], posteriors)
-        for i, detections in zip(members, found, strict=True):
+        hidden = batch[0]._model.network.hidden_many([d._network_state for d in batch], features)
+        for i, detections in zip(members, _decode(batch, hidden), strict=True):
             results[i] = detections
     return results
+
+
+def _decode(detectors: Sequence[KeywordDetector], hidden: Sequence[np.ndarray]) -> list[list[Detection]]:
+    """Decode new hidden rows of detectors sharing one model and one set of decoder columns.
+
+    The decoders get cheap upper bounds for every row, and exact posteriors only for the rows
+    they ask for: one output-layer product for all streams' asked rows at a time.
+    """
+    output: OutputLayer = detectors[0]._model.network.output
+    columns = detectors[0]._decoder.columns
+    for detector, rows in zip(detectors, hidden, strict=True):
+        detector._hidden.append(rows, keep=detector._decoder.history_frames)
+    counts = [rows.shape[0] for rows in hidden]
+    every = np.concatenate(hidden) if len(hidden) > 1 else hidden[0]
+    bounds = output.bounds(every, columns)
+    edges = np.cumsum([0, *counts])
+    per_stream = [bounds[edges[i] : edges[i + 1]] for i in range(len(counts))]
+
+    def resolve(frames: list[np.ndarray]) -> list[np.ndarray]:
+        asking = [i for i, f in enumerate(frames) if f.size]
+        wanted = [detectors[i]._hidden.rows(frames[i]) for i in asking]
+        exact = output.posteriors(np.concatenate(wanted) if len(wanted) > 1 else wanted[0], columns)
+        answers = [exact[:0]] * len(frames)
+        offset = 0
+        for i in asking:
+            answers[i] = exact[offset : offset + frames[i].size]
+            offset += frames[i].size
+        return answers
+
+    return process_many([d._decoder for d in detectors], per_stream, resolve)
+
+
+class _HiddenRows:
+    """A stream's recent hidden rows (the output layer's inputs), by absolute frame, so that the
+    decoder can ask for the exact posteriors of any frame it still holds."""
+
+    def __init__(self, width: int) -> None:
+        self._rows = np.zeros((0, width), dtype=np.float32)
+        self._first = 0  # absolute frame of row 0
+
+    def append(self, rows: np.ndarray, keep: int) -> None:
+        """Add new rows, keeping ``keep`` rows from before (as the decoder keeps its history)."""
+        if rows.shape[0] == 0:
+            return  # the decoder skips empty spans too, keeping everything it holds
+        old = self._rows[-keep:] if keep else self._rows[:0]
+        self._first += self._rows.shape[0] - old.shape[0]
+        self._rows = np.concatenate([old, rows]) if old.shape[0] else np.asarray(rows, dtype=np.float32)
+
+    def rows(self, frames: np.ndarray) -> np.ndarray:
+        index = frames - self._first
+        if index.size and (index.min() < 0 or index.max() >= self._rows.shape[0]):
+            raise IndexError(f"frames {frames.min()}..{frames.max()} are no longer held")
+        return self._rows[index]

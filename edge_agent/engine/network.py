@@ -1,23 +1,29 @@
 """The cFSMN acoustic network, run incrementally with per-stream state.
 
+The network is split where the engine's work splits. The **body** (every component up to the
+last affine transform) turns features into 140-dimensional hidden rows, one per 30 ms output
+frame; it runs on every frame. The **output layer** (:class:`OutputLayer`: the last affine
+transform, 140 -> 2599, and the softmax) is half of the arithmetic, but a keyword decoder needs
+exact posteriors only for the few frames where a keyword may be under way: it asks for those
+rows, and gets cheap upper bounds for the others (see :mod:`edge_agent.engine.decoder`).
+
 Every component but ``Fsmn`` works frame by frame, so a chunk of frames goes through it as one
 matrix product. An ``Fsmn`` layer reads ``history_frames`` past and ``lookahead_frames`` future
 inputs, so each stream keeps, per Fsmn layer, a buffer of recent inputs: the outputs of a
 chunk's last ``lookahead_frames`` frames wait until the next chunk brings their future (the
-model's latency: 2 frames x 4 layers x 30 ms = 240 ms) and :meth:`NetworkBackend.forward` with
+model's latency: 2 frames x 4 layers x 30 ms = 240 ms) and :meth:`NetworkBackend.hidden` with
 ``final=True`` supplies zeros for it, exactly as a whole-utterance pass treats frames past the
 end. Chunked and whole-utterance outputs are therefore the same, which the tests check; we
 never pad zeros at chunk edges as FunASR's streaming mode does.
 
 Two backends implement :class:`NetworkBackend`: :class:`NumpyNetwork` here (the default, no
 torch import: torch costs ~1.8 s and ~220 MB on import) and ``TorchNetwork`` in
-``torch_network.py``.
+``torch_network.py``. Both share the numpy :class:`OutputLayer`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
@@ -34,10 +40,6 @@ from edge_agent.engine.kaldi_nnet import (
     Splice,
 )
 
-# Given upper bounds of the selected posteriors, per stream, how many leading rows of each
-# stream need no exact posteriors.
-SkipRule = Callable[[list[np.ndarray]], list[int]]
-
 
 class NetworkState(Protocol):
     """Opaque per-stream state of a backend."""
@@ -50,9 +52,22 @@ class NetworkBackend(Protocol):
     input_dim: int
     output_dim: int
     lookahead_frames: int
+    output: OutputLayer
 
     def new_state(self) -> NetworkState:
         """State for a new stream (silence before its start)."""
+        ...
+
+    def hidden(self, state: NetworkState, features: np.ndarray, final: bool = False) -> np.ndarray:
+        """Feed (n, input_dim) frames; return the hidden rows (m, output.input_dim) now final.
+
+        With ``final=True`` the stream ends: every pending frame is returned and ``state`` must
+        not be used again.
+        """
+        ...
+
+    def hidden_many(self, states: Sequence[NetworkState], features: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """:meth:`hidden` for several streams at once; the same results, in one pass."""
         ...
 
     def forward(
@@ -62,41 +77,9 @@ class NetworkBackend(Protocol):
         final: bool = False,
         columns: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Feed (n, input_dim) frames; return the posteriors (m, output_dim) that are now final.
-
-        ``columns`` selects the outputs to return (the softmax still normalises over all).
-        With ``final=True`` the stream ends: every pending frame is returned and ``state`` must
-        not be used again.
-        """
+        """:meth:`hidden`, then the output layer on every row: the posteriors (m, output_dim),
+        or only ``columns`` of them (still normalised over all outputs)."""
         ...
-
-    def forward_many(
-        self,
-        states: Sequence[NetworkState],
-        features: Sequence[np.ndarray],
-        columns: np.ndarray | None = None,
-        skip: SkipRule | None = None,
-    ) -> list[np.ndarray]:
-        """:meth:`forward` for several streams at once; the same results, in one pass.
-
-        ``skip`` (optional to honour) may waive exact posteriors for leading rows of a stream.
-        """
-        ...
-
-
-@dataclass
-class _FsmnBuffer:
-    """Per-stream, per-layer inputs kept for the next chunk: history then pending frames."""
-
-    frames: np.ndarray
-
-
-class NumpyState:
-    __slots__ = ("buffers", "finished")
-
-    def __init__(self, buffers: list[_FsmnBuffer]) -> None:
-        self.buffers = buffers
-        self.finished = False
 
 
 def validate_structure(components: Sequence[Component], source: str) -> None:
@@ -107,25 +90,128 @@ def validate_structure(components: Sequence[Component], source: str) -> None:
                 f"{source}: {type(component).__name__} inside the acoustic network is not supported "
                 "(feature transforms belong in the .mvn file)"
             )
-    if not isinstance(components[-1], Softmax):
+    if len(components) < 2 or not isinstance(components[-1], Softmax):
         # The decoder needs posteriors; a network without a final Softmax gives logits.
         raise ValueError(f"{source}: the network must end with a Softmax component")
+    if not isinstance(components[-2], AffineTransform):
+        raise ValueError(f"{source}: the network must end with an AffineTransform followed by a Softmax")
 
 
-def fsmn_memory(
-    layer: Fsmn, inputs: np.ndarray, first: int, count: int, out: np.ndarray | None = None
-) -> np.ndarray:
-    """Outputs of ``layer`` for ``inputs[first:first+count]``, reading neighbours in ``inputs``."""
-    result = inputs[first : first + count].copy() if out is None else out
-    if out is not None:
-        result[...] = inputs[first : first + count]
+class OutputLayer:
+    """The last affine transform and the softmax, for the rows that need them.
+
+    :meth:`posteriors` is exact. :meth:`bounds` computes only the logits of the selected
+    columns and normalises over them alone: each value is then at least the true posterior
+    (the true softmax divides by a larger sum), at a fraction of the cost.
+    """
+
+    def __init__(self, affine: AffineTransform) -> None:
+        self.input_dim = affine.input_dim
+        self.output_dim = affine.output_dim
+        weights = np.ascontiguousarray(affine.weight.T, dtype=np.float32)  # (input, output)
+        bias = np.asarray(affine.bias, dtype=np.float32)
+        self._weights = weights
+        self._bias = bias
+        # Two extra input rows make the matrix product add the bias and subtract each row's
+        # shift itself: hidden | 1 | -shift times weights ; bias ; 1. That saves two passes over
+        # the (rows, 2599) logits, which cost as much as the product's arithmetic.
+        self._augmented = np.concatenate([weights, bias[None, :], np.ones((1, self.output_dim), np.float32)])
+        self._subsets: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _subset(self, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        key = columns.tobytes()
+        found = self._subsets.get(key)
+        if found is None:
+            found = (np.ascontiguousarray(self._weights[:, columns]), self._bias[columns].copy())
+            self._subsets[key] = found
+        return found
+
+    def logits(self, hidden: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        """The logits of ``columns`` only."""
+        weights, bias = self._subset(np.asarray(columns, dtype=np.int64))
+        logits = np.asarray(hidden, dtype=np.float32) @ weights
+        logits += bias
+        return logits
+
+    def bounds(self, hidden: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        """Upper bounds of the posteriors of ``columns`` (softmax over those columns alone)."""
+        return softmax(self.logits(hidden, columns))
+
+    def posteriors(self, hidden: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
+        """Exact posteriors of every output, or of ``columns`` (normalised over all outputs)."""
+        hidden = np.asarray(hidden, dtype=np.float32)
+        rows = hidden.shape[0]
+        if columns is None:
+            logits = hidden @ self._weights
+            logits += self._bias
+            return softmax(logits)
+        columns = np.asarray(columns, dtype=np.int64)
+        if rows == 0:
+            return np.zeros((0, columns.shape[0]), dtype=np.float32)
+        # Shift each row by its largest selected logit rather than by its largest logit: the
+        # product can then subtract it, and no pass is needed to find the maximum. On this model
+        # the largest logit exceeds the selected ones (which include blank) by at most ~20, far
+        # from float32's exp overflow at 88; a row that overflows anyway is redone exactly.
+        shift = self.logits(hidden, columns).max(axis=1)
+        augmented = np.empty((rows, self.input_dim + 2), dtype=np.float32)
+        augmented[:, : self.input_dim] = hidden
+        augmented[:, self.input_dim] = 1.0
+        np.negative(shift, out=augmented[:, self.input_dim + 1])
+        shifted = augmented @ self._augmented
+        with np.errstate(over="ignore"):
+            np.exp(shifted, out=shifted)
+        totals = shifted.sum(axis=1)
+        result = shifted[:, columns] / totals[:, None]
+        overflowed = ~np.isfinite(totals)
+        if overflowed.any():
+            result[overflowed] = self.posteriors(hidden[overflowed])[:, columns]
+        return result
+
+
+class _FsmnBuffer:
+    """Per-stream, per-layer inputs kept for the next chunk: history then pending frames."""
+
+    __slots__ = ("frames",)
+
+    def __init__(self, frames: np.ndarray) -> None:
+        self.frames = frames
+
+
+class NumpyState:
+    __slots__ = ("buffers", "finished")
+
+    def __init__(self, buffers: list[_FsmnBuffer]) -> None:
+        self.buffers = buffers
+        self.finished = False
+
+
+def fsmn_taps(layer: Fsmn) -> np.ndarray:
+    """The layer as one dense filter over ``history + 1 + lookahead`` frames, oldest first,
+    including the identity on the current frame: (taps, dim) float32."""
+    history = layer.history_frames
+    taps = np.zeros((history + 1 + layer.lookahead_frames, layer.input_dim), dtype=np.float64)
     for i in range(layer.left.shape[0]):
-        start = first - i * layer.left_stride
-        result += layer.left[i] * inputs[start : start + count]
+        taps[history - i * layer.left_stride] += layer.left[i]
     for j in range(layer.right.shape[0]):
-        start = first + (j + 1) * layer.right_stride
-        result += layer.right[j] * inputs[start : start + count]
-    return result
+        taps[history + (j + 1) * layer.right_stride] += layer.right[j]
+    taps[history] += 1.0
+    return taps.astype(np.float32)
+
+
+def _windows(inputs: np.ndarray, taps: int, count: int) -> np.ndarray:
+    """Read-only (count, taps, dim) view: row t holds inputs[t : t + taps]."""
+    row, column = inputs.strides
+    return np.lib.stride_tricks.as_strided(
+        inputs, shape=(count, taps, inputs.shape[1]), strides=(row, row, column), writeable=False
+    )
+
+
+def fsmn_outputs(taps: np.ndarray, inputs: np.ndarray, count: int) -> np.ndarray:
+    """Outputs for the first ``count`` complete windows of contiguous ``inputs``: output t reads
+    inputs[t : t + taps], its current frame at t + history. One einsum for every tap."""
+    if count <= 0:
+        return np.zeros((0, inputs.shape[1]), dtype=np.float32)
+    return np.einsum("tkd,kd->td", _windows(inputs, taps.shape[0], count), taps)
 
 
 class NumpyNetwork:
@@ -138,18 +224,20 @@ class NumpyNetwork:
         self.components = list(components)
         self.input_dim = components[0].input_dim
         self.output_dim = components[-1].output_dim
-        self._fsmn_layers = [c for c in components if isinstance(c, Fsmn)]
+        self.output = OutputLayer(components[-2])  # type: ignore[arg-type]
+        self._body = self.components[:-2]
+        self._fsmn_layers = [c for c in self._body if isinstance(c, Fsmn)]
         self.lookahead_frames = sum(layer.lookahead_frames for layer in self._fsmn_layers)
-        # The output layer: the last affine transform before the final softmax.
-        self._head: AffineTransform | None = (
-            components[-2] if len(components) >= 2 and isinstance(components[-2], AffineTransform) else None
-        )
         # Pre-transpose weights once so every chunk is a plain row-major x @ W.
         self._weights_t = {
             id(c): np.ascontiguousarray(c.weight.T, dtype=np.float32)
-            for c in components
+            for c in self._body
             if isinstance(c, (AffineTransform, LinearTransform))
         }
+        self._biases = {
+            id(c): np.asarray(c.bias, dtype=np.float32) for c in self._body if isinstance(c, AffineTransform)
+        }
+        self._taps = {id(layer): fsmn_taps(layer) for layer in self._fsmn_layers}
 
     def new_state(self) -> NumpyState:
         return NumpyState(
@@ -166,99 +254,63 @@ class NumpyNetwork:
         final: bool = False,
         columns: np.ndarray | None = None,
     ) -> np.ndarray:
+        return self.output.posteriors(self.hidden(state, features, final), columns)
+
+    def hidden(self, state: NumpyState, features: np.ndarray, final: bool = False) -> np.ndarray:  # type: ignore[override]
         if state.finished:
             raise RuntimeError("this stream's network state was finished; create a new one")
-        x = np.asarray(features, dtype=np.float32)
-        if x.ndim != 2 or x.shape[1] != self.input_dim:
-            raise ValueError(f"expected features of shape (n, {self.input_dim}), got {x.shape}")
+        x = self._check(features)
         fsmn_index = 0
-        for component in self.components:
-            if isinstance(component, AffineTransform):
-                x = x @ self._weights_t[id(component)]
-                x += component.bias
-            elif isinstance(component, LinearTransform):
-                x = x @ self._weights_t[id(component)]
-            elif isinstance(component, RectifiedLinear):
-                np.maximum(x, 0.0, out=x)
-            elif isinstance(component, Fsmn):
+        for component in self._body:
+            if isinstance(component, Fsmn):
                 x = self._fsmn_step(component, state.buffers[fsmn_index], x, final)
                 fsmn_index += 1
-            elif isinstance(component, Softmax):
-                x = softmax(x, columns)
+            else:
+                x = self._frame_wise(component, x)
         if final:
             state.finished = True
         return x
 
-    def forward_many(  # type: ignore[override]
-        self,
-        states: Sequence[NumpyState],
-        features: Sequence[np.ndarray],
-        columns: np.ndarray | None = None,
-        skip: SkipRule | None = None,
+    def hidden_many(  # type: ignore[override]
+        self, states: Sequence[NumpyState], features: Sequence[np.ndarray]
     ) -> list[np.ndarray]:
         """All streams' new frames through every layer together: one matrix product per layer
-        for all of them, and one gather per FSMN tap; each stream keeps its own memory.
-
-        With ``columns`` and ``skip``: the output layer (2599 outputs, half of the network's
-        work, and the softmax) runs only for the rows that need it. The logits of ``columns``
-        alone give an upper bound of each of their posteriors (the softmax over a subset of the
-        outputs); ``skip`` gets those bounds per stream and answers how many leading rows of each
-        stream need no exact posteriors (a keyword decoder with nothing going on, whose first
-        character's bound stays below its floor). Those rows get the bounds instead.
-        """
+        for all of them, and one filter pass per FSMN layer; each stream keeps its own memory."""
+        if len(states) == 1:
+            return [self.hidden(states[0], features[0])]
         if any(state.finished for state in states):
             raise RuntimeError("a stream's network state was finished; create a new one")
-        counts = [int(f.shape[0]) for f in features]
-        x = np.concatenate([np.asarray(f, dtype=np.float32) for f in features]) if features else None
-        if x is None or x.ndim != 2 or x.shape[1] != self.input_dim:
-            raise ValueError(f"expected features of shape (n, {self.input_dim})")
+        counts = [int(np.shape(f)[0]) for f in features]
+        x = self._check(np.concatenate([np.asarray(f, dtype=np.float32) for f in features]))
         fsmn_index = 0
-        for component in self.components:
-            if component is self._head and skip is not None and columns is not None:
-                x = self._head_with_skip(x, counts, columns, skip)
-                break  # the head includes the softmax
-            if isinstance(component, AffineTransform):
-                x = x @ self._weights_t[id(component)]
-                x += component.bias
-            elif isinstance(component, LinearTransform):
-                x = x @ self._weights_t[id(component)]
-            elif isinstance(component, RectifiedLinear):
-                np.maximum(x, 0.0, out=x)
-            elif isinstance(component, Fsmn):
+        for component in self._body:
+            if isinstance(component, Fsmn):
                 buffers = [state.buffers[fsmn_index] for state in states]
-                x, counts = _fsmn_many(component, buffers, x, counts)
+                x, counts = self._fsmn_many(component, buffers, x, counts)
                 fsmn_index += 1
-            elif isinstance(component, Softmax):
-                x = softmax(x, columns)
+            else:
+                x = self._frame_wise(component, x)
         bounds = np.cumsum([0, *counts])
         return [x[bounds[i] : bounds[i + 1]] for i in range(len(counts))]
 
-    def _head_with_skip(
-        self, hidden: np.ndarray, counts: list[int], columns: np.ndarray, skip: SkipRule
-    ) -> np.ndarray:
-        """The output layer and softmax for the rows ``skip`` does not waive (see forward_many)."""
-        head = self._head
-        assert head is not None
-        weights = self._weights_t[id(head)]
-        subset = hidden @ weights[:, columns]
-        subset += head.bias[columns]
-        bound = softmax(subset)
-        starts = np.cumsum([0, *counts[:-1]])
-        per_stream = [bound[start : start + count] for start, count in zip(starts, counts, strict=True)]
-        waived = skip(per_stream)
-        exact = np.ones(hidden.shape[0], dtype=bool)
-        for start, rows in zip(starts, waived, strict=True):
-            exact[start : start + rows] = False
-        if exact.any():
-            logits = hidden[exact] @ weights
-            logits += head.bias
-            bound[exact] = softmax(logits, columns)
-        return bound
+    def _check(self, features: np.ndarray) -> np.ndarray:
+        x = np.asarray(features, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.input_dim:
+            raise ValueError(f"expected features of shape (n, {self.input_dim}), got {x.shape}")
+        return x
 
-    @staticmethod
-    def _fsmn_step(layer: Fsmn, buffer: _FsmnBuffer, new: np.ndarray, final: bool) -> np.ndarray:
-        history = layer.history_frames
-        lookahead = layer.lookahead_frames
+    def _frame_wise(self, component: Component, x: np.ndarray) -> np.ndarray:
+        if isinstance(component, AffineTransform):
+            x = x @ self._weights_t[id(component)]
+            x += self._biases[id(component)]
+        elif isinstance(component, LinearTransform):
+            x = x @ self._weights_t[id(component)]
+        elif isinstance(component, RectifiedLinear):
+            np.maximum(x, 0.0, out=x)
+        return x
+
+    def _fsmn_step(self, layer: Fsmn, buffer: _FsmnBuffer, new: np.ndarray, final: bool) -> np.ndarray:
+        history, lookahead = layer.history_frames, layer.lookahead_frames
         parts = [buffer.frames, new]
         if final and lookahead:
             parts.append(np.zeros((lookahead, layer.input_dim), dtype=np.float32))
@@ -267,62 +319,56 @@ class NumpyNetwork:
         if ready <= 0:
             buffer.frames = inputs
             return np.zeros((0, layer.output_dim), dtype=np.float32)
-        outputs = fsmn_memory(layer, inputs, history, ready)
+        outputs = fsmn_outputs(self._taps[id(layer)], inputs, ready)
         buffer.frames = inputs[ready:]
         return outputs
 
+    def _fsmn_many(
+        self, layer: Fsmn, buffers: list[_FsmnBuffer], new: np.ndarray, counts: list[int]
+    ) -> tuple[np.ndarray, list[int]]:
+        """One FSMN layer for many streams: rows of ``new`` are the streams' frames, in order.
 
-def _fsmn_many(
-    layer: Fsmn, buffers: list[_FsmnBuffer], new: np.ndarray, counts: list[int]
-) -> tuple[np.ndarray, list[int]]:
-    """One FSMN layer for many streams: rows of ``new`` are the streams' frames, in order.
-
-    Each stream's buffered inputs and new frames are laid out one after the other in one
-    matrix; the outputs that are ready (their look-ahead has arrived) are computed with one
-    gather per filter tap for all streams together, then each stream keeps its tail.
-    """
-    history, lookahead = layer.history_frames, layer.lookahead_frames
-    pieces, starts, lengths, ready = [], [], [], []
-    position = offset = 0
-    for buffer, count in zip(buffers, counts, strict=True):
-        pieces += [buffer.frames, new[offset : offset + count]]
-        offset += count
-        length = buffer.frames.shape[0] + count
-        starts.append(position)
-        lengths.append(length)
-        ready.append(max(0, length - history - lookahead))
-        position += length
-    inputs = np.concatenate(pieces)
-    if len(buffers) == 1:
-        # One stream: its outputs are one contiguous run, and slices beat gathers.
-        outputs = fsmn_memory(layer, inputs, history, ready[0]) if ready[0] else inputs[:0].copy()
-    else:
+        Each stream's buffered inputs and new frames are laid out one after the other in one
+        matrix, and the outputs that are ready (their look-ahead has arrived) are filtered
+        together; then each stream keeps its tail.
+        """
+        history, lookahead = layer.history_frames, layer.lookahead_frames
+        taps = self._taps[id(layer)]
+        pieces, starts, lengths, ready = [], [], [], []
+        position = offset = 0
+        for buffer, count in zip(buffers, counts, strict=True):
+            pieces += [buffer.frames, new[offset : offset + count]]
+            offset += count
+            length = buffer.frames.shape[0] + count
+            starts.append(position)
+            lengths.append(length)
+            ready.append(max(0, length - history - lookahead))
+            position += length
+        inputs = np.concatenate(pieces)
         total = sum(ready)
-        # Row index of every ready output frame: stream i's run starts at starts[i] + history.
-        run_starts = np.asarray(starts, dtype=np.int64) + history
-        index = np.repeat(run_starts - np.cumsum([0, *ready[:-1]]), ready) + np.arange(total)
-        outputs = fsmn_memory_at(layer, inputs, index)
-    for buffer, start, length, done in zip(buffers, starts, lengths, ready, strict=True):
-        buffer.frames = inputs[start + done : start + length].copy()
-    return outputs, ready
+        windows = inputs.shape[0] - taps.shape[0] + 1
+        # Window t of the whole matrix is output t of whichever stream holds row t + history.
+        first_windows = np.asarray(starts, dtype=np.int64)
+        if total == 0:
+            outputs = np.zeros((0, layer.output_dim), dtype=np.float32)
+        elif windows <= 2 * total:
+            # Chunks long next to the filter: filtering every window (a few straddle two
+            # streams and are dropped) costs less than gathering the ones we keep.
+            every = fsmn_outputs(taps, inputs, windows)
+            keep = np.repeat(first_windows - np.cumsum([0, *ready[:-1]]), ready) + np.arange(total)
+            outputs = every[keep]
+        else:
+            keep = np.repeat(first_windows - np.cumsum([0, *ready[:-1]]), ready) + np.arange(total)
+            gathered = _windows(inputs, taps.shape[0], windows)[keep]
+            outputs = np.einsum("tkd,kd->td", gathered, taps)
+        for buffer, start, length, done in zip(buffers, starts, lengths, ready, strict=True):
+            buffer.frames = inputs[start + done : start + length].copy()
+        return outputs, ready
 
 
-def fsmn_memory_at(layer: Fsmn, inputs: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """Outputs of ``layer`` for the rows ``index`` of ``inputs`` (neighbours read around them)."""
-    result = inputs[index]
-    for i in range(layer.left.shape[0]):
-        result += layer.left[i] * inputs[index - i * layer.left_stride]
-    for j in range(layer.right.shape[0]):
-        result += layer.right[j] * inputs[index + (j + 1) * layer.right_stride]
-    return result
-
-
-def softmax(logits: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
-    """Row-wise softmax, in place; only ``columns`` are normalised and returned if given."""
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, in place."""
     logits -= logits.max(axis=1, keepdims=True)
     np.exp(logits, out=logits)
-    totals = logits.sum(axis=1, keepdims=True)
-    if columns is None:
-        logits /= totals
-        return logits
-    return logits[:, columns] / totals
+    logits /= logits.sum(axis=1, keepdims=True)
+    return logits

@@ -19,9 +19,8 @@ from edge_agent.engine.kaldi_nnet import (
     Fsmn,
     LinearTransform,
     RectifiedLinear,
-    Softmax,
 )
-from edge_agent.engine.network import validate_structure
+from edge_agent.engine.network import OutputLayer, fsmn_taps, validate_structure
 
 
 def import_torch() -> Any:
@@ -44,7 +43,8 @@ class TorchState:
 
 
 class TorchNetwork:
-    """torch float32 implementation of ``NetworkBackend``, inference mode, fixed threads."""
+    """torch float32 implementation of ``NetworkBackend``'s body (inference mode, fixed threads);
+    the output layer is the numpy :class:`OutputLayer` both backends share."""
 
     name = "torch"
 
@@ -65,34 +65,26 @@ class TorchNetwork:
         self.threads = threads
         self.input_dim = components[0].input_dim
         self.output_dim = components[-1].output_dim
+        self.output = OutputLayer(components[-2])  # type: ignore[arg-type]
         self._layers: list[tuple[str, Any]] = []
         fsmn_layers = []
-        for component in components:
+        for component in components[:-2]:
             if isinstance(component, AffineTransform):
                 layer = torch.nn.Linear(component.input_dim, component.output_dim)
-                layer.weight.data = torch.from_numpy(component.weight.copy())
-                layer.bias.data = torch.from_numpy(component.bias.copy())
+                layer.weight.data = torch.from_numpy(component.weight.astype(np.float32))
+                layer.bias.data = torch.from_numpy(component.bias.astype(np.float32))
                 self._layers.append(("linear", layer))
             elif isinstance(component, LinearTransform):
                 layer = torch.nn.Linear(component.input_dim, component.output_dim, bias=False)
-                layer.weight.data = torch.from_numpy(component.weight.copy())
+                layer.weight.data = torch.from_numpy(component.weight.astype(np.float32))
                 self._layers.append(("linear", layer))
             elif isinstance(component, RectifiedLinear):
                 self._layers.append(("relu", None))
             elif isinstance(component, Fsmn):
                 fsmn_layers.append(component)
-                self._layers.append(
-                    (
-                        "fsmn",
-                        (
-                            component,
-                            torch.from_numpy(component.left.copy()),
-                            torch.from_numpy(component.right.copy()),
-                        ),
-                    )
-                )
-            elif isinstance(component, Softmax):
-                self._layers.append(("softmax", None))
+                # Depthwise convolution: one filter per dimension, oldest frame first.
+                taps = torch.from_numpy(np.ascontiguousarray(fsmn_taps(component).T[:, None, :]))
+                self._layers.append(("fsmn", (component, taps)))
         self._fsmn_components = fsmn_layers
         self.lookahead_frames = sum(layer.lookahead_frames for layer in fsmn_layers)
         self.quantized = quantize
@@ -102,12 +94,11 @@ class TorchNetwork:
 
     def _quantize_linear_layers(self) -> None:
         """int8 weights, activations quantised per call (dynamic): about twice as fast for the
-        big layers on x86 (fbgemm) and ARM (qnnpack). The FSMN filters stay float32."""
+        big layers on x86 (fbgemm) and ARM (qnnpack). The FSMN filters stay float32, and so does
+        the output layer (numpy, shared with the numpy backend): it decides 2599 posteriors, and
+        int8 there raised the scores of non-keywords on audio/dev (false alarms), for little speed."""
         torch = self._torch
         positions = [i for i, (kind, _) in enumerate(self._layers) if kind == "linear"]
-        # The output layer stays float32: it decides 2599 posteriors; int8 there raised the
-        # scores of non-keywords on audio/dev (false alarms), for little speed.
-        positions = positions[:-1]
         container = torch.nn.ModuleList([self._layers[i][1] for i in positions])
         with warnings.catch_warnings():
             # torch 2.x marks torch.ao.quantization (and its quantized tensors) deprecated in
@@ -136,6 +127,9 @@ class TorchNetwork:
         final: bool = False,
         columns: np.ndarray | None = None,
     ) -> np.ndarray:
+        return self.output.posteriors(self.hidden(state, features, final), columns)
+
+    def hidden(self, state: TorchState, features: np.ndarray, final: bool = False) -> np.ndarray:
         if state.finished:
             raise RuntimeError("this stream's network state was finished; create a new one")
         features = np.asarray(features, dtype=np.float32)
@@ -150,31 +144,20 @@ class TorchNetwork:
                     x = payload(x)
                 elif kind == "relu":
                     x = torch.relu(x)
-                elif kind == "fsmn":
+                else:
                     x = self._fsmn_step(payload, state, fsmn_index, x, final)
                     fsmn_index += 1
-                else:  # softmax
-                    x = torch.softmax(x, dim=1)
-                    if columns is not None:
-                        x = x[:, torch.from_numpy(np.asarray(columns, dtype=np.int64))]
             if final:
                 state.finished = True
-            return x.numpy().astype(np.float32, copy=False)
+            return x.numpy()
 
-    def forward_many(
-        self,
-        states: Sequence[TorchState],
-        features: Sequence[np.ndarray],
-        columns: np.ndarray | None = None,
-        skip: object = None,
-    ) -> list[np.ndarray]:
+    def hidden_many(self, states: Sequence[TorchState], features: Sequence[np.ndarray]) -> list[np.ndarray]:
         # torch's per-call overhead is small next to its kernels; one stream at a time is fine.
-        # ``skip`` is an optional saving that this backend does not take: it computes every row.
-        return [self.forward(state, f, columns=columns) for state, f in zip(states, features, strict=True)]
+        return [self.hidden(state, f) for state, f in zip(states, features, strict=True)]
 
     def _fsmn_step(self, payload: Any, state: TorchState, index: int, new: Any, final: bool) -> Any:
         torch = self._torch
-        layer, left, right = payload
+        layer, taps = payload
         history = layer.history_frames
         lookahead = layer.lookahead_frames
         parts = [state.buffers[index], new]
@@ -185,12 +168,7 @@ class TorchNetwork:
         if ready <= 0:
             state.buffers[index] = inputs
             return torch.zeros((0, layer.output_dim))
-        result = inputs[history : history + ready].clone()
-        for i in range(left.shape[0]):
-            start = history - i * layer.left_stride
-            result += left[i] * inputs[start : start + ready]
-        for j in range(right.shape[0]):
-            start = history + (j + 1) * layer.right_stride
-            result += right[j] * inputs[start : start + ready]
+        # (1, dim, time) through the depthwise filter: output t reads inputs[t : t + taps].
+        result = torch.nn.functional.conv1d(inputs.T.unsqueeze(0), taps, groups=layer.input_dim)
         state.buffers[index] = inputs[ready:].clone()
-        return result
+        return result[0].T[:ready]

@@ -102,8 +102,7 @@ class DetectionService:
                 )
             samples = to_mono_16k(decoded)
             detector = self.model.detector(compiled, self._settings())
-            detections: list[Detection] = detector.feed(samples)
-            detections.extend(detector.finish())
+            detections: list[Detection] = detector.finish(samples)  # the whole recording
             elapsed = time.perf_counter() - started
         finally:
             self._slots.release()

@@ -89,3 +89,44 @@ def test_feed_many_equals_feed_per_stream_on_real_audio(numpy_model, recordings)
     for have, want in zip(got, expected, strict=True):
         np.testing.assert_allclose([d.confidence for d in have], [d.confidence for d in want], atol=1e-4)
     assert sum(len(e) for e in expected) >= 8
+
+
+def exact_detections(model, specs: list[KeywordSpec], samples: np.ndarray):  # type: ignore[no-untyped-def]
+    """The reference: exact posteriors of every frame (the whole output layer), then the decoder."""
+    decoder = model.decoder([model.compile(spec) for spec in specs])
+    posteriors = model.posteriors(samples, decoder.columns)
+    return decoder.process(posteriors) + decoder.finish()
+
+
+def key(found):  # type: ignore[no-untyped-def]
+    return sorted((d.keyword, d.peak_frames, round(d.start, 6), round(d.end, 6)) for d in found)
+
+
+def test_detectors_computing_the_output_layer_lazily_find_what_exact_posteriors_find(
+    numpy_model, dev_audio: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A detector asks for exact posteriors only where a keyword may be under way; on every
+    recording of audio/dev it finds what the whole output layer on every frame finds."""
+    specs = [KeywordSpec("小云小云"), KeywordSpec("如家酒店"), KeywordSpec("八角岭", 0.002)]
+    total = 0
+    for path in sorted(dev_audio.glob("*/*.wav")):
+        samples = to_mono_16k(read_wav(path))
+        expected = exact_detections(numpy_model, specs, samples)
+        got = numpy_model.detector(specs).finish(samples)
+        assert key(got) == key(expected), path.name
+        np.testing.assert_allclose(
+            sorted(d.confidence for d in got), sorted(d.confidence for d in expected), rtol=1e-5
+        )
+        total += len(expected)
+    assert total >= 30  # 25 wake words and the custom keywords
+
+
+def test_finish_with_the_last_samples_equals_feed_then_finish(numpy_model, recordings) -> None:  # type: ignore[no-untyped-def]
+    long = np.concatenate(recordings[:6])  # longer than one block of the one-pass path
+    assert long.shape[0] > 16000 * 8
+    for samples in (recordings[0], long):
+        detector = numpy_model.detector([KeywordSpec("小云小云")])
+        stepwise = detector.feed(samples) + detector.finish()
+        in_one_pass = detector.finish(samples)
+        assert key(in_one_pass) == key(stepwise) and len(stepwise) >= 1
+        assert detector.audio_seconds == 0.0  # finished: ready for the next recording

@@ -208,3 +208,106 @@ def test_a_character_never_said_cannot_be_carried_by_the_others() -> None:
     events[38] = {D: 1e-3}  # weak but said (floor 0.05**3 = 1.25e-4)
     (found,) = decode(posteriors(80, events), [keyword("abcd", [A, B, C, D], threshold=0.05)])
     assert found.peak_posteriors[-1] == pytest.approx(1e-3)
+
+
+# --- exact posteriors only where they matter (process_many with a resolver) -----------------
+
+
+def same_detections(got: list[list], expected: list[list]) -> bool:  # type: ignore[type-arg]
+    """Equal keywords, peaks and times; confidences equal but for float rounding (a recurrence
+    summed from another first frame)."""
+
+    def key(found: list) -> list:  # type: ignore[type-arg]
+        return sorted((d.end, d.keyword, d.peak_frames, d.start, round(d.confidence, 9)) for d in found)
+
+    return [key(g) for g in got] == [key(e) for e in expected]
+
+
+class Resolver:
+    """Hands out exact posteriors by absolute frame, and counts what it was asked for."""
+
+    def __init__(self, streams: list[np.ndarray]) -> None:
+        self.streams = streams
+        self.asked = [0] * len(streams)
+        self.calls = 0
+
+    def __call__(self, frames: list[np.ndarray]) -> list[np.ndarray]:
+        self.calls += 1
+        for i, wanted in enumerate(frames):
+            assert len(set(wanted.tolist())) == wanted.size  # never the same frame twice in a call
+            self.asked[i] += wanted.size
+        return [stream[wanted] for stream, wanted in zip(self.streams, frames, strict=True)]
+
+
+def loose_bounds(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Upper bounds of every posterior, as loose as an output layer's subset softmax can be."""
+    return np.minimum(1.0, p * rng.uniform(1.0, 30.0, size=p.shape) + rng.uniform(0, 1e-4, size=p.shape))
+
+
+def decode_lazily(signals: list[np.ndarray], keywords: list[CompiledKeyword], chunk: int, seed: int):  # type: ignore[no-untyped-def]
+    """Decode from bounds, resolving exact values on demand; returns detections and the resolver."""
+    from edge_agent.engine.decoder import process_many
+
+    rng = np.random.default_rng(seed)
+    decoders = [KeywordDecoder(keywords, frame_seconds=FRAME) for _ in signals]
+    columns = decoders[0].columns
+    exact = [s[:, columns] for s in signals]
+    bounds = [loose_bounds(e, rng) for e in exact]
+    resolver = Resolver(exact)
+    found: list[list] = [[] for _ in signals]
+    for start in range(0, max(s.shape[0] for s in signals), chunk):
+        pieces = [b[start : start + chunk] for b in bounds]
+        for i, detections in enumerate(process_many(decoders, pieces, resolver)):
+            found[i] += detections
+    for i, decoder in enumerate(decoders):
+        found[i] += decoder.finish()
+    return found, resolver
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("chunk", [1, 4, 33, 500])
+def test_bounds_and_resolution_give_the_exact_detections(seed: int, chunk: int) -> None:
+    """Whatever the bounds and the chunking, the detections are those of exact posteriors."""
+    rng = np.random.default_rng(seed)
+    keywords = [
+        ABCD,
+        keyword("cd", [C, D], threshold=0.2),
+        CompiledKeyword("aa", ((A,), (A,)), 0.2, 0.0, 2.5),
+    ]
+    signals = []
+    for _ in range(5):
+        events: dict[int, dict[int, float]] = {}
+        for start in rng.integers(0, 560, size=5):
+            probs = tuple(float(p) for p in rng.uniform(0.05, 0.95, size=4))
+            events.update(spoken(int(start), probs, spacing=int(rng.integers(1, 12))))
+        for frame in rng.integers(0, 600, size=60):  # unrelated speech and near-misses
+            events.setdefault(int(frame), {int(rng.integers(1, 6)): float(rng.uniform(1e-5, 0.6))})
+        signals.append(posteriors(600, events))
+    expected = [decode(s, keywords, chunk=chunk) for s in signals]
+    got, _ = decode_lazily(signals, keywords, chunk, seed)
+    assert same_detections(got, expected)
+    assert sum(len(e) for e in expected) >= 5  # the comparison covered real detections
+
+
+def test_quiet_audio_needs_no_exact_posteriors() -> None:
+    quiet = posteriors(3000, {})
+    one_keyword = posteriors(3000, spoken(1500))
+    (nothing, found), resolver = decode_lazily([quiet, one_keyword], [ABCD], chunk=10, seed=0)
+    assert nothing == [] and len(found) == 1
+    assert resolver.asked[0] == 0  # nothing that could be a character: bounds are enough
+    # The keyword's stream resolved its window and hold time, not its 90 seconds.
+    assert 0 < resolver.asked[1] < 200
+
+
+def test_a_frame_never_resolved_is_never_read() -> None:
+    """Exact re-scoring reads only resolved frames: a resolver that answers nothing fails loudly."""
+    from edge_agent.engine.decoder import process_many
+
+    decoder = KeywordDecoder([ABCD], frame_seconds=FRAME)
+    p = posteriors(100, spoken(20))[:, decoder.columns]
+
+    def refuse(frames: list[np.ndarray]) -> list[np.ndarray]:
+        return [np.zeros((0, p.shape[1])) for _ in frames]
+
+    with pytest.raises((AssertionError, ValueError)):
+        process_many([decoder], [p], refuse)

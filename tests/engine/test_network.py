@@ -5,7 +5,7 @@ import pytest
 
 from edge_agent.engine.kaldi_nnet import parse_nnet
 from edge_agent.engine.network import NumpyNetwork
-from tests.engine.nnet_files import binary_nnet, random_fsmn_network, reference_forward
+from tests.engine.nnet_files import Layer, binary_nnet, random_fsmn_network, reference_forward
 
 
 def run_chunked(network, features: np.ndarray, sizes: list[int]) -> np.ndarray:  # type: ignore[no-untyped-def]
@@ -107,3 +107,50 @@ def test_torch_backend_matches_documented_maths_on_small_network() -> None:
     np.testing.assert_allclose(
         run_chunked(network, features, [2, 5]), reference_forward(layers, features), atol=1e-5
     )
+
+
+def test_output_layer_bounds_are_upper_bounds_and_posteriors_exact() -> None:
+    layers, network = small_network()
+    hidden = np.random.default_rng(4).normal(size=(50, 3)).astype(np.float32) * 3
+    full = reference_forward(layers[-2:], hidden)  # the output layer's documented maths
+    columns = np.array([0, 2])
+    np.testing.assert_allclose(network.output.posteriors(hidden), full, atol=1e-6)
+    np.testing.assert_allclose(network.output.posteriors(hidden, columns), full[:, columns], atol=1e-6)
+    bounds = network.output.bounds(hidden, columns)
+    assert (bounds >= full[:, columns] - 1e-7).all()
+    np.testing.assert_allclose(bounds.sum(axis=1), 1.0, atol=1e-6)  # a softmax over the subset
+
+
+def test_output_layer_survives_a_logit_far_above_the_selected_ones() -> None:
+    """Rows are shifted by their largest *selected* logit; one that overflows is redone exactly."""
+    layers, network = small_network()
+    weight, bias = layers[-2].weight, layers[-2].bias
+    # A hidden row whose logit 3 exceeds logits 0 and 1 by ~200: exp(200) overflows float32.
+    direction = np.linalg.lstsq(weight, np.array([0.0, 0.0, 0.0, 200.0]) - bias, rcond=None)[0]
+    hidden = np.stack([direction, np.zeros(3)]).astype(np.float32)
+    got = network.output.posteriors(hidden, np.array([0, 1]))  # warnings are errors in tests
+    expected = reference_forward(layers[-2:], hidden)[:, [0, 1]]
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, expected, atol=1e-7)
+
+
+@pytest.mark.parametrize("sizes", [[1, 0, 2], [40, 35, 50], [3, 60, 0, 7]])
+def test_hidden_many_equals_each_stream_alone(sizes: list[int]) -> None:
+    """Short chunks (filtered by gathering) and long ones (every window filtered) alike."""
+    _, network = small_network()
+    rng = np.random.default_rng(len(sizes) + sum(sizes))
+    alone = [network.new_state() for _ in sizes]
+    together = [network.new_state() for _ in sizes]
+    for step in range(6):
+        chunks = [rng.normal(size=(max(0, size - step), 6)).astype(np.float32) for size in sizes]
+        expected = [network.hidden(state, chunk) for state, chunk in zip(alone, chunks, strict=True)]
+        got = network.hidden_many(together, chunks)
+        for want, have in zip(expected, got, strict=True):
+            np.testing.assert_allclose(have, want, atol=1e-5)
+
+
+def test_a_network_without_a_final_affine_and_softmax_is_refused() -> None:
+    layers = random_fsmn_network(seed=1)
+    relu_before_softmax = [*layers[:-1], Layer("RectifiedLinear", 4, 4), layers[-1]]
+    with pytest.raises(ValueError, match="AffineTransform followed by a Softmax"):
+        NumpyNetwork(parse_nnet(binary_nnet(relu_before_softmax), "odd.net"))
