@@ -121,6 +121,25 @@ class _Candidate:
 
 
 @dataclass
+class _ExactRun:
+    """The exact recurrence over the history's frames [start, stop), with nothing carried in:
+    per frame, the best match ending there, the back-pointers, the characters' log posteriors
+    and the best partial match. Every candidate and pending match whose window begins at
+    ``start`` reads it, so one run serves a whole cluster of candidate frames."""
+
+    history: _History
+    start: int
+    stop: int
+    scores: np.ndarray
+    pointers: list[tuple[np.ndarray, ...]]
+    log_q: np.ndarray
+    prefix: np.ndarray
+
+    def covers(self, history: _History, start: int, stop: int) -> bool:
+        return self.history is history and self.start == start and self.stop >= stop
+
+
+@dataclass
 class _History:
     """The decoder's recent frames: gathered posteriors (or bounds) and which rows are exact."""
 
@@ -183,11 +202,14 @@ class _KeywordSearch:
     def reset(self) -> None:
         self.carry = np.full(self.n, _NEG_INF)  # A_i at the last frame seen
         self.carry_pre = np.full(self.n, _NEG_INF)  # repeated characters: before the blank dip
+        self.alive = False  # any finite carry
         self.search_from = 0  # absolute frame where paths may start (after the last detection)
         self.quiet_until = -1  # refractory: no detection ending before this frame
         self.pending: _Candidate | None = None
-        # Absolute frames where the first character reached its floor (exactly), recent ones.
+        self._exact_run: _ExactRun | None = None
+        # Recent absolute frames where a match may begin (see first_said), and the latest.
         self.starts = np.zeros(0, dtype=np.int64)
+        self.last_start = _NEVER
 
     # --- per-frame terms ------------------------------------------------------------------
     def characters(self, gathered: np.ndarray) -> np.ndarray:
@@ -249,16 +271,18 @@ class _KeywordSearch:
         last = np.where(index >= 0, self.starts[np.maximum(index, 0)], _NEVER)
         return frames - last >= self.window_frames
 
-    def note_starts(self, history: _History, first_frame: int) -> None:
-        """Record the frames from ``first_frame`` on where the first character may reach its
-        floor (by its exact value or its bound: every frame where a match may begin). Forget
-        those too old to matter for the frames still to come."""
-        values, _ = history.rows(first_frame)
-        first = self.characters(values)[:, 0]
-        found = np.flatnonzero(first >= self.char_floor * _BOUND_SAFETY) + first_frame
+    def first_said(self, values: np.ndarray) -> np.ndarray:
+        """Rows (..., c) where the first character may reach its floor (exact value or bound):
+        every frame where a match may begin."""
+        return self.characters(values)[..., 0] >= self.char_floor * _BOUND_SAFETY
+
+    def note_starts(self, found: np.ndarray, history: _History) -> None:
+        """Record new frames where a match may begin (absolute, increasing); forget those too
+        old to matter for the frames still to come."""
         oldest = history.first - self.window_frames
         kept = self.starts[self.starts >= oldest]
-        self.starts = np.concatenate([kept, found]) if found.size else kept
+        self.starts = np.concatenate([kept, found])
+        self.last_start = int(found[-1])
 
     # --- the recurrence ------------------------------------------------------------------
     def _run(
@@ -315,15 +339,19 @@ class _KeywordSearch:
         carry[carry < self.log_threshold] = _NEG_INF
         carry_pre[carry_pre < self.log_threshold] = _NEG_INF
         self.carry, self.carry_pre = carry, carry_pre
+        self.alive = bool(np.isfinite(carry).any() or np.isfinite(carry_pre).any())
 
     def expire(self, end_frame: int) -> None:
         """A span where no character was said: partial matches carry over as if its frames
         cost nothing (an over-estimate, as the filter may make), a repeated character's partial
         match as if it passed its blank dip there; unless the span's last frame is a whole
         window past the last first character, which ends them all."""
-        if bool(self.killed(np.array([end_frame - 1]))[0]):
+        if not self.alive:
+            return
+        if end_frame - 1 - self.last_start >= self.window_frames:
             self.carry = np.full(self.n, _NEG_INF)
             self.carry_pre = np.full(self.n, _NEG_INF)
+            self.alive = False
             return
         for i, repeated in enumerate(self.repeated):
             if repeated:
@@ -444,14 +472,24 @@ class _KeywordSearch:
         start = self.first_start(pending_frame, history)
         if start is None:  # cannot happen (the pending match began in the window), but harmless
             return pending_frame + 1, np.zeros(0)
-        stop = min(history.end, pending_frame + self.hold_frames + 1)
+        run = self._run_from(history, start, pending_frame + 1 + self.hold_frames, ensure)
+        return start, run.prefix
+
+    def _run_from(self, history: _History, start: int, stop: int, ensure: Ensure) -> _ExactRun:
+        """The exact run from ``start`` to at least ``stop`` (or the end of the history)."""
+        stop = min(history.end, stop)
+        run = self._exact_run
+        if run is not None and run.covers(history, start, stop):
+            return run
         ensure(start, stop)
         values, exact = history.rows(start, stop)
-        _require_exact(exact, "a pending detection's window")
+        _require_exact(exact, "a candidate's window")
         log_q, gap, dips = self._terms(values[None])
         no_carry = np.full((1, self.n), _NEG_INF)
-        *_, prefix = self._run(log_q, gap, dips, no_carry, no_carry)
-        return start, prefix[0]
+        scores, _, _, pointers, prefix = self._run(log_q, gap, dips, no_carry, no_carry, backtrace=True)
+        pointers = [tuple(a[0] for a in entry) for entry in pointers]
+        self._exact_run = _ExactRun(history, start, stop, scores[0], pointers, log_q[0], prefix[0])
+        return self._exact_run
 
     def _fire(self, resume_frame: int) -> tuple[Detection, int]:
         """Emit the pending detection and restart the search at ``resume_frame``."""
@@ -461,6 +499,7 @@ class _KeywordSearch:
         self.pending = None
         self.carry = np.full(self.n, _NEG_INF)
         self.carry_pre = np.full(self.n, _NEG_INF)
+        self.alive = False
         self.search_from = resume_frame
         return detection, resume_frame
 
@@ -476,20 +515,17 @@ class _KeywordSearch:
         window_start = self.first_start(frame, history)
         if window_start is None:
             return None
-        # The hold time after it too: if the match is pending, firing reads those frames.
-        ensure(window_start, min(history.end, frame + 1 + self.hold_frames))
-        rows, exact = history.rows(window_start, frame + 1)
-        _require_exact(exact, "a candidate's window")
-        log_q, gap, dips = self._terms(rows[None])
-        no_carry = np.full((1, self.n), _NEG_INF)
-        scores, _, _, pointers, _ = self._run(log_q, gap, dips, no_carry, no_carry, backtrace=True)
-        scores, log_q = scores[0], log_q[0]
-        if scores[-1] < self.log_threshold:
+        # Through the hold time after it too: if the match is pending, firing reads those
+        # frames, and later candidates near it share the run.
+        run = self._run_from(history, window_start, frame + 1 + self.hold_frames, ensure)
+        last = frame - window_start
+        score = float(run.scores[last])
+        if score < self.log_threshold:
             return None
-        peaks = self._backtrace([tuple(a[0] for a in entry) for entry in pointers], rows.shape[0] - 1)
+        peaks = self._backtrace(run.pointers, last)
         absolute = tuple(window_start + p for p in peaks)
-        posteriors = tuple(float(math.exp(log_q[p, i] * self.n)) for i, p in enumerate(peaks))
-        candidate = _Candidate(frame, float(math.exp(scores[-1])), absolute, posteriors)
+        posteriors = tuple(float(math.exp(run.log_q[p, i] * self.n)) for i, p in enumerate(peaks))
+        candidate = _Candidate(frame, float(math.exp(score)), absolute, posteriors)
         start, end = self._span(candidate)
         if not self.keyword.min_duration <= end - start <= self.keyword.max_duration:
             return None
@@ -580,6 +616,7 @@ class KeywordDecoder:
         tokens = sorted({t for k in keywords for group in k.token_groups for t in group} - {blank_id})
         #: network outputs the decoder reads: blank first, then every keyword token
         self.columns = np.array([blank_id, *tokens], dtype=np.int64)
+        self.columns_key = (blank_id, *tokens)  # hashable: decoders reading the same outputs
         column_of = {int(token): i for i, token in enumerate(self.columns)}
         self.frame_seconds = frame_seconds
         self._searches = [
@@ -596,6 +633,10 @@ class KeywordDecoder:
         ]
         # Exact re-scoring looks back a window from frames up to one hold time old.
         self.history_frames = max(s.window_frames + s.hold_frames for s in self._searches) + 1
+        self._signature = tuple(
+            (s.keyword, s.gap_scale, s.window_frames, s.refractory_frames, s.hold_frames, tuple(self.columns))
+            for s in self._searches
+        )
         self.reset(first_frame)
 
     @property
@@ -680,12 +721,32 @@ class KeywordDecoder:
         self._history.values[rows] = posteriors
         self._history.exact[rows] = True
 
-    def _signature(self) -> tuple[object, ...]:
+    @property
+    def signature(self) -> tuple[object, ...]:
         """Decoders with equal signatures can share one vectorised recurrence."""
-        return tuple(
-            (s.keyword, s.gap_scale, s.window_frames, s.refractory_frames, s.hold_frames, tuple(self.columns))
-            for s in self._searches
-        )
+        return self._signature
+
+
+def _stack_spans(
+    decoders: Sequence[KeywordDecoder], first_frames: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The new frames of several decoders as (streams, longest, columns) values, exactness and
+    absolute frame numbers, and which cells are padding (pure blank, exact, past a stream's
+    end: they can neither start, continue nor penalise a match)."""
+    spans = [d._history.rows(first) for d, first in zip(decoders, first_frames, strict=True)]
+    lengths = np.fromiter((values.shape[0] for values, _ in spans), np.int64, len(spans))
+    longest = int(lengths.max())
+    streams = len(spans)
+    stacked = np.zeros((streams, longest, decoders[0].columns.shape[0]))
+    stacked[..., 0] = 1.0
+    exact = np.ones((streams, longest), dtype=bool)
+    row = np.repeat(np.arange(streams), lengths)
+    column = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    stacked[row, column] = np.concatenate([values for values, _ in spans])
+    exact[row, column] = np.concatenate([flags for _, flags in spans])
+    frames = np.asarray(first_frames, dtype=np.int64)[:, None] + np.arange(longest)
+    padding = np.arange(longest)[None, :] >= lengths[:, None]
+    return stacked, exact, frames, padding
 
 
 def _resolve(decoders: Sequence[KeywordDecoder], wanted: list[np.ndarray], resolve: Resolver) -> None:
@@ -719,44 +780,38 @@ def process_many(
     for decoder, frames in zip(decoders, posteriors, strict=True):
         first_frames.append(decoder._begin(frames, exact_input) if frames.shape[0] else None)
     active = [i for i, first in enumerate(first_frames) if first is not None]
-    for i in active:
-        for search in decoders[i]._searches:
-            search.note_starts(decoders[i]._history, first_frames[i])  # type: ignore[arg-type]
     # Per stream: the searches with a candidate or a pending detection, decoded exactly below,
     # and the frames their exact decoding will read.
     exact_work: list[list[_KeywordSearch]] = [[] for _ in decoders]
     wanted: list[list[tuple[int, int]]] = [[] for _ in decoders]
     groups: dict[tuple[object, ...], list[int]] = {}
     for i in active:
-        groups.setdefault(decoders[i]._signature(), []).append(i)
+        groups.setdefault(decoders[i].signature, []).append(i)
     for members in groups.values():
-        spans = [decoders[i]._history.rows(first_frames[i]) for i in members]  # type: ignore[arg-type]
-        lengths = np.array([values.shape[0] for values, _ in spans])
-        longest = int(lengths.max())
-        columns = decoders[members[0]].columns.shape[0]
-        stacked = np.zeros((len(members), longest, columns))
-        stacked[..., 0] = 1.0  # padding frames are pure blank...
-        exact = np.ones((len(members), longest), dtype=bool)  # ...and exact
-        frames = np.zeros((len(members), longest), dtype=np.int64)
-        for row, ((values, flags), i) in enumerate(zip(spans, members, strict=True)):
-            stacked[row, : values.shape[0]] = values
-            exact[row, : values.shape[0]] = flags
-            frames[row] = first_frames[i] + np.arange(longest)  # type: ignore[operator]
-        padding = np.arange(longest)[None, :] >= lengths[:, None]
+        stacked, exact, frames, padding = _stack_spans(
+            [decoders[i] for i in members], [first_frames[i] for i in members]
+        )  # type: ignore[misc]
         for slot in range(len(decoders[members[0]]._searches)):
             searches = [decoders[i]._searches[slot] for i in members]
             template = searches[0]
+            # Where a match may begin; the last such frame before this span, per stream.
+            begins = template.first_said(stacked) & ~padding
+            before = np.array([s.last_start for s in searches], dtype=np.int64)
+            for row in np.flatnonzero(begins.any(axis=1)).tolist():
+                searches[row].note_starts(frames[row, begins[row]], decoders[members[row]]._history)
             pending = np.array([s.pending is not None for s in searches])
             # A span where no character may reach its floor can neither start nor complete a
             # match: its partial matches carry over (an over-estimate: the filter may keep them).
             busy = pending | (template.said(stacked) & ~padding).any(axis=1)
-            for row in np.flatnonzero(~busy):
-                searches[row].expire(int(frames[row, 0]) + int(lengths[row]))
+            for row in np.flatnonzero(~busy).tolist():
+                searches[row].expire(int(frames[row, 0]) + int((~padding[row]).sum()))
             rows = np.flatnonzero(busy)
             if rows.size == 0:
                 continue
-            # Killing is per stream (its own first characters), so it is done row by row.
-            killed = np.stack([searches[r].killed(frames[r]) for r in rows]) & ~padding[rows]
+            # No match passes a frame a whole window after the last frame where one may begin.
+            latest = np.maximum.accumulate(np.where(begins[rows], frames[rows], _NEVER), axis=1)
+            latest = np.maximum(latest, before[rows, None])
+            killed = (frames[rows] - latest >= template.window_frames) & ~padding[rows]
             log_q, gap, dips = template._optimistic_terms(stacked[rows], exact[rows], killed)
             log_q[padding[rows]] = _NEG_INF
             gap[padding[rows]] = 0.0
@@ -765,7 +820,7 @@ def process_many(
             carry_pre = np.stack([searches[r].carry_pre for r in rows])
             scores, new_carry, new_carry_pre, _, _ = template._run(log_q, gap, dips, carry, carry_pre)
             candidates = scores >= template.log_threshold
-            for position, row in enumerate(rows):
+            for position, row in enumerate(rows.tolist()):
                 search = searches[row]
                 found = frames[row, np.flatnonzero(candidates[position])]
                 if search.pending is None and found.size == 0:

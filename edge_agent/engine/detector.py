@@ -130,7 +130,7 @@ def feed_many(detectors: Sequence[KeywordDetector], chunks: Sequence[np.ndarray]
         if samples.ndim != 1 or samples.shape[0] > _BLOCK_SAMPLES:
             results[i] = detector.feed(samples)  # large or invalid: the one-stream path
             continue
-        key = (id(detector._model), tuple(int(c) for c in detector._decoder.columns))
+        key = (id(detector._model), detector._decoder.columns_key)
         groups.setdefault(key, []).append(i)
     for members in groups.values():
         batch = [detectors[i] for i in members]

@@ -322,7 +322,7 @@ def _splice_many(
     """Splice each stream's new filterbank frames with +-2 frames of context (repeating a
     stream's first and last frame at its edges) and keep every third, for all streams at once."""
     pieces: list[np.ndarray] = []
-    center_rows: list[np.ndarray] = []  # per stream: absolute centres to emit
+    first_centers: list[int] = []  # per stream: absolute centre of its first frame to emit
     bases: list[int] = []  # per stream: row of its absolute frame 0 in ``frames``
     highs: list[int] = []  # per stream: its last absolute frame
     emitted: list[int] = []
@@ -343,8 +343,7 @@ def _splice_many(
             if total_frames and last_center >= first_center
             else 0
         )
-        centers = first_center + DECIMATION * np.arange(emit)
-        center_rows.append(centers)
+        first_centers.append(first_center)
         bases.append(row - first_index)
         highs.append(total_frames - 1)
         emitted.append(emit)
@@ -355,12 +354,14 @@ def _splice_many(
         row += rows_here
     frames = np.concatenate(pieces) if pieces else np.zeros((0, NUM_MEL_BINS), np.float32)
     for stream, (start, end) in zip(streams, keep, strict=True):
-        stream._context = frames[start:end].copy()
+        stream._context = frames[start:end]  # a view: the next call copies it into its own
     emitted_total = sum(emitted)
     if emitted_total == 0:
         return [np.zeros((0, FEATURE_DIM), dtype=np.float32) for _ in streams]
-    centers = np.concatenate(center_rows)
     counts_array = np.array(emitted, dtype=np.int64)
+    firsts = np.cumsum(counts_array) - counts_array
+    within = np.arange(emitted_total) - np.repeat(firsts, counts_array)
+    centers = np.repeat(np.array(first_centers, dtype=np.int64), counts_array) + DECIMATION * within
     high = np.repeat(np.array(highs, dtype=np.int64), counts_array)[:, None]
     base = np.repeat(np.array(bases, dtype=np.int64), counts_array)[:, None]
     offsets = np.arange(-CONTEXT_LEFT, CONTEXT_RIGHT + 1)[None, :]
@@ -368,5 +369,5 @@ def _splice_many(
     absolute = np.minimum(np.maximum(centers[:, None] + offsets, 0), high)
     spliced = frames[absolute + base].reshape(emitted_total, FEATURE_DIM)
     normalised = streams[0]._cmvn.apply_in_place(spliced)
-    bounds = np.concatenate(([0], np.cumsum(counts_array)))
-    return [normalised[bounds[i] : bounds[i + 1]] for i in range(len(streams))]
+    bounds = np.cumsum([0, *emitted]).tolist()
+    return [normalised[low:high] for low, high in itertools.pairwise(bounds)]

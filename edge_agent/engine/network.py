@@ -206,6 +206,18 @@ def _windows(inputs: np.ndarray, taps: int, count: int) -> np.ndarray:
     )
 
 
+def _stream_windows(padded: np.ndarray, taps: int) -> np.ndarray:
+    """Read-only (streams, positions, taps, dim) view of (streams, frames, dim) rows."""
+    stream, row, column = padded.strides
+    count = padded.shape[1] - taps + 1
+    return np.lib.stride_tricks.as_strided(
+        padded,
+        shape=(padded.shape[0], count, taps, padded.shape[2]),
+        strides=(stream, row, row, column),
+        writeable=False,
+    )
+
+
 def fsmn_outputs(taps: np.ndarray, inputs: np.ndarray, count: int) -> np.ndarray:
     """Outputs for the first ``count`` complete windows of contiguous ``inputs``: output t reads
     inputs[t : t + taps], its current frame at t + history. One einsum for every tap."""
@@ -334,36 +346,38 @@ class NumpyNetwork:
         """
         history, lookahead = layer.history_frames, layer.lookahead_frames
         taps = self._taps[id(layer)]
-        pieces, starts, lengths, ready = [], [], [], []
-        position = offset = 0
-        for buffer, count in zip(buffers, counts, strict=True):
-            pieces += [buffer.frames, new[offset : offset + count]]
-            offset += count
-            length = buffer.frames.shape[0] + count
-            starts.append(position)
-            lengths.append(length)
-            ready.append(max(0, length - history - lookahead))
-            position += length
+        held = [buffer.frames for buffer in buffers]
+        lengths = np.fromiter((frames.shape[0] for frames in held), np.int64, len(held)) + counts
+        ready = np.maximum(0, lengths - history - lookahead)
+        starts = np.cumsum(lengths) - lengths
+        edges = np.cumsum([0, *counts]).tolist()
+        pieces: list[np.ndarray] = []
+        for frames, low, high in zip(held, edges[:-1], edges[1:], strict=True):
+            pieces += (frames, new[low:high])
         inputs = np.concatenate(pieces)
-        total = sum(ready)
-        windows = inputs.shape[0] - taps.shape[0] + 1
-        # Window t of the whole matrix is output t of whichever stream holds row t + history.
-        first_windows = np.asarray(starts, dtype=np.int64)
+        total = int(ready.sum())
+        streams, width, taps_count = len(held), int(lengths.max()), taps.shape[0]
         if total == 0:
             outputs = np.zeros((0, layer.output_dim), dtype=np.float32)
-        elif windows <= 2 * total:
-            # Chunks long next to the filter: filtering every window (a few straddle two
-            # streams and are dropped) costs less than gathering the ones we keep.
-            every = fsmn_outputs(taps, inputs, windows)
-            keep = np.repeat(first_windows - np.cumsum([0, *ready[:-1]]), ready) + np.arange(total)
-            outputs = every[keep]
+        elif streams * (width - taps_count + 1) <= inputs.shape[0] - taps_count + 1:
+            # Short chunks (the usual streaming case): each stream in a row of its own, zero
+            # padded at the end, so that one filter pass sees only its own frames.
+            padded = np.zeros((streams, width, inputs.shape[1]), dtype=np.float32)
+            row = np.repeat(np.arange(streams), lengths)
+            padded[row, np.arange(inputs.shape[0]) - np.repeat(starts, lengths)] = inputs
+            filtered = np.einsum("srkd,kd->srd", _stream_windows(padded, taps_count), taps)
+            outputs = filtered[np.arange(filtered.shape[1])[None, :] < ready[:, None]]
         else:
-            keep = np.repeat(first_windows - np.cumsum([0, *ready[:-1]]), ready) + np.arange(total)
-            gathered = _windows(inputs, taps.shape[0], windows)[keep]
-            outputs = np.einsum("tkd,kd->td", gathered, taps)
-        for buffer, start, length, done in zip(buffers, starts, lengths, ready, strict=True):
-            buffer.frames = inputs[start + done : start + length].copy()
-        return outputs, ready
+            # Long chunks: filter every window of the whole matrix (the few that straddle two
+            # streams are dropped), then keep each stream's ready ones.
+            keep = np.repeat(starts - (np.cumsum(ready) - ready), ready) + np.arange(total)
+            outputs = fsmn_outputs(taps, inputs, inputs.shape[0] - taps_count + 1)[keep]
+        # Each stream keeps its tail: views of ``inputs`` (copied into the next call's matrix).
+        tails = (starts + ready).tolist()
+        ends = (starts + lengths).tolist()
+        for buffer, low, high in zip(buffers, tails, ends, strict=True):
+            buffer.frames = inputs[low:high]
+        return outputs, ready.tolist()
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

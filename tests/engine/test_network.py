@@ -134,19 +134,29 @@ def test_output_layer_survives_a_logit_far_above_the_selected_ones() -> None:
     np.testing.assert_allclose(got, expected, atol=1e-7)
 
 
-@pytest.mark.parametrize("sizes", [[1, 0, 2], [40, 35, 50], [3, 60, 0, 7]])
-def test_hidden_many_equals_each_stream_alone(sizes: list[int]) -> None:
-    """Short chunks (filtered by gathering) and long ones (every window filtered) alike."""
+@pytest.mark.parametrize(
+    "sizes, padded",
+    [([1, 0, 2, 1, 3, 2], True), ([40, 35, 50], False), ([3, 60, 0, 7], False)],
+)
+def test_hidden_many_equals_each_stream_alone(sizes: list[int], padded: bool, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Short chunks (each stream filtered in a zero-padded row of its own) and long ones
+    (every window of the whole matrix filtered) alike."""
+    from edge_agent.engine import network as network_module
+
     _, network = small_network()
+    used = []
+    original = network_module._stream_windows
+    monkeypatch.setattr(network_module, "_stream_windows", lambda *a: used.append(1) or original(*a))
     rng = np.random.default_rng(len(sizes) + sum(sizes))
     alone = [network.new_state() for _ in sizes]
     together = [network.new_state() for _ in sizes]
-    for step in range(6):
-        chunks = [rng.normal(size=(max(0, size - step), 6)).astype(np.float32) for size in sizes]
+    for step in range(8):
+        chunks = [rng.normal(size=(max(0, size - step % 3), 6)).astype(np.float32) for size in sizes]
         expected = [network.hidden(state, chunk) for state, chunk in zip(alone, chunks, strict=True)]
         got = network.hidden_many(together, chunks)
         for want, have in zip(expected, got, strict=True):
             np.testing.assert_allclose(have, want, atol=1e-5)
+    assert bool(used) == padded
 
 
 def test_a_network_without_a_final_affine_and_softmax_is_refused() -> None:
