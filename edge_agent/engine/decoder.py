@@ -121,6 +121,16 @@ class _Candidate:
 
 
 @dataclass
+class _Filtered:
+    """A filtering pass over a search's new frames: per frame, an upper bound of the best
+    match's score, and the partial matches carried out of the last frame."""
+
+    scores: np.ndarray
+    carry: np.ndarray
+    carry_pre: np.ndarray
+
+
+@dataclass
 class _ExactRun:
     """The exact recurrence over the history's frames [start, stop), with nothing carried in:
     per frame, the best match ending there, the back-pointers, the characters' log posteriors
@@ -395,9 +405,16 @@ class _KeywordSearch:
         return int(self.starts[index])
 
     def process(
-        self, history: _History, first_frame: int, ensure: Ensure = _already_exact
+        self,
+        history: _History,
+        first_frame: int,
+        ensure: Ensure = _already_exact,
+        filtered: _Filtered | None = None,
     ) -> list[Detection]:
         """Decode the frames from ``first_frame`` on; ``history`` holds them and those before.
+
+        ``filtered``: the filtering pass over these frames, if already made (any over-estimate
+        will do: it only proposes frames for exact re-scoring).
 
         After a detection the search restarts right after its last character, which may lie
         before ``first_frame`` (a match held over from the previous chunk), so spans are always
@@ -406,24 +423,27 @@ class _KeywordSearch:
         detections: list[Detection] = []
         span_start = first_frame
         while span_start < history.end:
-            fired = self._process_span(history, span_start, ensure)
+            fired = self._process_span(history, span_start, ensure, filtered)
             if fired is None:
                 break
             detection, span_start = fired
             detections.append(detection)
+            filtered = None  # the search restarts: its own pass, from no partial match
         return detections
 
     def _process_span(
-        self, history: _History, first_frame: int, ensure: Ensure
+        self, history: _History, first_frame: int, ensure: Ensure, filtered: _Filtered | None
     ) -> tuple[Detection, int] | None:
-        values, exact = history.rows(first_frame)
-        frames = np.arange(first_frame, history.end)
-        scores, carry, carry_pre = self.filter_pass(
-            values[None], exact[None], frames[None], self.carry[None], self.carry_pre[None]
-        )
-        scores, carry, carry_pre = scores[0], carry[0], carry_pre[0]
+        if filtered is None:
+            values, exact = history.rows(first_frame)
+            frames = np.arange(first_frame, history.end)
+            passed = self.filter_pass(
+                values[None], exact[None], frames[None], self.carry[None], self.carry_pre[None]
+            )
+            filtered = _Filtered(passed[0][0], passed[1][0], passed[2][0])
+        scores, carry, carry_pre = filtered.scores, filtered.carry, filtered.carry_pre
         candidates = np.flatnonzero(scores >= self.log_threshold)
-        count = values.shape[0]
+        count = scores.shape[0]
         settle: tuple[int, np.ndarray] | None = None  # (first frame, best partial match per frame)
         i = 0
         while i < count:
@@ -782,7 +802,7 @@ def process_many(
     active = [i for i, first in enumerate(first_frames) if first is not None]
     # Per stream: the searches with a candidate or a pending detection, decoded exactly below,
     # and the frames their exact decoding will read.
-    exact_work: list[list[_KeywordSearch]] = [[] for _ in decoders]
+    exact_work: list[list[tuple[_KeywordSearch, _Filtered]]] = [[] for _ in decoders]
     wanted: list[list[tuple[int, int]]] = [[] for _ in decoders]
     groups: dict[tuple[object, ...], list[int]] = {}
     for i in active:
@@ -791,6 +811,7 @@ def process_many(
         stacked, exact, frames, padding = _stack_spans(
             [decoders[i] for i in members], [first_frames[i] for i in members]
         )  # type: ignore[misc]
+        lengths = (~padding).sum(axis=1)
         for slot in range(len(decoders[members[0]]._searches)):
             searches = [decoders[i]._searches[slot] for i in members]
             template = searches[0]
@@ -804,7 +825,7 @@ def process_many(
             # match: its partial matches carry over (an over-estimate: the filter may keep them).
             busy = pending | (template.said(stacked) & ~padding).any(axis=1)
             for row in np.flatnonzero(~busy).tolist():
-                searches[row].expire(int(frames[row, 0]) + int((~padding[row]).sum()))
+                searches[row].expire(int(frames[row, 0]) + int(lengths[row]))
             rows = np.flatnonzero(busy)
             if rows.size == 0:
                 continue
@@ -827,7 +848,11 @@ def process_many(
                     search.keep_carries(new_carry[position], new_carry_pre[position])
                     continue
                 index = members[row]
-                exact_work[index].append(search)
+                # Its scores propose the frames to re-score; all of them are resolved below.
+                filtered = _Filtered(
+                    scores[position, : lengths[row]], new_carry[position], new_carry_pre[position]
+                )
+                exact_work[index].append((search, filtered))
                 if search.pending is not None:
                     found = np.concatenate([[search.pending.frame], found])
                 wanted[index] += search.frames_read(found, decoders[index]._history)
@@ -840,8 +865,8 @@ def process_many(
         decoder = decoders[i]
         # Resolved above; on demand is a safety net, for spans the filter did not foresee.
         ensure = _already_exact if resolve is None else decoder._ensure(resolve, i, len(decoders))
-        for search in searches:
-            results[i].extend(search.process(decoder._history, first_frames[i], ensure))  # type: ignore[arg-type]
+        for search, filtered in searches:
+            results[i].extend(search.process(decoder._history, first_frames[i], ensure, filtered))  # type: ignore[arg-type]
     for found in results:
         found.sort(key=lambda d: (d.end, d.keyword))
     return results

@@ -83,7 +83,7 @@ class KeywordDetector:
                 detections += self.feed(samples[:last])
             tail = samples[last:]
             self._samples_seen += tail.shape[0]
-            features = np.concatenate([self._features.accept(tail), self._features.finish()])
+            features = self._features.accept(tail, final=True)
         hidden = self._model.network.hidden(self._network_state, features, final=True)
         (found,) = _decode([self], [hidden])
         detections += found + self._decoder.finish()

@@ -266,9 +266,16 @@ class FeatureStream:
     def samples_seen(self) -> int:
         return self._samples_total
 
-    def accept(self, samples: np.ndarray) -> np.ndarray:
-        """Add samples (int16 or float in 16-bit units); return the new (n, 400) frames."""
-        return accept_many([self], [samples])[0]
+    def accept(self, samples: np.ndarray, final: bool = False) -> np.ndarray:
+        """Add samples (int16 or float in 16-bit units); return the new (n, 400) frames.
+
+        ``final=True``: these are the stream's last samples; the same as ``accept`` then
+        :meth:`finish` (all remaining frames, then a reset), in one pass.
+        """
+        (frames,) = accept_many([self], [samples], final=final)
+        if final:
+            self.reset()
+        return frames
 
     def finish(self) -> np.ndarray:
         """Flush the end of the stream and reset; returns the last frames (maybe none)."""
@@ -277,7 +284,9 @@ class FeatureStream:
         return frames
 
 
-def accept_many(streams: list[FeatureStream], samples: list[np.ndarray]) -> list[np.ndarray]:
+def accept_many(
+    streams: list[FeatureStream], samples: list[np.ndarray], final: bool = False
+) -> list[np.ndarray]:
     """:meth:`FeatureStream.accept` for several streams in one pass: their samples are laid
     back to back, so framing, FFT, mel product, splicing and CMVN are one operation each for the
     whole batch instead of one per stream. Each stream keeps its own remainders."""
@@ -313,7 +322,7 @@ def accept_many(streams: list[FeatureStream], samples: list[np.ndarray]) -> list
     log_mel = fbank.log_mel(windows)
     for stream, buffer, count in zip(streams, buffers, counts, strict=True):
         stream._pending_samples = buffer[count * FRAME_SHIFT_SAMPLES :]
-    return _splice_many(streams, log_mel, counts, final=False)
+    return _splice_many(streams, log_mel, counts, final=final)
 
 
 def _splice_many(

@@ -157,3 +157,13 @@ def test_many_streams_in_one_batch_equal_each_stream_alone() -> None:
             np.testing.assert_allclose(have, want, atol=1e-4)
     for stream_alone, stream_batched in zip(alone, batched, strict=True):
         np.testing.assert_allclose(stream_batched.finish(), stream_alone.finish(), atol=1e-4)
+
+
+def test_accepting_the_last_samples_equals_accept_then_finish() -> None:
+    samples = np.random.default_rng(7).integers(-8000, 8000, size=16000 + 321).astype(np.int16)
+    stream = FeatureStream(identity_cmvn())
+    stepwise = np.concatenate([stream.accept(samples[:5000]), stream.accept(samples[5000:]), stream.finish()])
+    head = stream.accept(samples[:5000])
+    in_one_pass = np.concatenate([head, stream.accept(samples[5000:], final=True)])
+    np.testing.assert_array_equal(in_one_pass, stepwise)
+    np.testing.assert_array_equal(whole(stream, samples), whole(FeatureStream(identity_cmvn()), samples))
