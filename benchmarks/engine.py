@@ -69,6 +69,14 @@ def engine_rtf(model: KwsModel, recordings: list[np.ndarray], chunk: int, repeat
     return min(engine_pass(model, recordings, chunk) for _ in range(repeat)) / audio_seconds
 
 
+def output_layer_share(model: KwsModel, recordings: list[np.ndarray]) -> float:
+    """Share of the frames on which the output layer ran exactly (the rest got bounds)."""
+    output = model.network.output
+    output.rows_bounded = output.rows_exact = 0
+    engine_pass(model, recordings, 0)
+    return output.rows_exact / max(1, output.rows_bounded)
+
+
 def paired_with_reference(
     model: KwsModel, reference: PlainReference, recordings: list[np.ndarray], repeat: int
 ) -> tuple[float, float, float]:
@@ -136,6 +144,7 @@ def main() -> None:
     recordings = load_recordings()
     audio_seconds = sum(r.shape[0] for r in recordings) / 16000
     files = [str(p) for p in sorted(dev_audio().glob("*/*.wav"))]
+    kinds = [Path(f).parent.name for f in files]  # pos: the wake word is spoken; neg: it is not
     numpy_model = KwsModel.load(model_dir(), backend="numpy", threads=1)
     keyword_tokens = [t for group in numpy_model.lexicon.spell("小云小云") for t in group]
     reference = PlainReference(model_dir(), keyword_tokens)
@@ -161,6 +170,18 @@ def main() -> None:
                     cli_run(backend, [str(one_second)])["seconds"] for _ in range(args.repeat)
                 ),
                 "detect_all": cli_run(backend, files),
+                "output_layer_share": {
+                    "all": round(output_layer_share(model, recordings), 4),
+                    **{
+                        kind: round(
+                            output_layer_share(
+                                model, [r for r, k in zip(recordings, kinds, strict=True) if k == kind]
+                            ),
+                            4,
+                        )
+                        for kind in ("pos", "neg")
+                    },
+                },
             }
     report = {
         "benchmark": "engine",
@@ -189,6 +210,13 @@ def main() -> None:
             f" {r['rtf_streaming_100ms']:10.5f}"
             f" {r['startup_seconds']:10.2f}"
             f" {run['seconds']:9.2f} {run['peak_rss_mb']:11.1f} {run['torch_imported']}"
+        )
+    for backend, r in results.items():
+        share = r["output_layer_share"]
+        print(
+            f"{backend}: output layer on {share['all']:.1%} of the frames"
+            f" ({share['pos']:.1%} in the {kinds.count('pos')} recordings of the wake word,"
+            f" {share['neg']:.1%} in the {kinds.count('neg')} without it)"
         )
     print(f"written: {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
     print(json.dumps({b: round(r["rtf_whole_file"], 6) for b, r in results.items()}))

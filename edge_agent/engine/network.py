@@ -117,6 +117,9 @@ class OutputLayer:
         # the (rows, 2599) logits, which cost as much as the product's arithmetic.
         self._augmented = np.concatenate([weights, bias[None, :], np.ones((1, self.output_dim), np.float32)])
         self._subsets: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
+        #: rows given bounds and rows given exact posteriors so far (statistics, all streams)
+        self.rows_bounded = 0
+        self.rows_exact = 0
 
     def _subset(self, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         key = columns.tobytes()
@@ -135,12 +138,14 @@ class OutputLayer:
 
     def bounds(self, hidden: np.ndarray, columns: np.ndarray) -> np.ndarray:
         """Upper bounds of the posteriors of ``columns`` (softmax over those columns alone)."""
+        self.rows_bounded += int(np.shape(hidden)[0])
         return softmax(self.logits(hidden, columns))
 
     def posteriors(self, hidden: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
         """Exact posteriors of every output, or of ``columns`` (normalised over all outputs)."""
         hidden = np.asarray(hidden, dtype=np.float32)
         rows = hidden.shape[0]
+        self.rows_exact += rows
         if columns is None:
             logits = hidden @ self._weights
             logits += self._bias

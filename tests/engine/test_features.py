@@ -54,9 +54,9 @@ def test_fbank_matches_kaldi_on_a_real_recording(example_wav: Path) -> None:
     ours = KaldiFbank().frames(samples)
     reference = kaldi_fbank(samples)
     assert ours.shape == reference.shape
-    # float64 here vs float32 in Kaldi: differences stay in the fourth decimal of a log energy.
-    assert np.abs(ours - reference).max() < 2e-3
-    assert np.abs(ours - reference).mean() < 1e-4
+    # Both in float32, with other FFTs: differences stay in the fourth decimal of a log energy.
+    assert np.abs(ours - reference).max() < 5e-4
+    assert np.abs(ours - reference).mean() < 2e-5
 
 
 def test_fbank_of_digital_silence_is_the_floor_not_minus_infinity() -> None:
