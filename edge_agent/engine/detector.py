@@ -187,7 +187,8 @@ class _HiddenRows:
             return  # the decoder skips empty spans too, keeping everything it holds
         old = self._rows[-keep:] if keep else self._rows[:0]
         self._first += self._rows.shape[0] - old.shape[0]
-        self._rows = np.concatenate([old, rows]) if old.shape[0] else np.asarray(rows, dtype=np.float32)
+        # Always a copy: ``rows`` is a view of the whole batch's hidden matrix.
+        self._rows = np.concatenate([old, rows]) if old.shape[0] else np.array(rows, dtype=np.float32)
 
     def rows(self, frames: np.ndarray) -> np.ndarray:
         index = frames - self._first

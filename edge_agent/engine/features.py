@@ -321,7 +321,7 @@ def accept_many(
         windows = fbank.windows_at(np.concatenate(buffers), starts)
     log_mel = fbank.log_mel(windows)
     for stream, buffer, count in zip(streams, buffers, counts, strict=True):
-        stream._pending_samples = buffer[count * FRAME_SHIFT_SAMPLES :]
+        stream._pending_samples = buffer[count * FRAME_SHIFT_SAMPLES :].copy()
     return _splice_many(streams, log_mel, counts, final=final)
 
 
@@ -363,7 +363,7 @@ def _splice_many(
         row += rows_here
     frames = np.concatenate(pieces) if pieces else np.zeros((0, NUM_MEL_BINS), np.float32)
     for stream, (start, end) in zip(streams, keep, strict=True):
-        stream._context = frames[start:end]  # a view: the next call copies it into its own
+        stream._context = frames[start:end].copy()  # a view would keep the batch's frames
     emitted_total = sum(emitted)
     if emitted_total == 0:
         return [np.zeros((0, FEATURE_DIM), dtype=np.float32) for _ in streams]

@@ -97,6 +97,10 @@ def validate_structure(components: Sequence[Component], source: str) -> None:
         raise ValueError(f"{source}: the network must end with an AffineTransform followed by a Softmax")
 
 
+# Rows of exact posteriors computed at a time (their logits: 2.7 MB).
+_OUTPUT_BLOCK_ROWS = 256
+
+
 class OutputLayer:
     """The last affine transform and the softmax, for the rows that need them.
 
@@ -151,12 +155,25 @@ class OutputLayer:
             logits += self._bias
             return softmax(logits)
         columns = np.asarray(columns, dtype=np.int64)
+        if rows <= _OUTPUT_BLOCK_ROWS:
+            return self._selected(hidden, columns)
+        # In blocks: the (rows, 2599) logits of a burst (every stream of a batch finding a
+        # keyword at once) would otherwise take hundreds of MB for an instant.
+        return np.concatenate(
+            [
+                self._selected(hidden[start : start + _OUTPUT_BLOCK_ROWS], columns)
+                for start in range(0, rows, _OUTPUT_BLOCK_ROWS)
+            ]
+        )
+
+    def _selected(self, hidden: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        rows = hidden.shape[0]
         if rows == 0:
             return np.zeros((0, columns.shape[0]), dtype=np.float32)
         # Shift each row by its largest selected logit rather than by its largest logit: the
-        # product can then subtract it, and no pass is needed to find the maximum. On this model
-        # the largest logit exceeds the selected ones (which include blank) by at most ~20, far
-        # from float32's exp overflow at 88; a row that overflows anyway is redone exactly.
+        # product can then subtract it, and no pass is needed to find the maximum. The largest
+        # logit exceeds the selected ones (which include blank) by less than 20 on audio/dev,
+        # far from float32's exp overflow at 88; a row that overflows anyway is redone exactly.
         shift = self.logits(hidden, columns).max(axis=1)
         augmented = np.empty((rows, self.input_dim + 2), dtype=np.float32)
         augmented[:, : self.input_dim] = hidden
@@ -169,7 +186,7 @@ class OutputLayer:
         result = shifted[:, columns] / totals[:, None]
         overflowed = ~np.isfinite(totals)
         if overflowed.any():
-            result[overflowed] = self.posteriors(hidden[overflowed])[:, columns]
+            result[overflowed] = softmax(hidden[overflowed] @ self._weights + self._bias)[:, columns]
         return result
 
 
@@ -337,7 +354,7 @@ class NumpyNetwork:
             buffer.frames = inputs
             return np.zeros((0, layer.output_dim), dtype=np.float32)
         outputs = fsmn_outputs(self._taps[id(layer)], inputs, ready)
-        buffer.frames = inputs[ready:]
+        buffer.frames = inputs[ready:].copy()  # not a view: it would keep all of ``inputs``
         return outputs
 
     def _fsmn_many(
@@ -377,11 +394,12 @@ class NumpyNetwork:
             # streams are dropped), then keep each stream's ready ones.
             keep = np.repeat(starts - (np.cumsum(ready) - ready), ready) + np.arange(total)
             outputs = fsmn_outputs(taps, inputs, inputs.shape[0] - taps_count + 1)[keep]
-        # Each stream keeps its tail: views of ``inputs`` (copied into the next call's matrix).
+        # Each stream keeps its tail, copied: a view would keep this batch's whole matrix alive
+        # for as long as the stream waits for its next chunk.
         tails = (starts + ready).tolist()
         ends = (starts + lengths).tolist()
         for buffer, low, high in zip(buffers, tails, ends, strict=True):
-            buffer.frames = inputs[low:high]
+            buffer.frames = inputs[low:high].copy()
         return outputs, ready.tolist()
 
 

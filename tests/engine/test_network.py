@@ -111,7 +111,7 @@ def test_torch_backend_matches_documented_maths_on_small_network() -> None:
 
 def test_output_layer_bounds_are_upper_bounds_and_posteriors_exact() -> None:
     layers, network = small_network()
-    hidden = np.random.default_rng(4).normal(size=(50, 3)).astype(np.float32) * 3
+    hidden = np.random.default_rng(4).normal(size=(600, 3)).astype(np.float32) * 3  # 3 blocks
     full = reference_forward(layers[-2:], hidden)  # the output layer's documented maths
     columns = np.array([0, 2])
     np.testing.assert_allclose(network.output.posteriors(hidden), full, atol=1e-6)
