@@ -233,6 +233,7 @@ class Resolver:
 
     def __call__(self, frames: list[np.ndarray]) -> list[np.ndarray]:
         self.calls += 1
+        self.largest = max(getattr(self, "largest", 0), sum(f.size for f in frames))
         for i, wanted in enumerate(frames):
             assert len(set(wanted.tolist())) == wanted.size  # never the same frame twice in a call
             self.asked[i] += wanted.size
@@ -311,3 +312,17 @@ def test_a_frame_never_resolved_is_never_read() -> None:
 
     with pytest.raises((AssertionError, ValueError)):
         process_many([decoder], [p], refuse)
+
+
+def test_many_streams_resolve_a_match_as_it_goes_instead_of_all_at_once(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Ten streams say the keyword at the same instant. Decoded together, each resolves its
+    window while the keyword is being said, so no single call asks for every window at once;
+    the detections do not change."""
+    from edge_agent.engine import decoder as decoder_module
+
+    streams = [posteriors(300, spoken(150, spacing=8)) for _ in range(10)]
+    early, early_resolver = decode_lazily(streams, [ABCD], chunk=1, seed=1)
+    monkeypatch.setattr(decoder_module, "_EARLY_RESOLUTION_STREAMS", 1000)
+    late, late_resolver = decode_lazily(streams, [ABCD], chunk=1, seed=1)
+    assert same_detections(early, late) and all(len(found) == 1 for found in early)
+    assert early_resolver.largest < late_resolver.largest / 2
