@@ -55,8 +55,9 @@ _KILL = -1.0e4
 # A bound compared with a character's floor is lowered by this factor first: the bound and the
 # exact posterior come from separate float32 products, whose roundings may differ by ~1e-7.
 _BOUND_SAFETY = 1.0 - 1e-4
-# From this many streams decoded together, matches under way are resolved as they go.
-_EARLY_RESOLUTION_STREAMS = 8
+# Spans of at most this many frames (1 s: audio arriving in real time, not whole recordings)
+# resolve a match under way as it goes.
+_EARLY_RESOLUTION_FRAMES = 34
 # Absolute frame standing for "no character start seen".
 _NEVER = -(10**12)
 
@@ -806,9 +807,6 @@ def process_many(
     for decoder, frames in zip(decoders, posteriors, strict=True):
         first_frames.append(decoder._begin(frames, exact_input) if frames.shape[0] else None)
     active = [i for i, first in enumerate(first_frames) if first is not None]
-    # With many streams, resolve the frames of a match under way as they come: more frames in
-    # all, but no burst when many streams complete a keyword at once. Detections are the same.
-    early = resolve is not None and len(active) >= _EARLY_RESOLUTION_STREAMS
     # Per stream: the searches with a candidate or a pending detection, decoded exactly below,
     # and the frames their exact decoding will read.
     exact_work: list[list[tuple[_KeywordSearch, _Filtered]]] = [[] for _ in decoders]
@@ -855,11 +853,16 @@ def process_many(
                 found = frames[row, np.flatnonzero(candidates[position])]
                 if search.pending is None and found.size == 0:
                     search.keep_carries(new_carry[position], new_carry_pre[position])
-                    if early and search.under_way():
-                        # Two or more characters may have been said: resolve the window so
-                        # far now, and each new frame as it comes, rather than all of it at
-                        # once when the last character arrives (every stream at the same
-                        # instant, in the worst case).
+                    if (
+                        resolve is not None
+                        and lengths[row] <= _EARLY_RESOLUTION_FRAMES
+                        and search.under_way()
+                    ):
+                        # Audio in real time, and two or more characters may have been said:
+                        # resolve the window so far now, and each new frame as it comes, rather
+                        # than all of it when the last character arrives (in the worst case for
+                        # every stream at the same instant, delaying every detection). More
+                        # frames in all; the detections are the same.
                         last = int(frames[row, lengths[row] - 1])
                         wanted[members[row]] += search.frames_read(
                             np.array([last]), decoders[members[row]]._history

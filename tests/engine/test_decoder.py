@@ -314,15 +314,15 @@ def test_a_frame_never_resolved_is_never_read() -> None:
         process_many([decoder], [p], refuse)
 
 
-def test_many_streams_resolve_a_match_as_it_goes_instead_of_all_at_once(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """Ten streams say the keyword at the same instant. Decoded together, each resolves its
+def test_real_time_streams_resolve_a_match_as_it_goes_instead_of_all_at_once(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Ten streams, in real-time chunks, say the keyword at the same instant. Each resolves its
     window while the keyword is being said, so no single call asks for every window at once;
     the detections do not change."""
     from edge_agent.engine import decoder as decoder_module
 
     streams = [posteriors(300, spoken(150, spacing=8)) for _ in range(10)]
-    early, early_resolver = decode_lazily(streams, [ABCD], chunk=1, seed=1)
-    monkeypatch.setattr(decoder_module, "_EARLY_RESOLUTION_STREAMS", 1000)
-    late, late_resolver = decode_lazily(streams, [ABCD], chunk=1, seed=1)
+    early, early_resolver = decode_lazily(streams, [ABCD], chunk=3, seed=1)
+    monkeypatch.setattr(decoder_module, "_EARLY_RESOLUTION_FRAMES", 0)
+    late, late_resolver = decode_lazily(streams, [ABCD], chunk=3, seed=1)
     assert same_detections(early, late) and all(len(found) == 1 for found in early)
     assert early_resolver.largest < late_resolver.largest / 2
