@@ -155,7 +155,7 @@ def _decode(detectors: Sequence[KeywordDetector], hidden: Sequence[np.ndarray]) 
         detector._hidden.append(rows, keep=detector._decoder.history_frames)
     counts = [rows.shape[0] for rows in hidden]
     every = np.concatenate(hidden) if len(hidden) > 1 else hidden[0]
-    bounds = output.bounds(every, columns)
+    bounds = output.bounds(every, columns).astype(np.float64)  # once, not per decoder
     edges = np.cumsum([0, *counts])
     per_stream = [bounds[edges[i] : edges[i + 1]] for i in range(len(counts))]
 

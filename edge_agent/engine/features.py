@@ -293,35 +293,36 @@ def accept_many(
     if not streams:
         return []
     fbank = streams[0]._fbank
-    buffers, counts = [], []
+    pieces: list[np.ndarray] = []
+    lengths: list[int] = []
     for stream, chunk in zip(streams, samples, strict=True):
         chunk = np.asarray(chunk)
         if chunk.ndim != 1:
             raise ValueError(f"expected mono samples as a 1-D array, got shape {chunk.shape}")
         stream._samples_total += chunk.shape[0]
-        pending = stream._pending_samples
-        # float32 holds 16-bit samples exactly, and is what Kaldi computes in.
-        buffer = (
-            np.concatenate([pending, chunk.astype(np.float32)]) if pending.size else chunk.astype(np.float32)
-        )
-        buffers.append(buffer)
-        counts.append(frame_count(buffer.shape[0]))
-    if len(buffers) == 1:
+        pieces += (stream._pending_samples, chunk)
+        lengths.append(stream._pending_samples.shape[0] + chunk.shape[0])
+    # Every stream's remainder and new samples back to back, in float32 (which holds 16-bit
+    # samples exactly, and is what Kaldi computes in), in one copy.
+    signal = np.concatenate(pieces, dtype=np.float32)
+    counts = [frame_count(length) for length in lengths]
+    offsets = np.cumsum([0, *lengths]).tolist()
+    if len(streams) == 1:
         # One stream: its frames are evenly spaced and need no gather.
-        windows = fbank.windows(buffers[0])
+        windows = fbank.windows(signal)
     else:
-        lengths = np.array([b.shape[0] for b in buffers], dtype=np.int64)
         frame_counts = np.array(counts, dtype=np.int64)
         total = int(frame_counts.sum())
         # Start of every frame in the concatenated signal: stream offset + k * shift.
-        stream_offsets = np.concatenate(([0], np.cumsum(lengths)[:-1]))
-        first_frame = np.concatenate(([0], np.cumsum(frame_counts)[:-1]))
+        first_frame = np.cumsum(frame_counts) - frame_counts
         within = np.arange(total) - np.repeat(first_frame, frame_counts)
-        starts = np.repeat(stream_offsets, frame_counts) + within * FRAME_SHIFT_SAMPLES
-        windows = fbank.windows_at(np.concatenate(buffers), starts)
+        starts = (
+            np.repeat(np.array(offsets[:-1], dtype=np.int64), frame_counts) + within * FRAME_SHIFT_SAMPLES
+        )
+        windows = fbank.windows_at(signal, starts)
     log_mel = fbank.log_mel(windows)
-    for stream, buffer, count in zip(streams, buffers, counts, strict=True):
-        stream._pending_samples = buffer[count * FRAME_SHIFT_SAMPLES :].copy()
+    for stream, offset, end, count in zip(streams, offsets[:-1], offsets[1:], counts, strict=True):
+        stream._pending_samples = signal[offset + count * FRAME_SHIFT_SAMPLES : end].copy()
     return _splice_many(streams, log_mel, counts, final=final)
 
 
