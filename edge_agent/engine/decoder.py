@@ -135,21 +135,22 @@ class _Filtered:
 
 @dataclass
 class _ExactRun:
-    """The exact recurrence over the history's frames [start, stop), with nothing carried in:
-    per frame, the best match ending there, the back-pointers, the characters' log posteriors
-    and the best partial match. Every candidate and pending match whose window begins at
-    ``start`` reads it, so one run serves a whole cluster of candidate frames."""
+    """The exact recurrence over frames [start, stop), with nothing carried in: per frame, the
+    best match ending there, the back-pointers (frame offsets from ``start``), the characters'
+    log posteriors and the best partial match, and the partial matches carried out of the last
+    frame. Every candidate and pending match whose window begins at ``start`` reads it, so one
+    run serves a whole cluster of candidate frames; exact frames never change, so a run is
+    extended over new frames instead of being redone (a pending match reads one more chunk at
+    every step)."""
 
-    history: _History
     start: int
     stop: int
     scores: np.ndarray
     pointers: list[tuple[np.ndarray, ...]]
     log_q: np.ndarray
     prefix: np.ndarray
-
-    def covers(self, history: _History, start: int, stop: int) -> bool:
-        return self.history is history and self.start == start and self.stop >= stop
+    carry: np.ndarray
+    carry_pre: np.ndarray
 
 
 @dataclass
@@ -506,16 +507,42 @@ class _KeywordSearch:
         """The exact run from ``start`` to at least ``stop`` (or the end of the history)."""
         stop = min(history.end, stop)
         run = self._exact_run
-        if run is not None and run.covers(history, start, stop):
-            return run
-        ensure(start, stop)
-        values, exact = history.rows(start, stop)
+        reusable = run is not None and run.start == start and run.stop > start
+        if reusable and run.stop >= stop:  # type: ignore[union-attr]
+            return run  # type: ignore[return-value]
+        begin = run.stop if reusable else start  # type: ignore[union-attr]
+        ensure(begin, stop)
+        values, exact = history.rows(begin, stop)
         _require_exact(exact, "a candidate's window")
         log_q, gap, dips = self._terms(values[None])
-        no_carry = np.full((1, self.n), _NEG_INF)
-        scores, _, _, pointers, prefix = self._run(log_q, gap, dips, no_carry, no_carry, backtrace=True)
-        pointers = [tuple(a[0] for a in entry) for entry in pointers]
-        self._exact_run = _ExactRun(history, start, stop, scores[0], pointers, log_q[0], prefix[0])
+        if reusable:
+            carry, carry_pre = run.carry[None], run.carry_pre[None]  # type: ignore[union-attr]
+        else:
+            carry = carry_pre = np.full((1, self.n), _NEG_INF)
+        scores, carry, carry_pre, pointers, prefix = self._run(
+            log_q, gap, dips, carry, carry_pre, backtrace=True
+        )
+        pieces = [tuple(a[0] for a in entry) for entry in pointers]
+        if reusable:
+            assert run is not None
+            # A pointer of -1 is "the carried partial match": the one the run's last frame points
+            # to. Others count from this piece's first frame.
+            offset = begin - start
+            pieces = [
+                tuple(
+                    np.concatenate([old, np.where(new < 0, old[-1], new + offset)])
+                    for old, new in zip(old_entry, new_entry, strict=True)
+                )
+                for old_entry, new_entry in zip(run.pointers, pieces, strict=True)
+            ]
+            scores_all = np.concatenate([run.scores, scores[0]])
+            log_q_all = np.concatenate([run.log_q, log_q[0]])
+            prefix_all = np.concatenate([run.prefix, prefix[0]])
+        else:
+            scores_all, log_q_all, prefix_all = scores[0], log_q[0], prefix[0]
+        self._exact_run = _ExactRun(
+            start, stop, scores_all, pieces, log_q_all, prefix_all, carry[0], carry_pre[0]
+        )
         return self._exact_run
 
     def _fire(self, resume_frame: int) -> tuple[Detection, int]:
