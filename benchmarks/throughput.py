@@ -11,6 +11,11 @@ audio on every stream, on one thread, and report:
 * ``rtf``: engine time / audio time, per stream (lower is better);
 * ``streams_per_core``: how many real-time streams one core could carry = N / (engine time /
   audio seconds);
+* ``step_ms``: how long each 100 ms step (one ``feed_many`` over every stream) took, p50 / p95
+  / p99 / max: the engine's share of a chunk's delay in the agent;
+* ``burst``: every stream plays the same recording of the wake word, so that all of them finish
+  the keyword in the same step (what ``benchmarks.mqtt_latency`` provokes through MQTT); the
+  median step and the step in which they all fire, in ms;
 * the **baseline** measured in the same process: the plain reference of
   ``benchmarks/reference.py`` (one stream at a time, whole recordings, no batching, numpy
   float32, the full output layer on every frame), and our figures as ratios to it, so the
@@ -59,21 +64,55 @@ def baseline_rtf(model: KwsModel, seconds: float) -> float:
     return reference_rtf(model_dir(), tokens, recordings, repeat=3)
 
 
-def batched_rtf(model: KwsModel, audio: np.ndarray, streams: int, seconds: float) -> tuple[float, int]:
+def batched_rtf(
+    model: KwsModel, audio: np.ndarray, streams: int, seconds: float
+) -> tuple[float, int, list[float]]:
+    """(RTF per stream, detections, each step's seconds) for ``streams`` staggered streams."""
     detectors = [model.detector([KeywordSpec("小云小云")]) for _ in range(streams)]
     length = audio.shape[0]
     offsets = [(i * 7919 * CHUNK) % length for i in range(streams)]
     steps = int(seconds * 1000 / 100)
     detections = 0
-    started = time.perf_counter()
+    step_seconds = []
     for step in range(steps):
         chunks = []
         for offset in offsets:
             start = (offset + step * CHUNK) % (length - CHUNK)
             chunks.append(audio[start : start + CHUNK])
+        started = time.perf_counter()
         detections += sum(len(found) for found in feed_many(detectors, chunks))
-    elapsed = time.perf_counter() - started
-    return elapsed / (seconds * streams), detections
+        step_seconds.append(time.perf_counter() - started)
+    return sum(step_seconds) / (seconds * streams), detections, step_seconds
+
+
+def burst_steps(model: KwsModel, streams: int) -> dict[str, float]:
+    """Every stream plays the same wake-word recording (with a second of silence after it):
+    the median step, and the step in which every stream's detection fires (ms)."""
+    recording = to_mono_16k(read_wav(sorted(dev_audio().glob("pos/*.wav"))[0]))
+    audio = np.concatenate([recording, np.zeros(16000, dtype=np.float32)])
+    detectors = [model.detector([KeywordSpec("小云小云")]) for _ in range(streams)]
+    step_seconds, firing = [], []
+    for start in range(0, audio.shape[0] - CHUNK + 1, CHUNK):
+        chunk = audio[start : start + CHUNK]
+        started = time.perf_counter()
+        found = feed_many(detectors, [chunk] * streams)
+        step_seconds.append(time.perf_counter() - started)
+        if any(found):
+            firing.append(step_seconds[-1])
+    if not firing:
+        raise SystemExit("burst: the wake word was not detected")
+    return {
+        "median_step_ms": round(1000 * float(np.median(step_seconds)), 1),
+        "firing_step_ms": round(1000 * max(firing), 1),
+    }
+
+
+def step_percentiles(step_seconds: list[float]) -> dict[str, float]:
+    milliseconds = 1000 * np.asarray(step_seconds)
+    return {
+        **{f"p{q}": round(float(np.percentile(milliseconds, q)), 1) for q in (50, 95, 99)},
+        "max": round(float(milliseconds.max()), 1),
+    }
 
 
 def main() -> None:
@@ -90,7 +129,7 @@ def main() -> None:
     baseline = baseline_rtf(model, args.seconds)
     results = []
     for count in (int(n) for n in args.streams.split(",")):
-        rtf, detections = batched_rtf(model, audio, count, args.seconds)
+        rtf, detections, step_seconds = batched_rtf(model, audio, count, args.seconds)
         results.append(
             {
                 "streams": count,
@@ -98,6 +137,8 @@ def main() -> None:
                 "streams_per_core": round(1.0 / rtf, 1),
                 "speedup_vs_baseline": round(baseline / rtf, 2),
                 "detections": detections,
+                "step_ms": step_percentiles(step_seconds),
+                "burst": burst_steps(model, count),
             }
         )
         print(json.dumps(results[-1]), flush=True)
@@ -119,10 +160,18 @@ def main() -> None:
     print(
         f"plain reference (whole files, one stream): RTF {baseline:.5f} = {1 / baseline:.0f} streams per core"
     )
-    print(f"{'streams':>8} {'RTF':>9} {'streams/core':>13} {'vs baseline':>12}")
+    print(
+        f"{'streams':>8} {'RTF':>9} {'streams/core':>13} {'vs baseline':>12}"
+        f" {'step p50/p95/max ms':>20} {'burst: median/firing step ms':>29}"
+    )
     for r in results:
-        ratio = r["speedup_vs_baseline"]
-        print(f"{r['streams']:>8} {r['rtf']:>9.5f} {r['streams_per_core']:>13.0f} {ratio:>11.2f}x")
+        ratio, step, burst = r["speedup_vs_baseline"], r["step_ms"], r["burst"]
+        steps = f"{step['p50']:.1f}/{step['p95']:.1f}/{step['max']:.1f}"
+        bursts = f"{burst['median_step_ms']:.1f}/{burst['firing_step_ms']:.1f}"
+        print(
+            f"{r['streams']:>8} {r['rtf']:>9.5f} {r['streams_per_core']:>13.0f} {ratio:>11.2f}x"
+            f" {steps:>20} {bursts:>29}"
+        )
     print(f"written: {path}")
 
 
