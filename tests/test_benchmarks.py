@@ -31,6 +31,11 @@ def test_throughput_latency_and_plot_produce_their_files(
     throughput = json.loads((tmp_path / "throughput-numpy.json").read_text(encoding="utf-8"))
     assert [r["streams"] for r in throughput["results"]] == [1, 4]
     assert throughput["machine"]["cores"] >= 1 and throughput["baseline"]["rtf"] > 0
+    for row in throughput["results"]:
+        steps = row["step_ms"]
+        assert 0 < steps["p50"] <= steps["p95"] <= steps["p99"] <= steps["max"]
+        # present only if the streams detected the wake word they all played
+        assert row["burst"]["firing_step_ms"] > 0
     latency = json.loads((tmp_path / "mqtt_latency.json").read_text(encoding="utf-8"))
     (row,) = latency["results"]
     assert row["detections_received"] >= row["detections_expected_at_least"] > 0
