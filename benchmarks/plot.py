@@ -38,8 +38,14 @@ def main() -> None:
     left.legend()
 
     rows = latency["results"]
-    right.plot([r["streams"] for r in rows], [r["delay_ms_p95"] for r in rows], "o-", label="p95")
-    right.plot([r["streams"] for r in rows], [r["delay_ms_p50"] for r in rows], "o-", label="p50")
+    counts = [r["streams"] for r in rows]
+    p95 = [r["delay_ms_p95"] for r in rows]
+    # Bars: the lowest and highest p95 of the rounds (older result files have one round).
+    spread = [r.get("rounds_delay_ms_p95") or [r["delay_ms_p95"]] for r in rows]
+    below = [p - min(s) for p, s in zip(p95, spread, strict=True)]
+    above = [max(s) - p for p, s in zip(p95, spread, strict=True)]
+    right.errorbar(counts, p95, yerr=[below, above], fmt="o-", capsize=4, label="p95 (bars: every round)")
+    right.plot(counts, [r["delay_ms_p50"] for r in rows], "o-", label="p50")
     right.axhline(500, color="grey", linestyle="--", label="500 ms")
     right.set_xlabel("concurrent real-time streams (one agent process)")
     right.set_ylabel("keyword spoken -> detection received (ms)")

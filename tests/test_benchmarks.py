@@ -40,4 +40,5 @@ def test_throughput_latency_and_plot_produce_their_files(
     (row,) = latency["results"]
     assert row["detections_received"] >= row["detections_expected_at_least"] > 0
     assert row["duplicates"] == 0
+    assert row["agent_delay_ms_p95"] > 0 and row["rounds_delay_ms_p95"] == [row["delay_ms_p95"]]
     assert (tmp_path / "scaling.png").stat().st_size > 10_000
