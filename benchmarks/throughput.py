@@ -15,7 +15,7 @@ audio on every stream, on one thread, and report:
   / p99 / max: the engine's share of a chunk's delay in the agent;
 * ``burst``: every stream plays the same recording of the wake word, so that all of them finish
   the keyword in the same step (what ``benchmarks.mqtt_latency`` provokes through MQTT); the
-  median step and the step in which they all fire, in ms;
+  median step, the step in which they all fire and the largest step, in ms;
 * the **baseline** measured in the same process: the plain reference of
   ``benchmarks/reference.py`` (one stream at a time, whole recordings, no batching, numpy
   float32, the full output layer on every frame), and our figures as ratios to it, so the
@@ -87,7 +87,7 @@ def batched_rtf(
 
 def burst_steps(model: KwsModel, streams: int) -> dict[str, float]:
     """Every stream plays the same wake-word recording (with a second of silence after it):
-    the median step, and the step in which every stream's detection fires (ms)."""
+    the median step, the step in which every stream's detection fires, and the largest (ms)."""
     recording = to_mono_16k(read_wav(sorted(dev_audio().glob("pos/*.wav"))[0]))
     audio = np.concatenate([recording, np.zeros(16000, dtype=np.float32)])
     detectors = [model.detector([KeywordSpec("小云小云")]) for _ in range(streams)]
@@ -104,6 +104,7 @@ def burst_steps(model: KwsModel, streams: int) -> dict[str, float]:
     return {
         "median_step_ms": round(1000 * float(np.median(step_seconds)), 1),
         "firing_step_ms": round(1000 * max(firing), 1),
+        "largest_step_ms": round(1000 * max(step_seconds), 1),
     }
 
 
@@ -162,15 +163,15 @@ def main() -> None:
     )
     print(
         f"{'streams':>8} {'RTF':>9} {'streams/core':>13} {'vs baseline':>12}"
-        f" {'step p50/p95/max ms':>20} {'burst: median/firing step ms':>29}"
+        f" {'step p50/p95/max ms':>20} {'burst: median/firing/largest step ms':>37}"
     )
     for r in results:
         ratio, step, burst = r["speedup_vs_baseline"], r["step_ms"], r["burst"]
         steps = f"{step['p50']:.1f}/{step['p95']:.1f}/{step['max']:.1f}"
-        bursts = f"{burst['median_step_ms']:.1f}/{burst['firing_step_ms']:.1f}"
+        bursts = f"{burst['median_step_ms']:.1f}/{burst['firing_step_ms']:.1f}/{burst['largest_step_ms']:.1f}"
         print(
             f"{r['streams']:>8} {r['rtf']:>9.5f} {r['streams_per_core']:>13.0f} {ratio:>11.2f}x"
-            f" {steps:>20} {bursts:>29}"
+            f" {steps:>20} {bursts:>37}"
         )
     print(f"written: {path}")
 

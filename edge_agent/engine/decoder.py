@@ -58,6 +58,9 @@ _BOUND_SAFETY = 1.0 - 1e-4
 # Spans of at most this many frames (1 s: audio arriving in real time, not whole recordings)
 # resolve a match under way as it goes.
 _EARLY_RESOLUTION_FRAMES = 34
+# ... a few frames at a time: each step resolves the new frames and at most this many older
+# ones (the window so far is up to the keyword's maximum duration long).
+_EARLY_RESOLUTION_BACKLOG_FRAMES = 16
 # Absolute frame standing for "no character start seen".
 _NEVER = -(10**12)
 
@@ -418,11 +421,17 @@ class _KeywordSearch:
         first_frame: int,
         ensure: Ensure = _already_exact,
         filtered: _Filtered | None = None,
+        restarts: list[tuple[_KeywordSearch, int]] | None = None,
     ) -> list[Detection]:
         """Decode the frames from ``first_frame`` on; ``history`` holds them and those before.
 
         ``filtered``: the filtering pass over these frames, if already made (any over-estimate
         will do: it only proposes frames for exact re-scoring).
+
+        ``restarts``: if given, a search that fired and has only refractory frames left (no
+        match can fire there; the filtering pass only carries partial matches out) adds
+        ``(self, first frame left)`` to it instead of making that pass: the caller makes it
+        for many streams at once (:func:`_carry_through_restarts`).
 
         After a detection the search restarts right after its last character, which may lie
         before ``first_frame`` (a match held over from the previous chunk), so spans are always
@@ -437,6 +446,9 @@ class _KeywordSearch:
             detection, span_start = fired
             detections.append(detection)
             filtered = None  # the search restarts: its own pass, from no partial match
+            if restarts is not None and span_start < history.end and history.end - 1 <= self.quiet_until:
+                restarts.append((self, span_start))
+                break
         return detections
 
     def _process_span(
@@ -503,6 +515,34 @@ class _KeywordSearch:
         run = self._run_from(history, start, pending_frame + 1 + self.hold_frames, ensure)
         return start, run.prefix
 
+    def run_to_prime(
+        self, filtered: _Filtered, first_frame: int, history: _History
+    ) -> tuple[int, int, int] | None:
+        """The exact run that :meth:`process` is about to compute or extend for these filtered
+        frames (``first_frame`` on), as (start, begin, stop): the window of the pending match,
+        or else of the first candidate that may become pending, computed from ``begin`` (its
+        start, or where the run computed so far stops) through the hold time of the last
+        candidate, as far as the frames are exact. None if there is nothing to compute."""
+        frames = np.flatnonzero(filtered.scores >= self.log_threshold) + first_frame
+        if self.pending is not None:
+            anchor = self.pending.frame
+        else:
+            eligible = frames[frames > self.quiet_until]
+            if eligible.size == 0:
+                return None
+            anchor = int(eligible[0])
+        start = self.first_start(anchor, history)
+        if start is None:
+            return None
+        last = max(anchor, int(frames[-1])) if frames.size else anchor
+        stop = min(history.end, last + 1 + self.hold_frames)
+        run = self._exact_run
+        begin = run.stop if run is not None and run.start == start and run.stop > start else start
+        missing = np.flatnonzero(~history.rows(begin, stop)[1])
+        if missing.size:
+            stop = begin + int(missing[0])  # the rest is resolved on demand, if ever read
+        return (start, begin, stop) if stop > begin else None
+
     def _run_from(self, history: _History, start: int, stop: int, ensure: Ensure) -> _ExactRun:
         """The exact run from ``start`` to at least ``stop`` (or the end of the history)."""
         stop = min(history.end, stop)
@@ -515,34 +555,55 @@ class _KeywordSearch:
         values, exact = history.rows(begin, stop)
         _require_exact(exact, "a candidate's window")
         log_q, gap, dips = self._terms(values[None])
-        if reusable:
-            carry, carry_pre = run.carry[None], run.carry_pre[None]  # type: ignore[union-attr]
-        else:
-            carry = carry_pre = np.full((1, self.n), _NEG_INF)
+        carry, carry_pre = self.run_carries(start, begin)
         scores, carry, carry_pre, pointers, prefix = self._run(
-            log_q, gap, dips, carry, carry_pre, backtrace=True
+            log_q, gap, dips, carry[None], carry_pre[None], backtrace=True
         )
         pieces = [tuple(a[0] for a in entry) for entry in pointers]
-        if reusable:
+        return self.store_run(
+            start, begin, stop, scores[0], pieces, log_q[0], prefix[0], carry[0], carry_pre[0]
+        )
+
+    def run_carries(self, start: int, begin: int) -> tuple[np.ndarray, np.ndarray]:
+        """What a run from ``start`` carries into frame ``begin``: nothing at its start, the
+        partial matches of the run computed so far when it is extended."""
+        if begin == start:
+            return np.full(self.n, _NEG_INF), np.full(self.n, _NEG_INF)
+        run = self._exact_run
+        assert run is not None and run.start == start and run.stop == begin
+        return run.carry, run.carry_pre
+
+    def store_run(
+        self,
+        start: int,
+        begin: int,
+        stop: int,
+        scores: np.ndarray,
+        pointers: list[tuple[np.ndarray, ...]],
+        log_q: np.ndarray,
+        prefix: np.ndarray,
+        carry: np.ndarray,
+        carry_pre: np.ndarray,
+    ) -> _ExactRun:
+        """Keep the run over [start, stop), of which [begin, stop) was just computed (from the
+        carries of :meth:`run_carries`)."""
+        if begin > start:
+            run = self._exact_run
             assert run is not None
             # A pointer of -1 is "the carried partial match": the one the run's last frame points
             # to. Others count from this piece's first frame.
             offset = begin - start
-            pieces = [
+            pointers = [
                 tuple(
                     np.concatenate([old, np.where(new < 0, old[-1], new + offset)])
                     for old, new in zip(old_entry, new_entry, strict=True)
                 )
-                for old_entry, new_entry in zip(run.pointers, pieces, strict=True)
+                for old_entry, new_entry in zip(run.pointers, pointers, strict=True)
             ]
-            scores_all = np.concatenate([run.scores, scores[0]])
-            log_q_all = np.concatenate([run.log_q, log_q[0]])
-            prefix_all = np.concatenate([run.prefix, prefix[0]])
-        else:
-            scores_all, log_q_all, prefix_all = scores[0], log_q[0], prefix[0]
-        self._exact_run = _ExactRun(
-            start, stop, scores_all, pieces, log_q_all, prefix_all, carry[0], carry_pre[0]
-        )
+            scores = np.concatenate([run.scores, scores])
+            log_q = np.concatenate([run.log_q, log_q])
+            prefix = np.concatenate([run.prefix, prefix])
+        self._exact_run = _ExactRun(start, stop, scores, pointers, log_q, prefix, carry, carry_pre)
         return self._exact_run
 
     def _fire(self, resume_frame: int) -> tuple[Detection, int]:
@@ -811,6 +872,95 @@ def _resolve(decoders: Sequence[KeywordDecoder], wanted: list[np.ndarray], resol
         decoder._fill(frames, np.asarray(exact, dtype=np.float64))
 
 
+def _prime_exact_runs(
+    decoders: Sequence[KeywordDecoder],
+    first_frames: Sequence[int | None],
+    exact_work: list[list[tuple[_KeywordSearch, _Filtered]]],
+) -> int:
+    """The exact runs that the searches with a candidate or a pending match are about to
+    compute or extend one by one, computed together: one recurrence over (streams, frames) per
+    keyword, each stream's frames in a row of its own from its own carries, padded at the end
+    with frames that change nothing. Each row is the same arithmetic as the one-stream run, so
+    the detections are the same; when many streams finish a keyword in the same chunk (many
+    devices hearing one speaker) this is most of the chunk's decoding work. Returns how many
+    runs were computed."""
+    computed = 0
+    groups: dict[tuple[object, ...], list[tuple[_KeywordSearch, np.ndarray, int, int, int]]] = {}
+    for i, work in enumerate(exact_work):
+        history = decoders[i]._history
+        for search, filtered in work:
+            span = search.run_to_prime(filtered, first_frames[i], history)  # type: ignore[arg-type]
+            if span is not None:
+                start, begin, stop = span
+                key = (decoders[i].signature, decoders[i]._searches.index(search))
+                groups.setdefault(key, []).append((search, history.rows(begin, stop)[0], start, begin, stop))
+    for members in groups.values():
+        if len(members) < 2:
+            continue  # nothing to share: the one-stream path computes it
+        template = members[0][0]
+        lengths = np.array([values.shape[0] for _, values, _, _, _ in members])
+        stacked = np.zeros((len(members), int(lengths.max()), members[0][1].shape[1]))
+        stacked[..., 0] = 1.0
+        carries = []
+        for row, (search, values, start, begin, _) in enumerate(members):
+            stacked[row, : values.shape[0]] = values
+            carries.append(search.run_carries(start, begin))
+        padding = np.arange(stacked.shape[1])[None, :] >= lengths[:, None]
+        log_q, gap, dips = template._terms(stacked)
+        log_q[padding] = _NEG_INF
+        gap[padding] = 0.0
+        dips[padding] = False
+        carry = np.stack([c for c, _ in carries])
+        carry_pre = np.stack([c for _, c in carries])
+        scores, new_carry, new_carry_pre, pointers, prefix = template._run(
+            log_q, gap, dips, carry, carry_pre, backtrace=True
+        )
+        for row, (search, _, start, begin, stop) in enumerate(members):
+            length = int(lengths[row])
+            search.store_run(
+                start,
+                begin,
+                stop,
+                scores[row, :length].copy(),
+                [tuple(a[row, :length].copy() for a in entry) for entry in pointers],
+                log_q[row, :length].copy(),
+                prefix[row, :length].copy(),
+                new_carry[row].copy(),
+                new_carry_pre[row].copy(),
+            )
+        computed += len(members)
+    return computed
+
+
+def _carry_through_restarts(
+    decoders: Sequence[KeywordDecoder], restarts: list[tuple[int, _KeywordSearch, int]]
+) -> None:
+    """The filtering passes of searches that fired and have only refractory frames left in
+    their chunk, ``(decoder index, search, first frame left)``: one recurrence per keyword for
+    all of them (as in :func:`process_many`'s main pass), keeping the partial matches each
+    carries out, as :meth:`_KeywordSearch.process` would one by one."""
+    groups: dict[tuple[object, ...], list[tuple[int, _KeywordSearch, int]]] = {}
+    for i, search, frame in restarts:
+        groups.setdefault((decoders[i].signature, decoders[i]._searches.index(search)), []).append(
+            (i, search, frame)
+        )
+    for members in groups.values():
+        template = members[0][1]
+        stacked, exact, frames, padding = _stack_spans(
+            [decoders[i] for i, _, _ in members], [frame for _, _, frame in members]
+        )
+        killed = np.stack([search.killed(frames[row]) for row, (_, search, _) in enumerate(members)])
+        log_q, gap, dips = template._optimistic_terms(stacked, exact, killed & ~padding)
+        log_q[padding] = _NEG_INF
+        gap[padding] = 0.0
+        dips[padding] = False
+        carry = np.stack([search.carry for _, search, _ in members])
+        carry_pre = np.stack([search.carry_pre for _, search, _ in members])
+        _, new_carry, new_carry_pre, _, _ = template._run(log_q, gap, dips, carry, carry_pre)
+        for row, (_, search, _) in enumerate(members):
+            search.keep_carries(new_carry[row].copy(), new_carry_pre[row].copy())
+
+
 def process_many(
     decoders: Sequence[KeywordDecoder],
     posteriors: Sequence[np.ndarray],
@@ -838,6 +988,9 @@ def process_many(
     # and the frames their exact decoding will read.
     exact_work: list[list[tuple[_KeywordSearch, _Filtered]]] = [[] for _ in decoders]
     wanted: list[list[tuple[int, int]]] = [[] for _ in decoders]
+    # Matches under way in real-time audio: frames to resolve ahead of need, a few per step.
+    early: list[list[tuple[int, int]]] = [[] for _ in decoders]
+    early_limit = [0] * len(decoders)
     groups: dict[tuple[object, ...], list[int]] = {}
     for i in active:
         groups.setdefault(decoders[i].signature, []).append(i)
@@ -886,14 +1039,15 @@ def process_many(
                         and search.under_way()
                     ):
                         # Audio in real time, and two or more characters may have been said:
-                        # resolve the window so far now, and each new frame as it comes, rather
-                        # than all of it when the last character arrives (in the worst case for
-                        # every stream at the same instant, delaying every detection). More
-                        # frames in all; the detections are the same.
+                        # resolve the window so far a few frames per step, and each new frame
+                        # as it comes, rather than all of it when the last character arrives
+                        # (in the worst case for every stream at the same instant, delaying
+                        # every detection). More frames in all; the detections are the same.
                         last = int(frames[row, lengths[row] - 1])
-                        wanted[members[row]] += search.frames_read(
+                        early[members[row]] += search.frames_read(
                             np.array([last]), decoders[members[row]]._history
                         )
+                        early_limit[members[row]] = int(lengths[row]) + _EARLY_RESOLUTION_BACKLOG_FRAMES
                     continue
                 index = members[row]
                 # Its scores propose the frames to re-score; all of them are resolved below.
@@ -906,15 +1060,25 @@ def process_many(
                 wanted[index] += search.frames_read(found, decoders[index]._history)
     if resolve is not None:
         # Everything the exact decoding below will read, for every stream, in one call.
-        _resolve(decoders, [decoders[i]._unresolved(spans) for i, spans in enumerate(wanted)], resolve)
+        frames_wanted = [decoders[i]._unresolved(spans) for i, spans in enumerate(wanted)]
+        for i, spans in enumerate(early):
+            if spans:  # the oldest first: the backlog shrinks at every step
+                ahead = decoders[i]._unresolved(spans)[: early_limit[i]]
+                frames_wanted[i] = np.union1d(frames_wanted[i], ahead)
+        _resolve(decoders, frames_wanted, resolve)
+    _prime_exact_runs(decoders, first_frames, exact_work)
+    restarts: list[tuple[int, _KeywordSearch, int]] = []
     for i, searches in enumerate(exact_work):
         if not searches:
             continue
         decoder = decoders[i]
         # Resolved above; on demand is a safety net, for spans the filter did not foresee.
         ensure = _already_exact if resolve is None else decoder._ensure(resolve, i, len(decoders))
+        restarted: list[tuple[_KeywordSearch, int]] = []
         for search, filtered in searches:
-            results[i].extend(search.process(decoder._history, first_frames[i], ensure, filtered))  # type: ignore[arg-type]
+            results[i].extend(search.process(decoder._history, first_frames[i], ensure, filtered, restarted))  # type: ignore[arg-type]
+        restarts += [(i, search, frame) for search, frame in restarted]
+    _carry_through_restarts(decoders, restarts)
     for found in results:
         found.sort(key=lambda d: (d.end, d.keyword))
     return results

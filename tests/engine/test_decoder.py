@@ -326,3 +326,60 @@ def test_real_time_streams_resolve_a_match_as_it_goes_instead_of_all_at_once(mon
     late, late_resolver = decode_lazily(streams, [ABCD], chunk=3, seed=1)
     assert same_detections(early, late) and all(len(found) == 1 for found in early)
     assert early_resolver.largest < late_resolver.largest / 2
+
+
+@pytest.mark.parametrize("chunk", [3, 33])
+def test_streams_finding_a_keyword_together_share_their_exact_runs(chunk: int, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Many streams meeting a candidate in the same chunk get their exact runs in one
+    recurrence; the detections (confidence, times and peaks) are those of one run per stream."""
+    from edge_agent.engine import decoder as decoder_module
+
+    rng = np.random.default_rng(5)
+    streams = []
+    for i in range(9):
+        probs = tuple(float(p) for p in rng.uniform(0.3, 0.95, size=4))
+        events = spoken(100 + i % 3, probs, spacing=int(rng.integers(3, 9)))  # ragged windows
+        events.update(spoken(400, probs, spacing=5))
+        streams.append(posteriors(600, events))
+    primed = []
+    original = decoder_module._prime_exact_runs
+
+    def counting(decoders, first_frames, exact_work):  # type: ignore[no-untyped-def]
+        primed.append(original(decoders, first_frames, exact_work))
+        return primed[-1]
+
+    monkeypatch.setattr(decoder_module, "_prime_exact_runs", counting)
+    together, _ = decode_lazily(streams, [ABCD], chunk=chunk, seed=2)
+    monkeypatch.setattr(decoder_module, "_prime_exact_runs", lambda *args: None)
+    alone, _ = decode_lazily(streams, [ABCD], chunk=chunk, seed=2)
+    assert max(primed) >= 6  # most streams computed their run in the same recurrence
+    assert all(len(found) == 2 for found in together)
+    assert together == alone
+    assert [[(d.peak_frames, d.peak_posteriors) for d in found] for found in together] == [
+        [(d.peak_frames, d.peak_posteriors) for d in found] for found in alone
+    ]
+
+
+@pytest.mark.parametrize("chunk", [2, 7, 20])
+def test_searches_restarted_together_carry_what_each_would_alone(chunk: int, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """After a detection, the rest of a chunk inside the refractory period is filtered for all
+    streams in one pass: a keyword begun there and finished after it is still found, exactly as
+    with each stream's own pass."""
+    from edge_agent.engine.decoder import _already_exact, _KeywordSearch
+
+    streams = []
+    for i in range(8):
+        # The first keyword's last peak is at frame 38 or 39: no detection before frame 72. The
+        # second begins inside that second (frames 56-59) and ends after it (74-83).
+        events = {**spoken(20 + i % 2), **spoken(56 + i % 4, spacing=6 + i % 3)}
+        streams.append(posteriors(200, events))
+    together, _ = decode_lazily(streams, [ABCD], chunk=chunk, seed=3)
+    one_by_one = _KeywordSearch.process
+
+    def alone(self, history, first_frame, ensure=_already_exact, filtered=None, restarts=None):  # type: ignore[no-untyped-def]
+        return one_by_one(self, history, first_frame, ensure, filtered, None)
+
+    monkeypatch.setattr(_KeywordSearch, "process", alone)
+    separately, _ = decode_lazily(streams, [ABCD], chunk=chunk, seed=3)
+    assert together == separately
+    assert all(len(found) == 2 for found in together)
