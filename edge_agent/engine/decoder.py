@@ -864,6 +864,15 @@ def _stack_spans(
     return stacked, exact, frames, padding
 
 
+def _pad(log_q: np.ndarray, gap: np.ndarray, dips: np.ndarray, padding: np.ndarray) -> None:
+    """Make the padding cells of stacked rows inert: they can neither start nor continue a match
+    (log q = -inf), cost nothing (gap 0) and let no repeated character through (no dip), so the
+    partial matches carried out of a padded row are those of its last real frame."""
+    log_q[padding] = _NEG_INF
+    gap[padding] = 0.0
+    dips[padding] = False
+
+
 def _resolve(decoders: Sequence[KeywordDecoder], wanted: list[np.ndarray], resolve: Resolver) -> None:
     """One ``resolve`` call for every decoder's wanted frames (none if nobody wants any)."""
     if not any(frames.size for frames in wanted):
@@ -907,9 +916,7 @@ def _prime_exact_runs(
             carries.append(search.run_carries(start, begin))
         padding = np.arange(stacked.shape[1])[None, :] >= lengths[:, None]
         log_q, gap, dips = template._terms(stacked)
-        log_q[padding] = _NEG_INF
-        gap[padding] = 0.0
-        dips[padding] = False
+        _pad(log_q, gap, dips, padding)
         carry = np.stack([c for c, _ in carries])
         carry_pre = np.stack([c for _, c in carries])
         scores, new_carry, new_carry_pre, pointers, prefix = template._run(
@@ -951,9 +958,7 @@ def _carry_through_restarts(
         )
         killed = np.stack([search.killed(frames[row]) for row, (_, search, _) in enumerate(members)])
         log_q, gap, dips = template._optimistic_terms(stacked, exact, killed & ~padding)
-        log_q[padding] = _NEG_INF
-        gap[padding] = 0.0
-        dips[padding] = False
+        _pad(log_q, gap, dips, padding)
         carry = np.stack([search.carry for _, search, _ in members])
         carry_pre = np.stack([search.carry_pre for _, search, _ in members])
         _, new_carry, new_carry_pre, _, _ = template._run(log_q, gap, dips, carry, carry_pre)
@@ -1021,9 +1026,7 @@ def process_many(
             latest = np.maximum(latest, before[rows, None])
             killed = (frames[rows] - latest >= template.window_frames) & ~padding[rows]
             log_q, gap, dips = template._optimistic_terms(stacked[rows], exact[rows], killed)
-            log_q[padding[rows]] = _NEG_INF
-            gap[padding[rows]] = 0.0
-            dips[padding[rows]] = False
+            _pad(log_q, gap, dips, padding[rows])
             carry = np.stack([searches[r].carry for r in rows])
             carry_pre = np.stack([searches[r].carry_pre for r in rows])
             scores, new_carry, new_carry_pre, _, _ = template._run(log_q, gap, dips, carry, carry_pre)
