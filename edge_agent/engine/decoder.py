@@ -58,8 +58,8 @@ _BOUND_SAFETY = 1.0 - 1e-4
 # Spans of at most this many frames (1 s: audio arriving in real time, not whole recordings)
 # resolve a match under way as it goes.
 _EARLY_RESOLUTION_FRAMES = 34
-# ... a few frames at a time: each step resolves the new frames and at most this many older
-# ones (the window so far is up to the keyword's maximum duration long).
+# ... a few frames at a time: each step resolves, oldest first, at most as many frames as it
+# brought plus this many (the window so far is up to the keyword's maximum duration long).
 _EARLY_RESOLUTION_BACKLOG_FRAMES = 16
 # Absolute frame standing for "no character start seen".
 _NEVER = -(10**12)
@@ -843,12 +843,18 @@ class KeywordDecoder:
 
 
 def _stack_spans(
-    decoders: Sequence[KeywordDecoder], first_frames: Sequence[int]
+    decoders: Sequence[KeywordDecoder],
+    first_frames: Sequence[int],
+    stops: Sequence[int | None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The new frames of several decoders as (streams, longest, columns) values, exactness and
-    absolute frame numbers, and which cells are padding (pure blank, exact, past a stream's
-    end: they can neither start, continue nor penalise a match)."""
-    spans = [d._history.rows(first) for d, first in zip(decoders, first_frames, strict=True)]
+    """The frames of several decoders from ``first_frames`` (to ``stops``, or to the end of
+    each history) as (streams, longest, columns) values, exactness and absolute frame numbers,
+    and which cells are padding (pure blank, exact, past a stream's end: they can neither
+    start, continue nor penalise a match)."""
+    ends = stops if stops is not None else [None] * len(decoders)
+    spans = [
+        d._history.rows(first, stop) for d, first, stop in zip(decoders, first_frames, ends, strict=True)
+    ]
     lengths = np.fromiter((values.shape[0] for values, _ in spans), np.int64, len(spans))
     longest = int(lengths.max())
     streams = len(spans)
@@ -862,6 +868,12 @@ def _stack_spans(
     frames = np.asarray(first_frames, dtype=np.int64)[:, None] + np.arange(longest)
     padding = np.arange(longest)[None, :] >= lengths[:, None]
     return stacked, exact, frames, padding
+
+
+def _search_key(decoder: KeywordDecoder, search: _KeywordSearch) -> tuple[object, ...]:
+    """Searches with equal keys share one vectorised recurrence: the same keyword settings in
+    decoders reading the same outputs."""
+    return (decoder.signature, decoder._searches.index(search))
 
 
 def _pad(log_q: np.ndarray, gap: np.ndarray, dips: np.ndarray, padding: np.ndarray) -> None:
@@ -894,35 +906,32 @@ def _prime_exact_runs(
     devices hearing one speaker) this is most of the chunk's decoding work. Returns how many
     runs were computed."""
     computed = 0
-    groups: dict[tuple[object, ...], list[tuple[_KeywordSearch, np.ndarray, int, int, int]]] = {}
+    groups: dict[tuple[object, ...], list[tuple[int, _KeywordSearch, int, int, int]]] = {}
     for i, work in enumerate(exact_work):
-        history = decoders[i]._history
         for search, filtered in work:
-            span = search.run_to_prime(filtered, first_frames[i], history)  # type: ignore[arg-type]
+            span = search.run_to_prime(filtered, first_frames[i], decoders[i]._history)  # type: ignore[arg-type]
             if span is not None:
-                start, begin, stop = span
-                key = (decoders[i].signature, decoders[i]._searches.index(search))
-                groups.setdefault(key, []).append((search, history.rows(begin, stop)[0], start, begin, stop))
+                groups.setdefault(_search_key(decoders[i], search), []).append((i, search, *span))
     for members in groups.values():
         if len(members) < 2:
             continue  # nothing to share: the one-stream path computes it
-        template = members[0][0]
-        lengths = np.array([values.shape[0] for _, values, _, _, _ in members])
-        stacked = np.zeros((len(members), int(lengths.max()), members[0][1].shape[1]))
-        stacked[..., 0] = 1.0
-        carries = []
-        for row, (search, values, start, begin, _) in enumerate(members):
-            stacked[row, : values.shape[0]] = values
-            carries.append(search.run_carries(start, begin))
-        padding = np.arange(stacked.shape[1])[None, :] >= lengths[:, None]
+        template = members[0][1]
+        # Every row is exact: run_to_prime stops each span at its first unresolved frame.
+        stacked, _, _, padding = _stack_spans(
+            [decoders[i] for i, _, _, _, _ in members],
+            [begin for _, _, _, begin, _ in members],
+            [stop for _, _, _, _, stop in members],
+        )
+        lengths = (~padding).sum(axis=1)
         log_q, gap, dips = template._terms(stacked)
         _pad(log_q, gap, dips, padding)
+        carries = [search.run_carries(start, begin) for _, search, start, begin, _ in members]
         carry = np.stack([c for c, _ in carries])
         carry_pre = np.stack([c for _, c in carries])
         scores, new_carry, new_carry_pre, pointers, prefix = template._run(
             log_q, gap, dips, carry, carry_pre, backtrace=True
         )
-        for row, (search, _, start, begin, stop) in enumerate(members):
+        for row, (_, search, start, begin, stop) in enumerate(members):
             length = int(lengths[row])
             search.store_run(
                 start,
@@ -948,9 +957,7 @@ def _carry_through_restarts(
     carries out, as :meth:`_KeywordSearch.process` would one by one."""
     groups: dict[tuple[object, ...], list[tuple[int, _KeywordSearch, int]]] = {}
     for i, search, frame in restarts:
-        groups.setdefault((decoders[i].signature, decoders[i]._searches.index(search)), []).append(
-            (i, search, frame)
-        )
+        groups.setdefault(_search_key(decoders[i], search), []).append((i, search, frame))
     for members in groups.values():
         template = members[0][1]
         stacked, exact, frames, padding = _stack_spans(
