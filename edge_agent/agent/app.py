@@ -72,6 +72,12 @@ log = logging.getLogger(__name__)
 
 # Identical errors (same code and topic) are published at most this often; the rest are counted.
 ERROR_INTERVAL_SECONDS = 1.0
+# After a batch of detections the engine worker waits at most this long for them to be handed to
+# MQTT before analysing more audio (a hundred streams firing at once need several windows).
+_HAND_OVER_WAIT_SECONDS = 0.1
+# Places of the broker's window of unacknowledged publishes left to QoS 1 messages other than
+# detections (availability, info, command replies): they are few and rarely at the same time.
+_OTHER_QOS1_RESERVE = 2
 
 
 # Keys whose change takes effect at once; any other change waits for a restart.
@@ -198,6 +204,7 @@ class Agent:
                 self._publish_event,
                 lambda: self.transport is not None and self.transport.connected,
                 self.boot_id,
+                window=self._detection_window,
             )
 
     # --- topics ------------------------------------------------------------------------------
@@ -557,6 +564,8 @@ class Agent:
             self.publisher.notify()
         for item, event in zip(found, stored, strict=True):
             self._announce(_event_from_body(event.body), item)
+        if self.publisher is not None and self.transport is not None and self.transport.connected:
+            self.publisher.wait_handed_over(stored[-1].seq, _HAND_OVER_WAIT_SECONDS)
 
     def _body_maker(self, found: Found) -> Callable[[int], dict[str, Any]]:
         def body(seq: int) -> dict[str, Any]:
@@ -594,6 +603,13 @@ class Agent:
                 listener(event)
             except Exception:
                 log.exception("detection listener failed")
+
+    def _detection_window(self) -> int:
+        """Detections awaiting their PUBACK at a time: the broker's window, less a reserve for the
+        agent's other QoS 1 messages, so that paho never holds a detection back. What paho holds
+        back its network thread sends later, and a detection sent meanwhile could overtake it."""
+        window = self.transport.send_window if self.transport is not None else 1
+        return max(1, window - _OTHER_QOS1_RESERVE)
 
     def _publish_event(self, event: StoredEvent, replayed: bool) -> int | None:
         """Outbox publisher thread: one stored detection to MQTT, with its delay and flags."""

@@ -291,18 +291,22 @@ class OutboxPublisher:
         is_connected: Callable[[], bool],
         boot_id: str,
         live_window_seconds: float = 2.0,
-        max_in_flight: int = 20,
+        window: Callable[[], int] = lambda: 20,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """``window()``: how many events may await their PUBACK at a time (the broker's
+        Receive Maximum: a client that sends more is disconnected)."""
         self._outbox = outbox
         self._publish = publish
         self._is_connected = is_connected
         self._boot_id = boot_id
         self._live_window = live_window_seconds
-        self._max_in_flight = max_in_flight
+        self._window = window
         self._clock = clock
         self._in_flight: dict[int, int] = {}  # mid -> seq; publisher thread only
+        self._acknowledged: list[int] = []  # seqs acknowledged, not yet deleted from the outbox
         self._last_handed = -1  # highest seq handed to MQTT in this run
+        self._handed = threading.Condition()  # notified when _last_handed grows
         self._acks: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -322,6 +326,17 @@ class OutboxPublisher:
     def notify(self) -> None:
         """Something changed: a new event, a connection."""
         self._wake.set()
+
+    def wait_handed_over(self, seq: int, timeout: float) -> bool:
+        """Block (at most ``timeout`` s) until the events up to ``seq`` are handed to MQTT.
+
+        The engine worker calls this after a batch of detections, so that while they go out
+        (in windows of the broker's Receive Maximum, each refilled on its PUBACKs) it holds
+        neither the GIL nor a core: the next chunk can wait a few milliseconds, a detection
+        should not. Returns whether they were all handed over in time.
+        """
+        with self._handed:
+            return self._handed.wait_for(lambda: self._last_handed >= seq, timeout)
 
     def acknowledged(self, mid: int) -> None:
         """Called on paho's network thread: enqueue only."""
@@ -346,31 +361,39 @@ class OutboxPublisher:
         while not self._stopping.is_set():
             self._wake.clear()
             try:
-                self._drain_acknowledgements()
+                self._take_acknowledgements()
                 handed = self._hand_over()
-                self._drain_acknowledgements()
+                # Deleted once the next events are on their way: when a hundred streams fire at
+                # once, the window refills many times, and a delete (an fsync) between a PUBACK
+                # and the next publish would delay every later detection.
+                self._take_acknowledgements()
+                self._forget_acknowledged()
             except Exception:  # the only thread that delivers detections: it must not die
                 log.exception("outbox publisher failed; retrying")
                 handed = 0
             if not handed:
                 self._wake.wait(0.5)
 
-    def _drain_acknowledgements(self) -> None:
-        done = []
+    def _take_acknowledgements(self) -> None:
+        """PUBACKs received so far free their place in the window (in memory only)."""
         while True:
             try:
                 mid = self._acks.get_nowait()
             except queue.Empty:
-                break
+                return
             seq = self._in_flight.pop(mid, None)
             if seq is not None:
-                done.append(seq)
-        if done:
+                self._acknowledged.append(seq)
+
+    def _forget_acknowledged(self) -> None:
+        """Delete the acknowledged events from the outbox, in one transaction."""
+        if self._acknowledged:
+            done, self._acknowledged = self._acknowledged, []
             self._outbox.remove(*done)
             self.published += len(done)
 
     def _hand_over(self) -> int:
-        room = self._max_in_flight - len(self._in_flight)
+        room = self._window() - len(self._in_flight)
         if room <= 0 or not self._is_connected():
             return 0
         handed = 0
@@ -380,6 +403,8 @@ class OutboxPublisher:
             if mid is None:
                 break  # disconnected meanwhile; retried on the next wake-up
             self._in_flight[mid] = event.seq
-            self._last_handed = event.seq
+            with self._handed:
+                self._last_handed = event.seq
+                self._handed.notify_all()
             handed += 1
         return handed

@@ -17,8 +17,9 @@ component         object_id    what it shows
 ``switch``        mute         mute / unmute through the ``mute`` command
 ================  ===========  ============================================================
 
-The state topics are the agent's own: ``detection`` for the event (replayed detections are
-mapped to ``{}``, which Home Assistant ignores, so a stale wake word never fires an automation)
+The state topics are the agent's own: ``detection`` for the event (replayed detections, and
+QoS 1 repeats of the last one, are mapped to ``{}``, which Home Assistant ignores, so a stale
+or repeated wake word never fires an automation)
 and the retained ``health`` for the sensors and the switch (``expire_after`` = 3 health
 intervals, so a silent agent's numbers go unavailable).
 
@@ -74,11 +75,19 @@ class DiscoveryTopic:
 # --- templates: rendered by Home Assistant (Jinja2) on the agent's own payloads -----------------
 
 # A detection -> {"event_type": keyword, ...attributes}; a replayed one -> {} (ignored by HA's
-# event platform, which drops "{}" payloads after rendering without a warning).
+# event platform, which drops "{}" payloads after rendering without a warning), and so is a
+# repeat: after a reconnect the broker may deliver a QoS 1 detection twice, and an automation
+# must not run twice. ``this`` is the event entity's state: its attributes are the previous
+# event's, so a detection of the same boot numbered no higher than the last one is a repeat.
+# (Numbers restart only with a new outbox, which is a new boot.)
 EVENT_VALUE_TEMPLATE = (
-    "{% if value_json.replayed | default(false) %}{}{% else %}"
+    "{% set last = this.attributes if this is defined and this.attributes is defined else {} %}"
+    "{% if value_json.replayed | default(false) %}{}"
+    "{% elif last.get('boot_id') == value_json.boot_id and value_json.seq <= last.get('seq', -1) %}{}"
+    "{% else %}"
     "{{ {'event_type': value_json.keyword, 'confidence': value_json.confidence, "
-    "'stream': value_json.stream, 'start': value_json.start, 'end': value_json.end} | tojson }}"
+    "'stream': value_json.stream, 'start': value_json.start, 'end': value_json.end, "
+    "'seq': value_json.seq, 'boot_id': value_json.boot_id} | tojson }}"
     "{% endif %}"
 )
 # Health fields; null renders as "None", which HA's sensor takes as "unknown".

@@ -34,6 +34,9 @@ from edge_agent.config import ConfigError, MqttConfig, read_password
 
 log = logging.getLogger(__name__)
 
+# paho's default window of unacknowledged QoS 1/2 publishes; also what mosquitto allows.
+_PAHO_INFLIGHT_DEFAULT = 20
+
 
 @dataclass(frozen=True)
 class InboundMessage:
@@ -127,6 +130,9 @@ class MqttTransport:
         self._thread: threading.Thread | None = None
         self._attempt = 0
         self._refusal: str | None = None
+        # QoS 1/2 publishes the broker takes unacknowledged (MQTT 5 Receive Maximum; paho's
+        # own window otherwise). paho does not read the broker's value by itself.
+        self.send_window = _PAHO_INFLIGHT_DEFAULT
 
         protocol = paho.MQTTv5 if self._mqtt5 else paho.MQTTv311
         kwargs: dict[str, Any] = {"client_id": client_id, "protocol": protocol}
@@ -351,6 +357,7 @@ class MqttTransport:
             )
             return
         self._attempt = 0
+        self._apply_receive_maximum(properties)
         self.stats.connects += 1
         if self.stats.connects > 1:
             self.stats.reconnects += 1
@@ -367,6 +374,21 @@ class MqttTransport:
                 hook()
             except Exception:
                 log.exception("on-connect hook failed")
+
+    def _apply_receive_maximum(self, properties: Any) -> None:
+        """Never more unacknowledged QoS 1/2 publishes than the broker's CONNACK allows: a
+        client that exceeds its Receive Maximum is disconnected (MQTT 5, 3.3.4)."""
+        allowed = getattr(properties, "ReceiveMaximum", None) if properties is not None else None
+        window = _PAHO_INFLIGHT_DEFAULT
+        if isinstance(allowed, int) and allowed > 0:
+            window = min(window, allowed)
+        if window != self.send_window:
+            log.info("the broker accepts %d unacknowledged publishes at a time", window)
+        self.send_window = window
+        # paho's setter refuses once connected; its doubt concerns switching between 0 ("no
+        # limit") and a limit, not one positive limit for another, which it reads per publish.
+        if hasattr(self._client, "_max_inflight_messages"):
+            self._client._max_inflight_messages = window
 
     def _on_disconnect(
         self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any

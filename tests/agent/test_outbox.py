@@ -1,13 +1,17 @@
-"""The outbox on its own: order, numbering across restarts, bounds, batches, a bad file."""
+"""The outbox on its own: order, numbering across restarts, bounds, batches, a bad file; and its
+publisher's window of unacknowledged events."""
 
 from __future__ import annotations
 
 import sqlite3
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from edge_agent.agent.outbox import Outbox, OutboxError
+from edge_agent.agent.outbox import Outbox, OutboxError, OutboxPublisher, StoredEvent
 
 
 class Clock:
@@ -170,3 +174,85 @@ def test_held_events_are_bounded_like_stored_ones(tmp_path: Path) -> None:
     outbox.append_many([("t", body(f"{i}" + "x" * 3000)) for i in range(5)], "boot")
     assert [e.body["name"][0] for e in outbox.pending()] == ["3", "4"]
     assert outbox.dropped_this_run == 3
+
+
+class RecordingLink:
+    """The publisher's one I/O seam: ``publish(event, replayed) -> mid``. Records what it was
+    handed; the test plays the broker's PUBACKs."""
+
+    def __init__(self) -> None:
+        self.handed: list[int] = []  # seqs, in the order handed over
+        self.mids: dict[int, int] = {}  # seq -> mid
+        self.lock = threading.Lock()
+
+    def publish(self, event: StoredEvent, replayed: bool) -> int:
+        with self.lock:
+            self.handed.append(event.seq)
+            self.mids[event.seq] = len(self.handed)
+            return len(self.handed)
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.handed)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("window", [20, 3])
+def test_the_publisher_keeps_the_broker_s_window_full_and_deletes_what_was_acknowledged(
+    window: int, tmp_path: Path
+) -> None:
+    outbox = Outbox(tmp_path / "outbox.db")
+    stored = outbox.append_many([("t", body(f"e{i}")) for i in range(2 * window + 1)], "boot")
+    link = RecordingLink()
+    publisher = OutboxPublisher(outbox, link.publish, lambda: True, "boot", window=lambda: window)
+    publisher.start()
+    try:
+        wait_until(lambda: link.count() == window)
+        time.sleep(0.05)
+        assert link.count() == window  # no more than the broker accepts unacknowledged
+        for seq in link.handed[:2]:
+            publisher.acknowledged(link.mids[seq])
+        wait_until(lambda: link.count() == window + 2)  # each PUBACK makes room for one more
+        wait_until(lambda: outbox.depth() == len(stored) - 2)
+        for seq in list(link.handed[2:]):
+            publisher.acknowledged(link.mids[seq])
+        wait_until(lambda: link.count() == len(stored))
+        for seq in link.handed[window + 2 :]:
+            publisher.acknowledged(link.mids[seq])
+        wait_until(lambda: outbox.depth() == 0)
+        assert link.handed == [event.seq for event in stored]  # in order, each once
+        assert publisher.published == len(stored)
+    finally:
+        publisher.stop()
+        outbox.close()
+
+
+def test_waiting_for_a_hand_over_ends_when_the_events_are_handed_or_at_the_timeout(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "outbox.db")
+    link = RecordingLink()
+    connected = threading.Event()
+    publisher = OutboxPublisher(outbox, link.publish, connected.is_set, "boot", window=lambda: 2)
+    publisher.start()
+    try:
+        stored = outbox.append_many([("t", body(f"e{i}")) for i in range(3)], "boot")
+        publisher.notify()
+        started = time.monotonic()
+        assert not publisher.wait_handed_over(stored[0].seq, timeout=0.2)  # not connected
+        assert time.monotonic() - started >= 0.2
+        connected.set()
+        publisher.notify()
+        assert publisher.wait_handed_over(stored[1].seq, timeout=5)
+        # The third waits for a PUBACK: the window is two.
+        assert not publisher.wait_handed_over(stored[2].seq, timeout=0.2)
+        publisher.acknowledged(link.mids[stored[0].seq])
+        assert publisher.wait_handed_over(stored[2].seq, timeout=5)
+        assert link.handed == [event.seq for event in stored]
+    finally:
+        publisher.stop()
+        outbox.close()

@@ -324,22 +324,37 @@ def environment():  # type: ignore[no-untyped-def]
     return ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined)
 
 
-def render(template: str, payload: bytes) -> str:
+class EntityState:
+    """What a template sees as ``this`` (MqttValueTemplate(..., entity=self)): the entity's
+    current state; an event entity's attributes are its last event's, with its type."""
+
+    def __init__(self, attributes: dict[str, Any] | None = None) -> None:
+        self.attributes = dict(attributes or {})
+
+
+def render(template: str, payload: bytes, this: EntityState | None = None) -> str:
     """helpers/template.py async_render_with_possible_json_value: ``value`` is the payload text,
-    ``value_json`` its JSON when it parses, and the result is stripped."""
+    ``value_json`` its JSON when it parses, ``this`` the entity's state, and the result is
+    stripped."""
     text = payload.decode("utf-8")
-    variables: dict[str, Any] = {"value": text}
+    variables: dict[str, Any] = {"value": text, "this": this or EntityState()}
     with contextlib.suppress(ValueError):
         variables["value_json"] = json.loads(text)
     return environment().from_string(template).render(**variables).strip()
 
 
-def event_outcome(config: dict[str, Any], payload: bytes, retained: bool = False) -> tuple[str, dict] | None:
+def event_outcome(
+    config: dict[str, Any], payload: bytes, retained: bool = False, this: EntityState | None = None
+) -> tuple[str, dict] | None:
     """What mqtt/event.py does with a message: None when ignored, else (event type, attributes).
-    Anything HA would warn about fails the test."""
+    Anything HA would warn about fails the test. ``this``, if given, is the entity's state: an
+    event that fires updates it, as EventEntity._trigger_event does."""
     if retained:
         return None  # "Ignoring event trigger from replayed retained payload"
-    rendered = render(config["value_template"], payload) if "value_template" in config else payload.decode()
+    if "value_template" in config:
+        rendered = render(config["value_template"], payload, this)
+    else:
+        rendered = payload.decode()
     if rendered in IGNORED_EVENT_PAYLOADS:
         return None
     attributes = json.loads(rendered)  # a JSONDecodeError is HA's "No valid JSON event payload"
@@ -347,6 +362,8 @@ def event_outcome(config: dict[str, Any], payload: bytes, retained: bool = False
     event_type = attributes.pop("event_type")  # KeyError: "`event_type` missing in JSON event payload"
     assert event_type in config["event_types"], "HA: Invalid event type"
     assert not set(attributes) & BLOCKED_EVENT_ATTRIBUTES
+    if this is not None:
+        this.attributes = {"event_types": config["event_types"], "event_type": event_type, **attributes}
     return event_type, attributes
 
 
@@ -523,11 +540,22 @@ def test_templates_give_home_assistant_what_it_expects(  # type: ignore[no-untyp
     event_type, attributes = event_outcome(entities["wake_word"], detection.payload)
     assert event_type == "小云小云"
     body = detection.json()
-    assert attributes == {k: body[k] for k in ("confidence", "stream", "start", "end")}
+    assert attributes == {k: body[k] for k in ("confidence", "stream", "start", "end", "seq", "boot_id")}
     # A replayed one (same payload with replayed: true, as the outbox sends it) renders {}.
     replayed = json.dumps({**body, "replayed": True}, ensure_ascii=False).encode()
     assert render(entities["wake_word"]["value_template"], replayed) == "{}"
     assert event_outcome(entities["wake_word"], replayed) is None
+    # QoS 1 is at least once: the same detection delivered again after a reconnect (same seq,
+    # same boot) fires nothing; the next one does; so does the first of a new boot, whatever
+    # its number (a new outbox numbers from 1 again).
+    state = EntityState()
+    assert event_outcome(entities["wake_word"], detection.payload, this=state) is not None
+    assert event_outcome(entities["wake_word"], detection.payload, this=state) is None
+    later = json.dumps({**body, "seq": body["seq"] + 1}, ensure_ascii=False).encode()
+    assert event_outcome(entities["wake_word"], later, this=state) is not None
+    assert event_outcome(entities["wake_word"], detection.payload, this=state) is None  # overtaken
+    new_boot = json.dumps({**body, "seq": 1, "boot_id": "0123456789ab"}, ensure_ascii=False).encode()
+    assert event_outcome(entities["wake_word"], new_boot, this=state) is not None
 
     report = json.loads(health_payload)
     assert sensor_state(entities["cpu"], health_payload) == pytest.approx(report["cpu_percent"])

@@ -52,3 +52,29 @@ def test_read_buffer_serves_small_reads_from_one_large_read() -> None:
         assert reader.recv(1) == b""  # the peer closed
     finally:
         left.close()
+
+
+@pytest.mark.parametrize(("broker_setting", "window"), [("", 20), ("max_inflight_messages 3\n", 3)])
+def test_the_send_window_is_what_the_broker_accepts(broker_setting: str, window: int, tmp_path: Path) -> None:
+    """MQTT 5: a client with more unacknowledged publishes than the CONNACK's Receive Maximum is
+    disconnected; paho does not read that value itself."""
+    broker = Broker(tmp_path, extra_config=broker_setting).start()
+    transport = MqttTransport(agent_config(broker.port, tmp_path).mqtt, "window-test")
+    watcher = Client(broker.port).connect().subscribe("burst")
+    try:
+        transport.start()
+        assert transport.wait_connected(10)
+        assert transport.send_window == window
+        assert transport._client.max_inflight_messages == window  # paho holds back the rest
+        # More QoS 1 publishes than the window at once: paho holds back the excess; all arrive.
+        # (Not necessarily in order: paho's network thread sends what it held back while this
+        # thread sends new ones. The outbox publisher stays inside the window for that reason.)
+        for index in range(3 * window):
+            assert transport.publish("burst", str(index).encode(), qos=1) is not None
+        received = watcher.wait_for("burst", lambda found: len(found) >= 3 * window)
+        assert sorted(int(m.payload) for m in received) == list(range(3 * window))
+        assert transport.stats.reconnects == 0
+    finally:
+        transport.stop()
+        watcher.close()
+        broker.stop()
