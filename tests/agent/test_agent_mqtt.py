@@ -16,7 +16,7 @@ import pytest
 from edge_agent.audio.wav import encode_wav, read_wav, to_mono_16k
 from edge_agent.mqtt.messages import DetectionEvent, DeviceInfo, HealthReport
 from tests.agent.streaming import pcm16, stream_files
-from tests.broker import Client
+from tests.broker import Broker, Client
 from tests.support import agent_config, start_agent_process
 
 PREFIX = "edge_agent/dev1"
@@ -324,3 +324,31 @@ def test_repeated_errors_are_rate_limited_and_counted(broker, make_agent, client
     assert len(reports) == 2  # 50 refusals in a burst: one report, then one carrying the count
     assert reports[1].json()["suppressed"] == 49
     assert agent.refused["bad_audio_chunk"] == 51
+
+
+def test_a_burst_of_detections_goes_out_in_order_within_a_small_broker_window(  # type: ignore[no-untyped-def]
+    make_agent, tmp_path: Path, example_wav: Path
+) -> None:
+    """Twenty streams firing on the same chunk, against a broker that takes 3 unacknowledged
+    publishes at a time: the outbox hands them over a window at a time, in order, once each."""
+    broker = Broker(tmp_path, extra_config="max_inflight_messages 3\n").start()
+    client = Client(broker.port).connect().subscribe(f"{PREFIX}/detection")
+    try:
+        agent = make_agent(agent_config(broker.port, tmp_path))
+        assert agent.transport is not None and agent.transport.send_window == 3
+        pcm = pcm16(example_wav)
+        stream_files(client, {f"s{i}": pcm for i in range(20)})
+        received = client.wait_for(f"{PREFIX}/detection", lambda m: len(m) >= 20, timeout=60)
+        events = [m.json() for m in received]
+        assert sorted(e["stream"] for e in events) == sorted(f"s{i}" for i in range(20))
+        seqs = [e["seq"] for e in events]
+        assert seqs == sorted(seqs) and len(set(seqs)) == 20  # in order, each once
+        assert not any(e["replayed"] for e in events)
+        assert agent.transport.stats.reconnects == 0
+        deadline = time.monotonic() + 10
+        while agent.outbox is not None and agent.outbox.depth() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert agent.outbox is not None and agent.outbox.depth() == 0  # every one acknowledged
+    finally:
+        client.close()
+        broker.stop()
