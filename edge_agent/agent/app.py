@@ -75,6 +75,8 @@ ERROR_INTERVAL_SECONDS = 1.0
 # After a batch of detections the engine worker waits at most this long for them to be handed to
 # MQTT before analysing more audio (a hundred streams firing at once need several windows).
 _HAND_OVER_WAIT_SECONDS = 0.1
+# ... and after such a wait timed out, does not wait at all for this long.
+_NO_WAIT_AFTER_TIMEOUT_SECONDS = 5.0
 # Places of the broker's window of unacknowledged publishes left to QoS 1 messages other than
 # detections (availability, info, command replies): they are few and rarely at the same time.
 _OTHER_QOS1_RESERVE = 2
@@ -189,6 +191,7 @@ class Agent:
         self.transport: MqttTransport | None = None
         self.outbox: Outbox | None = None
         self.publisher: OutboxPublisher | None = None
+        self._no_delivery_wait_until = 0.0  # monotonic; see _wait_for_delivery
         if config.mqtt.enabled:
             self.transport = transport_factory(
                 config.mqtt,
@@ -564,8 +567,19 @@ class Agent:
             self.publisher.notify()
         for item, event in zip(found, stored, strict=True):
             self._announce(_event_from_body(event.body), item)
-        if self.publisher is not None and self.transport is not None and self.transport.connected:
-            self.publisher.wait_handed_over(stored[-1].seq, _HAND_OVER_WAIT_SECONDS)
+        self._wait_for_delivery(stored[-1].seq)
+
+    def _wait_for_delivery(self, seq: int) -> None:
+        """Let the publisher hand this batch to MQTT before the engine goes on (bounded). After a
+        wait that timed out (a broker that stopped acknowledging, a long replay ahead of them),
+        the engine does not wait again for a while: it must not lose 0.1 s on every chunk."""
+        if self.publisher is None or self.transport is None or not self.transport.connected:
+            return
+        now = time.monotonic()
+        if now < self._no_delivery_wait_until:
+            return
+        if not self.publisher.wait_handed_over(seq, _HAND_OVER_WAIT_SECONDS):
+            self._no_delivery_wait_until = now + _NO_WAIT_AFTER_TIMEOUT_SECONDS
 
     def _body_maker(self, found: Found) -> Callable[[int], dict[str, Any]]:
         def body(seq: int) -> dict[str, Any]:

@@ -388,9 +388,9 @@ class OutboxPublisher:
     def _forget_acknowledged(self) -> None:
         """Delete the acknowledged events from the outbox, in one transaction."""
         if self._acknowledged:
-            done, self._acknowledged = self._acknowledged, []
-            self._outbox.remove(*done)
-            self.published += len(done)
+            self._outbox.remove(*self._acknowledged)
+            self.published += len(self._acknowledged)
+            self._acknowledged = []  # only now: after a failure they are deleted at the next try
 
     def _hand_over(self) -> int:
         room = self._window() - len(self._in_flight)

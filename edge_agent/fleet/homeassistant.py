@@ -76,18 +76,22 @@ class DiscoveryTopic:
 
 # A detection -> {"event_type": keyword, ...attributes}; a replayed one -> {} (ignored by HA's
 # event platform, which drops "{}" payloads after rendering without a warning), and so is a
-# repeat: after a reconnect the broker may deliver a QoS 1 detection twice, and an automation
-# must not run twice. ``this`` is the event entity's state: its attributes are the previous
-# event's, so a detection of the same boot numbered no higher than the last one is a repeat.
-# (Numbers restart only with a new outbox, which is a new boot.)
+# repeat: after a reconnect the broker may deliver QoS 1 detections again (up to a window of
+# them), and an automation must not run twice. ``this`` is the event entity's state, whose
+# attributes are the previous event's: ``recent_seqs`` carries the numbers of the last events
+# of the same boot, and a detection whose number is among them is a repeat. Numbers, not an
+# order: a detection overtaken by a later one across a reconnect still fires.
+RECENT_SEQS = 32
 EVENT_VALUE_TEMPLATE = (
     "{% set last = this.attributes if this is defined and this.attributes is defined else {} %}"
-    "{% if value_json.replayed | default(false) %}{}"
-    "{% elif last.get('boot_id') == value_json.boot_id and value_json.seq <= last.get('seq', -1) %}{}"
+    "{% set seen = last.get('recent_seqs', []) if last.get('boot_id') == value_json.boot_id else [] %}"
+    "{% if value_json.replayed | default(false) or value_json.seq in seen %}{}"
     "{% else %}"
     "{{ {'event_type': value_json.keyword, 'confidence': value_json.confidence, "
     "'stream': value_json.stream, 'start': value_json.start, 'end': value_json.end, "
-    "'seq': value_json.seq, 'boot_id': value_json.boot_id} | tojson }}"
+    "'seq': value_json.seq, 'boot_id': value_json.boot_id, "
+    f"'recent_seqs': (seen + [value_json.seq])[-{RECENT_SEQS}:]"
+    "} | tojson }}"
     "{% endif %}"
 )
 # Health fields; null renders as "None", which HA's sensor takes as "unknown".

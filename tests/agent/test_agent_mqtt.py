@@ -352,3 +352,21 @@ def test_a_burst_of_detections_goes_out_in_order_within_a_small_broker_window(  
     finally:
         client.close()
         broker.stop()
+
+
+def test_the_engine_stops_waiting_for_delivery_when_the_publisher_cannot_keep_up(  # type: ignore[no-untyped-def]
+    broker, make_agent, tmp_path: Path
+) -> None:
+    """A detection the publisher cannot hand over (here: it is stopped) costs the engine one
+    bounded wait; the next ones none, for a while, so audio does not back up behind them."""
+    agent = make_agent(agent_config(broker.port, tmp_path))
+    assert agent.transport is not None and agent.transport.wait_connected(10)
+    assert agent.publisher is not None
+    agent.publisher.stop()
+    started = time.monotonic()
+    agent._wait_for_delivery(10**9)  # a seq never handed over
+    first = time.monotonic() - started
+    started = time.monotonic()
+    agent._wait_for_delivery(10**9)
+    second = time.monotonic() - started
+    assert first >= 0.09 and second < 0.05  # 0.1 s bounded wait, then none

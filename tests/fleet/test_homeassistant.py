@@ -540,22 +540,34 @@ def test_templates_give_home_assistant_what_it_expects(  # type: ignore[no-untyp
     event_type, attributes = event_outcome(entities["wake_word"], detection.payload)
     assert event_type == "小云小云"
     body = detection.json()
-    assert attributes == {k: body[k] for k in ("confidence", "stream", "start", "end", "seq", "boot_id")}
+    assert attributes == {
+        **{k: body[k] for k in ("confidence", "stream", "start", "end", "seq", "boot_id")},
+        "recent_seqs": [body["seq"]],
+    }
     # A replayed one (same payload with replayed: true, as the outbox sends it) renders {}.
     replayed = json.dumps({**body, "replayed": True}, ensure_ascii=False).encode()
     assert render(entities["wake_word"]["value_template"], replayed) == "{}"
     assert event_outcome(entities["wake_word"], replayed) is None
-    # QoS 1 is at least once: the same detection delivered again after a reconnect (same seq,
-    # same boot) fires nothing; the next one does; so does the first of a new boot, whatever
-    # its number (a new outbox numbers from 1 again).
+
+    # QoS 1 is at least once: detections delivered again after a reconnect (same seq, same boot)
+    # fire nothing, even a window of them; one overtaken by a later one still fires; so does
+    # the first of a new boot, whatever its number (a new outbox numbers from 1 again).
+    def numbered(seq: int, boot_id: str = body["boot_id"]) -> bytes:
+        return json.dumps({**body, "seq": seq, "boot_id": boot_id}, ensure_ascii=False).encode()
+
     state = EntityState()
-    assert event_outcome(entities["wake_word"], detection.payload, this=state) is not None
-    assert event_outcome(entities["wake_word"], detection.payload, this=state) is None
-    later = json.dumps({**body, "seq": body["seq"] + 1}, ensure_ascii=False).encode()
-    assert event_outcome(entities["wake_word"], later, this=state) is not None
-    assert event_outcome(entities["wake_word"], detection.payload, this=state) is None  # overtaken
-    new_boot = json.dumps({**body, "seq": 1, "boot_id": "0123456789ab"}, ensure_ascii=False).encode()
-    assert event_outcome(entities["wake_word"], new_boot, this=state) is not None
+    first = body["seq"]
+    for seq in (first, first + 2, first + 3):
+        assert event_outcome(entities["wake_word"], numbered(seq), this=state) is not None
+    for seq in (first, first + 2, first + 3):  # the resent window
+        assert event_outcome(entities["wake_word"], numbered(seq), this=state) is None
+    assert event_outcome(entities["wake_word"], numbered(first + 1), this=state) is not None  # overtaken
+    assert event_outcome(entities["wake_word"], numbered(first + 1), this=state) is None
+    assert event_outcome(entities["wake_word"], numbered(1, "0123456789ab"), this=state) is not None
+    assert state.attributes["recent_seqs"] == [1]
+    for seq in range(100, 140):  # remembered: the last few dozen
+        event_outcome(entities["wake_word"], numbered(seq, "0123456789ab"), this=state)
+    assert state.attributes["recent_seqs"] == list(range(108, 140))
 
     report = json.loads(health_payload)
     assert sensor_state(entities["cpu"], health_payload) == pytest.approx(report["cpu_percent"])
