@@ -619,11 +619,16 @@ class Agent:
                 log.exception("detection listener failed")
 
     def _detection_window(self) -> int:
-        """Detections awaiting their PUBACK at a time: the broker's window, less a reserve for the
-        agent's other QoS 1 messages, so that paho never holds a detection back. What paho holds
-        back its network thread sends later, and a detection sent meanwhile could overtake it."""
-        window = self.transport.send_window if self.transport is not None else 1
-        return max(1, window - _OTHER_QOS1_RESERVE)
+        """Detections awaiting their PUBACK at a time: the broker's window, less room for the
+        agent's other QoS 1 messages. At a reconnect, paho resends the unacknowledged detections
+        right after what the on-connect hooks publish (info, online, discovery) without counting
+        them, and together they must stay within the broker's Receive Maximum. In the middle of
+        a session, the reserve keeps paho from holding a detection back: its network thread
+        sends what it held back later, and a detection sent meanwhile could overtake it."""
+        if self.transport is None:
+            return 1
+        reserve = max(_OTHER_QOS1_RESERVE, self.transport.connect_burst)
+        return max(1, self.transport.send_window - reserve)
 
     def _publish_event(self, event: StoredEvent, replayed: bool) -> int | None:
         """Outbox publisher thread: one stored detection to MQTT, with its delay and flags."""

@@ -133,6 +133,12 @@ class MqttTransport:
         # QoS 1/2 publishes the broker takes unacknowledged (MQTT 5 Receive Maximum; paho's
         # own window otherwise). paho does not read the broker's value by itself.
         self.send_window = _PAHO_INFLIGHT_DEFAULT
+        # QoS 1/2 publishes made by the on-connect hooks at the last CONNACK. paho resends what
+        # was unacknowledged at a disconnect right after those, without counting them against
+        # its window: whoever keeps publishes in flight must leave this much room.
+        self.connect_burst = 0
+        self._hooks_thread: int | None = None  # thread running the on-connect hooks, meanwhile
+        self._connect_publishes = 0
 
         protocol = paho.MQTTv5 if self._mqtt5 else paho.MQTTv311
         kwargs: dict[str, Any] = {"client_id": client_id, "protocol": protocol}
@@ -242,6 +248,8 @@ class MqttTransport:
                 # MQTT 5 lets paho send an empty topic (meant for topic aliases); brokers then drop us.
                 raise ValueError("empty topic")
             info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+            if qos and self._hooks_thread == threading.get_ident():
+                self._connect_publishes += 1
         except (ValueError, UnicodeError) as error:
             # A topic built from an inbound name (a request id, a stream id) that MQTT cannot carry:
             # dropping this one publish must not fail the caller, who is serving other streams.
@@ -369,11 +377,17 @@ class MqttTransport:
             client.subscribe(subscriptions)
         self._connected.set()
         self.stats.connected = True
-        for hook in list(self._connected_hooks):
-            try:
-                hook()
-            except Exception:
-                log.exception("on-connect hook failed")
+        self._hooks_thread, self._connect_publishes = threading.get_ident(), 0
+        try:
+            for hook in list(self._connected_hooks):
+                try:
+                    hook()
+                except Exception:
+                    log.exception("on-connect hook failed")
+        finally:
+            self._hooks_thread = None
+            # Room for the largest burst seen (integrations may publish more after a change).
+            self.connect_burst = max(self.connect_burst, self._connect_publishes)
 
     def _apply_receive_maximum(self, properties: Any) -> None:
         """Never more unacknowledged QoS 1/2 publishes than the broker's CONNACK allows: a
@@ -389,6 +403,8 @@ class MqttTransport:
         # limit") and a limit, not one positive limit for another, which it reads per publish.
         if hasattr(self._client, "_max_inflight_messages"):
             self._client._max_inflight_messages = window
+        elif window < _PAHO_INFLIGHT_DEFAULT:
+            log.warning("cannot lower paho's in-flight window to the broker's %d (paho changed)", window)
 
     def _on_disconnect(
         self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any

@@ -731,3 +731,17 @@ def test_the_runner_always_attaches_discovery() -> None:
     for enabled in (False, True):
         integrations = build_integrations(parse_config({"homeassistant": {"enabled": enabled}}))
         assert sum(isinstance(i, HomeAssistantDiscovery) for i in integrations) == 1
+
+
+def test_detections_leave_room_in_the_broker_window_for_what_a_reconnect_sends_first(  # type: ignore[no-untyped-def]
+    broker, make_agent, client, tmp_path: Path
+) -> None:
+    """After a reconnect, paho sends info, online and every discovery config, then resends the
+    detections still unacknowledged: together within the broker's Receive Maximum (20)."""
+    client.subscribe(f"{DISCOVERY}/#")
+    agent = ha_agent(make_agent, broker.port, tmp_path)
+    wait_configs(client)
+    assert agent.transport is not None
+    on_connect = agent.transport.connect_burst
+    assert on_connect == 2 + len(OBJECT_IDS)  # info, online, one config per entity
+    assert agent._detection_window() + on_connect == agent.transport.send_window == 20

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -77,4 +78,30 @@ def test_the_send_window_is_what_the_broker_accepts(broker_setting: str, window:
     finally:
         transport.stop()
         watcher.close()
+        broker.stop()
+
+
+def test_the_on_connect_burst_is_counted_for_the_room_it_needs(tmp_path: Path) -> None:
+    """paho resends unacknowledged publishes right after the on-connect hooks' own, without
+    counting them against its window: the hooks' QoS 1/2 publishes are counted, QoS 0 not."""
+    broker = Broker(tmp_path).start()
+    transport = MqttTransport(agent_config(broker.port, tmp_path).mqtt, "burst-test")
+
+    def hook() -> None:
+        for index in range(3):
+            transport.publish(f"state/{index}", b"x", qos=1, retain=True)
+        transport.publish("state/loose", b"x", qos=0)
+
+    transport.on_connected(hook)
+    try:
+        transport.start()
+        assert transport.wait_connected(10)
+        deadline = time.monotonic() + 5
+        while transport.connect_burst == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert transport.connect_burst == 3
+        transport.publish("later", b"x", qos=1)  # outside the hooks: not part of the burst
+        assert transport.connect_burst == 3
+    finally:
+        transport.stop()
         broker.stop()
