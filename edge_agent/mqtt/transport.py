@@ -392,7 +392,7 @@ class MqttTransport:
     def _apply_receive_maximum(self, properties: Any) -> None:
         """Never more unacknowledged QoS 1/2 publishes than the broker's CONNACK allows: a
         client that exceeds its Receive Maximum is disconnected (MQTT 5, 3.3.4)."""
-        allowed = getattr(properties, "ReceiveMaximum", None) if properties is not None else None
+        allowed = getattr(properties, "ReceiveMaximum", None)  # absent: MQTT 3.1.1, or no limit
         window = _PAHO_INFLIGHT_DEFAULT
         if isinstance(allowed, int) and allowed > 0:
             window = min(window, allowed)

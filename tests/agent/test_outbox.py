@@ -207,9 +207,16 @@ def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
 def test_the_publisher_keeps_the_broker_s_window_full_and_deletes_what_was_acknowledged(
     window: int, tmp_path: Path
 ) -> None:
-    outbox = Outbox(tmp_path / "outbox.db")
-    stored = outbox.append_many([("t", body(f"e{i}")) for i in range(2 * window + 1)], "boot")
     link = RecordingLink()
+    handed_at_delete: list[int] = []
+
+    class WatchedOutbox(Outbox):
+        def remove(self, *seqs: int) -> None:
+            handed_at_delete.append(link.count())
+            super().remove(*seqs)
+
+    outbox = WatchedOutbox(tmp_path / "outbox.db")
+    stored = outbox.append_many([("t", body(f"e{i}")) for i in range(2 * window + 1)], "boot")
     publisher = OutboxPublisher(outbox, link.publish, lambda: True, "boot", window=lambda: window)
     publisher.start()
     try:
@@ -220,6 +227,8 @@ def test_the_publisher_keeps_the_broker_s_window_full_and_deletes_what_was_ackno
             publisher.acknowledged(link.mids[seq])
         wait_until(lambda: link.count() == window + 2)  # each PUBACK makes room for one more
         wait_until(lambda: outbox.depth() == len(stored) - 2)
+        # The window was refilled before the acknowledged events were deleted (an fsync).
+        assert handed_at_delete and handed_at_delete[0] > window
         for seq in list(link.handed[2:]):
             publisher.acknowledged(link.mids[seq])
         wait_until(lambda: link.count() == len(stored))

@@ -55,7 +55,10 @@ def test_read_buffer_serves_small_reads_from_one_large_read() -> None:
         left.close()
 
 
-@pytest.mark.parametrize(("broker_setting", "window"), [("", 20), ("max_inflight_messages 3\n", 3)])
+@pytest.mark.parametrize(
+    ("broker_setting", "window"),
+    [("", 20), ("max_inflight_messages 3\n", 3), ("max_inflight_messages 50\n", 20)],  # 20: paho's cap
+)
 def test_the_send_window_is_what_the_broker_accepts(broker_setting: str, window: int, tmp_path: Path) -> None:
     """MQTT 5: a client with more unacknowledged publishes than the CONNACK's Receive Maximum is
     disconnected; paho does not read that value itself."""
