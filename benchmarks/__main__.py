@@ -10,7 +10,9 @@
 4. ``benchmarks.mqtt_latency``: end-to-end delay through mosquitto with 1, 16, 64 and 128
    concurrent real-time streams (p50/p95/p99; three rounds each, the median one reported next
    to every round's p95), drops, CPU and peak RSS of the agent;
-5. the plot ``benchmarks/results/scaling.png`` (RTF and p95 delay against the number of streams).
+5. ``benchmarks.qos1_burst``: a burst of 128 detections through the outbox and mosquitto, with the
+   broker's defaults and with ``set_tcp_nodelay true``, next to a plain paho client;
+6. the plot ``benchmarks/results/scaling.png`` (RTF and p95 delay against the number of streams).
 
 Every result file names the machine and its cores. ``--quick`` shortens the runs (for a smoke
 test, not for quoting). The soak test is separate: ``python -m benchmarks.soak``.
@@ -44,6 +46,7 @@ def main() -> None:
         *("--seconds", "20" if quick else "40"),
         *("--rounds", "1" if quick else "3"),
     )
+    run("qos1_burst", "--repeat", "1" if quick else "7")
     run("plot")
 
 

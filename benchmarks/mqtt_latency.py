@@ -21,7 +21,8 @@ retained health), and the agent's CPU and peak RSS.
 With ``--rounds R`` each N is run R times with a fresh broker and agent: the row is the round
 with the median p95, next to every round's p95, the most chunks any round dropped and the fewest
 detections any round received (a shared machine's speed drifts; one lucky round proves little).
-Results go to benchmarks/results/mqtt_latency.json.
+Results go to benchmarks/results/mqtt_latency.json; with ``--broker-nodelay`` (mosquitto told
+``set_tcp_nodelay true``, see docs/mqtt.md) to mqtt_latency-nodelay.json.
 """
 
 from __future__ import annotations
@@ -123,10 +124,10 @@ def send_audio(port: int, streams: int, audio: bytes, seconds: float, started: f
     lags.put(late)
 
 
-def run_once(streams: int, seconds: float, workdir: Path) -> dict[str, Any]:
+def run_once(streams: int, seconds: float, workdir: Path, broker_config: str = "") -> dict[str, Any]:
     audio, starts = positive_audio()
     total_seconds = min(seconds, len(audio) / 32000)
-    broker = Broker(workdir).start()
+    broker = Broker(workdir, extra_config=broker_config).start()
     agent = start_agent(
         broker.port,
         DEVICE,
@@ -207,17 +208,29 @@ def main() -> None:
     parser.add_argument("--streams", default="1", help="comma-separated stream counts")
     parser.add_argument("--seconds", type=float, default=60.0, help="audio per stream (max ~250)")
     parser.add_argument("--rounds", type=int, default=1, help="runs per stream count (median p95 reported)")
+    parser.add_argument(
+        "--broker-nodelay",
+        action="store_true",
+        help="mosquitto with set_tcp_nodelay true (default: mosquitto's own defaults)",
+    )
     args = parser.parse_args()
+    broker_config = "set_tcp_nodelay true\n" if args.broker_nodelay else ""
     results = []
     with tempfile.TemporaryDirectory() as folder:
         for count in (int(n) for n in args.streams.split(",")):
             rounds = []
             for _ in range(args.rounds):
-                rounds.append(run_once(count, args.seconds, Path(folder)))
+                rounds.append(run_once(count, args.seconds, Path(folder), broker_config))
                 print(json.dumps(rounds[-1], ensure_ascii=False), flush=True)
             results.append(summarise(rounds))
-    report = {"benchmark": "mqtt_latency", "machine": machine(), "chunk_ms": CHUNK_MS, "results": results}
-    path = write_result("mqtt_latency", report)
+    report = {
+        "benchmark": "mqtt_latency",
+        "machine": machine(),
+        "chunk_ms": CHUNK_MS,
+        "broker": f"mosquitto, {'set_tcp_nodelay true' if args.broker_nodelay else 'default settings'}",
+        "results": results,
+    }
+    path = write_result("mqtt_latency-nodelay" if args.broker_nodelay else "mqtt_latency", report)
     print(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores")
     header = (
         "streams",

@@ -42,3 +42,17 @@ def test_throughput_latency_and_plot_produce_their_files(
     assert row["duplicates"] == 0
     assert row["agent_delay_ms_p95"] > 0 and row["rounds_delay_ms_p95"] == [row["delay_ms_p95"]]
     assert (tmp_path / "scaling.png").stat().st_size > 10_000
+
+
+def test_the_qos1_burst_benchmark_times_every_broker_and_client_pairing(tmp_path: Path) -> None:
+    bench("qos1_burst", "--messages", "40", "--repeat", "1", results=tmp_path)
+    report = json.loads((tmp_path / "qos1_burst.json").read_text(encoding="utf-8"))
+    pairings = {(r["broker"], r["client"]) for r in report["results"]}
+    assert pairings == {
+        (broker, client)
+        for broker in ("mosquitto defaults", "set_tcp_nodelay true")
+        for client in ("agent outbox", "plain paho")
+    }
+    for row in report["results"]:
+        assert row["messages"] == 40
+        assert 0 < row["all_acknowledged_ms_median"] <= row["all_acknowledged_ms_max"]

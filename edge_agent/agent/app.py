@@ -231,6 +231,7 @@ class Agent:
         if self.transport is not None and self.publisher is not None:
             self.transport.on_connected(self._on_connected)
             self.transport.on_acknowledged(self.publisher.acknowledged)
+            self.transport.after_reading(self.publisher.refill)
             self._subscribe()
             for integration in self.integrations:
                 integration.attach(self)

@@ -4,7 +4,8 @@ paho keeps unacknowledged QoS 1 messages in memory only, so a restart or a power
 outage would lose them. Every event is first committed to SQLite (WAL, ``synchronous=FULL``:
 a detection is durable before anyone is told about it), then published in sequence order by
 :class:`OutboxPublisher`, and deleted when the broker acknowledges it. After a reconnect or a
-restart the rest is replayed in order. The store is bounded by count and age; the oldest
+restart the rest is replayed in order. Deletes skip the fsync: one lost to a power cut only
+sends an acknowledged event again. The store is bounded by count and age; the oldest
 events go first and every drop is counted (and shown in health).
 
 Sequence numbers come from the same database, so they keep increasing across restarts and
@@ -122,7 +123,11 @@ class Outbox:
                 gone = set(seqs)
                 self._unwritten = [event for event in self._unwritten if event.seq not in gone]
             try:
-                with self._transaction():
+                # Without an fsync: a delete lost to a power cut only sends an acknowledged event
+                # again (receivers de-duplicate by seq), while an fsync per window of PUBACKs
+                # (5-20 ms on an SD card) would hold up the next window. The next insert, with
+                # one, makes it durable too (SQLite's WAL keeps commits in order).
+                with self._transaction(durable=False):
                     self._db.executemany("DELETE FROM events WHERE seq = ?", [(seq,) for seq in seqs])
             except sqlite3.Error as error:
                 # Left in the file they are sent again after a restart: receivers de-duplicate.
@@ -180,8 +185,8 @@ class Outbox:
             return self._counter("dropped")
 
     # --- internals (lock held) -----------------------------------------------------------
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
+    def _transaction(self, durable: bool = True) -> _Transaction:
+        return _Transaction(self._db, durable)
 
     def _counter(self, name: str) -> int:
         row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
@@ -253,22 +258,31 @@ class Outbox:
 
 
 class _Transaction:
-    def __init__(self, db: sqlite3.Connection) -> None:
+    """BEGIN IMMEDIATE ... COMMIT; ``durable=False`` commits without waiting for the disk."""
+
+    def __init__(self, db: sqlite3.Connection, durable: bool = True) -> None:
         self._db = db
+        self._durable = durable
 
     def __enter__(self) -> None:
+        if not self._durable:
+            self._db.execute("PRAGMA synchronous=NORMAL")  # in WAL mode: no fsync at COMMIT
         self._db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, kind: object, error: object, trace: object) -> None:
-        if kind is None:
-            try:
-                self._db.execute("COMMIT")
-            except sqlite3.Error:
-                if self._db.in_transaction:  # a failed COMMIT leaves it open: undo, then report
-                    self._db.execute("ROLLBACK")
-                raise
-        elif self._db.in_transaction:  # SQLite may have rolled back itself (disk full, I/O error)
-            self._db.execute("ROLLBACK")
+        try:
+            if kind is None:
+                try:
+                    self._db.execute("COMMIT")
+                except sqlite3.Error:
+                    if self._db.in_transaction:  # a failed COMMIT leaves it open: undo, then report
+                        self._db.execute("ROLLBACK")
+                    raise
+            elif self._db.in_transaction:  # SQLite may have rolled back itself (disk full, I/O error)
+                self._db.execute("ROLLBACK")
+        finally:
+            if not self._durable:
+                self._db.execute("PRAGMA synchronous=FULL")
 
 
 class OutboxPublisher:
@@ -278,10 +292,13 @@ class OutboxPublisher:
     through :meth:`acknowledged`. Events already handed over stay in paho's session and are
     re-sent by paho itself after a reconnect, so they are not published twice by us.
 
-    paho calls ``on_publish`` while holding its outgoing-message lock, and ``publish()`` takes
-    the same lock: so :meth:`acknowledged` only enqueues the message id, and all bookkeeping
-    (and the SQLite delete) happens on this publisher's own thread, never under a lock that a
-    publish could wait for.
+    paho calls ``on_publish`` while holding its outgoing-message lock, and before it counts the
+    message out of its own window: so :meth:`acknowledged` only enqueues the message id. The
+    window is refilled by :meth:`refill`, which the network thread calls once it has read a
+    batch of packets, and otherwise by this publisher's own thread, which also deletes the
+    acknowledged events from the outbox. (Waking another thread for every refill costs up to a
+    switch interval, 5 ms, whenever the network thread is busy parsing audio: a hundred
+    detections need several refills.)
     """
 
     def __init__(
@@ -303,11 +320,14 @@ class OutboxPublisher:
         self._live_window = live_window_seconds
         self._window = window
         self._clock = clock
-        self._in_flight: dict[int, int] = {}  # mid -> seq; publisher thread only
+        # Held while acknowledgements are taken and events handed over (either thread).
+        self._handing = threading.Lock()
+        self._in_flight: dict[int, int] = {}  # mid -> seq; under _handing
         self._acknowledged: list[int] = []  # seqs acknowledged, not yet deleted from the outbox
         self._last_handed = -1  # highest seq handed to MQTT in this run
         self._handed = threading.Condition()  # notified when _last_handed grows
         self._acks: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._refilled_by_reader = False  # set once refill() is called (the network thread does)
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -339,9 +359,31 @@ class OutboxPublisher:
             return self._handed.wait_for(lambda: self._last_handed >= seq, timeout)
 
     def acknowledged(self, mid: int) -> None:
-        """Called on paho's network thread: enqueue only."""
+        """Called on paho's network thread: enqueue only. This publisher's thread is woken only
+        while nothing calls :meth:`refill`; otherwise it deletes acknowledged events when it
+        wakes anyway (within 0.5 s), instead of competing with the refills for every PUBACK."""
         self._acks.put(mid)
-        self._wake.set()
+        if not self._refilled_by_reader:
+            self._wake.set()
+
+    def refill(self) -> None:
+        """Hand over as many events as PUBACKs received so far made room for, on the calling
+        thread (the network thread, after reading). Never waits for the publisher thread: when
+        that one is busy handing over, it sees these acknowledgements itself."""
+        self._refilled_by_reader = True
+        if self._acks.empty():
+            return
+        if not self._handing.acquire(blocking=False):
+            self._wake.set()  # it may have taken the acknowledgements before these arrived
+            return
+        try:
+            self._take_acknowledgements()
+            self._hand_over()
+        except Exception:  # on the network thread: report, never raise into it
+            log.exception("outbox publisher failed to refill its window; its thread retries")
+            self._wake.set()
+        finally:
+            self._handing.release()
 
     @property
     def in_flight(self) -> int:
@@ -361,12 +403,13 @@ class OutboxPublisher:
         while not self._stopping.is_set():
             self._wake.clear()
             try:
-                self._take_acknowledgements()
-                handed = self._hand_over()
-                # Deleted once the next events are on their way: when a hundred streams fire at
-                # once, the window refills many times, and a delete (an fsync) between a PUBACK
-                # and the next publish would delay every later detection.
-                self._take_acknowledgements()
+                with self._handing:
+                    self._take_acknowledgements()
+                    handed = self._hand_over()
+                    self._take_acknowledgements()
+                # Deleted once the next events are on their way, outside the lock: when a hundred
+                # streams fire at once, the window refills many times, and a delete between a
+                # PUBACK and the next publish would delay every later detection.
                 self._forget_acknowledged()
             except Exception:  # the only thread that delivers detections: it must not die
                 log.exception("outbox publisher failed; retrying")
@@ -387,10 +430,17 @@ class OutboxPublisher:
 
     def _forget_acknowledged(self) -> None:
         """Delete the acknowledged events from the outbox, in one transaction."""
-        if self._acknowledged:
-            self._outbox.remove(*self._acknowledged)
-            self.published += len(self._acknowledged)
-            self._acknowledged = []  # only now: after a failure they are deleted at the next try
+        with self._handing:
+            seqs, self._acknowledged = self._acknowledged, []
+        if not seqs:
+            return
+        try:
+            self._outbox.remove(*seqs)
+        except BaseException:
+            with self._handing:  # deleted at the next try
+                self._acknowledged[:0] = seqs
+            raise
+        self.published += len(seqs)
 
     def _hand_over(self) -> int:
         room = self._window() - len(self._in_flight)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import socket
 import ssl
 import threading
 import time
@@ -124,6 +125,7 @@ class MqttTransport:
         self._handler_cache: dict[str, list[Handler]] = {}
         self._connected_hooks: list[Callable[[], None]] = []
         self._ack_listeners: list[Callable[[int], None]] = []
+        self._reading_hooks: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._connected = threading.Event()
@@ -178,8 +180,17 @@ class MqttTransport:
         self._connected_hooks.append(hook)
 
     def on_acknowledged(self, listener: Callable[[int], None]) -> None:
-        """``listener(mid)`` when the broker acknowledges a QoS>0 publish (PUBACK)."""
+        """``listener(mid)`` when the broker acknowledges a QoS>0 publish (PUBACK).
+
+        It runs inside paho's PUBACK handling, before paho frees the message's place in its
+        window: record the mid there, and publish from an :meth:`after_reading` hook."""
         self._ack_listeners.append(listener)
+
+    def after_reading(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` on the network thread after every batch of packets read while connected:
+        where a publisher can refill its window as soon as PUBACKs came in, without a thread
+        switch. It must be quick and must not block."""
+        self._reading_hooks.append(hook)
 
     def subscribe(
         self, topic_filter: str, handler: Handler, qos: int = 0, retain_as_published: bool = False
@@ -308,6 +319,7 @@ class MqttTransport:
                 try:
                     self._client.reconnect()
                     socket_open = True
+                    _send_without_delay(getattr(self._client, "_sock", None))
                     reader = self._buffer_reads()
                 except (OSError, ssl.SSLError) as error:
                     self._failed(_describe_failure(error))
@@ -320,6 +332,8 @@ class MqttTransport:
                     if rc != paho.MQTT_ERR_SUCCESS or reader is None or not reader.buffered():
                         break
                     rc = self._client.loop_read()
+                if rc == paho.MQTT_ERR_SUCCESS and self.connected:
+                    self._after_reading()
             except (OSError, ssl.SSLError) as error:
                 self._failed(_describe_failure(error))
                 socket_open = False
@@ -327,6 +341,13 @@ class MqttTransport:
             if rc != paho.MQTT_ERR_SUCCESS and not self._stop.is_set():
                 socket_open = False
                 self._failed(f"connection lost ({paho.error_string(rc)})")
+
+    def _after_reading(self) -> None:
+        for hook in self._reading_hooks:
+            try:
+                hook()
+            except Exception:
+                log.exception("after-reading hook failed")
 
     def _buffer_reads(self) -> _ReadBuffer | None:
         # paho 2.x has no hook for this; its socket attribute is stable across 2.x (pinned <3).
@@ -452,6 +473,23 @@ def _delivered_filter(topic_filter: str) -> str:
     if topic_filter.startswith("$share/"):
         return topic_filter.split("/", 2)[2]
     return topic_filter
+
+
+def _send_without_delay(sock: Any) -> None:
+    """Turn off Nagle's algorithm on the broker connection.
+
+    With it, a small packet written while an earlier one is unacknowledged waits for that TCP
+    ACK, which the peer may delay by up to 40 ms: a burst of detections and the PUBACKs for
+    inbound QoS 1 messages would go out in such steps. paho does not set it. (Brokers do the same
+    for what they send back: mosquitto's ``set_tcp_nodelay true``.) Unix sockets have no such
+    option; nothing to do there.
+    """
+    if sock is None or getattr(sock, "family", None) not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError) as error:  # a proxy or websocket wrapper without it
+        log.debug("could not set TCP_NODELAY: %s", error)
 
 
 class _ReadBuffer:

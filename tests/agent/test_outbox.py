@@ -41,6 +41,33 @@ def test_events_come_back_in_order_with_their_numbers_in_the_body(tmp_path: Path
     assert outbox.depth() == 1
 
 
+def test_a_detection_is_committed_with_an_fsync_and_its_delete_without(tmp_path: Path) -> None:
+    """Inserts wait for the disk (a detection survives a power cut); deletes after PUBACKs do not
+    (one lost only sends an acknowledged event again), so they cannot hold up the next window."""
+    outbox = Outbox(tmp_path / "o.db")
+    statements: list[str] = []
+    outbox._db.set_trace_callback(statements.append)
+    first, second = outbox.append_many([("t", body("a")), ("t", body("b"))], "boot")
+    insert = statements[:]
+    statements.clear()
+    outbox.remove(first.seq)
+    assert not any("synchronous" in s for s in insert)  # FULL, set when the outbox was opened
+    assert statements[0] == "PRAGMA synchronous=NORMAL" and statements[-1] == "PRAGMA synchronous=FULL"
+    assert any(s.startswith("DELETE") for s in statements) and "COMMIT" in statements
+    assert outbox._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL again for inserts
+    assert [e.seq for e in outbox.pending()] == [second.seq]
+
+
+def test_a_failed_delete_keeps_the_event_and_inserts_durable(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "o.db")
+    event = outbox.append("t", body("a"), "boot")
+    outbox._db.execute("CREATE TRIGGER refuse BEFORE DELETE ON events BEGIN SELECT RAISE(ABORT, 'no'); END")
+    outbox.remove(event.seq)  # logged; it is sent again after a restart
+    assert [e.seq for e in outbox.pending()] == [event.seq]
+    assert outbox._db.execute("PRAGMA synchronous").fetchone()[0] == 2
+    assert not outbox._db.in_transaction
+
+
 def test_numbers_keep_increasing_across_a_restart_even_when_the_outbox_was_emptied(tmp_path: Path) -> None:
     outbox = Outbox(tmp_path / "o.db")
     last = outbox.append_many([("t", body("a")), ("t", body("b"))], "boot-1")[-1]
@@ -262,6 +289,71 @@ def test_waiting_for_a_hand_over_ends_when_the_events_are_handed_or_at_the_timeo
         publisher.acknowledged(link.mids[stored[0].seq])
         assert publisher.wait_handed_over(stored[2].seq, timeout=5)
         assert link.handed == [event.seq for event in stored]
+    finally:
+        publisher.stop()
+        outbox.close()
+
+
+def test_the_reading_thread_refills_the_window_itself_without_waiting(tmp_path: Path) -> None:
+    """refill() runs where the PUBACKs were read (the network thread): the next event is handed
+    over before it returns, on that thread. The publisher's own thread is no longer woken for
+    each PUBACK, yet still deletes what was acknowledged."""
+    outbox = Outbox(tmp_path / "outbox.db")
+    link = RecordingLink()
+    threads: dict[int, int] = {}  # seq -> thread that handed it over
+    original = link.publish
+
+    def publish(event: StoredEvent, replayed: bool) -> int:
+        threads[event.seq] = threading.get_ident()
+        return original(event, replayed)
+
+    stored = outbox.append_many([("t", body(f"e{i}")) for i in range(6)], "boot")
+    publisher = OutboxPublisher(outbox, publish, lambda: True, "boot", window=lambda: 3)
+    publisher.start()
+    try:
+        wait_until(lambda: link.count() == 3)
+        publisher.refill()  # no PUBACK yet: nothing to do
+        assert link.count() == 3
+        publisher.acknowledged(link.mids[stored[0].seq])
+        publisher.refill()
+        assert link.count() == 4 and threads[stored[3].seq] == threading.get_ident()
+        # The publisher thread busy handing over: refill() leaves the PUBACK to it, at once.
+        publisher.acknowledged(link.mids[stored[1].seq])
+        with publisher._handing:
+            started = time.monotonic()
+            publisher.refill()
+            assert time.monotonic() - started < 0.05 and link.count() == 4
+        publisher.refill()
+        assert link.count() == 5
+        wait_until(lambda: outbox.depth() == 4)  # the two acknowledged, deleted by its thread
+        assert publisher.published == 2
+        assert link.handed == [event.seq for event in stored[:5]]
+    finally:
+        publisher.stop()
+        outbox.close()
+
+
+def test_a_failing_refill_never_raises_into_the_network_thread(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "outbox.db")
+    link = RecordingLink()
+    failing = threading.Event()
+
+    def publish(event: StoredEvent, replayed: bool) -> int:
+        if failing.is_set():
+            raise RuntimeError("the link broke")
+        return link.publish(event, replayed)
+
+    stored = outbox.append_many([("t", body(f"e{i}")) for i in range(3)], "boot")
+    publisher = OutboxPublisher(outbox, publish, lambda: True, "boot", window=lambda: 1)
+    publisher.start()
+    try:
+        wait_until(lambda: link.count() == 1)
+        failing.set()
+        publisher.acknowledged(link.mids[stored[0].seq])
+        publisher.refill()  # logged, not raised; the publisher's thread retries
+        failing.clear()
+        wait_until(lambda: link.count() == 2)
+        assert link.handed == [stored[0].seq, stored[1].seq]
     finally:
         publisher.stop()
         outbox.close()

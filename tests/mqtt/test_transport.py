@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -32,8 +34,6 @@ def test_a_topic_mqtt_cannot_carry_drops_that_publish_only(bad_topic: str, tmp_p
 
 
 def test_read_buffer_serves_small_reads_from_one_large_read() -> None:
-    import socket
-
     from edge_agent.mqtt.transport import _ReadBuffer
 
     left, right = socket.socketpair()
@@ -53,6 +53,76 @@ def test_read_buffer_serves_small_reads_from_one_large_read() -> None:
         assert reader.recv(1) == b""  # the peer closed
     finally:
         left.close()
+
+
+def test_the_broker_connection_sends_without_nagle_delay_after_every_connect(tmp_path: Path) -> None:
+    """TCP_NODELAY on the agent's socket, set again on the new socket after a reconnect: with
+    Nagle's algorithm a burst of detections (and the PUBACKs for inbound QoS 1) would go out in
+    steps of the peer's delayed ACK."""
+    broker = Broker(tmp_path).start()
+    transport = MqttTransport(agent_config(broker.port, tmp_path).mqtt, "nodelay-test")
+
+    def nodelay() -> int:
+        sock = transport._client._sock
+        assert sock is not None
+        return int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    try:
+        transport.start()
+        assert transport.wait_connected(10)
+        assert nodelay() != 0
+        broker.restart(downtime=0.5)
+        deadline = time.monotonic() + 20
+        while transport.stats.reconnects == 0 or not transport.connected:
+            assert time.monotonic() < deadline, "no reconnect"
+            time.sleep(0.05)
+        assert nodelay() != 0
+    finally:
+        transport.stop()
+        broker.stop()
+
+
+def test_after_reading_hooks_run_on_the_network_thread_once_pubacks_are_in(tmp_path: Path) -> None:
+    """Where the outbox refills its window: after paho has read (and counted out of its own
+    window) the PUBACKs. A failing hook is logged; the connection carries on."""
+    broker = Broker(tmp_path).start()
+    transport = MqttTransport(agent_config(broker.port, tmp_path).mqtt, "reading-test")
+    acknowledged: list[int] = []
+    seen_after_reading: list[tuple[int, int]] = []  # (thread, acknowledgements so far)
+
+    def hook() -> None:
+        seen_after_reading.append((threading.get_ident(), len(acknowledged)))
+        raise RuntimeError("a broken hook")
+
+    transport.on_acknowledged(acknowledged.append)
+    transport.after_reading(hook)
+    try:
+        transport.start()
+        assert transport.wait_connected(10)
+        mids = [transport.publish("x", b"1", qos=1) for _ in range(3)]
+        deadline = time.monotonic() + 10
+        while not any(count == 3 for _, count in seen_after_reading):
+            assert time.monotonic() < deadline, "no hook call after the PUBACKs"
+            time.sleep(0.01)
+        assert sorted(acknowledged) == sorted(m for m in mids if m is not None)
+        assert {thread for thread, _ in seen_after_reading} == {transport._thread.ident}  # type: ignore[union-attr]
+        assert transport.connected and transport.stats.reconnects == 0
+    finally:
+        transport.stop()
+        broker.stop()
+
+
+def test_nodelay_is_left_alone_on_sockets_without_it() -> None:
+    """A Unix socket (paho's transport="unix") has no TCP options: nothing is set, nothing fails."""
+    from edge_agent.mqtt.transport import _send_without_delay
+
+    left, right = socket.socketpair()
+    try:
+        _send_without_delay(left)
+        _send_without_delay(None)
+    finally:
+        left.close()
+        right.close()
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,175 @@
+"""A burst of QoS 1 publishes through mosquitto: first publish to last PUBACK.
+
+    python -m benchmarks.qos1_burst [--messages 128] [--repeat 7]
+
+What a hundred streams firing on the same chunk ask of the MQTT link: ``--messages`` detection-
+sized (500-byte) QoS 1 publishes at once, never more unacknowledged than the broker's Receive
+Maximum allows. Timed for the agent's own path (outbox, its publisher and :class:`MqttTransport`,
+which sets TCP_NODELAY) and for a plain paho client with its defaults (Nagle's algorithm on,
+everything published at once), each against mosquitto with its default settings and with
+``set_tcp_nodelay true``, on loopback with nothing else running: what the link itself costs
+and what each setting changes. Median and worst of ``--repeat`` bursts.
+Results: benchmarks/results/qos1_burst.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from benchmarks.common import machine, write_result
+from edge_agent.agent.outbox import Outbox, OutboxPublisher
+from edge_agent.mqtt.transport import MqttTransport, close_sockets
+from tests.broker import Broker
+from tests.support import agent_config
+
+PAYLOAD = b"x" * 500  # about the size of a detection event
+
+
+class Burst:
+    """Counts PUBACKs; ``wait()`` returns when ``target`` have arrived since ``reset``."""
+
+    def __init__(self) -> None:
+        self._acknowledged = 0
+        self._target = 0
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+
+    def reset(self, target: int) -> None:
+        with self._lock:
+            self._acknowledged, self._target = 0, target
+            self._done.clear()
+
+    def acknowledged(self, *_: Any) -> None:
+        with self._lock:
+            self._acknowledged += 1
+            if self._acknowledged >= self._target:
+                self._done.set()
+
+    def wait(self, timeout: float) -> bool:
+        return self._done.wait(timeout)
+
+
+def timed_bursts(send_burst: Callable[[], None], burst: Burst, messages: int, repeat: int) -> list[float]:
+    times = []
+    for _ in range(repeat + 1):  # the first one warms up
+        burst.reset(messages)
+        started = time.perf_counter()
+        send_burst()
+        if not burst.wait(30):
+            raise SystemExit("the broker did not acknowledge the burst")
+        times.append((time.perf_counter() - started) * 1000)
+    return times[1:]
+
+
+def agent_outbox(port: int, workdir: Path, messages: int, repeat: int) -> list[float]:
+    """The agent's path for detections: stored in the outbox (one commit for the burst), handed
+    over by its publisher within the broker's window, refilled on PUBACKs."""
+    burst = Burst()
+    transport = MqttTransport(agent_config(port, workdir).mqtt, "qos1-burst")
+    outbox = Outbox(workdir / "qos1-burst.db")
+    publisher = OutboxPublisher(
+        outbox,
+        lambda event, replayed: transport.publish(event.topic, PAYLOAD, qos=1),
+        lambda: transport.connected,
+        "bench",
+        window=lambda: max(1, transport.send_window - 2),  # the agent's reserve for other QoS 1
+    )
+    transport.on_acknowledged(publisher.acknowledged)
+    transport.on_acknowledged(burst.acknowledged)
+    transport.after_reading(publisher.refill)
+    transport.start()
+    publisher.start()
+
+    def send_burst() -> None:
+        outbox.append_many([("bench/burst", lambda seq: {"seq": seq})] * messages, "bench")
+        publisher.notify()
+
+    try:
+        if not transport.wait_connected(10):
+            raise SystemExit("the transport did not connect")
+        return timed_bursts(send_burst, burst, messages, repeat)
+    finally:
+        publisher.stop()
+        transport.stop()
+        outbox.close()
+
+
+def plain_paho(port: int, messages: int, repeat: int) -> list[float]:
+    """paho with its defaults: everything published at once, paho holding back what exceeds its
+    window of 20."""
+    burst = Burst()
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    client.on_publish = burst.acknowledged
+    client.connect("127.0.0.1", port, 30)
+    client.loop_start()
+
+    def send_burst() -> None:
+        for _ in range(messages):
+            client.publish("bench/burst", PAYLOAD, qos=1)
+
+    try:
+        time.sleep(0.3)  # CONNACK
+        return timed_bursts(send_burst, burst, messages, repeat)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+        close_sockets(client)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--messages", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=7)
+    args = parser.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        for setting in ("", "set_tcp_nodelay true\n"):
+            broker = Broker(Path(folder), extra_config=setting).start()
+            try:
+                for client, times in (
+                    ("agent outbox", agent_outbox(broker.port, Path(folder), args.messages, args.repeat)),
+                    ("plain paho", plain_paho(broker.port, args.messages, args.repeat)),
+                ):
+                    results.append(
+                        {
+                            "broker": setting.strip() or "mosquitto defaults",
+                            "client": client,
+                            "messages": args.messages,
+                            "all_acknowledged_ms_median": round(statistics.median(times), 1),
+                            "all_acknowledged_ms_max": round(max(times), 1),
+                        }
+                    )
+            finally:
+                broker.stop()
+    report = {
+        "benchmark": "qos1_burst",
+        "machine": machine(),
+        "payload_bytes": len(PAYLOAD),
+        "results": results,
+    }
+    path = write_result("qos1_burst", report)
+    print(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores")
+    print(f"{args.messages} QoS 1 publishes of {len(PAYLOAD)} bytes, first publish to last PUBACK (ms):")
+    print(f"{'broker':>22} {'client':>16} {'median':>8} {'max':>8}")
+    for r in results:
+        print(
+            f"{r['broker']:>22} {r['client']:>16} {r['all_acknowledged_ms_median']:>8.1f}"
+            f" {r['all_acknowledged_ms_max']:>8.1f}"
+        )
+    print(f"written: {path}")
+
+
+if __name__ == "__main__":
+    main()
