@@ -150,7 +150,16 @@ class Outbox:
     # --- reading -------------------------------------------------------------------------
     def pending(self, after_seq: int = -1, limit: int = 100) -> list[StoredEvent]:
         """Events after ``after_seq`` in order: the file's, then those it could not take yet."""
-        with self._lock:
+        found = self.try_pending(after_seq, limit, wait=True)
+        assert found is not None
+        return found
+
+    def try_pending(self, after_seq: int, limit: int, wait: bool = False) -> list[StoredEvent] | None:
+        """:meth:`pending`, or None at once if another thread is using the file (a commit may
+        be waiting for the disk): for the network thread, which must not wait on it."""
+        if not self._lock.acquire(blocking=wait):
+            return None
+        try:
             try:
                 rows = self._db.execute(
                     "SELECT seq, topic, body, created, boot_id FROM events "
@@ -162,6 +171,8 @@ class Outbox:
                 log.warning("outbox %s cannot be read: %s", self.path, error)
                 return []
             unwritten = [event for event in self._unwritten if event.seq > after_seq]
+        finally:
+            self._lock.release()
         stored = [StoredEvent(r[0], r[1], json.loads(r[2]), r[3], r[4]) for r in rows]
         return (stored + unwritten)[:limit]  # unwritten events were numbered after every stored one
 
@@ -267,7 +278,12 @@ class _Transaction:
     def __enter__(self) -> None:
         if not self._durable:
             self._db.execute("PRAGMA synchronous=NORMAL")  # in WAL mode: no fsync at COMMIT
-        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except BaseException:  # a locked or failing file: later inserts must still be durable
+            if not self._durable:
+                self._db.execute("PRAGMA synchronous=FULL")
+            raise
 
     def __exit__(self, kind: object, error: object, trace: object) -> None:
         try:
@@ -371,14 +387,14 @@ class OutboxPublisher:
         thread (the network thread, after reading). Never waits for the publisher thread: when
         that one is busy handing over, it sees these acknowledgements itself."""
         self._refilled_by_reader = True
-        if self._acks.empty():
+        if self._acks.empty() or self._stopping.is_set():
             return
         if not self._handing.acquire(blocking=False):
             self._wake.set()  # it may have taken the acknowledgements before these arrived
             return
         try:
             self._take_acknowledgements()
-            self._hand_over()
+            self._hand_over(wait_for_outbox=False)
         except Exception:  # on the network thread: report, never raise into it
             log.exception("outbox publisher failed to refill its window; its thread retries")
             self._wake.set()
@@ -406,7 +422,9 @@ class OutboxPublisher:
                 with self._handing:
                     self._take_acknowledgements()
                     handed = self._hand_over()
-                    self._take_acknowledgements()
+                    # PUBACKs that came in meanwhile: their room is used on the next round, at
+                    # once (refill() skipped them while this thread held the lock).
+                    handed += self._take_acknowledgements()
                 # Deleted once the next events are on their way, outside the lock: when a hundred
                 # streams fire at once, the window refills many times, and a delete between a
                 # PUBACK and the next publish would delay every later detection.
@@ -417,16 +435,19 @@ class OutboxPublisher:
             if not handed:
                 self._wake.wait(0.5)
 
-    def _take_acknowledgements(self) -> None:
-        """PUBACKs received so far free their place in the window (in memory only)."""
+    def _take_acknowledgements(self) -> int:
+        """PUBACKs received so far free their place in the window (in memory only); returns
+        how many places they freed."""
+        freed = 0
         while True:
             try:
                 mid = self._acks.get_nowait()
             except queue.Empty:
-                return
+                return freed
             seq = self._in_flight.pop(mid, None)
             if seq is not None:
                 self._acknowledged.append(seq)
+                freed += 1
 
     def _forget_acknowledged(self) -> None:
         """Delete the acknowledged events from the outbox, in one transaction."""
@@ -442,12 +463,18 @@ class OutboxPublisher:
             raise
         self.published += len(seqs)
 
-    def _hand_over(self) -> int:
+    def _hand_over(self, wait_for_outbox: bool = True) -> int:
+        """Publish what the window has room for; ``wait_for_outbox=False`` (the network thread):
+        when the outbox is busy, leave it to this publisher's thread instead of waiting."""
         room = self._window() - len(self._in_flight)
         if room <= 0 or not self._is_connected():
             return 0
+        events = self._outbox.try_pending(self._last_handed, room, wait=wait_for_outbox)
+        if events is None:
+            self._wake.set()
+            return 0
         handed = 0
-        for event in self._outbox.pending(self._last_handed, room):
+        for event in events:
             replayed = event.boot_id != self._boot_id or self._clock() - event.created > self._live_window
             mid = self._publish(event, replayed)
             if mid is None:
