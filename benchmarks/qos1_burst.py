@@ -110,6 +110,8 @@ def plain_paho(port: int, messages: int, repeat: int) -> list[float]:
     burst = Burst()
     client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
     client.on_publish = burst.acknowledged
+    connected = threading.Event()
+    client.on_connect = lambda *_: connected.set()
     client.connect("127.0.0.1", port, 30)
     client.loop_start()
 
@@ -118,7 +120,8 @@ def plain_paho(port: int, messages: int, repeat: int) -> list[float]:
             client.publish("bench/burst", PAYLOAD, qos=1)
 
     try:
-        time.sleep(0.3)  # CONNACK
+        if not connected.wait(10):
+            raise SystemExit("the paho client did not connect")
         return timed_bursts(send_burst, burst, messages, repeat)
     finally:
         client.disconnect()

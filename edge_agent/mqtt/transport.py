@@ -488,7 +488,7 @@ def _send_without_delay(sock: Any) -> None:
         return
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError) as error:  # a proxy or websocket wrapper without it
+    except OSError as error:
         log.debug("could not set TCP_NODELAY: %s", error)
 
 
