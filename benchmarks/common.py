@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edge_agent.engine.features import default_fft
 from tests.support import start_agent_process
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,6 +57,8 @@ def machine() -> dict[str, Any]:
         "machine": platform.machine(),
         "system": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
+        # The front-end's FFT library (scipy with the `fast` extra): it changes the engine's speed.
+        "fft": default_fft(),
         "commit": commit,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
     }

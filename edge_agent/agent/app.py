@@ -217,12 +217,13 @@ class Agent:
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         log.info(
-            "edge-agent %s starting as %s (boot %s), model %s, backend %s, keywords %s",
+            "edge-agent %s starting as %s (boot %s), model %s, backend %s (FFT: %s), keywords %s",
             __version__,
             self.device_id,
             self.boot_id,
             self.config.model.id,
             self.model.backend,
+            self.model.fft,
             ", ".join(f"{k.text}@{k.threshold}" for k in self.worker.keywords),
         )
         if self.config.engine.muted:

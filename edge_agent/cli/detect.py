@@ -300,6 +300,7 @@ def run_eval(args: argparse.Namespace) -> int:
     report: dict[str, object] = {
         "keywords": per_keyword,
         "backend": model.backend,
+        "fft": model.fft,
         "recall": round(detected_files / positives, 4) if positives else None,
         "false_alarms": false_alarms,
         "positives": positives,
@@ -326,7 +327,7 @@ def _round(value: float | None) -> float | None:
 def _print_report(report: dict[str, Any]) -> None:
     recall = report["recall"]
     lines = [
-        f"backend:           {report['backend']}",
+        f"backend:           {report['backend']} (FFT: {report['fft']})",
         f"recall:            {report['detected_positives']}/{report['positives']}"
         + (f" ({recall:.1%})" if recall is not None else ""),
         f"false alarms:      {report['false_alarms']} ({report['fa_per_hour']} per hour of negatives)",

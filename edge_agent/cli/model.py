@@ -43,6 +43,7 @@ def _info(args: argparse.Namespace) -> int:
                 "model_id": config.model.id,
                 "revision": config.model.revision,
                 "backend": model.backend,
+                "fft": model.fft,
                 "inputs": model.network.input_dim,
                 "outputs": model.network.output_dim,
                 "characters": len(model.lexicon.char_to_tokens),

@@ -32,6 +32,7 @@ from edge_agent.engine.features import (
     SAMPLE_RATE_HZ,
     Cmvn,
     FeatureStream,
+    default_fft,
 )
 from edge_agent.engine.kaldi_nnet import AddShift, NnetFormatError, Rescale, Splice, read_nnet
 from edge_agent.engine.lexicon import Lexicon, LexiconError
@@ -96,6 +97,11 @@ class KwsModel:
     @property
     def backend(self) -> str:
         return self.network.name
+
+    @property
+    def fft(self) -> str:
+        """The FFT library of the front-end: scipy with the ``fast`` extra, else numpy."""
+        return default_fft()
 
     @property
     def latency_seconds(self) -> float:

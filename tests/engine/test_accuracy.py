@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from edge_agent.audio.wav import read_wav, to_mono_16k
+from edge_agent.engine import features
 from edge_agent.engine.model import KeywordSpec
+from tests.conftest import require_module
 
 WAKE = "小云小云"
 
@@ -41,6 +43,27 @@ def test_wake_word_recall_and_false_alarms_at_default_threshold(
     alarms = [(n, found) for n, found in detected.items() if n.startswith("neg/") and found]
     assert misses == [], "every positive holds exactly one 小云小云"
     assert alarms == []
+
+
+def test_numpy_and_scipy_ffts_give_the_same_detections(numpy_model, recordings, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    require_module("scipy.fft")
+    specs = [KeywordSpec(WAKE), KeywordSpec("如家酒店", 0.05)]
+
+    def detections(fft: str) -> dict[str, list[tuple[str, float, float, float]]]:
+        # What every detector's front-end asks for.
+        monkeypatch.setattr(features, "default_fft", lambda: fft)
+        return {
+            name: [(d.keyword, d.start, d.end, d.confidence) for d in run(numpy_model, specs, samples)]
+            for name, samples in recordings.items()
+        }
+
+    with_scipy, with_numpy = detections("scipy"), detections("numpy")
+    assert sum(len(found) for found in with_numpy.values()) >= 25
+    for name, found in with_numpy.items():
+        # The same detections at the same frames; confidences equal up to float32 rounding.
+        assert [f[:3] for f in with_scipy[name]] == [f[:3] for f in found], name
+        for (*_, ours), (*_, theirs) in zip(with_scipy[name], found, strict=True):
+            assert ours == pytest.approx(theirs, rel=1e-4), name
 
 
 @pytest.mark.parametrize(

@@ -1,20 +1,33 @@
 from __future__ import annotations
 
+import sys
 import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from edge_agent.engine import features
 from edge_agent.engine.features import (
     FEATURE_DIM,
+    FFT_LIBRARIES,
     NUM_MEL_BINS,
     Cmvn,
     FeatureStream,
     KaldiFbank,
+    default_fft,
 )
+from tests.conftest import require_module
 
 knf = pytest.importorskip("kaldi_native_fbank")
+
+
+@pytest.fixture(params=FFT_LIBRARIES)
+def fft(request: pytest.FixtureRequest) -> str:
+    """Every FFT library the front-end can use (scipy: the ``fast`` extra, installed in CI)."""
+    if request.param == "scipy":
+        require_module("scipy.fft")
+    return str(request.param)
 
 
 def kaldi_fbank(samples: np.ndarray) -> np.ndarray:
@@ -38,20 +51,20 @@ def read_samples(path: Path) -> np.ndarray:
         return np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
 
 
-def test_fbank_matches_kaldi_on_synthetic_audio() -> None:
+def test_fbank_matches_kaldi_on_synthetic_audio(fft: str) -> None:
     rng = np.random.default_rng(1)
     t = np.arange(16000 * 2) / 16000
     signal = 3000 * np.sin(2 * np.pi * 440 * t) + rng.normal(0, 300, t.shape)
     samples = np.round(signal).astype(np.int16)
-    ours = KaldiFbank().frames(samples)
+    ours = KaldiFbank(fft).frames(samples)
     reference = kaldi_fbank(samples)
     assert ours.shape == reference.shape == (198, NUM_MEL_BINS)
     np.testing.assert_allclose(ours, reference, atol=2e-3)
 
 
-def test_fbank_matches_kaldi_on_a_real_recording(example_wav: Path) -> None:
+def test_fbank_matches_kaldi_on_a_real_recording(example_wav: Path, fft: str) -> None:
     samples = read_samples(example_wav)
-    ours = KaldiFbank().frames(samples)
+    ours = KaldiFbank(fft).frames(samples)
     reference = kaldi_fbank(samples)
     assert ours.shape == reference.shape
     # Both in float32, with other FFTs: differences stay in the fourth decimal of a log energy.
@@ -59,8 +72,41 @@ def test_fbank_matches_kaldi_on_a_real_recording(example_wav: Path) -> None:
     assert np.abs(ours - reference).mean() < 2e-5
 
 
-def test_fbank_of_digital_silence_is_the_floor_not_minus_infinity() -> None:
-    frames = KaldiFbank().frames(np.zeros(1600, np.int16))
+def test_numpy_and_scipy_ffts_give_the_same_filterbank(example_wav: Path) -> None:
+    require_module("scipy.fft")
+    samples = read_samples(example_wav)
+    scipy_frames = KaldiFbank("scipy").frames(samples)
+    numpy_frames = KaldiFbank("numpy").frames(samples)
+    # float32 transforms computed in different orders: rounding, nothing more.
+    np.testing.assert_allclose(scipy_frames, numpy_frames, atol=1e-4)
+
+
+def test_the_default_fft_is_scipy_when_installed() -> None:
+    require_module("scipy.fft")
+    assert default_fft() == "scipy"
+    assert KaldiFbank().fft == "scipy"
+
+
+def test_without_scipy_the_front_end_falls_back_to_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As on a board installed without the `fast` extra: importing scipy fails.
+    monkeypatch.setitem(sys.modules, "scipy", None)
+    features._real_fft.cache_clear()
+    try:
+        assert default_fft() == "numpy"
+        assert KaldiFbank().fft == "numpy"
+        with pytest.raises(ValueError, match=r"'scipy' is not installed.*edge-agent\[fast\]"):
+            KaldiFbank("scipy")
+    finally:
+        features._real_fft.cache_clear()  # the next test sees the real installation again
+
+
+def test_an_unknown_fft_library_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="one of scipy, numpy, got 'fftw'"):
+        KaldiFbank("fftw")
+
+
+def test_fbank_of_digital_silence_is_the_floor_not_minus_infinity(fft: str) -> None:
+    frames = KaldiFbank(fft).frames(np.zeros(1600, np.int16))
     assert np.isfinite(frames).all()
     np.testing.assert_allclose(frames, np.log(np.finfo(np.float32).eps), rtol=1e-6)
 
