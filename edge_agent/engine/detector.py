@@ -175,23 +175,47 @@ def _decode(detectors: Sequence[KeywordDetector], hidden: Sequence[np.ndarray]) 
 
 class _HiddenRows:
     """A stream's recent hidden rows (the output layer's inputs), by absolute frame, so that the
-    decoder can ask for the exact posteriors of any frame it still holds."""
+    decoder can ask for the exact posteriors of any frame it still holds.
+
+    The rows live in a buffer with room to spare: a step appends its few rows in place, and the
+    rows still held move to the front only when the room runs out (every ~20 steps of 100 ms),
+    instead of a new matrix of ~100 rows per stream at every step.
+    """
+
+    # Spare rows beyond what an append needs, when the buffer is (re)allocated.
+    _SPARE_ROWS = 64
 
     def __init__(self, width: int) -> None:
-        self._rows = np.zeros((0, width), dtype=np.float32)
-        self._first = 0  # absolute frame of row 0
+        self._buffer = np.zeros((0, width), dtype=np.float32)
+        self._start = 0  # buffer row of the oldest row held
+        self._end = 0  # buffer row after the newest
+        self._first = 0  # absolute frame of buffer row ``_start``
 
     def append(self, rows: np.ndarray, keep: int) -> None:
         """Add new rows, keeping ``keep`` rows from before (as the decoder keeps its history)."""
-        if rows.shape[0] == 0:
+        count = rows.shape[0]
+        if count == 0:
             return  # the decoder skips empty spans too, keeping everything it holds
-        old = self._rows[-keep:] if keep else self._rows[:0]
-        self._first += self._rows.shape[0] - old.shape[0]
+        kept_from = max(self._start, self._end - keep)
+        self._first += kept_from - self._start
+        self._start = kept_from
+        held = self._end - self._start
+        if self._end + count > self._buffer.shape[0]:
+            # Out of room: the rows held go to the front of a buffer sized for them, the new
+            # rows and some spare (a new one if this one is too small).
+            needed = held + count
+            if needed + self._SPARE_ROWS // 2 > self._buffer.shape[0]:
+                buffer = np.empty((needed + self._SPARE_ROWS, self._buffer.shape[1]), dtype=np.float32)
+            else:
+                buffer = self._buffer
+            buffer[:held] = self._buffer[self._start : self._end]  # may overlap: numpy copies safely
+            self._buffer, self._start, self._end = buffer, 0, held
         # Always a copy: ``rows`` is a view of the whole batch's hidden matrix.
-        self._rows = np.concatenate([old, rows]) if old.shape[0] else np.array(rows, dtype=np.float32)
+        self._buffer[self._end : self._end + count] = rows
+        self._end += count
 
     def rows(self, frames: np.ndarray) -> np.ndarray:
-        index = frames - self._first
-        if index.size and (index.min() < 0 or index.max() >= self._rows.shape[0]):
+        index = frames - (self._first - self._start)
+        if index.size and (index.min() < self._start or index.max() >= self._end):
             raise IndexError(f"frames {frames.min()}..{frames.max()} are no longer held")
-        return self._rows[index]
+        return self._buffer[index]

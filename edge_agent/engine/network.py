@@ -23,6 +23,7 @@ torch import: torch costs ~1.8 s and ~220 MB on import) and ``TorchNetwork`` in
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -314,8 +315,13 @@ class NumpyNetwork:
             return [self.hidden(states[0], features[0])]
         if any(state.finished for state in states):
             raise RuntimeError("a stream's network state was finished; create a new one")
-        counts = [int(np.shape(f)[0]) for f in features]
-        x = self._check(np.concatenate([np.asarray(f, dtype=np.float32) for f in features]))
+        # Streams holding as many frames side by side, so that each FSMN layer filters them as
+        # one matrix (see _fsmn_many); a stable order, undone at the end.
+        first_held = [state.buffers[0].frames.shape[0] if state.buffers else 0 for state in states]
+        order = sorted(range(len(states)), key=lambda i: first_held[i] + int(np.shape(features[i])[0]))
+        states = [states[i] for i in order]
+        counts = [int(np.shape(features[i])[0]) for i in order]
+        x = self._check(np.concatenate([np.asarray(features[i], dtype=np.float32) for i in order]))
         fsmn_index = 0
         for component in self._body:
             if isinstance(component, Fsmn):
@@ -324,8 +330,11 @@ class NumpyNetwork:
                 fsmn_index += 1
             else:
                 x = self._frame_wise(component, x)
-        bounds = np.cumsum([0, *counts])
-        return [x[bounds[i] : bounds[i + 1]] for i in range(len(counts))]
+        bounds = np.cumsum([0, *counts]).tolist()
+        results: list[np.ndarray] = [x[:0]] * len(states)
+        for position, stream in enumerate(order):
+            results[stream] = x[bounds[position] : bounds[position + 1]]
+        return results
 
     def _check(self, features: np.ndarray) -> np.ndarray:
         x = np.asarray(features, dtype=np.float32)
@@ -363,44 +372,42 @@ class NumpyNetwork:
         """One FSMN layer for many streams: rows of ``new`` are the streams' frames, in order.
 
         Each stream's buffered inputs and new frames are laid out one after the other in one
-        matrix, and the outputs that are ready (their look-ahead has arrived) are filtered
-        together; then each stream keeps its tail.
+        matrix. Consecutive streams holding as many frames (the usual batch: streams fed in step,
+        ordered by :meth:`hidden_many`) are that matrix's rows reshaped to (streams, frames,
+        dim): one filter pass for all of them, every window inside one stream, every window
+        ready (its look-ahead has arrived). Then each stream keeps its tail.
         """
-        history, lookahead = layer.history_frames, layer.lookahead_frames
         taps = self._taps[id(layer)]
+        taps_count, width = taps.shape[0], layer.input_dim
         held = [buffer.frames for buffer in buffers]
-        lengths = np.fromiter((frames.shape[0] for frames in held), np.int64, len(held)) + counts
-        ready = np.maximum(0, lengths - history - lookahead)
-        starts = np.cumsum(lengths) - lengths
+        lengths = [frames.shape[0] + count for frames, count in zip(held, counts, strict=True)]
         edges = np.cumsum([0, *counts]).tolist()
         pieces: list[np.ndarray] = []
         for frames, low, high in zip(held, edges[:-1], edges[1:], strict=True):
             pieces += (frames, new[low:high])
         inputs = np.concatenate(pieces)
-        total = int(ready.sum())
-        streams, width, taps_count = len(held), int(lengths.max()), taps.shape[0]
-        if total == 0:
-            outputs = np.zeros((0, layer.output_dim), dtype=np.float32)
-        elif streams * (width - taps_count + 1) <= inputs.shape[0] - taps_count + 1:
-            # Short chunks (the usual streaming case): each stream in a row of its own, zero
-            # padded at the end, so that one filter pass sees only its own frames.
-            padded = np.zeros((streams, width, inputs.shape[1]), dtype=np.float32)
-            row = np.repeat(np.arange(streams), lengths)
-            padded[row, np.arange(inputs.shape[0]) - np.repeat(starts, lengths)] = inputs
-            filtered = np.einsum("srkd,kd->srd", _stream_windows(padded, taps_count), taps)
-            outputs = filtered[np.arange(filtered.shape[1])[None, :] < ready[:, None]]
-        else:
-            # Long chunks: filter every window of the whole matrix (the few that straddle two
-            # streams are dropped), then keep each stream's ready ones.
-            keep = np.repeat(starts - (np.cumsum(ready) - ready), ready) + np.arange(total)
-            outputs = fsmn_outputs(taps, inputs, inputs.shape[0] - taps_count + 1)[keep]
+        filtered: list[np.ndarray] = []
+        ready: list[int] = []
+        row = 0
+        for length, run in itertools.groupby(lengths):
+            streams = len(list(run))
+            # Windows of history + current + look-ahead frames inside each stream's row.
+            windows = length - taps_count + 1
+            if windows > 0:
+                rows = inputs[row : row + streams * length].reshape(streams, length, width)
+                outputs = np.einsum("srkd,kd->srd", _stream_windows(rows, taps_count), taps)
+                filtered.append(outputs.reshape(streams * windows, width))
+            ready += [max(0, windows)] * streams
+            row += streams * length
         # Each stream keeps its tail, copied: a view would keep this batch's whole matrix alive
         # for as long as the stream waits for its next chunk.
-        tails = (starts + ready).tolist()
-        ends = (starts + lengths).tolist()
-        for buffer, low, high in zip(buffers, tails, ends, strict=True):
-            buffer.frames = inputs[low:high].copy()
-        return outputs, ready.tolist()
+        start = 0
+        for buffer, length, done in zip(buffers, lengths, ready, strict=True):
+            buffer.frames = inputs[start + done : start + length].copy()
+            start += length
+        if not filtered:
+            return np.zeros((0, layer.output_dim), dtype=np.float32), ready
+        return (filtered[0] if len(filtered) == 1 else np.concatenate(filtered)), ready
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
