@@ -18,8 +18,9 @@ audio on every stream, on one thread, and report:
   median step, the step in which they all fire and the largest step, in ms;
 * the **baseline** measured in the same process: the plain reference of
   ``benchmarks/reference.py`` (one stream at a time, whole recordings, no batching, numpy
-  float32, the full output layer on every frame), and our figures as ratios to it, so the
-  comparison holds on a noisy machine.
+  float32, the full output layer on every frame), timed before and after every stream count,
+  and our figures as ratios to the mean of those two timings, so the comparison holds on a
+  noisy machine.
 
 Results: benchmarks/results/throughput.json.
 """
@@ -127,16 +128,22 @@ def main() -> None:
     tune_allocator()
     model = KwsModel.load(model_dir(), backend=args.backend, threads=1)
     audio = corpus()
-    baseline = baseline_rtf(model, args.seconds)
+    # The reference is timed again after every stream count, and each count is compared with
+    # the mean of the timings just before and just after it: this VM's speed drifts by a third
+    # within minutes, and a ratio to one timing at the start would measure the drift.
+    baselines = [baseline_rtf(model, args.seconds)]
     results = []
     for count in (int(n) for n in args.streams.split(",")):
         rtf, detections, step_seconds = batched_rtf(model, audio, count, args.seconds)
+        baselines.append(baseline_rtf(model, args.seconds))
+        baseline_here = (baselines[-2] + baselines[-1]) / 2
         results.append(
             {
                 "streams": count,
                 "rtf": round(rtf, 6),
                 "streams_per_core": round(1.0 / rtf, 1),
-                "speedup_vs_baseline": round(baseline / rtf, 2),
+                "baseline_rtf": round(baseline_here, 6),
+                "speedup_vs_baseline": round(baseline_here / rtf, 2),
                 "detections": detections,
                 "step_ms": step_percentiles(step_seconds),
                 "burst": burst_steps(model, count),
@@ -151,15 +158,18 @@ def main() -> None:
         "seconds_per_stream": args.seconds,
         "baseline": {
             "what": "plain reference: whole recordings, one stream, no batching, numpy float32, "
-            "full output layer (benchmarks/reference.py)",
-            "rtf": round(baseline, 6),
+            "full output layer (benchmarks/reference.py); timed before and after each stream count",
+            "rtf": round(float(np.median(baselines)), 6),
+            "timings": [round(b, 6) for b in baselines],
         },
         "results": results,
     }
     path = write_result(f"throughput-{args.backend}", report)
     print(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; one thread")
+    baseline = report["baseline"]["rtf"]
     print(
-        f"plain reference (whole files, one stream): RTF {baseline:.5f} = {1 / baseline:.0f} streams per core"
+        f"plain reference (whole files, one stream): RTF {baseline:.5f} = {1 / baseline:.0f} "
+        f"streams per core (median of {len(baselines)} timings, {min(baselines):.5f}-{max(baselines):.5f})"
     )
     print(
         f"{'streams':>8} {'RTF':>9} {'streams/core':>13} {'vs baseline':>12}"
