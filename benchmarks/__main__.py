@@ -12,7 +12,10 @@
    to every round's p95), drops, CPU and peak RSS of the agent;
 5. ``benchmarks.qos1_burst``: a burst of 128 detections through the outbox and mosquitto, with the
    broker's defaults and with ``set_tcp_nodelay true``, next to a plain paho client;
-6. the plot ``benchmarks/results/scaling.png`` (RTF and p95 delay against the number of streams).
+6. ``benchmarks.stages``: one stream's engine time stage by stage (front-end with each FFT
+   library installed, network body, output-layer bounds, everything), and one batched network
+   step of 128 streams;
+7. the plot ``benchmarks/results/scaling.png`` (RTF and p95 delay against the number of streams).
 
 Every result file names the machine and its cores. ``--quick`` shortens the runs (for a smoke
 test, not for quoting). The soak test is separate: ``python -m benchmarks.soak``.
@@ -47,6 +50,7 @@ def main() -> None:
         *("--rounds", "1" if quick else "3"),
     )
     run("qos1_burst", "--repeat", "1" if quick else "7")
+    run("stages", "--repeat", "1" if quick else "7")
     run("plot")
 
 

@@ -56,3 +56,18 @@ def test_the_qos1_burst_benchmark_times_every_broker_and_client_pairing(tmp_path
     for row in report["results"]:
         assert row["messages"] == 40
         assert 0 < row["all_acknowledged_ms_median"] <= row["all_acknowledged_ms_max"]
+
+
+def test_the_stage_benchmark_times_every_stage_and_both_batch_layouts(
+    tmp_path: Path, model_dir: Path, dev_audio: Path
+) -> None:
+    bench("stages", "--repeat", "1", "--streams", "8", results=tmp_path)
+    report = json.loads((tmp_path / "stages.json").read_text(encoding="utf-8"))
+    stages = report["stages"]
+    # numpy's FFT always; scipy's too where the `fast` extra is installed (CI installs it).
+    assert "features (numpy FFT)" in stages and {"body", "bounds"} <= set(stages)
+    assert any(name.startswith("whole (") for name in stages)
+    assert all(0 < row["rtf_best"] <= row["rtf_median"] for row in stages.values())
+    assert report["hidden_many"]["streams"] == 8
+    for layout in ("fed in step", "phases spread"):
+        assert 0 < report["hidden_many"][layout]["ms_best"] <= report["hidden_many"][layout]["ms_median"]
