@@ -11,9 +11,9 @@ The filterbank is plain numpy, vectorised over frames. It matches kaldi-native-f
 port of Kaldi's code; the tests compare the two) and needs no compiled dependency, so the
 agent installs on boards for which no kaldi-native-fbank wheel exists (32-bit Raspberry Pi OS).
 The FFT is scipy's when scipy is installed (the ``fast`` extra) and numpy's otherwise: numpy
-transforms the frames one at a time, scipy's pocketfft several at once with SIMD, in float32
-(measured in ``benchmarks.engine``: the front-end's largest cost, about halved). The two agree
-to float32 rounding (the tests hold both to kaldi-native-fbank).
+transforms the frames one at a time, scipy's pocketfft several at once with SIMD, in float32:
+the FFT was the front-end's largest cost (``python -m benchmarks.stages`` times the front-end
+with each). The two agree to float32 rounding (the tests hold both to kaldi-native-fbank).
 
 Streaming: :class:`FeatureStream` accepts audio in chunks of any size and yields exactly the
 frames one call on the whole signal would, because every stage carries its remainder: samples
@@ -137,7 +137,7 @@ def _real_fft(library: str) -> RealFft | None:
         return functools.partial(np.fft.rfft, axis=1)
     if library == "scipy":
         try:
-            # Imported on first use only: it costs ~0.3 s and ~25 MB, for agents with the extra.
+            # Imported on first use only: it costs ~0.3 s and ~20 MB, for agents with the extra.
             from scipy import fft as scipy_fft
         except ImportError:
             return None
