@@ -129,7 +129,7 @@ def main() -> None:
     model = KwsModel.load(model_dir(), backend=args.backend, threads=1)
     audio = corpus()
     # The reference is timed again after every stream count, and each count is compared with
-    # the mean of the timings just before and just after it: this VM's speed drifts by a third
+    # the mean of the timings just before and just after it: this VM's speed drifts by up to half
     # within minutes, and a ratio to one timing at the start would measure the drift.
     baselines = [baseline_rtf(model, args.seconds)]
     results = []
