@@ -858,6 +858,15 @@ def _stack_spans(
     lengths = np.fromiter((values.shape[0] for values, _ in spans), np.int64, len(spans))
     longest = int(lengths.max())
     streams = len(spans)
+    frames = np.asarray(first_frames, dtype=np.int64)[:, None] + np.arange(longest)
+    if int(lengths.min()) == longest:
+        # Every span as long (one stream, or streams fed in step): no padding to lay out.
+        return (
+            np.stack([values for values, _ in spans]),
+            np.stack([flags for _, flags in spans]),
+            frames,
+            np.zeros((streams, longest), dtype=bool),
+        )
     stacked = np.zeros((streams, longest, decoders[0].columns.shape[0]))
     stacked[..., 0] = 1.0
     exact = np.ones((streams, longest), dtype=bool)
@@ -865,7 +874,6 @@ def _stack_spans(
     column = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     stacked[row, column] = np.concatenate([values for values, _ in spans])
     exact[row, column] = np.concatenate([flags for _, flags in spans])
-    frames = np.asarray(first_frames, dtype=np.int64)[:, None] + np.arange(longest)
     padding = np.arange(longest)[None, :] >= lengths[:, None]
     return stacked, exact, frames, padding
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edge_agent.engine.arrays import sliding_view
+
 SAMPLE_RATE_HZ = 16_000
 FRAME_LENGTH_SAMPLES = 400  # 25 ms
 FRAME_SHIFT_SAMPLES = 160  # 10 ms
@@ -181,11 +183,8 @@ class KaldiFbank:
         differences = _preemphasised_differences(signal)
         # Frames start every FRAME_SHIFT_SAMPLES: a strided view reads them without a copy.
         step = differences.strides[0]
-        runs = np.lib.stride_tricks.as_strided(
-            differences,
-            shape=(count, FRAME_LENGTH_SAMPLES - 1),
-            strides=(FRAME_SHIFT_SAMPLES * step, step),
-            writeable=False,
+        runs = sliding_view(
+            differences, (count, FRAME_LENGTH_SAMPLES - 1), (FRAME_SHIFT_SAMPLES * step, step)
         )
         starts = np.arange(count) * FRAME_SHIFT_SAMPLES
         return self._finish_windows(signal, starts, runs)
@@ -203,11 +202,10 @@ class KaldiFbank:
         # Every overlapping 399-sample run of ``differences`` as a strided view (read only), from
         # which the rows at ``starts`` are copied.
         step = differences.strides[0]
-        runs = np.lib.stride_tricks.as_strided(
+        runs = sliding_view(
             differences,
-            shape=(differences.shape[0] - (FRAME_LENGTH_SAMPLES - 1) + 1, FRAME_LENGTH_SAMPLES - 1),
-            strides=(step, step),
-            writeable=False,
+            (differences.shape[0] - (FRAME_LENGTH_SAMPLES - 1) + 1, FRAME_LENGTH_SAMPLES - 1),
+            (step, step),
         )
         return self._finish_windows(signal, starts, runs[starts])
 

@@ -29,6 +29,7 @@ from typing import Protocol
 
 import numpy as np
 
+from edge_agent.engine.arrays import sliding_view
 from edge_agent.engine.kaldi_nnet import (
     AddShift,
     AffineTransform,
@@ -224,21 +225,14 @@ def fsmn_taps(layer: Fsmn) -> np.ndarray:
 def _windows(inputs: np.ndarray, taps: int, count: int) -> np.ndarray:
     """Read-only (count, taps, dim) view: row t holds inputs[t : t + taps]."""
     row, column = inputs.strides
-    return np.lib.stride_tricks.as_strided(
-        inputs, shape=(count, taps, inputs.shape[1]), strides=(row, row, column), writeable=False
-    )
+    return sliding_view(inputs, (count, taps, inputs.shape[1]), (row, row, column))
 
 
 def _stream_windows(padded: np.ndarray, taps: int) -> np.ndarray:
     """Read-only (streams, positions, taps, dim) view of (streams, frames, dim) rows."""
     stream, row, column = padded.strides
     count = padded.shape[1] - taps + 1
-    return np.lib.stride_tricks.as_strided(
-        padded,
-        shape=(padded.shape[0], count, taps, padded.shape[2]),
-        strides=(stream, row, row, column),
-        writeable=False,
-    )
+    return sliding_view(padded, (padded.shape[0], count, taps, padded.shape[2]), (stream, row, row, column))
 
 
 def fsmn_outputs(taps: np.ndarray, inputs: np.ndarray, count: int) -> np.ndarray:

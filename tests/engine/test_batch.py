@@ -13,7 +13,10 @@ from edge_agent.engine.detector import feed_many
 from edge_agent.engine.model import KeywordSpec
 
 
-def test_process_many_equals_one_decoder_per_stream_on_synthetic_posteriors() -> None:
+@pytest.mark.parametrize("in_step", [False, True])
+def test_process_many_equals_one_decoder_per_stream_on_synthetic_posteriors(in_step: bool) -> None:
+    """Streams with ragged chunks (0 to 5 frames each, laid out with padding) and streams fed
+    in step (as many frames each, stacked as they are)."""
     rng = np.random.default_rng(11)
     keywords = [
         CompiledKeyword("abcd", ((1,), (2,), (3,), (4,)), 0.2, 0.05, 2.5),
@@ -39,10 +42,11 @@ def test_process_many_equals_one_decoder_per_stream_on_synthetic_posteriors() ->
     expected: list[list] = [[] for _ in range(streams)]
     got: list[list] = [[] for _ in range(streams)]
     position = [0] * streams
-    for _ in range(200):
+    for step in range(200):
         chunks = []
         for i in range(streams):
-            size = int(rng.integers(0, 6))  # ragged: 0 to 5 frames per stream per step
+            # ragged: 0 to 5 frames per stream per step; in step: 3 or 4 frames for all
+            size = 3 + step % 2 if in_step else int(rng.integers(0, 6))
             chunks.append(signals[i][position[i] : position[i] + size])
             position[i] += size
         for i in range(streams):
