@@ -14,6 +14,8 @@ from edge_agent.engine.features import default_fft
 from tests.support import start_agent_process
 
 REPO = Path(__file__).resolve().parent.parent
+# mosquitto.conf line that turns Nagle's algorithm off on the broker's sockets (docs/mqtt.md).
+BROKER_NODELAY = "set_tcp_nodelay true"
 # Where results go: the committed benchmarks/results, or elsewhere (the suite's smoke test).
 RESULTS = Path(os.environ.get("EDGE_AGENT_BENCH_RESULTS", REPO / "benchmarks" / "results"))
 SHARED = REPO.parent / "shared"

@@ -41,7 +41,7 @@ import paho.mqtt.client as paho
 import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 
-from benchmarks.common import dev_audio, machine, percentile, start_agent, write_result
+from benchmarks.common import BROKER_NODELAY, dev_audio, machine, percentile, start_agent, write_result
 from edge_agent.audio.wav import read_wav, to_mono_16k
 from tests.broker import Broker
 
@@ -214,7 +214,7 @@ def main() -> None:
         help="mosquitto with set_tcp_nodelay true (default: mosquitto's own defaults)",
     )
     args = parser.parse_args()
-    broker_config = "set_tcp_nodelay true\n" if args.broker_nodelay else ""
+    broker_config = f"{BROKER_NODELAY}\n" if args.broker_nodelay else ""
     results = []
     with tempfile.TemporaryDirectory() as folder:
         for count in (int(n) for n in args.streams.split(",")):
@@ -227,7 +227,7 @@ def main() -> None:
         "benchmark": "mqtt_latency",
         "machine": machine(),
         "chunk_ms": CHUNK_MS,
-        "broker": f"mosquitto, {'set_tcp_nodelay true' if args.broker_nodelay else 'default settings'}",
+        "broker": f"mosquitto, {BROKER_NODELAY if args.broker_nodelay else 'default settings'}",
         "results": results,
     }
     path = write_result("mqtt_latency-nodelay" if args.broker_nodelay else "mqtt_latency", report)

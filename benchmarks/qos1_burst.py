@@ -23,13 +23,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
-
-from benchmarks.common import machine, write_result
+from benchmarks.common import BROKER_NODELAY, machine, write_result
+from edge_agent.agent.app import detection_window
 from edge_agent.agent.outbox import Outbox, OutboxPublisher
-from edge_agent.mqtt.transport import MqttTransport, close_sockets
-from tests.broker import Broker
+from edge_agent.mqtt.transport import MqttTransport
+from tests.broker import Broker, Client
 from tests.support import agent_config
 
 PAYLOAD = b"x" * 500  # about the size of a detection event
@@ -82,7 +80,7 @@ def agent_outbox(port: int, workdir: Path, messages: int, repeat: int) -> list[f
         lambda event, replayed: transport.publish(event.topic, PAYLOAD, qos=1),
         lambda: transport.connected,
         "bench",
-        window=lambda: max(1, transport.send_window - 2),  # the agent's reserve for other QoS 1
+        window=lambda: detection_window(transport),
     )
     transport.on_acknowledged(publisher.acknowledged)
     transport.on_acknowledged(burst.acknowledged)
@@ -108,25 +106,17 @@ def plain_paho(port: int, messages: int, repeat: int) -> list[float]:
     """paho with its defaults: everything published at once, paho holding back what exceeds its
     window of 20."""
     burst = Burst()
-    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
-    client.on_publish = burst.acknowledged
-    connected = threading.Event()
-    client.on_connect = lambda *_: connected.set()
-    client.connect("127.0.0.1", port, 30)
-    client.loop_start()
+    plain = Client(port).connect()  # the tests' paho client: paho's window and Nagle as they are
+    plain.client.on_publish = burst.acknowledged
 
     def send_burst() -> None:
         for _ in range(messages):
-            client.publish("bench/burst", PAYLOAD, qos=1)
+            plain.client.publish("bench/burst", PAYLOAD, qos=1)
 
     try:
-        if not connected.wait(10):
-            raise SystemExit("the paho client did not connect")
         return timed_bursts(send_burst, burst, messages, repeat)
     finally:
-        client.disconnect()
-        client.loop_stop()
-        close_sockets(client)
+        plain.close()
 
 
 def main() -> None:
@@ -138,8 +128,8 @@ def main() -> None:
     args = parser.parse_args()
     results = []
     with tempfile.TemporaryDirectory() as folder:
-        for setting in ("", "set_tcp_nodelay true\n"):
-            broker = Broker(Path(folder), extra_config=setting).start()
+        for setting in ("", BROKER_NODELAY):
+            broker = Broker(Path(folder), extra_config=f"{setting}\n" if setting else "").start()
             try:
                 for client, times in (
                     ("agent outbox", agent_outbox(broker.port, Path(folder), args.messages, args.repeat)),
@@ -147,7 +137,7 @@ def main() -> None:
                 ):
                     results.append(
                         {
-                            "broker": setting.strip() or "mosquitto defaults",
+                            "broker": setting or "mosquitto defaults",
                             "client": client,
                             "messages": args.messages,
                             "all_acknowledged_ms_median": round(statistics.median(times), 1),

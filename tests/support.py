@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,3 +48,11 @@ def start_agent_process(
     popen.setdefault("stderr", subprocess.DEVNULL)
     environment = {**os.environ, "EDGE_AGENT_OUTBOX__PATH": str(outbox), **(env or {})}
     return subprocess.Popen(command, env=environment, **popen)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll ``condition`` until it holds; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -66,6 +67,7 @@ def test_the_stage_benchmark_times_every_stage_and_both_batch_layouts(
     stages = report["stages"]
     # numpy's FFT always; scipy's too where the `fast` extra is installed (CI installs it).
     assert "features (numpy FFT)" in stages and {"body", "bounds"} <= set(stages)
+    assert ("features (scipy FFT)" in stages) == (importlib.util.find_spec("scipy") is not None)
     assert any(name.startswith("whole (") for name in stages)
     assert all(0 < row["rtf_best"] <= row["rtf_median"] for row in stages.values())
     assert report["hidden_many"]["streams"] == 8

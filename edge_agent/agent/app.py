@@ -82,6 +82,19 @@ _NO_WAIT_AFTER_TIMEOUT_SECONDS = 5.0
 _OTHER_QOS1_RESERVE = 2
 
 
+def detection_window(transport: MqttTransport | None) -> int:
+    """Detections awaiting their PUBACK at a time: the broker's window, less room for the
+    agent's other QoS 1 messages. At a reconnect, paho resends the unacknowledged detections
+    right after what the on-connect hooks publish (info, online, discovery) without counting
+    them, and together they must stay within the broker's Receive Maximum. In the middle of
+    a session, the reserve keeps paho from holding a detection back: its network thread
+    sends what it held back later, and a detection sent meanwhile could overtake it."""
+    if transport is None:
+        return 1
+    reserve = max(_OTHER_QOS1_RESERVE, transport.connect_burst)
+    return max(1, transport.send_window - reserve)
+
+
 # Keys whose change takes effect at once; any other change waits for a restart.
 _LIVE_PREFIXES = (
     "keywords",
@@ -621,16 +634,7 @@ class Agent:
                 log.exception("detection listener failed")
 
     def _detection_window(self) -> int:
-        """Detections awaiting their PUBACK at a time: the broker's window, less room for the
-        agent's other QoS 1 messages. At a reconnect, paho resends the unacknowledged detections
-        right after what the on-connect hooks publish (info, online, discovery) without counting
-        them, and together they must stay within the broker's Receive Maximum. In the middle of
-        a session, the reserve keeps paho from holding a detection back: its network thread
-        sends what it held back later, and a detection sent meanwhile could overtake it."""
-        if self.transport is None:
-            return 1
-        reserve = max(_OTHER_QOS1_RESERVE, self.transport.connect_burst)
-        return max(1, self.transport.send_window - reserve)
+        return detection_window(self.transport)
 
     def _publish_event(self, event: StoredEvent, replayed: bool) -> int | None:
         """Outbox publisher thread: one stored detection to MQTT, with its delay and flags."""

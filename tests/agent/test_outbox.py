@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.agent.outbox import Outbox, OutboxError, OutboxPublisher, StoredEvent
+from tests.support import wait_until
 
 
 class Clock:
@@ -229,13 +230,6 @@ def returns_without_waiting(call: Callable[[], None]) -> bool:
     thread.start()
     thread.join(5.0)
     return not thread.is_alive()
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
 
 
 @pytest.mark.parametrize("window", [20, 3])
