@@ -320,7 +320,11 @@ class HomeAssistantDiscovery(Integration):
             if self._published_prefix is not None and self._published_prefix != prefix:
                 self._publish_removal(self._published_prefix)
             if not settings.enabled:
-                self._publish_removal(prefix)
+                # Repeated at every connection (and at every switch-off), so a clear lost with a
+                # dropped connection is sent again: QoS 0. At QoS 1 these seven would count as
+                # publishes a reconnect sends before the unacknowledged detections, and take
+                # their room in the broker's window (see agent.app.detection_window).
+                self._publish_removal(prefix, qos=0)
                 if self._published_prefix is not None:
                     log.info("Home Assistant discovery removed (homeassistant.enabled is false)")
                 self._published_prefix = None
@@ -350,11 +354,11 @@ class HomeAssistantDiscovery(Integration):
         prefix = prefix or self.agent.config.homeassistant.discovery_prefix
         return [self.config_topic(prefix, component, object_id) for component, object_id in OBJECT_IDS]
 
-    def _publish_removal(self, prefix: str) -> None:
+    def _publish_removal(self, prefix: str, qos: int = 1) -> None:
         transport = self.agent.transport
         assert transport is not None
         for topic in self.topics(prefix):
-            transport.publish(topic, b"", qos=1, retain=True)
+            transport.publish(topic, b"", qos=qos, retain=True)
         # Every connection of an agent without Home Assistant does this: not worth an info line.
         log.debug("Home Assistant discovery cleared under %s", prefix)
 

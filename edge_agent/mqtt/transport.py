@@ -492,22 +492,40 @@ def _send_without_delay(sock: Any) -> None:
         log.debug("could not set TCP_NODELAY: %s", error)
 
 
+def _has_quick_ack(sock: Any) -> bool:
+    """TCP_QUICKACK exists on Linux TCP sockets only (not Unix sockets, not macOS)."""
+    return hasattr(socket, "TCP_QUICKACK") and getattr(sock, "family", None) in (
+        socket.AF_INET,
+        socket.AF_INET6,
+    )
+
+
 class _ReadBuffer:
-    """The client's socket, read 64 KiB at a time.
+    """The client's socket, read 64 KiB at a time, acknowledged at once.
 
     paho reads a packet with about five ``recv()`` calls (type, length bytes, body); each one
     releases the GIL, and while the engine thread computes, taking it back costs up to a switch
     interval (5 ms). With hundreds of audio chunks a second the network thread then falls behind
     the broker. One large read per burst of packets avoids that; everything else (select, send,
     TLS state) goes to the real socket.
+
+    After every read, TCP_QUICKACK (Linux) asks the kernel to acknowledge what arrived without
+    its usual delay. A broker with Nagle's algorithm on (mosquitto's default) holds each PUBACK
+    until the previous one is acknowledged at the TCP level, and while a window of detections
+    awaits its PUBACKs the agent has nothing to send that could carry that acknowledgement: a
+    burst of detections would advance by one delayed ACK per round. The option does not stick
+    (the kernel leaves quick-ack mode by itself), hence once per read: one system call per 64 KiB.
     """
 
     READ_SIZE = 65536
+    # Whether reads re-arm TCP_QUICKACK; benchmarks.qos1_burst turns it off to show its effect.
+    QUICK_ACK = True
 
     def __init__(self, sock: Any) -> None:
         self._sock = sock
         self._data = b""
         self._offset = 0
+        self._quick_ack = self.QUICK_ACK and _has_quick_ack(sock)
 
     def recv(self, size: int) -> bytes:
         if self._offset >= len(self._data):
@@ -516,9 +534,18 @@ class _ReadBuffer:
             self._offset = 0
             if not self._data:
                 return b""  # the broker closed the connection
+            if self._quick_ack:
+                self._acknowledge_now()
         chunk = self._data[self._offset : self._offset + size]
         self._offset += len(chunk)
         return chunk
+
+    def _acknowledge_now(self) -> None:
+        try:
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        except OSError as error:
+            self._quick_ack = False  # not on this socket, then: no system call per read for nothing
+            log.debug("could not set TCP_QUICKACK: %s", error)
 
     def buffered(self) -> int:
         return len(self._data) - self._offset

@@ -745,3 +745,25 @@ def test_detections_leave_room_in_the_broker_window_for_what_a_reconnect_sends_f
     on_connect = agent.transport.connect_burst
     assert on_connect == 2 + len(OBJECT_IDS)  # info, online, one config per entity
     assert agent._detection_window() + on_connect == agent.transport.send_window == 20
+
+
+def test_without_home_assistant_the_clears_at_each_connect_leave_detections_the_window(  # type: ignore[no-untyped-def]
+    broker, make_agent, client, tmp_path: Path
+) -> None:
+    """Disabled, every connection clears the discovery topics again (QoS 0: a clear lost with
+    the connection is sent at the next one): only info and online are sent before the resent
+    detections, and detections keep 18 of mosquitto's 20 places."""
+    client.subscribe(f"{DISCOVERY}/#")
+    agent = ha_agent(make_agent, broker.port, tmp_path, enabled=False)
+    removed = wait_configs(client, predicate=lambda latest: all(not m.payload for m in latest.values()))
+    assert set(removed) == TOPICS
+    assert agent.transport is not None
+    assert agent.transport.connect_burst == 2  # info, online
+    assert agent._detection_window() == 18
+    broker.restart(downtime=0.5)
+    deadline = time.monotonic() + 20
+    while agent.transport.stats.reconnects == 0 or not agent.transport.connected:
+        assert time.monotonic() < deadline, "no reconnect"
+        time.sleep(0.05)
+    time.sleep(0.5)  # the on-connect hooks
+    assert agent.transport.connect_burst == 2  # the largest on-connect burst seen, reconnect included

@@ -55,6 +55,89 @@ def test_read_buffer_serves_small_reads_from_one_large_read() -> None:
         left.close()
 
 
+class _RecordingSocket:
+    """A real socket whose setsockopt calls are recorded (and may be refused), reported as
+    ``family`` (the seam: which options a read sets, and when)."""
+
+    def __init__(self, sock: socket.socket, family: int = socket.AF_INET, refuse: bool = False) -> None:
+        self._sock = sock
+        self.family = family
+        self.refuse = refuse
+        self.options: list[tuple[int, int, int]] = []
+
+    def recv(self, size: int) -> bytes:
+        return self._sock.recv(size)
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        self.options.append((level, option, value))
+        if self.refuse:
+            raise OSError("not supported here")
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_QUICKACK"), reason="TCP_QUICKACK is Linux-only")
+def test_every_read_from_the_socket_asks_for_an_immediate_tcp_ack() -> None:
+    """Once per real read, not per packet paho takes from the buffer: a broker with Nagle's
+    algorithm on holds its next PUBACK until this side acknowledges the last one."""
+    from edge_agent.mqtt.transport import _ReadBuffer
+
+    quick_ack = (socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+    left, right = socket.socketpair()
+    try:
+        recording = _RecordingSocket(left)
+        reader = _ReadBuffer(recording)
+        right.sendall(b"\x40\x02\x00\x01" * 3)  # three PUBACKs in one read
+        assert [reader.recv(4) for _ in range(3)] == [b"\x40\x02\x00\x01"] * 3
+        assert recording.options == [quick_ack]
+        right.sendall(b"\x40\x02\x00\x02")
+        assert reader.recv(4) == b"\x40\x02\x00\x02"
+        assert recording.options == [quick_ack] * 2
+        right.close()
+        assert reader.recv(1) == b""  # the peer closed: nothing to acknowledge
+        assert recording.options == [quick_ack] * 2
+    finally:
+        left.close()
+        right.close()
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_QUICKACK"), reason="TCP_QUICKACK is Linux-only")
+def test_quick_ack_is_set_on_a_real_tcp_connection_and_skipped_where_it_does_not_apply() -> None:
+    from edge_agent.mqtt.transport import _ReadBuffer
+
+    server = socket.create_server(("127.0.0.1", 0))
+    sending = socket.create_connection(server.getsockname())
+    receiving, _ = server.accept()
+    try:
+        reader = _ReadBuffer(receiving)
+        sending.sendall(b"\x40\x02\x00\x01")
+        assert reader.recv(4) == b"\x40\x02\x00\x01"
+        assert reader._quick_ack  # the kernel took the option: it stays on for the next reads
+    finally:
+        for sock in (sending, receiving, server):
+            sock.close()
+
+    left, right = socket.socketpair()
+    try:
+        unix = _RecordingSocket(left, family=socket.AF_UNIX)  # paho's transport="unix"
+        refusing = _RecordingSocket(right, refuse=True)
+        readers = _ReadBuffer(unix), _ReadBuffer(refusing)
+        right.sendall(b"ab")
+        left.sendall(b"cd")
+        assert readers[0].recv(2) == b"ab" and unix.options == []
+        assert readers[1].recv(2) == b"cd" and len(refusing.options) == 1  # tried once
+        left.sendall(b"ef")
+        assert readers[1].recv(2) == b"ef" and len(refusing.options) == 1  # then no more
+        _ReadBuffer.QUICK_ACK = False
+        try:
+            switched_off = _RecordingSocket(left)
+            right.sendall(b"gh")
+            assert _ReadBuffer(switched_off).recv(2) == b"gh" and switched_off.options == []
+        finally:
+            _ReadBuffer.QUICK_ACK = True
+    finally:
+        left.close()
+        right.close()
+
+
 def test_the_broker_connection_sends_without_nagle_delay_after_every_connect(tmp_path: Path) -> None:
     """TCP_NODELAY on the agent's socket, set again on the new socket after a reconnect: with
     Nagle's algorithm a burst of detections (and the PUBACKs for inbound QoS 1) would go out in
