@@ -11,7 +11,8 @@
    concurrent real-time streams (p50/p95/p99; three rounds each, the median one reported next
    to every round's p95), drops, CPU and peak RSS of the agent;
 5. ``benchmarks.qos1_burst``: a burst of 128 detections through the outbox and mosquitto, with the
-   broker's defaults and with ``set_tcp_nodelay true``, next to a plain paho client;
+   broker's defaults and with ``set_tcp_nodelay true``, with and without TCP_QUICKACK, next to a
+   plain paho client;
 6. ``benchmarks.stages``: one stream's engine time stage by stage (front-end with each FFT
    library installed, network body, output-layer bounds, everything), and one batched network
    step of 128 streams;
