@@ -8,6 +8,11 @@ For each backend (numpy, torch):
   divided by its duration, on one thread (OPENBLAS/OMP/MKL threads and torch threads = 1);
   best of ``--repeat`` passes, so a busy neighbour does not inflate the figure.
 * **RTF, streaming**: the same audio fed in 100 ms chunks, as the agent feeds a microphone.
+* **Decision delay**: each recording of the wake word fed in 100 ms chunks (then 1 s of
+  silence); for every detection, the end of the chunk that produced it minus the keyword's
+  ``end``: the model's look-ahead, the chunking and the decoder's wait for a better match (up
+  to ``decoder.hold``, 0.5 s, for matches below 0.9 confidence). The part of the MQTT delay that
+  no speed-up removes.
 * **`edge-agent detect` over audio/dev** as a subprocess: wall time, start-up time (the same
   command on one 1-second file), and peak RSS (the child's ru_maxrss), plus whether torch
   was imported (it must not be, with numpy).
@@ -62,6 +67,26 @@ def engine_pass(model: KwsModel, recordings: list[np.ndarray], chunk: int) -> fl
         else:
             detector.finish(samples)
     return time.perf_counter() - started
+
+
+def decision_delays(model: KwsModel, positives: list[np.ndarray]) -> list[dict[str, float]]:
+    """Per detection in the recordings of the wake word, fed as a live stream: how long after
+    the keyword's end the detection came out, in ms, with its confidence."""
+    found = []
+    silence = np.zeros(16000, dtype=np.float32)
+    for samples in positives:
+        detector = model.detector([KeywordSpec("小云小云")])
+        audio = np.concatenate([samples, silence])
+        for offset in range(0, audio.shape[0], CHUNK_SAMPLES):
+            chunk_end = min(offset + CHUNK_SAMPLES, audio.shape[0]) / 16000
+            for detection in detector.feed(audio[offset : offset + CHUNK_SAMPLES]):
+                found.append(
+                    {
+                        "delay_ms": round((chunk_end - detection.end) * 1000, 1),
+                        "confidence": round(detection.confidence, 3),
+                    }
+                )
+    return found
 
 
 def engine_rtf(model: KwsModel, recordings: list[np.ndarray], chunk: int, repeat: int) -> float:
@@ -133,6 +158,18 @@ def cli_run(backend: str, files: list[str]) -> dict[str, float | bool]:
     }
 
 
+def summarise_delays(found: list[dict[str, float]]) -> dict[str, object]:
+    delays = sorted(f["delay_ms"] for f in found)
+    return {
+        "detections": len(found),
+        "ms_p50": round(float(np.percentile(delays, 50)), 1) if delays else None,
+        "ms_p95": round(float(np.percentile(delays, 95)), 1) if delays else None,
+        "ms_max": max(delays) if delays else None,
+        "held_for_a_better_match": sum(1 for f in found if f["confidence"] < 0.9),
+        "each": found,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -170,6 +207,9 @@ def main() -> None:
                     cli_run(backend, [str(one_second)])["seconds"] for _ in range(args.repeat)
                 ),
                 "detect_all": cli_run(backend, files),
+                "decision_delay": summarise_delays(
+                    decision_delays(model, [r for r, k in zip(recordings, kinds, strict=True) if k == "pos"])
+                ),
                 "output_layer_share": {
                     "all": round(output_layer_share(model, recordings), 4),
                     **{
@@ -217,6 +257,13 @@ def main() -> None:
             f"{backend}: output layer on {share['all']:.1%} of the frames"
             f" ({share['pos']:.1%} in the {kinds.count('pos')} recordings of the wake word,"
             f" {share['neg']:.1%} in the {kinds.count('neg')} without it)"
+        )
+    for backend, r in results.items():
+        delay = r["decision_delay"]
+        print(
+            f"{backend}: decision delay in 100 ms chunks, {delay['detections']} detections of the wake"
+            f" word: p50 {delay['ms_p50']} ms, p95 {delay['ms_p95']} ms, max {delay['ms_max']} ms"
+            f" ({delay['held_for_a_better_match']} below 0.9 confidence, held up to decoder.hold)"
         )
     print(f"written: {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
     print(json.dumps({b: round(r["rtf_whole_file"], 6) for b, r in results.items()}))

@@ -1,11 +1,14 @@
 """End-to-end delay through mosquitto: keyword spoken -> detection received by a subscriber.
 
-    python -m benchmarks.mqtt_latency [--streams 1,16,64,128] [--seconds 60]
+    python -m benchmarks.mqtt_latency [--streams 1,16,64,128] [--seconds 60] [--stagger]
 
 Starts mosquitto on a free loopback port and the agent as its own process
 (`edge-agent run`), then plays the 25 positive recordings of audio/dev, one after another with
 0.5 s of silence between them, on N concurrent streams in real time, in 100 ms chunks, the way
-N thin devices with microphones would. A subscriber receives the detections.
+N thin devices with microphones would. A subscriber receives the detections. Every stream
+starts at the same place, so all N say the keyword at the same instant: the worst case. With
+``--stagger`` stream k starts at the beginning of recording k mod 25 instead (wrapping round at
+the end), so that at most ceil(N / 25) streams say it at once, as independent devices would.
 
 delay = arrival time at the subscriber - (wall time the stream started + the detection's
 ``end`` in stream seconds), i.e. from the moment the end of the keyword was spoken. It includes
@@ -22,7 +25,8 @@ With ``--rounds R`` each N is run R times with a fresh broker and agent: the row
 with the median p95, next to every round's p95, the most chunks any round dropped and the fewest
 detections any round received (a shared machine's speed drifts; one lucky round proves little).
 Results go to benchmarks/results/mqtt_latency.json; with ``--broker-nodelay`` (mosquitto told
-``set_tcp_nodelay true``, see docs/mqtt.md) to mqtt_latency-nodelay.json.
+``set_tcp_nodelay true``, see docs/mqtt.md) to mqtt_latency-nodelay.json, with ``--stagger`` to
+mqtt_latency-stagger.json (both: mqtt_latency-nodelay-stagger.json).
 """
 
 from __future__ import annotations
@@ -64,6 +68,23 @@ def positive_audio() -> tuple[bytes, list[float]]:
     return np.clip(np.round(audio), -32768, 32767).astype("<i2").tobytes(), starts
 
 
+def stream_offsets(streams: int, starts: list[float], stagger: bool) -> list[int]:
+    """Where each stream starts in the audio (samples): all at 0, or stream k at recording k."""
+    if not stagger:
+        return [0] * streams
+    return [int(round(starts[k % len(starts)] * 16000)) for k in range(streams)]
+
+
+def expected_detections(starts: list[float], offsets: list[int], audio_seconds: float, seconds: float) -> int:
+    """Whole recordings every stream plays within ``seconds``, given where it starts."""
+    count = 0
+    for offset in offsets:
+        for start in starts:
+            at = (start - offset / 16000) % audio_seconds  # in the stream's own time
+            count += at + 9.0 < seconds  # the recordings are shorter than 9 s
+    return count
+
+
 class Collector:
     def __init__(self, port: int) -> None:
         self.detections: list[tuple[float, dict[str, Any]]] = []
@@ -93,7 +114,9 @@ class Collector:
         self.client.loop_stop()
 
 
-def send_audio(port: int, streams: int, audio: bytes, seconds: float, started: float, lags: Any) -> None:
+def send_audio(
+    port: int, offsets: list[int], audio: bytes, seconds: float, started: float, lags: Any
+) -> None:
     """The N thin devices, in a process of their own.
 
     In the collector's process, 1000+ publishes a second would hold the GIL while detections
@@ -109,13 +132,19 @@ def send_audio(port: int, streams: int, audio: bytes, seconds: float, started: f
         due = started + (index + 1) * CHUNK_MS / 1000  # chunk k holds audio up to (k+1) * 100 ms
         if due > time.time():
             time.sleep(due - time.time())
-        payload = audio[index * chunk : (index + 1) * chunk]
-        for stream in range(streams):
+        payloads: dict[int, bytes] = {}  # per distinct starting point
+        for stream, offset in enumerate(offsets):
+            payload = payloads.get(offset)
+            if payload is None:
+                begin = (offset * 2 + index * chunk) % len(audio)
+                payload = audio[begin : begin + chunk]
+                payload += audio[: chunk - len(payload)]  # wrapping round
+                payloads[offset] = payload
             publisher.publish(f"{PREFIX}/audio/s{stream}", payload)
         late.append((time.time() - due) * 1000)
     infos = [
         publisher.publish(f"{PREFIX}/audio/s{stream}/control", b'{"action": "end"}', qos=1)
-        for stream in range(streams)
+        for stream in range(len(offsets))
     ]
     for info in infos:
         info.wait_for_publish(10)
@@ -124,9 +153,12 @@ def send_audio(port: int, streams: int, audio: bytes, seconds: float, started: f
     lags.put(late)
 
 
-def run_once(streams: int, seconds: float, workdir: Path, broker_config: str = "") -> dict[str, Any]:
+def run_once(
+    streams: int, seconds: float, workdir: Path, broker_config: str = "", stagger: bool = False
+) -> dict[str, Any]:
     audio, starts = positive_audio()
     total_seconds = min(seconds, len(audio) / 32000)
+    offsets = stream_offsets(streams, starts, stagger)
     broker = Broker(workdir, extra_config=broker_config).start()
     agent = start_agent(
         broker.port,
@@ -144,7 +176,7 @@ def run_once(streams: int, seconds: float, workdir: Path, broker_config: str = "
         started = time.time() + 0.5
         lags: multiprocessing.Queue[list[float]] = multiprocessing.Queue()
         sender = multiprocessing.Process(
-            target=send_audio, args=(broker.port, streams, audio, total_seconds, started, lags)
+            target=send_audio, args=(broker.port, offsets, audio, total_seconds, started, lags)
         )
         sender.start()
         peak_rss = 0.0
@@ -154,9 +186,9 @@ def run_once(streams: int, seconds: float, workdir: Path, broker_config: str = "
         cpu = process.cpu_percent(None)
         sender_lags = lags.get(timeout=60)
         sender.join(30)
-        expected_per_stream = sum(1 for s in starts if s + 9.0 < total_seconds)  # whole files only
+        expected = expected_detections(starts, offsets, len(audio) / 32000, total_seconds)
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and len(collector.detections) < expected_per_stream * streams:
+        while time.monotonic() < deadline and len(collector.detections) < expected:
             time.sleep(0.1)
         time.sleep(2.5)  # a final health report
         health = collector.health
@@ -180,7 +212,7 @@ def run_once(streams: int, seconds: float, workdir: Path, broker_config: str = "
     return {
         "streams": streams,
         "audio_seconds_per_stream": round(total_seconds, 1),
-        "detections_expected_at_least": expected_per_stream * streams,
+        "detections_expected_at_least": expected,
         "detections_received": len(collector.detections),
         "duplicates": duplicates,
         "delay_ms_p50": _round(percentile(delays, 50)),
@@ -213,6 +245,11 @@ def main() -> None:
         action="store_true",
         help="mosquitto with set_tcp_nodelay true (default: mosquitto's own defaults)",
     )
+    parser.add_argument(
+        "--stagger",
+        action="store_true",
+        help="streams start at different recordings (default: all say the keyword at once)",
+    )
     args = parser.parse_args()
     broker_config = f"{BROKER_NODELAY}\n" if args.broker_nodelay else ""
     results = []
@@ -220,7 +257,7 @@ def main() -> None:
         for count in (int(n) for n in args.streams.split(",")):
             rounds = []
             for _ in range(args.rounds):
-                rounds.append(run_once(count, args.seconds, Path(folder), broker_config))
+                rounds.append(run_once(count, args.seconds, Path(folder), broker_config, args.stagger))
                 print(json.dumps(rounds[-1], ensure_ascii=False), flush=True)
             results.append(summarise(rounds))
     report = {
@@ -228,9 +265,11 @@ def main() -> None:
         "machine": machine(),
         "chunk_ms": CHUNK_MS,
         "broker": f"mosquitto, {BROKER_NODELAY if args.broker_nodelay else 'default settings'}",
+        "streams_start": "at different recordings" if args.stagger else "together",
         "results": results,
     }
-    path = write_result("mqtt_latency-nodelay" if args.broker_nodelay else "mqtt_latency", report)
+    name = "mqtt_latency" + ("-nodelay" if args.broker_nodelay else "") + ("-stagger" if args.stagger else "")
+    path = write_result(name, report)
     print(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores")
     header = (
         "streams",

@@ -73,3 +73,53 @@ def test_the_stage_benchmark_times_every_stage_and_both_batch_layouts(
     assert report["hidden_many"]["streams"] == 8
     for layout in ("fed in step", "phases spread"):
         assert 0 < report["hidden_many"][layout]["ms_best"] <= report["hidden_many"][layout]["ms_median"]
+
+
+def test_staggered_streams_start_at_different_recordings_and_count_whole_ones() -> None:
+    from benchmarks.mqtt_latency import expected_detections, stream_offsets
+
+    starts = [0.0, 5.0, 10.0]  # three recordings of up to 4.5 s, 0.5 s gaps: 15 s of audio
+    assert stream_offsets(4, starts, stagger=False) == [0, 0, 0, 0]
+    assert stream_offsets(4, starts, stagger=True) == [0, 80_000, 160_000, 0]
+    # Together, 12 s: each stream plays the first recording whole (0 + 9 < 12), not the second.
+    assert expected_detections(starts, [0, 0], 15.0, 12.0) == 2
+    # From the second recording: it is at 0 s, the third at 5 s (too late), the first at 10 s.
+    assert expected_detections(starts, [80_000], 15.0, 12.0) == 1
+    assert expected_detections(starts, [80_000], 15.0, 15.0) == 2
+    # From the third (at 0 s): the first comes round at 5 s, the second at 10 s (too late).
+    assert expected_detections(starts, [160_000], 15.0, 15.0) == 2
+
+
+def test_the_staggered_latency_run_writes_its_own_file(
+    tmp_path: Path, model_dir: Path, dev_audio: Path
+) -> None:
+    bench("mqtt_latency", "--streams", "3", "--seconds", "20", "--stagger", results=tmp_path)
+    report = json.loads((tmp_path / "mqtt_latency-stagger.json").read_text(encoding="utf-8"))
+    assert report["streams_start"] == "at different recordings"
+    assert not (tmp_path / "mqtt_latency.json").exists()
+    (row,) = report["results"]
+    assert row["detections_received"] >= row["detections_expected_at_least"] > 0
+    assert row["duplicates"] == 0 and row["dropped_chunks"] == 0
+
+
+def test_decision_delay_is_the_look_ahead_for_confident_matches_and_up_to_the_hold_for_weak_ones(  # type: ignore[no-untyped-def]
+    numpy_model, dev_audio: Path
+) -> None:
+    """What the engine benchmark reports (and README quotes) about the decoder's wait, on every
+    recording of the wake word: a confident match comes out within the look-ahead and one chunk,
+    a weak one is held for a better match, up to decoder.hold (0.5 s) longer."""
+    from benchmarks.engine import decision_delays, summarise_delays
+    from edge_agent.audio.wav import read_wav, to_mono_16k
+    from edge_agent.engine.model import DEFAULT_HOLD_SECONDS
+
+    positives = [to_mono_16k(read_wav(path)) for path in sorted(dev_audio.glob("pos/*.wav"))]
+    found = decision_delays(numpy_model, positives)
+    assert len(found) == len(positives) == 25
+    look_ahead_ms = 285 + 100  # the network's and the features' look-ahead, one chunk
+    for detection in found:
+        if detection["confidence"] >= 0.9:
+            assert 0 < detection["delay_ms"] <= look_ahead_ms
+        else:
+            assert look_ahead_ms < detection["delay_ms"] <= look_ahead_ms + DEFAULT_HOLD_SECONDS * 1000 + 30
+    summary = summarise_delays(found)
+    assert summary["detections"] == 25 and summary["held_for_a_better_match"] == 10
