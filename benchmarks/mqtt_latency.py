@@ -76,12 +76,14 @@ def stream_offsets(streams: int, starts: list[float], stagger: bool) -> list[int
 
 
 def expected_detections(starts: list[float], offsets: list[int], audio_seconds: float, seconds: float) -> int:
-    """Whole recordings every stream plays within ``seconds``, given where it starts."""
+    """Recordings whose keyword every stream says, and gets detected, within ``seconds``."""
     count = 0
     for offset in offsets:
         for start in starts:
             at = (start - offset / 16000) % audio_seconds  # in the stream's own time
-            count += at + 9.0 < seconds  # the recordings are shorter than 9 s
+            # In audio/dev the keyword ends by 7.7 s into its recording, and is detected within
+            # 0.8 s (benchmarks.engine's decision delay).
+            count += at + 9.0 < seconds
     return count
 
 
