@@ -10,9 +10,10 @@ For each backend (numpy, torch):
 * **RTF, streaming**: the same audio fed in 100 ms chunks, as the agent feeds a microphone.
 * **Decision delay**: each recording of the wake word fed in 100 ms chunks (then 1 s of
   silence); for every detection, the end of the chunk that produced it minus the keyword's
-  ``end``: the model's look-ahead, the chunking and the decoder's wait for a better match (up
-  to ``decoder.hold``, 0.5 s, for matches below 0.9 confidence). The part of the MQTT delay that
-  no speed-up removes.
+  ``end``: the model's look-ahead, the chunking and, for a weak match that a later one could
+  still beat twice over, the decoder's wait (up to ``engine.hold``, 0.5 s). The part of the
+  MQTT delay that no speed-up removes. Then the same with shorter holds (``hold_trade_off``):
+  the delay they save and the recordings whose detections they change.
 * **`edge-agent detect` over audio/dev** as a subprocess: wall time, start-up time (the same
   command on one 1-second file), and peak RSS (the child's ru_maxrss), plus whether torch
   was imported (it must not be, with numpy).
@@ -44,10 +45,13 @@ import numpy as np  # noqa: E402
 from benchmarks.common import dev_audio, machine, model_dir, write_result  # noqa: E402
 from benchmarks.reference import PlainReference  # noqa: E402
 from edge_agent.audio.wav import encode_wav, read_wav, to_mono_16k  # noqa: E402
-from edge_agent.engine.model import KeywordSpec, KwsModel  # noqa: E402
+from edge_agent.engine.model import DEFAULT_HOLD_SECONDS, DecoderSettings, KeywordSpec, KwsModel  # noqa: E402
 from edge_agent.system import tune_allocator  # noqa: E402
 
 CHUNK_SAMPLES = 1600  # 100 ms
+# A decision delay beyond the look-ahead (285 ms) and one chunk: the decoder waited for a
+# better match (up to engine.hold).
+HELD_MS = 400.0
 
 
 def load_recordings() -> list[np.ndarray]:
@@ -69,24 +73,62 @@ def engine_pass(model: KwsModel, recordings: list[np.ndarray], chunk: int) -> fl
     return time.perf_counter() - started
 
 
-def decision_delays(model: KwsModel, positives: list[np.ndarray]) -> list[dict[str, float]]:
+def decision_delays(
+    model: KwsModel, positives: list[np.ndarray], hold_seconds: float = DEFAULT_HOLD_SECONDS
+) -> list[dict[str, float]]:
     """Per detection in the recordings of the wake word, fed as a live stream: how long after
-    the keyword's end the detection came out, in ms, with its confidence."""
+    the keyword's end the detection came out, in ms, with its confidence and timing (and which
+    recording it came from)."""
     found = []
     silence = np.zeros(16000, dtype=np.float32)
-    for samples in positives:
-        detector = model.detector([KeywordSpec("小云小云")])
+    for index, samples in enumerate(positives):
+        detector = model.detector([KeywordSpec("小云小云")], DecoderSettings(hold_seconds=hold_seconds))
         audio = np.concatenate([samples, silence])
         for offset in range(0, audio.shape[0], CHUNK_SAMPLES):
             chunk_end = min(offset + CHUNK_SAMPLES, audio.shape[0]) / 16000
             for detection in detector.feed(audio[offset : offset + CHUNK_SAMPLES]):
                 found.append(
                     {
+                        "recording": index,
                         "delay_ms": round((chunk_end - detection.end) * 1000, 1),
                         "confidence": round(detection.confidence, 3),
+                        "start": round(detection.start, 2),
+                        "end": round(detection.end, 2),
                     }
                 )
     return found
+
+
+def hold_trade_off(model: KwsModel, positives: list[np.ndarray]) -> list[dict[str, object]]:
+    """``engine.hold`` shorter than its default: the decision delay it saves, and the recordings
+    whose detections change (an earlier, weaker match reported instead of the keyword, or more
+    than one detection): what the wait buys."""
+
+    def keyed(found: list[dict[str, float]]) -> dict[int, list[tuple[float, float]]]:
+        by_recording: dict[int, list[tuple[float, float]]] = {}
+        for f in found:
+            by_recording.setdefault(int(f["recording"]), []).append((f["start"], f["end"]))
+        return by_recording
+
+    at_default = decision_delays(model, positives)
+    default = keyed(at_default)
+    rows = []
+    for hold in (DEFAULT_HOLD_SECONDS, 0.3, 0.2, 0.1):
+        found = at_default if hold == DEFAULT_HOLD_SECONDS else decision_delays(model, positives, hold)
+        changed = keyed(found)
+        delays = [f["delay_ms"] for f in found]
+        rows.append(
+            {
+                "hold_seconds": hold,
+                "detections": len(found),
+                "ms_p95": round(float(np.percentile(delays, 95)), 1) if delays else None,
+                "ms_max": max(delays) if delays else None,
+                "recordings_changed": sum(
+                    1 for i in range(len(positives)) if changed.get(i, []) != default.get(i, [])
+                ),
+            }
+        )
+    return rows
 
 
 def engine_rtf(model: KwsModel, recordings: list[np.ndarray], chunk: int, repeat: int) -> float:
@@ -165,7 +207,7 @@ def summarise_delays(found: list[dict[str, float]]) -> dict[str, object]:
         "ms_p50": round(float(np.percentile(delays, 50)), 1) if delays else None,
         "ms_p95": round(float(np.percentile(delays, 95)), 1) if delays else None,
         "ms_max": max(delays) if delays else None,
-        "held_for_a_better_match": sum(1 for f in found if f["confidence"] < 0.9),
+        "held_for_a_better_match": sum(1 for f in found if f["delay_ms"] > HELD_MS),
         "each": found,
     }
 
@@ -223,6 +265,8 @@ def main() -> None:
                     },
                 },
             }
+    positives = [r for r, k in zip(recordings, kinds, strict=True) if k == "pos"]
+    trade_off = hold_trade_off(numpy_model, positives)
     report = {
         "benchmark": "engine",
         "machine": machine(),
@@ -234,6 +278,7 @@ def main() -> None:
             "ratio": "median over rounds of (reference pass time / our pass time), passes alternating",
         },
         "results": results,
+        "hold_trade_off": trade_off,
     }
     path = write_result("engine", report)
     print(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; one thread per process")
@@ -263,7 +308,13 @@ def main() -> None:
         print(
             f"{backend}: decision delay in 100 ms chunks, {delay['detections']} detections of the wake"
             f" word: p50 {delay['ms_p50']} ms, p95 {delay['ms_p95']} ms, max {delay['ms_max']} ms"
-            f" ({delay['held_for_a_better_match']} below 0.9 confidence, held up to decoder.hold)"
+            f" ({delay['held_for_a_better_match']} held for a better match, up to engine.hold)"
+        )
+    print("engine.hold (numpy): s, detections of the 25, decision delay p95 / max ms, recordings changed")
+    for row in trade_off:
+        print(
+            f"  {row['hold_seconds']:4.2f} {row['detections']:5d} {row['ms_p95']:8} {row['ms_max']:8}"
+            f" {row['recordings_changed']:4d}"
         )
     print(f"written: {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
     print(json.dumps({b: round(r["rtf_whole_file"], 6) for b, r in results.items()}))

@@ -102,13 +102,14 @@ def test_the_staggered_latency_run_writes_its_own_file(
     assert row["duplicates"] == 0 and row["dropped_chunks"] == 0
 
 
-def test_decision_delay_is_the_look_ahead_for_confident_matches_and_up_to_the_hold_for_weak_ones(  # type: ignore[no-untyped-def]
+def test_decision_delay_is_the_look_ahead_unless_the_decoder_waits_for_a_better_match(  # type: ignore[no-untyped-def]
     numpy_model, dev_audio: Path
 ) -> None:
     """What the engine benchmark reports (and README quotes) about the decoder's wait, on every
-    recording of the wake word: a confident match comes out within the look-ahead and one chunk,
-    a weak one is held for a better match, up to decoder.hold (0.5 s) longer."""
-    from benchmarks.engine import decision_delays, summarise_delays
+    recording of the wake word: a detection comes out within the look-ahead and one chunk,
+    unless a later match could still be twice as confident; then up to engine.hold (0.5 s)
+    later. On audio/dev that happens once in 25."""
+    from benchmarks.engine import HELD_MS, decision_delays, summarise_delays
     from edge_agent.audio.wav import read_wav, to_mono_16k
     from edge_agent.engine.model import DEFAULT_HOLD_SECONDS
 
@@ -117,9 +118,26 @@ def test_decision_delay_is_the_look_ahead_for_confident_matches_and_up_to_the_ho
     assert len(found) == len(positives) == 25
     look_ahead_ms = 285 + 100  # the network's and the features' look-ahead, one chunk
     for detection in found:
-        if detection["confidence"] >= 0.9:
-            assert 0 < detection["delay_ms"] <= look_ahead_ms
+        if detection["delay_ms"] > HELD_MS:
+            assert detection["delay_ms"] <= look_ahead_ms + DEFAULT_HOLD_SECONDS * 1000 + 30
         else:
-            assert look_ahead_ms < detection["delay_ms"] <= look_ahead_ms + DEFAULT_HOLD_SECONDS * 1000 + 30
+            assert 0 < detection["delay_ms"] <= look_ahead_ms
     summary = summarise_delays(found)
-    assert summary["detections"] == 25 and summary["held_for_a_better_match"] == 10
+    assert summary["detections"] == 25 and summary["held_for_a_better_match"] == 1
+
+
+def test_a_shorter_hold_reports_weaker_earlier_matches_on_the_recordings(  # type: ignore[no-untyped-def]
+    numpy_model, dev_audio: Path
+) -> None:
+    """Why engine.hold stays at 0.5 s (README, Speed): at 0.3 s some recordings of the wake word
+    report an earlier, weaker match instead of the keyword, one of them twice."""
+    from benchmarks.engine import hold_trade_off
+    from edge_agent.audio.wav import read_wav, to_mono_16k
+    from edge_agent.engine.model import DEFAULT_HOLD_SECONDS
+
+    positives = [to_mono_16k(read_wav(path)) for path in sorted(dev_audio.glob("pos/*.wav"))]
+    rows = {row["hold_seconds"]: row for row in hold_trade_off(numpy_model, positives)}
+    assert rows[DEFAULT_HOLD_SECONDS]["recordings_changed"] == 0
+    assert rows[DEFAULT_HOLD_SECONDS]["detections"] == 25
+    assert rows[0.3]["recordings_changed"] >= 1 and rows[0.3]["detections"] > 25
+    assert rows[0.3]["ms_max"] < rows[DEFAULT_HOLD_SECONDS]["ms_max"]

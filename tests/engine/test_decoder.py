@@ -139,6 +139,35 @@ def test_weak_match_borrowing_the_first_characters_does_not_hide_the_real_one() 
     assert found.confidence == pytest.approx(0.9, abs=1e-6)
 
 
+def firing_frame(p: np.ndarray, keywords: list[CompiledKeyword], **options: float) -> int:
+    """The frame after which the (one) detection comes out, fed one frame at a time."""
+    decoder = KeywordDecoder(keywords, frame_seconds=FRAME, **options)
+    for frame in range(p.shape[0]):
+        if decoder.process(p[frame : frame + 1]):
+            return frame
+    raise AssertionError("no detection")
+
+
+def test_a_weak_match_of_a_repeated_word_fires_without_waiting_for_its_own_second_half() -> None:
+    """'abab' said weakly (0.5 a character) then silence: its own second 'ab' is the start of
+    another 'abab' that perfect characters would make 1.4x as confident, not twice: no wait."""
+    abab = keyword("abab", [A, B, A, B], threshold=0.05)
+    events = {20 + 6 * i: {token: 0.5} for i, token in enumerate([A, B, A, B])}
+    p = posteriors(150, events)
+    frame = firing_frame(p, [abab], hold_seconds=1.5)
+    assert frame <= 38 + 2  # one frame after its last character, not 1.5 s (50 frames) later
+
+
+def test_a_weak_early_match_of_a_repeated_word_waits_for_the_clear_one() -> None:
+    """Noise-level 'ab', then a clear 'abab': the weak match ending on the clear word's first
+    'ab' must not be reported; the clear word is, with its own times."""
+    abab = keyword("abab", [A, B, A, B], threshold=0.05)
+    events = {5: {A: 0.02}, 12: {B: 0.02}, **{40 + 8 * i: {t: 0.9} for i, t in enumerate([A, B, A, B])}}
+    (found,) = decode(posteriors(150, events), [abab], chunk=1)
+    assert found.peak_frames == (40, 48, 56, 64)
+    assert found.confidence == pytest.approx(0.9, abs=1e-6)
+
+
 def test_score_does_not_drift_after_long_silence() -> None:
     short = posteriors(60, spoken(20))
     long = posteriors(3000, spoken(2920))
