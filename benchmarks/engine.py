@@ -104,10 +104,10 @@ def hold_trade_off(model: KwsModel, positives: list[np.ndarray]) -> list[dict[st
     whose detections change (an earlier, weaker match reported instead of the keyword, or more
     than one detection): what the wait buys."""
 
-    def keyed(found: list[dict[str, float]]) -> dict[int, list[tuple[float, float]]]:
-        by_recording: dict[int, list[tuple[float, float]]] = {}
+    def keyed(found: list[dict[str, float]]) -> dict[int, list[tuple[float, float, float]]]:
+        by_recording: dict[int, list[tuple[float, float, float]]] = {}
         for f in found:
-            by_recording.setdefault(int(f["recording"]), []).append((f["start"], f["end"]))
+            by_recording.setdefault(int(f["recording"]), []).append((f["start"], f["end"], f["confidence"]))
         return by_recording
 
     at_default = decision_delays(model, positives)
@@ -115,17 +115,21 @@ def hold_trade_off(model: KwsModel, positives: list[np.ndarray]) -> list[dict[st
     rows = []
     for hold in (DEFAULT_HOLD_SECONDS, 0.3, 0.2, 0.1):
         found = at_default if hold == DEFAULT_HOLD_SECONDS else decision_delays(model, positives, hold)
-        changed = keyed(found)
+        now = keyed(found)
+        changed = [i for i in range(len(positives)) if now.get(i, []) != default.get(i, [])]
         delays = [f["delay_ms"] for f in found]
+        # How much more confident the keyword was than the match reported instead of it.
+        ratios = [
+            max(c for _, _, c in default[i]) / now[i][0][2] for i in changed if default.get(i) and now.get(i)
+        ]
         rows.append(
             {
                 "hold_seconds": hold,
                 "detections": len(found),
                 "ms_p95": round(float(np.percentile(delays, 95)), 1) if delays else None,
                 "ms_max": max(delays) if delays else None,
-                "recordings_changed": sum(
-                    1 for i in range(len(positives)) if changed.get(i, []) != default.get(i, [])
-                ),
+                "recordings_changed": len(changed),
+                "keyword_vs_early_match_min": round(min(ratios), 2) if ratios else None,
             }
         )
     return rows
@@ -310,11 +314,14 @@ def main() -> None:
             f" word: p50 {delay['ms_p50']} ms, p95 {delay['ms_p95']} ms, max {delay['ms_max']} ms"
             f" ({delay['held_for_a_better_match']} held for a better match, up to engine.hold)"
         )
-    print("engine.hold (numpy): s, detections of the 25, decision delay p95 / max ms, recordings changed")
+    print(
+        "engine.hold (numpy): s, detections of the 25, decision delay p95 / max ms, recordings changed,"
+        " least confidence ratio keyword / early match"
+    )
     for row in trade_off:
         print(
             f"  {row['hold_seconds']:4.2f} {row['detections']:5d} {row['ms_p95']:8} {row['ms_max']:8}"
-            f" {row['recordings_changed']:4d}"
+            f" {row['recordings_changed']:4d} {row['keyword_vs_early_match_min']}"
         )
     print(f"written: {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
     print(json.dumps({b: round(r["rtf_whole_file"], 6) for b, r in results.items()}))

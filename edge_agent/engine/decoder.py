@@ -49,10 +49,11 @@ _NEG_INF = -np.inf
 _POSTERIOR_FLOOR = 1e-10
 # A pending detection fires once no later match could be twice as confident. What the wait is
 # for, a weak match that borrowed the first characters of a keyword still being spoken, is far
-# weaker than that keyword (on audio/dev 4.4x and more). A narrower margin kept weak but real
-# matches of 小云小云 waiting for the whole hold: their own second 小云 looks like the start
-# of another one, whose completion with perfect characters would beat them by a little.
-# (benchmarks.engine's decision delay: p95 765 -> 293 ms on audio/dev, the same detections.)
+# weaker than that keyword (on audio/dev 4.7x and more: benchmarks.engine's hold_trade_off). A
+# narrower margin kept weak but real matches of 小云小云 waiting for the whole hold: their own
+# second 小云 looks like the start of another one, whose completion with perfect characters
+# would beat them by a little. (benchmarks.engine's decision delay on audio/dev: p95 765 ->
+# 291 ms, the same detections.)
 _LOG_SETTLE_RATIO = math.log(0.5)
 # Gap penalty that ends every partial match in the filtering pass (finite, so that running sums
 # of it stay finite; any partial match is far below any threshold after one such frame).
