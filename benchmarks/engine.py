@@ -301,17 +301,13 @@ def main() -> None:
             f" {run['seconds']:9.2f} {run['peak_rss_mb']:11.1f} {run['torch_imported']}"
         )
     for backend, r in results.items():
-        share = r["output_layer_share"]
+        share, delay = r["output_layer_share"], r["decision_delay"]
         print(
             f"{backend}: output layer on {share['all']:.1%} of the frames"
             f" ({share['pos']:.1%} in the {kinds.count('pos')} recordings of the wake word,"
-            f" {share['neg']:.1%} in the {kinds.count('neg')} without it)"
-        )
-    for backend, r in results.items():
-        delay = r["decision_delay"]
-        print(
-            f"{backend}: decision delay in 100 ms chunks, {delay['detections']} detections of the wake"
-            f" word: p50 {delay['ms_p50']} ms, p95 {delay['ms_p95']} ms, max {delay['ms_max']} ms"
+            f" {share['neg']:.1%} in the {kinds.count('neg')} without it); decision delay in 100 ms"
+            f" chunks, {delay['detections']} detections of the wake word: p50 {delay['ms_p50']} ms,"
+            f" p95 {delay['ms_p95']} ms, max {delay['ms_max']} ms"
             f" ({delay['held_for_a_better_match']} held for a better match, up to engine.hold)"
         )
     print(
