@@ -37,24 +37,13 @@ import numpy as np  # noqa: E402
 
 from benchmarks.common import dev_audio, machine, model_dir, write_result  # noqa: E402
 from edge_agent.audio.wav import read_wav, to_mono_16k  # noqa: E402
-from edge_agent.engine.features import FFT_LIBRARIES, FeatureStream, KaldiFbank, default_fft  # noqa: E402
+from edge_agent.engine.features import FeatureStream, KaldiFbank, default_fft, installed_ffts  # noqa: E402
 from edge_agent.engine.model import KeywordSpec, KwsModel  # noqa: E402
 from edge_agent.engine.network import NumpyNetwork  # noqa: E402
 from edge_agent.system import tune_allocator  # noqa: E402
 
 BLOCK_SAMPLES = 8 * 16_000  # as the detector cuts whole recordings
 WAKE_WORD = "小云小云"
-
-
-def installed_ffts() -> list[str]:
-    found = []
-    for library in FFT_LIBRARIES:
-        try:
-            KaldiFbank(library)
-        except ValueError:
-            continue
-        found.append(library)
-    return found
 
 
 def stage_timings(model: KwsModel, recordings: list[np.ndarray], repeat: int) -> dict[str, dict[str, float]]:

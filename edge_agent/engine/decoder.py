@@ -22,8 +22,8 @@ chunk. That pass ignores the maximum duration, so it can only over-estimate; fra
 reaches the threshold are re-scored exactly over the last ``max_duration`` seconds and
 backtracked for timings. A detection fires one frame after its best frame once no match that
 began within the keyword's maximum duration before it could still be twice as confident (or
-after the hold time), then the keyword's search restarts after it and stays quiet for the refractory
-period: one spoken keyword, one detection.
+after the hold time), then the keyword's search restarts after it and stays quiet for the
+refractory period: one spoken keyword, one detection.
 
 **Exact posteriors only where they matter.** Normalising a posterior needs the network's whole
 output layer (2599 outputs), half of its arithmetic. The decoder can work from cheap upper

@@ -148,9 +148,14 @@ def _real_fft(library: str) -> RealFft | None:
     raise ValueError(f"FFT library must be one of {', '.join(FFT_LIBRARIES)}, got {library!r}")
 
 
+def installed_ffts() -> list[str]:
+    """The FFT libraries :class:`KaldiFbank` can use here, the faster first (numpy always)."""
+    return [library for library in FFT_LIBRARIES if _real_fft(library) is not None]
+
+
 def default_fft() -> str:
     """The fastest FFT library installed: scipy with the ``fast`` extra, numpy otherwise."""
-    return next(library for library in FFT_LIBRARIES if _real_fft(library) is not None)
+    return installed_ffts()[0]
 
 
 class KaldiFbank:

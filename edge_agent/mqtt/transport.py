@@ -475,6 +475,11 @@ def _delivered_filter(topic_filter: str) -> str:
     return topic_filter
 
 
+def _is_tcp(sock: Any) -> bool:
+    """A TCP socket (paho's transport="unix" connects through a Unix socket instead)."""
+    return getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6)
+
+
 def _send_without_delay(sock: Any) -> None:
     """Turn off Nagle's algorithm on the broker connection.
 
@@ -484,20 +489,12 @@ def _send_without_delay(sock: Any) -> None:
     for what they send back: mosquitto's ``set_tcp_nodelay true``.) Unix sockets have no such
     option; nothing to do there.
     """
-    if sock is None or getattr(sock, "family", None) not in (socket.AF_INET, socket.AF_INET6):
+    if not _is_tcp(sock):
         return
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError as error:
         log.debug("could not set TCP_NODELAY: %s", error)
-
-
-def _has_quick_ack(sock: Any) -> bool:
-    """TCP_QUICKACK exists on Linux TCP sockets only (not Unix sockets, not macOS)."""
-    return hasattr(socket, "TCP_QUICKACK") and getattr(sock, "family", None) in (
-        socket.AF_INET,
-        socket.AF_INET6,
-    )
 
 
 class _ReadBuffer:
@@ -525,7 +522,8 @@ class _ReadBuffer:
         self._sock = sock
         self._data = b""
         self._offset = 0
-        self._quick_ack = self.QUICK_ACK and _has_quick_ack(sock)
+        # TCP_QUICKACK exists on Linux only.
+        self._quick_ack = self.QUICK_ACK and hasattr(socket, "TCP_QUICKACK") and _is_tcp(sock)
 
     def recv(self, size: int) -> bytes:
         if self._offset >= len(self._data):
