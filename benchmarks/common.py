@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from edge_agent.audio.wav import read_wav, to_mono_16k
 from edge_agent.engine.features import default_fft
 from tests.support import start_agent_process
 
@@ -19,6 +22,8 @@ BROKER_NODELAY = "set_tcp_nodelay true"
 # Where results go: the committed benchmarks/results, or elsewhere (the suite's smoke test).
 RESULTS = Path(os.environ.get("EDGE_AGENT_BENCH_RESULTS", REPO / "benchmarks" / "results"))
 SHARED = REPO.parent / "shared"
+# Silence between the recordings of the wake word when they are played back to back.
+GAP_SECONDS = 0.5
 
 
 def model_dir() -> Path:
@@ -94,3 +99,26 @@ def start_agent(
     env = {f"EDGE_AGENT_{key.upper()}": value for key, value in settings.items()}
     options = ("--log-level", "warning", *options)
     return start_agent_process(model_dir(), port, device, outbox, *options, env=env, stdout=None, stderr=None)
+
+
+def positives_back_to_back() -> tuple[np.ndarray, list[float]]:
+    """The 25 recordings of the wake word one after another with GAP_SECONDS of silence between
+    them, as 16-bit values (float32, what a device would send as s16le), and where each one
+    starts (s): what the MQTT benchmark's devices play, and the engine benchmark's continuous
+    streams."""
+    pieces, starts, offset = [], [], 0.0
+    gap = np.zeros(int(GAP_SECONDS * 16000), dtype=np.float32)
+    for path in sorted(dev_audio().glob("pos/*.wav")):
+        samples = to_mono_16k(read_wav(path))
+        starts.append(offset)
+        pieces += [samples, gap]
+        offset += (samples.shape[0] + gap.shape[0]) / 16000
+    audio = np.clip(np.round(np.concatenate(pieces)), -32768, 32767).astype(np.float32)
+    return audio, starts
+
+
+def stream_offsets(streams: int, starts: list[float], stagger: bool) -> list[int]:
+    """Where each stream starts in the audio (samples): all at 0, or stream k at recording k."""
+    if not stagger:
+        return [0] * streams
+    return [int(round(starts[k % len(starts)] * 16000)) for k in range(streams)]

@@ -13,7 +13,9 @@ For each backend (numpy, torch):
   ``end``: the model's look-ahead, the chunking and, for a weak match that a later one could
   still beat twice over, the decoder's wait (up to ``engine.hold``, 0.5 s). The part of the
   MQTT delay that no speed-up removes. Then the same with shorter holds (``hold_trade_off``):
-  the delay they save and the recordings whose detections they change.
+  the delay they save and the recordings whose detections they change. And the same in the
+  staggered MQTT run's 25 continuous streams, without the network
+  (``decision_delay_continuous``).
 * **`edge-agent detect` over audio/dev** as a subprocess: wall time, start-up time (the same
   command on one 1-second file), and peak RSS (the child's ru_maxrss), plus whether torch
   was imported (it must not be, with numpy).
@@ -42,7 +44,14 @@ for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import dev_audio, machine, model_dir, write_result  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    dev_audio,
+    machine,
+    model_dir,
+    positives_back_to_back,
+    stream_offsets,
+    write_result,
+)
 from benchmarks.reference import PlainReference  # noqa: E402
 from edge_agent.audio.wav import encode_wav, read_wav, to_mono_16k  # noqa: E402
 from edge_agent.engine.model import DEFAULT_HOLD_SECONDS, DecoderSettings, KeywordSpec, KwsModel  # noqa: E402
@@ -97,6 +106,23 @@ def decision_delays(
                     }
                 )
     return found
+
+
+def continuous_decision_delays(
+    model: KwsModel, streams: int = 25, seconds: float = 40.0
+) -> list[dict[str, float]]:
+    """:func:`decision_delays` of the staggered MQTT run's streams (``benchmarks.mqtt_latency
+    --stagger``), without the network: the recordings of the wake word back to back, stream k
+    starting at recording k, ``seconds`` of each (``recording`` is then the stream). In a
+    continuous stream a recording is framed at another phase, after other audio, so its scores
+    differ a little from those of the file alone; this is the decoder's own share of that run's
+    delays."""
+    audio, starts = positives_back_to_back()
+    played = int(seconds * 16000)
+    return decision_delays(
+        model,
+        [np.roll(audio, -offset)[:played] for offset in stream_offsets(streams, starts, stagger=True)],
+    )
 
 
 def hold_trade_off(model: KwsModel, positives: list[np.ndarray]) -> list[dict[str, object]]:
@@ -271,6 +297,7 @@ def main() -> None:
             }
     positives = [r for r, k in zip(recordings, kinds, strict=True) if k == "pos"]
     trade_off = hold_trade_off(numpy_model, positives)
+    continuous = summarise_delays(continuous_decision_delays(numpy_model))
     report = {
         "benchmark": "engine",
         "machine": machine(),
@@ -283,6 +310,11 @@ def main() -> None:
         },
         "results": results,
         "hold_trade_off": trade_off,
+        "decision_delay_continuous": {
+            "what": "numpy; 25 streams of 40 s, the recordings of the wake word back to back, "
+            "stream k starting at recording k (benchmarks.mqtt_latency --stagger without the network)",
+            **continuous,
+        },
     }
     path = write_result("engine", report)
     print(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; one thread per process")
@@ -319,6 +351,11 @@ def main() -> None:
             f"  {row['hold_seconds']:4.2f} {row['detections']:5d} {row['ms_p95']:8} {row['ms_max']:8}"
             f" {row['recordings_changed']:4d} {row['keyword_vs_early_match_min']}"
         )
+    print(
+        f"decision delay in 25 continuous streams (numpy), {continuous['detections']} detections:"
+        f" p50 {continuous['ms_p50']} ms, p95 {continuous['ms_p95']} ms, max {continuous['ms_max']} ms"
+        f" ({continuous['held_for_a_better_match']} held for a better match)"
+    )
     print(f"written: {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
     print(json.dumps({b: round(r["rtf_whole_file"], 6) for b, r in results.items()}))
 

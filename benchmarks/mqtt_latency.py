@@ -40,39 +40,30 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import paho.mqtt.client as paho
 import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 
-from benchmarks.common import BROKER_NODELAY, dev_audio, machine, percentile, start_agent, write_result
-from edge_agent.audio.wav import read_wav, to_mono_16k
+from benchmarks.common import (
+    BROKER_NODELAY,
+    machine,
+    percentile,
+    positives_back_to_back,
+    start_agent,
+    stream_offsets,
+    write_result,
+)
 from tests.broker import Broker
 
 CHUNK_MS = 100
-GAP_SECONDS = 0.5
 DEVICE = "bench"
 PREFIX = f"edge_agent/{DEVICE}"
 
 
 def positive_audio() -> tuple[bytes, list[float]]:
     """All positives back to back (with gaps) as s16le, and where each one starts (s)."""
-    pieces, starts, offset = [], [], 0.0
-    gap = np.zeros(int(GAP_SECONDS * 16000), dtype=np.float32)
-    for path in sorted(dev_audio().glob("pos/*.wav")):
-        samples = to_mono_16k(read_wav(path))
-        starts.append(offset)
-        pieces += [samples, gap]
-        offset += (samples.shape[0] + gap.shape[0]) / 16000
-    audio = np.concatenate(pieces)
-    return np.clip(np.round(audio), -32768, 32767).astype("<i2").tobytes(), starts
-
-
-def stream_offsets(streams: int, starts: list[float], stagger: bool) -> list[int]:
-    """Where each stream starts in the audio (samples): all at 0, or stream k at recording k."""
-    if not stagger:
-        return [0] * streams
-    return [int(round(starts[k % len(starts)] * 16000)) for k in range(streams)]
+    audio, starts = positives_back_to_back()
+    return audio.astype("<i2").tobytes(), starts
 
 
 def expected_detections(starts: list[float], offsets: list[int], audio_seconds: float, seconds: float) -> int:

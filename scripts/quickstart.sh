@@ -45,10 +45,20 @@ SUB_PID=$!
 EDGE_AGENT_OUTBOX__PATH="$WORK/outbox.db" "$PYTHON" -m edge_agent run \
   --broker "127.0.0.1:$PORT" --device-id quickstart > "$WORK/agent.log" 2>&1 &
 AGENT_PID=$!
+online=""
 for _ in $(seq 1 300); do
-  grep -q "edge_agent/quickstart/availability online" "$WORK/broker-traffic.log" 2>/dev/null && break
+  if grep -q "edge_agent/quickstart/availability online" "$WORK/broker-traffic.log" 2>/dev/null; then
+    online=yes
+    break
+  fi
+  kill -0 "$AGENT_PID" 2>/dev/null || break  # the agent exited: its log says why
   sleep 0.1
 done
+if [ -z "$online" ]; then
+  echo "FAILED: the agent did not come online within 30 s; its log:" >&2
+  cat "$WORK/agent.log" >&2
+  exit 1
+fi
 echo "agent: online (edge_agent/quickstart/availability)"
 
 echo "streaming $EXAMPLE to edge_agent/quickstart/audio/demo in real time..."

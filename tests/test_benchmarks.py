@@ -76,7 +76,8 @@ def test_the_stage_benchmark_times_every_stage_and_both_batch_layouts(
 
 
 def test_staggered_streams_start_at_different_recordings_and_count_whole_ones() -> None:
-    from benchmarks.mqtt_latency import expected_detections, stream_offsets
+    from benchmarks.common import stream_offsets
+    from benchmarks.mqtt_latency import expected_detections
 
     starts = [0.0, 5.0, 10.0]  # three recordings of up to 4.5 s, 0.5 s gaps: 15 s of audio
     assert stream_offsets(4, starts, stagger=False) == [0, 0, 0, 0]
@@ -144,3 +145,26 @@ def test_a_shorter_hold_reports_weaker_earlier_matches_on_the_recordings(  # typ
     # The decoder settles once no later match could be twice as confident: every early match
     # that a short hold lets through is weaker than that, so the full hold still catches them.
     assert all(row["keyword_vs_early_match_min"] > 2 for row in rows.values() if row["recordings_changed"])
+
+
+def test_continuous_streams_start_at_each_recording_and_wait_only_up_to_the_hold(  # type: ignore[no-untyped-def]
+    numpy_model, dev_audio: Path
+) -> None:
+    """The engine benchmark's decision delay in the staggered run's continuous streams: stream k
+    starts at recording k, so its first detection is recording k's keyword, and no detection
+    comes later than the look-ahead, one chunk and the hold."""
+    from benchmarks.common import positives_back_to_back
+    from benchmarks.engine import continuous_decision_delays
+    from edge_agent.engine.model import DEFAULT_HOLD_SECONDS
+
+    audio, starts = positives_back_to_back()
+    assert len(starts) == 25 and audio.shape[0] / 16000 > starts[-1]
+    found = continuous_decision_delays(numpy_model, streams=3, seconds=9.0)
+    first = {f["recording"]: f for f in reversed(found)}
+    assert sorted(first) == [0, 1, 2]
+    alone = {f["recording"]: f for f in continuous_decision_delays(numpy_model, streams=1, seconds=9.0)}
+    assert abs(first[0]["end"] - alone[0]["end"]) < 1e-9  # stream 0 is the audio from its start
+    for stream, detection in first.items():
+        # The keyword of recording k, in stream k's own time: within that recording's 9 s.
+        assert 0 < detection["end"] < starts[stream + 1] - starts[stream]
+    assert all(0 < f["delay_ms"] <= 285 + 100 + DEFAULT_HOLD_SECONDS * 1000 + 30 for f in found)
