@@ -117,6 +117,11 @@ def positives_back_to_back() -> tuple[np.ndarray, list[float]]:
     return audio, starts
 
 
+def played_stream(audio: np.ndarray, offset: int, samples: int) -> np.ndarray:
+    """The first ``samples`` one stream plays: ``audio`` from ``offset``, wrapping round."""
+    return np.roll(audio, -offset)[:samples]
+
+
 def stream_offsets(streams: int, starts: list[float], stagger: bool) -> list[int]:
     """Where each stream starts in the audio (samples): all at 0, or stream k at recording k."""
     if not stagger:

@@ -48,6 +48,7 @@ from benchmarks.common import (  # noqa: E402
     dev_audio,
     machine,
     model_dir,
+    played_stream,
     positives_back_to_back,
     stream_offsets,
     write_result,
@@ -121,7 +122,7 @@ def continuous_decision_delays(
     played = int(seconds * 16000)
     return decision_delays(
         model,
-        [np.roll(audio, -offset)[:played] for offset in stream_offsets(streams, starts, stagger=True)],
+        [played_stream(audio, offset, played) for offset in stream_offsets(streams, starts, stagger=True)],
     )
 
 

@@ -55,6 +55,7 @@ from benchmarks.common import (
     machine,
     model_dir,
     percentile,
+    played_stream,
     positives_back_to_back,
     start_agent,
     stream_offsets,
@@ -81,7 +82,7 @@ def engine_detections(audio: np.ndarray, offsets: list[int], seconds: float) -> 
     played = int(seconds * 1000 / CHUNK_MS) * CHUNK_SAMPLES
     per_offset: dict[int, list[tuple[float, float]]] = {}
     for offset in sorted(set(offsets)):
-        stream = np.roll(audio, -offset)[:played]
+        stream = played_stream(audio, offset, played)
         detector = model.detector([KeywordSpec(KEYWORD)])
         found = [
             d for i in range(0, played, CHUNK_SAMPLES) for d in detector.feed(stream[i : i + CHUNK_SAMPLES])
@@ -160,13 +161,16 @@ def send_audio(
 
 
 def run_once(
-    streams: int, seconds: float, workdir: Path, broker_config: str = "", stagger: bool = False
+    audio: bytes,
+    offsets: list[int],
+    total_seconds: float,
+    expected: Detected,
+    workdir: Path,
+    broker_config: str = "",
 ) -> dict[str, Any]:
-    samples, starts = positives_back_to_back()
-    audio = samples.astype("<i2").tobytes()  # what the devices send: s16le
-    total_seconds = min(seconds, samples.shape[0] / 16000)
-    offsets = stream_offsets(streams, starts, stagger)
-    expected = engine_detections(samples, offsets, total_seconds)
+    """One round: ``audio`` (s16le) played from ``offsets`` by as many streams, for
+    ``total_seconds``; ``expected`` what must arrive (:func:`engine_detections`)."""
+    streams = len(offsets)
     broker = Broker(workdir, extra_config=broker_config).start()
     agent = start_agent(
         broker.port,
@@ -264,11 +268,16 @@ def main() -> None:
     args = parser.parse_args()
     broker_config = f"{BROKER_NODELAY}\n" if args.broker_nodelay else ""
     results = []
+    samples, starts = positives_back_to_back()
+    audio = samples.astype("<i2").tobytes()  # what the devices send: s16le
+    total_seconds = min(args.seconds, samples.shape[0] / 16000)
     with tempfile.TemporaryDirectory() as folder:
         for count in (int(n) for n in args.streams.split(",")):
+            offsets = stream_offsets(count, starts, args.stagger)
+            expected = engine_detections(samples, offsets, total_seconds)  # the same every round
             rounds = []
             for _ in range(args.rounds):
-                rounds.append(run_once(count, args.seconds, Path(folder), broker_config, args.stagger))
+                rounds.append(run_once(audio, offsets, total_seconds, expected, Path(folder), broker_config))
                 print(json.dumps(rounds[-1], ensure_ascii=False), flush=True)
             results.append(summarise(rounds))
     report = {

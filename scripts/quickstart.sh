@@ -55,7 +55,7 @@ for _ in $(seq 1 300); do
   sleep 0.1
 done
 if [ -z "$online" ]; then
-  echo "FAILED: the agent did not come online within 30 s; its log:" >&2
+  echo "FAILED: the agent did not come online (it exited, or 30 s passed); its log:" >&2
   cat "$WORK/agent.log" >&2
   exit 1
 fi
