@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -55,7 +56,13 @@ from benchmarks.common import (  # noqa: E402
 )
 from benchmarks.reference import PlainReference  # noqa: E402
 from edge_agent.audio.wav import encode_wav, read_wav, to_mono_16k  # noqa: E402
-from edge_agent.engine.model import DEFAULT_HOLD_SECONDS, DecoderSettings, KeywordSpec, KwsModel  # noqa: E402
+from edge_agent.engine.model import (  # noqa: E402
+    DEFAULT_HOLD_SECONDS,
+    DEFAULT_PAUSE_SECONDS,
+    DecoderSettings,
+    KeywordSpec,
+    KwsModel,
+)
 from edge_agent.system import tune_allocator  # noqa: E402
 
 CHUNK_SAMPLES = 1600  # 100 ms
@@ -84,7 +91,7 @@ def engine_pass(model: KwsModel, recordings: list[np.ndarray], chunk: int) -> fl
 
 
 def decision_delays(
-    model: KwsModel, positives: list[np.ndarray], hold_seconds: float = DEFAULT_HOLD_SECONDS
+    model: KwsModel, positives: list[np.ndarray], settings: DecoderSettings | None = None
 ) -> list[dict[str, float]]:
     """Per detection in the recordings of the wake word, fed as a live stream: how long after
     the keyword's end the detection came out, in ms, with its confidence and timing (and which
@@ -92,7 +99,7 @@ def decision_delays(
     found = []
     silence = np.zeros(16000, dtype=np.float32)
     for index, samples in enumerate(positives):
-        detector = model.detector([KeywordSpec("小云小云")], DecoderSettings(hold_seconds=hold_seconds))
+        detector = model.detector([KeywordSpec("小云小云")], settings)
         audio = np.concatenate([samples, silence])
         for offset in range(0, audio.shape[0], CHUNK_SAMPLES):
             chunk_end = min(offset + CHUNK_SAMPLES, audio.shape[0]) / 16000
@@ -109,27 +116,31 @@ def decision_delays(
     return found
 
 
+def continuous_streams(streams: int = 25, seconds: float = 40.0) -> list[np.ndarray]:
+    """The staggered MQTT run's streams (``benchmarks.mqtt_latency --stagger``): the recordings
+    of the wake word back to back, stream k starting at recording k, ``seconds`` of each. In a
+    continuous stream a recording is framed at another phase, after other audio, so its scores
+    differ a little from those of the file alone."""
+    audio, starts = positives_back_to_back()
+    played = int(seconds * 16000)
+    return [played_stream(audio, offset, played) for offset in stream_offsets(streams, starts, stagger=True)]
+
+
 def continuous_decision_delays(
     model: KwsModel, streams: int = 25, seconds: float = 40.0
 ) -> list[dict[str, float]]:
-    """:func:`decision_delays` of the staggered MQTT run's streams (``benchmarks.mqtt_latency
-    --stagger``), without the network: the recordings of the wake word back to back, stream k
-    starting at recording k, ``seconds`` of each (``recording`` is then the stream). In a
-    continuous stream a recording is framed at another phase, after other audio, so its scores
-    differ a little from those of the file alone; this is the decoder's own share of that run's
-    delays."""
-    audio, starts = positives_back_to_back()
-    played = int(seconds * 16000)
-    return decision_delays(
-        model,
-        [played_stream(audio, offset, played) for offset in stream_offsets(streams, starts, stagger=True)],
-    )
+    """:func:`decision_delays` of :func:`continuous_streams` (``recording`` is then the stream):
+    the decoder's own share of the staggered MQTT run's delays."""
+    return decision_delays(model, continuous_streams(streams, seconds))
 
 
-def hold_trade_off(model: KwsModel, positives: list[np.ndarray]) -> list[dict[str, object]]:
-    """``engine.hold`` shorter than its default: the decision delay it saves, and the recordings
-    whose detections change (an earlier, weaker match reported instead of the keyword, or more
-    than one detection): what the wait buys."""
+def policy_trade_off(
+    model: KwsModel, streams: list[np.ndarray], setting: str, values: tuple[float, ...]
+) -> list[dict[str, object]]:
+    """The decoder setting ``setting`` (a DecoderSettings field) at each of ``values``, the
+    others at their defaults: the decision delay, and the recordings (streams) whose detections
+    differ from those at the first value (an earlier, weaker match reported instead of the
+    keyword, or more than one detection), with how much more confident the keyword was."""
 
     def keyed(found: list[dict[str, float]]) -> dict[int, list[tuple[float, float, float]]]:
         by_recording: dict[int, list[tuple[float, float, float]]] = {}
@@ -137,29 +148,46 @@ def hold_trade_off(model: KwsModel, positives: list[np.ndarray]) -> list[dict[st
             by_recording.setdefault(int(f["recording"]), []).append((f["start"], f["end"], f["confidence"]))
         return by_recording
 
-    at_default = decision_delays(model, positives)
-    default = keyed(at_default)
     rows = []
-    for hold in (DEFAULT_HOLD_SECONDS, 0.3, 0.2, 0.1):
-        found = at_default if hold == DEFAULT_HOLD_SECONDS else decision_delays(model, positives, hold)
+    reference: dict[int, list[tuple[float, float, float]]] = {}
+    for value in values:
+        found = decision_delays(model, streams, replace(DecoderSettings(), **{setting: value}))
         now = keyed(found)
-        changed = [i for i in range(len(positives)) if now.get(i, []) != default.get(i, [])]
+        reference = reference or now
+        changed = [i for i in range(len(streams)) if now.get(i, []) != reference.get(i, [])]
         delays = [f["delay_ms"] for f in found]
-        # How much more confident the keyword was than the match reported instead of it.
         ratios = [
-            max(c for _, _, c in default[i]) / now[i][0][2] for i in changed if default.get(i) and now.get(i)
+            max(c for _, _, c in reference[i]) / max(c for _, _, c in now[i])
+            for i in changed
+            if reference.get(i) and now.get(i)
         ]
         rows.append(
             {
-                "hold_seconds": hold,
+                setting: value,
                 "detections": len(found),
                 "ms_p95": round(float(np.percentile(delays, 95)), 1) if delays else None,
                 "ms_max": max(delays) if delays else None,
+                "held_for_a_better_match": sum(1 for d in delays if d > HELD_MS),
                 "recordings_changed": len(changed),
                 "keyword_vs_early_match_min": round(min(ratios), 2) if ratios else None,
             }
         )
     return rows
+
+
+def hold_trade_off(model: KwsModel, positives: list[np.ndarray]) -> list[dict[str, object]]:
+    """``engine.hold`` shorter than its default: the decision delay it saves, and the recordings
+    whose detections change: what the wait buys."""
+    return policy_trade_off(model, positives, "hold_seconds", (DEFAULT_HOLD_SECONDS, 0.3, 0.2, 0.1))
+
+
+def pause_trade_off(model: KwsModel, streams: list[np.ndarray]) -> list[dict[str, object]]:
+    """``engine.pause``: none (a weak match waits the whole hold, as before the pause rule),
+    the default and shorter ones: the delay the pause saves, and the streams whose detections
+    change from those of the whole hold (none at the default)."""
+    return policy_trade_off(
+        model, streams, "pause_seconds", (DEFAULT_HOLD_SECONDS, DEFAULT_PAUSE_SECONDS, 0.3, 0.27, 0.24)
+    )
 
 
 def engine_rtf(model: KwsModel, recordings: list[np.ndarray], chunk: int, repeat: int) -> float:
@@ -243,6 +271,14 @@ def summarise_delays(found: list[dict[str, float]]) -> dict[str, object]:
     }
 
 
+def print_trade_off(rows: list[dict[str, object]], setting: str) -> None:
+    for row in rows:
+        print(
+            f"  {row[setting]:4.2f} {row['detections']:5d} {row['ms_p95']:8} {row['ms_max']:8}"
+            f" {row['recordings_changed']:4d} {row['keyword_vs_early_match_min']}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -298,7 +334,12 @@ def main() -> None:
             }
     positives = [r for r, k in zip(recordings, kinds, strict=True) if k == "pos"]
     trade_off = hold_trade_off(numpy_model, positives)
-    continuous = summarise_delays(continuous_decision_delays(numpy_model))
+    streams = continuous_streams()
+    pause = {
+        "recordings": pause_trade_off(numpy_model, positives),
+        "continuous": pause_trade_off(numpy_model, streams),
+    }
+    continuous = summarise_delays(decision_delays(numpy_model, streams))
     report = {
         "benchmark": "engine",
         "machine": machine(),
@@ -311,6 +352,7 @@ def main() -> None:
         },
         "results": results,
         "hold_trade_off": trade_off,
+        "pause_trade_off": pause,
         "decision_delay_continuous": {
             "what": "numpy; 25 streams of 40 s, the recordings of the wake word back to back, "
             "stream k starting at recording k (benchmarks.mqtt_latency --stagger without the network)",
@@ -347,11 +389,13 @@ def main() -> None:
         "engine.hold (numpy): s, detections of the 25, decision delay p95 / max ms, recordings changed,"
         " least confidence ratio keyword / early match"
     )
-    for row in trade_off:
+    print_trade_off(trade_off, "hold_seconds")
+    for what, rows in pause.items():
         print(
-            f"  {row['hold_seconds']:4.2f} {row['detections']:5d} {row['ms_p95']:8} {row['ms_max']:8}"
-            f" {row['recordings_changed']:4d} {row['keyword_vs_early_match_min']}"
+            f"engine.pause (numpy), {what} (hold {DEFAULT_HOLD_SECONDS} s: no pause rule): s, detections,"
+            " decision delay p95 / max ms, recordings changed, least confidence ratio keyword / early match"
         )
+        print_trade_off(rows, "pause_seconds")
     print(
         f"decision delay in 25 continuous streams (numpy), {continuous['detections']} detections:"
         f" p50 {continuous['ms_p50']} ms, p95 {continuous['ms_p95']} ms, max {continuous['ms_max']} ms"

@@ -29,6 +29,7 @@ from edge_agent.engine.decoder import CompiledKeyword
 from edge_agent.engine.model import (
     DEFAULT_GAP_TOLERANCE,
     DEFAULT_HOLD_SECONDS,
+    DEFAULT_PAUSE_SECONDS,
     DEFAULT_REFRACTORY_SECONDS,
     DEFAULT_THRESHOLD,
     DecoderSettings,
@@ -140,6 +141,13 @@ class EngineConfig:
         DEFAULT_HOLD_SECONDS,
         doc="Longest wait (s) for a better match before a weak detection is reported; "
         "confident ones fire at once.",
+        minimum=0.03,
+        maximum=2.0,
+    )
+    pause: float = option(
+        DEFAULT_PAUSE_SECONDS,
+        doc="Longest pause (s) between two characters of one spoken keyword: a weak detection stops "
+        "waiting for a better match once nothing has gone on for this long (at most engine.hold).",
         minimum=0.03,
         maximum=2.0,
     )
@@ -738,6 +746,7 @@ def decoder_settings_from(config: AgentConfig) -> DecoderSettings:
         refractory_seconds=config.engine.refractory,
         gap_tolerance=config.engine.gap_tolerance,
         hold_seconds=config.engine.hold,
+        pause_seconds=config.engine.pause,
     )
 
 

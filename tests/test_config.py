@@ -12,6 +12,7 @@ from edge_agent.config import (
     FileSource,
     MicrophoneSource,
     config_reference,
+    decoder_settings_from,
     example_yaml,
     load_config,
     merge_update,
@@ -19,6 +20,7 @@ from edge_agent.config import (
     read_password,
     to_dict,
 )
+from edge_agent.engine.model import DecoderSettings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -66,6 +68,7 @@ def test_commented_source_examples_are_valid() -> None:
         ({"keywords": ["小云", "小云"]}, "keywords[1].text: '小云' is listed twice"),
         ({"keywords": [{"text": "小云", "min_duration": 3, "max_duration": 2}]}, "keywords[0].min_duration"),
         ({"engine": {"threads": 0}}, "engine.threads: must be an integer between 1 and 64, got 0"),
+        ({"engine": {"pause": 0}}, "engine.pause: must be a number between 0.03 and 2"),
         ({"audio": {"sources": [{"type": "speaker"}]}}, "audio.sources[0].type: must be one of"),
         ({"audio": {"sources": [{"type": "file"}]}}, "audio.sources[0].path: is required"),
         (
@@ -113,6 +116,13 @@ def test_bare_string_keywords_and_defaults() -> None:
     config = parse_config({"keywords": ["小云小云", {"text": "如家酒店", "threshold": 0.02}]})
     assert [(k.text, k.threshold) for k in config.keywords] == [("小云小云", 0.05), ("如家酒店", 0.02)]
     assert config.client_id == f"edge_agent-{config.device_id}"
+
+
+def test_decoder_policy_keys_reach_the_decoder_settings() -> None:
+    config = parse_config({"engine": {"hold": 0.8, "pause": 0.4, "refractory": 2, "gap_tolerance": 0.3}})
+    assert decoder_settings_from(config) == DecoderSettings(
+        refractory_seconds=2.0, gap_tolerance=0.3, hold_seconds=0.8, pause_seconds=0.4
+    )
 
 
 def test_update_is_validated_like_the_file() -> None:

@@ -101,6 +101,7 @@ _LIVE_PREFIXES = (
     "engine.refractory",
     "engine.gap_tolerance",
     "engine.hold",
+    "engine.pause",
     "engine.muted",
     "health.",
     "audio.mqtt.max_streams",

@@ -22,8 +22,9 @@ chunk. That pass ignores the maximum duration, so it can only over-estimate; fra
 reaches the threshold are re-scored exactly over the last ``max_duration`` seconds and
 backtracked for timings. A detection fires one frame after its best frame once no match that
 began within the keyword's maximum duration before it could still be twice as confident (or
-after the hold time), then the keyword's search restarts after it and stays quiet for the
-refractory period: one spoken keyword, one detection.
+after the hold time); a partial match that gained no character for a whole pause counts no
+more, since a keyword being spoken goes on within one. Then the keyword's search restarts after
+it and stays quiet for the refractory period: one spoken keyword, one detection.
 
 **Exact posteriors only where they matter.** Normalising a posterior needs the network's whole
 output layer (2599 outputs), half of its arithmetic. The decoder can work from cheap upper
@@ -158,6 +159,7 @@ class _ExactRun:
     pointers: list[tuple[np.ndarray, ...]]
     log_q: np.ndarray
     prefix: np.ndarray
+    ends: np.ndarray
     carry: np.ndarray
     carry_pre: np.ndarray
 
@@ -193,6 +195,7 @@ class _KeywordSearch:
         gap_tolerance: float,
         refractory_seconds: float,
         hold_seconds: float,
+        pause_seconds: float,
     ) -> None:
         self.keyword = keyword
         self.n = len(keyword.token_groups)
@@ -209,6 +212,7 @@ class _KeywordSearch:
         self.window_frames = int(math.ceil(keyword.max_duration / frame_seconds)) + 1
         self.refractory_frames = int(round(refractory_seconds / frame_seconds))
         self.hold_frames = max(1, int(round(hold_seconds / frame_seconds)))
+        self.pause_frames = max(1, int(round(pause_seconds / frame_seconds)))
         # Columns of the gathered posterior matrix summed for each character.
         self.group_columns = [np.array([columns[t] for t in group]) for group in keyword.token_groups]
         # One output per character (the usual case): a single gather instead of n sums.
@@ -316,10 +320,11 @@ class _KeywordSearch:
         carry: np.ndarray,
         carry_pre: np.ndarray,
         backtrace: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[np.ndarray, ...]], np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[np.ndarray, ...]], np.ndarray, np.ndarray]:
         """Scores of the best match ending at each frame, new carries, optional backpointers,
-        and the best partial match at each frame (any number of characters but all), for s
-        streams at once: arrays are (s, t, ...), carries (s, n).
+        the best partial match at each frame (any number of characters but all) and the best
+        partial match whose last character is at that very frame, for s streams at once:
+        arrays are (s, t, ...), carries (s, n).
 
         A_i(t) = max(V_i(t), A_i(t-1) + g_i(t)) and V_{i+1}(t) = L_{i+1}(t) + A_i(t-1), i.e.
         A_i(t) = G_i(t) + running max of (V_i - G_i) with G_i the cumulative gap penalty.
@@ -329,8 +334,12 @@ class _KeywordSearch:
         new_carry = np.full((streams, self.n), _NEG_INF)
         new_carry_pre = np.full((streams, self.n), _NEG_INF)
         pointers: list[tuple[np.ndarray, ...]] = []
+        # Only exact runs (backtrace) settle pending matches; the filtering pass skips these.
         prefix = np.full_like(value, _NEG_INF)
+        ends = np.full_like(value, _NEG_INF)
         for i in range(self.n - 1):
+            if backtrace:
+                np.maximum(ends, value, out=ends)
             cumulative = np.cumsum(gap[..., i], axis=1)
             if not self.repeated[i]:
                 best, arg = _running_max(value - cumulative, carry[:, i], backtrace)
@@ -348,10 +357,11 @@ class _KeywordSearch:
                 if backtrace:
                     pointers.append((arg, arg_pre))
             new_carry[:, i] = a_i[:, -1]
-            np.maximum(prefix, a_i, out=prefix)
+            if backtrace:
+                np.maximum(prefix, a_i, out=prefix)
             previous = np.concatenate((carry[:, i, None], a_i[:, :-1]), axis=1)
             value = log_q[..., i + 1] + previous
-        return value, new_carry, new_carry_pre, pointers, prefix
+        return value, new_carry, new_carry_pre, pointers, prefix, ends
 
     def under_way(self) -> bool:
         """A partial match of two or more characters (but not all) may be alive."""
@@ -394,7 +404,7 @@ class _KeywordSearch:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The over-estimating recurrence over s streams' rows (s, t, c) from their carries."""
         log_q, gap, dips = self._optimistic_terms(values, exact, self.killed(frames))
-        scores, new_carry, new_carry_pre, _, _ = self._run(log_q, gap, dips, carry, carry_pre)
+        scores, new_carry, new_carry_pre, _, _, _ = self._run(log_q, gap, dips, carry, carry_pre)
         return scores, new_carry, new_carry_pre
 
     # --- streaming -----------------------------------------------------------------------
@@ -494,10 +504,11 @@ class _KeywordSearch:
                     i += 1
                     continue
             # A later match can at best complete a partial match seen so far with perfect
-            # characters; fire once none that began within a window of the pending match could
-            # beat it by a margin (at once for a confident match), or when the hold time is
-            # over. Waiting matters when a weak match borrowed the first characters of a
-            # keyword still being spoken.
+            # characters; fire once none that began within a window of the pending match and
+            # is still being spoken (a character within the last pause) could beat it by a
+            # margin (at once for a confident match), or when the hold time is over. Waiting
+            # matters when a weak match borrowed the first characters of a keyword still being
+            # spoken.
             if settle is None:
                 settle = self._partial_matches(history, self.pending.frame, ensure)
             index = frame - settle[0]
@@ -514,12 +525,18 @@ class _KeywordSearch:
     ) -> tuple[int, np.ndarray]:
         """Best partial match (1..n-1 characters) at each frame from the pending match's window
         up to its hold time (it fires by then), counting only matches that begin inside that
-        window; returns the first frame and the values."""
+        window and gained a character within the last pause; returns the first frame and the
+        values."""
         start = self.first_start(pending_frame, history)
         if start is None:  # cannot happen (the pending match began in the window), but harmless
             return pending_frame + 1, np.zeros(0)
         run = self._run_from(history, start, pending_frame + 1 + self.hold_frames, ensure)
-        return start, run.prefix
+        # Partial matches whose last character is more than a pause old: a keyword being
+        # spoken would have gone on by now. Their gap penalties left out, ``ends`` bounds them
+        # from above (as the prefix does, whatever their age); the lower bound counts.
+        padded = np.concatenate([np.full(self.pause_frames - 1, _NEG_INF), run.ends])
+        recent = np.lib.stride_tricks.sliding_window_view(padded, self.pause_frames).max(axis=1)
+        return start, np.minimum(run.prefix, recent)
 
     def run_to_prime(
         self, filtered: _Filtered, first_frame: int, history: _History
@@ -562,12 +579,12 @@ class _KeywordSearch:
         _require_exact(exact, "a candidate's window")
         log_q, gap, dips = self._terms(values[None])
         carry, carry_pre = self.run_carries(start, begin)
-        scores, carry, carry_pre, pointers, prefix = self._run(
+        scores, carry, carry_pre, pointers, prefix, ends = self._run(
             log_q, gap, dips, carry[None], carry_pre[None], backtrace=True
         )
         pieces = [tuple(a[0] for a in entry) for entry in pointers]
         return self.store_run(
-            start, begin, stop, scores[0], pieces, log_q[0], prefix[0], carry[0], carry_pre[0]
+            start, begin, stop, scores[0], pieces, log_q[0], prefix[0], ends[0], carry[0], carry_pre[0]
         )
 
     def run_carries(self, start: int, begin: int) -> tuple[np.ndarray, np.ndarray]:
@@ -588,6 +605,7 @@ class _KeywordSearch:
         pointers: list[tuple[np.ndarray, ...]],
         log_q: np.ndarray,
         prefix: np.ndarray,
+        ends: np.ndarray,
         carry: np.ndarray,
         carry_pre: np.ndarray,
     ) -> _ExactRun:
@@ -609,7 +627,8 @@ class _KeywordSearch:
             scores = np.concatenate([run.scores, scores])
             log_q = np.concatenate([run.log_q, log_q])
             prefix = np.concatenate([run.prefix, prefix])
-        self._exact_run = _ExactRun(start, stop, scores, pointers, log_q, prefix, carry, carry_pre)
+            ends = np.concatenate([run.ends, ends])
+        self._exact_run = _ExactRun(start, stop, scores, pointers, log_q, prefix, ends, carry, carry_pre)
         return self._exact_run
 
     def _fire(self, resume_frame: int) -> tuple[Detection, int]:
@@ -725,6 +744,7 @@ class KeywordDecoder:
         gap_tolerance: float = 0.5,
         refractory_seconds: float = 1.0,
         hold_seconds: float = 0.5,
+        pause_seconds: float = 0.35,
         first_frame: int = 0,
     ) -> None:
         """``first_frame`` numbers the first frame fed (a decoder swapped in mid-stream)."""
@@ -749,13 +769,22 @@ class KeywordDecoder:
                 gap_tolerance,
                 refractory_seconds,
                 hold_seconds,
+                pause_seconds,
             )
             for k in keywords
         ]
         # Exact re-scoring looks back a window from frames up to one hold time old.
         self.history_frames = max(s.window_frames + s.hold_frames for s in self._searches) + 1
         self._signature = tuple(
-            (s.keyword, s.gap_scale, s.window_frames, s.refractory_frames, s.hold_frames, tuple(self.columns))
+            (
+                s.keyword,
+                s.gap_scale,
+                s.window_frames,
+                s.refractory_frames,
+                s.hold_frames,
+                s.pause_frames,
+                tuple(self.columns),
+            )
             for s in self._searches
         )
         self.reset(first_frame)
@@ -942,7 +971,7 @@ def _prime_exact_runs(
         carries = [search.run_carries(start, begin) for _, search, start, begin, _ in members]
         carry = np.stack([c for c, _ in carries])
         carry_pre = np.stack([c for _, c in carries])
-        scores, new_carry, new_carry_pre, pointers, prefix = template._run(
+        scores, new_carry, new_carry_pre, pointers, prefix, ends = template._run(
             log_q, gap, dips, carry, carry_pre, backtrace=True
         )
         for row, (_, search, start, begin, stop) in enumerate(members):
@@ -955,6 +984,7 @@ def _prime_exact_runs(
                 [tuple(a[row, :length].copy() for a in entry) for entry in pointers],
                 log_q[row, :length].copy(),
                 prefix[row, :length].copy(),
+                ends[row, :length].copy(),
                 new_carry[row].copy(),
                 new_carry_pre[row].copy(),
             )
@@ -982,7 +1012,7 @@ def _carry_through_restarts(
         _pad(log_q, gap, dips, padding)
         carry = np.stack([search.carry for _, search, _ in members])
         carry_pre = np.stack([search.carry_pre for _, search, _ in members])
-        _, new_carry, new_carry_pre, _, _ = template._run(log_q, gap, dips, carry, carry_pre)
+        _, new_carry, new_carry_pre, _, _, _ = template._run(log_q, gap, dips, carry, carry_pre)
         for row, (_, search, _) in enumerate(members):
             search.keep_carries(new_carry[row].copy(), new_carry_pre[row].copy())
 
@@ -1050,7 +1080,7 @@ def process_many(
             _pad(log_q, gap, dips, padding[rows])
             carry = np.stack([searches[r].carry for r in rows])
             carry_pre = np.stack([searches[r].carry_pre for r in rows])
-            scores, new_carry, new_carry_pre, _, _ = template._run(log_q, gap, dips, carry, carry_pre)
+            scores, new_carry, new_carry_pre, _, _, _ = template._run(log_q, gap, dips, carry, carry_pre)
             candidates = scores >= template.log_threshold
             for position, row in enumerate(rows.tolist()):
                 search = searches[row]

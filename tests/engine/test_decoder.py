@@ -168,6 +168,46 @@ def test_a_weak_early_match_of_a_repeated_word_waits_for_the_clear_one() -> None
     assert found.confidence == pytest.approx(0.9, abs=1e-6)
 
 
+def test_a_weak_match_waits_for_a_better_one_only_while_the_speech_goes_on() -> None:
+    """'abab' with a weak first 'ab' and a clear second one, then silence: the clear 'ab' is
+    the start of another 'abab' that perfect characters would make more than twice as
+    confident, so the match waits; but once no character has come for a pause, nothing is
+    being said that could complete it, and it fires then, not at the end of the hold."""
+    abab = keyword("abab", [A, B, A, B], threshold=0.05)
+    events = {20: {A: 0.05}, 26: {B: 0.05}, 32: {A: 0.9}, 38: {B: 0.9}}
+    p = posteriors(150, events)
+    pause_frames = 10
+    frame = firing_frame(p, [abab], hold_seconds=1.5, pause_seconds=pause_frames * FRAME)
+    assert 38 + pause_frames - 1 <= frame <= 38 + pause_frames + 1
+    # With no shorter pause than the hold, it waits the whole hold (50 frames).
+    assert firing_frame(p, [abab], hold_seconds=1.5, pause_seconds=1.5) >= 38 + 49
+
+
+SLOW_ABAB = (40, 54, 68, 82)  # a clear 'abab' spoken slowly: a character every 14 frames
+
+
+@pytest.mark.parametrize(
+    "pause_frames, reported", [(16, SLOW_ABAB), (20, SLOW_ABAB), (12, (5, 12, 40, 54)), (8, (5, 12, 40, 54))]
+)
+def test_a_weak_early_match_waits_for_the_keyword_while_its_characters_come_within_a_pause(
+    pause_frames: int, reported: tuple[int, ...]
+) -> None:
+    """Noise-level 'ab', then a slow clear 'abab': the weak match ending on its first 'ab' waits
+    as long as the next character comes within a pause, and the clear word is reported. With a
+    pause shorter than the speaker's, the weak match fires instead (the trade-off engine.pause
+    sets): still one detection for one spoken keyword."""
+    abab = keyword("abab", [A, B, A, B], threshold=0.05)
+    events = {
+        5: {A: 0.02},
+        12: {B: 0.02},
+        **{f: {t: 0.9} for f, t in zip(SLOW_ABAB, [A, B, A, B], strict=True)},
+    }
+    (found,) = decode(
+        posteriors(200, events), [abab], chunk=1, hold_seconds=1.5, pause_seconds=pause_frames * FRAME
+    )
+    assert found.peak_frames == reported
+
+
 def test_score_does_not_drift_after_long_silence() -> None:
     short = posteriors(60, spoken(20))
     long = posteriors(3000, spoken(2920))
