@@ -140,7 +140,8 @@ def policy_trade_off(
     """The decoder setting ``setting`` (a DecoderSettings field) at each of ``values``, the
     others at their defaults: the decision delay, and the recordings (streams) whose detections
     differ from those at the first value (an earlier, weaker match reported instead of the
-    keyword, or more than one detection), with how much more confident the keyword was."""
+    keyword, or more than one detection), with how much more confident than each such match the
+    keyword it overlaps was."""
 
     def keyed(found: list[dict[str, float]]) -> dict[int, list[tuple[float, float, float]]]:
         by_recording: dict[int, list[tuple[float, float, float]]] = {}
@@ -156,10 +157,13 @@ def policy_trade_off(
         reference = reference or now
         changed = [i for i in range(len(streams)) if now.get(i, []) != reference.get(i, [])]
         delays = [f["delay_ms"] for f in found]
+        # Each detection reported instead: how much more confident the keyword it overlaps was.
         ratios = [
-            max(c for _, _, c in reference[i]) / max(c for _, _, c in now[i])
+            max(c for s, e, c in reference.get(i, []) if s < end and start < e) / confidence
             for i in changed
-            if reference.get(i) and now.get(i)
+            for start, end, confidence in now[i]
+            if (start, end, confidence) not in reference.get(i, [])
+            and any(s < end and start < e for s, e, _ in reference.get(i, []))
         ]
         rows.append(
             {
