@@ -533,7 +533,7 @@ class _KeywordSearch:
         run = self._run_from(history, start, pending_frame + 1 + self.hold_frames, ensure)
         # Partial matches whose last character is more than a pause old: a keyword being
         # spoken would have gone on by now. Their gap penalties left out, ``ends`` bounds them
-        # from above (as the prefix does, whatever their age); the lower bound counts.
+        # from above (as the prefix does, whatever their age); the lower of the two counts.
         padded = np.concatenate([np.full(self.pause_frames - 1, _NEG_INF), run.ends])
         recent = np.lib.stride_tricks.sliding_window_view(padded, self.pause_frames).max(axis=1)
         return start, np.minimum(run.prefix, recent)
