@@ -11,11 +11,12 @@ For each backend (numpy, torch):
 * **Decision delay**: each recording of the wake word fed in 100 ms chunks (then 1 s of
   silence); for every detection, the end of the chunk that produced it minus the keyword's
   ``end``: the model's look-ahead, the chunking and, for a weak match that a later one could
-  still beat twice over, the decoder's wait (up to ``engine.hold``, 0.5 s). The part of the
-  MQTT delay that no speed-up removes. Then the same with shorter holds (``hold_trade_off``):
-  the delay they save and the recordings whose detections they change. And the same in the
-  staggered MQTT run's 25 continuous streams, without the network
-  (``decision_delay_continuous``).
+  still beat by the settle ratio, the decoder's wait (until ``engine.pause`` passes with
+  nothing said, ``engine.hold`` at most). The part of the MQTT delay that no speed-up removes.
+  The same in the staggered MQTT run's 25 continuous streams, without the network
+  (``decision_delay_continuous``). Then each of the three settings of that wait at other values
+  (``hold_trade_off``, ``pause_trade_off``, ``settle_trade_off``): the delay they save and the
+  recordings (streams) whose detections they change.
 * **`edge-agent detect` over audio/dev** as a subprocess: wall time, start-up time (the same
   command on one 1-second file), and peak RSS (the child's ru_maxrss), plus whether torch
   was imported (it must not be, with numpy).
@@ -59,6 +60,7 @@ from edge_agent.audio.wav import encode_wav, read_wav, to_mono_16k  # noqa: E402
 from edge_agent.engine.model import (  # noqa: E402
     DEFAULT_HOLD_SECONDS,
     DEFAULT_PAUSE_SECONDS,
+    DEFAULT_SETTLE_RATIO,
     DecoderSettings,
     KeywordSpec,
     KwsModel,
@@ -185,6 +187,13 @@ def hold_trade_off(model: KwsModel, positives: list[np.ndarray]) -> list[dict[st
     return policy_trade_off(model, positives, "hold_seconds", (DEFAULT_HOLD_SECONDS, 0.3, 0.2, 0.1))
 
 
+def settle_trade_off(model: KwsModel, streams: list[np.ndarray]) -> list[dict[str, object]]:
+    """The settle ratio (how much more confident a later match must be able to get for a weak
+    detection to wait for it): 2, the most cautious tried, then the default and wider ones: the
+    detections that wait, and the streams whose detections change from those at 2."""
+    return policy_trade_off(model, streams, "settle_ratio", (2.0, DEFAULT_SETTLE_RATIO, 3.0, 4.0))
+
+
 def pause_trade_off(model: KwsModel, streams: list[np.ndarray]) -> list[dict[str, object]]:
     """``engine.pause``: none (a weak match waits the whole hold, as before the pause rule),
     the default and shorter ones: the delay the pause saves, and the streams whose detections
@@ -279,7 +288,8 @@ def print_trade_off(rows: list[dict[str, object]], setting: str) -> None:
     for row in rows:
         print(
             f"  {row[setting]:4.2f} {row['detections']:5d} {row['ms_p95']:8} {row['ms_max']:8}"
-            f" {row['recordings_changed']:4d} {row['keyword_vs_early_match_min']}"
+            f" held {row['held_for_a_better_match']:3d} {row['recordings_changed']:4d}"
+            f" {row['keyword_vs_early_match_min']}"
         )
 
 
@@ -343,6 +353,10 @@ def main() -> None:
         "recordings": pause_trade_off(numpy_model, positives),
         "continuous": pause_trade_off(numpy_model, streams),
     }
+    settle = {
+        "recordings": settle_trade_off(numpy_model, positives),
+        "continuous": settle_trade_off(numpy_model, streams),
+    }
     continuous = summarise_delays(decision_delays(numpy_model, streams))
     report = {
         "benchmark": "engine",
@@ -357,6 +371,7 @@ def main() -> None:
         "results": results,
         "hold_trade_off": trade_off,
         "pause_trade_off": pause,
+        "settle_trade_off": settle,
         "decision_delay_continuous": {
             "what": "numpy; 25 streams of 40 s, the recordings of the wake word back to back, "
             "stream k starting at recording k (benchmarks.mqtt_latency --stagger without the network)",
@@ -400,6 +415,12 @@ def main() -> None:
             " decision delay p95 / max ms, recordings changed, least confidence ratio keyword / early match"
         )
         print_trade_off(rows, "pause_seconds")
+    for what, rows in settle.items():
+        print(
+            f"settle ratio (numpy), {what}: ratio, detections, decision delay p95 / max ms,"
+            " recordings changed from 2, least confidence ratio keyword / early match"
+        )
+        print_trade_off(rows, "settle_ratio")
     print(
         f"decision delay in 25 continuous streams (numpy), {continuous['detections']} detections:"
         f" p50 {continuous['ms_p50']} ms, p95 {continuous['ms_p95']} ms, max {continuous['ms_max']} ms"

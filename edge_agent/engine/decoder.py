@@ -21,10 +21,10 @@ chunk at once (a running maximum per character), so decoding costs a few array o
 chunk. That pass ignores the maximum duration, so it can only over-estimate; frames where it
 reaches the threshold are re-scored exactly over the last ``max_duration`` seconds and
 backtracked for timings. A detection fires one frame after its best frame once no match that
-began within the keyword's maximum duration before it could still be twice as confident (or
-after the hold time); a partial match that gained no character for a whole pause counts no
-more, since a keyword being spoken goes on within one. Then the keyword's search restarts after
-it and stays quiet for the refractory period: one spoken keyword, one detection.
+began within the keyword's maximum duration before it could still be ``settle_ratio`` times as
+confident (or after the hold time); a partial match that gained no character for a whole pause
+counts no more, since a keyword being spoken goes on within one. Then the keyword's search
+restarts after it and stays quiet for the refractory period: one spoken keyword, one detection.
 
 **Exact posteriors only where they matter.** Normalising a posterior needs the network's whole
 output layer (2599 outputs), half of its arithmetic. The decoder can work from cheap upper
@@ -48,14 +48,6 @@ import numpy as np
 _NEG_INF = -np.inf
 # Posteriors are floored before the log so that log(0) never produces -inf arithmetic warnings.
 _POSTERIOR_FLOOR = 1e-10
-# A pending detection fires once no later match could be twice as confident. What the wait is
-# for, a weak match that borrowed the first characters of a keyword still being spoken, is far
-# weaker than that keyword (on audio/dev 4.7x and more: benchmarks.engine's hold_trade_off). A
-# narrower margin kept weak but real matches of 小云小云 waiting for the whole hold: their own
-# second 小云 looks like the start of another one, whose completion with perfect characters
-# would beat them by a little. (benchmarks.engine's decision delay on audio/dev: p95 765 ->
-# 291 ms, the same detections.)
-_LOG_SETTLE_RATIO = math.log(0.5)
 # Gap penalty that ends every partial match in the filtering pass (finite, so that running sums
 # of it stay finite; any partial match is far below any threshold after one such frame).
 _KILL = -1.0e4
@@ -196,6 +188,7 @@ class _KeywordSearch:
         refractory_seconds: float,
         hold_seconds: float,
         pause_seconds: float,
+        settle_ratio: float,
     ) -> None:
         self.keyword = keyword
         self.n = len(keyword.token_groups)
@@ -213,6 +206,7 @@ class _KeywordSearch:
         self.refractory_frames = int(round(refractory_seconds / frame_seconds))
         self.hold_frames = max(1, int(round(hold_seconds / frame_seconds)))
         self.pause_frames = max(1, int(round(pause_seconds / frame_seconds)))
+        self.log_settle_ratio = math.log(settle_ratio)
         # Columns of the gathered posterior matrix summed for each character.
         self.group_columns = [np.array([columns[t] for t in group]) for group in keyword.token_groups]
         # One output per character (the usual case): a single gather instead of n sums.
@@ -505,15 +499,15 @@ class _KeywordSearch:
                     continue
             # A later match can at best complete a partial match seen so far with perfect
             # characters; fire once none that began within a window of the pending match and
-            # is still being spoken (a character within the last pause) could beat it by a
-            # margin (at once for a confident match), or when the hold time is over. Waiting
-            # matters when a weak match borrowed the first characters of a keyword still being
-            # spoken.
+            # is still being spoken (a character within the last pause) could beat it by the
+            # settle ratio (at once for a confident match), or when the hold time is over.
+            # Waiting matters when a weak match borrowed the first characters of a keyword
+            # still being spoken.
             if settle is None:
                 settle = self._partial_matches(history, self.pending.frame, ensure)
             index = frame - settle[0]
             best_partial = settle[1][index] if index >= 0 else _NEG_INF
-            settled = math.log(self.pending.confidence) >= best_partial + _LOG_SETTLE_RATIO
+            settled = math.log(self.pending.confidence) >= best_partial - self.log_settle_ratio
             if settled or frame - self.pending.frame >= self.hold_frames:
                 return self._fire(self.pending.frame + 1)
             i += 1
@@ -745,6 +739,7 @@ class KeywordDecoder:
         refractory_seconds: float = 1.0,
         hold_seconds: float = 0.5,
         pause_seconds: float = 0.35,
+        settle_ratio: float = 2.5,
         first_frame: int = 0,
     ) -> None:
         """``first_frame`` numbers the first frame fed (a decoder swapped in mid-stream)."""
@@ -754,6 +749,8 @@ class KeywordDecoder:
             raise ValueError(f"gap_tolerance must be in [0, 1), got {gap_tolerance}")
         if refractory_seconds < 0:
             raise ValueError(f"refractory_seconds must be >= 0, got {refractory_seconds}")
+        if settle_ratio < 1.0:
+            raise ValueError(f"settle_ratio must be >= 1, got {settle_ratio}")
         tokens = sorted({t for k in keywords for group in k.token_groups for t in group} - {blank_id})
         #: network outputs the decoder reads: blank first, then every keyword token
         self.columns = np.array([blank_id, *tokens], dtype=np.int64)
@@ -770,6 +767,7 @@ class KeywordDecoder:
                 refractory_seconds,
                 hold_seconds,
                 pause_seconds,
+                settle_ratio,
             )
             for k in keywords
         ]
@@ -783,6 +781,7 @@ class KeywordDecoder:
                 s.refractory_frames,
                 s.hold_frames,
                 s.pause_frames,
+                s.log_settle_ratio,
                 tuple(self.columns),
             )
             for s in self._searches

@@ -58,6 +58,15 @@ DEFAULT_HOLD_SECONDS = 0.5
 # takes 0.3 s on audio/dev; at 0.27 s, 3 of the 25 continuous streams report weaker matches
 # instead (benchmarks.engine's pause_trade_off). The default leaves a margin.
 DEFAULT_PAUSE_SECONDS = 0.35
+# A pending detection fires once no later match could be this many times as confident. What the
+# wait is for, a weak match that borrowed the first characters of a keyword still being spoken,
+# is far weaker than that keyword: 3.6 times and more on audio/dev (the recordings alone: 4.7
+# times). A real 小云小云 whose first 小云 was heard poorly looks like one: its own second 小云
+# could start a match that perfect characters would make 2-3 times as confident. At 2 six of
+# the 99 detections in benchmarks.engine's continuous streams waited, at 2.5 three, at 3 none;
+# every ratio from 2 to 3.3 gives the same detections, 4 one weaker match instead of a keyword
+# (benchmarks.engine's settle_trade_off). 2.5 keeps a margin on both sides.
+DEFAULT_SETTLE_RATIO = 2.5
 
 
 class ModelError(RuntimeError):
@@ -80,6 +89,7 @@ class DecoderSettings:
     gap_tolerance: float = DEFAULT_GAP_TOLERANCE
     hold_seconds: float = DEFAULT_HOLD_SECONDS
     pause_seconds: float = DEFAULT_PAUSE_SECONDS
+    settle_ratio: float = DEFAULT_SETTLE_RATIO
 
 
 class KwsModel:
@@ -197,6 +207,7 @@ class KwsModel:
             refractory_seconds=settings.refractory_seconds,
             hold_seconds=settings.hold_seconds,
             pause_seconds=settings.pause_seconds,
+            settle_ratio=settings.settle_ratio,
             first_frame=first_frame,
         )
 

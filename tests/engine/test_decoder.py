@@ -168,6 +168,24 @@ def test_a_weak_early_match_of_a_repeated_word_waits_for_the_clear_one() -> None
     assert found.confidence == pytest.approx(0.9, abs=1e-6)
 
 
+@pytest.mark.parametrize("settle_ratio, waits", [(2.0, True), (2.5, False)])
+def test_a_weak_match_waits_only_for_a_match_that_could_beat_it_by_the_settle_ratio(
+    settle_ratio: float, waits: bool
+) -> None:
+    """'abab' with a first 'ab' at 0.2 and a clear second one, then silence: another 'abab'
+    starting on the clear 'ab' could be at most (1 / 0.2) ** 0.5 = 2.24 times as confident:
+    worth a wait for a ratio of 2, not for 2.5."""
+    abab = keyword("abab", [A, B, A, B], threshold=0.05)
+    events = {20: {A: 0.2}, 26: {B: 0.2}, 32: {A: 1.0}, 38: {B: 1.0}}
+    frame = firing_frame(posteriors(150, events), [abab], hold_seconds=1.5, settle_ratio=settle_ratio)
+    assert (frame > 38 + 5) == waits
+
+
+def test_settle_ratio_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="settle_ratio"):
+        KeywordDecoder([ABCD], frame_seconds=FRAME, settle_ratio=0.5)
+
+
 def test_a_weak_match_waits_for_a_better_one_only_while_the_speech_goes_on() -> None:
     """'abab' with a weak first 'ab' and a clear second one, then silence: the clear 'ab' is
     the start of another 'abab' that perfect characters would make more than twice as
