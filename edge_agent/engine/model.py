@@ -55,17 +55,18 @@ DEFAULT_HOLD_SECONDS = 0.5
 # How long a weak detection waits for a partial match that gained no character: a keyword
 # being spoken goes on within a pause. Only the wait stops: a keyword said with a longer pause
 # is still detected. Waiting for the keyword whose first characters a weak match borrowed
-# takes 0.3 s on audio/dev; at 0.27 s, 3 of the 25 continuous streams report weaker matches
-# instead (benchmarks.engine's pause_trade_off). The default leaves a margin.
+# takes 0.3 s on audio/dev; at 0.27 s, 3 of the 25 continuous streams change their detections
+# (two more in all, weaker ones: benchmarks.engine's pause_trade_off). The default leaves a
+# margin.
 DEFAULT_PAUSE_SECONDS = 0.35
 # A pending detection fires once no later match could be this many times as confident. What the
 # wait is for, a weak match that borrowed the first characters of a keyword still being spoken,
 # is far weaker than that keyword: 3.6 times and more on audio/dev (the recordings alone: 4.7
 # times). A real 小云小云 whose first 小云 was heard poorly looks like one: its own second 小云
-# could start a match that perfect characters would make 2-3 times as confident. At 2 six of
-# the 99 detections in benchmarks.engine's continuous streams waited, at 2.5 three, at 3 none;
-# every ratio from 2 to 3.3 gives the same detections, 4 one weaker match instead of a keyword
-# (benchmarks.engine's settle_trade_off). 2.5 keeps a margin on both sides.
+# could start a match that perfect characters would make more confident. At 2 six of the 99
+# detections in benchmarks.engine's continuous streams waited, at 2.5 three, at 3 none; 2, 2.5
+# and 3 give the same detections, 4 one weaker match instead of a keyword (benchmarks.engine's
+# settle_trade_off). 2.5 keeps a margin on both sides.
 DEFAULT_SETTLE_RATIO = 2.5
 
 
