@@ -147,7 +147,7 @@ class EngineConfig:
     pause: float = option(
         DEFAULT_PAUSE_SECONDS,
         doc="Longest pause (s) between two characters of one spoken keyword: a weak detection stops "
-        "waiting for a better match once nothing has gone on for this long (at most engine.hold).",
+        "waiting for a better match once nothing has gone on for this long (engine.hold caps the wait).",
         minimum=0.03,
         maximum=2.0,
     )

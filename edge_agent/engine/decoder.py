@@ -139,11 +139,11 @@ class _Filtered:
 class _ExactRun:
     """The exact recurrence over frames [start, stop), with nothing carried in: per frame, the
     best match ending there, the back-pointers (frame offsets from ``start``), the characters'
-    log posteriors and the best partial match, and the partial matches carried out of the last
-    frame. Every candidate and pending match whose window begins at ``start`` reads it, so one
-    run serves a whole cluster of candidate frames; exact frames never change, so a run is
-    extended over new frames instead of being redone (a pending match reads one more chunk at
-    every step)."""
+    log posteriors, the best partial match and the best one whose last character is there
+    (``ends``), and the partial matches carried out of the last frame. Every candidate and
+    pending match whose window begins at ``start`` reads it, so one run serves a whole cluster
+    of candidate frames; exact frames never change, so a run is extended over new frames
+    instead of being redone (a pending match reads one more chunk at every step)."""
 
     start: int
     stop: int
@@ -315,10 +315,11 @@ class _KeywordSearch:
         carry_pre: np.ndarray,
         backtrace: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[np.ndarray, ...]], np.ndarray, np.ndarray]:
-        """Scores of the best match ending at each frame, new carries, optional backpointers,
-        the best partial match at each frame (any number of characters but all) and the best
-        partial match whose last character is at that very frame, for s streams at once:
-        arrays are (s, t, ...), carries (s, n).
+        """Scores of the best match ending at each frame, new carries, and for an exact run
+        (``backtrace``) the backpointers, the best partial match at each frame (any number of
+        characters but all) and the best partial match whose last character is at that very
+        frame (empty arrays otherwise: only exact runs settle pending matches), for s streams
+        at once: arrays are (s, t, ...), carries (s, n).
 
         A_i(t) = max(V_i(t), A_i(t-1) + g_i(t)) and V_{i+1}(t) = L_{i+1}(t) + A_i(t-1), i.e.
         A_i(t) = G_i(t) + running max of (V_i - G_i) with G_i the cumulative gap penalty.
@@ -328,9 +329,8 @@ class _KeywordSearch:
         new_carry = np.full((streams, self.n), _NEG_INF)
         new_carry_pre = np.full((streams, self.n), _NEG_INF)
         pointers: list[tuple[np.ndarray, ...]] = []
-        # Only exact runs (backtrace) settle pending matches; the filtering pass skips these.
-        prefix = np.full_like(value, _NEG_INF)
-        ends = np.full_like(value, _NEG_INF)
+        prefix = np.full_like(value, _NEG_INF) if backtrace else np.empty(0)
+        ends = np.full_like(value, _NEG_INF) if backtrace else np.empty(0)
         for i in range(self.n - 1):
             if backtrace:
                 np.maximum(ends, value, out=ends)
@@ -350,6 +350,8 @@ class _KeywordSearch:
                 new_carry_pre[:, i] = a_pre[:, -1]
                 if backtrace:
                     pointers.append((arg, arg_pre))
+                    # Before its blank dip a repeated character's partial match is only in a_pre.
+                    np.maximum(prefix, a_pre, out=prefix)
             new_carry[:, i] = a_i[:, -1]
             if backtrace:
                 np.maximum(prefix, a_i, out=prefix)
@@ -749,8 +751,10 @@ class KeywordDecoder:
             raise ValueError(f"gap_tolerance must be in [0, 1), got {gap_tolerance}")
         if refractory_seconds < 0:
             raise ValueError(f"refractory_seconds must be >= 0, got {refractory_seconds}")
-        if settle_ratio < 1.0:
+        if not settle_ratio >= 1.0:  # NaN too
             raise ValueError(f"settle_ratio must be >= 1, got {settle_ratio}")
+        if not pause_seconds > 0.0:
+            raise ValueError(f"pause_seconds must be > 0, got {pause_seconds}")
         tokens = sorted({t for k in keywords for group in k.token_groups for t in group} - {blank_id})
         #: network outputs the decoder reads: blank first, then every keyword token
         self.columns = np.array([blank_id, *tokens], dtype=np.int64)
