@@ -13,10 +13,10 @@ For each backend (numpy, torch):
   ``end``: the model's look-ahead, the chunking and, for a weak match that a later one could
   still beat by the settle ratio, the decoder's wait (until ``engine.pause`` passes with
   nothing said, ``engine.hold`` at most). The part of the MQTT delay that no speed-up removes.
-  The same in the staggered MQTT run's 25 continuous streams, without the network
-  (``decision_delay_continuous``). Then each of the three settings of that wait at other values
-  (``hold_trade_off``, ``pause_trade_off``, ``settle_trade_off``): the delay they save and the
-  recordings (streams) whose detections they change.
+  The same in the staggered MQTT run's 25 continuous streams (:func:`continuous_streams`),
+  without the network (``decision_delay_continuous``). Then each of the three settings of that
+  wait at other values (``hold_trade_off``, ``pause_trade_off``, ``settle_trade_off``): the
+  delay they save and the recordings (streams) whose detections they change.
 * **`edge-agent detect` over audio/dev** as a subprocess: wall time, start-up time (the same
   command on one 1-second file), and peak RSS (the child's ru_maxrss), plus whether torch
   was imported (it must not be, with numpy).
@@ -128,14 +128,6 @@ def continuous_streams(streams: int = 25, seconds: float = 40.0) -> list[np.ndar
     return [played_stream(audio, offset, played) for offset in stream_offsets(streams, starts, stagger=True)]
 
 
-def continuous_decision_delays(
-    model: KwsModel, streams: int = 25, seconds: float = 40.0
-) -> list[dict[str, float]]:
-    """:func:`decision_delays` of :func:`continuous_streams` (``recording`` is then the stream):
-    the decoder's own share of the staggered MQTT run's delays."""
-    return decision_delays(model, continuous_streams(streams, seconds))
-
-
 def policy_trade_off(
     model: KwsModel, streams: list[np.ndarray], setting: str, values: tuple[float, ...]
 ) -> list[dict[str, object]]:
@@ -161,13 +153,12 @@ def policy_trade_off(
         changed = [i for i in range(len(streams)) if now.get(i, []) != reference.get(i, [])]
         delays = [f["delay_ms"] for f in found]
         # Each detection reported instead: how much more confident the keyword it overlaps was.
-        ratios = [
-            max(c for s, e, c in reference.get(i, []) if s < end and start < e) / confidence
-            for i in changed
-            for start, end, confidence in now[i]
-            if (start, end, confidence) not in reference.get(i, [])
-            and any(s < end and start < e for s, e, _ in reference.get(i, []))
-        ]
+        ratios = []
+        for i in changed:
+            for start, end, confidence in now.get(i, []):
+                overlapped = [c for s, e, c in reference.get(i, []) if s < end and start < e]
+                if overlapped and (start, end, confidence) not in reference[i]:
+                    ratios.append(max(overlapped) / confidence)
         rows.append(
             {
                 setting: value,

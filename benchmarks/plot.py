@@ -56,8 +56,8 @@ def main() -> None:
     right.plot(counts, [r["delay_ms_p50"] for r in rows], "o-", label="p50, keyword said at once")
     stagger_file = RESULTS / "mqtt_latency-stagger.json"
     if stagger_file.is_file():
-        # Streams starting at different recordings: the decoder's own waits (a few weak matches
-        # held up to engine.hold) set this p95, not the load (see README, Speed).
+        # Streams starting at different recordings: keywords spread over time, and the few weak
+        # ones the decoder holds for a better match (see README, Speed) in the tail.
         staggered = json.loads(stagger_file.read_text(encoding="utf-8"))["results"]
         right.plot(
             [r["streams"] for r in staggered],

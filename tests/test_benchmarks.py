@@ -8,8 +8,19 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def positives(dev_audio: Path) -> list[Any]:
+    """The 25 recordings of the wake word, 16 kHz mono, in file order."""
+    from edge_agent.audio.wav import read_wav, to_mono_16k
+
+    return [to_mono_16k(read_wav(path)) for path in sorted(dev_audio.glob("pos/*.wav"))]
 
 
 def bench(module: str, *arguments: str, results: Path) -> None:
@@ -127,17 +138,15 @@ def test_the_staggered_latency_run_writes_its_own_file(
 
 
 def test_decision_delay_is_the_look_ahead_unless_the_decoder_waits_for_a_better_match(  # type: ignore[no-untyped-def]
-    numpy_model, dev_audio: Path
+    numpy_model, positives
 ) -> None:
     """What the engine benchmark reports (and README quotes) about the decoder's wait, on every
     recording of the wake word: a detection comes out within the look-ahead and one chunk,
     unless a later match could still be 2.5 times as confident; then up to engine.pause (0.35 s)
     later, once nothing more is said. On audio/dev that happens once in 25."""
     from benchmarks.engine import HELD_MS, decision_delays, summarise_delays
-    from edge_agent.audio.wav import read_wav, to_mono_16k
     from edge_agent.engine.model import DEFAULT_PAUSE_SECONDS
 
-    positives = [to_mono_16k(read_wav(path)) for path in sorted(dev_audio.glob("pos/*.wav"))]
     found = decision_delays(numpy_model, positives)
     assert len(found) == len(positives) == 25
     look_ahead_ms = 285 + 100  # the network's and the features' look-ahead, one chunk
@@ -151,15 +160,13 @@ def test_decision_delay_is_the_look_ahead_unless_the_decoder_waits_for_a_better_
 
 
 def test_a_shorter_hold_reports_weaker_earlier_matches_on_the_recordings(  # type: ignore[no-untyped-def]
-    numpy_model, dev_audio: Path
+    numpy_model, positives
 ) -> None:
     """Why engine.hold stays at 0.5 s (README, Speed): at 0.3 s some recordings of the wake word
     report an earlier, weaker match instead of the keyword, one of them twice."""
     from benchmarks.engine import hold_trade_off
-    from edge_agent.audio.wav import read_wav, to_mono_16k
     from edge_agent.engine.model import DEFAULT_HOLD_SECONDS, DEFAULT_SETTLE_RATIO
 
-    positives = [to_mono_16k(read_wav(path)) for path in sorted(dev_audio.glob("pos/*.wav"))]
     rows = {row["hold_seconds"]: row for row in hold_trade_off(numpy_model, positives)}
     assert rows[DEFAULT_HOLD_SECONDS]["recordings_changed"] == 0
     assert rows[DEFAULT_HOLD_SECONDS]["detections"] == 25
@@ -176,16 +183,14 @@ def test_a_shorter_hold_reports_weaker_earlier_matches_on_the_recordings(  # typ
 
 
 def test_the_pause_cuts_the_wait_without_changing_a_detection_on_the_recordings(  # type: ignore[no-untyped-def]
-    numpy_model, dev_audio: Path
+    numpy_model, positives
 ) -> None:
     """Why engine.pause is 0.35 s (README, Speed): every recording of the wake word gives the
     detection it gives when weak matches wait the whole hold, and the held one comes out
     sooner."""
     from benchmarks.engine import NO_PAUSE_SECONDS, pause_trade_off
-    from edge_agent.audio.wav import read_wav, to_mono_16k
     from edge_agent.engine.model import DEFAULT_HOLD_SECONDS, DEFAULT_PAUSE_SECONDS
 
-    positives = [to_mono_16k(read_wav(path)) for path in sorted(dev_audio.glob("pos/*.wav"))]
     rows = {row["pause_seconds"]: row for row in pause_trade_off(numpy_model, positives)}
     whole_hold, default = rows[NO_PAUSE_SECONDS], rows[DEFAULT_PAUSE_SECONDS]
     assert whole_hold["recordings_changed"] == 0 and whole_hold["detections"] == 25
@@ -213,24 +218,22 @@ def test_the_settle_ratio_releases_weak_keywords_sooner_and_changes_no_detection
 
 
 def test_continuous_streams_start_at_each_recording_and_wait_only_up_to_the_hold(  # type: ignore[no-untyped-def]
-    numpy_model, dev_audio: Path
+    numpy_model, positives
 ) -> None:
     """The engine benchmark's decision delay in the staggered run's continuous streams: stream k
     starts at recording k, so its first detection is recording k's keyword, and no detection
     comes later than the look-ahead, one chunk and the hold."""
     from benchmarks.common import positives_back_to_back
-    from benchmarks.engine import continuous_decision_delays, decision_delays
-    from edge_agent.audio.wav import read_wav, to_mono_16k
+    from benchmarks.engine import continuous_streams, decision_delays
     from edge_agent.engine.model import DEFAULT_HOLD_SECONDS
 
     audio, starts = positives_back_to_back()
     assert len(starts) == 25 and audio.shape[0] / 16000 > starts[-1]
-    found = continuous_decision_delays(numpy_model, streams=3, seconds=9.0)
+    found = decision_delays(numpy_model, continuous_streams(streams=3, seconds=9.0))
     first = {f["recording"]: f for f in reversed(found)}
     assert sorted(first) == [0, 1, 2]
     # Stream 0 begins with recording 0 at the same framing phase as the file alone: the same match.
-    recording = to_mono_16k(read_wav(sorted(dev_audio.glob("pos/*.wav"))[0]))
-    (alone,) = decision_delays(numpy_model, [recording])
+    (alone,) = decision_delays(numpy_model, positives[:1])
     assert (first[0]["start"], first[0]["end"], first[0]["confidence"]) == (
         alone["start"],
         alone["end"],
