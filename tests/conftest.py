@@ -107,19 +107,18 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
 
 @pytest.fixture()
 def make_agent(numpy_model, tmp_path: Path) -> Iterator[Callable[..., Agent]]:  # type: ignore[no-untyped-def]
-    from edge_agent.cli.common import compile_keywords
-    from edge_agent.config import decoder_settings_from
-
     agents: list[Agent] = []
 
-    def make(config: AgentConfig, sources: list[Any] | None = None, start: bool = True) -> Agent:
-        agent = Agent(
-            config,
-            numpy_model,
-            compile_keywords(numpy_model, config),
-            decoder_settings_from(config),
-            sources or [],
-        )
+    def make(
+        config: AgentConfig,
+        sources: list[Any] | None = None,
+        start: bool = True,
+        integrations: Callable[[Agent], list[Any]] | None = None,
+    ) -> Agent:
+        """An agent on the shared model; ``integrations(agent)`` makes what plugs into it."""
+        agent = Agent(config, numpy_model, sources or [])
+        for integration in integrations(agent) if integrations is not None else []:
+            agent.add_integration(integration)
         agents.append(agent)
         if start:
             agent.start()
@@ -129,8 +128,7 @@ def make_agent(numpy_model, tmp_path: Path) -> Iterator[Callable[..., Agent]]:  
 
     yield make
     for agent in agents:
-        if not agent._stop.is_set():
-            agent.stop(timeout=5)
+        agent.stop(timeout=5)
 
 
 @pytest.fixture()

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,7 @@ class StoredEvent:
     body: dict[str, Any]
     created: float
     boot_id: str
+    text: str = field(default="", repr=False, compare=False)  # body as stored (JSON)
 
 
 class OutboxError(RuntimeError):
@@ -91,14 +91,12 @@ class Outbox:
             self._db.close()
 
     # --- writing -------------------------------------------------------------------------
-    def append(self, topic: str, make_body: Callable[[int], dict[str, Any]], boot_id: str) -> StoredEvent:
-        """Store a new event; ``make_body(seq)`` builds its payload with the assigned number."""
-        return self.append_many([(topic, make_body)], boot_id)[0]
+    def append(self, topic: str, body: dict[str, Any], boot_id: str) -> StoredEvent:
+        """Store a new event; its number is assigned here (it is not part of ``body``)."""
+        return self.append_many([(topic, body)], boot_id)[0]
 
-    def append_many(
-        self, events: list[tuple[str, Callable[[int], dict[str, Any]]]], boot_id: str
-    ) -> list[StoredEvent]:
-        """Store events (topic, ``make_body(seq)``) in order, in one transaction.
+    def append_many(self, events: list[tuple[str, dict[str, Any]]], boot_id: str) -> list[StoredEvent]:
+        """Store events (topic, body) in order, numbered, in one transaction.
 
         One commit is one fsync: on an SD card that is 5-20 ms, so the detections of one engine
         pass (a hundred streams can fire on the same chunk) are committed together.
@@ -106,11 +104,14 @@ class Outbox:
         if not events:
             return []
         now = self._clock()
+        encoded = [json.dumps(body, ensure_ascii=False) for _, body in events]  # refused before numbering
         with self._lock:
             stored = [
-                StoredEvent(seq, topic, make_body(seq), now, boot_id)
-                for seq, (topic, make_body) in enumerate(events, start=self._next_seq)
-            ]  # a body that cannot be built uses up no numbers
+                StoredEvent(seq, topic, body, now, boot_id, text)
+                for seq, (topic, body), text in zip(
+                    range(self._next_seq, self._next_seq + len(events)), events, encoded, strict=True
+                )
+            ]
             self._next_seq += len(events)
             self._unwritten += stored
             self._write_unwritten(now)
@@ -211,7 +212,13 @@ class Outbox:
                 self._db.executemany(
                     "INSERT INTO events (seq, topic, body, created, boot_id) VALUES (?, ?, ?, ?, ?)",
                     [
-                        (e.seq, e.topic, json.dumps(e.body, ensure_ascii=False), e.created, e.boot_id)
+                        (
+                            e.seq,
+                            e.topic,
+                            e.text or json.dumps(e.body, ensure_ascii=False),
+                            e.created,
+                            e.boot_id,
+                        )
                         for e in self._unwritten
                     ],
                 )
@@ -299,189 +306,3 @@ class _Transaction:
         finally:
             if not self._durable:
                 self._db.execute("PRAGMA synchronous=FULL")
-
-
-class OutboxPublisher:
-    """Publishes outbox events in order while connected; deletes each on its PUBACK.
-
-    ``publish(event, replayed) -> mid`` hands one event to MQTT; acknowledgements come back
-    through :meth:`acknowledged`. Events already handed over stay in paho's session and are
-    re-sent by paho itself after a reconnect, so they are not published twice by us.
-
-    paho calls ``on_publish`` while holding its outgoing-message lock, and before it counts the
-    message out of its own window: so :meth:`acknowledged` only enqueues the message id. The
-    window is refilled by :meth:`refill`, which the network thread calls once it has read a
-    batch of packets, and otherwise by this publisher's own thread, which also deletes the
-    acknowledged events from the outbox. (Waking another thread for every refill costs up to a
-    switch interval, 5 ms, whenever the network thread is busy parsing audio: a hundred
-    detections need several refills.)
-    """
-
-    def __init__(
-        self,
-        outbox: Outbox,
-        publish: Callable[[StoredEvent, bool], int | None],
-        is_connected: Callable[[], bool],
-        boot_id: str,
-        live_window_seconds: float = 2.0,
-        window: Callable[[], int] = lambda: 20,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        """``window()``: how many events may await their PUBACK at a time (the broker's
-        Receive Maximum: a client that sends more is disconnected)."""
-        self._outbox = outbox
-        self._publish = publish
-        self._is_connected = is_connected
-        self._boot_id = boot_id
-        self._live_window = live_window_seconds
-        self._window = window
-        self._clock = clock
-        # Held while acknowledgements are taken and events handed over (either thread).
-        self._handing = threading.Lock()
-        self._in_flight: dict[int, int] = {}  # mid -> seq; under _handing
-        self._acknowledged: list[int] = []  # seqs acknowledged, not yet deleted from the outbox
-        self._last_handed = -1  # highest seq handed to MQTT in this run
-        self._handed = threading.Condition()  # notified when _last_handed grows
-        self._acks: queue.SimpleQueue[int] = queue.SimpleQueue()
-        self._refilled_by_reader = False  # set once refill() is called (the network thread does)
-        self._wake = threading.Event()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.published = 0
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="outbox-publisher", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 2.0) -> None:
-        self._stopping.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def notify(self) -> None:
-        """Something changed: a new event, a connection."""
-        self._wake.set()
-
-    def wait_handed_over(self, seq: int, timeout: float) -> bool:
-        """Block (at most ``timeout`` s) until the events up to ``seq`` are handed to MQTT.
-
-        The engine worker calls this after a batch of detections, so that while they go out
-        (in windows of the broker's Receive Maximum, each refilled on its PUBACKs) it holds
-        neither the GIL nor a core: the next chunk can wait a few milliseconds, a detection
-        should not. Returns whether they were all handed over in time.
-        """
-        with self._handed:
-            return self._handed.wait_for(lambda: self._last_handed >= seq, timeout)
-
-    def acknowledged(self, mid: int) -> None:
-        """Called on paho's network thread: enqueue only. This publisher's thread is woken only
-        while nothing calls :meth:`refill`; otherwise it deletes acknowledged events when it
-        wakes anyway (within 0.5 s), instead of competing with the refills for every PUBACK."""
-        self._acks.put(mid)
-        if not self._refilled_by_reader:
-            self._wake.set()
-
-    def refill(self) -> None:
-        """Hand over as many events as PUBACKs received so far made room for, on the calling
-        thread (the network thread, after reading). Never waits for the publisher thread: when
-        that one is busy handing over, it sees these acknowledgements itself."""
-        self._refilled_by_reader = True
-        if self._acks.empty() or self._stopping.is_set():
-            return
-        if not self._handing.acquire(blocking=False):
-            self._wake.set()  # it may have taken the acknowledgements before these arrived
-            return
-        try:
-            self._take_acknowledgements()
-            self._hand_over(wait_for_outbox=False)
-        except Exception:  # on the network thread: report, never raise into it
-            log.exception("outbox publisher failed to refill its window; its thread retries")
-            self._wake.set()
-        finally:
-            self._handing.release()
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._in_flight)
-
-    def flush(self, timeout: float) -> bool:
-        """Wait until everything stored so far is acknowledged (used at shutdown)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._outbox.depth() == 0:
-                return True
-            self._wake.set()
-            time.sleep(0.02)
-        return self._outbox.depth() == 0
-
-    def _run(self) -> None:
-        while not self._stopping.is_set():
-            self._wake.clear()
-            try:
-                with self._handing:
-                    self._take_acknowledgements()
-                    handed = self._hand_over()
-                    # PUBACKs that came in meanwhile: their room is used on the next round, at
-                    # once (refill() skipped them while this thread held the lock).
-                    handed += self._take_acknowledgements()
-                # Deleted once the next events are on their way, outside the lock: when a hundred
-                # streams fire at once, the window refills many times, and a delete between a
-                # PUBACK and the next publish would delay every later detection.
-                self._forget_acknowledged()
-            except Exception:  # the only thread that delivers detections: it must not die
-                log.exception("outbox publisher failed; retrying")
-                handed = 0
-            if not handed:
-                self._wake.wait(0.5)
-
-    def _take_acknowledgements(self) -> int:
-        """PUBACKs received so far free their place in the window (in memory only); returns
-        how many places they freed."""
-        freed = 0
-        while True:
-            try:
-                mid = self._acks.get_nowait()
-            except queue.Empty:
-                return freed
-            seq = self._in_flight.pop(mid, None)
-            if seq is not None:
-                self._acknowledged.append(seq)
-                freed += 1
-
-    def _forget_acknowledged(self) -> None:
-        """Delete the acknowledged events from the outbox, in one transaction."""
-        with self._handing:
-            seqs, self._acknowledged = self._acknowledged, []
-        if not seqs:
-            return
-        try:
-            self._outbox.remove(*seqs)
-        except BaseException:
-            with self._handing:  # deleted at the next try
-                self._acknowledged[:0] = seqs
-            raise
-        self.published += len(seqs)
-
-    def _hand_over(self, wait_for_outbox: bool = True) -> int:
-        """Publish what the window has room for; ``wait_for_outbox=False`` (the network thread):
-        when the outbox is busy, leave it to this publisher's thread instead of waiting."""
-        room = self._window() - len(self._in_flight)
-        if room <= 0 or not self._is_connected():
-            return 0
-        events = self._outbox.try_pending(self._last_handed, room, wait=wait_for_outbox)
-        if events is None:
-            self._wake.set()
-            return 0
-        handed = 0
-        for event in events:
-            replayed = event.boot_id != self._boot_id or self._clock() - event.created > self._live_window
-            mid = self._publish(event, replayed)
-            if mid is None:
-                break  # disconnected meanwhile; retried on the next wake-up
-            self._in_flight[mid] = event.seq
-            with self._handed:
-                self._last_handed = event.seq
-                self._handed.notify_all()
-            handed += 1
-        return handed

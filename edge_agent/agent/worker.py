@@ -1,11 +1,19 @@
-"""The inference worker: the one thread that runs detectors, fed through a bounded queue.
+"""The engine worker: the one thread that converts audio and runs every stream's detector.
 
-Network callbacks and audio sources only *submit* work (never block, never infer); this
-thread converts audio, runs each stream's detector in arrival order, answers whole-file
-requests, and closes streams that went quiet. A full queue refuses new work (counted and
-reported) instead of growing without bound. The worker is supervised: an exception while
-handling one item is reported for that item and the loop goes on; if the loop itself dies,
-``alive`` turns false and health shows it.
+Audio items arrive on a :class:`WorkQueue` (bounded: a full queue refuses audio, never blocks
+the thread that received it); detections leave on the detection sink's queue. The worker
+calls nobody back: it reports refused input to the :class:`ErrorReporter` it was given, and
+results go downstream as :class:`~edge_agent.agent.items.Detected` and
+:class:`~edge_agent.agent.items.StreamClosed` items.
+
+Each pass takes everything queued: audio is gathered per stream and run as one batched engine
+pass, flushed before any other item, so stream controls and configuration changes keep their
+place in the order things arrived. Everything that changes the worker's state (new keywords,
+mute, stream limits, a reloaded model) is itself an item on the queue, applied on this thread
+between two passes: no lock is needed around a detector.
+
+The worker is supervised: an exception while handling one item is reported for that item and
+the loop goes on; if the loop itself dies, ``alive`` turns false and health shows it.
 """
 
 from __future__ import annotations
@@ -14,243 +22,134 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass, field, replace
+from typing import Protocol
 
-import numpy as np
-
-from edge_agent.audio.pcm import AudioFormatError, PcmConverter, PcmFormat, level_dbfs
-from edge_agent.audio.wav import WavError, parse_wav, to_mono_16k
+from edge_agent.agent.errors import ErrorReporter
+from edge_agent.agent.items import (
+    AudioItem,
+    Detected,
+    EngineSettings,
+    PcmChunk,
+    RecordingRequest,
+    SampleChunk,
+    StreamClosed,
+    StreamEnd,
+    StreamStart,
+    WavChunk,
+    is_network_kind,
+)
+from edge_agent.agent.streams import StreamSnapshot, StreamState
+from edge_agent.audio.pcm import AudioFormatError, PcmFormat
+from edge_agent.audio.wav import WavError
 from edge_agent.engine.decoder import CompiledKeyword, Detection
-from edge_agent.engine.detector import KeywordDetector, feed_many
-from edge_agent.engine.features import SAMPLE_RATE_HZ
-from edge_agent.engine.model import DecoderSettings, KwsModel
+from edge_agent.engine.detector import feed_many
+from edge_agent.engine.model import KwsModel
+from edge_agent.recording import RecordingResult, detect_recording, load_recording
 
 log = logging.getLogger(__name__)
 
-# Time constant of the input level reported in health (seconds).
-_LEVEL_SECONDS = 1.0
-# A stream whose audio arrives this much later than its length explains has lost audio (s).
-GAP_SECONDS = 1.0
-# Most queued items taken into one batch.
+# Most queued items taken into one pass.
 _MAX_BATCH_ITEMS = 4096
-
-
-# --- work items ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PcmChunk:
-    """Raw PCM bytes of an MQTT stream; ``fmt`` when the message declared its format."""
-
-    stream: str
-    data: bytes
-    received_at: float
-    topic: str
-    fmt: PcmFormat | None = None
+# How often an idle worker looks for streams that went quiet (seconds).
+_IDLE_CHECK_SECONDS = 0.5
+# After a batch of detections the worker waits at most this long for the sink to hand them to
+# MQTT before analysing more audio: while they go out (several windows of the broker's Receive
+# Maximum when many streams fire at once) it holds neither the GIL nor a core ...
+_HAND_OVER_WAIT_SECONDS = 0.1
+# ... and after such a wait timed out (a broker that stopped acknowledging), it does not wait at
+# all for this long: it must not lose a tenth of a second on every chunk.
+_NO_WAIT_AFTER_TIMEOUT_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
-class SampleChunk:
-    """16 kHz mono samples from a local source (microphone, file)."""
-
-    stream: str
-    kind: str
-    samples: np.ndarray
-    captured_at: float
-    final: bool = False
-
-
-@dataclass(frozen=True)
-class StreamControlItem:
-    stream: str
-    action: str  # "start" | "end"
-    topic: str
-    fmt: PcmFormat | None = None
-
-
-@dataclass(frozen=True)
-class FileRequest:
-    """A whole WAV file to scan; ``reply(result)`` is called on the worker thread."""
-
-    wav: bytes
-    source: str
-    reply: Callable[[dict[str, Any]], None]
-
-
-@dataclass(frozen=True)
-class CallItem:
-    """Run ``action`` on the worker thread, between audio chunks (configuration changes)."""
+class _Apply:
+    """Run ``action`` on the worker thread, then set ``done``."""
 
     action: Callable[[], None]
+    done: threading.Event = field(default_factory=threading.Event)
 
 
-WorkItem = PcmChunk | SampleChunk | StreamControlItem | FileRequest | CallItem
+_Item = AudioItem | RecordingRequest | _Apply
 
 
-def _item_bytes(item: WorkItem) -> int:
-    if isinstance(item, PcmChunk):
-        return len(item.data)
-    if isinstance(item, SampleChunk):
-        return int(item.samples.nbytes)
-    if isinstance(item, FileRequest):
-        return len(item.wav)
-    return 0
+def _item_bytes(item: _Item) -> int:
+    return int(getattr(item, "nbytes", 0))
 
 
-@dataclass(frozen=True)
-class Found:
-    """A detection with the stream it was made on and the wall time of the keyword's end."""
+class WorkQueue:
+    """The worker's inbox, bounded in bytes of audio (a 20 ms chunk and a 60 s file differ
+    3000-fold, so items are not the unit). Controls and configuration changes carry no audio
+    and are always admitted. Any thread may put; only the worker takes."""
 
-    stream: StreamState
-    detection: Detection
-    wall_end: float
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._bytes = 0
+        self.high_water = 0
+        self.refused = 0
 
+    def put(self, item: _Item) -> bool:
+        """Queue ``item`` unless its audio would overflow the bound; never blocks."""
+        size = _item_bytes(item)
+        with self._lock:
+            if size and self._bytes + size > self.max_bytes:
+                self.refused += 1
+                return False
+            self._bytes += size
+            self.high_water = max(self.high_water, self._bytes)
+        self._queue.put(item)
+        return True
 
-class WorkerEvents(Protocol):
-    """What the worker reports to the agent (called on the worker thread)."""
+    def close(self) -> None:
+        self._queue.put(None)
 
-    def detected(self, found: list[Found]) -> None:
-        """The detections of one engine pass (or one finished stream), in order."""
+    def take(self, timeout: float) -> list[_Item | None]:
+        """Everything waiting (at least one item, or none after ``timeout``)."""
+        try:
+            batch = [self._queue.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while len(batch) < _MAX_BATCH_ITEMS:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
 
-    def refuse(
-        self, code: str, message: str, topic: str | None = None, stream: str | None = None
-    ) -> None: ...
-
-    def stream_closed(self, stream: str) -> None: ...
-
-
-# --- per-stream state ------------------------------------------------------------------------
-
-
-@dataclass
-class StreamCounters:
-    audio_seconds: float = 0.0
-    chunks: int = 0
-    dropped_chunks: int = 0
-    processing_seconds: float = 0.0
-    last_audio: float | None = None  # wall clock
-    level_power: float | None = None  # smoothed mean square, 16-bit units
-    detections: int = 0
-    errors: int = 0
-    gaps: int = 0
-    gap_seconds: float = 0.0
-
-    def rtf(self) -> float | None:
-        return self.processing_seconds / self.audio_seconds if self.audio_seconds > 0 else None
-
-
-class StreamState:
-    """One audio stream: its detector, its format converter, its counters, its clock."""
-
-    def __init__(self, stream_id: str, kind: str, detector: KeywordDetector, fmt: PcmFormat | None) -> None:
-        self.id = stream_id
-        self.kind = kind
-        self.detector = detector
-        self.converter = PcmConverter(fmt) if fmt is not None else None
-        self.counters = StreamCounters()
-        self.last_activity = time.monotonic()
-        # (samples fed so far, wall time of the last of them): maps stream time to wall time.
-        self._clock_marks: deque[tuple[int, float]] = deque(maxlen=256)
-        self._samples_fed = 0
-        self._pending: list[np.ndarray] = []
-        self._clock_offset: float | None = None
-
-    def append(self, samples: np.ndarray, captured_at: float) -> float:
-        """Queue converted audio for the next batch; counters and clock are updated now.
-
-        Returns the seconds of audio missing before this chunk (0.0 normally): arrival time
-        minus stream position stays constant for a real-time sender, and jumps by the length
-        of whatever was lost on the way (a broker restart, a network outage).
-        """
-        gap = 0.0
-        offset = captured_at - (self._samples_fed + samples.shape[0]) / SAMPLE_RATE_HZ
-        if self._clock_offset is not None and offset - self._clock_offset > GAP_SECONDS:
-            gap = offset - self._clock_offset
-            self.counters.gaps += 1
-            self.counters.gap_seconds += gap
-        self._clock_offset = offset
-        self._samples_fed += samples.shape[0]
-        self._clock_marks.append((self._samples_fed, captured_at))
-        self._pending.append(samples)
-        self._account(samples, captured_at)
-        return gap
-
-    def take_pending(self) -> np.ndarray:
-        pending, self._pending = self._pending, []
-        if len(pending) == 1:
-            return pending[0]
-        return np.concatenate(pending) if pending else np.zeros(0, np.float32)
+    def release(self, item: _Item) -> None:
+        size = _item_bytes(item)
+        if size:
+            with self._lock:
+                self._bytes -= size
 
     @property
-    def has_pending(self) -> bool:
-        return bool(self._pending)
+    def queued_bytes(self) -> int:
+        return self._bytes
 
-    def finish(self) -> list[Detection]:
-        tail = self.converter.finish() if self.converter is not None else np.zeros(0, np.float32)
-        if tail.size:
-            self._samples_fed += tail.shape[0]
-        audio = np.concatenate([self.take_pending(), tail])
-        detections = self.detector.feed(audio) if audio.size else []
-        detections += self.detector.finish()
-        # Walls are computed before the reset of the clock marks.
-        return detections
-
-    def restart(self, fmt: PcmFormat | None) -> None:
-        """A new stream under the same id: fresh detector state and clock, new format."""
-        self.detector.reset()
-        self.converter = PcmConverter(fmt) if fmt is not None else None
-        self._clock_marks.clear()
-        self._samples_fed = 0
-        self._pending = []
-        self._clock_offset = None
-
-    def wall_time(self, stream_seconds: float) -> float:
-        """Wall-clock time at ``stream_seconds`` into the stream (from arrival times)."""
-        target = int(round(stream_seconds * SAMPLE_RATE_HZ))
-        for fed, wall in self._clock_marks:
-            if fed >= target:
-                return wall - (fed - target) / SAMPLE_RATE_HZ
-        if self._clock_marks:
-            fed, wall = self._clock_marks[-1]
-            return wall - (fed - target) / SAMPLE_RATE_HZ
-        return time.time()
-
-    def _account(self, samples: np.ndarray, captured_at: float) -> None:
-        counters = self.counters
-        seconds = samples.shape[0] / SAMPLE_RATE_HZ
-        counters.audio_seconds += seconds
-        counters.chunks += 1
-        counters.last_audio = captured_at
-        self.last_activity = time.monotonic()
-        if samples.size:
-            power = float(np.dot(samples, samples)) / samples.shape[0]
-            weight = min(1.0, seconds / _LEVEL_SECONDS)
-            previous = counters.level_power
-            counters.level_power = power if previous is None else previous + weight * (power - previous)
-
-    def level(self) -> float | None:
-        power = self.counters.level_power
-        if power is None:
-            return None
-        return level_dbfs(np.array([np.sqrt(power)], dtype=np.float64))
+    def __len__(self) -> int:
+        return self._queue.qsize()
 
 
-# --- the worker ------------------------------------------------------------------------------
+class ResultSink(Protocol):
+    """Where the worker's results go (the detection sink's queue)."""
+
+    def put(self, results: list[Detected | StreamClosed]) -> int:
+        """Queue results; returns a ticket for :meth:`wait_handed_over`."""
+
+    def wait_handed_over(self, ticket: int, timeout: float) -> bool:
+        """Whether the sink handed everything up to ``ticket`` on within ``timeout``."""
 
 
 @dataclass
 class WorkerStats:
     items: int = 0
-    refused_items: int = 0
     item_errors: int = 0
     streams_opened: int = 0
     streams_closed: int = 0
     muted_seconds: float = 0.0
-    queue_high_water: int = 0
-    refusals: dict[str, int] = field(default_factory=dict)
 
 
 class EngineWorker:
@@ -259,145 +158,94 @@ class EngineWorker:
     def __init__(
         self,
         model: KwsModel,
-        keywords: Sequence[CompiledKeyword],
-        settings: DecoderSettings,
-        events: WorkerEvents,
-        *,
-        max_streams: int = 64,
-        idle_timeout: float = 10.0,
-        max_queued_bytes: int = 64 * 1024 * 1024,
+        settings: EngineSettings,
+        inbox: WorkQueue,
+        results: ResultSink,
+        errors: ErrorReporter,
     ) -> None:
         self._model = model
-        self._keywords = list(keywords)
         self._settings = settings
-        self._events = events
-        self.max_streams = max_streams
-        self.idle_timeout = idle_timeout
-        # Bounded by bytes, not items: a 20 ms chunk and a 60 s file request differ 3000-fold.
-        self._queue: queue.Queue[WorkItem | None] = queue.Queue()
-        self.max_queued_bytes = max_queued_bytes
-        self._queued_bytes = 0
-        self._queued_lock = threading.Lock()
+        self._inbox = inbox
+        self._results = results
+        self._errors = errors
         self._streams: dict[str, StreamState] = {}
+        self._streams_lock = threading.Lock()  # the dict only: other threads take snapshots
         self._recently_closed: dict[str, float] = {}  # stream id -> wall time of its last audio
-        self._streams_lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._stopped = threading.Event()
+        self._no_wait_until = 0.0
         self.stats = WorkerStats()
-        self.muted = False
         self.alive = False
         self.last_error: str | None = None
 
-    # --- submitting (any thread, never blocks) ------------------------------------------
-    def submit(self, item: WorkItem) -> bool:
-        size = _item_bytes(item)
-        with self._queued_lock:
-            if self._queued_bytes + size > self.max_queued_bytes and not isinstance(item, CallItem):
-                self.stats.refused_items += 1
-                return False
-            self._queued_bytes += size
-            if self._queued_bytes > self.stats.queue_high_water:
-                self.stats.queue_high_water = self._queued_bytes
-        self._queue.put_nowait(item)
-        return True
-
-    @property
-    def queue_depth(self) -> int:
-        return self._queue.qsize()
-
-    @property
-    def queued_bytes(self) -> int:
-        return self._queued_bytes
-
-    # --- lifecycle -------------------------------------------------------------------------
+    # --- lifecycle (any thread) ------------------------------------------------------------
     def start(self) -> None:
-        self._stopped.clear()
         self.alive = True
         self._thread = threading.Thread(target=self._run, name="engine-worker", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 5.0, finish_streams: bool = True) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
         """Process what is queued, finish every stream (their last detections), stop."""
         if self._thread is None:
             return
-        if finish_streams:
-            self._queue.put(CallItem(self._finish_all))
-        self._queue.put(None)
+        self._inbox.put(_Apply(self._finish_all))
+        self._inbox.close()
         self._thread.join(timeout)
         self._thread = None
 
+    def call(self, action: Callable[[], None], timeout: float) -> bool:
+        """Run ``action`` on the worker thread after everything queued before it; wait for it.
+        Returns False when it did not run within ``timeout`` (a dead or wedged worker)."""
+        item = _Apply(action)
+        self._inbox.put(item)
+        return item.done.wait(timeout)
+
     def drain(self, timeout: float = 10.0) -> bool:
-        """Block until everything submitted so far has been processed (tests, shutdown)."""
-        done = threading.Event()
-        deadline = time.monotonic() + timeout
-        while not self.submit(CallItem(done.set)):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.01)
-        return done.wait(max(0.0, deadline - time.monotonic()))
+        """Wait until everything queued so far has been processed."""
+        return self.call(lambda: None, timeout)
 
-    # --- configuration (applied on the worker thread) -------------------------------------
-    def set_keywords(
-        self, keywords: Sequence[CompiledKeyword], settings: DecoderSettings | None = None
-    ) -> None:
-        """New keywords (and decoder settings) for every stream, from the next chunk on."""
+    def apply(self, settings: EngineSettings, timeout: float = 10.0) -> bool:
+        """New keywords, decoder settings, mute and limits, from the next chunk on (waits)."""
+        return self.call(lambda: self._apply(settings), timeout)
 
-        def apply() -> None:
-            self._keywords = list(keywords)
-            if settings is not None:
-                self._settings = settings
-            for stream in self.streams():
-                stream.detector.set_keywords(self._keywords, settings)
-
-        self._queue.put(CallItem(apply))
-
-    def replace_model(self, model: KwsModel, keywords: Sequence[CompiledKeyword]) -> None:
+    def replace_model(
+        self, model: KwsModel, keywords: Sequence[CompiledKeyword], timeout: float = 10.0
+    ) -> bool:
         """A reloaded model: every stream gets a fresh detector (their state cannot carry over)."""
 
         def apply() -> None:
             self._model = model
-            self._keywords = list(keywords)
-            for stream in self.streams():
-                stream.detector = model.detector(self._keywords, self._settings)
-                stream.restart(stream.converter.format if stream.converter else None)
+            self._settings = replace(self._settings, keywords=tuple(keywords))
+            for stream in self._stream_list():
+                stream.detector = model.detector(self._settings.keywords, self._settings.decoder)
+                stream.restart(stream.format)
 
-        self._queue.put(CallItem(apply))
+        return self.call(apply, timeout)
+
+    # --- reading (any thread) --------------------------------------------------------------
+    @property
+    def settings(self) -> EngineSettings:
+        return self._settings
 
     @property
     def keywords(self) -> list[CompiledKeyword]:
-        return list(self._keywords)
+        return list(self._settings.keywords)
 
-    def set_muted(self, muted: bool) -> None:
-        def apply() -> None:
-            if self.muted and not muted:
-                # Audio was skipped while muted: every stream starts afresh.
-                for stream in self.streams():
-                    stream.restart(stream.converter.format if stream.converter else None)
-            self.muted = muted
+    @property
+    def muted(self) -> bool:
+        return self._settings.muted
 
-        self._queue.put(CallItem(apply))
+    def snapshots(self) -> list[StreamSnapshot]:
+        return [stream.snapshot() for stream in self._stream_list()]
 
-    def streams(self) -> list[StreamState]:
+    def stream_ids(self) -> list[str]:
         with self._streams_lock:
-            return list(self._streams.values())
+            return list(self._streams)
 
-    # --- the loop --------------------------------------------------------------------------
+    # --- the loop ----------------------------------------------------------------------------
     def _run(self) -> None:
         try:
             while True:
-                try:
-                    first = self._queue.get(timeout=0.5)
-                except queue.Empty:
-                    self._close_idle_streams()
-                    continue
-                batch = [first]
-                # Everything already waiting joins this batch: when the worker falls behind, the
-                # batches grow and the per-chunk overhead shrinks, instead of the delay growing.
-                while len(batch) < _MAX_BATCH_ITEMS:
-                    try:
-                        batch.append(self._queue.get_nowait())
-                    except queue.Empty:
-                        break
+                batch = self._inbox.take(_IDLE_CHECK_SECONDS)
                 if not self._process(batch):
                     return
                 self._close_idle_streams()
@@ -408,41 +256,88 @@ class EngineWorker:
         finally:
             self.alive = False
 
-    def _process(self, batch: list[WorkItem | None]) -> bool:
-        """Handle a batch in order. Audio is gathered per stream and run as one engine pass,
-        flushed before any other item, so controls and configuration changes keep their place.
-        Returns False at the stop sentinel."""
+    def _process(self, batch: list[_Item | None]) -> bool:
+        """Handle a batch in order; returns False at the stop sentinel."""
         waiting: dict[str, StreamState] = {}
-        for item in batch:
-            if item is None:
-                self._run_audio(waiting)
-                return False
-            with self._queued_lock:
-                self._queued_bytes -= _item_bytes(item)
-            self.stats.items += 1
-            try:
-                if isinstance(item, PcmChunk):
-                    self._gather_pcm(item, waiting)
-                elif isinstance(item, SampleChunk):
-                    self._gather_samples(item, waiting)
-                else:
-                    self._run_audio(waiting)
-                    self._handle(item)
-            except Exception as error:  # noqa: BLE001 - one bad item must not stop the worker
-                self._item_failed(getattr(item, "stream", None), error)
-        self._run_audio(waiting)
-        return True
-
-    def _item_failed(self, stream: str | None, error: Exception) -> None:
-        self.stats.item_errors += 1
-        self.last_error = f"{type(error).__name__}: {error}"
-        log.exception("worker failed (stream %s)", stream)
+        found: list[Detected | StreamClosed] = []
         try:
-            self._events.refuse("internal_error", self.last_error, stream=stream)
-        except Exception:
-            log.exception("could not report a worker error")
+            for item in batch:
+                if item is None:
+                    self._run_audio(waiting, found)
+                    return False
+                self._inbox.release(item)
+                self.stats.items += 1
+                try:
+                    if isinstance(item, (PcmChunk, WavChunk, SampleChunk)):
+                        self._gather(item, waiting, found)
+                    else:
+                        self._run_audio(waiting, found)
+                        self._handle(item, found)
+                except Exception as error:  # noqa: BLE001 - one bad item must not stop the worker
+                    self._item_failed(getattr(item, "stream", None), error)
+            self._run_audio(waiting, found)
+            return True
+        finally:
+            self._emit(found)
 
-    def _run_audio(self, waiting: dict[str, StreamState]) -> None:
+    def _handle(self, item: _Item, found: list[Detected | StreamClosed]) -> None:
+        if isinstance(item, StreamStart):
+            existing = self._streams.get(item.stream)
+            if existing is not None:
+                self._found(existing, existing.finish(), found)
+                existing.restart(item.fmt)
+            else:
+                self._open(item.stream, item.kind, item.fmt, item.origin)
+        elif isinstance(item, StreamEnd):
+            existing = self._streams.get(item.stream)
+            if existing is not None:
+                self._close(existing, found)
+        elif isinstance(item, RecordingRequest):
+            item.reply(self._scan(item))
+        elif isinstance(item, _Apply):
+            try:
+                item.action()
+            finally:
+                item.done.set()
+
+    def _gather(
+        self, item: PcmChunk | WavChunk | SampleChunk, waiting: dict[str, StreamState], found: list
+    ) -> None:
+        fmt = (item.fmt or PcmFormat()) if isinstance(item, PcmChunk) else None
+        stream = self._open(item.stream, item.kind, fmt, item.origin)
+        if stream is None:
+            return
+        if self._settings.muted:
+            self.stats.muted_seconds += item.seconds
+            if isinstance(item, SampleChunk) and item.final:
+                stream.restart(None)  # the stream ended while muted: the next one starts afresh
+            return
+        if isinstance(item, SampleChunk):
+            samples, at = item.samples, item.captured_at
+        else:
+            try:
+                samples = stream.convert(item)
+            except (WavError, AudioFormatError) as error:
+                self._errors.report("bad_wav", str(error), topic=item.origin, stream=item.stream)
+                return
+            at = item.received_at
+        gap = stream.append(samples, at)
+        waiting[stream.id] = stream
+        if gap and not isinstance(item, SampleChunk):
+            self._errors.report(
+                "audio_gap",
+                f"audio arrived {gap:.1f} s later than the stream's own length allows: audio sent "
+                "meanwhile was probably lost (broker restart, network outage) or the sender paused; "
+                "detection goes on from here",
+                topic=item.origin,
+                stream=stream.id,
+            )
+        if isinstance(item, SampleChunk) and item.final:
+            self._run_audio(waiting, found)
+            self._found(stream, stream.finish(), found)
+            stream.restart(None)
+
+    def _run_audio(self, waiting: dict[str, StreamState], found: list[Detected | StreamClosed]) -> None:
         """One batched engine pass over the audio gathered per stream."""
         streams = [stream for stream in waiting.values() if stream.has_pending]
         waiting.clear()
@@ -457,170 +352,133 @@ class EngineWorker:
             return
         elapsed = time.perf_counter() - started
         total = sum(chunk.shape[0] for chunk in chunks) or 1
-        found = []
         for stream, chunk, detections in zip(streams, chunks, results, strict=True):
             stream.counters.processing_seconds += elapsed * chunk.shape[0] / total
-            found += self._found(stream, detections)
-        if found:
-            self._events.detected(found)
+            self._found(stream, detections, found)
 
-    def _handle(self, item: WorkItem) -> None:
-        if isinstance(item, StreamControlItem):
-            self._handle_control(item)
-        elif isinstance(item, FileRequest):
-            item.reply(self.scan_wav(item.wav, item.source))
-        elif isinstance(item, CallItem):
-            item.action()
+    def _emit(self, found: list[Detected | StreamClosed]) -> None:
+        """Results of a pass downstream; then, if it held detections, a short bounded wait
+        for the sink to hand them on (see :data:`_HAND_OVER_WAIT_SECONDS`)."""
+        if not found:
+            return
+        ticket = self._results.put(found)
+        if not any(isinstance(result, Detected) for result in found):
+            return
+        now = time.monotonic()
+        if now < self._no_wait_until:
+            return
+        if not self._results.wait_handed_over(ticket, _HAND_OVER_WAIT_SECONDS):
+            self._no_wait_until = now + _NO_WAIT_AFTER_TIMEOUT_SECONDS
 
-    def _stream(
-        self, stream_id: str, kind: str, fmt: PcmFormat | None, topic: str | None
-    ) -> StreamState | None:
+    # --- streams ---------------------------------------------------------------------------
+    def _stream_list(self) -> list[StreamState]:
+        with self._streams_lock:
+            return list(self._streams.values())
+
+    def _open(self, stream_id: str, kind: str, fmt: PcmFormat | None, origin: str) -> StreamState | None:
+        """The stream's state, opened on first sight within the limits; None when refused."""
         stream = self._streams.get(stream_id)
         if stream is not None:
             if stream.kind != kind:
-                self._refuse(
+                self._errors.report(
                     "stream_conflict",
                     f"stream id {stream_id!r} is already used by a {stream.kind} source",
-                    topic,
-                    stream_id,
+                    topic=origin,
+                    stream=stream_id,
                 )
                 return None
             return stream
-        if kind == "mqtt" and sum(1 for s in self._streams.values() if s.kind == "mqtt") >= self.max_streams:
-            self._refuse(
+        limit = self._settings.max_streams
+        if is_network_kind(kind) and sum(1 for s in self._streams.values() if s.kind == kind) >= limit:
+            self._errors.report(
                 "too_many_streams",
-                f"already {self.max_streams} MQTT audio streams (audio.mqtt.max_streams); stream refused",
-                topic,
-                stream_id,
+                f"already {limit} {kind} audio streams (audio.mqtt.max_streams); stream refused",
+                topic=origin,
+                stream=stream_id,
             )
             return None
         closed_at = self._recently_closed.pop(stream_id, None)
-        if closed_at is not None and topic is not None:
+        if closed_at is not None:
             pause = time.time() - closed_at
-            self._refuse(
+            self._errors.report(
                 "audio_gap",
                 f"stream resumed {pause:.1f} s after it went quiet and was closed; it starts afresh "
                 "(audio sent meanwhile was lost?)",
-                topic,
-                stream_id,
+                topic=origin,
+                stream=stream_id,
             )
-        detector = self._model.detector(self._keywords, self._settings)
-        stream = StreamState(stream_id, kind, detector, fmt)
+        settings = self._settings
+        stream = StreamState(stream_id, kind, self._model.detector(settings.keywords, settings.decoder), fmt)
         with self._streams_lock:
             self._streams[stream_id] = stream
         self.stats.streams_opened += 1
         log.info("stream %s (%s) opened", stream_id, kind)
         return stream
 
-    def _gather_pcm(self, item: PcmChunk, waiting: dict[str, StreamState]) -> None:
-        stream = self._stream(item.stream, "mqtt", item.fmt or PcmFormat(), item.topic)
-        if stream is None:
-            return
-        if self.muted:
-            self.stats.muted_seconds += len(item.data) / (item.fmt or PcmFormat()).bytes_per_second
-            return
-        if item.fmt is not None and (stream.converter is None or stream.converter.format != item.fmt):
-            # A chunk declaring a different format: convert from here on; keep detector state.
-            stream.converter = PcmConverter(item.fmt)
-        if stream.converter is None:
-            stream.converter = PcmConverter(PcmFormat())
-        gap = stream.append(stream.converter.convert(item.data), item.received_at)
-        waiting[stream.id] = stream
-        if gap:
-            self._refuse(
-                "audio_gap",
-                f"audio arrived {gap:.1f} s later than the stream's own length allows: audio sent "
-                "meanwhile was probably lost (broker restart, network outage) or the sender paused; "
-                "detection goes on from here",
-                item.topic,
-                stream.id,
-            )
-
-    def _gather_samples(self, item: SampleChunk, waiting: dict[str, StreamState]) -> None:
-        stream = self._stream(item.stream, item.kind, None, None)
-        if stream is None:
-            return
-        if self.muted:
-            self.stats.muted_seconds += item.samples.shape[0] / SAMPLE_RATE_HZ
-            if item.final:
-                stream.restart(None)  # the stream ended while muted: the next one starts afresh
-            return
-        stream.append(item.samples, item.captured_at)
-        waiting[stream.id] = stream
-        if item.final:
-            self._run_audio(waiting)
-            self._emit(stream, stream.finish())
-            stream.restart(None)
-
-    def _handle_control(self, item: StreamControlItem) -> None:
-        if item.action == "start":
-            existing = self._streams.get(item.stream)
-            if existing is not None:
-                self._emit(existing, existing.finish())
-                existing.restart(item.fmt or PcmFormat())
-            else:
-                self._stream(item.stream, "mqtt", item.fmt or PcmFormat(), item.topic)
-        elif item.action == "end":
-            existing = self._streams.get(item.stream)
-            if existing is not None:
-                self._close(existing)
-
-    def _close(self, stream: StreamState, idle: bool = False) -> None:
-        self._emit(stream, stream.finish())
+    def _close(self, stream: StreamState, found: list[Detected | StreamClosed], idle: bool = False) -> None:
+        self._found(stream, stream.finish(), found)
         with self._streams_lock:
             self._streams.pop(stream.id, None)
         if idle:
             # Remembered (boundedly) so that a stream coming back after an outage is reported.
-            if len(self._recently_closed) > 10 * self.max_streams:
+            if len(self._recently_closed) > 10 * self._settings.max_streams:
                 self._recently_closed.clear()
             self._recently_closed[stream.id] = stream.counters.last_audio or time.time()
         self.stats.streams_closed += 1
         log.info("stream %s closed after %.1f s of audio", stream.id, stream.counters.audio_seconds)
-        self._events.stream_closed(stream.id)
+        found.append(StreamClosed(stream.id, stream.kind))
 
     def _close_idle_streams(self) -> None:
         now = time.monotonic()
-        for stream in self.streams():
+        found: list[Detected | StreamClosed] = []
+        for stream in self._stream_list():
             # Local sources (microphone, files) are continuous by nature; streams that arrive
             # over the network end by going quiet.
-            if stream.kind in ("mqtt", "hermes") and now - stream.last_activity > self.idle_timeout:
-                self._close(stream, idle=True)
+            if is_network_kind(stream.kind) and now - stream.last_activity > self._settings.idle_timeout:
+                self._close(stream, found, idle=True)
+        self._emit(found)
 
     def _finish_all(self) -> None:
-        for stream in self.streams():
-            if stream.kind == "mqtt":
-                self._close(stream)
+        found: list[Detected | StreamClosed] = []
+        for stream in self._stream_list():
+            if is_network_kind(stream.kind):
+                self._close(stream, found)
             else:
-                self._emit(stream, stream.finish())
-
-    def _emit(self, stream: StreamState, detections: list[Detection]) -> None:
-        found = self._found(stream, detections)
-        if found:
-            self._events.detected(found)
+                self._found(stream, stream.finish(), found)
+        self._emit(found)
 
     @staticmethod
-    def _found(stream: StreamState, detections: list[Detection]) -> list[Found]:
+    def _found(
+        stream: StreamState, detections: list[Detection], found: list[Detected | StreamClosed]
+    ) -> None:
         stream.counters.detections += len(detections)
-        return [Found(stream, detection, stream.wall_time(detection.end)) for detection in detections]
+        for detection in detections:
+            found.append(Detected(stream.id, stream.kind, detection, stream.wall_time(detection.end)))
 
-    def _refuse(self, code: str, message: str, topic: str | None, stream: str | None) -> None:
-        self.stats.refusals[code] = self.stats.refusals.get(code, 0) + 1
-        self._events.refuse(code, message, topic=topic, stream=stream)
+    # --- configuration (worker thread) -------------------------------------------------------
+    def _apply(self, settings: EngineSettings) -> None:
+        old = self._settings
+        if settings.keywords != old.keywords or settings.decoder != old.decoder:
+            for stream in self._stream_list():
+                stream.detector.set_keywords(list(settings.keywords), settings.decoder)
+        if old.muted and not settings.muted:
+            # Audio was skipped while muted: every stream starts afresh.
+            for stream in self._stream_list():
+                stream.restart(stream.format)
+        self._settings = settings
 
-    # --- whole files ---------------------------------------------------------------------
-    def scan_wav(self, wav: bytes, source: str) -> dict[str, Any]:
-        """Detections in one WAV file with a fresh detector; errors are a result, not raised."""
-        started = time.perf_counter()
+    # --- whole recordings --------------------------------------------------------------------
+    def _scan(self, request: RecordingRequest) -> RecordingResult | WavError:
+        """One recording with a fresh detector; a bad recording is a result, not an exception."""
         try:
-            samples = to_mono_16k(parse_wav(wav, source=source))
-        except (WavError, AudioFormatError) as error:
-            return {"ok": False, "error": str(error)}
-        detector = self._model.detector(self._keywords, self._settings)
-        detections = detector.finish(samples)  # the whole recording in one pass
-        return {
-            "ok": True,
-            "detected": bool(detections),
-            "detections": [d.to_dict() for d in detections],
-            "duration_s": round(samples.shape[0] / SAMPLE_RATE_HZ, 3),
-            "processing_ms": round((time.perf_counter() - started) * 1000, 2),
-        }
+            samples = load_recording(request.wav, name=request.source)
+        except WavError as error:
+            return error
+        settings = self._settings
+        return detect_recording(self._model, settings.keywords, settings.decoder, samples)
+
+    def _item_failed(self, stream: str | None, error: Exception) -> None:
+        self.stats.item_errors += 1
+        self.last_error = f"{type(error).__name__}: {error}"
+        log.exception("worker failed (stream %s)", stream)
+        self._errors.report("internal_error", self.last_error, stream=stream)

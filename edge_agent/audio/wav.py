@@ -34,7 +34,7 @@ from typing import Literal
 
 import numpy as np
 
-from edge_agent.audio.resample import resample
+from edge_agent.audio.resample import Resampler, resample
 
 TARGET_SAMPLE_RATE_HZ = 16_000
 MIN_SAMPLE_RATE_HZ = 1_000
@@ -131,6 +131,22 @@ def parse_wav(data: bytes | bytearray | memoryview, *, source: str = "<bytes>") 
         raise WavError(f"{source}: {refusal}") from None
 
 
+def wav_info(data: bytes | bytearray | memoryview, *, source: str = "<bytes>") -> WavInfo:
+    """What a WAV payload holds (format, frames), checked as :func:`parse_wav` checks it but
+    without decoding a sample: cheap enough for a network thread."""
+    try:
+        fmt, payload = _locate(memoryview(data).cast("B"))
+    except _Refusal as refusal:
+        raise WavError(f"{source}: {refusal}") from None
+    return WavInfo(
+        sample_rate=fmt.sample_rate,
+        channels=fmt.channels,
+        bits_per_sample=fmt.bits_per_sample,
+        encoding=fmt.encoding,
+        frames=len(payload) // fmt.frame_bytes,
+    )
+
+
 def to_mono_16k(audio: DecodedAudio) -> np.ndarray:
     """The agent's audio contract: float32 mono at 16 kHz in 16-bit units.
 
@@ -145,6 +161,36 @@ def to_mono_16k(audio: DecodedAudio) -> np.ndarray:
     if audio.info.sample_rate == TARGET_SAMPLE_RATE_HZ:
         return mono
     return resample(mono, audio.info.sample_rate, TARGET_SAMPLE_RATE_HZ)
+
+
+class WavFrameConverter:
+    """A stream whose chunks are each a complete small WAV file (Rhasspy's Hermes audio frames)
+    to the agent's 16 kHz mono. 16 kHz frames convert exactly; other rates go through one
+    resampler that keeps its state from frame to frame (so frame edges do not click), made anew
+    when the rate changes. Every frame's header is read: a sender may change its format."""
+
+    def __init__(self) -> None:
+        self._resampler: Resampler | None = None
+
+    def convert(self, data: bytes, source: str) -> np.ndarray:
+        """Raises :class:`WavError` for a frame that cannot be decoded."""
+        decoded = parse_wav(data, source=source)
+        rate = decoded.info.sample_rate
+        if rate == TARGET_SAMPLE_RATE_HZ:
+            self._resampler = None
+            return to_mono_16k(decoded)
+        frames = decoded.samples
+        mono = frames[:, 0] if frames.shape[1] == 1 else frames.mean(axis=1, dtype=np.float64)
+        if self._resampler is None or self._resampler.input_rate != rate:
+            self._resampler = Resampler(rate, TARGET_SAMPLE_RATE_HZ)
+        return np.ascontiguousarray(self._resampler.process(mono.astype(np.float32)), dtype=np.float32)
+
+    def finish(self) -> np.ndarray:
+        """The resampler's tail at the end of the stream."""
+        resampler, self._resampler = self._resampler, None
+        if resampler is None:
+            return np.zeros(0, dtype=np.float32)
+        return resampler.flush().astype(np.float32)
 
 
 def encode_wav(samples: np.ndarray, sample_rate: int = TARGET_SAMPLE_RATE_HZ) -> bytes:
@@ -182,6 +228,12 @@ class _Refusal(Exception):
 
 
 def _parse(data: memoryview) -> DecodedAudio:
+    fmt, payload = _locate(data)
+    return _decode(payload, fmt)
+
+
+def _locate(data: memoryview) -> tuple[_Format, memoryview]:
+    """The format and the whole frames of the data chunk, validated; nothing decoded yet."""
     riff_size = _check_riff_header(data)
     fmt: _Format | None = None
     position = _RIFF_HEADER_BYTES
@@ -196,8 +248,7 @@ def _parse(data: memoryview) -> DecodedAudio:
                 if _find_chunk(data, after, b"fmt "):
                     raise _Refusal("the 'fmt ' chunk comes after the 'data' chunk")
                 raise _Refusal("no 'fmt ' chunk")
-            payload = _data_payload(data, body, size, riff_size, fmt)
-            return _decode(payload, fmt)
+            return fmt, _data_payload(data, body, size, riff_size, fmt)
         if size > present:
             raise _Refusal(
                 f"truncated: {_chunk_name(chunk_id)} chunk declares {size} bytes but {present} are present"

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.audio.wav import WavError, read_wav, to_mono_16k
+from edge_agent.audio.wav import WavError
 from edge_agent.cli.common import (
     add_keyword_options,
     add_model_options,
@@ -28,6 +28,7 @@ from edge_agent.engine.decoder import CompiledKeyword, Detection
 from edge_agent.engine.features import SAMPLE_RATE_HZ
 from edge_agent.engine.lexicon import normalize_keyword
 from edge_agent.engine.model import DecoderSettings, KwsModel
+from edge_agent.recording import detect_recording, load_recording
 from edge_agent.system import tune_allocator
 
 # The lowest threshold eval uses to see every file's best score (for the suggested threshold).
@@ -103,22 +104,13 @@ def detect_file(
     settings: DecoderSettings,
     chunk_samples: int = 0,
 ) -> FileResult:
-    """Read one WAV and run a fresh detector over it; errors become a result, not an exception."""
+    """One WAV through the whole-file pipeline; errors become a result, not an exception."""
     try:
-        samples = to_mono_16k(read_wav(path))
+        samples = load_recording(path, max_seconds=None)
     except WavError as error:
         return FileResult(path, error=str(error))
-    detector = model.detector(keywords, settings)
-    started = time.perf_counter()
-    detections: list[Detection] = []
-    if chunk_samples > 0:
-        for offset in range(0, samples.shape[0], chunk_samples):
-            detections.extend(detector.feed(samples[offset : offset + chunk_samples]))
-        detections.extend(detector.finish())
-    else:
-        detections.extend(detector.finish(samples))  # the whole recording in one pass
-    elapsed = time.perf_counter() - started
-    return FileResult(path, tuple(detections), None, samples.shape[0] / SAMPLE_RATE_HZ, elapsed)
+    result = detect_recording(model, keywords, settings, samples, chunk_samples)
+    return FileResult(path, result.detections, None, result.audio_seconds, result.processing_seconds)
 
 
 def run_detect(args: argparse.Namespace) -> int:
@@ -251,7 +243,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     for path, wanted in expected.items():
         try:
-            samples = to_mono_16k(read_wav(path))
+            samples = load_recording(path, max_seconds=None)
         except WavError as error:
             errors.append({"file": str(path), "error": str(error)})
             continue

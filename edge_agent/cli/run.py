@@ -7,7 +7,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -19,12 +18,13 @@ from edge_agent.cli.common import (
     load_settings,
     open_model,
 )
-from edge_agent.config import AgentConfig, ConfigError, FileSource, decoder_settings_from, merge_update
+from edge_agent.config import AgentConfig, ConfigError, FileSource, merge_update
 from edge_agent.logs import configure_logging
 from edge_agent.system import tune_allocator
 
 if TYPE_CHECKING:
-    from edge_agent.agent.app import Integration
+    from edge_agent.agent.app import Agent
+    from edge_agent.agent.services import Integration
     from edge_agent.audio.sources import AudioSource
 
 log = logging.getLogger("edge_agent")
@@ -105,21 +105,20 @@ def run_agent(args: argparse.Namespace) -> int:
         fail(str(error))
     configure_logging(config.logging.level, config.logging.format == "json")
     model = open_model(config)
-    keywords = compile_keywords(model, config)
+    compile_keywords(model, config)  # a keyword the model cannot say fails here, with its name
     try:
         sources = build_sources(config, args.file)
-        agent = Agent(config, model, keywords, decoder_settings_from(config), sources)
+        agent = Agent(
+            config, model, sources, config_path=Path(args.config).resolve() if args.config else None
+        )
     except (ConfigError, OutboxError, ImportError, ValueError) as error:
         fail(str(error))
-
-    stop = threading.Event()
-    agent.stop_event = stop
-    agent.config_path = Path(args.config).resolve() if args.config else None
-    agent.integrations.extend(build_integrations(config))
+    for integration in build_integrations(config, agent):
+        agent.add_integration(integration)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("received %s, stopping", signal.Signals(signum).name)
-        stop.set()
+        agent.stopped.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -128,7 +127,8 @@ def run_agent(args: argparse.Namespace) -> int:
         from edge_agent.http.agent_backend import AgentBackend
         from edge_agent.http.server import start_http_server
 
-        backend = AgentBackend(agent)  # before start(): every live detection is counted
+        backend = AgentBackend()
+        agent.add_integration(backend)  # before start(): every live detection is counted
         try:
             http_server = start_http_server(config.http, backend)
         except OSError as error:
@@ -136,7 +136,7 @@ def run_agent(args: argparse.Namespace) -> int:
         log.info("HTTP API on %s (docs at /docs, test page at /ui)", http_server.url)
     agent.start()
     try:
-        agent.wait(stop, keep_running=http_server is not None)
+        agent.wait(keep_running=http_server is not None)
     finally:
         if http_server is not None:
             http_server.stop()  # before the agent closes its outbox
@@ -148,13 +148,18 @@ def run_agent(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_integrations(config: AgentConfig) -> list[Integration]:
+def build_integrations(config: AgentConfig, agent: Agent) -> list[Integration]:
     """What plugs into the agent's MQTT life, as the configuration asks."""
+    if not config.mqtt.enabled:
+        return []
     from edge_agent.fleet.commands import CommandProcessor
     from edge_agent.fleet.homeassistant import HomeAssistantDiscovery
 
     # Home Assistant discovery is always attached: when disabled it removes what it published.
-    integrations: list[Integration] = [CommandProcessor(), HomeAssistantDiscovery()]
+    integrations: list[Integration] = [
+        CommandProcessor(agent),
+        HomeAssistantDiscovery(commands_attached=True),
+    ]
     if config.hermes.enabled:
         from edge_agent.fleet.hermes import HermesBridge
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge_agent import __version__
-from edge_agent.agent.app import Integration, iso_utc
+from edge_agent.agent.live_config import ConfigRejected
+from edge_agent.agent.services import AgentControl, AgentServices, Integration
 from edge_agent.config import (
     COMMAND_NAMES,
     ConfigError,
@@ -32,7 +33,7 @@ from edge_agent.config import (
 )
 from edge_agent.engine.lexicon import LexiconError
 from edge_agent.engine.model import ModelError
-from edge_agent.mqtt.messages import CommandResult, CommandTopic, PayloadError, parse_json_object
+from edge_agent.mqtt.messages import CommandResult, CommandTopic, PayloadError, iso_utc, parse_json_object
 from edge_agent.mqtt.transport import InboundMessage
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,12 @@ class _Command:
 
 
 class CommandProcessor(Integration):
-    """Subscribes to the command topics and answers every command."""
+    """Subscribes to the command topics and answers every command; changes the agent only
+    through ``control``."""
 
-    def __init__(self) -> None:
+    def __init__(self, control: AgentControl) -> None:
+        self._control = control
+        self._after_answer: Callable[[], None] | None = None
         self._queue: queue.Queue[_Command | None] = queue.Queue(maxsize=256)
         self._thread: threading.Thread | None = None
         self.executed = 0
@@ -71,20 +75,19 @@ class CommandProcessor(Integration):
         assert set(self._handlers) == set(COMMAND_NAMES)
 
     # --- wiring ----------------------------------------------------------------------------
-    def attach(self, agent: Any) -> None:
-        super().attach(agent)
-        transport = agent.transport
-        prefix, device = agent.prefix, agent.device_id
+    def attach(self, services: AgentServices) -> None:
+        super().attach(services)
+        prefix, device = services.prefix, services.device_id
         filters = [
             CommandTopic.DEVICE.filter(prefix=prefix, device=device),
             CommandTopic.ALL.filter(prefix=prefix),
         ]
         filters += [
-            CommandTopic.GROUP.filter(prefix=prefix, group=group) for group in agent.config.device.groups
+            CommandTopic.GROUP.filter(prefix=prefix, group=group) for group in services.config.device.groups
         ]
         for topic_filter in filters:
             # Retain-as-published: a retained command is recognisable even when it arrives live.
-            transport.subscribe(topic_filter, self._on_message, qos=1, retain_as_published=True)
+            services.subscribe(topic_filter, self._on_message, qos=1, retain_as_published=True)
         self._thread = threading.Thread(target=self._run, name="commands", daemon=True)
         self._thread.start()
 
@@ -97,10 +100,9 @@ class CommandProcessor(Integration):
 
     # --- network thread: parse and queue ---------------------------------------------------------
     def _on_message(self, message: InboundMessage) -> None:
-        agent = self.agent
         name = None
         for template in (CommandTopic.DEVICE, CommandTopic.ALL, CommandTopic.GROUP):
-            parts = template.match(message.topic, agent.prefix)
+            parts = template.match(message.topic, self.services.prefix)
             if parts is not None:
                 name = parts["command"]
                 break
@@ -151,9 +153,12 @@ class CommandProcessor(Integration):
                 self._answer(command, None, f"internal error: {type(error).__name__}: {error}")
             else:
                 self._answer(command, result, None, restart_required)
+            after, self._after_answer = self._after_answer, None
+            if after is not None:
+                after()
 
     def _execute(self, command: _Command) -> tuple[dict[str, Any], list[str]]:
-        config = self.agent.config.commands
+        config = self.services.config.commands
         if command.name not in self._handlers:
             raise CommandError(f"unknown command {command.name!r}; commands are {', '.join(COMMAND_NAMES)}")
         if not config.enabled or command.name not in config.allowed:
@@ -169,9 +174,9 @@ class CommandProcessor(Integration):
         error: str | None,
         restart_required: list[str] | None = None,
     ) -> None:
-        agent = self.agent
+        services = self.services
         answer = CommandResult(
-            device=agent.device_id,
+            device=services.device_id,
             command=command.name,
             ok=error is None,
             id=command.request_id,
@@ -181,33 +186,33 @@ class CommandProcessor(Integration):
         )
         if error is not None:
             log.warning("command %s refused: %s", command.name, error)
-        topic = command.response_topic or agent.topic(CommandResult.TOPIC)
-        agent.transport.publish(topic, answer.to_payload(), qos=1, correlation_data=command.correlation)
+        topic = command.response_topic or services.topic(CommandResult.TOPIC)
+        services.publish(topic, answer.to_payload(), qos=1, correlation_data=command.correlation)
 
     # --- the commands ----------------------------------------------------------------------------
     def _ping(self, arguments: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-        agent = self.agent
+        services = self.services
         return {
             "pong": True,
             "version": __version__,
-            "boot_id": agent.boot_id,
-            "uptime_s": round(time.monotonic() - agent._started_monotonic, 1),
+            "boot_id": services.boot_id,
+            "uptime_s": round(services.uptime_seconds, 1),
             "time": iso_utc(time.time()),
         }, []
 
     def _get_config(self, arguments: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-        agent = self.agent
-        return {"config": to_dict(agent.config), "muted": agent.worker.muted}, []
+        return {"config": to_dict(self.services.config), "muted": self.services.muted}, []
 
     def _set_config(self, arguments: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         if not arguments:
             raise CommandError('set_config needs the keys to change, e.g. {"keywords": ["小云小云"]}')
-        agent = self.agent
         try:
-            new = merge_update(agent.config, arguments)
-            restart_required = agent.apply_config(new)
+            new = merge_update(self.services.config, arguments)
+            restart_required = self._control.apply_config(new)
         except ConfigError as error:
             raise CommandError(f"invalid configuration: {error}") from None
+        except ConfigRejected as error:
+            raise CommandError(f"not applied: {error}") from None
         except (LexiconError, ValueError, ImportError) as error:
             raise CommandError(f"invalid keywords: {error}") from None
         persisted = self._persist(arguments)
@@ -218,8 +223,10 @@ class CommandProcessor(Integration):
         }, restart_required
 
     def _set_muted(self, muted: bool) -> tuple[dict[str, Any], list[str]]:
-        agent = self.agent
-        agent.apply_config(merge_update(agent.config, {"engine": {"muted": muted}}))
+        try:
+            self._control.apply_config(merge_update(self.services.config, {"engine": {"muted": muted}}))
+        except ConfigRejected as error:
+            raise CommandError(f"not applied: {error}") from None
         persisted = self._persist({"engine": {"muted": muted}})
         return {"muted": muted, "persisted": persisted}, []
 
@@ -234,19 +241,19 @@ class CommandProcessor(Integration):
 
     def _reload_model(self, arguments: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         try:
-            model = self.agent.reload_model()
-        except (ModelError, LexiconError, ValueError, ImportError, OSError) as error:
+            model = self._control.reload_model()
+        except (ModelError, LexiconError, ValueError, ImportError, OSError, ConfigRejected) as error:
             raise CommandError(f"model not reloaded, the old one keeps running: {error}") from None
         return {"directory": str(model.directory), "backend": model.backend}, []
 
     def _restart(self, arguments: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-        # Answer first, then stop: the restart happens a moment after this returns.
-        threading.Timer(0.5, self.agent.request_restart).start()
+        # Answer first, then stop: the answer is queued before the agent says offline.
+        self._after_answer = self._control.request_restart
         return {"restarting": True}, []
 
     def _persist(self, update: dict[str, Any]) -> bool:
         """Keep a change across restarts, beside the config file, when there is one to write."""
-        path = self.agent.config_path
+        path = self._control.config_path
         if path is None:
             return False
         try:

@@ -38,15 +38,12 @@ import math
 import random
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from edge_agent import __version__
-from edge_agent.agent.app import Integration
+from edge_agent.agent.services import AgentServices, Integration
 from edge_agent.mqtt.messages import Availability, CommandTopic, DetectionEvent, HealthReport, Topic
 from edge_agent.mqtt.transport import InboundMessage
-
-if TYPE_CHECKING:
-    from edge_agent.agent.app import Agent
 
 log = logging.getLogger(__name__)
 
@@ -132,13 +129,13 @@ def unique_id(device_id: str, object_id: str) -> str:
     return f"edge_agent_{device_id}_{object_id}"
 
 
-def device_block(agent: Agent) -> dict[str, Any]:
+def device_block(services: AgentServices) -> dict[str, Any]:
     """The device every entity belongs to. Only keys Home Assistant has accepted since 2023.8:
     the nested device schema is strict, an unknown key rejects the entity."""
-    config = agent.config
+    config = services.config
     return {
-        "identifiers": [f"edge_agent_{agent.device_id}"],
-        "name": config.device.name or agent.device_id,
+        "identifiers": [f"edge_agent_{services.device_id}"],
+        "name": config.device.name or services.device_id,
         "manufacturer": MANUFACTURER,
         "model": f"Wake-word agent ({config.model.id})",
         "sw_version": __version__,
@@ -149,27 +146,24 @@ def origin_block() -> dict[str, Any]:
     return {"name": ORIGIN_NAME, "sw_version": __version__}
 
 
-def mute_switch_usable(agent: Agent) -> bool:
+def mute_switch_usable(services: AgentServices, commands_attached: bool) -> bool:
     """The switch needs the command processor and the ``mute`` command allowed."""
-    from edge_agent.fleet.commands import CommandProcessor
-
-    commands = agent.config.commands
-    attached = any(isinstance(i, CommandProcessor) for i in agent.integrations)
-    return attached and commands.enabled and "mute" in commands.allowed
+    commands = services.config.commands
+    return commands_attached and commands.enabled and "mute" in commands.allowed
 
 
-def discovery_entities(agent: Agent) -> list[Entity]:
+def discovery_entities(services: AgentServices, commands_attached: bool) -> list[Entity]:
     """Every entity this agent announces, with its discovery config."""
-    config = agent.config
-    device_id = agent.device_id
+    config = services.config
+    device_id = services.device_id
     common = {
-        "availability_topic": agent.topic(Availability.TOPIC),
+        "availability_topic": services.topic(Availability.TOPIC),
         "payload_available": Availability.ONLINE.decode(),
         "payload_not_available": Availability.OFFLINE.decode(),
-        "device": device_block(agent),
+        "device": device_block(services),
         "origin": origin_block(),
     }
-    health = agent.topic(HealthReport.TOPIC)
+    health = services.topic(HealthReport.TOPIC)
     expire_after = max(1, math.ceil(EXPIRE_AFTER_INTERVALS * config.health.interval))
 
     def entity(component: str, object_id: str, **options: Any) -> Entity:
@@ -195,7 +189,7 @@ def discovery_entities(agent: Agent) -> list[Entity]:
             "event",
             "wake_word",
             name="Wake word",
-            state_topic=agent.topic(DetectionEvent.TOPIC),
+            state_topic=services.topic(DetectionEvent.TOPIC),
             qos=1,
             event_types=[k.text for k in config.keywords],
             value_template=EVENT_VALUE_TEMPLATE,
@@ -248,14 +242,14 @@ def discovery_entities(agent: Agent) -> list[Entity]:
             icon="mdi:speedometer",
         ),
     ]
-    if mute_switch_usable(agent):
+    if mute_switch_usable(services, commands_attached):
         entities.append(
             entity(
                 "switch",
                 "mute",
                 name="Mute",
                 command_topic=CommandTopic.DEVICE.format(
-                    prefix=agent.prefix, device=device_id, command="mute"
+                    prefix=services.prefix, device=device_id, command="mute"
                 ),
                 payload_on=MUTE_ON,
                 payload_off=MUTE_OFF,
@@ -273,9 +267,14 @@ def discovery_entities(agent: Agent) -> list[Entity]:
 
 
 class HomeAssistantDiscovery(Integration):
-    """Announces the agent to Home Assistant, or removes it when ``homeassistant.enabled`` is false."""
+    """Announces the agent to Home Assistant, or removes it when ``homeassistant.enabled`` is false.
 
-    def __init__(self, birth_jitter_seconds: float = BIRTH_JITTER_SECONDS) -> None:
+    ``commands_attached``: the agent answers commands (the mute switch needs them)."""
+
+    def __init__(
+        self, commands_attached: bool = False, birth_jitter_seconds: float = BIRTH_JITTER_SECONDS
+    ) -> None:
+        self._commands_attached = commands_attached
         self._birth_jitter = birth_jitter_seconds
         self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
@@ -285,9 +284,10 @@ class HomeAssistantDiscovery(Integration):
         self.publications = 0  # discovery rounds, for tests and logs
 
     # --- hooks -----------------------------------------------------------------------------------
-    def attach(self, agent: Agent) -> None:
-        super().attach(agent)
-        assert agent.transport is not None, "Home Assistant discovery needs MQTT"
+    def attach(self, services: AgentServices) -> None:
+        super().attach(services)
+        if not services.mqtt_enabled:
+            raise RuntimeError("Home Assistant discovery needs MQTT")
         self._follow_status()
 
     def on_connected(self) -> None:
@@ -310,11 +310,10 @@ class HomeAssistantDiscovery(Integration):
     def sync(self) -> None:
         """Publish every entity's config (or remove them all when disabled); entities that are not
         announced (the switch without the mute command) are removed."""
-        agent = self.agent
-        transport = agent.transport
-        if transport is None or not transport.connected:
+        services = self.services
+        if not services.connected:
             return  # on_connected does it
-        settings = agent.config.homeassistant
+        settings = services.config.homeassistant
         prefix = settings.discovery_prefix
         with self._lock:
             if self._published_prefix is not None and self._published_prefix != prefix:
@@ -323,58 +322,55 @@ class HomeAssistantDiscovery(Integration):
                 # Repeated at every connection (and at every switch-off), so a clear lost with a
                 # dropped connection is sent again: QoS 0. At QoS 1 these seven would count as
                 # publishes a reconnect sends before the unacknowledged detections, and take
-                # their room in the broker's window (see agent.app.detection_window).
+                # their room in the broker's window (see agent.sink.detection_window).
                 self._publish_removal(prefix, qos=0)
                 if self._published_prefix is not None:
                     log.info("Home Assistant discovery removed (homeassistant.enabled is false)")
                 self._published_prefix = None
                 return
-            announced = {(e.component, e.object_id): e for e in discovery_entities(agent)}
+            entities = discovery_entities(services, self._commands_attached)
+            announced = {(e.component, e.object_id): e for e in entities}
             for component, object_id in OBJECT_IDS:
                 topic = self.config_topic(prefix, component, object_id)
                 entity = announced.get((component, object_id))
                 payload = b"" if entity is None else _json(entity.config)
-                transport.publish(topic, payload, qos=1, retain=True)
+                services.publish(topic, payload, qos=1, retain=True)
             self._published_prefix = prefix
             self.publications += 1
         log.info(
             "Home Assistant discovery published under %s/+/%s/+/config (%d entities)",
             prefix,
-            agent.device_id,
+            services.device_id,
             len(announced),
         )
 
     def config_topic(self, prefix: str, component: str, object_id: str) -> str:
         return DiscoveryTopic.CONFIG.format(
-            prefix=prefix, component=component, node_id=self.agent.device_id, object_id=object_id
+            prefix=prefix, component=component, node_id=self.services.device_id, object_id=object_id
         )
 
     def topics(self, prefix: str | None = None) -> list[str]:
         """Every discovery topic this agent may use under ``prefix`` (default: the configured one)."""
-        prefix = prefix or self.agent.config.homeassistant.discovery_prefix
+        prefix = prefix or self.services.config.homeassistant.discovery_prefix
         return [self.config_topic(prefix, component, object_id) for component, object_id in OBJECT_IDS]
 
     def _publish_removal(self, prefix: str, qos: int = 1) -> None:
-        transport = self.agent.transport
-        assert transport is not None
         for topic in self.topics(prefix):
-            transport.publish(topic, b"", qos=qos, retain=True)
+            self.services.publish(topic, b"", qos=qos, retain=True)
         # Every connection of an agent without Home Assistant does this: not worth an info line.
         log.debug("Home Assistant discovery cleared under %s", prefix)
 
     # --- Home Assistant's birth message -----------------------------------------------------------------
     def _follow_status(self) -> None:
         """Listen to ``{prefix}/status`` while enabled (any thread)."""
-        settings = self.agent.config.homeassistant
+        settings = self.services.config.homeassistant
         wanted = DiscoveryTopic.STATUS.format(prefix=settings.discovery_prefix) if settings.enabled else None
-        transport = self.agent.transport
-        assert transport is not None
         if wanted == self._status_topic:
             return
         if self._status_topic is not None:
-            transport.unsubscribe(self._status_topic)
+            self.services.unsubscribe(self._status_topic)
         if wanted is not None:
-            transport.subscribe(wanted, self._on_status, qos=1)
+            self.services.subscribe(wanted, self._on_status, qos=1)
         self._status_topic = wanted
 
     def _on_status(self, message: InboundMessage) -> None:
@@ -400,8 +396,8 @@ class HomeAssistantDiscovery(Integration):
         """Configs, then the current state (Home Assistant's advice after its restart)."""
         try:
             self.sync()
-            if self.agent.config.homeassistant.enabled:
-                self.agent.publish_health()
+            if self.services.config.homeassistant.enabled:
+                self.services.publish_health()
         except Exception:
             log.exception("Home Assistant discovery failed")
 

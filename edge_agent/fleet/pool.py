@@ -30,9 +30,11 @@ import threading
 import time
 from typing import Any
 
-from edge_agent.agent.app import Integration, iso_utc
+from edge_agent.agent.items import StreamStart
+from edge_agent.agent.mqtt_inbound import MQTT_KIND, Refused, pcm_chunk, stream_control
+from edge_agent.agent.services import AgentServices, Integration
 from edge_agent.audio.pcm import AudioFormatError, PcmFormat
-from edge_agent.mqtt.messages import AudioControl, PayloadError, Topic
+from edge_agent.mqtt.messages import AudioControl, PayloadError, Topic, iso_utc
 from edge_agent.mqtt.transport import InboundMessage
 
 log = logging.getLogger(__name__)
@@ -60,9 +62,9 @@ class PoolWorker(Integration):
         self._owned: dict[str, float] = {}  # stream -> time claimed
         self._lock = threading.Lock()
 
-    def attach(self, agent: Any) -> None:
-        super().attach(agent)
-        agent.transport.subscribe(PoolTopics.shared_start(agent.prefix, self.pool), self._on_start, qos=1)
+    def attach(self, services: AgentServices) -> None:
+        super().attach(services)
+        services.subscribe(PoolTopics.shared_start(services.prefix, self.pool), self._on_start, qos=1)
 
     def on_connected(self) -> None:
         # The broker forgot our subscriptions if it restarted: the transport restores the shared
@@ -79,11 +81,11 @@ class PoolWorker(Integration):
 
     # --- network thread ----------------------------------------------------------------------------
     def _topic(self, template: Topic, stream: str) -> str:
-        return template.format(prefix=self.agent.prefix, pool=self.pool, stream=stream)
+        return template.format(prefix=self.services.prefix, pool=self.pool, stream=stream)
 
     def _on_start(self, message: InboundMessage) -> None:
-        agent = self.agent
-        parts = PoolTopics.START.match(message.topic, agent.prefix)
+        services = self.services
+        parts = PoolTopics.START.match(message.topic, services.prefix)
         if parts is None or parts["pool"] != self.pool:
             return
         stream = parts["stream"]
@@ -97,21 +99,14 @@ class PoolWorker(Integration):
                 (control and control.width) or 2,
             )
         except (PayloadError, AudioFormatError) as error:
-            agent.refuse("bad_payload", str(error), topic=message.topic, stream=stream)
+            services.report_error("bad_payload", str(error), topic=message.topic, stream=stream)
             self._reply(message, {"ok": False, "stream": stream, "error": str(error)})
             return
-        from edge_agent.agent.worker import StreamControlItem
-
-        if not agent.worker.submit(StreamControlItem(stream, "start", message.topic, fmt)):
-            agent.refuse(
-                "queue_full", "the engine is behind; stream not claimed", topic=message.topic, stream=stream
-            )
-            self._reply(message, {"ok": False, "stream": stream, "error": "worker busy; start again"})
-            return
+        services.ingest(StreamStart(stream, MQTT_KIND, fmt, message.topic))
         with self._lock:
             self._owned[stream] = time.time()
-        agent.transport.subscribe(self._topic(PoolTopics.AUDIO, stream), self._on_audio)
-        agent.transport.subscribe(self._topic(PoolTopics.CONTROL, stream), self._on_control, qos=1)
+        services.subscribe(self._topic(PoolTopics.AUDIO, stream), self._on_audio)
+        services.subscribe(self._topic(PoolTopics.CONTROL, stream), self._on_control, qos=1)
         self._publish_claim(stream)
         log.info("pool %s: claimed stream %s", self.pool, stream)
         self._reply(
@@ -119,57 +114,63 @@ class PoolWorker(Integration):
             {
                 "ok": True,
                 "stream": stream,
-                "worker": agent.device_id,
+                "worker": services.device_id,
                 "audio_topic": self._topic(PoolTopics.AUDIO, stream),
             },
         )
 
     def _on_audio(self, message: InboundMessage) -> None:
-        parts = PoolTopics.AUDIO.match(message.topic, self.agent.prefix)
-        if parts is not None:
-            self.agent.handle_audio(message, parts["stream"])
-
-    def _on_control(self, message: InboundMessage) -> None:
-        parts = PoolTopics.CONTROL.match(message.topic, self.agent.prefix)
+        parts = PoolTopics.AUDIO.match(message.topic, self.services.prefix)
         if parts is None:
             return
+        stream = parts["stream"]
         try:
-            control = AudioControl.from_payload(message.payload)
-        except PayloadError as error:
-            self.agent.refuse("bad_payload", str(error), topic=message.topic, stream=parts["stream"])
+            chunk = pcm_chunk(message, stream, MQTT_KIND, self.services.config.mqtt.max_payload_bytes)
+        except Refused as refused:
+            self.services.report_error(refused.code, refused.message, topic=message.topic, stream=stream)
             return
-        from edge_agent.agent.worker import StreamControlItem
+        self.services.ingest(chunk)
 
-        self.agent.worker.submit(StreamControlItem(parts["stream"], control.action, message.topic))
+    def _on_control(self, message: InboundMessage) -> None:
+        parts = PoolTopics.CONTROL.match(message.topic, self.services.prefix)
+        if parts is None:
+            return
+        stream = parts["stream"]
+        try:
+            control = stream_control(message, stream, MQTT_KIND)
+        except Refused as refused:
+            self.services.report_error(refused.code, refused.message, topic=message.topic, stream=stream)
+            return
+        self.services.ingest(control)
 
     def _publish_claim(self, stream: str) -> None:
-        agent = self.agent
+        services = self.services
         claim = {
             "schema": 1,
-            "worker": agent.device_id,
-            "boot_id": agent.boot_id,
+            "worker": services.device_id,
+            "boot_id": services.boot_id,
             "since": iso_utc(time.time()),
         }
-        agent.transport.publish(
+        services.publish(
             self._topic(PoolTopics.CLAIM, stream), json.dumps(claim).encode(), qos=1, retain=True
         )
 
     def _reply(self, message: InboundMessage, body: dict[str, Any]) -> None:
         if message.response_topic:
-            self.agent.transport.publish(
+            self.services.publish(
                 message.response_topic,
                 json.dumps({"schema": 1, **body}, ensure_ascii=False).encode(),
                 qos=1,
                 correlation_data=message.correlation_data,
             )
 
-    # --- worker thread -------------------------------------------------------------------------------
-    def stream_closed(self, stream: str) -> None:
+    # --- detection sink's thread ------------------------------------------------------------------
+    def stream_closed(self, stream: str, stream_kind: str) -> None:
         with self._lock:
             if self._owned.pop(stream, None) is None:
                 return
-        transport = self.agent.transport
-        transport.unsubscribe(self._topic(PoolTopics.AUDIO, stream))
-        transport.unsubscribe(self._topic(PoolTopics.CONTROL, stream))
-        transport.publish(self._topic(PoolTopics.CLAIM, stream), b"", qos=1, retain=True)  # clears the claim
+        services = self.services
+        services.unsubscribe(self._topic(PoolTopics.AUDIO, stream))
+        services.unsubscribe(self._topic(PoolTopics.CONTROL, stream))
+        services.publish(self._topic(PoolTopics.CLAIM, stream), b"", qos=1, retain=True)  # clears the claim
         log.info("pool %s: released stream %s", self.pool, stream)

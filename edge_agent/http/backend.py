@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from edge_agent.engine.decoder import CompiledKeyword, Detection
+from edge_agent.recording import best_detection
 
 MetricKind = Literal["counter", "gauge"]
 
@@ -77,9 +78,7 @@ class DetectResult:
     @property
     def best(self) -> Detection | None:
         """The most confident detection (the earliest of equals)."""
-        if not self.detections:
-            return None
-        return max(self.detections, key=lambda d: (d.confidence, -d.start))
+        return best_detection(self.detections)
 
     def to_dict(self) -> dict[str, Any]:
         best = self.best

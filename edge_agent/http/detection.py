@@ -1,10 +1,9 @@
 """Whole-file detection for HTTP uploads, shared by both backends, with its own counters.
 
-The pipeline is the one of ``edge-agent detect`` (:func:`edge_agent.cli.detect.detect_file`):
-``parse_wav`` -> ``to_mono_16k`` -> a fresh ``model.detector(keywords, settings)`` fed the whole
-file, then ``finish()``. Keeping it identical is what lets a user move from the CLI (or the REST
-service they came from) to ``POST /detect`` and get the same answers; a test checks it on every
-development recording.
+The pipeline is the one of ``edge-agent detect``: :func:`edge_agent.recording.load_recording`
+then :func:`edge_agent.recording.detect_recording`. Keeping it identical is what lets a user
+move from the CLI (or the REST service they came from) to ``POST /detect`` and get the same
+answers; a test checks it on every development recording.
 
 Detection runs on the request's thread against the shared, read-only model (a detector holds
 all per-stream state). A semaphore bounds how many run at once, so a burst of uploads cannot
@@ -18,9 +17,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from edge_agent.audio.wav import WavError, parse_wav, to_mono_16k
-from edge_agent.engine.decoder import CompiledKeyword, Detection
-from edge_agent.engine.features import SAMPLE_RATE_HZ
+from edge_agent.audio.wav import WavError
+from edge_agent.engine.decoder import CompiledKeyword
 from edge_agent.engine.lexicon import LexiconError, normalize_keyword
 from edge_agent.engine.model import DEFAULT_THRESHOLD, DecoderSettings, KeywordSpec, KwsModel
 from edge_agent.http.backend import (
@@ -32,16 +30,15 @@ from edge_agent.http.backend import (
     PayloadTooLarge,
     Sample,
 )
+from edge_agent.recording import MAX_RECORDING_SECONDS, RecordingTooLong, detect_recording, load_recording
 
 # Custom keywords per request, at most: decoding cost grows with each one.
 MAX_KEYWORDS_PER_REQUEST = 16
 # Detections allowed to run at once, and how long a request waits for a slot before a 503.
 DEFAULT_MAX_CONCURRENT = 2
 DEFAULT_WAIT_SECONDS = 30.0
-# Longest audio one request may hold. The byte limit alone does not bound it: 20 MB of 8-bit
-# audio at 1 kHz is 5.5 hours, 1.3 GB once resampled to 16 kHz float32, and minutes of CPU.
-# Ten minutes is 38 MB of samples and about 2 s of engine time on one x86 core (more on a Pi).
-MAX_AUDIO_SECONDS = 600.0
+# Longest audio one request may hold (the byte limit alone does not bound it).
+MAX_AUDIO_SECONDS = MAX_RECORDING_SECONDS
 # The name the WAV parser puts at the start of its messages (the multipart field's name).
 AUDIO_FIELD = "audio_file"
 
@@ -51,7 +48,7 @@ class DetectionService:
 
     def __init__(
         self,
-        model: KwsModel,
+        model: Callable[[], KwsModel],
         keywords: Callable[[], Sequence[CompiledKeyword]],
         settings: Callable[[], DecoderSettings],
         max_concurrent: int = DEFAULT_MAX_CONCURRENT,
@@ -59,8 +56,8 @@ class DetectionService:
     ) -> None:
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent must be at least 1, got {max_concurrent}")
-        self.model = model
-        # Callables, not values: the agent can change its keywords and settings while running.
+        # Callables, not values: the agent can change its model, keywords and settings while running.
+        self._model = model
         self._keywords = keywords
         self._settings = settings
         self._slots = threading.BoundedSemaphore(max_concurrent)
@@ -90,26 +87,22 @@ class DetectionService:
         try:
             started = time.perf_counter()
             try:
-                decoded = parse_wav(wav, source=AUDIO_FIELD)
+                samples = load_recording(wav, name=AUDIO_FIELD, max_seconds=MAX_AUDIO_SECONDS)
+            except RecordingTooLong as error:
+                self._count("bad_request")
+                raise PayloadTooLarge(str(error)) from None
             except WavError as error:
                 self._count("bad_request")
                 raise BadRequest(str(error)) from None
-            if decoded.info.duration_seconds > MAX_AUDIO_SECONDS:
-                self._count("bad_request")
-                raise PayloadTooLarge(
-                    f"{AUDIO_FIELD}: {decoded.info.duration_seconds:.1f} s of audio, more than the "
-                    f"{MAX_AUDIO_SECONDS:g} s one request may hold; split the recording"
-                )
-            samples = to_mono_16k(decoded)
-            detector = self.model.detector(compiled, self._settings())
-            detections: list[Detection] = detector.finish(samples)  # the whole recording
+            recording = detect_recording(self._model(), compiled, self._settings(), samples)
             elapsed = time.perf_counter() - started
         finally:
             self._slots.release()
+        detections = list(recording.detections)
         result = DetectResult(
             detections=tuple(detections),
             keywords=tuple(compiled),
-            audio_seconds=samples.shape[0] / SAMPLE_RATE_HZ,
+            audio_seconds=recording.audio_seconds,
             processing_seconds=elapsed,
         )
         with self._lock:
@@ -144,7 +137,7 @@ class DetectionService:
             seen.add(text)
             wanted = request.threshold if request.threshold is not None else threshold
             spec = KeywordSpec(request.text, DEFAULT_THRESHOLD if wanted is None else wanted)
-            compiled.append(self._checked(lambda spec=spec: self.model.compile(spec), request.text))
+            compiled.append(self._checked(lambda spec=spec: self._model().compile(spec), request.text))
         return compiled
 
     @staticmethod

@@ -112,7 +112,7 @@ class StandaloneBackend:
         try:
             engine = self._load()
             self.service = DetectionService(
-                engine.model,
+                lambda: engine.model,
                 keywords=lambda: engine.keywords,
                 settings=lambda: engine.settings,
                 max_concurrent=self.max_concurrent,

@@ -27,7 +27,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import datetime, timezone
 from typing import Any, ClassVar, TypeVar
 
 SCHEMA_VERSION = 1
@@ -80,6 +81,20 @@ class Topic:
         if prefix is not None and parts.get("prefix") != prefix:
             return None
         return parts
+
+
+def iso_utc(epoch: float) -> str:
+    """Wall-clock time as carried in payloads: ISO 8601, UTC, milliseconds, ``Z``."""
+    return (
+        datetime.fromtimestamp(epoch, tz=timezone.utc)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+
+
+def parse_iso_utc(text: str) -> float:
+    """The epoch time of an :func:`iso_utc` string."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def _json(payload: dict[str, Any]) -> bytes:
@@ -206,6 +221,25 @@ class DetectionEvent(JsonMessage):
             raise PayloadError(f"DetectionEvent: confidence must be in [0, 1], got {self.confidence!r}")
         if not isinstance(self.seq, int) or self.seq < 0:
             raise PayloadError(f"DetectionEvent: seq must be a non-negative integer, got {self.seq!r}")
+
+    # What is decided when an event is delivered, not when it is made: not stored with it.
+    DELIVERY_FIELDS: ClassVar[frozenset[str]] = frozenset({"seq", "delay_ms", "replayed"})
+
+    def stored_body(self) -> dict[str, Any]:
+        """The event as the outbox keeps it: without its number and delivery fields."""
+        return {k: v for k, v in asdict(self).items() if k not in self.DELIVERY_FIELDS}
+
+    @classmethod
+    def from_stored(cls, body: dict[str, Any], seq: int) -> DetectionEvent:
+        """The event of a stored body and its number (unknown keys of older bodies dropped)."""
+        names = {f.name for f in fields(cls)} - cls.DELIVERY_FIELDS
+        return cls(**{k: v for k, v in body.items() if k in names}, seq=seq)
+
+    def delivered(self, now: float, replayed: bool) -> DetectionEvent:
+        """This event as it goes out at ``now``: its delay since the keyword's end, and
+        whether it is a replay."""
+        delay = max(0.0, round((now - parse_iso_utc(self.time)) * 1000.0, 1))
+        return replace(self, delay_ms=delay, replayed=replayed)
 
 
 @dataclass(frozen=True)

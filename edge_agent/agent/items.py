@@ -1,0 +1,172 @@
+"""What flows between the agent's threads: audio into the engine worker, results out of it.
+
+Every way audio reaches the agent (MQTT raw PCM, Hermes WAV frames, the microphone and file
+sources, Wyoming clients) becomes one of the *audio items* below and goes through
+:meth:`edge_agent.agent.ingest.Ingest.submit` onto the worker's queue. Conversion to the
+engine's 16 kHz mono happens on the worker thread, per stream, never on the thread that
+received the audio. The worker answers with *results* on the detection sink's queue.
+
+A stream is named by its id and has a *kind* (``mqtt``, ``hermes``, ``microphone``, ...): the
+worker keeps one detector per stream id, and limits the streams of each network kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edge_agent.audio.pcm import ENGINE_RATE_HZ, PcmFormat
+from edge_agent.engine.decoder import CompiledKeyword, Detection
+from edge_agent.engine.model import DecoderSettings
+
+# Streams fed by local hardware or files: continuous by nature, never closed for going quiet
+# and not counted against the network stream limits.
+LOCAL_KINDS = frozenset({"microphone", "file"})
+
+
+def is_network_kind(kind: str) -> bool:
+    return kind not in LOCAL_KINDS
+
+
+# --- audio into the worker ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PcmChunk:
+    """Raw PCM bytes of a network stream (MQTT audio, Wyoming chunks). ``fmt`` when the chunk
+    declares its format; otherwise the stream's own (declared when it started, or 16 kHz mono
+    s16le)."""
+
+    stream: str
+    kind: str
+    data: bytes
+    fmt: PcmFormat | None
+    received_at: float  # time.time() when the chunk arrived: the wall time of its last sample
+    origin: str  # where it came from (a topic, a peer): named in error reports
+
+    @property
+    def seconds(self) -> float:
+        """Its length in the declared format, or the default one (a stream's own declared
+        format is known only to the worker)."""
+        return len(self.data) / (self.fmt or PcmFormat()).bytes_per_second
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+
+@dataclass(frozen=True)
+class WavChunk:
+    """One complete small WAV file carrying a stream's next chunk (a Hermes ``audioFrame``).
+
+    ``seconds`` is read from its header by whoever makes the item (cheap, no decoding), so the
+    rate limit can apply before the worker decodes it."""
+
+    stream: str
+    kind: str
+    data: bytes
+    seconds: float
+    received_at: float
+    origin: str
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+
+@dataclass(frozen=True)
+class SampleChunk:
+    """16 kHz mono float32 samples in 16-bit units, from a local source (microphone, file).
+    ``final``: the source's last chunk; the stream ends after it."""
+
+    stream: str
+    kind: str
+    samples: np.ndarray
+    captured_at: float  # time.time() of the last sample
+    final: bool = False
+
+    @property
+    def seconds(self) -> float:
+        return self.samples.shape[0] / ENGINE_RATE_HZ
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.samples.nbytes)
+
+    @property
+    def origin(self) -> str:
+        return self.kind
+
+
+@dataclass(frozen=True)
+class StreamStart:
+    """A stream (re)starts, optionally declaring its PCM format: what was pending is finished
+    first, and the detector starts afresh."""
+
+    stream: str
+    kind: str
+    fmt: PcmFormat | None
+    origin: str
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    """A stream ended: its last audio is scored, its state freed (its slot too)."""
+
+    stream: str
+    kind: str
+    origin: str
+
+
+AudioItem = PcmChunk | WavChunk | SampleChunk | StreamStart | StreamEnd
+
+
+# --- control of the worker ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What the worker applies on its own thread when the configuration changes."""
+
+    keywords: tuple[CompiledKeyword, ...]
+    decoder: DecoderSettings
+    muted: bool
+    max_streams: int  # per network kind
+    idle_timeout: float  # seconds without audio before a network stream is closed
+
+
+@dataclass(frozen=True)
+class RecordingRequest:
+    """A whole recording to scan with a fresh detector; ``reply(result)`` runs on the worker."""
+
+    wav: bytes
+    source: str
+    reply: Callable[[Any], None]
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.wav)
+
+
+# --- results out of the worker -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Detected:
+    """A detection on a stream, with the wall-clock time of the keyword's end."""
+
+    stream: str
+    kind: str
+    detection: Detection
+    wall_end: float
+
+
+@dataclass(frozen=True)
+class StreamClosed:
+    """A network stream's state was freed (it ended or went quiet)."""
+
+    stream: str
+    kind: str
