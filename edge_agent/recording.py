@@ -69,7 +69,7 @@ def load_recording(
     seconds = decoded.info.duration_seconds
     if max_seconds is not None and seconds > max_seconds:
         raise RecordingTooLong(
-            f"{label}: {seconds:.1f} s of audio, more than the {max_seconds:g} s one recording may "
+            f"{label}: {seconds:.1f} s of audio, more than the {max_seconds:g} s one request may "
             "hold; split the recording"
         )
     return to_mono_16k(decoded)

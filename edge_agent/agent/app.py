@@ -169,6 +169,8 @@ class Agent:
             else None
         )
         self.sink.on_stream_closed(lambda closed: self.ingest.forget(closed.stream))
+        if self.transport is not None:
+            self.transport.on_connected(self.presence.on_connected)  # first: info, then online
 
     # --- what others use ---------------------------------------------------------------------
     @property
@@ -180,8 +182,17 @@ class Agent:
         return self.live.model
 
     def add_integration(self, integration: Integration) -> None:
-        """Before :meth:`start`."""
+        """Attach ``integration`` (before :meth:`start`): it subscribes now, and hears every
+        detection, closed stream, configuration change and connection from the start on."""
+        if self._started:
+            raise RuntimeError("integrations are added before the agent starts")
+        integration.attach(self.services)
         self.integrations.append(integration)
+        self.sink.on_detection(integration.on_detection)
+        self.sink.on_stream_closed(_closed_hook(integration))
+        self.live.subscribe(type(integration).__name__, integration.config_changed)
+        if self.transport is not None:
+            self.transport.on_connected(integration.on_connected)
 
     # --- AgentControl (for remote commands) --------------------------------------------------
     def apply_config(self, new: AgentConfig) -> list[str]:
@@ -211,17 +222,9 @@ class Agent:
         self._started = True
         self.sink.start()
         self.worker.start()
-        for integration in self.integrations:
-            integration.attach(self.services)
-            self.sink.on_detection(integration.on_detection)
-            self.sink.on_stream_closed(_closed_hook(integration))
-            self.live.subscribe(type(integration).__name__, integration.config_changed)
         if self.transport is not None:
             assert self.inbound is not None and self.sink.delivery is not None
-            self.transport.on_connected(self.presence.on_connected)
-            for integration in self.integrations:
-                self.transport.on_connected(integration.on_connected)
-            self.transport.on_connected(self.sink.wake)
+            self.transport.on_connected(self.sink.wake)  # after presence and integrations: the backlog
             self.transport.on_acknowledged(self.sink.delivery.acknowledged)
             self.transport.after_reading(self.sink.delivery.refill)
             self.inbound.subscribe()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from pathlib import Path
 
@@ -14,31 +13,18 @@ from edge_agent.config import load_config, merge_update, remote_overrides_path
 from edge_agent.fleet.commands import CommandProcessor
 from tests.agent.streaming import pcm16, stream_files
 from tests.broker import Client
+from tests.fleet.helpers import command, sentinel_detection, wait_ready
 from tests.support import agent_config, start_agent_process
 
 
 def commanded_agent(make_agent, port: int, tmp_path: Path, device: str = "dev1", groups=(), **sections):  # type: ignore[no-untyped-def]
+    """A started agent with the command processor, its command topics subscribed."""
     config = agent_config(port, tmp_path, device=device, **sections)
     if groups:
         config = merge_update(config, {"device": {"groups": list(groups)}})
-    agent = make_agent(config, start=False)
-    agent.integrations.append(CommandProcessor())
-    agent.start()
-    assert agent.transport.wait_connected(10)
-    time.sleep(0.2)  # SUBACK of the command topics
+    agent = make_agent(config, integrations=lambda agent: [CommandProcessor(agent)])
+    wait_ready(port, agent)
     return agent
-
-
-def command(client: Client, topic: str, arguments: dict | None = None, expect: int = 1, timeout: float = 15):  # type: ignore[no-untyped-def]
-    """Send with an MQTT 5 response topic and correlation data; return the answers."""
-    reply_topic = f"replies/{uuid.uuid4().hex}"
-    correlation = uuid.uuid4().bytes
-    client.subscribe(reply_topic)
-    payload = json.dumps(arguments or {}, ensure_ascii=False)
-    client.publish(topic, payload, qos=1, ResponseTopic=reply_topic, CorrelationData=correlation)
-    answers = client.wait_for(reply_topic, lambda m: len(m) >= expect, timeout)
-    assert all(a.properties.CorrelationData == correlation for a in answers)
-    return [a.json() for a in answers]
 
 
 def test_ping_one_device_and_the_whole_fleet(broker, make_agent, client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -54,9 +40,15 @@ def test_ping_one_device_and_the_whole_fleet(broker, make_agent, client, tmp_pat
 def test_group_commands_reach_only_the_group(broker, make_agent, client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     commanded_agent(make_agent, broker.port, tmp_path, device="kitchen1", groups=["kitchen"])
     commanded_agent(make_agent, broker.port, tmp_path, device="hall1", groups=["hall"])
-    answers = command(client, "edge_agent/group/kitchen/cmd/ping")
-    time.sleep(1.0)
-    assert [a["device"] for a in answers] == ["kitchen1"]
+    reply = f"replies/{uuid.uuid4().hex}"
+    client.subscribe(reply)
+    client.publish("edge_agent/group/kitchen/cmd/ping", json.dumps({"id": "group"}), qos=1, ResponseTopic=reply)
+    # hall1 answers its commands in the order they arrive: had it received the group's ping, its
+    # answer would come before the answer to this one.
+    client.publish("edge_agent/hall1/cmd/ping", json.dumps({"id": "later"}), qos=1, ResponseTopic=reply)
+    expected = {("group", "kitchen1"), ("later", "hall1")}
+    answers = client.wait_for(reply, lambda m: {(a.json()["id"], a.json()["device"]) for a in m} >= expected)
+    assert [a.json()["device"] for a in answers if a.json()["id"] == "group"] == ["kitchen1"]
 
 
 def test_get_config_masks_secrets(broker, make_agent, client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -69,22 +61,24 @@ def test_get_config_masks_secrets(broker, make_agent, client, tmp_path: Path) ->
 
 
 def test_set_config_keyword_takes_effect_on_the_next_audio(  # type: ignore[no-untyped-def]
-    broker, make_agent, client, tmp_path: Path, dev_audio: Path, transcripts
+    broker, make_agent, client, tmp_path: Path, dev_audio: Path, transcripts, example_wav: Path
 ) -> None:
     agent = commanded_agent(make_agent, broker.port, tmp_path)
     client.subscribe("edge_agent/dev1/detection")
     hotel = next(dev_audio / name for name, text in transcripts.items() if "如家酒店" in text)
     stream_files(client, {"before": pcm16(hotel)})
-    time.sleep(1.5)
-    assert client.on("edge_agent/dev1/detection") == []  # not a keyword yet
+    sentinel_detection(client, pcm16(example_wav))  # whatever "before" gives is in by now
+    detected = [m.json()["stream"] for m in client.on("edge_agent/dev1/detection")]
+    assert detected == ["sentinel"]  # not a keyword yet
 
     (answer,) = command(client, "edge_agent/dev1/cmd/set_config", {"keywords": ["小云小云", "如家酒店"]})
     assert answer["ok"] and answer["result"]["keywords"] == ["小云小云", "如家酒店"]
     assert answer["restart_required"] == []
     assert answer["result"]["persisted"] is False  # no config file to persist next to
     stream_files(client, {"after": pcm16(hotel)})
-    (event,) = client.wait_for("edge_agent/dev1/detection")
-    assert event.json()["keyword"] == "如家酒店" and event.json()["stream"] == "after"
+    found = client.wait_for("edge_agent/dev1/detection", lambda m: any(e.json()["stream"] == "after" for e in m))
+    (event,) = [e for e in found if e.json()["stream"] == "after"]
+    assert event.json()["keyword"] == "如家酒店"
     assert [k.text for k in agent.config.keywords] == ["小云小云", "如家酒店"]
 
 
@@ -125,13 +119,13 @@ def test_mute_and_unmute(broker, make_agent, client, tmp_path: Path, example_wav
     (muted,) = command(client, "edge_agent/dev1/cmd/mute")
     assert muted["ok"] and muted["result"]["muted"] is True
     stream_files(client, {"quiet": pcm16(example_wav)})
-    assert agent.worker.drain(10)
-    time.sleep(0.5)
-    assert client.on("edge_agent/dev1/detection") == []
+    # The engine worker applies the unmute after the quiet audio, which arrived before it.
     (unmuted,) = command(client, "edge_agent/dev1/cmd/unmute")
     assert unmuted["ok"] and unmuted["result"]["muted"] is False
     stream_files(client, {"loud": pcm16(example_wav)})
-    assert client.wait_for("edge_agent/dev1/detection")[0].json()["stream"] == "loud"
+    client.wait_for("edge_agent/dev1/detection", lambda m: any(e.json()["stream"] == "loud" for e in m))
+    # The loud stream's detection comes after anything the quiet one could have given.
+    assert [e.json()["stream"] for e in client.on("edge_agent/dev1/detection")] == ["loud"]
     # Home Assistant's switch sends {"muted": false} to mute: the same command.
     (again,) = command(client, "edge_agent/dev1/cmd/mute", {"muted": True})
     assert again["result"]["muted"] is True and agent.config.engine.muted is True
@@ -169,11 +163,11 @@ def test_retained_commands_are_never_executed(broker, make_agent, client, tmp_pa
     agent = commanded_agent(make_agent, broker.port, tmp_path)
     client.publish("edge_agent/dev1/cmd/mute", b"{}", qos=1, retain=True, ResponseTopic="replies/retained")
     client.publish("edge_agent/dev1/cmd/mute", b"", qos=1, retain=True)  # clears it
-    time.sleep(1.0)
-    assert client.on("replies/retained") == []
+    # Live, not retained: answered, and after any answer to the commands above (they run in order).
+    client.publish("edge_agent/dev1/cmd/ping", b"{}", qos=1, ResponseTopic="replies/retained")
+    replies = client.wait_for("replies/retained", lambda m: any(r.json()["command"] == "ping" for r in m))
+    assert [(r.json()["command"], r.json()["ok"]) for r in replies] == [("ping", True)]
     assert agent.worker.muted is False
-    (answer,) = command(client, "edge_agent/dev1/cmd/ping")  # live, not retained: answered
-    assert answer["ok"]
 
 
 def test_mqtt311_clients_get_answers_on_cmd_result_with_their_id(broker, make_agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -207,8 +201,8 @@ def test_restart_command_restarts_the_process(broker, model_dir: Path, tmp_path:
     client.subscribe("edge_agent/phoenix/info")
     process = start_agent_process(model_dir, broker.port, "phoenix", tmp_path / "o.db")
     try:
+        # The agent subscribes to its command topics before it publishes info.
         first = client.wait_for("edge_agent/phoenix/info", timeout=60)[-1].json()["boot_id"]
-        time.sleep(0.5)
         (answer,) = command(client, "edge_agent/phoenix/cmd/restart")
         assert answer["ok"] and answer["result"]["restarting"] is True
         infos = client.wait_for(

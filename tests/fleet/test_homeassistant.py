@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as paho
 import pytest
 
-from edge_agent.agent.worker import SampleChunk
+from edge_agent.agent.items import SampleChunk
+from edge_agent.agent.sink import detection_window
 from edge_agent.audio.wav import read_wav, to_mono_16k
 from edge_agent.config import merge_update
 from edge_agent.fleet.commands import CommandProcessor
@@ -25,7 +27,8 @@ from edge_agent.fleet.homeassistant import OBJECT_IDS, HomeAssistantDiscovery
 from tests.agent.streaming import pcm16, stream_files
 from tests.broker import Broker, Client, Received, free_port
 from tests.conftest import require_module
-from tests.support import agent_config
+from tests.fleet.helpers import command, wait_ready
+from tests.support import agent_config, wait_until
 
 PREFIX = "edge_agent/dev1"
 DISCOVERY = "homeassistant"
@@ -397,16 +400,27 @@ def ha_agent(  # type: ignore[no-untyped-def]
     enabled: bool = True,
     name: str | None = None,
 ):
+    """A started agent with discovery (and the command processor, unless ``commands`` is
+    false), its topics subscribed."""
     config = agent_config(port, tmp_path, homeassistant={"enabled": enabled})
     if name is not None:
         config = merge_update(config, {"device": {"name": name}})
-    agent = make_agent(config, start=False)
-    discovery = HomeAssistantDiscovery(birth_jitter_seconds=0.0)
-    agent.integrations = [CommandProcessor(), discovery] if commands else [discovery]
-    agent.start()
-    assert agent.transport.wait_connected(10)
-    time.sleep(0.2)  # SUBACKs
+
+    def integrations(agent):  # type: ignore[no-untyped-def]
+        discovery = HomeAssistantDiscovery(commands_attached=commands, birth_jitter_seconds=0.0)
+        return [CommandProcessor(agent), discovery] if commands else [discovery]
+
+    agent = make_agent(config, integrations=integrations)
+    wait_ready(port, agent)
     return agent
+
+
+def handled_before(client: Client) -> None:
+    """Returns once the agent (dev1, with commands) has handled what ``client`` sent it before:
+    a ping's answer. The agent reads its messages in order on one thread, and reacts to Home
+    Assistant's status there, at once (no jitter in these tests): a reaction would be in first."""
+    (answer,) = command(client, f"{PREFIX}/cmd/ping")
+    assert answer["ok"]
 
 
 def latest_configs(client: Client) -> dict[str, Received]:
@@ -436,9 +450,10 @@ def retained_under(port: int, topic_filter: str) -> list[Received]:
     try:
         probe.publish(marker, b"marker", qos=1, retain=True)
         probe.subscribe(topic_filter)
-        probe.subscribe(marker)  # processed after the first subscription's retained messages
-        probe.wait_for(marker)
-        time.sleep(0.3)
+        probe.subscribe(marker)  # its retained marker comes after the first subscription's burst
+        # The filter may match the marker too: then the burst holds a first copy.
+        copies = 2 if paho.topic_matches_sub(topic_filter, marker) else 1
+        probe.wait_for(marker, lambda m: len(m) >= copies)
         probe.publish(marker, b"", qos=1, retain=True)
         return [m for m in probe.messages if m.topic != marker and m.retain]
     finally:
@@ -599,12 +614,10 @@ def test_a_detection_replayed_after_an_outage_is_ignored_by_the_event(  # type: 
     first = make_agent(config, start=False)
     first.start()
     samples = to_mono_16k(read_wav(example_wav))
-    assert first.worker.submit(SampleChunk("door", "file", samples, time.time(), final=True))
-    deadline = time.monotonic() + 30
-    while first.outbox.depth() < 1 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    assert first.ingest.submit(SampleChunk("door", "file", samples, time.time(), final=True))
+    wait_until(lambda: first.outbox.depth() >= 1, timeout=30)
     assert first.outbox.depth() == 1
-    first.stop(timeout=3)
+    first.stop(timeout=1)  # nothing to flush to: no broker
     broker = Broker(tmp_path).start()  # the next run of the same device finds a broker
     watcher = Client(broker.port).connect().subscribe(f"{PREFIX}/detection").subscribe(f"{DISCOVERY}/#")
     try:
@@ -633,7 +646,7 @@ def test_disabled_removes_what_an_earlier_run_published(broker, make_agent, clie
     # Disabled, the agent does not listen to Home Assistant's birth message.
     client.messages.clear()
     client.publish(f"{DISCOVERY}/status", b"online", qos=1)
-    time.sleep(0.5)
+    handled_before(client)
     assert client.on(CONFIG_FILTER) == []
 
 
@@ -668,15 +681,16 @@ def test_home_assistant_birth_message_brings_discovery_and_state_again(  # type:
     client.wait_for(f"{PREFIX}/health")  # then the state, as HA's docs advise
     client.messages.clear()
     client.publish(f"{DISCOVERY}/status", b"offline")  # HA's last will: nothing to do
-    time.sleep(0.5)
+    handled_before(client)
     assert client.on(CONFIG_FILTER) == []
 
 
 def test_discovery_is_published_again_after_a_broker_restart(  # type: ignore[no-untyped-def]
-    broker, make_agent, tmp_path: Path
+    broker, make_agent, client, tmp_path: Path
 ) -> None:
     ha_agent(make_agent, broker.port, tmp_path)
-    time.sleep(0.5)
+    client.subscribe(f"{DISCOVERY}/#")
+    assert set(wait_configs(client)) == TOPICS
     broker.restart(downtime=0.5)  # no persistence: every retained config is gone
     watcher = Client(broker.port).connect().subscribe(f"{DISCOVERY}/#")
     try:
@@ -728,8 +742,9 @@ def test_the_runner_always_attaches_discovery() -> None:
     from edge_agent.cli.run import build_integrations
     from edge_agent.config import parse_config
 
+    control = object()  # the agent the command processor would control; never called here
     for enabled in (False, True):
-        integrations = build_integrations(parse_config({"homeassistant": {"enabled": enabled}}))
+        integrations = build_integrations(parse_config({"homeassistant": {"enabled": enabled}}), control)
         assert sum(isinstance(i, HomeAssistantDiscovery) for i in integrations) == 1
 
 
@@ -744,7 +759,7 @@ def test_detections_leave_room_in_the_broker_window_for_what_a_reconnect_sends_f
     assert agent.transport is not None
     on_connect = agent.transport.connect_burst
     assert on_connect == 2 + len(OBJECT_IDS)  # info, online, one config per entity
-    assert agent._detection_window() + on_connect == agent.transport.send_window == 20
+    assert detection_window(agent.transport) + on_connect == agent.transport.send_window == 20
 
 
 def test_without_home_assistant_the_clears_at_each_connect_leave_detections_the_window(  # type: ignore[no-untyped-def]
@@ -759,11 +774,14 @@ def test_without_home_assistant_the_clears_at_each_connect_leave_detections_the_
     assert set(removed) == TOPICS
     assert agent.transport is not None
     assert agent.transport.connect_burst == 2  # info, online
-    assert agent._detection_window() == 18
+    assert detection_window(agent.transport) == 18
     broker.restart(downtime=0.5)
-    deadline = time.monotonic() + 20
-    while agent.transport.stats.reconnects == 0 or not agent.transport.connected:
-        assert time.monotonic() < deadline, "no reconnect"
-        time.sleep(0.05)
-    time.sleep(0.5)  # the on-connect hooks
+    wait_ready(broker.port, agent, timeout=20)  # reconnected: info again, from the on-connect hooks
+    # A command is read after the on-connect hooks have returned (the same thread runs both).
+    watcher = Client(broker.port).connect()
+    try:
+        handled_before(watcher)
+    finally:
+        watcher.close()
+    assert agent.transport.stats.reconnects >= 1
     assert agent.transport.connect_burst == 2  # the largest on-connect burst seen, reconnect included

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -13,13 +12,14 @@ from pathlib import Path
 import pytest
 
 from edge_agent.fleet.pool import PoolTopics
-from tests.agent.streaming import pcm16
+from tests.agent.streaming import pcm16, stream_files
 from tests.broker import Client
 from tests.support import start_agent_process
 
 PREFIX = "edge_agent"
 POOL = "p1"
 CHUNK = 3200  # 100 ms
+REPLIES = "replies/#"  # start() expects the device subscribed to its answers
 
 
 @pytest.fixture()
@@ -37,7 +37,7 @@ def workers(broker, model_dir: Path, tmp_path: Path):  # type: ignore[no-untyped
             lambda m: {x.topic.split("/")[1] for x in m if x.payload == b"online"} >= set(processes),
             timeout=90,
         )
-        time.sleep(0.5)  # the shared subscriptions are in place after CONNACK
+        # An agent subscribes (the pool's shared subscription too) before it says online.
         yield processes
     finally:
         watcher.close()
@@ -49,9 +49,9 @@ def workers(broker, model_dir: Path, tmp_path: Path):  # type: ignore[no-untyped
 
 
 def start(client: Client, stream: str) -> str:
-    """Ask the pool for a worker; returns its id once it has subscribed to the stream."""
+    """Ask the pool for a worker; returns its id once it has subscribed to the stream. The
+    client must be subscribed to :data:`REPLIES`."""
     reply = f"replies/{uuid.uuid4().hex}"
-    client.subscribe(reply)
     client.publish(
         PoolTopics.START.format(prefix=PREFIX, pool=POOL, stream=stream),
         b'{"action": "start"}',
@@ -75,18 +75,33 @@ def send(client: Client, stream: str, pcm: bytes, end: bool = True) -> None:
         )
 
 
+def after_everything_sent(client: Client, workers: list[str], pcm: bytes) -> None:
+    """A keyword streamed to each worker's own audio topic, and its detection awaited: each
+    worker handles what this client sent in order and publishes its detections in order, so
+    every detection of the pool streams sent before is in once these are."""
+    sentinels = {worker: f"sentinel-{uuid.uuid4().hex[:8]}" for worker in workers}
+    for worker, stream in sentinels.items():
+        stream_files(client, {stream: pcm}, prefix=f"{PREFIX}/{worker}")
+    client.wait_for(
+        f"{PREFIX}/+/detection",
+        lambda m: {(x.json()["device"], x.json()["stream"]) for x in m} >= set(sentinels.items()),
+        timeout=60,
+    )
+
+
 def test_thirty_streams_on_three_workers_each_detected_once_by_its_own_worker(  # type: ignore[no-untyped-def]
-    broker, workers, dev_audio: Path
+    broker, workers, dev_audio: Path, example_wav: Path
 ) -> None:
-    device = Client(broker.port).connect().subscribe(f"{PREFIX}/+/detection")
+    device = Client(broker.port).connect().subscribe(f"{PREFIX}/+/detection").subscribe(REPLIES)
     try:
         positives = [pcm16(p) for p in sorted(dev_audio.glob("pos/*.wav"))]
         owner = {f"s{i:02d}": start(device, f"s{i:02d}") for i in range(30)}
         for index, stream in enumerate(owner):
             send(device, stream, positives[index % len(positives)])
-        events = device.wait_for(f"{PREFIX}/+/detection", lambda m: len(m) >= 30, timeout=120)
-        time.sleep(2)  # a duplicate would arrive now
+        device.wait_for(f"{PREFIX}/+/detection", lambda m: len(m) >= 30, timeout=120)
+        after_everything_sent(device, list(workers), pcm16(example_wav))  # a duplicate is in by now
         events = [m.json() for m in device.on(f"{PREFIX}/+/detection")]
+        events = [e for e in events if not e["stream"].startswith("sentinel-")]
     finally:
         device.close()
     per_stream = Counter(e["stream"] for e in events)
@@ -99,6 +114,7 @@ def test_a_dead_workers_streams_are_lost_until_started_again(broker, workers, ex
     device = (
         Client(broker.port).connect().subscribe(f"{PREFIX}/+/detection").subscribe(f"{PREFIX}/+/availability")
     )
+    device.subscribe(REPLIES)
     device.subscribe(PoolTopics.CLAIM.filter(prefix=PREFIX, pool=POOL))
     pcm = pcm16(example_wav)
     try:
@@ -114,7 +130,7 @@ def test_a_dead_workers_streams_are_lost_until_started_again(broker, workers, ex
         assert claims and json.loads(claims[-1].payload)["worker"] == victim_name
 
         send(device, victim_stream, pcm)  # nobody subscribes to this stream any more
-        time.sleep(3)
+        after_everything_sent(device, [w for w in workers if w != victim_name], pcm)
         assert [e for e in device.on(f"{PREFIX}/+/detection") if e.json()["stream"] == victim_stream] == []
 
         survivor = start(device, victim_stream)  # documented recovery: start the stream again

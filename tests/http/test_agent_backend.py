@@ -67,14 +67,9 @@ def test_agent_backend_reports_the_live_agent(
             "audio": {"sources": [{"type": "file", "id": "door", "path": str(positive), "realtime": False}]},
         }
     )
-    agent = Agent(
-        config,
-        engine.model,
-        engine.keywords,
-        decoder_settings_from(config),
-        [create_source(entry) for entry in config.audio.sources],
-    )
-    backend = AgentBackend(agent)  # before start: every live detection is counted
+    agent = Agent(config, engine.model, [create_source(entry) for entry in config.audio.sources])
+    backend = AgentBackend()
+    agent.add_integration(backend)  # before start: every live detection is counted
     _, client = start_server(backend)
     try:
         starting = client.get("/healthz")
@@ -131,5 +126,3 @@ def test_agent_backend_reports_the_live_agent(
         assert metric_values(client)[("edge_agent_mqtt_connected", ())] == 0
     finally:
         agent.stop(timeout=5)
-        backend.close()
-    assert backend._on_detection not in agent.listeners
