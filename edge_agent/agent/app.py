@@ -35,7 +35,7 @@ from edge_agent.agent.delivery import Delivery
 from edge_agent.agent.errors import ErrorReporter, Refusal
 from edge_agent.agent.health import HealthReporter
 from edge_agent.agent.ingest import Ingest
-from edge_agent.agent.items import SampleChunk, StreamClosed
+from edge_agent.agent.items import StreamClosed
 from edge_agent.agent.live_config import LiveConfig, engine_settings
 from edge_agent.agent.mqtt_inbound import MqttInbound
 from edge_agent.agent.outbox import Outbox
@@ -43,7 +43,7 @@ from edge_agent.agent.presence import Presence
 from edge_agent.agent.services import AgentServices, Integration
 from edge_agent.agent.sink import DetectionSink, DetectionWire, detection_window
 from edge_agent.agent.worker import EngineWorker, WorkQueue
-from edge_agent.audio.sources import AudioChunk, AudioSource
+from edge_agent.audio.sources import AudioSource
 from edge_agent.config import AgentConfig, compile_config_keywords
 from edge_agent.engine.model import KwsModel
 from edge_agent.mqtt.messages import Availability, DetectionEvent, ErrorReport, iso_utc
@@ -231,7 +231,7 @@ class Agent:
             self.transport.start()
         for source in self.sources:
             try:
-                source.start(self._source_sink(source))
+                source.start(self.ingest.submit)
             except Exception as error:  # noqa: BLE001 - a missing microphone must not stop the rest
                 log.error("audio source %s did not start: %s", source.stream_id, error)
                 self.errors.report(
@@ -272,18 +272,6 @@ class Agent:
             if finite and all(source.finished for source in self.sources):
                 self.worker.drain()
                 return
-
-    # --- local sources -----------------------------------------------------------------------
-    def _source_sink(self, source: AudioSource) -> Callable[[AudioChunk], bool]:
-        kind = str(source.describe().get("type", "local"))
-        ingest = self.ingest
-
-        def sink(chunk: AudioChunk) -> bool:
-            return ingest.submit(
-                SampleChunk(chunk.stream_id, kind, chunk.samples, chunk.captured_at, chunk.final)
-            )
-
-        return sink
 
 
 def _closed_hook(integration: Integration) -> Callable[[StreamClosed], None]:

@@ -14,9 +14,9 @@ from collections import OrderedDict
 
 from edge_agent.agent.errors import ErrorReporter
 from edge_agent.agent.items import (
+    AudioChunk,
     AudioItem,
     PcmChunk,
-    SampleChunk,
     StreamEnd,
     StreamStart,
     WavChunk,
@@ -47,7 +47,8 @@ class Ingest:
         self._dropped: OrderedDict[str, int] = OrderedDict()
 
     def submit(self, item: AudioItem) -> bool:
-        """Queue ``item`` for the engine; False when it was refused (and reported)."""
+        """Queue ``item`` for the engine; False when it was refused (and reported). Local
+        sources are given this method as their sink."""
         if isinstance(item, (StreamStart, StreamEnd)):
             self._queue.put(item)  # controls carry no audio: always admitted
             return True
@@ -65,7 +66,7 @@ class Ingest:
         if self._queue.put(item):
             return True
         self._count_drop(item.stream)
-        if not isinstance(item, SampleChunk):
+        if not isinstance(item, AudioChunk):
             # A local source counts its own drops (and a batch replay offers the chunk again).
             self._errors.report(
                 "queue_full",

@@ -1,7 +1,8 @@
 """What flows between the agent's threads: audio into the engine worker, results out of it.
 
 Every way audio reaches the agent (MQTT raw PCM, Hermes WAV frames, the microphone and file
-sources, Wyoming clients) becomes one of the *audio items* below and goes through
+sources, Wyoming clients) becomes one of the *audio items* below (local sources make
+:class:`~edge_agent.audio.sources.AudioChunk` items themselves) and goes through
 :meth:`edge_agent.agent.ingest.Ingest.submit` onto the worker's queue. Conversion to the
 engine's 16 kHz mono happens on the worker thread, per stream, never on the thread that
 received the audio. The worker answers with *results* on the detection sink's queue.
@@ -16,9 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from edge_agent.audio.pcm import ENGINE_RATE_HZ, PcmFormat
+from edge_agent.audio.pcm import PcmFormat
+from edge_agent.audio.sources import AudioChunk
 from edge_agent.engine.decoder import CompiledKeyword, Detection
 from edge_agent.engine.model import DecoderSettings
 
@@ -78,30 +78,6 @@ class WavChunk:
 
 
 @dataclass(frozen=True)
-class SampleChunk:
-    """16 kHz mono float32 samples in 16-bit units, from a local source (microphone, file).
-    ``final``: the source's last chunk; the stream ends after it."""
-
-    stream: str
-    kind: str
-    samples: np.ndarray
-    captured_at: float  # time.time() of the last sample
-    final: bool = False
-
-    @property
-    def seconds(self) -> float:
-        return self.samples.shape[0] / ENGINE_RATE_HZ
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.samples.nbytes)
-
-    @property
-    def origin(self) -> str:
-        return self.kind
-
-
-@dataclass(frozen=True)
 class StreamStart:
     """A stream (re)starts, optionally declaring its PCM format: what was pending is finished
     first, and the detector starts afresh."""
@@ -121,7 +97,7 @@ class StreamEnd:
     origin: str
 
 
-AudioItem = PcmChunk | WavChunk | SampleChunk | StreamStart | StreamEnd
+AudioItem = PcmChunk | WavChunk | AudioChunk | StreamStart | StreamEnd
 
 
 # --- control of the worker ---------------------------------------------------------------------

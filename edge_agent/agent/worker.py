@@ -28,12 +28,12 @@ from typing import Protocol
 
 from edge_agent.agent.errors import ErrorReporter
 from edge_agent.agent.items import (
+    AudioChunk,
     AudioItem,
     Detected,
     EngineSettings,
     PcmChunk,
     RecordingRequest,
-    SampleChunk,
     StreamClosed,
     StreamEnd,
     StreamStart,
@@ -268,7 +268,7 @@ class EngineWorker:
                 self._inbox.release(item)
                 self.stats.items += 1
                 try:
-                    if isinstance(item, (PcmChunk, WavChunk, SampleChunk)):
+                    if isinstance(item, (PcmChunk, WavChunk, AudioChunk)):
                         self._gather(item, waiting, found)
                     else:
                         self._run_audio(waiting, found)
@@ -301,7 +301,7 @@ class EngineWorker:
                 item.done.set()
 
     def _gather(
-        self, item: PcmChunk | WavChunk | SampleChunk, waiting: dict[str, StreamState], found: list
+        self, item: PcmChunk | WavChunk | AudioChunk, waiting: dict[str, StreamState], found: list
     ) -> None:
         fmt = (item.fmt or PcmFormat()) if isinstance(item, PcmChunk) else None
         stream = self._open(item.stream, item.kind, fmt, item.origin)
@@ -309,10 +309,10 @@ class EngineWorker:
             return
         if self._settings.muted:
             self.stats.muted_seconds += item.seconds
-            if isinstance(item, SampleChunk) and item.final:
+            if isinstance(item, AudioChunk) and item.final:
                 stream.restart(None)  # the stream ended while muted: the next one starts afresh
             return
-        if isinstance(item, SampleChunk):
+        if isinstance(item, AudioChunk):
             samples, at = item.samples, item.captured_at
         else:
             try:
@@ -323,7 +323,7 @@ class EngineWorker:
             at = item.received_at
         gap = stream.append(samples, at)
         waiting[stream.id] = stream
-        if gap and not isinstance(item, SampleChunk):
+        if gap and not isinstance(item, AudioChunk):
             self._errors.report(
                 "audio_gap",
                 f"audio arrived {gap:.1f} s later than the stream's own length allows: audio sent "
@@ -332,7 +332,7 @@ class EngineWorker:
                 topic=item.origin,
                 stream=stream.id,
             )
-        if isinstance(item, SampleChunk) and item.final:
+        if isinstance(item, AudioChunk) and item.final:
             self._run_audio(waiting, found)
             self._found(stream, stream.finish(), found)
             stream.restart(None)

@@ -461,7 +461,7 @@ class MicrophoneAudioSource:
                 position = (output_samples - 1) * rate_hz / SAMPLE_RATE_HZ
                 age_seconds = max(0.0, input_frames - 1 - position) / rate_hz
                 samples.flags.writeable = False
-                chunk = AudioChunk(self.stream_id, samples, last_frame_wall - age_seconds)
+                chunk = AudioChunk(self.stream_id, "microphone", samples, last_frame_wall - age_seconds)
                 if sink(chunk):
                     self._chunks += 1
                 else:

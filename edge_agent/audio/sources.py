@@ -47,10 +47,25 @@ _T = TypeVar("_T")
 
 @dataclass(frozen=True)
 class AudioChunk:
-    stream_id: str
+    """A chunk of a local stream, as the agent ingests it (see :mod:`edge_agent.agent.items`)."""
+
+    stream: str
+    kind: str  # the source's type: "file", "microphone"
     samples: np.ndarray  # float32 1-D, 16 kHz mono, in 16-bit units (full scale 32768); read-only
     captured_at: float  # time.time() when the LAST sample was captured (mic) or played (file)
     final: bool = False  # True on the last chunk of a stream (end of the last file when not looping)
+
+    @property
+    def seconds(self) -> float:
+        return self.samples.shape[0] / SAMPLE_RATE_HZ
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.samples.nbytes)
+
+    @property
+    def origin(self) -> str:
+        return self.kind
 
 
 # Non-blocking; returns False when the consumer's queue is full (the source counts a dropped chunk).
@@ -350,7 +365,7 @@ class FileAudioSource:
             self._wait_until_played(samples.size)
         elif self._stop.is_set():
             raise _Stopped
-        chunk = AudioChunk(self.stream_id, _read_only(samples), time.time(), final)
+        chunk = AudioChunk(self.stream_id, "file", _read_only(samples), time.time(), final)
         while not sink(chunk):
             if self.config.realtime:
                 with self._lock:

@@ -6,7 +6,7 @@ import numpy as np
 
 from edge_agent.agent.errors import ErrorReporter, Refusal
 from edge_agent.agent.ingest import Ingest
-from edge_agent.agent.items import PcmChunk, SampleChunk, StreamEnd, StreamStart, WavChunk
+from edge_agent.agent.items import AudioChunk, PcmChunk, StreamEnd, StreamStart, WavChunk
 from edge_agent.agent.limits import AudioRateLimiter
 from edge_agent.agent.worker import WorkQueue
 
@@ -26,15 +26,15 @@ def test_network_streams_are_rate_limited_local_ones_not() -> None:
     assert [(r.code, r.stream) for r in refusals] == [("rate_limited", "hasty")]  # once per cause
     frame = WavChunk("hermes-a", "hermes", b"RIFF", 6.0, 0.0, "t")
     assert not entry.submit(frame)  # a WAV frame counts its own seconds
-    local = SampleChunk("mic", "file", np.zeros(16000 * 8, np.float32), 0.0)
+    local = AudioChunk("mic", "file", np.zeros(16000 * 8, np.float32), 0.0)
     assert entry.submit(local) and len(queue) == 6
 
 
 def test_a_full_queue_refuses_audio_and_counts_it_per_stream_but_never_controls() -> None:
-    entry, queue, refusals = ingest(max_bytes=40000, factor=0)
+    entry, _queue, refusals = ingest(max_bytes=40000, factor=0)
     assert entry.submit(PcmChunk("a", "mqtt", ONE_SECOND, None, 0.0, "t/a"))
     assert not entry.submit(PcmChunk("a", "mqtt", ONE_SECOND, None, 0.0, "t/a"))
-    assert not entry.submit(SampleChunk("mic", "microphone", np.zeros(16000, np.float32), 0.0))
+    assert not entry.submit(AudioChunk("mic", "microphone", np.zeros(16000, np.float32), 0.0))
     assert entry.submit(StreamStart("b", "mqtt", None, "t/b")) and entry.submit(StreamEnd("a", "mqtt", "t/a"))
     assert entry.dropped("a") == 1 and entry.dropped("mic") == 1
     # A local source counts the chunk it could not hand over itself: no error message for it.

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.agent.items import SampleChunk
+from edge_agent.agent.items import AudioChunk
 from edge_agent.audio.sources import FileAudioSource
 from edge_agent.audio.wav import read_wav, to_mono_16k
 from edge_agent.config import FileSource
@@ -32,12 +32,12 @@ def positives(dev_audio: Path, count: int, folder: Path) -> Path:
     return folder
 
 
-def keyword_chunks(path: Path, stream: str) -> list[SampleChunk]:
+def keyword_chunks(path: Path, stream: str) -> list[AudioChunk]:
     """A recording as a local source would hand it to the agent: 100 ms chunks, the last final."""
     samples = to_mono_16k(read_wav(path))
     pieces = [samples[offset : offset + 1600] for offset in range(0, samples.shape[0], 1600)]
     return [
-        SampleChunk(stream, "file", piece, time.time(), final=index == len(pieces) - 1)
+        AudioChunk(stream, "file", piece, time.time(), final=index == len(pieces) - 1)
         for index, piece in enumerate(pieces)
     ]
 

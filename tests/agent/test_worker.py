@@ -12,10 +12,10 @@ import pytest
 
 from edge_agent.agent.errors import ErrorReporter, Refusal
 from edge_agent.agent.items import (
+    AudioChunk,
     Detected,
     EngineSettings,
     PcmChunk,
-    SampleChunk,
     StreamClosed,
     StreamEnd,
     StreamStart,
@@ -91,10 +91,10 @@ def spans(found: list[Detected]) -> list[tuple[str, float, float]]:
     return [(d.detection.keyword, d.detection.start, d.detection.end) for d in found]
 
 
-def samples_of(samples: np.ndarray, stream: str, kind: str = "file") -> list[SampleChunk]:
+def samples_of(samples: np.ndarray, stream: str, kind: str = "file") -> list[AudioChunk]:
     pieces = [samples[i : i + CHUNK] for i in range(0, samples.shape[0], CHUNK)]
     return [
-        SampleChunk(stream, kind, piece, 0.0, final=n == len(pieces) - 1) for n, piece in enumerate(pieces)
+        AudioChunk(stream, kind, piece, 0.0, final=n == len(pieces) - 1) for n, piece in enumerate(pieces)
     ]
 
 
@@ -110,7 +110,7 @@ def test_local_audio_gives_the_whole_file_detections(parts, numpy_model, example
 
 
 def test_declared_pcm_is_converted_on_the_worker(parts, numpy_model, example: np.ndarray) -> None:  # type: ignore[no-untyped-def]
-    worker, queue, results, refusals = parts
+    _worker, queue, results, refusals = parts
     stereo48 = np.repeat(resample(example, 16000, 48000)[:, None], 2, axis=1)
     pcm = np.clip(np.round(stereo48), -32768, 32767).astype("<i2").tobytes()
     fmt = PcmFormat(48000, 2, 2)
@@ -130,7 +130,7 @@ def test_declared_pcm_is_converted_on_the_worker(parts, numpy_model, example: np
 def test_wav_frames_are_decoded_on_the_worker_and_a_bad_one_is_reported(
     parts, numpy_model, example: np.ndarray, rate: int
 ) -> None:  # type: ignore[no-untyped-def]
-    worker, queue, results, refusals = parts
+    _worker, queue, results, refusals = parts
     audio = example if rate == 16000 else resample(example, 16000, rate)
     step = rate // 10
     for index, offset in enumerate(range(0, audio.shape[0], step)):
@@ -149,12 +149,12 @@ def test_wav_frames_are_decoded_on_the_worker_and_a_bad_one_is_reported(
 
 
 def test_streams_of_a_network_kind_are_limited_and_ids_are_not_shared(parts) -> None:  # type: ignore[no-untyped-def]
-    worker, queue, results, refusals = parts
+    worker, queue, _results, refusals = parts
     silence = bytes(3200)
     for stream in ("a", "b", "c"):
         queue.put(PcmChunk(stream, "mqtt", silence, None, 0.0, f"t/{stream}"))
     queue.put(PcmChunk("h1", "hermes", silence, None, 0.0, "t/h1"))  # another kind: its own limit
-    queue.put(SampleChunk("a", "microphone", np.zeros(CHUNK, np.float32), 0.0))
+    queue.put(AudioChunk("a", "microphone", np.zeros(CHUNK, np.float32), 0.0))
     assert worker.drain(10)
     assert sorted(worker.stream_ids()) == ["a", "b", "h1"]
     assert [(r.code, r.stream) for r in refusals] == [("too_many_streams", "c"), ("stream_conflict", "a")]
@@ -184,7 +184,7 @@ def test_live_changes_are_applied_between_passes(parts, numpy_model, example: np
 def test_network_streams_that_go_quiet_are_closed_local_ones_not(parts) -> None:  # type: ignore[no-untyped-def]
     worker, queue, results, _ = parts
     queue.put(PcmChunk("door", "mqtt", bytes(3200), None, 0.0, "t/door"))
-    queue.put(SampleChunk("mic", "microphone", np.zeros(CHUNK, np.float32), 0.0))
+    queue.put(AudioChunk("mic", "microphone", np.zeros(CHUNK, np.float32), 0.0))
     assert worker.drain(10)
     settings = worker.settings
     worker.apply(EngineSettings(settings.keywords, settings.decoder, False, 2, idle_timeout=0.0))
@@ -230,7 +230,7 @@ def test_the_queue_is_bounded_in_bytes_and_controls_always_pass() -> None:
 def test_settings_and_audio_from_many_threads_at_once(parts, numpy_model) -> None:  # type: ignore[no-untyped-def]
     """Reconfiguration from several threads while audio streams in: every change is applied
     whole, on the worker's thread, and nothing fails."""
-    worker, queue, results, refusals = parts
+    worker, queue, _results, refusals = parts
     base = worker.settings
     variants = [
         EngineSettings(base.keywords, base.decoder, muted=bool(n % 2), max_streams=2 + n, idle_timeout=30.0)
@@ -247,7 +247,7 @@ def test_settings_and_audio_from_many_threads_at_once(parts, numpy_model) -> Non
     def stream(name: str) -> None:
         start.wait()
         for _ in range(200):
-            queue.put(SampleChunk(name, "file", np.zeros(CHUNK, np.float32), 0.0))
+            queue.put(AudioChunk(name, "file", np.zeros(CHUNK, np.float32), 0.0))
 
     threads = [threading.Thread(target=reconfigure, args=(n,)) for n in range(4)]
     threads += [threading.Thread(target=stream, args=(f"s{n}",)) for n in range(2)]

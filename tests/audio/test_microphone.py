@@ -388,7 +388,7 @@ def test_48k_capture_is_resampled_to_16k_chunks_of_chunk_ms(
     wait_until(lambda: len(sink.chunks) == 9, "9 chunks")
 
     assert [c.samples.size for c in sink.chunks] == [1600] * 9
-    assert all(c.samples.dtype == np.float32 and c.stream_id == "mic" and not c.final for c in sink.chunks)
+    assert all(c.samples.dtype == np.float32 and c.stream == "mic" and not c.final for c in sink.chunks)
     stream = np.concatenate([c.samples for c in sink.chunks])
     assert peak_hz(stream[1600:]) == pytest.approx(1000, abs=2)
     assert np.max(np.abs(stream[1600:])) == pytest.approx(10_000, rel=0.01)

@@ -110,7 +110,7 @@ def test_chunks_are_exactly_chunk_ms_and_the_final_one_carries_the_rest(tmp_path
 
     assert [c.samples.size for c in sink.chunks] == [1600] * 12 + [800]
     assert all(c.samples.dtype == np.float32 and c.samples.ndim == 1 for c in sink.chunks)
-    assert all(c.stream_id == "file" for c in sink.chunks)
+    assert all(c.stream == "file" for c in sink.chunks)
     np.testing.assert_array_equal(sink.stream(), np.rint(samples))
     assert [c.final for c in sink.chunks].count(True) == 1 and sink.chunks[-1].final
     with pytest.raises(ValueError, match="read-only"):

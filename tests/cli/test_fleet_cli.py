@@ -305,10 +305,7 @@ def test_watch_refreshes_until_ctrl_c(fleet: Fleet) -> None:
 
 def commanded_agent(make_agent, config: AgentConfig) -> None:  # type: ignore[no-untyped-def]
     """An in-process agent that answers commands, as `edge-agent run` builds it."""
-    agent = make_agent(config, start=False)
-    agent.integrations.append(CommandProcessor())
-    agent.start()
-    assert agent.transport.wait_connected(10)
+    make_agent(config, integrations=lambda agent: [CommandProcessor(agent)])
 
 
 def test_an_mqtt_311_agent_answers_on_cmd_result(broker, make_agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
