@@ -1,0 +1,51 @@
+"""docs/architecture.md names real functions: every ``Class.method`` of its path tables exists."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "architecture.md"
+# Where each class named in the tables lives.
+MODULES = {
+    "MqttTransport": "edge_agent.mqtt.transport",
+    "MqttInbound": "edge_agent.agent.mqtt_inbound",
+    "Ingest": "edge_agent.agent.ingest",
+    "EngineWorker": "edge_agent.agent.worker",
+    "DetectionSink": "edge_agent.agent.sink",
+    "Delivery": "edge_agent.agent.delivery",
+    "DetectionWire": "edge_agent.agent.sink",
+    "MicrophoneAudioSource": "edge_agent.audio.microphone",
+}
+ROW = re.compile(r"^\| (\d+) \| `(\w+)\.(\w+)` \| ([\w' -]+) \|", re.MULTILINE)
+
+
+def path_tables() -> list[list[tuple[int, str, str, str]]]:
+    text = DOC.read_text(encoding="utf-8")
+    sections = re.split(r"^## ", text, flags=re.MULTILINE)
+    tables = []
+    for section in sections:
+        if section.startswith("From "):
+            rows = [(int(n), cls, method, thread) for n, cls, method, thread in ROW.findall(section)]
+            tables.append(rows)
+    return tables
+
+
+def test_two_paths_of_at_most_ten_functions() -> None:
+    tables = path_tables()
+    assert len(tables) == 2
+    for rows in tables:
+        assert 1 <= len(rows) <= 10
+        assert [n for n, *_ in rows] == list(range(1, len(rows) + 1))
+
+
+@pytest.mark.parametrize(
+    "row", [row for rows in path_tables() for row in rows], ids=lambda r: f"{r[1]}.{r[2]}"
+)
+def test_every_function_named_exists(row: tuple[int, str, str, str]) -> None:
+    _, cls, method, _ = row
+    module = importlib.import_module(MODULES[cls])
+    assert callable(getattr(getattr(module, cls), method))
