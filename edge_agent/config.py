@@ -25,16 +25,12 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from edge_agent.engine.decoder import CompiledKeyword
 from edge_agent.engine.model import (
     DEFAULT_GAP_TOLERANCE,
     DEFAULT_HOLD_SECONDS,
     DEFAULT_PAUSE_SECONDS,
     DEFAULT_REFRACTORY_SECONDS,
     DEFAULT_THRESHOLD,
-    DecoderSettings,
-    KeywordSpec,
-    KwsModel,
 )
 from edge_agent.model_store import DEFAULT_MODEL_ID, DEFAULT_REVISION
 
@@ -736,26 +732,6 @@ def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
             keys += changed_keys(old.get(name), new.get(name), f"{prefix}{name}.")
         return keys
     return [] if old == new else [prefix.rstrip(".")]
-
-
-# --- from configuration to engine objects ----------------------------------------------------
-
-
-def decoder_settings_from(config: AgentConfig) -> DecoderSettings:
-    return DecoderSettings(
-        refractory_seconds=config.engine.refractory,
-        gap_tolerance=config.engine.gap_tolerance,
-        hold_seconds=config.engine.hold,
-        pause_seconds=config.engine.pause,
-    )
-
-
-def compile_config_keywords(model: KwsModel, config: AgentConfig) -> list[CompiledKeyword]:
-    """The configured keywords spelled with ``model``; LexiconError names an unknown character."""
-    return [
-        model.compile(KeywordSpec(k.text, k.threshold, k.min_duration, k.max_duration), k.homophones)
-        for k in config.keywords
-    ]
 
 
 def read_password(config: MqttConfig) -> str | None:

@@ -108,7 +108,7 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
 @pytest.fixture()
 def make_agent(numpy_model, tmp_path: Path) -> Iterator[Callable[..., Agent]]:  # type: ignore[no-untyped-def]
     from edge_agent.cli.common import compile_keywords
-    from edge_agent.config import decoder_settings_from
+    from edge_agent.keywords import decoder_settings_from
 
     agents: list[Agent] = []
 

@@ -12,7 +12,6 @@ from edge_agent.config import (
     FileSource,
     MicrophoneSource,
     config_reference,
-    decoder_settings_from,
     example_yaml,
     load_config,
     merge_update,
@@ -21,6 +20,7 @@ from edge_agent.config import (
     to_dict,
 )
 from edge_agent.engine.model import DecoderSettings
+from edge_agent.keywords import decoder_settings_from
 
 REPO = Path(__file__).resolve().parent.parent
 

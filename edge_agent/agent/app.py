@@ -46,12 +46,11 @@ from edge_agent.audio.sources import AudioChunk, AudioSource
 from edge_agent.config import (
     AgentConfig,
     changed_keys,
-    compile_config_keywords,
-    decoder_settings_from,
     to_dict,
 )
 from edge_agent.engine.decoder import CompiledKeyword, Detection
 from edge_agent.engine.model import DecoderSettings, KwsModel
+from edge_agent.keywords import compile_config_keywords, decoder_settings_from
 from edge_agent.mqtt.messages import (
     AudioControl,
     AudioTopic,

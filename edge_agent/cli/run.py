@@ -19,7 +19,8 @@ from edge_agent.cli.common import (
     load_settings,
     open_model,
 )
-from edge_agent.config import AgentConfig, ConfigError, FileSource, decoder_settings_from, merge_update
+from edge_agent.config import AgentConfig, ConfigError, FileSource, merge_update
+from edge_agent.keywords import decoder_settings_from
 from edge_agent.logs import configure_logging
 from edge_agent.system import tune_allocator
 

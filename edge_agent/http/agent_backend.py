@@ -21,9 +21,9 @@ from typing import Any
 
 from edge_agent import __version__
 from edge_agent.agent.app import Agent
-from edge_agent.config import decoder_settings_from
 from edge_agent.http.backend import DetectResult, KeywordRequest, MetricFamily, Sample
 from edge_agent.http.detection import DEFAULT_MAX_CONCURRENT, DetectionService
+from edge_agent.keywords import decoder_settings_from
 from edge_agent.mqtt.messages import DetectionEvent
 
 log = logging.getLogger(__name__)

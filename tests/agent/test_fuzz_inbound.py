@@ -58,7 +58,7 @@ properties = st.dictionaries(
 def fuzz_agent(numpy_model, tmp_path_factory):  # type: ignore[no-untyped-def]
     from edge_agent.agent.app import Agent
     from edge_agent.cli.common import compile_keywords
-    from edge_agent.config import decoder_settings_from
+    from edge_agent.keywords import decoder_settings_from
 
     folder: Path = tmp_path_factory.mktemp("fuzz")
     config = agent_config(free_port(), folder, mqtt={"max_payload_bytes": 3000})
