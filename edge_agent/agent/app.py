@@ -44,8 +44,9 @@ from edge_agent.agent.services import AgentServices, Integration
 from edge_agent.agent.sink import DetectionSink, DetectionWire, detection_window
 from edge_agent.agent.worker import EngineWorker, WorkQueue
 from edge_agent.audio.sources import AudioSource
-from edge_agent.config import AgentConfig, compile_config_keywords
+from edge_agent.config import AgentConfig
 from edge_agent.engine.model import KwsModel
+from edge_agent.keywords import compile_config_keywords
 from edge_agent.mqtt.messages import Availability, DetectionEvent, ErrorReport, iso_utc
 from edge_agent.mqtt.transport import MqttTransport
 

@@ -20,15 +20,10 @@ from collections.abc import Callable
 from edge_agent.agent.ingest import Ingest
 from edge_agent.agent.items import EngineSettings
 from edge_agent.agent.worker import EngineWorker
-from edge_agent.config import (
-    AgentConfig,
-    changed_keys,
-    compile_config_keywords,
-    decoder_settings_from,
-    to_dict,
-)
+from edge_agent.config import AgentConfig, changed_keys, to_dict
 from edge_agent.engine.decoder import CompiledKeyword
 from edge_agent.engine.model import KwsModel
+from edge_agent.keywords import compile_config_keywords, decoder_settings_from
 
 log = logging.getLogger(__name__)
 

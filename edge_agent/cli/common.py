@@ -6,10 +6,11 @@ import argparse
 import sys
 from typing import Any, NoReturn
 
-from edge_agent.config import AgentConfig, ConfigError, compile_config_keywords, load_config, merge_update
+from edge_agent.config import AgentConfig, ConfigError, load_config, merge_update
 from edge_agent.engine.decoder import CompiledKeyword
 from edge_agent.engine.lexicon import LexiconError
 from edge_agent.engine.model import KwsModel, ModelError
+from edge_agent.keywords import compile_config_keywords
 from edge_agent.model_store import ModelSource, resolve_model_dir
 
 EXIT_USAGE = 2

@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge_agent import __version__
-from edge_agent.config import AgentConfig, decoder_settings_from
+from edge_agent.config import AgentConfig
 from edge_agent.engine.decoder import CompiledKeyword
 from edge_agent.engine.lexicon import LexiconError
 from edge_agent.engine.model import DecoderSettings, KeywordSpec, KwsModel, ModelError
 from edge_agent.http.backend import DetectResult, KeywordRequest, MetricFamily, NotReady
 from edge_agent.http.detection import DEFAULT_MAX_CONCURRENT, DetectionService
+from edge_agent.keywords import decoder_settings_from
 from edge_agent.model_store import ModelSource, resolve_model_dir
 
 log = logging.getLogger(__name__)

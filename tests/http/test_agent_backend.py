@@ -12,9 +12,10 @@ import pytest
 from edge_agent.agent.app import Agent
 from edge_agent.audio.sources import create_source
 from edge_agent.cli.detect import detect_file
-from edge_agent.config import decoder_settings_from, parse_config
+from edge_agent.config import parse_config
 from edge_agent.http.agent_backend import AgentBackend
 from edge_agent.http.standalone import LoadedEngine
+from edge_agent.keywords import decoder_settings_from
 from tests.broker import Broker
 from tests.conftest import require_module
 from tests.http.client import Client
