@@ -22,10 +22,10 @@ from edge_agent import __version__
 from edge_agent.config import AgentConfig
 from edge_agent.engine.decoder import CompiledKeyword
 from edge_agent.engine.lexicon import LexiconError
-from edge_agent.engine.model import DecoderSettings, KeywordSpec, KwsModel, ModelError
+from edge_agent.engine.model import DecoderSettings, KwsModel, ModelError
 from edge_agent.http.backend import DetectResult, KeywordRequest, MetricFamily, NotReady
 from edge_agent.http.detection import DEFAULT_MAX_CONCURRENT, DetectionService
-from edge_agent.keywords import decoder_settings_from
+from edge_agent.keywords import compile_config_keywords, decoder_settings_from
 from edge_agent.model_store import ModelSource, resolve_model_dir
 
 log = logging.getLogger(__name__)
@@ -55,16 +55,16 @@ def config_loader(config: AgentConfig) -> Callable[[], LoadedEngine]:
         )
         try:
             directory = resolve_model_dir(source)
-            model = KwsModel.load(directory, backend=config.engine.backend, threads=config.engine.threads)
+            model = KwsModel.load(
+                directory,
+                backend=config.engine.backend,
+                threads=config.engine.threads,
+                quantize=config.engine.quantize,
+            )
         except (ModelError, ImportError) as error:
             raise LoadError(str(error)) from None
         try:
-            keywords = tuple(
-                model.compile(
-                    KeywordSpec(k.text, k.threshold, k.min_duration, k.max_duration), homophones=k.homophones
-                )
-                for k in config.keywords
-            )
+            keywords = tuple(compile_config_keywords(model, config))
         except (LexiconError, ValueError, ImportError) as error:
             raise LoadError(f"keywords: {error}") from None
         return LoadedEngine(model, keywords, decoder_settings_from(config))
