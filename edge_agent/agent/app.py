@@ -243,6 +243,9 @@ class Agent:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop sources, finish streams, flush detections, say ``offline``, disconnect. Once."""
         if not self._started:
+            for integration in self.integrations:  # attached (their threads may run), never started
+                integration.stop()
+            self.integrations.clear()
             return
         self._started = False
         deadline = time.monotonic() + timeout

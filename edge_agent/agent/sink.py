@@ -186,7 +186,7 @@ class DetectionSink:
         self._thread = None
         if self.delivery is not None and self._outbox is not None:
             deadline = time.monotonic() + flush_seconds
-            while self._outbox.depth() and time.monotonic() < deadline:
+            while self._outbox.depth() and self.delivery.connected() and time.monotonic() < deadline:
                 if not self.delivery.pump():
                     time.sleep(0.02)
             self.delivery.close()

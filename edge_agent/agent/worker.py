@@ -271,7 +271,11 @@ class EngineWorker:
                     if isinstance(item, (PcmChunk, WavChunk, AudioChunk)):
                         self._gather(item, waiting, found)
                     else:
+                        # What came before this item is scored and handed on first: whoever
+                        # waits for it (a drain, a change) then sees everything that preceded it.
                         self._run_audio(waiting, found)
+                        self._emit(found)
+                        found = []
                         self._handle(item, found)
                 except Exception as error:  # noqa: BLE001 - one bad item must not stop the worker
                     self._item_failed(getattr(item, "stream", None), error)

@@ -73,7 +73,6 @@ class _Site:
 
     id: str
     disabled_reasons: set[str] = field(default_factory=set)
-    open: bool = False  # audio was submitted since the stream was last ended
     frames: int = 0
     dropped_disabled: int = 0
     errors: int = 0
@@ -173,7 +172,6 @@ class HermesBridge(Integration):
             if not services.ingest(chunk):
                 return  # refused (rate limit, queue full): counted and reported
             site.frames += 1
-            site.open = True
             if site.frames == 1:
                 log.info("Hermes site %s: first audio frame (%d Hz)", site_id, info.sample_rate)
 
@@ -224,10 +222,10 @@ class HermesBridge(Integration):
                 return
             was_enabled = site.enabled
             site.disabled_reasons.add(toggle.reason)
-            if was_enabled and site.open:
+            if was_enabled:
                 # Score what was already queued, then start afresh: after toggleOn the detector
-                # must not join old audio to new, nor report the pause as lost audio.
-                site.open = False
+                # must not join old audio to new, nor report the pause as lost audio. (The worker
+                # ignores the end of a stream it does not have.)
                 self.services.ingest(StreamEnd(stream_id(site.id), STREAM_KIND, message.topic))
         log.info(
             "Hermes site %s: wake word off (%s); disabled for %s",
@@ -306,14 +304,6 @@ class HermesBridge(Integration):
         )
         self._publish(HotwordDetected.TOPIC.format(wakeword_id=self.wakeword_id), detected)
         self.published += 1
-
-    def stream_closed(self, stream: str, stream_kind: str) -> None:
-        if stream_kind != STREAM_KIND or not stream.startswith(STREAM_PREFIX):
-            return
-        with self._lock:
-            site = self._sites.get(stream[len(STREAM_PREFIX) :])
-            if site is not None:
-                site.open = False
 
     # --- publishing ----------------------------------------------------------------------------
     def _publish(self, topic: str, message: HotwordDetected | HotwordError | Hotwords) -> None:

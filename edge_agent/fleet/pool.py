@@ -31,13 +31,17 @@ import time
 from typing import Any
 
 from edge_agent.agent.items import StreamStart
-from edge_agent.agent.mqtt_inbound import MQTT_KIND, Refused, pcm_chunk, stream_control
+from edge_agent.agent.mqtt_inbound import Refused, pcm_chunk, stream_control
 from edge_agent.agent.services import AgentServices, Integration
 from edge_agent.audio.pcm import AudioFormatError, PcmFormat
 from edge_agent.mqtt.messages import AudioControl, PayloadError, Topic, iso_utc
 from edge_agent.mqtt.transport import InboundMessage
 
 log = logging.getLogger(__name__)
+
+# The pool's streams are a kind of their own: their ids and their limit are not those of the
+# agent's own audio topics.
+POOL_KIND = "pool"
 
 
 class PoolTopics:
@@ -102,7 +106,7 @@ class PoolWorker(Integration):
             services.report_error("bad_payload", str(error), topic=message.topic, stream=stream)
             self._reply(message, {"ok": False, "stream": stream, "error": str(error)})
             return
-        services.ingest(StreamStart(stream, MQTT_KIND, fmt, message.topic))
+        services.ingest(StreamStart(stream, POOL_KIND, fmt, message.topic))
         with self._lock:
             self._owned[stream] = time.time()
         services.subscribe(self._topic(PoolTopics.AUDIO, stream), self._on_audio)
@@ -125,7 +129,7 @@ class PoolWorker(Integration):
             return
         stream = parts["stream"]
         try:
-            chunk = pcm_chunk(message, stream, MQTT_KIND, self.services.config.mqtt.max_payload_bytes)
+            chunk = pcm_chunk(message, stream, POOL_KIND, self.services.config.mqtt.max_payload_bytes)
         except Refused as refused:
             self.services.report_error(refused.code, refused.message, topic=message.topic, stream=stream)
             return
@@ -137,7 +141,7 @@ class PoolWorker(Integration):
             return
         stream = parts["stream"]
         try:
-            control = stream_control(message, stream, MQTT_KIND)
+            control = stream_control(message, stream, POOL_KIND)
         except Refused as refused:
             self.services.report_error(refused.code, refused.message, topic=message.topic, stream=stream)
             return
@@ -166,6 +170,8 @@ class PoolWorker(Integration):
 
     # --- detection sink's thread ------------------------------------------------------------------
     def stream_closed(self, stream: str, stream_kind: str) -> None:
+        if stream_kind != POOL_KIND:
+            return
         with self._lock:
             if self._owned.pop(stream, None) is None:
                 return

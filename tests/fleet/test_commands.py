@@ -42,7 +42,9 @@ def test_group_commands_reach_only_the_group(broker, make_agent, client, tmp_pat
     commanded_agent(make_agent, broker.port, tmp_path, device="hall1", groups=["hall"])
     reply = f"replies/{uuid.uuid4().hex}"
     client.subscribe(reply)
-    client.publish("edge_agent/group/kitchen/cmd/ping", json.dumps({"id": "group"}), qos=1, ResponseTopic=reply)
+    client.publish(
+        "edge_agent/group/kitchen/cmd/ping", json.dumps({"id": "group"}), qos=1, ResponseTopic=reply
+    )
     # hall1 answers its commands in the order they arrive: had it received the group's ping, its
     # answer would come before the answer to this one.
     client.publish("edge_agent/hall1/cmd/ping", json.dumps({"id": "later"}), qos=1, ResponseTopic=reply)
@@ -76,7 +78,9 @@ def test_set_config_keyword_takes_effect_on_the_next_audio(  # type: ignore[no-u
     assert answer["restart_required"] == []
     assert answer["result"]["persisted"] is False  # no config file to persist next to
     stream_files(client, {"after": pcm16(hotel)})
-    found = client.wait_for("edge_agent/dev1/detection", lambda m: any(e.json()["stream"] == "after" for e in m))
+    found = client.wait_for(
+        "edge_agent/dev1/detection", lambda m: any(e.json()["stream"] == "after" for e in m)
+    )
     (event,) = [e for e in found if e.json()["stream"] == "after"]
     assert event.json()["keyword"] == "如家酒店"
     assert [k.text for k in agent.config.keywords] == ["小云小云", "如家酒店"]

@@ -177,7 +177,8 @@ def test_rhasspy_audio_frames_give_one_detection_per_keyword(  # type: ignore[no
     assert [m.json()["stream"] for m in own] == ["hermes-kitchen", "hermes-kitchen", "hermes-sentinel"]
     kitchen = next(s for s in agent.worker.snapshots() if s.id == "hermes-kitchen")
     assert kitchen.kind == "hermes" and kitchen.detections == 2
-    assert bridge.published == 3
+    # Counted just after each publish: exactly the three received above, once the last is counted.
+    wait_until(lambda: bridge.published == 3)
 
 
 def test_two_sites_interleaved_in_real_time_keep_separate_state(  # type: ignore[no-untyped-def]
@@ -290,7 +291,9 @@ def float_frame(samples: np.ndarray, rate: int = 16000) -> bytes:
     """A mono 32-bit IEEE float WAV (format 3), which Python's ``wave`` cannot write."""
     data = samples.astype("<f4").tobytes()
     fmt = struct.pack("<HHIIHH", 3, 1, rate, rate * 4, 4, 32)
-    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
+    body = (
+        b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
+    )
     return b"RIFF" + struct.pack("<I", len(body)) + body
 
 

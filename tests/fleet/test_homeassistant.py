@@ -18,7 +18,7 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 
-from edge_agent.agent.items import SampleChunk
+from edge_agent.agent.items import AudioChunk
 from edge_agent.agent.sink import detection_window
 from edge_agent.audio.wav import read_wav, to_mono_16k
 from edge_agent.config import merge_update
@@ -416,9 +416,10 @@ def ha_agent(  # type: ignore[no-untyped-def]
 
 
 def handled_before(client: Client) -> None:
-    """Returns once the agent (dev1, with commands) has handled what ``client`` sent it before:
-    a ping's answer. The agent reads its messages in order on one thread, and reacts to Home
-    Assistant's status there, at once (no jitter in these tests): a reaction would be in first."""
+    """Returns once the agent (dev1, with commands) has run its on-connect hooks and handled
+    what ``client`` sent it before: a ping's answer. One network thread runs the hooks at
+    CONNACK and reads the agent's messages in order, and it reacts to Home Assistant's status
+    at once (no jitter in these tests): a reaction would be in before the answer."""
     (answer,) = command(client, f"{PREFIX}/cmd/ping")
     assert answer["ok"]
 
@@ -533,7 +534,9 @@ def test_every_discovery_payload_passes_the_schema(broker, make_agent, client, t
     assert entities["memory"]["device_class"] == "data_size"
     assert entities["temperature"]["device_class"] == "temperature"
     assert entities["detections"]["state_class"] == "total_increasing"
-    assert agent.integrations[1].publications == 1
+    discovery = agent.integrations[1]
+    wait_until(lambda: discovery.publications >= 1)  # counted just after the configs went out
+    assert discovery.publications == 1
 
 
 def test_templates_give_home_assistant_what_it_expects(  # type: ignore[no-untyped-def]
@@ -614,7 +617,7 @@ def test_a_detection_replayed_after_an_outage_is_ignored_by_the_event(  # type: 
     first = make_agent(config, start=False)
     first.start()
     samples = to_mono_16k(read_wav(example_wav))
-    assert first.ingest.submit(SampleChunk("door", "file", samples, time.time(), final=True))
+    assert first.ingest.submit(AudioChunk("door", "file", samples, time.time(), final=True))
     wait_until(lambda: first.outbox.depth() >= 1, timeout=30)
     assert first.outbox.depth() == 1
     first.stop(timeout=1)  # nothing to flush to: no broker
@@ -756,6 +759,7 @@ def test_detections_leave_room_in_the_broker_window_for_what_a_reconnect_sends_f
     client.subscribe(f"{DISCOVERY}/#")
     agent = ha_agent(make_agent, broker.port, tmp_path)
     wait_configs(client)
+    handled_before(client)  # the burst is counted once the on-connect hooks have returned
     assert agent.transport is not None
     on_connect = agent.transport.connect_burst
     assert on_connect == 2 + len(OBJECT_IDS)  # info, online, one config per entity
@@ -772,6 +776,7 @@ def test_without_home_assistant_the_clears_at_each_connect_leave_detections_the_
     agent = ha_agent(make_agent, broker.port, tmp_path, enabled=False)
     removed = wait_configs(client, predicate=lambda latest: all(not m.payload for m in latest.values()))
     assert set(removed) == TOPICS
+    handled_before(client)  # the burst is counted once the on-connect hooks have returned
     assert agent.transport is not None
     assert agent.transport.connect_burst == 2  # info, online
     assert detection_window(agent.transport) == 18
