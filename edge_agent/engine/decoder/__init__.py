@@ -41,9 +41,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
+
+from edge_agent.engine.decoder.keywords import CompiledKeyword, Detection
+from edge_agent.engine.decoder.settings import (
+    DEFAULT_GAP_TOLERANCE,
+    DEFAULT_HOLD_SECONDS,
+    DEFAULT_PAUSE_SECONDS,
+    DEFAULT_REFRACTORY_SECONDS,
+    DEFAULT_SETTLE_RATIO,
+    DecoderSettings,
+)
 
 _NEG_INF = -np.inf
 # Posteriors are floored before the log so that log(0) never produces -inf arithmetic warnings.
@@ -63,6 +73,19 @@ _EARLY_RESOLUTION_BACKLOG_FRAMES = 16
 # Absolute frame standing for "no character start seen".
 _NEVER = -(10**12)
 
+__all__ = [
+    "DEFAULT_GAP_TOLERANCE",
+    "DEFAULT_HOLD_SECONDS",
+    "DEFAULT_PAUSE_SECONDS",
+    "DEFAULT_REFRACTORY_SECONDS",
+    "DEFAULT_SETTLE_RATIO",
+    "CompiledKeyword",
+    "DecoderSettings",
+    "Detection",
+    "KeywordDecoder",
+    "process_many",
+]
+
 #: Exact posteriors for the asked frames: per decoder, absolute frame numbers (maybe none) in,
 #: (frames, len(columns)) posteriors out.
 Resolver = Callable[[list[np.ndarray]], list[np.ndarray]]
@@ -72,49 +95,6 @@ Ensure = Callable[[int, int], None]
 
 def _already_exact(start: int, stop: int) -> None:
     """The :data:`Ensure` of a decoder given exact posteriors."""
-
-
-@dataclass(frozen=True)
-class CompiledKeyword:
-    """A keyword ready for decoding: network outputs per character and its policy."""
-
-    text: str
-    token_groups: tuple[tuple[int, ...], ...]
-    threshold: float
-    min_duration: float
-    max_duration: float
-
-    def __post_init__(self) -> None:
-        if not self.token_groups or any(not group for group in self.token_groups):
-            raise ValueError(f"keyword {self.text!r} has no tokens")
-        if not 0.0 < self.threshold <= 1.0:
-            raise ValueError(f"keyword {self.text!r}: threshold must be in (0, 1], got {self.threshold}")
-        if not 0.0 <= self.min_duration < self.max_duration:
-            raise ValueError(
-                f"keyword {self.text!r}: need 0 <= min_duration < max_duration, "
-                f"got {self.min_duration} and {self.max_duration}"
-            )
-
-
-@dataclass(frozen=True)
-class Detection:
-    """One keyword found in a stream; times are seconds from the start of the stream."""
-
-    keyword: str
-    confidence: float
-    start: float
-    end: float
-    # Network output frame of each character's chosen peak, and its posterior.
-    peak_frames: tuple[int, ...] = field(default=(), compare=False)
-    peak_posteriors: tuple[float, ...] = field(default=(), compare=False)
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "keyword": self.keyword,
-            "confidence": round(self.confidence, 4),
-            "start": round(self.start, 3),
-            "end": round(self.end, 3),
-        }
 
 
 @dataclass
@@ -737,11 +717,11 @@ class KeywordDecoder:
         blank_id: int = 0,
         frame_seconds: float,
         frame_center_seconds: float = 0.0,
-        gap_tolerance: float = 0.5,
-        refractory_seconds: float = 1.0,
-        hold_seconds: float = 0.5,
-        pause_seconds: float = 0.35,
-        settle_ratio: float = 2.5,
+        gap_tolerance: float = DEFAULT_GAP_TOLERANCE,
+        refractory_seconds: float = DEFAULT_REFRACTORY_SECONDS,
+        hold_seconds: float = DEFAULT_HOLD_SECONDS,
+        pause_seconds: float = DEFAULT_PAUSE_SECONDS,
+        settle_ratio: float = DEFAULT_SETTLE_RATIO,
         first_frame: int = 0,
     ) -> None:
         """``first_frame`` numbers the first frame fed (a decoder swapped in mid-stream)."""
