@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_agent.engine.decoder.keywords import CompiledKeyword, Detection
+from edge_agent.engine.decoder.recurrence import NEG_INF, KeywordScorer, Terms
 from edge_agent.engine.decoder.settings import (
     DEFAULT_GAP_TOLERANCE,
     DEFAULT_HOLD_SECONDS,
@@ -55,15 +56,6 @@ from edge_agent.engine.decoder.settings import (
     DecoderSettings,
 )
 
-_NEG_INF = -np.inf
-# Posteriors are floored before the log so that log(0) never produces -inf arithmetic warnings.
-_POSTERIOR_FLOOR = 1e-10
-# Gap penalty that ends every partial match in the filtering pass (finite, so that running sums
-# of it stay finite; any partial match is far below any threshold after one such frame).
-_KILL = -1.0e4
-# A bound compared with a character's floor is lowered by this factor first: the bound and the
-# exact posterior come from separate float32 products, whose roundings may differ by ~1e-7.
-_BOUND_SAFETY = 1.0 - 1e-4
 # Spans of at most this many frames (1 s: audio arriving in real time, not whole recordings)
 # resolve a match under way as it goes.
 _EARLY_RESOLUTION_FRAMES = 34
@@ -171,38 +163,21 @@ class _KeywordSearch:
         settle_ratio: float,
     ) -> None:
         self.keyword = keyword
-        self.n = len(keyword.token_groups)
+        self.scorer = KeywordScorer(keyword, columns, gap_tolerance)
+        self.n = self.scorer.n
         self.frame_seconds = frame_seconds
         self.frame_center_seconds = frame_center_seconds
         self.log_threshold = math.log(keyword.threshold)
-        # Every character must reach threshold^(n-1) on its own. Without it three clear
-        # characters carry a fourth that was never said: 小云小 then silence scores 0.054 (the 云
-        # at 1e-5) against a default threshold of 0.05, while the weakest character of a real
-        # 小云小云 in the dev set is 1e-3 (floor 1.25e-4). For poorly recognised custom keywords
-        # the threshold is low and the floor negligible (八角岭 at 0.002: 4e-6).
-        self.char_floor = keyword.threshold ** (len(keyword.token_groups) - 1)
-        self.gap_scale = 1.0 / (1.0 - gap_tolerance)
         self.window_frames = int(math.ceil(keyword.max_duration / frame_seconds)) + 1
         self.refractory_frames = int(round(refractory_seconds / frame_seconds))
         self.hold_frames = max(1, int(round(hold_seconds / frame_seconds)))
         self.pause_frames = max(1, int(round(pause_seconds / frame_seconds)))
         self.log_settle_ratio = math.log(settle_ratio)
-        # Columns of the gathered posterior matrix summed for each character.
-        self.group_columns = [np.array([columns[t] for t in group]) for group in keyword.token_groups]
-        # One output per character (the usual case): a single gather instead of n sums.
-        self.single_columns = (
-            np.array([cols[0] for cols in self.group_columns])
-            if all(c.size == 1 for c in self.group_columns)
-            else None
-        )
-        self.repeated = [
-            set(keyword.token_groups[i]) == set(keyword.token_groups[i + 1]) for i in range(self.n - 1)
-        ]
         self.reset()
 
     def reset(self) -> None:
-        self.carry = np.full(self.n, _NEG_INF)  # A_i at the last frame seen
-        self.carry_pre = np.full(self.n, _NEG_INF)  # repeated characters: before the blank dip
+        self.carry = np.full(self.n, NEG_INF)  # A_i at the last frame seen
+        self.carry_pre = np.full(self.n, NEG_INF)  # repeated characters: before the blank dip
         self.alive = False  # any finite carry
         self.search_from = 0  # absolute frame where paths may start (after the last detection)
         self.quiet_until = -1  # refractory: no detection ending before this frame
@@ -211,57 +186,6 @@ class _KeywordSearch:
         # Recent absolute frames where a match may begin (see first_said), and the latest.
         self.starts = np.zeros(0, dtype=np.int64)
         self.last_start = _NEVER
-
-    # --- per-frame terms ------------------------------------------------------------------
-    def characters(self, gathered: np.ndarray) -> np.ndarray:
-        """q: each character's posterior (or bound) (..., n) from gathered columns (..., c)."""
-        if self.single_columns is not None:
-            return gathered[..., self.single_columns]
-        return np.stack([gathered[..., cols].sum(axis=-1) for cols in self.group_columns], axis=-1)
-
-    def said(self, values: np.ndarray) -> np.ndarray:
-        """Rows (..., c) where some character may reach its floor (exact values or bounds)."""
-        return (self.characters(values) >= self.char_floor * _BOUND_SAFETY).any(axis=-1)
-
-    def _terms(self, gathered: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per-character log posteriors L (s, t, n), gap log penalties g (s, t, n-1) and blank
-        dips (s, t, n-1) of exact gathered posteriors (s streams, t frames, columns)."""
-        blank = gathered[..., 0]
-        q = self.characters(gathered)
-        with np.errstate(divide="ignore"):
-            log_q = np.log(q) / self.n
-        # A character below the floor was not said: it cannot be part of a match.
-        log_q[q < self.char_floor] = _NEG_INF
-        if self.n == 1:
-            empty = np.zeros((*q.shape[:-1], 0))
-            return log_q, empty, empty.astype(bool)
-        consistent = blank[..., None] + q[..., :-1] + np.where(self.repeated, 0.0, q[..., 1:])
-        gap = np.log(np.minimum(np.maximum(consistent * self.gap_scale, _POSTERIOR_FLOOR), 1.0))
-        dips = blank[..., None] > q[..., :-1]
-        return log_q, gap, dips
-
-    def _optimistic_terms(
-        self, values: np.ndarray, exact: np.ndarray, killed: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """:meth:`_terms` for the filtering pass, never below the exact terms: rows that are not
-        ``exact`` hold upper bounds, which give upper bounds of L, and the most favourable gap
-        and dip; ``killed`` rows lie too far from any first character for a match to pass."""
-        q = self.characters(values)
-        with np.errstate(divide="ignore"):
-            log_q = np.log(q) / self.n
-        log_q[q < self.char_floor * _BOUND_SAFETY] = _NEG_INF
-        log_q[killed] = _NEG_INF
-        if self.n == 1:
-            empty = np.zeros((*q.shape[:-1], 0))
-            return log_q, empty, empty.astype(bool)
-        blank = values[..., 0]
-        consistent = blank[..., None] + q[..., :-1] + np.where(self.repeated, 0.0, q[..., 1:])
-        gap = np.log(np.minimum(np.maximum(consistent * self.gap_scale, _POSTERIOR_FLOOR), 1.0))
-        dips = blank[..., None] > q[..., :-1]
-        gap[~exact] = 0.0
-        dips[~exact] = True
-        gap[killed] = _KILL
-        return log_q, gap, dips
 
     def killed(self, frames: np.ndarray) -> np.ndarray:
         """Which absolute ``frames`` no match can pass through: the last first-character start
@@ -272,11 +196,6 @@ class _KeywordSearch:
         last = np.where(index >= 0, self.starts[np.maximum(index, 0)], _NEVER)
         return frames - last >= self.window_frames
 
-    def first_said(self, values: np.ndarray) -> np.ndarray:
-        """Rows (..., c) where the first character may reach its floor (exact value or bound):
-        every frame where a match may begin."""
-        return self.characters(values)[..., 0] >= self.char_floor * _BOUND_SAFETY
-
     def note_starts(self, found: np.ndarray, history: _History) -> None:
         """Record new frames where a match may begin (absolute, increasing); forget those too
         old to matter for the frames still to come."""
@@ -284,60 +203,6 @@ class _KeywordSearch:
         kept = self.starts[self.starts >= oldest]
         self.starts = np.concatenate([kept, found])
         self.last_start = int(found[-1])
-
-    # --- the recurrence ------------------------------------------------------------------
-    def _run(
-        self,
-        log_q: np.ndarray,
-        gap: np.ndarray,
-        dips: np.ndarray,
-        carry: np.ndarray,
-        carry_pre: np.ndarray,
-        backtrace: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[np.ndarray, ...]], np.ndarray, np.ndarray]:
-        """Scores of the best match ending at each frame, new carries, and for an exact run
-        (``backtrace``) the backpointers, the best partial match at each frame (any number of
-        characters but all) and the best partial match whose last character is at that very
-        frame (empty arrays otherwise: only exact runs settle pending matches), for s streams
-        at once: arrays are (s, t, ...), carries (s, n).
-
-        A_i(t) = max(V_i(t), A_i(t-1) + g_i(t)) and V_{i+1}(t) = L_{i+1}(t) + A_i(t-1), i.e.
-        A_i(t) = G_i(t) + running max of (V_i - G_i) with G_i the cumulative gap penalty.
-        """
-        streams = log_q.shape[0]
-        value = log_q[..., 0]  # V_1
-        new_carry = np.full((streams, self.n), _NEG_INF)
-        new_carry_pre = np.full((streams, self.n), _NEG_INF)
-        pointers: list[tuple[np.ndarray, ...]] = []
-        prefix = np.full_like(value, _NEG_INF) if backtrace else np.empty(0)
-        ends = np.full_like(value, _NEG_INF) if backtrace else np.empty(0)
-        for i in range(self.n - 1):
-            if backtrace:
-                np.maximum(ends, value, out=ends)
-            cumulative = np.cumsum(gap[..., i], axis=1)
-            if not self.repeated[i]:
-                best, arg = _running_max(value - cumulative, carry[:, i], backtrace)
-                a_i = best + cumulative
-                if backtrace:
-                    pointers.append((arg,))
-            else:
-                best_pre, arg_pre = _running_max(value - cumulative, carry_pre[:, i], backtrace)
-                a_pre = best_pre + cumulative
-                previous_pre = np.concatenate((carry_pre[:, i, None], a_pre[:, :-1]), axis=1)
-                entry = np.where(dips[..., i], previous_pre + gap[..., i] - cumulative, _NEG_INF)
-                best, arg = _running_max(entry, carry[:, i], backtrace)
-                a_i = best + cumulative
-                new_carry_pre[:, i] = a_pre[:, -1]
-                if backtrace:
-                    pointers.append((arg, arg_pre))
-                    # Before its blank dip a repeated character's partial match is only in a_pre.
-                    np.maximum(prefix, a_pre, out=prefix)
-            new_carry[:, i] = a_i[:, -1]
-            if backtrace:
-                np.maximum(prefix, a_i, out=prefix)
-            previous = np.concatenate((carry[:, i, None], a_i[:, :-1]), axis=1)
-            value = log_q[..., i + 1] + previous
-        return value, new_carry, new_carry_pre, pointers, prefix, ends
 
     def under_way(self) -> bool:
         """A partial match of two or more characters (but not all) may be alive."""
@@ -349,8 +214,8 @@ class _KeywordSearch:
         A partial match below the threshold can only lose score from here (each further
         character adds log q <= 0): it is dropped, so that quiet audio returns to the idle path.
         """
-        carry[carry < self.log_threshold] = _NEG_INF
-        carry_pre[carry_pre < self.log_threshold] = _NEG_INF
+        carry[carry < self.log_threshold] = NEG_INF
+        carry_pre[carry_pre < self.log_threshold] = NEG_INF
         self.carry, self.carry_pre = carry, carry_pre
         self.alive = bool(np.isfinite(carry).any() or np.isfinite(carry_pre).any())
 
@@ -362,11 +227,11 @@ class _KeywordSearch:
         if not self.alive:
             return
         if end_frame - 1 - self.last_start >= self.window_frames:
-            self.carry = np.full(self.n, _NEG_INF)
-            self.carry_pre = np.full(self.n, _NEG_INF)
+            self.carry = np.full(self.n, NEG_INF)
+            self.carry_pre = np.full(self.n, NEG_INF)
             self.alive = False
             return
-        for i, repeated in enumerate(self.repeated):
+        for i, repeated in enumerate(self.scorer.repeated):
             if repeated:
                 self.carry[i] = max(self.carry[i], self.carry_pre[i])
 
@@ -379,8 +244,8 @@ class _KeywordSearch:
         carry_pre: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The over-estimating recurrence over s streams' rows (s, t, c) from their carries."""
-        log_q, gap, dips = self._optimistic_terms(values, exact, self.killed(frames))
-        scores, new_carry, new_carry_pre, _, _, _ = self._run(log_q, gap, dips, carry, carry_pre)
+        terms = self.scorer.optimistic_terms(values, exact, self.killed(frames))
+        scores, new_carry, new_carry_pre, _, _, _ = self.scorer.run(terms, carry, carry_pre)
         return scores, new_carry, new_carry_pre
 
     # --- streaming -----------------------------------------------------------------------
@@ -488,7 +353,7 @@ class _KeywordSearch:
             if settle is None:
                 settle = self._partial_matches(history, self.pending.frame, ensure)
             index = frame - settle[0]
-            best_partial = settle[1][index] if index >= 0 else _NEG_INF
+            best_partial = settle[1][index] if index >= 0 else NEG_INF
             settled = math.log(self.pending.confidence) >= best_partial - self.log_settle_ratio
             if settled or frame - self.pending.frame >= self.hold_frames:
                 return self._fire(self.pending.frame + 1)
@@ -510,7 +375,7 @@ class _KeywordSearch:
         # Partial matches whose last character is more than a pause old: a keyword being
         # spoken would have gone on by now. Their gap penalties left out, ``ends`` bounds them
         # from above (as the prefix does, whatever their age); the lower of the two counts.
-        padded = np.concatenate([np.full(self.pause_frames - 1, _NEG_INF), run.ends])
+        padded = np.concatenate([np.full(self.pause_frames - 1, NEG_INF), run.ends])
         recent = np.lib.stride_tricks.sliding_window_view(padded, self.pause_frames).max(axis=1)
         return start, np.minimum(run.prefix, recent)
 
@@ -553,10 +418,11 @@ class _KeywordSearch:
         ensure(begin, stop)
         values, exact = history.rows(begin, stop)
         _require_exact(exact, "a candidate's window")
-        log_q, gap, dips = self._terms(values[None])
+        terms = self.scorer.terms(values[None])
+        log_q = terms.log_q
         carry, carry_pre = self.run_carries(start, begin)
-        scores, carry, carry_pre, pointers, prefix, ends = self._run(
-            log_q, gap, dips, carry[None], carry_pre[None], backtrace=True
+        scores, carry, carry_pre, pointers, prefix, ends = self.scorer.run(
+            terms, carry[None], carry_pre[None], backtrace=True
         )
         pieces = [tuple(a[0] for a in entry) for entry in pointers]
         return self.store_run(
@@ -567,7 +433,7 @@ class _KeywordSearch:
         """What a run from ``start`` carries into frame ``begin``: nothing at its start, the
         partial matches of the run computed so far when it is extended."""
         if begin == start:
-            return np.full(self.n, _NEG_INF), np.full(self.n, _NEG_INF)
+            return np.full(self.n, NEG_INF), np.full(self.n, NEG_INF)
         run = self._exact_run
         assert run is not None and run.start == start and run.stop == begin
         return run.carry, run.carry_pre
@@ -613,8 +479,8 @@ class _KeywordSearch:
         detection = self._detection(self.pending)
         self.quiet_until = self.pending.frame + self.refractory_frames
         self.pending = None
-        self.carry = np.full(self.n, _NEG_INF)
-        self.carry_pre = np.full(self.n, _NEG_INF)
+        self.carry = np.full(self.n, NEG_INF)
+        self.carry_pre = np.full(self.n, NEG_INF)
         self.alive = False
         self.search_from = resume_frame
         return detection, resume_frame
@@ -638,29 +504,14 @@ class _KeywordSearch:
         score = float(run.scores[last])
         if score < self.log_threshold:
             return None
-        peaks = self._backtrace(run.pointers, last)
+        peaks = self.scorer.backtrace(run.pointers, last)
         absolute = tuple(window_start + p for p in peaks)
-        posteriors = tuple(float(math.exp(run.log_q[p, i] * self.n)) for i, p in enumerate(peaks))
+        posteriors = self.scorer.peak_posteriors(run.log_q, peaks)
         candidate = _Candidate(frame, float(math.exp(score)), absolute, posteriors)
         start, end = self._span(candidate)
         if not self.keyword.min_duration <= end - start <= self.keyword.max_duration:
             return None
         return candidate
-
-    def _backtrace(self, pointers: list[tuple[np.ndarray, ...]], last: int) -> list[int]:
-        peaks = [last]
-        t = last
-        for i in range(self.n - 2, -1, -1):
-            entry = pointers[i]
-            t = t - 1  # V_{i+1}(t) used A_i(t-1)
-            if len(entry) == 1:
-                t = int(entry[0][t])
-            else:
-                dip_frame = int(entry[0][t])
-                t = int(entry[1][dip_frame - 1])
-            peaks.append(t)
-        peaks.reverse()
-        return peaks
 
     def _span(self, candidate: _Candidate) -> tuple[float, float]:
         """Start/end seconds covering the spoken keyword, not just its posterior peaks.
@@ -693,18 +544,6 @@ def _require_exact(exact: np.ndarray, what: str) -> None:
     if not exact.all():
         # A bug, not bad input: process_many resolves these rows before they are read.
         raise AssertionError(f"{what} holds frames whose posteriors were never resolved")
-
-
-def _running_max(values: np.ndarray, initial: np.ndarray, with_arg: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Running maximum along axis 1 of (s, t) ``values``, seeded per stream with ``initial``;
-    with the latest arg-max if asked. The seed stands for frames before this block (arg -1)."""
-    seeded = np.concatenate((initial[:, None], values), axis=1)
-    best = np.maximum.accumulate(seeded, axis=1)
-    if not with_arg:
-        return best[:, 1:], best[:, 1:]
-    positions = np.where(seeded >= best, np.arange(-1, values.shape[1]), -2)
-    arg = np.maximum.accumulate(positions, axis=1)
-    return best[:, 1:], arg[:, 1:]
 
 
 class KeywordDecoder:
@@ -760,7 +599,7 @@ class KeywordDecoder:
         self._signature = tuple(
             (
                 s.keyword,
-                s.gap_scale,
+                s.scorer.gap_scale,
                 s.window_frames,
                 s.refractory_frames,
                 s.hold_frames,
@@ -902,13 +741,13 @@ def _search_key(decoder: KeywordDecoder, search: _KeywordSearch) -> tuple[object
     return (decoder.signature, decoder._searches.index(search))
 
 
-def _pad(log_q: np.ndarray, gap: np.ndarray, dips: np.ndarray, padding: np.ndarray) -> None:
+def _pad(terms: Terms, padding: np.ndarray) -> None:
     """Make the padding cells of stacked rows inert: they can neither start nor continue a match
     (log q = -inf), cost nothing (gap 0) and let no repeated character through (no dip), so the
     partial matches carried out of a padded row are those of its last real frame."""
-    log_q[padding] = _NEG_INF
-    gap[padding] = 0.0
-    dips[padding] = False
+    terms.log_q[padding] = NEG_INF
+    terms.gap[padding] = 0.0
+    terms.dips[padding] = False
 
 
 def _resolve(decoders: Sequence[KeywordDecoder], wanted: list[np.ndarray], resolve: Resolver) -> None:
@@ -949,13 +788,14 @@ def _prime_exact_runs(
             [stop for _, _, _, _, stop in members],
         )
         lengths = (~padding).sum(axis=1)
-        log_q, gap, dips = template._terms(stacked)
-        _pad(log_q, gap, dips, padding)
+        terms = template.scorer.terms(stacked)
+        log_q = terms.log_q
+        _pad(terms, padding)
         carries = [search.run_carries(start, begin) for _, search, start, begin, _ in members]
         carry = np.stack([c for c, _ in carries])
         carry_pre = np.stack([c for _, c in carries])
-        scores, new_carry, new_carry_pre, pointers, prefix, ends = template._run(
-            log_q, gap, dips, carry, carry_pre, backtrace=True
+        scores, new_carry, new_carry_pre, pointers, prefix, ends = template.scorer.run(
+            terms, carry, carry_pre, backtrace=True
         )
         for row, (_, search, start, begin, stop) in enumerate(members):
             length = int(lengths[row])
@@ -991,11 +831,11 @@ def _carry_through_restarts(
             [decoders[i] for i, _, _ in members], [frame for _, _, frame in members]
         )
         killed = np.stack([search.killed(frames[row]) for row, (_, search, _) in enumerate(members)])
-        log_q, gap, dips = template._optimistic_terms(stacked, exact, killed & ~padding)
-        _pad(log_q, gap, dips, padding)
+        terms = template.scorer.optimistic_terms(stacked, exact, killed & ~padding)
+        _pad(terms, padding)
         carry = np.stack([search.carry for _, search, _ in members])
         carry_pre = np.stack([search.carry_pre for _, search, _ in members])
-        _, new_carry, new_carry_pre, _, _, _ = template._run(log_q, gap, dips, carry, carry_pre)
+        _, new_carry, new_carry_pre, _, _, _ = template.scorer.run(terms, carry, carry_pre)
         for row, (_, search, _) in enumerate(members):
             search.keep_carries(new_carry[row].copy(), new_carry_pre[row].copy())
 
@@ -1042,14 +882,14 @@ def process_many(
             searches = [decoders[i]._searches[slot] for i in members]
             template = searches[0]
             # Where a match may begin; the last such frame before this span, per stream.
-            begins = template.first_said(stacked) & ~padding
+            begins = template.scorer.first_said(stacked) & ~padding
             before = np.array([s.last_start for s in searches], dtype=np.int64)
             for row in np.flatnonzero(begins.any(axis=1)).tolist():
                 searches[row].note_starts(frames[row, begins[row]], decoders[members[row]]._history)
             pending = np.array([s.pending is not None for s in searches])
             # A span where no character may reach its floor can neither start nor complete a
             # match: its partial matches carry over (an over-estimate: the filter may keep them).
-            busy = pending | (template.said(stacked) & ~padding).any(axis=1)
+            busy = pending | (template.scorer.said(stacked) & ~padding).any(axis=1)
             for row in np.flatnonzero(~busy).tolist():
                 searches[row].expire(int(frames[row, 0]) + int(lengths[row]))
             rows = np.flatnonzero(busy)
@@ -1059,11 +899,11 @@ def process_many(
             latest = np.maximum.accumulate(np.where(begins[rows], frames[rows], _NEVER), axis=1)
             latest = np.maximum(latest, before[rows, None])
             killed = (frames[rows] - latest >= template.window_frames) & ~padding[rows]
-            log_q, gap, dips = template._optimistic_terms(stacked[rows], exact[rows], killed)
-            _pad(log_q, gap, dips, padding[rows])
+            terms = template.scorer.optimistic_terms(stacked[rows], exact[rows], killed)
+            _pad(terms, padding[rows])
             carry = np.stack([searches[r].carry for r in rows])
             carry_pre = np.stack([searches[r].carry_pre for r in rows])
-            scores, new_carry, new_carry_pre, _, _, _ = template._run(log_q, gap, dips, carry, carry_pre)
+            scores, new_carry, new_carry_pre, _, _, _ = template.scorer.run(terms, carry, carry_pre)
             candidates = scores >= template.log_threshold
             for position, row in enumerate(rows.tolist()):
                 search = searches[row]
