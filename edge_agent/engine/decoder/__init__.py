@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edge_agent.engine.decoder.firing import Candidate, Firing, FiringPolicy, keyword_span
 from edge_agent.engine.decoder.keywords import CompiledKeyword, Detection
 from edge_agent.engine.decoder.recurrence import NEG_INF, KeywordScorer, Terms
 from edge_agent.engine.decoder.settings import (
@@ -87,14 +88,6 @@ Ensure = Callable[[int, int], None]
 
 def _already_exact(start: int, stop: int) -> None:
     """The :data:`Ensure` of a decoder given exact posteriors."""
-
-
-@dataclass
-class _Candidate:
-    frame: int  # absolute frame of the last character's peak
-    confidence: float
-    peak_frames: tuple[int, ...]
-    peak_posteriors: tuple[float, ...]
 
 
 @dataclass
@@ -167,12 +160,17 @@ class _KeywordSearch:
         self.n = self.scorer.n
         self.frame_seconds = frame_seconds
         self.frame_center_seconds = frame_center_seconds
-        self.log_threshold = math.log(keyword.threshold)
+        self.policy = FiringPolicy.for_keyword(
+            keyword,
+            frame_seconds,
+            refractory_seconds=refractory_seconds,
+            hold_seconds=hold_seconds,
+            pause_seconds=pause_seconds,
+            settle_ratio=settle_ratio,
+        )
+        self.firing = Firing(self.policy)
+        self.log_threshold = self.policy.log_threshold
         self.window_frames = int(math.ceil(keyword.max_duration / frame_seconds)) + 1
-        self.refractory_frames = int(round(refractory_seconds / frame_seconds))
-        self.hold_frames = max(1, int(round(hold_seconds / frame_seconds)))
-        self.pause_frames = max(1, int(round(pause_seconds / frame_seconds)))
-        self.log_settle_ratio = math.log(settle_ratio)
         self.reset()
 
     def reset(self) -> None:
@@ -180,12 +178,16 @@ class _KeywordSearch:
         self.carry_pre = np.full(self.n, NEG_INF)  # repeated characters: before the blank dip
         self.alive = False  # any finite carry
         self.search_from = 0  # absolute frame where paths may start (after the last detection)
-        self.quiet_until = -1  # refractory: no detection ending before this frame
-        self.pending: _Candidate | None = None
+        self.firing.reset()
         self._exact_run: _ExactRun | None = None
         # Recent absolute frames where a match may begin (see first_said), and the latest.
         self.starts = np.zeros(0, dtype=np.int64)
         self.last_start = _NEVER
+
+    @property
+    def pending(self) -> Candidate | None:
+        """The detection waiting to fire, if any."""
+        return self.firing.pending
 
     def killed(self, frames: np.ndarray) -> np.ndarray:
         """Which absolute ``frames`` no match can pass through: the last first-character start
@@ -260,7 +262,7 @@ class _KeywordSearch:
         for frame in frames.tolist():
             start = self.first_start(frame, history)
             if start is not None:
-                spans.append((start, min(history.end, frame + 1 + self.hold_frames)))
+                spans.append((start, min(history.end, frame + 1 + self.policy.hold_frames)))
         return spans
 
     def first_start(self, frame: int, history: _History) -> int | None:
@@ -303,7 +305,9 @@ class _KeywordSearch:
             detection, span_start = fired
             detections.append(detection)
             filtered = None  # the search restarts: its own pass, from no partial match
-            if restarts is not None and span_start < history.end and history.end - 1 <= self.quiet_until:
+            if restarts is None or span_start >= history.end:
+                continue
+            if self.firing.quiet_through(history.end - 1):
                 restarts.append((self, span_start))
                 break
         return detections
@@ -321,63 +325,47 @@ class _KeywordSearch:
         scores, carry, carry_pre = filtered.scores, filtered.carry, filtered.carry_pre
         candidates = np.flatnonzero(scores >= self.log_threshold)
         count = scores.shape[0]
-        settle: tuple[int, np.ndarray] | None = None  # (first frame, best partial match per frame)
+        firing = self.firing
+        rivals: tuple[int, np.ndarray] | None = None  # (first frame, bound per frame) of the pending
         i = 0
         while i < count:
-            if self.pending is None:
+            if firing.pending is None:
                 # Nothing pending: jump straight to the next frame that may hold a match.
                 j = int(np.searchsorted(candidates, i))
                 if j == candidates.shape[0]:
                     break
                 i = int(candidates[j])
-                frame = first_frame + i
-                if frame > self.quiet_until:
-                    self.pending = self._exact(history, frame, ensure)
-                    settle = None
+            frame = first_frame + i
+            if (
+                scores[i] >= self.log_threshold
+                and firing.considers(frame)
+                and firing.offer(self._exact(history, frame, ensure))
+            ):
+                rivals = None  # a new pending detection: its own window, its own rivals
                 i += 1
                 continue
-            frame = first_frame + i
-            if scores[i] >= self.log_threshold:
-                candidate = self._exact(history, frame, ensure)
-                if candidate is not None and candidate.confidence > self.pending.confidence:
-                    self.pending = candidate
-                    settle = None
-                    i += 1
-                    continue
-            # A later match can at best complete a partial match seen so far with perfect
-            # characters; fire once none that began within a window of the pending match and
-            # is still being spoken (a character within the last pause) could beat it by the
-            # settle ratio (at once for a confident match), or when the hold time is over.
-            # Waiting matters when a weak match borrowed the first characters of a keyword
-            # still being spoken.
-            if settle is None:
-                settle = self._partial_matches(history, self.pending.frame, ensure)
-            index = frame - settle[0]
-            best_partial = settle[1][index] if index >= 0 else NEG_INF
-            settled = math.log(self.pending.confidence) >= best_partial - self.log_settle_ratio
-            if settled or frame - self.pending.frame >= self.hold_frames:
-                return self._fire(self.pending.frame + 1)
+            if firing.pending is None:
+                i += 1
+                continue
+            if rivals is None:
+                rivals = self._rivals(history, firing.pending.frame, ensure)
+            index = frame - rivals[0]
+            best_rival = rivals[1][index] if index >= 0 else NEG_INF
+            if firing.due(frame, best_rival):
+                return self._fire()
             i += 1
         self.keep_carries(carry, carry_pre)
         return None
 
-    def _partial_matches(
-        self, history: _History, pending_frame: int, ensure: Ensure
-    ) -> tuple[int, np.ndarray]:
-        """Best partial match (1..n-1 characters) at each frame from the pending match's window
-        up to its hold time (it fires by then), counting only matches that begin inside that
-        window and gained a character within the last pause; returns the first frame and the
-        values."""
+    def _rivals(self, history: _History, pending_frame: int, ensure: Ensure) -> tuple[int, np.ndarray]:
+        """The rivals' bound (:meth:`FiringPolicy.rivals_still_spoken`) at each frame from the
+        pending match's window up to its hold time (it fires by then), counting only matches
+        that begin inside that window; returns the first frame and the values."""
         start = self.first_start(pending_frame, history)
         if start is None:  # cannot happen (the pending match began in the window), but harmless
             return pending_frame + 1, np.zeros(0)
-        run = self._run_from(history, start, pending_frame + 1 + self.hold_frames, ensure)
-        # Partial matches whose last character is more than a pause old: a keyword being
-        # spoken would have gone on by now. Their gap penalties left out, ``ends`` bounds them
-        # from above (as the prefix does, whatever their age); the lower of the two counts.
-        padded = np.concatenate([np.full(self.pause_frames - 1, NEG_INF), run.ends])
-        recent = np.lib.stride_tricks.sliding_window_view(padded, self.pause_frames).max(axis=1)
-        return start, np.minimum(run.prefix, recent)
+        run = self._run_from(history, start, pending_frame + 1 + self.policy.hold_frames, ensure)
+        return start, self.policy.rivals_still_spoken(run.prefix, run.ends)
 
     def run_to_prime(
         self, filtered: _Filtered, first_frame: int, history: _History
@@ -391,7 +379,7 @@ class _KeywordSearch:
         if self.pending is not None:
             anchor = self.pending.frame
         else:
-            eligible = frames[frames > self.quiet_until]
+            eligible = frames[frames > self.firing.quiet_until]
             if eligible.size == 0:
                 return None
             anchor = int(eligible[0])
@@ -399,7 +387,7 @@ class _KeywordSearch:
         if start is None:
             return None
         last = max(anchor, int(frames[-1])) if frames.size else anchor
-        stop = min(history.end, last + 1 + self.hold_frames)
+        stop = min(history.end, last + 1 + self.policy.hold_frames)
         run = self._exact_run
         begin = run.stop if run is not None and run.start == start and run.stop > start else start
         missing = np.flatnonzero(~history.rows(begin, stop)[1])
@@ -473,63 +461,46 @@ class _KeywordSearch:
         self._exact_run = _ExactRun(start, stop, scores, pointers, log_q, prefix, ends, carry, carry_pre)
         return self._exact_run
 
-    def _fire(self, resume_frame: int) -> tuple[Detection, int]:
-        """Emit the pending detection and restart the search at ``resume_frame``."""
-        assert self.pending is not None
-        detection = self._detection(self.pending)
-        self.quiet_until = self.pending.frame + self.refractory_frames
-        self.pending = None
+    def _fire(self) -> tuple[Detection, int]:
+        """Emit the pending detection and restart the search right after it."""
+        candidate, resume_frame = self.firing.fire()
         self.carry = np.full(self.n, NEG_INF)
         self.carry_pre = np.full(self.n, NEG_INF)
         self.alive = False
         self.search_from = resume_frame
-        return detection, resume_frame
+        return self._detection(candidate), resume_frame
 
     def finish(self) -> list[Detection]:
         detections: list[Detection] = []
         if self.pending is not None:
-            detections.append(self._fire(self.pending.frame + 1)[0])
+            detections.append(self._fire()[0])
         return detections
 
     # --- exact re-scoring ----------------------------------------------------------------
-    def _exact(self, history: _History, frame: int, ensure: Ensure) -> _Candidate | None:
+    def _exact(self, history: _History, frame: int, ensure: Ensure) -> Candidate | None:
         """Best match ending at ``frame`` within the duration window, or None."""
         window_start = self.first_start(frame, history)
         if window_start is None:
             return None
         # Through the hold time after it too: if the match is pending, firing reads those
         # frames, and later candidates near it share the run.
-        run = self._run_from(history, window_start, frame + 1 + self.hold_frames, ensure)
+        run = self._run_from(history, window_start, frame + 1 + self.policy.hold_frames, ensure)
         last = frame - window_start
         score = float(run.scores[last])
-        if score < self.log_threshold:
+        if not self.policy.reaches_threshold(score):
             return None
         peaks = self.scorer.backtrace(run.pointers, last)
         absolute = tuple(window_start + p for p in peaks)
         posteriors = self.scorer.peak_posteriors(run.log_q, peaks)
-        candidate = _Candidate(frame, float(math.exp(score)), absolute, posteriors)
-        start, end = self._span(candidate)
-        if not self.keyword.min_duration <= end - start <= self.keyword.max_duration:
+        if not self.policy.duration_allowed(*self._span(absolute)):
             return None
-        return candidate
+        return Candidate(frame, float(math.exp(score)), absolute, posteriors)
 
-    def _span(self, candidate: _Candidate) -> tuple[float, float]:
-        """Start/end seconds covering the spoken keyword, not just its posterior peaks.
+    def _span(self, peak_frames: tuple[int, ...]) -> tuple[float, float]:
+        return keyword_span(peak_frames, self.frame_seconds, self.frame_center_seconds)
 
-        A CTC peak sits somewhere inside its character; we extend each side by half the mean
-        distance between peaks (one character's width), at least one frame.
-        """
-        first, last = candidate.peak_frames[0], candidate.peak_frames[-1]
-        if self.n > 1:
-            half_width = max(self.frame_seconds, (last - first) * self.frame_seconds / (self.n - 1) / 2)
-        else:
-            half_width = 3 * self.frame_seconds
-        start = max(0.0, first * self.frame_seconds + self.frame_center_seconds - half_width)
-        end = last * self.frame_seconds + self.frame_center_seconds + half_width
-        return start, end
-
-    def _detection(self, candidate: _Candidate) -> Detection:
-        start, end = self._span(candidate)
+    def _detection(self, candidate: Candidate) -> Detection:
+        start, end = self._span(candidate.peak_frames)
         return Detection(
             keyword=self.keyword.text,
             confidence=candidate.confidence,
@@ -595,16 +566,16 @@ class KeywordDecoder:
             for k in keywords
         ]
         # Exact re-scoring looks back a window from frames up to one hold time old.
-        self.history_frames = max(s.window_frames + s.hold_frames for s in self._searches) + 1
+        self.history_frames = max(s.window_frames + s.policy.hold_frames for s in self._searches) + 1
         self._signature = tuple(
             (
                 s.keyword,
                 s.scorer.gap_scale,
                 s.window_frames,
-                s.refractory_frames,
-                s.hold_frames,
-                s.pause_frames,
-                s.log_settle_ratio,
+                s.policy.refractory_frames,
+                s.policy.hold_frames,
+                s.policy.pause_frames,
+                s.policy.log_settle_ratio,
                 tuple(self.columns),
             )
             for s in self._searches
