@@ -454,7 +454,8 @@ def test_searches_restarted_together_carry_what_each_would_alone(chunk: int, mon
     """After a detection, the rest of a chunk inside the refractory period is filtered for all
     streams in one pass: a keyword begun there and finished after it is still found, exactly as
     with each stream's own pass."""
-    from edge_agent.engine.decoder import _already_exact, _KeywordSearch
+    from edge_agent.engine.decoder import _KeywordSearch
+    from edge_agent.engine.decoder.exact import already_exact
 
     streams = []
     for i in range(8):
@@ -465,7 +466,7 @@ def test_searches_restarted_together_carry_what_each_would_alone(chunk: int, mon
     together, _ = decode_lazily(streams, [ABCD], chunk=chunk, seed=3)
     one_by_one = _KeywordSearch.process
 
-    def alone(self, history, first_frame, ensure=_already_exact, filtered=None, restarts=None):  # type: ignore[no-untyped-def]
+    def alone(self, history, first_frame, ensure=already_exact, filtered=None, restarts=None):  # type: ignore[no-untyped-def]
         return one_by_one(self, history, first_frame, ensure, filtered, None)
 
     monkeypatch.setattr(_KeywordSearch, "process", alone)

@@ -40,11 +40,19 @@ decoder given exact posteriors everywhere (the tests compare the two on real rec
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from edge_agent.engine.decoder.exact import (
+    Ensure,
+    ExactRun,
+    ExactRuns,
+    History,
+    Resolver,
+    already_exact,
+)
 from edge_agent.engine.decoder.firing import Candidate, Firing, FiringPolicy, keyword_span
 from edge_agent.engine.decoder.keywords import CompiledKeyword, Detection
 from edge_agent.engine.decoder.recurrence import NEG_INF, KeywordScorer, Terms
@@ -79,17 +87,6 @@ __all__ = [
     "process_many",
 ]
 
-#: Exact posteriors for the asked frames: per decoder, absolute frame numbers (maybe none) in,
-#: (frames, len(columns)) posteriors out.
-Resolver = Callable[[list[np.ndarray]], list[np.ndarray]]
-#: Makes the history's frames [start, stop) exact (a no-op where they are).
-Ensure = Callable[[int, int], None]
-
-
-def _already_exact(start: int, stop: int) -> None:
-    """The :data:`Ensure` of a decoder given exact posteriors."""
-
-
 @dataclass
 class _Filtered:
     """A filtering pass over a search's new frames: per frame, an upper bound of the best
@@ -98,46 +95,6 @@ class _Filtered:
     scores: np.ndarray
     carry: np.ndarray
     carry_pre: np.ndarray
-
-
-@dataclass
-class _ExactRun:
-    """The exact recurrence over frames [start, stop), with nothing carried in: per frame, the
-    best match ending there, the back-pointers (frame offsets from ``start``), the characters'
-    log posteriors, the best partial match and the best one whose last character is there
-    (``ends``), and the partial matches carried out of the last frame. Every candidate and
-    pending match whose window begins at ``start`` reads it, so one run serves a whole cluster
-    of candidate frames; exact frames never change, so a run is extended over new frames
-    instead of being redone (a pending match reads one more chunk at every step)."""
-
-    start: int
-    stop: int
-    scores: np.ndarray
-    pointers: list[tuple[np.ndarray, ...]]
-    log_q: np.ndarray
-    prefix: np.ndarray
-    ends: np.ndarray
-    carry: np.ndarray
-    carry_pre: np.ndarray
-
-
-@dataclass
-class _History:
-    """The decoder's recent frames: gathered posteriors (or bounds) and which rows are exact."""
-
-    values: np.ndarray  # (rows, columns) float64
-    exact: np.ndarray  # (rows,) bool
-    first: int  # absolute frame of row 0
-
-    @property
-    def end(self) -> int:
-        return self.first + self.values.shape[0]
-
-    def rows(self, start: int, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Values and exactness of absolute frames [start, stop)."""
-        low = start - self.first
-        high = None if stop is None else stop - self.first
-        return self.values[low:high], self.exact[low:high]
 
 
 class _KeywordSearch:
@@ -169,6 +126,7 @@ class _KeywordSearch:
             settle_ratio=settle_ratio,
         )
         self.firing = Firing(self.policy)
+        self.runs = ExactRuns(self.scorer)
         self.log_threshold = self.policy.log_threshold
         self.window_frames = int(math.ceil(keyword.max_duration / frame_seconds)) + 1
         self.reset()
@@ -179,7 +137,7 @@ class _KeywordSearch:
         self.alive = False  # any finite carry
         self.search_from = 0  # absolute frame where paths may start (after the last detection)
         self.firing.reset()
-        self._exact_run: _ExactRun | None = None
+        self.runs.reset()
         # Recent absolute frames where a match may begin (see first_said), and the latest.
         self.starts = np.zeros(0, dtype=np.int64)
         self.last_start = _NEVER
@@ -198,7 +156,7 @@ class _KeywordSearch:
         last = np.where(index >= 0, self.starts[np.maximum(index, 0)], _NEVER)
         return frames - last >= self.window_frames
 
-    def note_starts(self, found: np.ndarray, history: _History) -> None:
+    def note_starts(self, found: np.ndarray, history: History) -> None:
         """Record new frames where a match may begin (absolute, increasing); forget those too
         old to matter for the frames still to come."""
         oldest = history.first - self.window_frames
@@ -251,11 +209,11 @@ class _KeywordSearch:
         return scores, new_carry, new_carry_pre
 
     # --- streaming -----------------------------------------------------------------------
-    def window_start(self, frame: int, history: _History) -> int:
+    def window_start(self, frame: int, history: History) -> int:
         """First frame a match ending at ``frame`` may use."""
         return max(frame + 1 - self.window_frames, self.search_from, history.first)
 
-    def frames_read(self, frames: np.ndarray, history: _History) -> list[tuple[int, int]]:
+    def frames_read(self, frames: np.ndarray, history: History) -> list[tuple[int, int]]:
         """The [start, stop) spans that exact decoding reads for candidates or a pending match
         at ``frames``: from the first possible start in each one's window to its hold time."""
         spans = []
@@ -265,7 +223,7 @@ class _KeywordSearch:
                 spans.append((start, min(history.end, frame + 1 + self.policy.hold_frames)))
         return spans
 
-    def first_start(self, frame: int, history: _History) -> int | None:
+    def first_start(self, frame: int, history: History) -> int | None:
         """The first frame, in the window of a match ending at ``frame``, where the first
         character reaches its floor: no match begins earlier, so rows before it are never read."""
         low = self.window_start(frame, history)
@@ -276,9 +234,9 @@ class _KeywordSearch:
 
     def process(
         self,
-        history: _History,
+        history: History,
         first_frame: int,
-        ensure: Ensure = _already_exact,
+        ensure: Ensure = already_exact,
         filtered: _Filtered | None = None,
         restarts: list[tuple[_KeywordSearch, int]] | None = None,
     ) -> list[Detection]:
@@ -313,7 +271,7 @@ class _KeywordSearch:
         return detections
 
     def _process_span(
-        self, history: _History, first_frame: int, ensure: Ensure, filtered: _Filtered | None
+        self, history: History, first_frame: int, ensure: Ensure, filtered: _Filtered | None
     ) -> tuple[Detection, int] | None:
         if filtered is None:
             values, exact = history.rows(first_frame)
@@ -357,18 +315,18 @@ class _KeywordSearch:
         self.keep_carries(carry, carry_pre)
         return None
 
-    def _rivals(self, history: _History, pending_frame: int, ensure: Ensure) -> tuple[int, np.ndarray]:
+    def _rivals(self, history: History, pending_frame: int, ensure: Ensure) -> tuple[int, np.ndarray]:
         """The rivals' bound (:meth:`FiringPolicy.rivals_still_spoken`) at each frame from the
         pending match's window up to its hold time (it fires by then), counting only matches
         that begin inside that window; returns the first frame and the values."""
         start = self.first_start(pending_frame, history)
         if start is None:  # cannot happen (the pending match began in the window), but harmless
             return pending_frame + 1, np.zeros(0)
-        run = self._run_from(history, start, pending_frame + 1 + self.policy.hold_frames, ensure)
+        run = self.runs.covering(history, start, pending_frame + 1 + self.policy.hold_frames, ensure)
         return start, self.policy.rivals_still_spoken(run.prefix, run.ends)
 
     def run_to_prime(
-        self, filtered: _Filtered, first_frame: int, history: _History
+        self, filtered: _Filtered, first_frame: int, history: History
     ) -> tuple[int, int, int] | None:
         """The exact run that :meth:`process` is about to compute or extend for these filtered
         frames (``first_frame`` on), as (start, begin, stop): the window of the pending match,
@@ -388,78 +346,11 @@ class _KeywordSearch:
             return None
         last = max(anchor, int(frames[-1])) if frames.size else anchor
         stop = min(history.end, last + 1 + self.policy.hold_frames)
-        run = self._exact_run
-        begin = run.stop if run is not None and run.start == start and run.stop > start else start
+        begin = self.runs.resume_point(start)
         missing = np.flatnonzero(~history.rows(begin, stop)[1])
         if missing.size:
             stop = begin + int(missing[0])  # the rest is resolved on demand, if ever read
         return (start, begin, stop) if stop > begin else None
-
-    def _run_from(self, history: _History, start: int, stop: int, ensure: Ensure) -> _ExactRun:
-        """The exact run from ``start`` to at least ``stop`` (or the end of the history)."""
-        stop = min(history.end, stop)
-        run = self._exact_run
-        reusable = run is not None and run.start == start and run.stop > start
-        if reusable and run.stop >= stop:  # type: ignore[union-attr]
-            return run  # type: ignore[return-value]
-        begin = run.stop if reusable else start  # type: ignore[union-attr]
-        ensure(begin, stop)
-        values, exact = history.rows(begin, stop)
-        _require_exact(exact, "a candidate's window")
-        terms = self.scorer.terms(values[None])
-        log_q = terms.log_q
-        carry, carry_pre = self.run_carries(start, begin)
-        scores, carry, carry_pre, pointers, prefix, ends = self.scorer.run(
-            terms, carry[None], carry_pre[None], backtrace=True
-        )
-        pieces = [tuple(a[0] for a in entry) for entry in pointers]
-        return self.store_run(
-            start, begin, stop, scores[0], pieces, log_q[0], prefix[0], ends[0], carry[0], carry_pre[0]
-        )
-
-    def run_carries(self, start: int, begin: int) -> tuple[np.ndarray, np.ndarray]:
-        """What a run from ``start`` carries into frame ``begin``: nothing at its start, the
-        partial matches of the run computed so far when it is extended."""
-        if begin == start:
-            return np.full(self.n, NEG_INF), np.full(self.n, NEG_INF)
-        run = self._exact_run
-        assert run is not None and run.start == start and run.stop == begin
-        return run.carry, run.carry_pre
-
-    def store_run(
-        self,
-        start: int,
-        begin: int,
-        stop: int,
-        scores: np.ndarray,
-        pointers: list[tuple[np.ndarray, ...]],
-        log_q: np.ndarray,
-        prefix: np.ndarray,
-        ends: np.ndarray,
-        carry: np.ndarray,
-        carry_pre: np.ndarray,
-    ) -> _ExactRun:
-        """Keep the run over [start, stop), of which [begin, stop) was just computed (from the
-        carries of :meth:`run_carries`)."""
-        if begin > start:
-            run = self._exact_run
-            assert run is not None
-            # A pointer of -1 is "the carried partial match": the one the run's last frame points
-            # to. Others count from this piece's first frame.
-            offset = begin - start
-            pointers = [
-                tuple(
-                    np.concatenate([old, np.where(new < 0, old[-1], new + offset)])
-                    for old, new in zip(old_entry, new_entry, strict=True)
-                )
-                for old_entry, new_entry in zip(run.pointers, pointers, strict=True)
-            ]
-            scores = np.concatenate([run.scores, scores])
-            log_q = np.concatenate([run.log_q, log_q])
-            prefix = np.concatenate([run.prefix, prefix])
-            ends = np.concatenate([run.ends, ends])
-        self._exact_run = _ExactRun(start, stop, scores, pointers, log_q, prefix, ends, carry, carry_pre)
-        return self._exact_run
 
     def _fire(self) -> tuple[Detection, int]:
         """Emit the pending detection and restart the search right after it."""
@@ -477,14 +368,14 @@ class _KeywordSearch:
         return detections
 
     # --- exact re-scoring ----------------------------------------------------------------
-    def _exact(self, history: _History, frame: int, ensure: Ensure) -> Candidate | None:
+    def _exact(self, history: History, frame: int, ensure: Ensure) -> Candidate | None:
         """Best match ending at ``frame`` within the duration window, or None."""
         window_start = self.first_start(frame, history)
         if window_start is None:
             return None
         # Through the hold time after it too: if the match is pending, firing reads those
         # frames, and later candidates near it share the run.
-        run = self._run_from(history, window_start, frame + 1 + self.policy.hold_frames, ensure)
+        run = self.runs.covering(history, window_start, frame + 1 + self.policy.hold_frames, ensure)
         last = frame - window_start
         score = float(run.scores[last])
         if not self.policy.reaches_threshold(score):
@@ -509,12 +400,6 @@ class _KeywordSearch:
             peak_frames=candidate.peak_frames,
             peak_posteriors=candidate.peak_posteriors,
         )
-
-
-def _require_exact(exact: np.ndarray, what: str) -> None:
-    if not exact.all():
-        # A bug, not bad input: process_many resolves these rows before they are read.
-        raise AssertionError(f"{what} holds frames whose posteriors were never resolved")
 
 
 class KeywordDecoder:
@@ -588,9 +473,7 @@ class KeywordDecoder:
 
     def reset(self, first_frame: int = 0) -> None:
         self._frames_seen = first_frame
-        self._history = _History(
-            np.zeros((0, self.columns.shape[0]), dtype=np.float64), np.zeros(0, dtype=bool), first_frame
-        )
+        self._history = History.empty(self.columns.shape[0], first_frame)
         for search in self._searches:
             search.reset()
 
@@ -620,49 +503,13 @@ class KeywordDecoder:
             gathered = posteriors[:, self.columns].astype(np.float64)
         first_frame = self._frames_seen
         self._frames_seen += gathered.shape[0]
-        old = self._history
-        keep = self.history_frames
-        values = np.concatenate([old.values[-keep:], gathered])
-        flags = np.concatenate([old.exact[-keep:], np.full(gathered.shape[0], exact)])
-        self._history = _History(values, flags, self._frames_seen - values.shape[0])
+        self._history = self._history.extended(gathered, exact, self.history_frames)
         return first_frame
 
     @property
     def history_first(self) -> int:
         """Absolute frame of the oldest row the decoder keeps (it may ask to resolve it)."""
         return self._history.first
-
-    def _unresolved(self, spans: list[tuple[int, int]]) -> np.ndarray:
-        """Frames in any of the [start, stop) ``spans`` that are not exact yet."""
-        if not spans:
-            return np.zeros(0, dtype=np.int64)
-        history = self._history
-        wanted = np.zeros(history.values.shape[0], dtype=bool)
-        for start, stop in spans:
-            wanted[start - history.first : stop - history.first] = True
-        return np.flatnonzero(wanted & ~history.exact) + history.first
-
-    def _ensure(self, resolve: Resolver, index: int, count: int) -> Ensure:
-        """On-demand resolution of this decoder's frames, as decoder ``index`` of ``count``."""
-        empty = np.zeros(0, dtype=np.int64)
-
-        def ensure(start: int, stop: int) -> None:
-            _, exact = self._history.rows(start, stop)
-            missing = np.flatnonzero(~exact) + start
-            if missing.size:
-                requests = [empty] * count
-                requests[index] = missing
-                self._fill(missing, np.asarray(resolve(requests)[index], dtype=np.float64))
-
-        return ensure
-
-    def _fill(self, frames: np.ndarray, posteriors: np.ndarray) -> None:
-        """Store exact posteriors (gathered columns) for absolute ``frames``."""
-        if frames.size == 0:
-            return
-        rows = frames - self._history.first
-        self._history.values[rows] = posteriors
-        self._history.exact[rows] = True
 
     @property
     def signature(self) -> tuple[object, ...]:
@@ -726,7 +573,7 @@ def _resolve(decoders: Sequence[KeywordDecoder], wanted: list[np.ndarray], resol
     if not any(frames.size for frames in wanted):
         return
     for decoder, frames, exact in zip(decoders, wanted, resolve(wanted), strict=True):
-        decoder._fill(frames, np.asarray(exact, dtype=np.float64))
+        decoder._history.fill(frames, np.asarray(exact, dtype=np.float64))
 
 
 def _prime_exact_runs(
@@ -762,7 +609,7 @@ def _prime_exact_runs(
         terms = template.scorer.terms(stacked)
         log_q = terms.log_q
         _pad(terms, padding)
-        carries = [search.run_carries(start, begin) for _, search, start, begin, _ in members]
+        carries = [search.runs.carries(start, begin) for _, search, start, begin, _ in members]
         carry = np.stack([c for c, _ in carries])
         carry_pre = np.stack([c for _, c in carries])
         scores, new_carry, new_carry_pre, pointers, prefix, ends = template.scorer.run(
@@ -770,8 +617,7 @@ def _prime_exact_runs(
         )
         for row, (_, search, start, begin, stop) in enumerate(members):
             length = int(lengths[row])
-            search.store_run(
-                start,
+            piece = ExactRun(
                 begin,
                 stop,
                 scores[row, :length].copy(),
@@ -782,6 +628,7 @@ def _prime_exact_runs(
                 new_carry[row].copy(),
                 new_carry_pre[row].copy(),
             )
+            search.runs.store(start, piece)
         computed += len(members)
     return computed
 
@@ -908,10 +755,10 @@ def process_many(
                 wanted[index] += search.frames_read(found, decoders[index]._history)
     if resolve is not None:
         # Everything the exact decoding below will read, for every stream, in one call.
-        frames_wanted = [decoders[i]._unresolved(spans) for i, spans in enumerate(wanted)]
+        frames_wanted = [decoders[i]._history.unresolved(spans) for i, spans in enumerate(wanted)]
         for i, spans in enumerate(early):
             if spans:  # the oldest first: the backlog shrinks at every step
-                ahead = decoders[i]._unresolved(spans)[: early_limit[i]]
+                ahead = decoders[i]._history.unresolved(spans)[: early_limit[i]]
                 frames_wanted[i] = np.union1d(frames_wanted[i], ahead)
         _resolve(decoders, frames_wanted, resolve)
     _prime_exact_runs(decoders, first_frames, exact_work)
@@ -921,7 +768,7 @@ def process_many(
             continue
         decoder = decoders[i]
         # Resolved above; on demand is a safety net, for spans the filter did not foresee.
-        ensure = _already_exact if resolve is None else decoder._ensure(resolve, i, len(decoders))
+        ensure = already_exact if resolve is None else decoder._history.on_demand(resolve, i, len(decoders))
         restarted: list[tuple[_KeywordSearch, int]] = []
         for search, filtered in searches:
             results[i].extend(search.process(decoder._history, first_frames[i], ensure, filtered, restarted))  # type: ignore[arg-type]
