@@ -194,13 +194,8 @@ def process_many(
 
     Without ``resolve``, ``posteriors`` are exact. With it, they are upper bounds (as
     :meth:`OutputLayer.bounds` gives) and ``resolve`` is asked, at most twice per call and for
-    all streams at once, for the exact posteriors of the frames that need them.
-
-    The filtering recurrence of every keyword runs once for all streams (a leading stream axis;
-    streams with fewer frames are padded with frames that can neither start, continue nor
-    penalise a match). Streams with nothing going on (the common case) cost a few array
-    operations in total; a stream with a candidate or a pending detection takes the one-stream
-    path for this span, which does the exact re-scoring and timing.
+    all streams at once, for the exact posteriors of the frames that need them (``exact.py``).
+    How the work is shared between streams: the module's docstring.
     """
     results: list[list[Detection]] = [[] for _ in decoders]
     exact_input = resolve is None
@@ -223,8 +218,9 @@ def process_many(
             [decoders[i] for i in members], [first_frames[i] for i in members]
         )  # type: ignore[misc]
         lengths = (~padding).sum(axis=1)
-        for slot in range(len(decoders[members[0]].searches)):
-            searches = [decoders[i].searches[slot] for i in members]
+        per_stream = [decoders[i].searches for i in members]
+        for slot in range(len(per_stream[0])):
+            searches = [stream_searches[slot] for stream_searches in per_stream]
             template = searches[0]
             # Where a match may begin; the last such frame before this span, per stream.
             begins = template.scorer.first_said(stacked) & ~padding

@@ -6,7 +6,7 @@ decodes new frames in three moves:
 
 1. the *filtering* pass (``recurrence.py``, over bounds where posteriors are not exact)
    proposes the frames where a match may reach the threshold; it never under-estimates;
-2. each proposed frame the firing state :meth:`~firing.Firing.considers` is re-scored exactly
+2. each proposed frame that the firing state :meth:`~firing.Firing.considers` is re-scored exactly
    over the keyword's window (``exact.py``) and backtracked for its timings;
 3. the firing policy (``firing.py``) decides which match is pending and when it fires, given
    the bound of the partial matches that could still beat it. After a detection the search
@@ -86,7 +86,7 @@ class KeywordSearch:
         self.search_from = 0  # absolute frame where paths may start (after the last detection)
         self.firing.reset()
         self.runs.reset()
-        # Recent absolute frames where a match may begin (see first_said), and the latest.
+        # Recent absolute frames where a match may begin (KeywordScorer.first_said), and the latest.
         self.starts = np.zeros(0, dtype=np.int64)
         self.last_start = NEVER
 
