@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edge_agent.engine.decoder import CompiledKeyword, Detection, process_many
+from edge_agent.engine.decoder import CompiledKeyword, DecoderSettings, Detection, process_many
 from edge_agent.engine.features import SAMPLE_RATE_HZ, FeatureStream, accept_many
 from edge_agent.engine.network import OutputLayer
 
 if TYPE_CHECKING:
-    from edge_agent.engine.model import DecoderSettings, KwsModel
+    from edge_agent.engine.model import KwsModel
 
 # Largest piece of audio run through the network at once (8 s): long enough that the per-call
 # costs vanish, short enough that a block's working arrays stay in the CPU's caches.

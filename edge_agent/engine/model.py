@@ -23,7 +23,16 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent.engine.decoder import CompiledKeyword, KeywordDecoder
+from edge_agent.engine.decoder import CompiledKeyword, DecoderSettings, KeywordDecoder
+
+# The decoder's defaults live with the decoder; re-exported for the code that imports them from here.
+from edge_agent.engine.decoder.settings import (  # noqa: F401
+    DEFAULT_GAP_TOLERANCE,
+    DEFAULT_HOLD_SECONDS,
+    DEFAULT_PAUSE_SECONDS,
+    DEFAULT_REFRACTORY_SECONDS,
+    DEFAULT_SETTLE_RATIO,
+)
 from edge_agent.engine.detector import KeywordDetector
 from edge_agent.engine.features import (
     FEATURE_DIM,
@@ -49,25 +58,6 @@ BACKENDS = ("numpy", "torch")
 DEFAULT_THRESHOLD = 0.05
 DEFAULT_MIN_DURATION = 0.25
 DEFAULT_MAX_DURATION = 2.5
-DEFAULT_REFRACTORY_SECONDS = 1.0
-DEFAULT_GAP_TOLERANCE = 0.5
-DEFAULT_HOLD_SECONDS = 0.5
-# How long a weak detection waits for a partial match that gained no character: a keyword
-# being spoken goes on within a pause. Only the wait stops: a keyword said with a longer pause
-# is still detected. Waiting for the keyword whose first characters a weak match borrowed
-# takes 0.3 s on audio/dev; at 0.27 s, 3 of the 25 continuous streams change their detections
-# (two more in all, weaker ones: benchmarks.engine's pause_trade_off). The default leaves a
-# margin.
-DEFAULT_PAUSE_SECONDS = 0.35
-# A pending detection fires once no later match could be this many times as confident. What the
-# wait is for, a weak match that borrowed the first characters of a keyword still being spoken,
-# is far weaker than that keyword: 3.6 times and more on audio/dev (the recordings alone: 4.7
-# times). A real 小云小云 whose first 小云 was heard poorly looks like one: its own second 小云
-# could start a match that perfect characters would make more confident. At 2 six of the 99
-# detections in benchmarks.engine's continuous streams waited, at 2.5 three, at 3 none; 2, 2.5
-# and 3 give the same detections, 4 one weaker match instead of a keyword (benchmarks.engine's
-# settle_trade_off). 2.5 keeps a margin on both sides.
-DEFAULT_SETTLE_RATIO = 2.5
 
 
 class ModelError(RuntimeError):
@@ -82,15 +72,6 @@ class KeywordSpec:
     threshold: float = DEFAULT_THRESHOLD
     min_duration: float | None = None
     max_duration: float | None = None
-
-
-@dataclass(frozen=True)
-class DecoderSettings:
-    refractory_seconds: float = DEFAULT_REFRACTORY_SECONDS
-    gap_tolerance: float = DEFAULT_GAP_TOLERANCE
-    hold_seconds: float = DEFAULT_HOLD_SECONDS
-    pause_seconds: float = DEFAULT_PAUSE_SECONDS
-    settle_ratio: float = DEFAULT_SETTLE_RATIO
 
 
 class KwsModel:

@@ -1,4 +1,5 @@
-"""The keyword decoder on synthetic posteriors: every rule of the detection policy, no model."""
+"""The keyword decoder on synthetic posteriors: every rule of the detection policy, end to end
+through ``KeywordDecoder``, no model. The rules alone, on score sequences: test_firing_policy.py."""
 
 from __future__ import annotations
 
@@ -6,48 +7,20 @@ import numpy as np
 import pytest
 
 from edge_agent.engine.decoder import CompiledKeyword, KeywordDecoder
-
-FRAME = 0.03
-BLANK, A, B, C, D, X = range(6)
-VOCAB = 6
-
-
-def posteriors(length: int, events: dict[int, dict[int, float]]) -> np.ndarray:
-    """Frames of mostly blank; ``events[frame] = {token: probability}``, the rest on blank."""
-    p = np.zeros((length, VOCAB))
-    p[:, BLANK] = 1.0
-    for frame, tokens in events.items():
-        for token, prob in tokens.items():
-            p[frame, token] = prob
-        p[frame, BLANK] = 1.0 - sum(tokens.values())
-    return p
-
-
-def keyword(
-    text: str, tokens: list[int], threshold: float = 0.3, low: float = 0.1, high: float = 2.5
-) -> CompiledKeyword:
-    return CompiledKeyword(text, tuple((t,) for t in tokens), threshold, low, high)
-
-
-def decode(p: np.ndarray, keywords: list[CompiledKeyword], chunk: int = 0, **options):  # type: ignore[no-untyped-def]
-    decoder = KeywordDecoder(keywords, frame_seconds=FRAME, **options)
-    found = []
-    if chunk:
-        for start in range(0, p.shape[0], chunk):
-            found += decoder.process(p[start : start + chunk])
-    else:
-        found += decoder.process(p)
-    return found + decoder.finish()
-
-
-ABCD = keyword("abcd", [A, B, C, D])
-
-
-def spoken(
-    start: int, probs: tuple[float, ...] = (0.9, 0.9, 0.9, 0.9), spacing: int = 6
-) -> dict[int, dict[int, float]]:
-    pairs = zip([A, B, C, D], probs, strict=True)
-    return {start + i * spacing: {token: prob} for i, (token, prob) in enumerate(pairs)}
+from tests.engine.decoder_signals import (
+    ABCD,
+    BLANK,
+    FRAME,
+    A,
+    B,
+    C,
+    D,
+    X,
+    decode,
+    keyword,
+    posteriors,
+    spoken,
+)
 
 
 def test_detects_a_keyword_with_times_covering_its_peaks() -> None:
@@ -297,178 +270,3 @@ def test_a_character_never_said_cannot_be_carried_by_the_others() -> None:
     events[38] = {D: 1e-3}  # weak but said (floor 0.05**3 = 1.25e-4)
     (found,) = decode(posteriors(80, events), [keyword("abcd", [A, B, C, D], threshold=0.05)])
     assert found.peak_posteriors[-1] == pytest.approx(1e-3)
-
-
-# --- exact posteriors only where they matter (process_many with a resolver) -----------------
-
-
-def same_detections(got: list[list], expected: list[list]) -> bool:  # type: ignore[type-arg]
-    """Equal keywords, peaks and times; confidences equal but for float rounding (a recurrence
-    summed from another first frame)."""
-
-    def key(found: list) -> list:  # type: ignore[type-arg]
-        return sorted((d.end, d.keyword, d.peak_frames, d.start, round(d.confidence, 9)) for d in found)
-
-    return [key(g) for g in got] == [key(e) for e in expected]
-
-
-class Resolver:
-    """Hands out exact posteriors by absolute frame, and counts what it was asked for."""
-
-    def __init__(self, streams: list[np.ndarray]) -> None:
-        self.streams = streams
-        self.asked = [0] * len(streams)
-        self.calls = 0
-
-    def __call__(self, frames: list[np.ndarray]) -> list[np.ndarray]:
-        self.calls += 1
-        self.largest = max(getattr(self, "largest", 0), sum(f.size for f in frames))
-        for i, wanted in enumerate(frames):
-            assert len(set(wanted.tolist())) == wanted.size  # never the same frame twice in a call
-            self.asked[i] += wanted.size
-        return [stream[wanted] for stream, wanted in zip(self.streams, frames, strict=True)]
-
-
-def loose_bounds(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Upper bounds of every posterior, as loose as an output layer's subset softmax can be."""
-    return np.minimum(1.0, p * rng.uniform(1.0, 30.0, size=p.shape) + rng.uniform(0, 1e-4, size=p.shape))
-
-
-def decode_lazily(signals: list[np.ndarray], keywords: list[CompiledKeyword], chunk: int, seed: int):  # type: ignore[no-untyped-def]
-    """Decode from bounds, resolving exact values on demand; returns detections and the resolver."""
-    from edge_agent.engine.decoder import process_many
-
-    rng = np.random.default_rng(seed)
-    decoders = [KeywordDecoder(keywords, frame_seconds=FRAME) for _ in signals]
-    columns = decoders[0].columns
-    exact = [s[:, columns] for s in signals]
-    bounds = [loose_bounds(e, rng) for e in exact]
-    resolver = Resolver(exact)
-    found: list[list] = [[] for _ in signals]
-    for start in range(0, max(s.shape[0] for s in signals), chunk):
-        pieces = [b[start : start + chunk] for b in bounds]
-        for i, detections in enumerate(process_many(decoders, pieces, resolver)):
-            found[i] += detections
-    for i, decoder in enumerate(decoders):
-        found[i] += decoder.finish()
-    return found, resolver
-
-
-@pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("chunk", [1, 4, 33, 500])
-def test_bounds_and_resolution_give_the_exact_detections(seed: int, chunk: int) -> None:
-    """Whatever the bounds and the chunking, the detections are those of exact posteriors."""
-    rng = np.random.default_rng(seed)
-    keywords = [
-        ABCD,
-        keyword("cd", [C, D], threshold=0.2),
-        CompiledKeyword("aa", ((A,), (A,)), 0.2, 0.0, 2.5),
-    ]
-    signals = []
-    for _ in range(5):
-        events: dict[int, dict[int, float]] = {}
-        for start in rng.integers(0, 560, size=5):
-            probs = tuple(float(p) for p in rng.uniform(0.05, 0.95, size=4))
-            events.update(spoken(int(start), probs, spacing=int(rng.integers(1, 12))))
-        for frame in rng.integers(0, 600, size=60):  # unrelated speech and near-misses
-            events.setdefault(int(frame), {int(rng.integers(1, 6)): float(rng.uniform(1e-5, 0.6))})
-        signals.append(posteriors(600, events))
-    expected = [decode(s, keywords, chunk=chunk) for s in signals]
-    got, _ = decode_lazily(signals, keywords, chunk, seed)
-    assert same_detections(got, expected)
-    assert sum(len(e) for e in expected) >= 5  # the comparison covered real detections
-
-
-def test_quiet_audio_needs_no_exact_posteriors() -> None:
-    quiet = posteriors(3000, {})
-    one_keyword = posteriors(3000, spoken(1500))
-    (nothing, found), resolver = decode_lazily([quiet, one_keyword], [ABCD], chunk=10, seed=0)
-    assert nothing == [] and len(found) == 1
-    assert resolver.asked[0] == 0  # nothing that could be a character: bounds are enough
-    # The keyword's stream resolved its window and hold time, not its 90 seconds.
-    assert 0 < resolver.asked[1] < 200
-
-
-def test_a_frame_never_resolved_is_never_read() -> None:
-    """Exact re-scoring reads only resolved frames: a resolver that answers nothing fails loudly."""
-    from edge_agent.engine.decoder import process_many
-
-    decoder = KeywordDecoder([ABCD], frame_seconds=FRAME)
-    p = posteriors(100, spoken(20))[:, decoder.columns]
-
-    def refuse(frames: list[np.ndarray]) -> list[np.ndarray]:
-        return [np.zeros((0, p.shape[1])) for _ in frames]
-
-    with pytest.raises((AssertionError, ValueError)):
-        process_many([decoder], [p], refuse)
-
-
-def test_real_time_streams_resolve_a_match_as_it_goes_instead_of_all_at_once(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """Ten streams, in real-time chunks, say the keyword at the same instant. Each resolves its
-    window while the keyword is being said, so no single call asks for every window at once;
-    the detections do not change."""
-    from edge_agent.engine import decoder as decoder_module
-
-    streams = [posteriors(300, spoken(150, spacing=8)) for _ in range(10)]
-    early, early_resolver = decode_lazily(streams, [ABCD], chunk=3, seed=1)
-    monkeypatch.setattr(decoder_module, "_EARLY_RESOLUTION_FRAMES", 0)
-    late, late_resolver = decode_lazily(streams, [ABCD], chunk=3, seed=1)
-    assert same_detections(early, late) and all(len(found) == 1 for found in early)
-    assert early_resolver.largest < late_resolver.largest / 2
-
-
-@pytest.mark.parametrize("chunk", [3, 33])
-def test_streams_finding_a_keyword_together_share_their_exact_runs(chunk: int, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """Many streams meeting a candidate in the same chunk get their exact runs in one
-    recurrence; the detections (confidence, times and peaks) are those of one run per stream."""
-    from edge_agent.engine import decoder as decoder_module
-
-    rng = np.random.default_rng(5)
-    streams = []
-    for i in range(9):
-        probs = tuple(float(p) for p in rng.uniform(0.3, 0.95, size=4))
-        events = spoken(100 + i % 3, probs, spacing=int(rng.integers(3, 9)))  # ragged windows
-        events.update(spoken(400, probs, spacing=5))
-        streams.append(posteriors(600, events))
-    primed = []
-    original = decoder_module._prime_exact_runs
-
-    def counting(decoders, first_frames, exact_work):  # type: ignore[no-untyped-def]
-        primed.append(original(decoders, first_frames, exact_work))
-        return primed[-1]
-
-    monkeypatch.setattr(decoder_module, "_prime_exact_runs", counting)
-    together, _ = decode_lazily(streams, [ABCD], chunk=chunk, seed=2)
-    monkeypatch.setattr(decoder_module, "_prime_exact_runs", lambda *args: None)
-    alone, _ = decode_lazily(streams, [ABCD], chunk=chunk, seed=2)
-    assert max(primed) >= 6  # most streams computed their run in the same recurrence
-    assert all(len(found) == 2 for found in together)
-    assert together == alone
-    assert [[(d.peak_frames, d.peak_posteriors) for d in found] for found in together] == [
-        [(d.peak_frames, d.peak_posteriors) for d in found] for found in alone
-    ]
-
-
-@pytest.mark.parametrize("chunk", [2, 7, 20])
-def test_searches_restarted_together_carry_what_each_would_alone(chunk: int, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """After a detection, the rest of a chunk inside the refractory period is filtered for all
-    streams in one pass: a keyword begun there and finished after it is still found, exactly as
-    with each stream's own pass."""
-    from edge_agent.engine.decoder import _already_exact, _KeywordSearch
-
-    streams = []
-    for i in range(8):
-        # The first keyword's last peak is at frame 38 or 39: no detection before frame 72. The
-        # second begins inside that second (frames 56-59) and ends after it (74-83).
-        events = {**spoken(20 + i % 2), **spoken(56 + i % 4, spacing=6 + i % 3)}
-        streams.append(posteriors(200, events))
-    together, _ = decode_lazily(streams, [ABCD], chunk=chunk, seed=3)
-    one_by_one = _KeywordSearch.process
-
-    def alone(self, history, first_frame, ensure=_already_exact, filtered=None, restarts=None):  # type: ignore[no-untyped-def]
-        return one_by_one(self, history, first_frame, ensure, filtered, None)
-
-    monkeypatch.setattr(_KeywordSearch, "process", alone)
-    separately, _ = decode_lazily(streams, [ABCD], chunk=chunk, seed=3)
-    assert together == separately
-    assert all(len(found) == 2 for found in together)

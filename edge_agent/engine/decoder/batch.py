@@ -1,0 +1,302 @@
+"""Decoding many streams at once: :func:`process_many` and the passes it shares between streams.
+
+Every stream has its own :class:`~stream.KeywordDecoder`; what this module shares is the
+arithmetic. The filtering recurrence of each keyword runs once for all streams, with a leading
+stream axis: streams with fewer frames are padded with frames that can neither start, continue
+nor penalise a match. Streams with nothing going on (the common case) cost a few array
+operations in total; a stream with a candidate or a pending detection takes its search's
+one-stream path (``search.py``) for the exact re-scoring and the firing rule.
+
+What a burst of streams finishing a keyword in the same chunk (many devices hearing one
+speaker) would otherwise do one stream at a time is batched too, each stream in a row of its
+own, with the arithmetic of the one-stream path, so the detections are the same:
+
+* the frames the exact decoding will read are resolved in one call for all streams, and with
+  audio arriving in real time a match under way is resolved a few frames per step instead of
+  all at once when its last character arrives;
+* the exact runs that the searches are about to compute or extend (:func:`prime_exact_runs`);
+* the filtering passes of searches that fired and have only refractory frames left in the
+  chunk (:func:`carry_through_restarts`).
+
+Only public methods of the decoders and searches are used here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from edge_agent.engine.decoder.exact import ExactRun, Resolver, already_exact
+from edge_agent.engine.decoder.keywords import Detection
+from edge_agent.engine.decoder.recurrence import NEG_INF, Terms
+from edge_agent.engine.decoder.search import NEVER, Filtered, KeywordSearch
+
+if TYPE_CHECKING:
+    from edge_agent.engine.decoder.stream import KeywordDecoder
+
+# Spans of at most this many frames (1 s: audio arriving in real time, not whole recordings)
+# resolve a match under way as it goes.
+EARLY_RESOLUTION_FRAMES = 34
+# ... a few frames at a time: each step resolves, oldest first, at most as many frames as it
+# brought plus this many (the window so far is up to the keyword's maximum duration long).
+EARLY_RESOLUTION_BACKLOG_FRAMES = 16
+
+
+def _stack_spans(
+    decoders: Sequence[KeywordDecoder],
+    first_frames: Sequence[int],
+    stops: Sequence[int | None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The frames of several decoders from ``first_frames`` (to ``stops``, or to the end of
+    each history) as (streams, longest, columns) values, exactness and absolute frame numbers,
+    and which cells are padding (pure blank, exact, past a stream's end: they can neither
+    start, continue nor penalise a match)."""
+    ends = stops if stops is not None else [None] * len(decoders)
+    spans = [
+        d.history.rows(first, stop) for d, first, stop in zip(decoders, first_frames, ends, strict=True)
+    ]
+    lengths = np.fromiter((values.shape[0] for values, _ in spans), np.int64, len(spans))
+    longest = int(lengths.max())
+    streams = len(spans)
+    frames = np.asarray(first_frames, dtype=np.int64)[:, None] + np.arange(longest)
+    if int(lengths.min()) == longest:
+        # Every span as long (one stream, or streams fed in step): no padding to lay out.
+        return (
+            np.stack([values for values, _ in spans]),
+            np.stack([flags for _, flags in spans]),
+            frames,
+            np.zeros((streams, longest), dtype=bool),
+        )
+    stacked = np.zeros((streams, longest, decoders[0].columns.shape[0]))
+    stacked[..., 0] = 1.0
+    exact = np.ones((streams, longest), dtype=bool)
+    row = np.repeat(np.arange(streams), lengths)
+    column = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    stacked[row, column] = np.concatenate([values for values, _ in spans])
+    exact[row, column] = np.concatenate([flags for _, flags in spans])
+    padding = np.arange(longest)[None, :] >= lengths[:, None]
+    return stacked, exact, frames, padding
+
+
+def _search_key(decoder: KeywordDecoder, search: KeywordSearch) -> tuple[object, ...]:
+    """Searches with equal keys share one vectorised recurrence: the same keyword settings in
+    decoders reading the same outputs."""
+    return (decoder.signature, decoder.searches.index(search))
+
+
+def _pad(terms: Terms, padding: np.ndarray) -> None:
+    """Make the padding cells of stacked rows inert: they can neither start nor continue a match
+    (log q = -inf), cost nothing (gap 0) and let no repeated character through (no dip), so the
+    partial matches carried out of a padded row are those of its last real frame."""
+    terms.log_q[padding] = NEG_INF
+    terms.gap[padding] = 0.0
+    terms.dips[padding] = False
+
+
+def _resolve(decoders: Sequence[KeywordDecoder], wanted: list[np.ndarray], resolve: Resolver) -> None:
+    """One ``resolve`` call for every decoder's wanted frames (none if nobody wants any)."""
+    if not any(frames.size for frames in wanted):
+        return
+    for decoder, frames, exact in zip(decoders, wanted, resolve(wanted), strict=True):
+        decoder.history.fill(frames, np.asarray(exact, dtype=np.float64))
+
+
+def prime_exact_runs(
+    decoders: Sequence[KeywordDecoder],
+    first_frames: Sequence[int | None],
+    exact_work: list[list[tuple[KeywordSearch, Filtered]]],
+) -> int:
+    """The exact runs that the searches with a candidate or a pending match are about to
+    compute or extend one by one, computed together: one recurrence over (streams, frames) per
+    keyword, each stream's frames in a row of its own from its own carries, padded at the end
+    with frames that change nothing. Each row is the same arithmetic as the one-stream run, so
+    the detections are the same; when many streams finish a keyword in the same chunk (many
+    devices hearing one speaker) this is most of the chunk's decoding work. Returns how many
+    runs were computed."""
+    computed = 0
+    groups: dict[tuple[object, ...], list[tuple[int, KeywordSearch, int, int, int]]] = {}
+    for i, work in enumerate(exact_work):
+        for search, filtered in work:
+            span = search.run_to_prime(filtered, first_frames[i], decoders[i].history)  # type: ignore[arg-type]
+            if span is not None:
+                groups.setdefault(_search_key(decoders[i], search), []).append((i, search, *span))
+    for members in groups.values():
+        if len(members) < 2:
+            continue  # nothing to share: the one-stream path computes it
+        template = members[0][1]
+        # Every row is exact: run_to_prime stops each span at its first unresolved frame.
+        stacked, _, _, padding = _stack_spans(
+            [decoders[i] for i, _, _, _, _ in members],
+            [begin for _, _, _, begin, _ in members],
+            [stop for _, _, _, _, stop in members],
+        )
+        lengths = (~padding).sum(axis=1)
+        terms = template.scorer.terms(stacked)
+        log_q = terms.log_q
+        _pad(terms, padding)
+        carries = [search.runs.carries(start, begin) for _, search, start, begin, _ in members]
+        carry = np.stack([c for c, _ in carries])
+        carry_pre = np.stack([c for _, c in carries])
+        scores, new_carry, new_carry_pre, pointers, prefix, ends = template.scorer.run(
+            terms, carry, carry_pre, backtrace=True
+        )
+        for row, (_, search, start, begin, stop) in enumerate(members):
+            length = int(lengths[row])
+            piece = ExactRun(
+                begin,
+                stop,
+                scores[row, :length].copy(),
+                [tuple(a[row, :length].copy() for a in entry) for entry in pointers],
+                log_q[row, :length].copy(),
+                prefix[row, :length].copy(),
+                ends[row, :length].copy(),
+                new_carry[row].copy(),
+                new_carry_pre[row].copy(),
+            )
+            search.runs.store(start, piece)
+        computed += len(members)
+    return computed
+
+
+def carry_through_restarts(
+    decoders: Sequence[KeywordDecoder], restarts: list[tuple[int, KeywordSearch, int]]
+) -> None:
+    """The filtering passes of searches that fired and have only refractory frames left in
+    their chunk, ``(decoder index, search, first frame left)``: one recurrence per keyword for
+    all of them (as in :func:`process_many`'s main pass), keeping the partial matches each
+    carries out, as :meth:`KeywordSearch.process` would one by one."""
+    groups: dict[tuple[object, ...], list[tuple[int, KeywordSearch, int]]] = {}
+    for i, search, frame in restarts:
+        groups.setdefault(_search_key(decoders[i], search), []).append((i, search, frame))
+    for members in groups.values():
+        template = members[0][1]
+        stacked, exact, frames, padding = _stack_spans(
+            [decoders[i] for i, _, _ in members], [frame for _, _, frame in members]
+        )
+        killed = np.stack([search.killed(frames[row]) for row, (_, search, _) in enumerate(members)])
+        terms = template.scorer.optimistic_terms(stacked, exact, killed & ~padding)
+        _pad(terms, padding)
+        carry = np.stack([search.carry for _, search, _ in members])
+        carry_pre = np.stack([search.carry_pre for _, search, _ in members])
+        _, new_carry, new_carry_pre, _, _, _ = template.scorer.run(terms, carry, carry_pre)
+        for row, (_, search, _) in enumerate(members):
+            search.keep_carries(new_carry[row].copy(), new_carry_pre[row].copy())
+
+
+def process_many(
+    decoders: Sequence[KeywordDecoder],
+    posteriors: Sequence[np.ndarray],
+    resolve: Resolver | None = None,
+) -> list[list[Detection]]:
+    """:meth:`KeywordDecoder.process` for many streams, with the same results.
+
+    Without ``resolve``, ``posteriors`` are exact. With it, they are upper bounds (as
+    :meth:`OutputLayer.bounds` gives) and ``resolve`` is asked, at most twice per call and for
+    all streams at once, for the exact posteriors of the frames that need them (``exact.py``).
+    How the work is shared between streams: the module's docstring.
+    """
+    results: list[list[Detection]] = [[] for _ in decoders]
+    exact_input = resolve is None
+    first_frames: list[int | None] = []
+    for decoder, frames in zip(decoders, posteriors, strict=True):
+        first_frames.append(decoder.append(frames, exact_input) if frames.shape[0] else None)
+    active = [i for i, first in enumerate(first_frames) if first is not None]
+    # Per stream: the searches with a candidate or a pending detection, decoded exactly below,
+    # and the frames their exact decoding will read.
+    exact_work: list[list[tuple[KeywordSearch, Filtered]]] = [[] for _ in decoders]
+    wanted: list[list[tuple[int, int]]] = [[] for _ in decoders]
+    # Matches under way in real-time audio: frames to resolve ahead of need, a few per step.
+    early: list[list[tuple[int, int]]] = [[] for _ in decoders]
+    early_limit = [0] * len(decoders)
+    groups: dict[tuple[object, ...], list[int]] = {}
+    for i in active:
+        groups.setdefault(decoders[i].signature, []).append(i)
+    for members in groups.values():
+        stacked, exact, frames, padding = _stack_spans(
+            [decoders[i] for i in members], [first_frames[i] for i in members]
+        )  # type: ignore[misc]
+        lengths = (~padding).sum(axis=1)
+        per_stream = [decoders[i].searches for i in members]
+        for slot in range(len(per_stream[0])):
+            searches = [stream_searches[slot] for stream_searches in per_stream]
+            template = searches[0]
+            # Where a match may begin; the last such frame before this span, per stream.
+            begins = template.scorer.first_said(stacked) & ~padding
+            before = np.array([s.last_start for s in searches], dtype=np.int64)
+            for row in np.flatnonzero(begins.any(axis=1)).tolist():
+                searches[row].note_starts(frames[row, begins[row]], decoders[members[row]].history)
+            pending = np.array([s.pending is not None for s in searches])
+            # A span where no character may reach its floor can neither start nor complete a
+            # match: its partial matches carry over (an over-estimate: the filter may keep them).
+            busy = pending | (template.scorer.said(stacked) & ~padding).any(axis=1)
+            for row in np.flatnonzero(~busy).tolist():
+                searches[row].expire(int(frames[row, 0]) + int(lengths[row]))
+            rows = np.flatnonzero(busy)
+            if rows.size == 0:
+                continue
+            # No match passes a frame a whole window after the last frame where one may begin.
+            latest = np.maximum.accumulate(np.where(begins[rows], frames[rows], NEVER), axis=1)
+            latest = np.maximum(latest, before[rows, None])
+            killed = (frames[rows] - latest >= template.window_frames) & ~padding[rows]
+            terms = template.scorer.optimistic_terms(stacked[rows], exact[rows], killed)
+            _pad(terms, padding[rows])
+            carry = np.stack([searches[r].carry for r in rows])
+            carry_pre = np.stack([searches[r].carry_pre for r in rows])
+            scores, new_carry, new_carry_pre, _, _, _ = template.scorer.run(terms, carry, carry_pre)
+            candidates = scores >= template.log_threshold
+            for position, row in enumerate(rows.tolist()):
+                search = searches[row]
+                found = frames[row, np.flatnonzero(candidates[position])]
+                if search.pending is None and found.size == 0:
+                    search.keep_carries(new_carry[position], new_carry_pre[position])
+                    if (
+                        resolve is not None
+                        and lengths[row] <= EARLY_RESOLUTION_FRAMES
+                        and search.under_way()
+                    ):
+                        # Audio in real time, and two or more characters may have been said:
+                        # resolve the window so far a few frames per step, and each new frame
+                        # as it comes, rather than all of it when the last character arrives
+                        # (in the worst case for every stream at the same instant, delaying
+                        # every detection). More frames in all; the detections are the same.
+                        last = int(frames[row, lengths[row] - 1])
+                        early[members[row]] += search.frames_read(
+                            np.array([last]), decoders[members[row]].history
+                        )
+                        early_limit[members[row]] = int(lengths[row]) + EARLY_RESOLUTION_BACKLOG_FRAMES
+                    continue
+                index = members[row]
+                # Its scores propose the frames to re-score; all of them are resolved below.
+                filtered = Filtered(
+                    scores[position, : lengths[row]], new_carry[position], new_carry_pre[position]
+                )
+                exact_work[index].append((search, filtered))
+                if search.pending is not None:
+                    found = np.concatenate([[search.pending.frame], found])
+                wanted[index] += search.frames_read(found, decoders[index].history)
+    if resolve is not None:
+        # Everything the exact decoding below will read, for every stream, in one call.
+        frames_wanted = [decoders[i].history.unresolved(spans) for i, spans in enumerate(wanted)]
+        for i, spans in enumerate(early):
+            if spans:  # the oldest first: the backlog shrinks at every step
+                ahead = decoders[i].history.unresolved(spans)[: early_limit[i]]
+                frames_wanted[i] = np.union1d(frames_wanted[i], ahead)
+        _resolve(decoders, frames_wanted, resolve)
+    prime_exact_runs(decoders, first_frames, exact_work)
+    restarts: list[tuple[int, KeywordSearch, int]] = []
+    for i, searches in enumerate(exact_work):
+        if not searches:
+            continue
+        decoder = decoders[i]
+        # Resolved above; on demand is a safety net, for spans the filter did not foresee.
+        ensure = already_exact if resolve is None else decoder.history.on_demand(resolve, i, len(decoders))
+        restarted: list[tuple[KeywordSearch, int]] = []
+        for search, filtered in searches:
+            results[i].extend(search.process(decoder.history, first_frames[i], ensure, filtered, restarted))  # type: ignore[arg-type]
+        restarts += [(i, search, frame) for search, frame in restarted]
+    carry_through_restarts(decoders, restarts)
+    for found in results:
+        found.sort(key=lambda d: (d.end, d.keyword))
+    return results

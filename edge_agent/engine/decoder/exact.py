@@ -1,0 +1,206 @@
+"""Lazy exact posteriors: a stream's recent frames, exact or bounded, and the exact runs over them.
+
+Normalising a posterior needs the network's whole output layer (2599 outputs), half of its
+arithmetic. The decoder can work from cheap upper bounds instead (``process_many`` with a
+:data:`Resolver`): on a frame where every keyword character's bound is below its floor, no
+character can be matched there, and treating the gap penalty as zero only over-estimates the
+recurrence, which is only a filter. So it asks the resolver for exact posteriors of (1) every
+frame where some character's bound reaches its floor, and (2) every frame of the window of a
+candidate match and of a pending detection. The exact re-scoring and the firing rule read
+nothing else (:func:`require_exact` checks it), so the detections are those of a decoder given
+exact posteriors everywhere (the tests compare the two on real recordings).
+
+:class:`History` holds the frames and which of them are exact; :class:`ExactRuns` keeps a
+keyword's latest exact run, which later candidates and the pending detection extend instead of
+redoing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_agent.engine.decoder.recurrence import KeywordScorer
+
+#: Exact posteriors for the asked frames: per decoder, absolute frame numbers (maybe none) in,
+#: (frames, len(columns)) posteriors out.
+Resolver = Callable[[list[np.ndarray]], list[np.ndarray]]
+#: Makes the history's frames [start, stop) exact (a no-op where they are).
+Ensure = Callable[[int, int], None]
+
+
+def already_exact(start: int, stop: int) -> None:
+    """The :data:`Ensure` of a decoder given exact posteriors."""
+
+
+def require_exact(exact: np.ndarray, what: str) -> None:
+    if not exact.all():
+        # A bug, not bad input: process_many resolves these rows before they are read.
+        raise AssertionError(f"{what} holds frames whose posteriors were never resolved")
+
+
+@dataclass
+class History:
+    """A decoder's recent frames: gathered posteriors (or bounds) and which rows are exact."""
+
+    values: np.ndarray  # (rows, columns) float64
+    exact: np.ndarray  # (rows,) bool
+    first: int  # absolute frame of row 0
+
+    @classmethod
+    def empty(cls, columns: int, first: int) -> History:
+        """No frames yet; the first one to come is absolute frame ``first``."""
+        return cls(np.zeros((0, columns), dtype=np.float64), np.zeros(0, dtype=bool), first)
+
+    @property
+    def end(self) -> int:
+        return self.first + self.values.shape[0]
+
+    def rows(self, start: int, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Values and exactness of absolute frames [start, stop)."""
+        low = start - self.first
+        high = None if stop is None else stop - self.first
+        return self.values[low:high], self.exact[low:high]
+
+    def extended(self, gathered: np.ndarray, exact: bool, keep: int) -> History:
+        """The last ``keep`` rows of this history, then the new ``gathered`` rows (all exact or
+        all bounds)."""
+        values = np.concatenate([self.values[-keep:], gathered])
+        flags = np.concatenate([self.exact[-keep:], np.full(gathered.shape[0], exact)])
+        return History(values, flags, self.end + gathered.shape[0] - values.shape[0])
+
+    def unresolved(self, spans: list[tuple[int, int]]) -> np.ndarray:
+        """Frames in any of the [start, stop) ``spans`` that are not exact yet."""
+        if not spans:
+            return np.zeros(0, dtype=np.int64)
+        wanted = np.zeros(self.values.shape[0], dtype=bool)
+        for start, stop in spans:
+            wanted[start - self.first : stop - self.first] = True
+        return np.flatnonzero(wanted & ~self.exact) + self.first
+
+    def fill(self, frames: np.ndarray, posteriors: np.ndarray) -> None:
+        """Store exact posteriors (gathered columns) for absolute ``frames``."""
+        if frames.size == 0:
+            return
+        rows = frames - self.first
+        self.values[rows] = posteriors
+        self.exact[rows] = True
+
+    def on_demand(self, resolve: Resolver, index: int, count: int) -> Ensure:
+        """Resolution of these frames when asked, as decoder ``index`` of ``count`` in one
+        ``resolve`` call."""
+        empty = np.zeros(0, dtype=np.int64)
+
+        def ensure(start: int, stop: int) -> None:
+            _, exact = self.rows(start, stop)
+            missing = np.flatnonzero(~exact) + start
+            if missing.size:
+                requests = [empty] * count
+                requests[index] = missing
+                self.fill(missing, np.asarray(resolve(requests)[index], dtype=np.float64))
+
+        return ensure
+
+
+@dataclass
+class ExactRun:
+    """The exact recurrence over frames [start, stop), with nothing carried in: per frame, the
+    best match ending there, the back-pointers (frame offsets from ``start``), the characters'
+    log posteriors, the best partial match and the best one whose last character is there
+    (``ends``), and the partial matches carried out of the last frame. Every candidate and
+    pending match whose window begins at ``start`` reads it, so one run serves a whole cluster
+    of candidate frames; exact frames never change, so a run is extended over new frames
+    instead of being redone (a pending match reads one more chunk at every step)."""
+
+    start: int
+    stop: int
+    scores: np.ndarray
+    pointers: list[tuple[np.ndarray, ...]]
+    log_q: np.ndarray
+    prefix: np.ndarray
+    ends: np.ndarray
+    carry: np.ndarray
+    carry_pre: np.ndarray
+
+
+class ExactRuns:
+    """One keyword's latest exact run in one stream."""
+
+    def __init__(self, scorer: KeywordScorer) -> None:
+        self.scorer = scorer
+        self.latest: ExactRun | None = None
+
+    def reset(self) -> None:
+        self.latest = None
+
+    def resume_point(self, start: int) -> int:
+        """Where a run from ``start`` is to be computed from: where the latest run stops if it
+        is a run from ``start``, else ``start`` itself."""
+        run = self.latest
+        return run.stop if run is not None and run.start == start and run.stop > start else start
+
+    def covering(self, history: History, start: int, stop: int, ensure: Ensure) -> ExactRun:
+        """The exact run from ``start`` to at least ``stop`` (or the end of the history),
+        resolving its frames with ``ensure`` first."""
+        stop = min(history.end, stop)
+        run = self.latest
+        reusable = run is not None and run.start == start and run.stop > start
+        if reusable and run.stop >= stop:  # type: ignore[union-attr]
+            return run  # type: ignore[return-value]
+        begin = run.stop if reusable else start  # type: ignore[union-attr]
+        ensure(begin, stop)
+        values, exact = history.rows(begin, stop)
+        require_exact(exact, "a candidate's window")
+        terms = self.scorer.terms(values[None])
+        carry, carry_pre = self.carries(start, begin)
+        scores, carry, carry_pre, pointers, prefix, ends = self.scorer.run(
+            terms, carry[None], carry_pre[None], backtrace=True
+        )
+        pieces = [tuple(a[0] for a in entry) for entry in pointers]
+        log_q = terms.log_q[0]
+        return self.store(
+            start, ExactRun(begin, stop, scores[0], pieces, log_q, prefix[0], ends[0], carry[0], carry_pre[0])
+        )
+
+    def carries(self, start: int, begin: int) -> tuple[np.ndarray, np.ndarray]:
+        """What a run from ``start`` carries into frame ``begin``: nothing at its start, the
+        partial matches of the latest run when it is extended."""
+        if begin == start:
+            return self.scorer.no_match(), self.scorer.no_match()
+        run = self.latest
+        assert run is not None and run.start == start and run.stop == begin
+        return run.carry, run.carry_pre
+
+    def store(self, start: int, piece: ExactRun) -> ExactRun:
+        """Keep the run from ``start`` to the end of ``piece``, a run just computed from the
+        :meth:`carries` into its own start: the whole run if it starts at ``start``, else the
+        continuation of the latest run."""
+        if piece.start == start:
+            self.latest = piece
+            return piece
+        run = self.latest
+        assert run is not None and run.start == start and run.stop == piece.start
+        # A pointer of -1 is "the carried partial match": the one the run's last frame points
+        # to. Others count from this piece's first frame.
+        offset = piece.start - start
+        pointers = [
+            tuple(
+                np.concatenate([old, np.where(new < 0, old[-1], new + offset)])
+                for old, new in zip(old_entry, new_entry, strict=True)
+            )
+            for old_entry, new_entry in zip(run.pointers, piece.pointers, strict=True)
+        ]
+        self.latest = ExactRun(
+            start,
+            piece.stop,
+            np.concatenate([run.scores, piece.scores]),
+            pointers,
+            np.concatenate([run.log_q, piece.log_q]),
+            np.concatenate([run.prefix, piece.prefix]),
+            np.concatenate([run.ends, piece.ends]),
+            piece.carry,
+            piece.carry_pre,
+        )
+        return self.latest

@@ -1,0 +1,191 @@
+"""Firing policy: which exact matches of a keyword become detections, and when they fire.
+
+Pure rules on plain numbers: no I/O, no posteriors, no decoder state. The search
+(``search.py``) scores matches with the recurrence and asks these rules what to do; the rules
+are unit-tested on synthetic score sequences (``tests/engine/test_firing_policy.py``).
+
+For one keyword in one stream, frame by frame:
+
+* **Threshold and duration.** A match counts if its confidence reaches the keyword's threshold
+  and its span (:func:`keyword_span`) lasts from ``min_duration`` to ``max_duration``.
+* **Pending.** The first match that counts becomes the *pending* detection; a later, more
+  confident one replaces it. A pending detection fires at the earliest one frame after its
+  last character (the frame that could still bring a better match).
+* **Settle.** A later match can at best complete a partial match seen so far with perfect
+  characters, so the best partial match (its *rivals*' bound) caps what it could still become.
+  The pending detection fires once no rival could be ``settle_ratio`` times as confident: at
+  once for a confident match. Waiting matters when a weak match borrowed the first characters
+  of a keyword still being spoken.
+* **Pause.** A rival counts only while it gained a character within the last pause: a keyword
+  being spoken goes on within one (:meth:`FiringPolicy.rivals_still_spoken`). The pause only
+  ends the wait; a keyword said with longer pauses is still found.
+* **Hold.** Whatever the rivals, a pending detection fires ``hold`` after its last character.
+* **Refractory.** Once a detection fires, no match ending within the refractory period after
+  it counts, and the search restarts right after its last character: one spoken keyword, one
+  detection.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_agent.engine.decoder.keywords import CompiledKeyword
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An exact match of a keyword: the frame of its last character's peak and its confidence,
+    with each character's peak frame and posterior (carried to the detection)."""
+
+    frame: int
+    confidence: float
+    peak_frames: tuple[int, ...] = ()
+    peak_posteriors: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class FiringPolicy:
+    """One keyword's firing rules, in network frames."""
+
+    threshold: float
+    min_duration: float  # seconds, as the span of keyword_span
+    max_duration: float
+    hold_frames: int
+    pause_frames: int
+    settle_ratio: float
+    refractory_frames: int
+    log_threshold: float = field(init=False)
+    log_settle_ratio: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Scores are compared as logs: the recurrence adds log posteriors.
+        object.__setattr__(self, "log_threshold", math.log(self.threshold))
+        object.__setattr__(self, "log_settle_ratio", math.log(self.settle_ratio))
+
+    @classmethod
+    def for_keyword(
+        cls,
+        keyword: CompiledKeyword,
+        frame_seconds: float,
+        *,
+        refractory_seconds: float,
+        hold_seconds: float,
+        pause_seconds: float,
+        settle_ratio: float,
+    ) -> FiringPolicy:
+        """The rules for ``keyword`` with times in seconds; a hold or pause is at least one frame."""
+        return cls(
+            threshold=keyword.threshold,
+            min_duration=keyword.min_duration,
+            max_duration=keyword.max_duration,
+            hold_frames=max(1, int(round(hold_seconds / frame_seconds))),
+            pause_frames=max(1, int(round(pause_seconds / frame_seconds))),
+            settle_ratio=settle_ratio,
+            refractory_frames=int(round(refractory_seconds / frame_seconds)),
+        )
+
+    def reaches_threshold(self, log_score: float) -> bool:
+        """Whether a match whose log confidence is ``log_score`` counts."""
+        return log_score >= self.log_threshold
+
+    def duration_allowed(self, start: float, end: float) -> bool:
+        """Whether a match spanning ``start``..``end`` seconds is as long as the keyword may be."""
+        return self.min_duration <= end - start <= self.max_duration
+
+    def settled(self, confidence: float, best_rival: float) -> bool:
+        """Whether no rival whose log score is at most ``best_rival`` (-inf: none) could be
+        ``settle_ratio`` times as confident as a pending ``confidence``."""
+        return math.log(confidence) >= best_rival - self.log_settle_ratio
+
+    def held_long_enough(self, frame: int, pending_frame: int) -> bool:
+        """Whether a detection pending since ``pending_frame`` has waited its whole hold at ``frame``."""
+        return frame - pending_frame >= self.hold_frames
+
+    def rivals_still_spoken(self, prefix: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """The rivals' bound per frame that the settle rule reads, from the best partial match
+        at each frame (``prefix``: log scores, -inf for none) and the best one whose last
+        character is at that very frame (``ends``): partial matches whose last character is
+        more than a pause old count no more. Their gap penalties left out, the latest ``ends``
+        within a pause bounds the others from above (as the prefix does, whatever their age);
+        the lower of the two counts."""
+        padded = np.concatenate([np.full(self.pause_frames - 1, -np.inf), ends])
+        recent = np.lib.stride_tricks.sliding_window_view(padded, self.pause_frames).max(axis=1)
+        return np.minimum(prefix, recent)
+
+
+class Firing:
+    """The firing state of one keyword in one stream: the pending detection and the end of
+    the refractory period. The caller walks the frames in order and, at each one, offers the
+    exact match ending there (if the filter proposes one and :meth:`considers` the frame), then
+    asks whether the pending detection is :meth:`due`."""
+
+    def __init__(self, policy: FiringPolicy) -> None:
+        self.policy = policy
+        self.pending: Candidate | None = None
+        self.quiet_until = -1  # refractory: no detection ending at or before this frame
+
+    def reset(self) -> None:
+        self.pending = None
+        self.quiet_until = -1
+
+    def considers(self, frame: int) -> bool:
+        """Whether a match ending at ``frame`` could change anything (worth scoring exactly):
+        there is a pending detection it could replace, or the refractory period is over."""
+        return self.pending is not None or frame > self.quiet_until
+
+    def quiet_through(self, frame: int) -> bool:
+        """Whether ``frame`` is still in the refractory period: no detection can end there."""
+        return frame <= self.quiet_until
+
+    def offer(self, candidate: Candidate | None) -> bool:
+        """A match that counts (or None): it becomes the pending detection if there is none, or
+        if it is more confident than the pending one. Returns whether it did."""
+        if candidate is None or not self.considers(candidate.frame):
+            return False
+        if self.pending is None or candidate.confidence > self.pending.confidence:
+            self.pending = candidate
+            return True
+        return False
+
+    def due(self, frame: int, best_rival: float) -> bool:
+        """Whether the pending detection fires at ``frame``, the rivals' bound there being
+        ``best_rival``: it has settled, or waited its whole hold."""
+        pending = self.pending
+        if pending is None:
+            return False
+        return self.policy.settled(pending.confidence, best_rival) or self.policy.held_long_enough(
+            frame, pending.frame
+        )
+
+    def fire(self) -> tuple[Candidate, int]:
+        """Emit the pending detection: returns it and the frame where the search restarts (right
+        after its last character); its refractory period begins."""
+        pending = self.pending
+        if pending is None:
+            raise RuntimeError("nothing pending to fire")
+        self.quiet_until = pending.frame + self.policy.refractory_frames
+        self.pending = None
+        return pending, pending.frame + 1
+
+
+def keyword_span(
+    peak_frames: tuple[int, ...], frame_seconds: float, frame_center_seconds: float
+) -> tuple[float, float]:
+    """Start/end seconds covering the spoken keyword, not just its posterior peaks.
+
+    A CTC peak sits somewhere inside its character; each side is extended by half the mean
+    distance between peaks (one character's width), at least one frame; a one-character
+    keyword by three frames.
+    """
+    n = len(peak_frames)
+    first, last = peak_frames[0], peak_frames[-1]
+    if n > 1:
+        half_width = max(frame_seconds, (last - first) * frame_seconds / (n - 1) / 2)
+    else:
+        half_width = 3 * frame_seconds
+    start = max(0.0, first * frame_seconds + frame_center_seconds - half_width)
+    end = last * frame_seconds + frame_center_seconds + half_width
+    return start, end

@@ -1,0 +1,350 @@
+"""One keyword in one stream: where the recurrence, the exact runs and the firing policy meet.
+
+:class:`KeywordSearch` keeps what a keyword's decoding carries from chunk to chunk (partial
+matches, the frames where a match may begin, the latest exact run, the pending detection) and
+decodes new frames in three moves:
+
+1. the *filtering* pass (``recurrence.py``, over bounds where posteriors are not exact)
+   proposes the frames where a match may reach the threshold; it never under-estimates;
+2. each proposed frame that the firing state :meth:`~firing.Firing.considers` is re-scored exactly
+   over the keyword's window (``exact.py``) and backtracked for its timings;
+3. the firing policy (``firing.py``) decides which match is pending and when it fires, given
+   the bound of the partial matches that could still beat it. After a detection the search
+   restarts right after it.
+
+Frames where no character may be said cost nothing: their partial matches carry over
+(:meth:`KeywordSearch.expire`), and a frame a whole window after the last frame where a match
+could begin ends every partial match (:meth:`KeywordSearch.killed`). Many streams' searches of
+one keyword are stepped together by ``batch.py``, which calls the public methods here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_agent.engine.decoder.exact import Ensure, ExactRuns, History, already_exact
+from edge_agent.engine.decoder.firing import Candidate, Firing, FiringPolicy, keyword_span
+from edge_agent.engine.decoder.keywords import CompiledKeyword, Detection
+from edge_agent.engine.decoder.recurrence import NEG_INF, KeywordScorer
+
+# Absolute frame standing for "no character start seen".
+NEVER = -(10**12)
+
+
+@dataclass
+class Filtered:
+    """A filtering pass over a search's new frames: per frame, an upper bound of the best
+    match's score, and the partial matches carried out of the last frame."""
+
+    scores: np.ndarray
+    carry: np.ndarray
+    carry_pre: np.ndarray
+
+
+class KeywordSearch:
+    """Decoding state of one keyword in one stream: its partial matches, where matches may
+    begin, its exact run and its firing state."""
+
+    def __init__(
+        self,
+        keyword: CompiledKeyword,
+        columns: dict[int, int],
+        frame_seconds: float,
+        frame_center_seconds: float,
+        gap_tolerance: float,
+        refractory_seconds: float,
+        hold_seconds: float,
+        pause_seconds: float,
+        settle_ratio: float,
+    ) -> None:
+        self.keyword = keyword
+        self.scorer = KeywordScorer(keyword, columns, gap_tolerance)
+        self.n = self.scorer.n
+        self.frame_seconds = frame_seconds
+        self.frame_center_seconds = frame_center_seconds
+        self.policy = FiringPolicy.for_keyword(
+            keyword,
+            frame_seconds,
+            refractory_seconds=refractory_seconds,
+            hold_seconds=hold_seconds,
+            pause_seconds=pause_seconds,
+            settle_ratio=settle_ratio,
+        )
+        self.firing = Firing(self.policy)
+        self.runs = ExactRuns(self.scorer)
+        self.log_threshold = self.policy.log_threshold
+        self.window_frames = int(math.ceil(keyword.max_duration / frame_seconds)) + 1
+        self.reset()
+
+    def reset(self) -> None:
+        self.carry = self.scorer.no_match()  # A_i at the last frame seen
+        self.carry_pre = self.scorer.no_match()  # repeated characters: before the blank dip
+        self.alive = False  # any finite carry
+        self.search_from = 0  # absolute frame where paths may start (after the last detection)
+        self.firing.reset()
+        self.runs.reset()
+        # Recent absolute frames where a match may begin (KeywordScorer.first_said), and the latest.
+        self.starts = np.zeros(0, dtype=np.int64)
+        self.last_start = NEVER
+
+    @property
+    def pending(self) -> Candidate | None:
+        """The detection waiting to fire, if any."""
+        return self.firing.pending
+
+    def killed(self, frames: np.ndarray) -> np.ndarray:
+        """Which absolute ``frames`` no match can pass through: the last first-character start
+        at or before them is a whole window (or more) older. Only the filtering pass uses it."""
+        if self.starts.size == 0:
+            return np.ones(frames.shape, dtype=bool)
+        index = np.searchsorted(self.starts, frames, side="right") - 1
+        last = np.where(index >= 0, self.starts[np.maximum(index, 0)], NEVER)
+        return frames - last >= self.window_frames
+
+    def note_starts(self, found: np.ndarray, history: History) -> None:
+        """Record new frames where a match may begin (absolute, increasing); forget those too
+        old to matter for the frames still to come."""
+        oldest = history.first - self.window_frames
+        kept = self.starts[self.starts >= oldest]
+        self.starts = np.concatenate([kept, found])
+        self.last_start = int(found[-1])
+
+    def under_way(self) -> bool:
+        """A partial match of two or more characters (but not all) may be alive."""
+        return self.n > 2 and bool((self.carry[1 : self.n - 1] >= self.log_threshold).any())
+
+    def keep_carries(self, carry: np.ndarray, carry_pre: np.ndarray) -> None:
+        """End of a span with nothing to report: keep the partial matches that can still win.
+
+        A partial match below the threshold can only lose score from here (each further
+        character adds log q <= 0): it is dropped, so that quiet audio returns to the idle path.
+        """
+        carry[carry < self.log_threshold] = NEG_INF
+        carry_pre[carry_pre < self.log_threshold] = NEG_INF
+        self.carry, self.carry_pre = carry, carry_pre
+        self.alive = bool(np.isfinite(carry).any() or np.isfinite(carry_pre).any())
+
+    def expire(self, end_frame: int) -> None:
+        """A span where no character was said: partial matches carry over as if its frames
+        cost nothing (an over-estimate, as the filter may make), a repeated character's partial
+        match as if it passed its blank dip there; unless the span's last frame is a whole
+        window past the last first character, which ends them all."""
+        if not self.alive:
+            return
+        if end_frame - 1 - self.last_start >= self.window_frames:
+            self.carry = self.scorer.no_match()
+            self.carry_pre = self.scorer.no_match()
+            self.alive = False
+            return
+        for i, repeated in enumerate(self.scorer.repeated):
+            if repeated:
+                self.carry[i] = max(self.carry[i], self.carry_pre[i])
+
+    def filter_pass(
+        self,
+        values: np.ndarray,
+        exact: np.ndarray,
+        frames: np.ndarray,
+        carry: np.ndarray,
+        carry_pre: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The over-estimating recurrence over s streams' rows (s, t, c) from their carries."""
+        terms = self.scorer.optimistic_terms(values, exact, self.killed(frames))
+        scores, new_carry, new_carry_pre, _, _, _ = self.scorer.run(terms, carry, carry_pre)
+        return scores, new_carry, new_carry_pre
+
+    # --- streaming -----------------------------------------------------------------------
+    def window_start(self, frame: int, history: History) -> int:
+        """First frame a match ending at ``frame`` may use."""
+        return max(frame + 1 - self.window_frames, self.search_from, history.first)
+
+    def frames_read(self, frames: np.ndarray, history: History) -> list[tuple[int, int]]:
+        """The [start, stop) spans that exact decoding reads for candidates or a pending match
+        at ``frames``: from the first possible start in each one's window to its hold time."""
+        spans = []
+        for frame in frames.tolist():
+            start = self.first_start(frame, history)
+            if start is not None:
+                spans.append((start, min(history.end, frame + 1 + self.policy.hold_frames)))
+        return spans
+
+    def first_start(self, frame: int, history: History) -> int | None:
+        """The first frame, in the window of a match ending at ``frame``, where the first
+        character reaches its floor: no match begins earlier, so rows before it are never read."""
+        low = self.window_start(frame, history)
+        index = int(np.searchsorted(self.starts, low))
+        if index == self.starts.shape[0] or int(self.starts[index]) > frame:
+            return None
+        return int(self.starts[index])
+
+    def process(
+        self,
+        history: History,
+        first_frame: int,
+        ensure: Ensure = already_exact,
+        filtered: Filtered | None = None,
+        restarts: list[tuple[KeywordSearch, int]] | None = None,
+    ) -> list[Detection]:
+        """Decode the frames from ``first_frame`` on; ``history`` holds them and those before.
+
+        ``filtered``: the filtering pass over these frames, if already made (any over-estimate
+        will do: it only proposes frames for exact re-scoring).
+
+        ``restarts``: if given, a search that fired and has only refractory frames left (no
+        match can fire there; the filtering pass only carries partial matches out) adds
+        ``(self, first frame left)`` to it instead of making that pass: the caller makes it
+        for many streams at once (``batch.carry_through_restarts``).
+
+        After a detection the search restarts right after its last character, which may lie
+        before ``first_frame`` (a match held over from the previous chunk), so spans are always
+        taken from ``history``.
+        """
+        detections: list[Detection] = []
+        span_start = first_frame
+        while span_start < history.end:
+            fired = self._process_span(history, span_start, ensure, filtered)
+            if fired is None:
+                break
+            detection, span_start = fired
+            detections.append(detection)
+            filtered = None  # the search restarts: its own pass, from no partial match
+            if restarts is None or span_start >= history.end:
+                continue
+            if self.firing.quiet_through(history.end - 1):
+                restarts.append((self, span_start))
+                break
+        return detections
+
+    def _process_span(
+        self, history: History, first_frame: int, ensure: Ensure, filtered: Filtered | None
+    ) -> tuple[Detection, int] | None:
+        if filtered is None:
+            values, exact = history.rows(first_frame)
+            frames = np.arange(first_frame, history.end)
+            passed = self.filter_pass(
+                values[None], exact[None], frames[None], self.carry[None], self.carry_pre[None]
+            )
+            filtered = Filtered(passed[0][0], passed[1][0], passed[2][0])
+        scores, carry, carry_pre = filtered.scores, filtered.carry, filtered.carry_pre
+        candidates = np.flatnonzero(scores >= self.log_threshold)
+        count = scores.shape[0]
+        firing = self.firing
+        rivals: tuple[int, np.ndarray] | None = None  # (first frame, bound per frame) of the pending
+        i = 0
+        while i < count:
+            if firing.pending is None:
+                # Nothing pending: jump straight to the next frame that may hold a match.
+                j = int(np.searchsorted(candidates, i))
+                if j == candidates.shape[0]:
+                    break
+                i = int(candidates[j])
+            frame = first_frame + i
+            if (
+                scores[i] >= self.log_threshold
+                and firing.considers(frame)
+                and firing.offer(self._exact(history, frame, ensure))
+            ):
+                rivals = None  # a new pending detection: its own window, its own rivals
+                i += 1
+                continue
+            if firing.pending is None:
+                i += 1
+                continue
+            if rivals is None:
+                rivals = self._rivals(history, firing.pending.frame, ensure)
+            index = frame - rivals[0]
+            best_rival = rivals[1][index] if index >= 0 else NEG_INF
+            if firing.due(frame, best_rival):
+                return self._fire()
+            i += 1
+        self.keep_carries(carry, carry_pre)
+        return None
+
+    def _rivals(self, history: History, pending_frame: int, ensure: Ensure) -> tuple[int, np.ndarray]:
+        """The rivals' bound (:meth:`FiringPolicy.rivals_still_spoken`) at each frame from the
+        pending match's window up to its hold time (it fires by then), counting only matches
+        that begin inside that window; returns the first frame and the values."""
+        start = self.first_start(pending_frame, history)
+        if start is None:  # cannot happen (the pending match began in the window), but harmless
+            return pending_frame + 1, np.zeros(0)
+        run = self.runs.covering(history, start, pending_frame + 1 + self.policy.hold_frames, ensure)
+        return start, self.policy.rivals_still_spoken(run.prefix, run.ends)
+
+    def run_to_prime(
+        self, filtered: Filtered, first_frame: int, history: History
+    ) -> tuple[int, int, int] | None:
+        """The exact run that :meth:`process` is about to compute or extend for these filtered
+        frames (``first_frame`` on), as (start, begin, stop): the window of the pending match,
+        or else of the first candidate that may become pending, computed from ``begin`` (its
+        start, or where the run computed so far stops) through the hold time of the last
+        candidate, as far as the frames are exact. None if there is nothing to compute."""
+        frames = np.flatnonzero(filtered.scores >= self.log_threshold) + first_frame
+        if self.pending is not None:
+            anchor = self.pending.frame
+        else:
+            eligible = frames[frames > self.firing.quiet_until]
+            if eligible.size == 0:
+                return None
+            anchor = int(eligible[0])
+        start = self.first_start(anchor, history)
+        if start is None:
+            return None
+        last = max(anchor, int(frames[-1])) if frames.size else anchor
+        stop = min(history.end, last + 1 + self.policy.hold_frames)
+        begin = self.runs.resume_point(start)
+        missing = np.flatnonzero(~history.rows(begin, stop)[1])
+        if missing.size:
+            stop = begin + int(missing[0])  # the rest is resolved on demand, if ever read
+        return (start, begin, stop) if stop > begin else None
+
+    def _fire(self) -> tuple[Detection, int]:
+        """Emit the pending detection and restart the search right after it."""
+        candidate, resume_frame = self.firing.fire()
+        self.carry = self.scorer.no_match()
+        self.carry_pre = self.scorer.no_match()
+        self.alive = False
+        self.search_from = resume_frame
+        return self._detection(candidate), resume_frame
+
+    def finish(self) -> list[Detection]:
+        detections: list[Detection] = []
+        if self.pending is not None:
+            detections.append(self._fire()[0])
+        return detections
+
+    # --- exact re-scoring ----------------------------------------------------------------
+    def _exact(self, history: History, frame: int, ensure: Ensure) -> Candidate | None:
+        """Best match ending at ``frame`` within the duration window, or None."""
+        window_start = self.first_start(frame, history)
+        if window_start is None:
+            return None
+        # Through the hold time after it too: if the match is pending, firing reads those
+        # frames, and later candidates near it share the run.
+        run = self.runs.covering(history, window_start, frame + 1 + self.policy.hold_frames, ensure)
+        last = frame - window_start
+        score = float(run.scores[last])
+        if not self.policy.reaches_threshold(score):
+            return None
+        peaks = self.scorer.backtrace(run.pointers, last)
+        absolute = tuple(window_start + p for p in peaks)
+        posteriors = self.scorer.peak_posteriors(run.log_q, peaks)
+        if not self.policy.duration_allowed(*self._span(absolute)):
+            return None
+        return Candidate(frame, float(math.exp(score)), absolute, posteriors)
+
+    def _span(self, peak_frames: tuple[int, ...]) -> tuple[float, float]:
+        return keyword_span(peak_frames, self.frame_seconds, self.frame_center_seconds)
+
+    def _detection(self, candidate: Candidate) -> Detection:
+        start, end = self._span(candidate.peak_frames)
+        return Detection(
+            keyword=self.keyword.text,
+            confidence=candidate.confidence,
+            start=start,
+            end=end,
+            peak_frames=candidate.peak_frames,
+            peak_posteriors=candidate.peak_posteriors,
+        )

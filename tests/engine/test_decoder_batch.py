@@ -1,0 +1,124 @@
+"""Many streams at once (decoder/batch.py): process_many gives what one decoder per stream
+gives, and the passes it shares between streams change no detection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_agent.engine.decoder import CompiledKeyword, KeywordDecoder, batch, process_many
+from edge_agent.engine.decoder.exact import already_exact
+from edge_agent.engine.decoder.search import KeywordSearch
+from tests.engine.decoder_signals import ABCD, decode_lazily, posteriors, same_detections, spoken
+
+
+@pytest.mark.parametrize("in_step", [False, True])
+def test_process_many_equals_one_decoder_per_stream_on_synthetic_posteriors(in_step: bool) -> None:
+    """Streams with ragged chunks (0 to 5 frames each, laid out with padding) and streams fed
+    in step (as many frames each, stacked as they are)."""
+    rng = np.random.default_rng(11)
+    keywords = [
+        CompiledKeyword("abcd", ((1,), (2,), (3,), (4,)), 0.2, 0.05, 2.5),
+        CompiledKeyword("aa", ((1,), (1,)), 0.2, 0.0, 2.5),
+    ]
+    streams = 12
+    length = 400
+    signals = []
+    for _ in range(streams):
+        p = np.zeros((length, 6))
+        p[:, 0] = 1.0
+        for start in rng.integers(0, length - 40, size=4):
+            for k, token in enumerate((1, 2, 3, 4)):
+                prob = float(rng.uniform(0.05, 0.95))
+                p[start + 6 * k, token] = prob
+                p[start + 6 * k, 0] = 1 - prob
+        noise = rng.integers(0, length, size=30)
+        p[noise, 5] = 0.7
+        p[noise, 0] = 0.3
+        signals.append(p)
+    alone = [KeywordDecoder(keywords, frame_seconds=0.03) for _ in range(streams)]
+    together = [KeywordDecoder(keywords, frame_seconds=0.03) for _ in range(streams)]
+    expected: list[list] = [[] for _ in range(streams)]
+    got: list[list] = [[] for _ in range(streams)]
+    position = [0] * streams
+    for step in range(200):
+        chunks = []
+        for i in range(streams):
+            # ragged: 0 to 5 frames per stream per step; in step: 3 or 4 frames for all
+            size = 3 + step % 2 if in_step else int(rng.integers(0, 6))
+            chunks.append(signals[i][position[i] : position[i] + size])
+            position[i] += size
+        for i in range(streams):
+            expected[i] += alone[i].process(chunks[i])
+        for i, found in enumerate(process_many(together, chunks)):
+            got[i] += found
+    for i in range(streams):
+        expected[i] += alone[i].finish()
+        got[i] += together[i].finish()
+    assert got == expected
+    assert sum(len(e) for e in expected) > 10  # the comparison covered real detections
+
+
+def test_real_time_streams_resolve_a_match_as_it_goes_instead_of_all_at_once(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Ten streams, in real-time chunks, say the keyword at the same instant. Each resolves its
+    window while the keyword is being said, so no single call asks for every window at once;
+    the detections do not change."""
+    streams = [posteriors(300, spoken(150, spacing=8)) for _ in range(10)]
+    early, early_resolver = decode_lazily(streams, [ABCD], chunk=3, seed=1)
+    monkeypatch.setattr(batch, "EARLY_RESOLUTION_FRAMES", 0)
+    late, late_resolver = decode_lazily(streams, [ABCD], chunk=3, seed=1)
+    assert same_detections(early, late) and all(len(found) == 1 for found in early)
+    assert early_resolver.largest < late_resolver.largest / 2
+
+
+@pytest.mark.parametrize("chunk", [3, 33])
+def test_streams_finding_a_keyword_together_share_their_exact_runs(chunk: int, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Many streams meeting a candidate in the same chunk get their exact runs in one
+    recurrence; the detections (confidence, times and peaks) are those of one run per stream."""
+    rng = np.random.default_rng(5)
+    streams = []
+    for i in range(9):
+        probs = tuple(float(p) for p in rng.uniform(0.3, 0.95, size=4))
+        events = spoken(100 + i % 3, probs, spacing=int(rng.integers(3, 9)))  # ragged windows
+        events.update(spoken(400, probs, spacing=5))
+        streams.append(posteriors(600, events))
+    primed = []
+    original = batch.prime_exact_runs
+
+    def counting(decoders, first_frames, exact_work):  # type: ignore[no-untyped-def]
+        primed.append(original(decoders, first_frames, exact_work))
+        return primed[-1]
+
+    monkeypatch.setattr(batch, "prime_exact_runs", counting)
+    together, _ = decode_lazily(streams, [ABCD], chunk=chunk, seed=2)
+    monkeypatch.setattr(batch, "prime_exact_runs", lambda *args: None)
+    alone, _ = decode_lazily(streams, [ABCD], chunk=chunk, seed=2)
+    assert max(primed) >= 6  # most streams computed their run in the same recurrence
+    assert all(len(found) == 2 for found in together)
+    assert together == alone
+    assert [[(d.peak_frames, d.peak_posteriors) for d in found] for found in together] == [
+        [(d.peak_frames, d.peak_posteriors) for d in found] for found in alone
+    ]
+
+
+@pytest.mark.parametrize("chunk", [2, 7, 20])
+def test_searches_restarted_together_carry_what_each_would_alone(chunk: int, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """After a detection, the rest of a chunk inside the refractory period is filtered for all
+    streams in one pass: a keyword begun there and finished after it is still found, exactly as
+    with each stream's own pass."""
+    streams = []
+    for i in range(8):
+        # The first keyword's last peak is at frame 38 or 39: no detection before frame 72. The
+        # second begins inside that second (frames 56-59) and ends after it (74-83).
+        events = {**spoken(20 + i % 2), **spoken(56 + i % 4, spacing=6 + i % 3)}
+        streams.append(posteriors(200, events))
+    together, _ = decode_lazily(streams, [ABCD], chunk=chunk, seed=3)
+    one_by_one = KeywordSearch.process
+
+    def alone(self, history, first_frame, ensure=already_exact, filtered=None, restarts=None):  # type: ignore[no-untyped-def]
+        return one_by_one(self, history, first_frame, ensure, filtered, None)
+
+    monkeypatch.setattr(KeywordSearch, "process", alone)
+    separately, _ = decode_lazily(streams, [ABCD], chunk=chunk, seed=3)
+    assert together == separately
+    assert all(len(found) == 2 for found in together)

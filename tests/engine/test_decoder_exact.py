@@ -1,0 +1,136 @@
+"""Lazy exact posteriors: decoding from upper bounds, with exact posteriors resolved on demand,
+finds what exact posteriors everywhere find (decoder/exact.py); the history and the exact runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_agent.engine.decoder import CompiledKeyword, KeywordDecoder, process_many
+from edge_agent.engine.decoder.exact import ExactRuns, History, already_exact
+from edge_agent.engine.decoder.recurrence import KeywordScorer
+from tests.engine.decoder_signals import (
+    ABCD,
+    FRAME,
+    A,
+    C,
+    D,
+    decode,
+    decode_lazily,
+    keyword,
+    posteriors,
+    same_detections,
+    spoken,
+)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("chunk", [1, 4, 33, 500])
+def test_bounds_and_resolution_give_the_exact_detections(seed: int, chunk: int) -> None:
+    """Whatever the bounds and the chunking, the detections are those of exact posteriors."""
+    rng = np.random.default_rng(seed)
+    keywords = [
+        ABCD,
+        keyword("cd", [C, D], threshold=0.2),
+        CompiledKeyword("aa", ((A,), (A,)), 0.2, 0.0, 2.5),
+    ]
+    signals = []
+    for _ in range(5):
+        events: dict[int, dict[int, float]] = {}
+        for start in rng.integers(0, 560, size=5):
+            probs = tuple(float(p) for p in rng.uniform(0.05, 0.95, size=4))
+            events.update(spoken(int(start), probs, spacing=int(rng.integers(1, 12))))
+        for frame in rng.integers(0, 600, size=60):  # unrelated speech and near-misses
+            events.setdefault(int(frame), {int(rng.integers(1, 6)): float(rng.uniform(1e-5, 0.6))})
+        signals.append(posteriors(600, events))
+    expected = [decode(s, keywords, chunk=chunk) for s in signals]
+    got, _ = decode_lazily(signals, keywords, chunk, seed)
+    assert same_detections(got, expected)
+    assert sum(len(e) for e in expected) >= 5  # the comparison covered real detections
+
+
+def test_quiet_audio_needs_no_exact_posteriors() -> None:
+    quiet = posteriors(3000, {})
+    one_keyword = posteriors(3000, spoken(1500))
+    (nothing, found), resolver = decode_lazily([quiet, one_keyword], [ABCD], chunk=10, seed=0)
+    assert nothing == [] and len(found) == 1
+    assert resolver.asked[0] == 0  # nothing that could be a character: bounds are enough
+    # The keyword's stream resolved its window and hold time, not its 90 seconds.
+    assert 0 < resolver.asked[1] < 200
+
+
+def test_a_frame_never_resolved_is_never_read() -> None:
+    """Exact re-scoring reads only resolved frames: a resolver that answers nothing fails loudly."""
+    decoder = KeywordDecoder([ABCD], frame_seconds=FRAME)
+    p = posteriors(100, spoken(20))[:, decoder.columns]
+
+    def refuse(frames: list[np.ndarray]) -> list[np.ndarray]:
+        return [np.zeros((0, p.shape[1])) for _ in frames]
+
+    with pytest.raises((AssertionError, ValueError)):
+        process_many([decoder], [p], refuse)
+
+
+# --- the history and the exact runs, alone ---------------------------------------------------
+
+
+def test_the_history_keeps_its_last_rows_and_numbers_frames_from_the_stream_start() -> None:
+    history = History.empty(3, first=100).extended(np.full((5, 3), 0.5), exact=False, keep=2)
+    assert (history.first, history.end) == (100, 105)
+    history = history.extended(np.full((3, 3), 0.25), exact=True, keep=2)
+    assert (history.first, history.end) == (103, 108)
+    values, exact = history.rows(103, 106)
+    np.testing.assert_array_equal(values[:, 0], [0.5, 0.5, 0.25])
+    np.testing.assert_array_equal(exact, [False, False, True])
+
+
+def test_unresolved_frames_are_those_of_the_spans_not_filled_yet() -> None:
+    history = History.empty(2, first=10).extended(np.zeros((8, 2)), exact=False, keep=0)
+    history.fill(np.array([12, 13]), np.ones((2, 2)))
+    np.testing.assert_array_equal(history.unresolved([(11, 14), (16, 18)]), [11, 16, 17])
+    assert history.rows(12, 14)[0].tolist() == [[1.0, 1.0], [1.0, 1.0]]
+    assert history.unresolved([]).size == 0
+
+
+def test_on_demand_resolution_asks_for_the_missing_frames_only_in_its_own_slot() -> None:
+    history = History.empty(2, first=0).extended(np.zeros((6, 2)), exact=False, keep=0)
+    history.fill(np.array([2]), np.ones((1, 2)))
+    asked: list[list[list[int]]] = []
+
+    def resolve(frames: list[np.ndarray]) -> list[np.ndarray]:
+        asked.append([f.tolist() for f in frames])
+        return [np.full((f.size, 2), 0.5) for f in frames]
+
+    ensure = history.on_demand(resolve, index=1, count=3)
+    ensure(1, 4)
+    ensure(1, 4)  # all exact now: no call
+    assert asked == [[[], [1, 3], []]]
+    assert history.exact[1:4].all()
+
+
+def test_an_exact_run_extended_chunk_by_chunk_finds_what_one_run_over_all_its_frames_finds() -> None:
+    """Exact frames never change, so a run extended over new frames (a pending match reading
+    one more chunk at every step) gives the scores, partial matches and peaks of the run
+    computed over all of them at once (but for float rounding, which may pick another frame
+    among equally good blank dips between a repeated character's two peaks)."""
+    rng = np.random.default_rng(4)
+    events = {int(f): {int(rng.integers(1, 6)): float(rng.uniform(0.05, 0.9))} for f in range(0, 90, 3)}
+    for start in (8, 50):  # two 'aacd' among the noise, the second with a third 'a' on the way
+        events.update({start: {A: 0.8}, start + 4: {A: 0.6}, start + 10: {C: 0.7}, start + 14: {D: 0.9}})
+    events[57] = {A: 0.7}
+    aa_cd = CompiledKeyword("aacd", ((A,), (A,), (C,), (D,)), 0.05, 0.0, 2.5)
+    values = posteriors(90, events)[:, :5]  # blank and the keyword's tokens, as gathered
+    history = History(values, np.ones(90, dtype=bool), first=0)
+    scorer = KeywordScorer(aa_cd, {token: token for token in range(5)}, gap_tolerance=0.5)
+    whole = ExactRuns(scorer).covering(history, 0, 90, already_exact)
+    pieces = ExactRuns(scorer)
+    for stop in (7, 30, 31, 64, 90):
+        extended = pieces.covering(history, 0, stop, already_exact)
+    assert (extended.start, extended.stop) == (0, 90)
+    np.testing.assert_allclose(extended.scores, whole.scores, rtol=1e-12)
+    np.testing.assert_allclose(extended.prefix, whole.prefix, rtol=1e-12)
+    np.testing.assert_allclose(extended.ends, whole.ends, rtol=1e-12)
+    matched = np.flatnonzero(np.isfinite(whole.scores)).tolist()
+    assert matched  # the comparison covered real matches
+    for frame in matched:
+        assert scorer.backtrace(extended.pointers, frame) == scorer.backtrace(whole.pointers, frame)
