@@ -7,8 +7,8 @@ it turns the validated ``engine`` and ``keywords`` sections into the engine's ow
 from __future__ import annotations
 
 from edge_agent.config import AgentConfig
-from edge_agent.engine.decoder import CompiledKeyword
-from edge_agent.engine.model import DecoderSettings, KeywordSpec, KwsModel
+from edge_agent.engine.decoder import CompiledKeyword, DecoderSettings
+from edge_agent.engine.model import KeywordSpec, KwsModel
 
 
 def decoder_settings_from(config: AgentConfig) -> DecoderSettings:

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_agent.audio.wav import WavError, parse_wav, read_wav, to_mono_16k
-from edge_agent.engine.decoder import CompiledKeyword, Detection
+from edge_agent.engine.decoder import CompiledKeyword, DecoderSettings, Detection
 from edge_agent.engine.features import SAMPLE_RATE_HZ
-from edge_agent.engine.model import DecoderSettings, KwsModel
+from edge_agent.engine.model import KwsModel
 
 # Longest audio one request may hold. The byte limit alone does not bound it: a few MB of 8-bit
 # audio at 1 kHz is an hour, gigabytes once resampled to 16 kHz float32, and minutes of CPU.

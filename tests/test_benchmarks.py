@@ -145,7 +145,7 @@ def test_decision_delay_is_the_look_ahead_unless_the_decoder_waits_for_a_better_
     unless a later match could still be 2.5 times as confident; then up to engine.pause (0.35 s)
     later, once nothing more is said. On audio/dev that happens once in 25."""
     from benchmarks.engine import HELD_MS, decision_delays, summarise_delays
-    from edge_agent.engine.model import DEFAULT_PAUSE_SECONDS
+    from edge_agent.engine.decoder import DEFAULT_PAUSE_SECONDS
 
     found = decision_delays(numpy_model, positives)
     assert len(found) == len(positives) == 25
@@ -165,7 +165,7 @@ def test_a_shorter_hold_reports_weaker_earlier_matches_on_the_recordings(  # typ
     """Why engine.hold stays at 0.5 s (README, Speed): at 0.3 s some recordings of the wake word
     report an earlier, weaker match instead of the keyword, one of them twice."""
     from benchmarks.engine import hold_trade_off
-    from edge_agent.engine.model import DEFAULT_HOLD_SECONDS, DEFAULT_SETTLE_RATIO
+    from edge_agent.engine.decoder import DEFAULT_HOLD_SECONDS, DEFAULT_SETTLE_RATIO
 
     rows = {row["hold_seconds"]: row for row in hold_trade_off(numpy_model, positives)}
     assert rows[DEFAULT_HOLD_SECONDS]["recordings_changed"] == 0
@@ -189,7 +189,7 @@ def test_the_pause_cuts_the_wait_without_changing_a_detection_on_the_recordings(
     detection it gives when weak matches wait the whole hold, and the held one comes out
     sooner."""
     from benchmarks.engine import NO_PAUSE_SECONDS, pause_trade_off
-    from edge_agent.engine.model import DEFAULT_HOLD_SECONDS, DEFAULT_PAUSE_SECONDS
+    from edge_agent.engine.decoder import DEFAULT_HOLD_SECONDS, DEFAULT_PAUSE_SECONDS
 
     rows = {row["pause_seconds"]: row for row in pause_trade_off(numpy_model, positives)}
     whole_hold, default = rows[NO_PAUSE_SECONDS], rows[DEFAULT_PAUSE_SECONDS]
@@ -206,7 +206,7 @@ def test_the_settle_ratio_releases_weak_keywords_sooner_and_changes_no_detection
     the same detections as at 2, fewer of them waiting; at 4 a weaker match is reported instead
     of a keyword."""
     from benchmarks.engine import continuous_streams, settle_trade_off
-    from edge_agent.engine.model import DEFAULT_SETTLE_RATIO
+    from edge_agent.engine.decoder import DEFAULT_SETTLE_RATIO
 
     rows = {row["settle_ratio"]: row for row in settle_trade_off(numpy_model, continuous_streams())}
     cautious, default = rows[2.0], rows[DEFAULT_SETTLE_RATIO]
@@ -225,7 +225,7 @@ def test_continuous_streams_start_at_each_recording_and_wait_only_up_to_the_hold
     comes later than the look-ahead, one chunk and the hold."""
     from benchmarks.common import positives_back_to_back
     from benchmarks.engine import continuous_streams, decision_delays
-    from edge_agent.engine.model import DEFAULT_HOLD_SECONDS
+    from edge_agent.engine.decoder import DEFAULT_HOLD_SECONDS
 
     audio, starts = positives_back_to_back()
     assert len(starts) == 25 and audio.shape[0] / 16000 > starts[-1]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from edge_agent.config import parse_config
-from edge_agent.engine.model import DecoderSettings
+from edge_agent.engine.decoder import DecoderSettings
 from edge_agent.keywords import decoder_settings_from
 
 

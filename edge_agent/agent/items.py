@@ -19,8 +19,7 @@ from typing import Any
 
 from edge_agent.audio.pcm import PcmFormat
 from edge_agent.audio.sources import AudioChunk
-from edge_agent.engine.decoder import CompiledKeyword, Detection
-from edge_agent.engine.model import DecoderSettings
+from edge_agent.engine.decoder import CompiledKeyword, DecoderSettings, Detection
 
 # Streams fed by local hardware or files: continuous by nature, never closed for going quiet
 # and not counted against the network stream limits.

@@ -32,8 +32,8 @@ from edge_agent.agent.items import AudioItem
 from edge_agent.agent.live_config import LiveConfig
 from edge_agent.agent.worker import EngineWorker
 from edge_agent.config import AgentConfig
-from edge_agent.engine.decoder import CompiledKeyword
-from edge_agent.engine.model import DecoderSettings, KwsModel
+from edge_agent.engine.decoder import CompiledKeyword, DecoderSettings
+from edge_agent.engine.model import KwsModel
 from edge_agent.mqtt.messages import DetectionEvent, DeviceInfo, HealthReport, Topic
 from edge_agent.mqtt.transport import Handler, MqttTransport, TransportStats
 

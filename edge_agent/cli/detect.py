@@ -23,10 +23,10 @@ from edge_agent.cli.common import (
     load_settings,
     open_model,
 )
-from edge_agent.engine.decoder import CompiledKeyword, Detection
+from edge_agent.engine.decoder import CompiledKeyword, DecoderSettings, Detection
 from edge_agent.engine.features import SAMPLE_RATE_HZ
 from edge_agent.engine.lexicon import normalize_keyword
-from edge_agent.engine.model import DecoderSettings, KwsModel
+from edge_agent.engine.model import KwsModel
 from edge_agent.keywords import decoder_settings_from
 from edge_agent.recording import detect_recording, load_recording
 from edge_agent.system import tune_allocator

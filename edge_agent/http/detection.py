@@ -18,9 +18,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from edge_agent.audio.wav import WavError
-from edge_agent.engine.decoder import CompiledKeyword
+from edge_agent.engine.decoder import CompiledKeyword, DecoderSettings
 from edge_agent.engine.lexicon import LexiconError, normalize_keyword
-from edge_agent.engine.model import DEFAULT_THRESHOLD, DecoderSettings, KeywordSpec, KwsModel
+from edge_agent.engine.model import DEFAULT_THRESHOLD, KeywordSpec, KwsModel
 from edge_agent.http.backend import (
     BadRequest,
     DetectResult,

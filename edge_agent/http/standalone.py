@@ -20,9 +20,9 @@ from typing import Any
 
 from edge_agent import __version__
 from edge_agent.config import AgentConfig
-from edge_agent.engine.decoder import CompiledKeyword
+from edge_agent.engine.decoder import CompiledKeyword, DecoderSettings
 from edge_agent.engine.lexicon import LexiconError
-from edge_agent.engine.model import DecoderSettings, KwsModel, ModelError
+from edge_agent.engine.model import KwsModel, ModelError
 from edge_agent.http.backend import DetectResult, KeywordRequest, MetricFamily, NotReady
 from edge_agent.http.detection import DEFAULT_MAX_CONCURRENT, DetectionService
 from edge_agent.keywords import compile_config_keywords, decoder_settings_from

@@ -25,7 +25,8 @@ from edge_agent.agent.worker import EngineWorker, WorkQueue
 from edge_agent.audio.pcm import PcmFormat
 from edge_agent.audio.resample import resample
 from edge_agent.audio.wav import encode_wav, read_wav, to_mono_16k
-from edge_agent.engine.model import DecoderSettings, KeywordSpec
+from edge_agent.engine.decoder import DecoderSettings
+from edge_agent.engine.model import KeywordSpec
 from edge_agent.recording import detect_recording
 
 CHUNK = 1600  # 100 ms at 16 kHz
