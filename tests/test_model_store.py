@@ -91,6 +91,7 @@ def test_without_modelscope_installed_the_error_says_how_to_install(
         resolve_model_dir(ModelSource(cache_dir=str(tmp_path / "cache")), env={})
 
 
+@pytest.mark.slow
 def test_download_without_network_fails_with_one_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -7,6 +7,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -20,6 +22,7 @@ def run_quickstart(model_dir: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_quickstart_streams_the_example_and_shows_the_detection(model_dir: Path) -> None:
     result = run_quickstart(model_dir)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -29,6 +32,7 @@ def test_quickstart_streams_the_example_and_shows_the_detection(model_dir: Path)
     assert '"keyword": "小云小云"' in result.stdout
 
 
+@pytest.mark.slow
 def test_quickstart_stops_with_the_agents_log_when_the_agent_cannot_come_online(
     model_dir: Path, tmp_path: Path
 ) -> None:

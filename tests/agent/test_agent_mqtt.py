@@ -131,6 +131,7 @@ def test_recordings_streamed_fast_give_exactly_the_cli_detections(  # type: igno
     assert_same(detections_by_stream(client), cli_detections, [p.stem for p in files])
 
 
+@pytest.mark.slow
 def test_recordings_streamed_in_real_time_concurrently(  # type: ignore[no-untyped-def]
     broker, make_agent, client, tmp_path: Path, dev_audio: Path, cli_detections
 ) -> None:

@@ -45,6 +45,7 @@ def test_wake_word_recall_and_false_alarms_at_default_threshold(
     assert alarms == []
 
 
+@pytest.mark.slow
 def test_numpy_and_scipy_ffts_give_the_same_detections(numpy_model, recordings, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     require_module("scipy.fft")
     specs = [KeywordSpec(WAKE), KeywordSpec("如家酒店", 0.05)]
@@ -70,6 +71,7 @@ def test_numpy_and_scipy_ffts_give_the_same_detections(numpy_model, recordings, 
     "keyword, threshold",
     [("如家酒店", 0.05), ("瑞宝分理处", 0.002), ("八角岭", 0.002)],
 )
+@pytest.mark.slow
 def test_custom_keywords_found_exactly_where_the_transcript_has_them(  # type: ignore[no-untyped-def]
     keyword, threshold, numpy_model, recordings, transcripts
 ) -> None:
@@ -97,6 +99,7 @@ def test_several_keywords_at_once_keep_their_own_results(numpy_model, recordings
         assert found == expected, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [1, 160, 1600, 16000])
 def test_streaming_chunk_sizes_give_the_whole_file_detections(chunk, numpy_model, recordings) -> None:  # type: ignore[no-untyped-def]
     names = sorted(recordings)

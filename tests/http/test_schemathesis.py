@@ -11,10 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import require_module
 from tests.http.client import Client
 
 
+@pytest.mark.slow
 def test_schemathesis_finds_nothing(client: Client, tmp_path: Path) -> None:
     require_module("schemathesis")
     result = subprocess.run(
