@@ -96,7 +96,8 @@ def build_tls_context(config: MqttConfig) -> ssl.SSLContext | None:
     return context
 
 
-def _describe_failure(error: BaseException) -> str:
+def describe_failure(error: BaseException) -> str:
+    """Why a connection attempt failed, in words a user can act on."""
     if isinstance(error, ssl.SSLCertVerificationError):
         return f"TLS: the broker's certificate was not accepted ({error.verify_message})"
     if isinstance(error, ssl.SSLError):
@@ -104,6 +105,56 @@ def _describe_failure(error: BaseException) -> str:
     if isinstance(error, ConnectionRefusedError):
         return "connection refused (is the broker running on that host and port?)"
     return f"{type(error).__name__}: {error}"
+
+
+def publish_properties(
+    expiry_seconds: int | None = None,
+    response_topic: str | None = None,
+    correlation_data: bytes | None = None,
+    user_properties: Iterable[tuple[str, str]] = (),
+) -> Properties:
+    """The MQTT 5 properties of a PUBLISH."""
+    properties = Properties(PacketTypes.PUBLISH)
+    if expiry_seconds:
+        properties.MessageExpiryInterval = int(expiry_seconds)
+    if response_topic:
+        properties.ResponseTopic = response_topic
+    if correlation_data is not None:
+        properties.CorrelationData = correlation_data
+    user = list(user_properties)
+    if user:
+        properties.UserProperty = user
+    return properties
+
+
+class Wakeup:
+    """A socket pair that interrupts the network thread's ``select()`` from any thread.
+
+    Ours rather than paho's: paho makes one in ``loop()`` and ``loop_start()`` and closes it only
+    when the client object is finalised, which in a reference cycle may come after the sockets
+    themselves were finalised (a ResourceWarning).
+    """
+
+    def __init__(self) -> None:
+        self._receiving, self._sending = socket.socketpair()
+        self._receiving.setblocking(False)
+        self._sending.setblocking(False)
+
+    def fileno(self) -> int:
+        return self._receiving.fileno()
+
+    def wake(self) -> None:
+        # Full (already pending) or closed by close(): either way there is nothing left to do.
+        with contextlib.suppress(OSError):
+            self._sending.send(b"\0")
+
+    def clear(self) -> None:
+        with contextlib.suppress(OSError):
+            self._receiving.recv(4096)
+
+    def close(self) -> None:
+        self._receiving.close()
+        self._sending.close()
 
 
 class MqttTransport:
@@ -244,16 +295,7 @@ class MqttTransport:
             return None
         properties = None
         if self._mqtt5:
-            properties = Properties(PacketTypes.PUBLISH)
-            if expiry_seconds:
-                properties.MessageExpiryInterval = int(expiry_seconds)
-            if response_topic:
-                properties.ResponseTopic = response_topic
-            if correlation_data is not None:
-                properties.CorrelationData = correlation_data
-            user = list(user_properties)
-            if user:
-                properties.UserProperty = user
+            properties = publish_properties(expiry_seconds, response_topic, correlation_data, user_properties)
         try:
             if not topic:
                 # MQTT 5 lets paho send an empty topic (meant for topic aliases); brokers then drop us.
@@ -322,7 +364,7 @@ class MqttTransport:
                     _send_without_delay(getattr(self._client, "_sock", None))
                     reader = self._buffer_reads()
                 except (OSError, ssl.SSLError) as error:
-                    self._failed(_describe_failure(error))
+                    self._failed(describe_failure(error))
                     continue
             try:
                 rc = self._client.loop(timeout=0.2)
@@ -335,7 +377,7 @@ class MqttTransport:
                 if rc == paho.MQTT_ERR_SUCCESS and self.connected:
                     self._after_reading()
             except (OSError, ssl.SSLError) as error:
-                self._failed(_describe_failure(error))
+                self._failed(describe_failure(error))
                 socket_open = False
                 continue
             if rc != paho.MQTT_ERR_SUCCESS and not self._stop.is_set():
@@ -447,7 +489,7 @@ class MqttTransport:
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         self.stats.messages_in += 1
         self.stats.bytes_in += len(message.payload)
-        inbound = _inbound(message)
+        inbound = inbound_message(message)
         with self._lock:
             handlers = self._handler_cache.get(message.topic)
             if handlers is None:
@@ -473,6 +515,11 @@ def _delivered_filter(topic_filter: str) -> str:
     if topic_filter.startswith("$share/"):
         return topic_filter.split("/", 2)[2]
     return topic_filter
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """Whether ``topic`` is delivered to a subscription to ``topic_filter`` (shared ones too)."""
+    return bool(paho.topic_matches_sub(_delivered_filter(topic_filter), topic))
 
 
 def _is_tcp(sock: Any) -> bool:
@@ -568,7 +615,8 @@ def close_sockets(client: paho.Client) -> None:
         reset()
 
 
-def _inbound(message: paho.MQTTMessage) -> InboundMessage:
+def inbound_message(message: paho.MQTTMessage) -> InboundMessage:
+    """paho's message as ours (the MQTT 5 properties the agent uses taken out)."""
     properties = getattr(message, "properties", None)
     user: dict[str, str] = {}
     response_topic = correlation = None
