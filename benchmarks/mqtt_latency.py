@@ -46,9 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import paho.mqtt.client as paho
 import psutil
-from paho.mqtt.enums import CallbackAPIVersion
 
 from benchmarks.common import (
     BROKER_NODELAY,
@@ -62,6 +60,8 @@ from benchmarks.common import (
     write_result,
 )
 from edge_agent.engine.model import KeywordSpec, KwsModel
+from edge_agent.mqtt.client import MqttClient
+from edge_agent.mqtt.transport import InboundMessage
 from tests.broker import Broker
 
 CHUNK_MS = 100
@@ -97,28 +97,22 @@ class Collector:
         self.detections: list[tuple[float, dict[str, Any]]] = []
         self.health: dict[str, Any] = {}
         self.lock = threading.Lock()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
-        self.client.on_message = self._on_message
-        self.client.connect("127.0.0.1", port, 30)
-        self.client.subscribe(
-            [(f"{PREFIX}/detection", 1), (f"{PREFIX}/health", 0), (f"{PREFIX}/availability", 1)]
-        )
-        self.client.loop_start()
         self.online = threading.Event()
+        self.client = MqttClient("127.0.0.1", port, on_message=self._on_message).connect()
+        self.client.subscribe(f"{PREFIX}/detection", f"{PREFIX}/availability", qos=1)
+        self.client.subscribe(f"{PREFIX}/health", qos=0)
 
-    def _on_message(self, client: Any, userdata: Any, message: paho.MQTTMessage) -> None:
-        now = time.time()
+    def _on_message(self, message: InboundMessage) -> None:
         if message.topic.endswith("/detection"):
             with self.lock:
-                self.detections.append((now, json.loads(message.payload)))
+                self.detections.append((message.received_at, json.loads(message.payload)))
         elif message.topic.endswith("/health"):
             self.health = json.loads(message.payload)
         elif message.payload == b"online":
             self.online.set()
 
     def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        self.client.close()
 
 
 def send_audio(
@@ -130,9 +124,7 @@ def send_audio(
     arrive and the measured delay would include the benchmark's own contention. How late each
     round of chunks left (``lags``, ms) is reported, so a slow sender cannot pass for a slow agent.
     """
-    publisher = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
-    publisher.connect("127.0.0.1", port, 30)
-    publisher.loop_start()
+    publisher = MqttClient("127.0.0.1", port).connect()
     chunk = CHUNK_SAMPLES * 2  # bytes
     late = []
     for index in range(int(seconds * 1000 / CHUNK_MS)):
@@ -147,16 +139,12 @@ def send_audio(
                 payload = audio[begin : begin + chunk]
                 payload += audio[: chunk - len(payload)]  # wrapping round
                 payloads[offset] = payload
-            publisher.publish(f"{PREFIX}/audio/s{stream}", payload)
+            publisher.publish(f"{PREFIX}/audio/s{stream}", payload, qos=0)
         late.append((time.time() - due) * 1000)
-    infos = [
-        publisher.publish(f"{PREFIX}/audio/s{stream}/control", b'{"action": "end"}', qos=1)
-        for stream in range(len(offsets))
-    ]
-    for info in infos:
-        info.wait_for_publish(10)
-    publisher.disconnect()
-    publisher.loop_stop()
+    for stream in range(len(offsets)):
+        publisher.publish(f"{PREFIX}/audio/s{stream}/control", b'{"action": "end"}', qos=1, wait=False)
+    publisher.flush(10)
+    publisher.close()
     lags.put(late)
 
 

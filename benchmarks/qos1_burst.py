@@ -6,7 +6,7 @@ What a hundred streams firing on the same chunk ask of the MQTT link: ``--messag
 sized (500-byte) QoS 1 publishes at once, never more unacknowledged than the broker's Receive
 Maximum allows. Timed for the agent's own path (outbox, its publisher and :class:`MqttTransport`,
 which sets TCP_NODELAY and re-arms TCP_QUICKACK after every read), for the same path with
-delayed ACKs (``agent, delayed ACKs``: without TCP_QUICKACK, as before it was added), and for a
+delayed ACKs (``agent, delayed ACKs``: ``MqttTransport(quick_ack=False)``), and for a
 plain paho client with its defaults (Nagle's algorithm on, everything published at once), each
 against mosquitto with its default settings and with ``set_tcp_nodelay true``, on loopback with
 nothing else running: what the link itself costs and what each setting changes. Median and worst
@@ -28,7 +28,7 @@ from typing import Any
 from benchmarks.common import BROKER_NODELAY, machine, write_result
 from edge_agent.agent.app import detection_window
 from edge_agent.agent.outbox import Outbox, OutboxPublisher
-from edge_agent.mqtt.transport import MqttTransport, _ReadBuffer
+from edge_agent.mqtt.transport import MqttTransport
 from tests.broker import Broker, Client
 from tests.support import agent_config
 
@@ -74,16 +74,8 @@ def timed_bursts(send_burst: Callable[[], None], burst: Burst, messages: int, re
 def agent_outbox(port: int, workdir: Path, messages: int, repeat: int, quick_ack: bool = True) -> list[float]:
     """The agent's path for detections: stored in the outbox (one commit for the burst), handed
     over by its publisher within the broker's window, refilled on PUBACKs."""
-    _ReadBuffer.QUICK_ACK = quick_ack
-    try:
-        return _agent_outbox(port, workdir, messages, repeat)
-    finally:
-        _ReadBuffer.QUICK_ACK = True
-
-
-def _agent_outbox(port: int, workdir: Path, messages: int, repeat: int) -> list[float]:
     burst = Burst()
-    transport = MqttTransport(agent_config(port, workdir).mqtt, "qos1-burst")
+    transport = MqttTransport(agent_config(port, workdir).mqtt, "qos1-burst", quick_ack=quick_ack)
     outbox = Outbox(workdir / "qos1-burst.db")
     publisher = OutboxPublisher(
         outbox,

@@ -35,16 +35,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import paho.mqtt.client as paho
 import psutil
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from benchmarks.common import dev_audio, machine, model_dir, start_agent, write_result
 from edge_agent.audio.wav import read_wav, to_mono_16k
 from edge_agent.engine.model import KeywordSpec, KwsModel
-from edge_agent.mqtt.transport import close_sockets
+from edge_agent.mqtt.client import MqttClient
+from edge_agent.mqtt.transport import InboundMessage
 from tests.broker import Broker
 
 DEVICE = "soak"
@@ -80,18 +77,17 @@ class Watcher:
         self.events: list[dict[str, Any]] = []
         self.answers: list[dict[str, Any]] = []
         self.lock = threading.Lock()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="soak-watcher", protocol=paho.MQTTv5)
-        self.client.reconnect_delay_set(0.2, 1.0)
-        self.client.on_message = self._on_message
-        self.client.on_connect = lambda c, u, f, r, p: c.subscribe(
-            [(f"{TOPIC}/detection", 1), (f"{TOPIC}/cmd_result", 1)]
-        )
-        properties = Properties(PacketTypes.CONNECT)
-        properties.SessionExpiryInterval = 3600
-        self.client.connect("127.0.0.1", port, 30, clean_start=False, properties=properties)
-        self.client.loop_start()
+        self.client = MqttClient(
+            "127.0.0.1",
+            port,
+            client_id="soak-watcher",
+            session_expiry=3600,
+            reconnect_delay=(0.2, 1.0),
+            on_message=self._on_message,
+        ).connect()
+        self.client.subscribe(f"{TOPIC}/detection", f"{TOPIC}/cmd_result")  # again after reconnects
 
-    def _on_message(self, client: Any, userdata: Any, message: paho.MQTTMessage) -> None:
+    def _on_message(self, message: InboundMessage) -> None:
         with self.lock:
             target = self.events if message.topic.endswith("/detection") else self.answers
             target.append(json.loads(message.payload))
@@ -101,42 +97,34 @@ class Watcher:
             return any(answer.get("id") == command_id for answer in self.answers)
 
     def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-        close_sockets(self.client)
+        self.client.close()
 
 
 class Device:
     """The sending device: QoS 1 audio, and the patience of a device with a buffer."""
 
     def __init__(self, port: int) -> None:
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="soak-device", protocol=paho.MQTTv5)
-        self.client.reconnect_delay_set(0.2, 1.0)
-        self.connected = threading.Event()
-        self.client.on_connect = lambda c, u, f, r, p: self.connected.set()
-        self.client.on_disconnect = lambda c, u, f, r, p: self.connected.clear()
-        self.client.connect("127.0.0.1", port, 30)
-        self.client.loop_start()
-        self.last: paho.MQTTMessageInfo | None = None
+        self.client = MqttClient(
+            "127.0.0.1", port, client_id="soak-device", reconnect_delay=(0.2, 1.0)
+        ).connect()
 
     def send(self, chunk: bytes) -> None:
-        if not self.connected.wait(30):
+        if not self.client.wait_connected(30):
             raise SystemExit("the device could not reconnect to the broker")
-        self.last = self.client.publish(f"{TOPIC}/audio/soak", chunk, qos=1)
+        self.client.publish(f"{TOPIC}/audio/soak", chunk, qos=1, wait=False)
 
     def flush(self) -> None:
         """Wait until the broker has acknowledged everything sent so far."""
-        if self.last is not None:
-            self.last.wait_for_publish(30)
+        self.client.flush(30)
 
     def wait_for_agent(self, watcher: Watcher) -> None:
         """Ping the agent until it answers: it is connected and subscribed again."""
         deadline = time.monotonic() + 60
         for attempt in itertools.count():
-            if not self.connected.wait(30):
+            if not self.client.wait_connected(30):
                 raise SystemExit("the device could not reconnect to the broker")
             command_id = f"soak-{time.monotonic_ns()}-{attempt}"
-            self.client.publish(f"{TOPIC}/cmd/ping", json.dumps({"id": command_id}), qos=1)
+            self.client.publish(f"{TOPIC}/cmd/ping", json.dumps({"id": command_id}), qos=1, wait=False)
             answer_by = time.monotonic() + 1.0
             while time.monotonic() < answer_by:
                 if watcher.answered(command_id):
@@ -146,9 +134,7 @@ class Device:
                 raise SystemExit("the agent did not come back within 60 s of a broker restart")
 
     def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-        close_sockets(self.client)
+        self.client.close()
 
 
 def restart_points(
@@ -206,8 +192,7 @@ def main() -> None:
                     device.wait_for_agent(watcher)
                     # Go on at the same pace from here, without a burst to catch up.
                     started = time.monotonic() - (index + 1) * CHUNK_MS / 1000 / args.speed
-            end = device.client.publish(f"{TOPIC}/audio/soak/control", b'{"action": "end"}', qos=1)
-            end.wait_for_publish(10)
+            device.client.publish(f"{TOPIC}/audio/soak/control", b'{"action": "end"}', qos=1)
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and len(watcher.events) < len(expected):
                 time.sleep(0.5)

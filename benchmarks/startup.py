@@ -12,40 +12,31 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
-
 from benchmarks.common import machine, start_agent, write_result
-from edge_agent.mqtt.transport import close_sockets
+from edge_agent.mqtt.client import MqttClient
 from tests.broker import Broker
 
 
 def time_to_online(port: int, backend: str, workdir: Path, index: int) -> float:
     device = f"startup{index}"
-    online = threading.Event()
-    watcher = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
-    watcher.on_message = lambda c, u, m: online.set() if m.payload == b"online" else None
-    watcher.connect("127.0.0.1", port, 30)
-    watcher.subscribe(f"edge_agent/{device}/availability", qos=1)
-    watcher.loop_start()
-    time.sleep(0.2)
-    started = time.perf_counter()
-    agent = start_agent(port, device, workdir / f"{device}.db", "--backend", backend)
-    try:
-        if not online.wait(120):
+    topic = f"edge_agent/{device}/availability"
+    with MqttClient("127.0.0.1", port).connect() as watcher:
+        watcher.subscribe(topic)
+        started = time.time()
+        agent = start_agent(port, device, workdir / f"{device}.db", "--backend", backend)
+        try:
+            deadline = time.monotonic() + 120
+            while (message := watcher.receive(deadline - time.monotonic(), topic)) is not None:
+                if message.payload == b"online":
+                    return message.received_at - started
             raise SystemExit("the agent did not come online")
-        return time.perf_counter() - started
-    finally:
-        agent.terminate()
-        agent.wait(30)
-        watcher.disconnect()
-        watcher.loop_stop()
-        close_sockets(watcher)
+        finally:
+            agent.terminate()
+            agent.wait(30)
 
 
 def main() -> None:

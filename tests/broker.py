@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -18,8 +20,6 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-
-from edge_agent.mqtt.transport import close_sockets
 
 
 def free_port() -> int:
@@ -107,7 +107,14 @@ class Received:
 
 
 class Client:
-    """A paho test client that records everything it receives."""
+    """A paho test client that records everything it receives.
+
+    Independent of edge_agent's own MQTT code. Its thread drives paho through the calls for an
+    application's own event loop, with a wake-up socket pair that close() closes: the pair
+    paho's loop_start() makes is closed only when the client object is finalised, which in a
+    reference cycle may come after the sockets' own finaliser (a ResourceWarning). paho leaves
+    every write to that thread (on_socket_register_write), as it does under loop_start().
+    """
 
     def __init__(
         self,
@@ -125,13 +132,20 @@ class Client:
         self.protocol = protocol
         self.clean = clean
         self.session_expiry = session_expiry
-        self.client.reconnect_delay_set(0.2, 1.0)
         self.port = port
         self.messages: list[Received] = []
         self._lock = threading.Condition()
         self._connected = threading.Event()
+        self._subacks: dict[int, list[Any]] = {}
         self.client.on_message = self._on_message
         self.client.on_connect = lambda *a: self._connected.set()
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_socket_register_write = lambda *a: self._wake()
+        self._waking, self._woken = socket.socketpair()
+        self._waking.setblocking(False)
+        self._woken.setblocking(False)
+        self._closing = threading.Event()
+        self._thread: threading.Thread | None = None
         if tls:
             self.client.tls_set(**tls)
 
@@ -145,19 +159,69 @@ class Client:
             self.client.connect("127.0.0.1", self.port, 30, clean_start=self.clean, properties=properties)
         else:
             self.client.connect("127.0.0.1", self.port, 30)
-        self.client.loop_start()
+        self._thread = threading.Thread(target=self._loop, name="test-mqtt-client", daemon=True)
+        self._thread.start()
         assert self._connected.wait(10), "test client could not connect"
         return self
 
     def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-        close_sockets(self.client)
+        """Disconnect cleanly (the DISCONNECT written, paho closes its socket) and close ours."""
+        if self._thread is not None:
+            self._closing.set()
+            self._wake()
+            self._thread.join(10)
+            self._thread = None
+        sock = self.client.socket()
+        if sock is not None:  # the DISCONNECT could not be written (the broker is gone)
+            sock.close()
+        self._waking.close()
+        self._woken.close()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # already pending, or closed
+            self._waking.send(b"\0")
+
+    def _loop(self) -> None:
+        delay, disconnecting, deadline = 0.2, False, 0.0
+        while True:
+            sock = self.client.socket()
+            if self._closing.is_set():
+                if sock is None:
+                    return
+                if not disconnecting:
+                    disconnecting, deadline = True, time.monotonic() + 5
+                    self.client.disconnect()
+                elif time.monotonic() > deadline:
+                    return
+            elif sock is None:  # the connection was lost: reconnect, as loop_start() would
+                if self._closing.wait(delay):
+                    continue
+                delay = min(delay * 2, 1.0)
+                with contextlib.suppress(OSError):
+                    self.client.reconnect()
+                continue
+            pending = sock.pending() if hasattr(sock, "pending") else 0
+            writing = [sock] if self.client.want_write() else []
+            readable, _, _ = select.select([sock, self._woken], writing, [], 0 if pending else 0.2)
+            if self._woken in readable:
+                with contextlib.suppress(BlockingIOError):
+                    self._woken.recv(4096)
+            if pending or sock in readable:
+                self.client.loop_read()
+            if self.client.want_write():
+                self.client.loop_write()
+            self.client.loop_misc()
+            if self._connected.is_set():
+                delay = 0.2
 
     def subscribe(self, topic: str, qos: int = 1) -> Client:
-        result, _ = self.client.subscribe(topic, qos)
-        assert result == paho.MQTT_ERR_SUCCESS
-        time.sleep(0.1)  # SUBACK round trip on loopback
+        """Subscribe and wait for the broker's SUBACK (retained messages follow it)."""
+        result, mid = self.client.subscribe(topic, qos)
+        assert result == paho.MQTT_ERR_SUCCESS and mid is not None
+        with self._lock:
+            assert self._lock.wait_for(lambda: mid in self._subacks, 10), f"no SUBACK for {topic}"
+            codes = self._subacks.pop(mid)
+        assert not any(code.is_failure for code in codes), f"subscription to {topic} refused: {codes}"
         return self
 
     def publish(
@@ -171,6 +235,11 @@ class Client:
         info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if qos:
             info.wait_for_publish(10)
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, codes: Any, properties: Any) -> None:
+        with self._lock:
+            self._subacks[mid] = list(codes)
+            self._lock.notify_all()
 
     def _on_message(self, client: Any, userdata: Any, message: paho.MQTTMessage) -> None:
         with self._lock:

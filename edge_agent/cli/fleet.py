@@ -20,19 +20,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import queue
 import ssl
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
-
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from edge_agent.cli.common import fail
 from edge_agent.config import COMMAND_NAMES
@@ -47,8 +40,9 @@ from edge_agent.fleet.monitor import (
     iso_time,
     lenient_parse,
 )
+from edge_agent.mqtt.client import MqttClient, MqttClientError
 from edge_agent.mqtt.messages import CommandResult, PayloadError, parse_json_object
-from edge_agent.mqtt.transport import close_sockets
+from edge_agent.mqtt.transport import InboundMessage
 
 EXIT_OK, EXIT_FAILED = 0, 1  # usage and connection errors: common.EXIT_USAGE (2), through fail()
 CONNECT_TIMEOUT_S = 10.0
@@ -202,107 +196,43 @@ def describe_answer(device: str, answer: CommandResult) -> str:
 # --- the connection ------------------------------------------------------------------------------
 
 
-class _Session:
-    """One paho client: connect or fail with exit code 2, subscribe, hand messages on, close."""
-
-    def __init__(self, args: argparse.Namespace, on_message: Callable[[paho.MQTTMessage], None]) -> None:
-        tls = bool(args.tls or args.tls_ca)
+def _connect(args: argparse.Namespace, filters: list[str]) -> MqttClient:
+    """Connect and subscribe, or fail with exit code 2 and the reason."""
+    tls = bool(args.tls or args.tls_ca)
+    try:
+        host, port = parse_broker(args.broker, tls)
+    except ValueError as error:
+        fail(str(error))
+    password = None
+    if args.username:
+        password = _read_password(args.password_file)
+    elif args.password_file:
+        fail("--password-file needs --username")
+    context = None
+    if tls:
         try:
-            self.host, self.port = parse_broker(args.broker, tls)
-        except ValueError as error:
-            fail(str(error))
-        self.mqtt5 = args.protocol == "5"
-        self._filters: list[str] = []
-        self._on_message = on_message
-        self._connected = threading.Event()
-        self._subscribed = threading.Event()
-        self.refusal: str | None = None
-        self.publish_refusals: dict[int, str] = {}
-        kwargs: dict[str, Any] = {"client_id": f"edge-agent-fleet-{uuid.uuid4().hex[:10]}"}
-        kwargs["protocol"] = paho.MQTTv5 if self.mqtt5 else paho.MQTTv311
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, **kwargs)
-        self.client.reconnect_delay_set(1, 10)
-        if args.username:
-            self.client.username_pw_set(args.username, _read_password(args.password_file))
-        elif args.password_file:
-            fail("--password-file needs --username")
-        if tls:
-            try:
-                context = ssl.create_default_context(cafile=args.tls_ca)
-            except (OSError, ssl.SSLError) as error:
-                fail(f"--tls-ca {args.tls_ca}: not a readable PEM CA certificate ({error})")
-            self.client.tls_set_context(context)
-        self.client.on_connect = self._connect_done
-        self.client.on_subscribe = self._subscribe_done
-        self.client.on_message = lambda client, userdata, message: self._on_message(message)
-        self.client.on_publish = self._publish_done
-
-    @property
-    def broker(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    @property
-    def connected(self) -> bool:
-        return bool(self.client.is_connected())
-
-    def open(self, filters: list[str]) -> None:
-        self._filters = filters
-        try:
-            self.client.connect(self.host, self.port, 30)
-        except ssl.SSLCertVerificationError as error:
-            fail(f"cannot connect to the broker {self.broker}: TLS certificate not accepted ({error})")
-        except ConnectionRefusedError:
-            fail(f"cannot connect to the broker {self.broker}: connection refused (is it running there?)")
+            context = ssl.create_default_context(cafile=args.tls_ca)
         except (OSError, ssl.SSLError) as error:
-            fail(f"cannot connect to the broker {self.broker}: {error.strerror or error}")
-        self.client.loop_start()
-        if not self._connected.wait(CONNECT_TIMEOUT_S):
-            self.close()
-            fail(f"no answer (CONNACK) from the broker {self.broker}")
-        if self.refusal is not None:
-            self.close()
-            fail(f"the broker {self.broker} refused the connection: {self.refusal}")
-        if not self._subscribed.wait(CONNECT_TIMEOUT_S):
-            self.close()
-            fail(f"the broker {self.broker} did not confirm the subscriptions")
-
-    def publish(
-        self, topic: str, payload: bytes, response_topic: str | None, correlation: bytes | None
-    ) -> int:
-        properties = None
-        if self.mqtt5:
-            properties = Properties(PacketTypes.PUBLISH)
-            if response_topic:
-                properties.ResponseTopic = response_topic
-            if correlation is not None:
-                properties.CorrelationData = correlation
-        info = self.client.publish(topic, payload, qos=1, properties=properties)
-        if info.rc != paho.MQTT_ERR_SUCCESS:
-            fail(f"cannot publish to {topic}: {paho.error_string(info.rc)}")
-        return int(info.mid)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-        close_sockets(self.client)
-
-    # network thread
-    def _connect_done(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        if getattr(reason, "is_failure", False):
-            self.refusal = str(reason)
-        elif self._filters:
-            client.subscribe([(topic_filter, 1) for topic_filter in self._filters])  # again after reconnects
-        self._connected.set()
-
-    def _subscribe_done(self, client: paho.Client, userdata: Any, mid: int, codes: Any, props: Any) -> None:
-        refused = [str(code) for code in codes if getattr(code, "is_failure", False)]
-        if refused:
-            print(f"warning: the broker refused a subscription: {', '.join(refused)}", file=sys.stderr)
-        self._subscribed.set()
-
-    def _publish_done(self, client: paho.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
-        if getattr(reason, "is_failure", False):
-            self.publish_refusals[mid] = str(reason)
+            fail(f"--tls-ca {args.tls_ca}: not a readable PEM CA certificate ({error})")
+    client = MqttClient(
+        host,
+        port,
+        client_id=f"edge-agent-fleet-{uuid.uuid4().hex[:10]}",
+        mqtt5=args.protocol == "5",
+        username=args.username,
+        password=password,
+        tls=context,
+    )
+    try:
+        client.connect(CONNECT_TIMEOUT_S)
+        refused = client.subscribe(*filters, timeout=CONNECT_TIMEOUT_S)
+    except MqttClientError as error:
+        client.close()
+        fail(str(error))
+    if refused:
+        described = ", ".join(f"{topic_filter} ({reason})" for topic_filter, reason in refused.items())
+        print(f"warning: the broker refused a subscription: {described}", file=sys.stderr)
+    return client
 
 
 def _read_password(path: str | None) -> str | None:
@@ -326,20 +256,12 @@ def _check_wait(args: argparse.Namespace) -> None:
 def run_monitor(args: argparse.Namespace) -> int:
     _check_wait(args)
     view = FleetView(args.prefix)
-    lock = threading.Lock()
-
-    def on_message(message: paho.MQTTMessage) -> None:
-        with lock:
-            view.handle(message.topic, bytes(message.payload), bool(message.retain))
-
-    session = _Session(args, on_message)
-    session.open(view.filters())
+    client = _connect(args, view.filters())
     try:
-        time.sleep(args.wait)
+        _collect(client, view, args.wait)
         clear = args.watch and not args.json and sys.stdout.isatty()
         while True:
-            with lock:
-                text = _render(view, session, args.json)
+            text = _render(view, client, args.json)
             print(("\x1b[H\x1b[2J" if clear else "") + text, flush=True)
             if not args.watch:
                 if not view.devices():
@@ -347,16 +269,22 @@ def run_monitor(args: argparse.Namespace) -> int:
                 return EXIT_OK
             if not args.json and not clear:
                 print(flush=True)  # a blank line between tables written to a file or a pipe
-            time.sleep(REFRESH_S)
+            _collect(client, view, REFRESH_S)
     except KeyboardInterrupt:
         if args.watch:
             return EXIT_OK
         raise
     finally:
-        session.close()
+        client.close()
 
 
-def _render(view: FleetView, session: _Session, as_json: bool) -> str:
+def _collect(client: MqttClient, view: FleetView, seconds: float) -> None:
+    """Fold into the view what arrives within ``seconds``."""
+    for message in client.messages(seconds):
+        view.handle(message.topic, message.payload, message.retain)
+
+
+def _render(view: FleetView, client: MqttClient, as_json: bool) -> str:
     now = view.clock()
     rows = view.rows()
     summary = view.summary()
@@ -364,15 +292,15 @@ def _render(view: FleetView, session: _Session, as_json: bool) -> str:
         document = {
             "schema": 1,
             "time": iso_time(now),
-            "broker": session.broker,
+            "broker": client.address,
             "prefix": view.prefix,
-            "connected": session.connected,
+            "connected": client.connected,
             "summary": summary,
             "devices": [row.to_dict() for row in rows],
         }
         return json.dumps(document, ensure_ascii=False, separators=(",", ":"))
-    state = "" if session.connected else " (disconnected, reconnecting)"
-    lines = [f"{view.prefix} on {session.broker}{state} at {iso_time(now)}: {format_summary(summary)}"]
+    state = "" if client.connected else " (disconnected, reconnecting)"
+    lines = [f"{view.prefix} on {client.address}{state} at {iso_time(now)}: {format_summary(summary)}"]
     lines.append(format_table(rows))
     for row in rows:
         notes = ([f"OVERDUE: {row.overdue_reason}"] if row.overdue_reason else []) + row.problems
@@ -402,72 +330,68 @@ def run_command(args: argparse.Namespace) -> int:
     request_id = f"fleet-{uuid.uuid4().hex[:12]}"
     correlation = request_id.encode()
     view = FleetView(args.prefix)
-    lock = threading.Lock()
-    answers: queue.Queue[tuple[str, paho.MQTTMessage]] = queue.Queue()
-
-    def on_message(message: paho.MQTTMessage) -> None:
-        parts = CommandResult.TOPIC.match(message.topic, args.prefix)
-        if parts is not None:
-            answers.put((parts["device"], message))
-            return
-        with lock:
-            view.handle(message.topic, bytes(message.payload), bool(message.retain))
-
-    session = _Session(args, on_message)
-    session.open([*view.filters(), CommandResult.TOPIC.filter(prefix=args.prefix)])
+    client = _connect(args, [*view.filters(), CommandResult.TOPIC.filter(prefix=args.prefix)])
     command = CommandRound(target, args.name)
     try:
         payload = json.dumps({**arguments, "id": request_id}, ensure_ascii=False).encode("utf-8")
-        mid = session.publish(topic, payload, response_topic, correlation)
+        try:
+            client.publish(
+                topic,
+                payload,
+                response_topic=response_topic,
+                correlation_data=correlation,
+                timeout=args.timeout,
+            )
+        except MqttClientError as error:
+            fail(str(error))
         print(f"sent {args.name} to {topic}; waiting up to {args.timeout:g} s", file=sys.stderr)
         started = time.monotonic()
+        settle_at = started + min(args.wait, args.timeout)  # the retained state is in by then
+        give_up_at = started + args.timeout
         warned = False
         while True:
-            elapsed = time.monotonic() - started
-            if mid in session.publish_refusals:
-                fail(f"the broker refused the command on {topic}: {session.publish_refusals[mid]}")
-            try:
-                device, message = answers.get(timeout=max(0.0, min(0.1, args.timeout - elapsed)))
-            except queue.Empty:
-                pass
-            else:
-                _take_answer(command, device, message, request_id, correlation, args.json)
-            settled = elapsed >= min(args.wait, args.timeout)  # the retained state is in
-            with lock:
-                expected = view.expected(target)
-                if settled and not warned:
-                    warned = True
-                    _warn_about_target(view, target)
+            now = time.monotonic()
+            message = client.receive(max(0.0, (give_up_at if warned else settle_at) - now))
+            if message is not None:
+                parts = CommandResult.TOPIC.match(message.topic, args.prefix)
+                if parts is not None:
+                    _take_answer(command, parts["device"], message, request_id, correlation, args.json)
+                else:
+                    view.handle(message.topic, message.payload, message.retain)
+            now = time.monotonic()
+            settled = now >= settle_at
+            expected = view.expected(target)
+            if settled and not warned:
+                warned = True
+                _warn_about_target(view, target)
             if command.complete(expected) and (settled or target.kind == "device"):
                 break
-            if elapsed >= args.timeout:
+            if now >= give_up_at:
                 break
     finally:
-        session.close()
-    with lock:
-        _summarize(view, target, command, expected, args.timeout)
+        client.close()
+    _summarize(view, target, command, expected, args.timeout)
     return command.exit_code(expected)
 
 
 def _take_answer(
     command: CommandRound,
     device: str,
-    message: paho.MQTTMessage,
+    message: InboundMessage,
     request_id: str,
     correlation: bytes,
     as_json: bool,
 ) -> None:
-    properties = getattr(message, "properties", None)
     if message.retain:
         return  # an old answer somebody retained, not ours
     try:
-        data = parse_json_object(bytes(message.payload), "CommandResult")
-        answer = lenient_parse(CommandResult, bytes(message.payload))
+        data = parse_json_object(message.payload, "CommandResult")
+        answer = lenient_parse(CommandResult, message.payload)
     except PayloadError as error:
-        if f'"{request_id}"' in bytes(message.payload).decode("utf-8", errors="replace"):
+        if f'"{request_id}"' in message.payload.decode("utf-8", errors="replace"):
             print(f"warning: unreadable answer from {device}: {error}", file=sys.stderr)
         return
-    ours = getattr(properties, "CorrelationData", None) == correlation or data.get("id") == request_id
+    ours = message.correlation_data == correlation or data.get("id") == request_id
     if not ours or not command.add(dataclasses.replace(answer, device=device)):
         return
     if as_json:

@@ -10,17 +10,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import threading
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edge_agent.audio.wav import WavError, read_wav, to_mono_16k
 from edge_agent.cli.common import fail
 from edge_agent.mqtt.messages import AudioControl, AudioTopic, Availability, DetectionEvent
-from edge_agent.mqtt.transport import close_sockets
+
+if TYPE_CHECKING:
+    from edge_agent.mqtt.client import MqttClient
+
+# How long a retained availability may take to follow the SUBACK (it is absent if the agent
+# never connected).
+_RETAINED_WAIT_SECONDS = 0.3
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -46,8 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def run_stream(args: argparse.Namespace) -> int:
-    import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion
+    # Imported here: the other commands should not pay for paho.
+    from edge_agent.mqtt.client import MqttClient, MqttClientError
 
     host, _, port_text = args.broker.partition(":")
     port = int(port_text) if port_text else 1883
@@ -62,48 +67,19 @@ def run_stream(args: argparse.Namespace) -> int:
 
     # With a pool, any of its agents may serve the stream: listen to every device's detections.
     topic_parts = {"prefix": args.prefix, "device": args.device or "+"}
-    connected = threading.Event()
     seen: list[dict[str, Any]] = []
-    availability: list[bytes] = []
-    claim: list[dict[str, Any]] = []
-    reply_topic = f"{args.prefix}/stream-cli/{uuid.uuid4().hex}/reply"
-
-    def on_connect(client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        client.subscribe(DetectionEvent.TOPIC.filter(**topic_parts), qos=1)
+    client = MqttClient(host, port)
+    try:
+        client.connect(timeout=10)
+        client.subscribe(DetectionEvent.TOPIC.filter(**topic_parts))
         if args.device:
-            client.subscribe(Availability.TOPIC.format(**topic_parts), qos=1)
-        else:
-            client.subscribe(reply_topic, qos=1)
-        connected.set()
-
-    def on_message(client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
-        if message.topic.endswith("/availability"):
-            availability.append(bytes(message.payload))
-            return
-        if message.topic == reply_topic:
-            claim.append(json.loads(message.payload))
-            return
-        event = json.loads(message.payload)
-        if event.get("stream") == args.stream:
-            seen.append(event)
-            print(json.dumps(event, ensure_ascii=False), flush=True)
-
-    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
-    client.on_connect = on_connect
-    client.on_message = on_message
-    try:
-        client.connect(host, port, 30)
-    except OSError as error:
-        fail(f"cannot connect to the broker {host}:{port}: {error}")
-    client.loop_start()
-    try:
-        if not connected.wait(10):
-            fail(f"no CONNACK from {host}:{port}")
-        time.sleep(0.3)  # retained availability arrives
-        if availability and availability[-1] != Availability.ONLINE:
-            print(f"warning: agent {args.device} says {availability[-1].decode()}", file=sys.stderr)
+            availability_topic = Availability.TOPIC.format(**topic_parts)
+            client.subscribe(availability_topic)
+            status = client.receive(_RETAINED_WAIT_SECONDS, topic_filter=availability_topic)
+            if status is not None and status.payload != Availability.ONLINE:
+                print(f"warning: agent {args.device} says {status.payload.decode()}", file=sys.stderr)
         if args.pool:
-            audio_topic, control_topic = _claim_in_pool(client, args, reply_topic, claim)
+            audio_topic, control_topic = _claim_in_pool(client, args)
         else:
             audio_topic = AudioTopic.TOPIC.format(stream=args.stream, **topic_parts)
             control_topic = AudioControl.TOPIC.format(stream=args.stream, **topic_parts)
@@ -111,46 +87,49 @@ def run_stream(args: argparse.Namespace) -> int:
         chunk_bytes = 16000 * 2 * args.chunk_ms // 1000
         started = time.monotonic()
         for index, offset in enumerate(range(0, len(audio), chunk_bytes)):
-            if not args.fast:
-                delay = started + index * args.chunk_ms / 1000 - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
+            if not args.fast:  # in real time: detections are printed while waiting for the next chunk
+                _print_detections(client, args.stream, seen, until=started + index * args.chunk_ms / 1000)
             client.publish(audio_topic, audio[offset : offset + chunk_bytes], qos=0)
-        client.publish(control_topic, AudioControl(action="end").to_payload(), qos=1).wait_for_publish(10)
+        client.publish(control_topic, AudioControl(action="end").to_payload(), qos=1)
         print(
             f"sent {len(audio) / 32000:.2f} s of audio to {audio_topic}; "
             f"waiting {args.wait:g} s for detections",
             file=sys.stderr,
         )
-        time.sleep(args.wait)
+        _print_detections(client, args.stream, seen, until=time.monotonic() + args.wait)
+    except MqttClientError as error:
+        fail(str(error))
     finally:
-        client.disconnect()
-        client.loop_stop()
-        close_sockets(client)
+        client.close()
     print(f"{len(seen)} detection(s) on stream {args.stream}", file=sys.stderr)
     return 0
 
 
-def _claim_in_pool(
-    client: Any, args: argparse.Namespace, reply_topic: str, claim: list[dict[str, Any]]
-) -> tuple[str, str]:
-    """Ask the pool for a worker; stream only once one has subscribed (it answers then)."""
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
+def _print_detections(client: MqttClient, stream: str, seen: list[dict[str, Any]], until: float) -> None:
+    """Print the detections on ``stream`` that arrive until ``until`` (time.monotonic())."""
+    for message in client.messages(max(0.0, until - time.monotonic())):
+        if message.topic.endswith("/availability"):
+            continue
+        event = json.loads(message.payload)
+        if event.get("stream") == stream:
+            seen.append(event)
+            print(json.dumps(event, ensure_ascii=False), flush=True)
 
+
+def _claim_in_pool(client: MqttClient, args: argparse.Namespace) -> tuple[str, str]:
+    """Ask the pool for a worker; stream only once one has subscribed (it answers then)."""
     from edge_agent.fleet.pool import PoolTopics
+    from edge_agent.mqtt.client import MqttClientError
 
     parts = {"prefix": args.prefix, "pool": args.pool, "stream": args.stream}
-    properties = Properties(PacketTypes.PUBLISH)
-    properties.ResponseTopic = reply_topic
-    properties.CorrelationData = args.stream.encode()
+    reply_topic = f"{args.prefix}/stream-cli/{uuid.uuid4().hex}/reply"
     start = AudioControl(action="start").to_payload()
-    client.publish(PoolTopics.START.format(**parts), start, qos=1, properties=properties)
-    deadline = time.monotonic() + 10
-    while not claim and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if not claim or not claim[-1].get("ok"):
-        reason = claim[-1].get("error") if claim else "no worker of the pool answered within 10 s"
-        fail(f"pool {args.pool}: {reason}")
-    print(f"pool {args.pool}: stream {args.stream} served by {claim[-1]['worker']}", file=sys.stderr)
+    try:
+        reply = client.request(PoolTopics.START.format(**parts), start, reply_topic, timeout=10)
+    except MqttClientError as error:
+        fail(f"pool {args.pool}: no worker of the pool answered ({error})")
+    claim = json.loads(reply.payload)
+    if not claim.get("ok"):
+        fail(f"pool {args.pool}: {claim.get('error')}")
+    print(f"pool {args.pool}: stream {args.stream} served by {claim['worker']}", file=sys.stderr)
     return PoolTopics.AUDIO.format(**parts), PoolTopics.CONTROL.format(**parts)

@@ -1,21 +1,28 @@
-"""The agent's only paho-mqtt client: connection, reconnects, subscriptions, publishing.
+"""The agent's paho-mqtt client: connection, reconnects, subscriptions, publishing.
 
-One network thread runs paho's ``loop()`` and owns (re)connection: exponential back-off with
-jitter between ``reconnect_min_delay`` and ``reconnect_max_delay``, forever. After every
-CONNACK the remembered subscriptions are restored and the ``on_connected`` hooks run (they
-re-publish retained state: availability, info, discovery), as Home Assistant and Zigbee2MQTT
-users expect, and only then: a device must never claim ``online`` before the broker knows it.
+One network thread drives paho through its calls for an application's own event loop
+(``socket()``, ``want_write()``, ``loop_read()``, ``loop_write()``, ``loop_misc()``) and owns
+(re)connection: exponential back-off with jitter between ``reconnect_min_delay`` and
+``reconnect_max_delay``, forever. After every CONNACK the remembered subscriptions are restored
+and the ``on_connected`` hooks run (they re-publish retained state: availability, info,
+discovery), as Home Assistant and Zigbee2MQTT users expect, and only then: a device must never
+claim ``online`` before the broker knows it.
 
 Inbound messages are handed to their handlers on the network thread; handlers must only
 enqueue (never infer, never wait for a publish: paho #527). A handler that raises is logged and
 counted; it never stops the network thread.
+
+Only :class:`_ReadBuffer` (see :func:`_install_read_buffer`) touches paho's internals, and only
+on paho versions it was checked against; anywhere else the transport runs on plain paho.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import random
+import select
 import socket
 import ssl
 import threading
@@ -25,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt as paho_package
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -37,6 +45,11 @@ log = logging.getLogger(__name__)
 
 # paho's default window of unacknowledged QoS 1/2 publishes; also what mosquitto allows.
 _PAHO_INFLIGHT_DEFAULT = 20
+# Longest wait for the broker's socket: keepalive pings and a stop request are looked at this often.
+_IDLE_WAIT_SECONDS = 0.2
+# Packets taken from the read buffer per wake-up, so that keepalives and our own writes keep
+# going while a long burst is read.
+_READ_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -96,7 +109,8 @@ def build_tls_context(config: MqttConfig) -> ssl.SSLContext | None:
     return context
 
 
-def _describe_failure(error: BaseException) -> str:
+def describe_failure(error: BaseException) -> str:
+    """Why a connection attempt failed, in words a user can act on."""
     if isinstance(error, ssl.SSLCertVerificationError):
         return f"TLS: the broker's certificate was not accepted ({error.verify_message})"
     if isinstance(error, ssl.SSLError):
@@ -106,8 +120,63 @@ def _describe_failure(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+def publish_properties(
+    expiry_seconds: int | None = None,
+    response_topic: str | None = None,
+    correlation_data: bytes | None = None,
+    user_properties: Iterable[tuple[str, str]] = (),
+) -> Properties:
+    """The MQTT 5 properties of a PUBLISH."""
+    properties = Properties(PacketTypes.PUBLISH)
+    if expiry_seconds:
+        properties.MessageExpiryInterval = int(expiry_seconds)
+    if response_topic:
+        properties.ResponseTopic = response_topic
+    if correlation_data is not None:
+        properties.CorrelationData = correlation_data
+    user = list(user_properties)
+    if user:
+        properties.UserProperty = user
+    return properties
+
+
+class Wakeup:
+    """A socket pair that interrupts the network thread's ``select()`` from any thread.
+
+    Ours rather than paho's: paho makes one in ``loop()`` and ``loop_start()`` and closes it only
+    when the client object is finalised, which in a reference cycle may come after the sockets
+    themselves were finalised (a ResourceWarning).
+    """
+
+    def __init__(self) -> None:
+        self._receiving, self._sending = socket.socketpair()
+        self._receiving.setblocking(False)
+        self._sending.setblocking(False)
+
+    def fileno(self) -> int:
+        return self._receiving.fileno()
+
+    def wake(self) -> None:
+        # Full (already pending) or closed by close(): either way there is nothing left to do.
+        with contextlib.suppress(OSError):
+            self._sending.send(b"\0")
+
+    def clear(self) -> None:
+        with contextlib.suppress(OSError):
+            self._receiving.recv(4096)
+
+    def close(self) -> None:
+        self._receiving.close()
+        self._sending.close()
+
+
 class MqttTransport:
-    """paho-mqtt behind publish / subscribe / start / stop."""
+    """paho-mqtt behind publish / subscribe / start / stop.
+
+    ``read_buffer``: read the broker's socket 64 KiB at a time where paho's version allows it
+    (:func:`_install_read_buffer`); False runs on plain paho. ``quick_ack``: after every read, ask
+    the kernel to acknowledge at once what arrived (TCP_QUICKACK, Linux; see :class:`_QuickAck`).
+    """
 
     def __init__(
         self,
@@ -116,6 +185,8 @@ class MqttTransport:
         will_topic: str | None = None,
         will_payload: bytes = b"offline",
         client_factory: Callable[..., paho.Client] = paho.Client,
+        read_buffer: bool = True,
+        quick_ack: bool = True,
     ) -> None:
         self.config = config
         self.client_id = client_id
@@ -130,11 +201,20 @@ class MqttTransport:
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._thread: threading.Thread | None = None
+        self._wakeup: Wakeup | None = None
+        self._close_by = 0.0  # monotonic time after which stop() no longer waits for a clean DISCONNECT
         self._attempt = 0
         self._refusal: str | None = None
+        self._read_buffer = read_buffer
+        self._quick_ack = quick_ack
+        # Message ids paho reported in on_publish, for the listeners once paho's call has returned.
+        self._acknowledged: collections.deque[int] = collections.deque()
         # QoS 1/2 publishes the broker takes unacknowledged (MQTT 5 Receive Maximum; paho's
         # own window otherwise). paho does not read the broker's value by itself.
         self.send_window = _PAHO_INFLIGHT_DEFAULT
+        # paho's window for the next connection: the broker's last Receive Maximum (paho takes a
+        # new window only while disconnected).
+        self._next_window = _PAHO_INFLIGHT_DEFAULT
         # QoS 1/2 publishes made by the on-connect hooks at the last CONNACK. paho resends what
         # was unacknowledged at a disconnect right after those, without counting them against
         # its window: whoever keeps publishes in flight must leave this much room.
@@ -148,6 +228,7 @@ class MqttTransport:
             kwargs["clean_session"] = True
         self._client = client_factory(CallbackAPIVersion.VERSION2, **kwargs)
         self._client.max_queued_messages_set(10_000)  # bounded: paho's default is unlimited
+        self._client.max_inflight_messages_set(_PAHO_INFLIGHT_DEFAULT)
         if config.username:
             self._client.username_pw_set(config.username, read_password(config))
         context = build_tls_context(config)
@@ -180,10 +261,13 @@ class MqttTransport:
         self._connected_hooks.append(hook)
 
     def on_acknowledged(self, listener: Callable[[int], None]) -> None:
-        """``listener(mid)`` when the broker acknowledges a QoS>0 publish (PUBACK).
+        """``listener(mid)`` when the broker acknowledges a QoS>0 publish (PUBACK, or PUBCOMP).
 
-        It runs inside paho's PUBACK handling, before paho frees the message's place in its
-        window: record the mid there, and publish from an :meth:`after_reading` hook."""
+        It runs on the network thread once paho's read call that took the acknowledgement has
+        returned, and before the :meth:`after_reading` hooks: paho has then released its locks
+        and freed the message's place in its window, so the listener may publish. paho also
+        reports a QoS 0 publish once it is written; a listener ignores ids it does not know.
+        """
         self._ack_listeners.append(listener)
 
     def after_reading(self, hook: Callable[[], None]) -> None:
@@ -207,6 +291,7 @@ class MqttTransport:
             self._client.subscribe(
                 topic_filter, **self._subscribe_arguments(self._subscriptions[topic_filter][0])
             )
+            self._written()
 
     def _options(self, qos: int, retain_as_published: bool) -> Any:
         if self._mqtt5:
@@ -223,6 +308,7 @@ class MqttTransport:
             self._handler_cache.clear()
         if self.connected:
             self._client.unsubscribe(topic_filter)
+            self._written()
 
     def publish(
         self,
@@ -244,16 +330,7 @@ class MqttTransport:
             return None
         properties = None
         if self._mqtt5:
-            properties = Properties(PacketTypes.PUBLISH)
-            if expiry_seconds:
-                properties.MessageExpiryInterval = int(expiry_seconds)
-            if response_topic:
-                properties.ResponseTopic = response_topic
-            if correlation_data is not None:
-                properties.CorrelationData = correlation_data
-            user = list(user_properties)
-            if user:
-                properties.UserProperty = user
+            properties = publish_properties(expiry_seconds, response_topic, correlation_data, user_properties)
         try:
             if not topic:
                 # MQTT 5 lets paho send an empty topic (meant for topic aliases); brokers then drop us.
@@ -266,6 +343,7 @@ class MqttTransport:
             # dropping this one publish must not fail the caller, who is serving other streams.
             log.warning("publish to %r refused by the MQTT client: %s", topic, error)
             return None
+        self._written()
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             log.warning("publish to %s failed: %s", topic, paho.error_string(info.rc))
             return None
@@ -277,21 +355,25 @@ class MqttTransport:
         if self._thread is not None:
             return
         self._stop.clear()
+        self._wakeup = Wakeup()
         self._client.connect_async(self.config.host, self.config.port, self.config.keepalive)
-        self._thread = threading.Thread(target=self._run, name="mqtt-network", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(self._wakeup,), name="mqtt-network", daemon=True
+        )
         self._thread.start()
 
     def stop(self, final_messages: Iterable[tuple[str, bytes, bool]] = (), timeout: float = 5.0) -> None:
         """Publish ``final_messages`` (topic, payload, retain) at QoS 1, wait for them, disconnect.
 
         A clean DISCONNECT means the broker does not send the last will: the final messages
-        must say ``offline`` themselves.
+        must say ``offline`` themselves. Every socket is closed when this returns.
         """
         deadline = time.monotonic() + timeout
         if self.connected:
             infos = []
             for topic, payload, retain in final_messages:
                 infos.append(self._client.publish(topic, payload, qos=1, retain=retain))
+            self._written()
             for info in infos:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -300,47 +382,126 @@ class MqttTransport:
                     info.wait_for_publish(timeout=remaining)
                 except (RuntimeError, ValueError):
                     break
+        # The network thread sends the DISCONNECT itself (paho closes the socket once it is
+        # written) and ends; it gives up waiting for that at the deadline.
+        self._close_by = max(deadline, time.monotonic() + 0.1)
         self._stop.set()
-        with contextlib.suppress(OSError, ValueError):
-            self._client.disconnect()
         if self._thread is not None:
+            if self._wakeup is not None:
+                self._wakeup.wake()
             self._thread.join(max(0.1, deadline - time.monotonic() + 1.0))
             self._thread = None
-        close_sockets(self._client)
+        sock = self._client.socket()
+        if sock is not None:
+            # The DISCONNECT could not be written in time (a broker that stopped reading): paho
+            # would hold this socket until the client object is finalised.
+            log.warning("MQTT: no clean disconnect from %s:%d in time", self.config.host, self.config.port)
+            sock.close()
+        if self._wakeup is not None:
+            self._wakeup.close()
+            self._wakeup = None
         self._connected.clear()
         self.stats.connected = False
 
     # --- network thread ------------------------------------------------------------------
-    def _run(self) -> None:
-        socket_open = False
-        reader: _ReadBuffer | None = None
-        while not self._stop.is_set():
-            if not socket_open:
-                try:
-                    self._client.reconnect()
-                    socket_open = True
-                    _send_without_delay(getattr(self._client, "_sock", None))
-                    reader = self._buffer_reads()
-                except (OSError, ssl.SSLError) as error:
-                    self._failed(_describe_failure(error))
+    def _written(self) -> None:
+        """After queueing a packet: paho writes it at once from the calling thread unless that is
+        not possible (the network thread is inside a callback, or the socket is full); then the
+        network thread must be woken to write it."""
+        wakeup, thread = self._wakeup, self._thread
+        if wakeup is None or thread is None or thread.ident == threading.get_ident():
+            return  # not started, or the network thread itself, which looks before it waits
+        if self._client.want_write():
+            wakeup.wake()
+
+    def _run(self, wakeup: Wakeup) -> None:
+        session: _Session | None = None  # None: not connected, (re)connect first
+        disconnecting = False
+        while True:
+            if self._stop.is_set():
+                if session is None or self._client.socket() is None or time.monotonic() >= self._close_by:
+                    return
+                if not disconnecting:
+                    disconnecting = True
+                    with contextlib.suppress(OSError, ValueError):
+                        self._client.disconnect()
                     continue
+            elif session is None:
+                session = self._connect()
+                continue
             try:
-                rc = self._client.loop(timeout=0.2)
-                # Whole packets already in the buffer need no select(); a bounded batch keeps
-                # keepalives and our own publishes going while a burst is read.
-                for _ in range(256):
-                    if rc != paho.MQTT_ERR_SUCCESS or reader is None or not reader.buffered():
-                        break
-                    rc = self._client.loop_read()
-                if rc == paho.MQTT_ERR_SUCCESS and self.connected:
-                    self._after_reading()
-            except (OSError, ssl.SSLError) as error:
-                self._failed(_describe_failure(error))
-                socket_open = False
+                rc = self._serve(session, wakeup)
+            except (OSError, ssl.SSLError) as error:  # paho turns most into a return code; not all
+                if not self._stop.is_set():
+                    session = None
+                    self._failed(describe_failure(error))
                 continue
             if rc != paho.MQTT_ERR_SUCCESS and not self._stop.is_set():
-                socket_open = False
+                session = None
                 self._failed(f"connection lost ({paho.error_string(rc)})")
+
+    def _connect(self) -> _Session | None:
+        """One connection attempt (after the back-off if it fails): the new connection's state."""
+        try:
+            self._use_window(self._next_window)
+            self._client.reconnect()
+        except (OSError, ssl.SSLError) as error:
+            self._failed(describe_failure(error))
+            return None
+        sock = self._client.socket()
+        _send_without_delay(sock)
+        reader = _install_read_buffer(self._client) if self._read_buffer else None
+        return _Session(reader, _QuickAck(sock) if self._quick_ack else None)
+
+    def _use_window(self, window: int) -> None:
+        """paho's in-flight window for the next connection. paho accepts a new one only while
+        disconnected: with no socket open, ``disconnect()`` only marks the client so."""
+        if self._client.max_inflight_messages == window or self._client.socket() is not None:
+            return
+        self._client.disconnect()
+        self._client.max_inflight_messages_set(window)
+
+    def _serve(self, session: _Session, wakeup: Wakeup) -> int:
+        """Wait for the socket (or a wake-up), read, write and keep alive: one round."""
+        sock = self._client.socket()
+        if sock is None:
+            return paho.MQTT_ERR_NO_CONN
+        pending = session.pending(sock)
+        writing = [sock] if self._client.want_write() else []
+        try:
+            readable, _, _ = select.select(
+                [sock, wakeup], writing, [], 0.0 if pending else _IDLE_WAIT_SECONDS
+            )
+        except (OSError, ValueError):  # closed meanwhile by paho on a failed write elsewhere
+            return paho.MQTT_ERR_CONN_LOST
+        if wakeup in readable:
+            wakeup.clear()
+        rc = paho.MQTT_ERR_SUCCESS
+        if pending or sock in readable:
+            rc = self._client.loop_read()
+            # Whole packets already in the buffer need no select().
+            for _ in range(_READ_BATCH):
+                if rc != paho.MQTT_ERR_SUCCESS or not session.buffered():
+                    break
+                rc = self._client.loop_read()
+            session.read_done()
+        if rc == paho.MQTT_ERR_SUCCESS and self._client.want_write():
+            rc = self._client.loop_write()
+        if rc == paho.MQTT_ERR_SUCCESS:
+            rc = self._client.loop_misc()
+        self._deliver_acknowledgements()
+        if rc == paho.MQTT_ERR_SUCCESS and self.connected:
+            self._after_reading()
+        return rc
+
+    def _deliver_acknowledgements(self) -> None:
+        while self._acknowledged:
+            mid = self._acknowledged.popleft()
+            for listener in self._ack_listeners:
+                try:
+                    listener(mid)
+                except Exception:
+                    log.exception("publish acknowledgement listener failed")
 
     def _after_reading(self) -> None:
         for hook in self._reading_hooks:
@@ -348,15 +509,6 @@ class MqttTransport:
                 hook()
             except Exception:
                 log.exception("after-reading hook failed")
-
-    def _buffer_reads(self) -> _ReadBuffer | None:
-        # paho 2.x has no hook for this; its socket attribute is stable across 2.x (pinned <3).
-        sock = getattr(self._client, "_sock", None)
-        if sock is None or isinstance(sock, _ReadBuffer):
-            return sock
-        reader = _ReadBuffer(sock)
-        self._client._sock = reader  # type: ignore[assignment]
-        return reader
 
     def _failed(self, reason: str) -> None:
         if self._refusal is not None:
@@ -412,20 +564,21 @@ class MqttTransport:
 
     def _apply_receive_maximum(self, properties: Any) -> None:
         """Never more unacknowledged QoS 1/2 publishes than the broker's CONNACK allows: a
-        client that exceeds its Receive Maximum is disconnected (MQTT 5, 3.3.4)."""
+        client that exceeds its Receive Maximum is disconnected (MQTT 5, 3.3.4).
+
+        paho keeps the window it connected with until it is disconnected: ``send_window`` tells
+        the agent's own flow control (the outbox publisher) the smaller of the two, and the
+        broker's value becomes paho's window from the next connection on.
+        """
         allowed = getattr(properties, "ReceiveMaximum", None)  # absent: MQTT 3.1.1, or no limit
-        window = _PAHO_INFLIGHT_DEFAULT
+        broker_window = _PAHO_INFLIGHT_DEFAULT
         if isinstance(allowed, int) and allowed > 0:
-            window = min(window, allowed)
+            broker_window = min(broker_window, allowed)
+        window = min(broker_window, self._client.max_inflight_messages or _PAHO_INFLIGHT_DEFAULT)
         if window != self.send_window:
             log.info("the broker accepts %d unacknowledged publishes at a time", window)
         self.send_window = window
-        # paho's setter refuses once connected; its doubt concerns switching between 0 ("no
-        # limit") and a limit, not one positive limit for another, which it reads per publish.
-        if hasattr(self._client, "_max_inflight_messages"):
-            self._client._max_inflight_messages = window
-        elif window < _PAHO_INFLIGHT_DEFAULT:
-            log.warning("cannot lower paho's in-flight window to the broker's %d (paho changed)", window)
+        self._next_window = broker_window
 
     def _on_disconnect(
         self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
@@ -438,16 +591,14 @@ class MqttTransport:
     def _on_publish(
         self, client: paho.Client, userdata: Any, mid: int, reason_code: Any, properties: Any
     ) -> None:
-        for listener in self._ack_listeners:
-            try:
-                listener(mid)
-            except Exception:
-                log.exception("publish acknowledgement listener failed")
+        # paho holds its message lock here and has not yet freed the message's place in its
+        # window: the listeners run after its call returns (_deliver_acknowledgements).
+        self._acknowledged.append(mid)
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         self.stats.messages_in += 1
         self.stats.bytes_in += len(message.payload)
-        inbound = _inbound(message)
+        inbound = inbound_message(message)
         with self._lock:
             handlers = self._handler_cache.get(message.topic)
             if handlers is None:
@@ -475,6 +626,11 @@ def _delivered_filter(topic_filter: str) -> str:
     return topic_filter
 
 
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """Whether ``topic`` is delivered to a subscription to ``topic_filter`` (shared ones too)."""
+    return bool(paho.topic_matches_sub(_delivered_filter(topic_filter), topic))
+
+
 def _is_tcp(sock: Any) -> bool:
     """A TCP socket (paho's transport="unix" connects through a Unix socket instead)."""
     return getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6)
@@ -497,33 +653,96 @@ def _send_without_delay(sock: Any) -> None:
         log.debug("could not set TCP_NODELAY: %s", error)
 
 
+class _QuickAck:
+    """After every read, TCP_QUICKACK (Linux) asks the kernel to acknowledge what arrived
+    without its usual delay.
+
+    A broker with Nagle's algorithm on (mosquitto's default) holds each PUBACK until the previous
+    one is acknowledged at the TCP level, and while a window of detections awaits its PUBACKs the
+    agent has nothing to send that could carry that acknowledgement: a burst of detections would
+    advance by one delayed ACK per round. The option does not stick (the kernel leaves quick-ack
+    mode by itself), hence once per read.
+    """
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self.enabled = hasattr(socket, "TCP_QUICKACK") and _is_tcp(sock)
+
+    def after_read(self) -> None:
+        if not self.enabled:
+            return
+        try:
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        except OSError as error:
+            self.enabled = False  # not on this socket, then: no system call per read for nothing
+            log.debug("could not set TCP_QUICKACK: %s", error)
+
+
+@dataclass
+class _Session:
+    """What the network thread keeps for one connection."""
+
+    reader: _ReadBuffer | None
+    quick_ack: _QuickAck | None
+
+    def pending(self, sock: Any) -> int:
+        """Bytes readable without waiting (in our buffer, or decrypted inside an SSL socket)."""
+        if self.reader is not None:
+            return self.reader.pending()
+        return int(sock.pending()) if hasattr(sock, "pending") else 0
+
+    def buffered(self) -> int:
+        return self.reader.buffered() if self.reader is not None else 0
+
+    def read_done(self) -> None:
+        if self.quick_ack is not None:
+            self.quick_ack.after_read()
+
+
+# --- the one use of paho's internals -------------------------------------------------------------
+
+# paho versions whose source was read for what _ReadBuffer relies on: Client keeps the socket
+# returned by socket() in ``_sock`` from reconnect() until it closes it, reads it only through
+# ``_sock.recv()`` (BlockingIOError and ssl.SSLWantReadError meaning "nothing yet"), asks
+# ``_sock.pending()`` before waiting, and uses no other attribute that the proxy would lack.
+_READ_BUFFER_VERIFIED = frozenset({"2.0.0", "2.1.0", "2.2.0"})
+
+
+def _paho_version() -> str:
+    return str(getattr(paho_package, "__version__", ""))
+
+
+def _install_read_buffer(client: Any) -> _ReadBuffer | None:
+    """Put a :class:`_ReadBuffer` in front of the client's fresh socket; None (plain paho) on a
+    paho version not in ``_READ_BUFFER_VERIFIED`` or a client without the expected attribute."""
+    version = _paho_version()
+    if version not in _READ_BUFFER_VERIFIED:
+        log.debug("paho-mqtt %s: reading its socket the plain way", version or "(unknown version)")
+        return None
+    sock = getattr(client, "_sock", None)
+    if sock is None or isinstance(sock, _ReadBuffer) or sock is not client.socket():
+        return None
+    reader = _ReadBuffer(sock)
+    client._sock = reader
+    return reader
+
+
 class _ReadBuffer:
-    """The client's socket, read 64 KiB at a time, acknowledged at once.
+    """The client's socket, read 64 KiB at a time.
 
-    paho reads a packet with about five ``recv()`` calls (type, length bytes, body); each one
-    releases the GIL, and while the engine thread computes, taking it back costs up to a switch
-    interval (5 ms). With hundreds of audio chunks a second the network thread then falls behind
-    the broker. One large read per burst of packets avoids that; everything else (select, send,
-    TLS state) goes to the real socket.
-
-    After every read, TCP_QUICKACK (Linux) asks the kernel to acknowledge what arrived without
-    its usual delay. A broker with Nagle's algorithm on (mosquitto's default) holds each PUBACK
-    until the previous one is acknowledged at the TCP level, and while a window of detections
-    awaits its PUBACKs the agent has nothing to send that could carry that acknowledgement: a
-    burst of detections would advance by one delayed ACK per round. The option does not stick
-    (the kernel leaves quick-ack mode by itself), hence once per read: one system call per 64 KiB.
+    paho reads a packet with about five ``recv()`` calls (type, length bytes, body), each a
+    system call that releases and retakes the GIL, and audio streams bring hundreds of packets a
+    second. One large read per burst, with the whole packets in it parsed without another
+    ``select()``, spares the network thread most of that work (benchmarks.mqtt_latency reports
+    the agent's CPU). Everything else (select, send, TLS state) goes to the real socket.
     """
 
     READ_SIZE = 65536
-    # Whether reads re-arm TCP_QUICKACK; benchmarks.qos1_burst turns it off to show its effect.
-    QUICK_ACK = True
 
     def __init__(self, sock: Any) -> None:
         self._sock = sock
         self._data = b""
         self._offset = 0
-        # TCP_QUICKACK exists on Linux only.
-        self._quick_ack = self.QUICK_ACK and hasattr(socket, "TCP_QUICKACK") and _is_tcp(sock)
 
     def recv(self, size: int) -> bytes:
         if self._offset >= len(self._data):
@@ -532,18 +751,9 @@ class _ReadBuffer:
             self._offset = 0
             if not self._data:
                 return b""  # the broker closed the connection
-            if self._quick_ack:
-                self._acknowledge_now()
         chunk = self._data[self._offset : self._offset + size]
         self._offset += len(chunk)
         return chunk
-
-    def _acknowledge_now(self) -> None:
-        try:
-            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-        except OSError as error:
-            self._quick_ack = False  # not on this socket, then: no system call per read for nothing
-            log.debug("could not set TCP_QUICKACK: %s", error)
 
     def buffered(self) -> int:
         return len(self._data) - self._offset
@@ -557,18 +767,8 @@ class _ReadBuffer:
         return getattr(self._sock, name)
 
 
-def close_sockets(client: paho.Client) -> None:
-    """Close the socket and the wake-up socket pair paho keeps after ``loop()``.
-
-    paho only closes them in ``__del__``; when the client dies in a reference cycle the sockets
-    may be finalised first and leak (ResourceWarning). paho 2.x has no public call for this.
-    """
-    reset = getattr(client, "_reset_sockets", None)
-    if reset is not None:
-        reset()
-
-
-def _inbound(message: paho.MQTTMessage) -> InboundMessage:
+def inbound_message(message: paho.MQTTMessage) -> InboundMessage:
+    """paho's message as ours (the MQTT 5 properties the agent uses taken out)."""
     properties = getattr(message, "properties", None)
     user: dict[str, str] = {}
     response_topic = correlation = None

@@ -5,18 +5,19 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import ssl
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from edge_agent.config import ConfigError, parse_config
+from edge_agent.mqtt.client import MqttClient, MqttClientError
 from edge_agent.mqtt.transport import MqttTransport, build_tls_context
 from tests.broker import Broker, free_port
 from tests.conftest import require_module
-from tests.support import agent_config
+from tests.support import agent_config, wait_until
 
 
 def make_pki(folder: Path, name: str = "ca") -> dict[str, Path]:
@@ -144,9 +145,7 @@ def test_wrong_ca_fails_with_a_clear_error_and_keeps_retrying(tls_broker, make_a
     )
     agent.start()
     assert agent.transport is not None
-    deadline = time.monotonic() + 10
-    while agent.transport.stats.last_error is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: agent.transport.stats.last_error is not None, timeout=10)  # type: ignore[union-attr]
     assert not agent.transport.connected
     assert "TLS: the broker's certificate was not accepted" in (agent.transport.stats.last_error or "")
     assert "self-signed certificate in certificate chain" in (agent.transport.stats.last_error or "")
@@ -160,9 +159,33 @@ def test_client_without_certificate_is_refused_by_the_broker(tls_broker, make_ag
     agent = make_agent(config, start=False)
     agent.start()
     assert agent.transport is not None
-    time.sleep(2)
+    wait_until(lambda: bool(agent.transport.stats.last_error), timeout=10)  # type: ignore[union-attr]
     assert not agent.transport.connected
-    assert agent.transport.stats.last_error
+
+
+def client_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(ca))
+    context.load_cert_chain(str(cert), str(key))
+    return context
+
+
+def test_the_command_line_client_connects_with_tls(tls_broker) -> None:  # type: ignore[no-untyped-def]
+    broker, pki = tls_broker
+    context = client_context(pki["ca"], pki["client_cert"], pki["client_key"])
+    with MqttClient("127.0.0.1", broker.port, tls=context).connect() as client:
+        client.subscribe("tls/echo")
+        client.publish("tls/echo", b"sealed")
+        message = client.receive(10)
+        assert message is not None and message.payload == b"sealed"
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # paho 2.2, as above
+def test_the_command_line_client_names_a_certificate_it_refuses(tls_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    broker, pki = tls_broker
+    other = make_pki(tmp_path / "other", name="other-ca")
+    context = client_context(other["ca"], pki["client_cert"], pki["client_key"])
+    with pytest.raises(MqttClientError, match="TLS: the broker's certificate was not accepted"):
+        MqttClient("127.0.0.1", broker.port, tls=context).connect()
 
 
 @pytest.mark.parametrize(

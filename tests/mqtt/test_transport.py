@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from pathlib import Path
+from typing import Any
 
+import paho.mqtt.client as paho
 import pytest
 
 from edge_agent.mqtt.transport import MqttTransport
@@ -57,16 +58,13 @@ def test_read_buffer_serves_small_reads_from_one_large_read() -> None:
 
 class _RecordingSocket:
     """A real socket whose setsockopt calls are recorded (and may be refused), reported as
-    ``family`` (the seam: which options a read sets, and when)."""
+    ``family`` (the seam: which options are set, and when)."""
 
     def __init__(self, sock: socket.socket, family: int = socket.AF_INET, refuse: bool = False) -> None:
         self._sock = sock
         self.family = family
         self.refuse = refuse
         self.options: list[tuple[int, int, int]] = []
-
-    def recv(self, size: int) -> bytes:
-        return self._sock.recv(size)
 
     def setsockopt(self, level: int, option: int, value: int) -> None:
         self.options.append((level, option, value))
@@ -75,67 +73,82 @@ class _RecordingSocket:
 
 
 @pytest.mark.skipif(not hasattr(socket, "TCP_QUICKACK"), reason="TCP_QUICKACK is Linux-only")
-def test_every_read_from_the_socket_asks_for_an_immediate_tcp_ack() -> None:
-    """Once per real read, not per packet paho takes from the buffer: a broker with Nagle's
-    algorithm on holds its next PUBACK until this side acknowledges the last one."""
-    from edge_agent.mqtt.transport import _ReadBuffer
+def test_quick_ack_is_asked_for_after_every_read_where_it_applies() -> None:
+    """A broker with Nagle's algorithm on holds its next PUBACK until this side acknowledges the
+    last one: TCP_QUICKACK after every read, on TCP only, and no more tries once refused."""
+    from edge_agent.mqtt.transport import _QuickAck
 
     quick_ack = (socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
     left, right = socket.socketpair()
     try:
-        recording = _RecordingSocket(left)
-        reader = _ReadBuffer(recording)
-        right.sendall(b"\x40\x02\x00\x01" * 3)  # three PUBACKs in one read
-        assert [reader.recv(4) for _ in range(3)] == [b"\x40\x02\x00\x01"] * 3
-        assert recording.options == [quick_ack]
-        right.sendall(b"\x40\x02\x00\x02")
-        assert reader.recv(4) == b"\x40\x02\x00\x02"
-        assert recording.options == [quick_ack] * 2
-        right.close()
-        assert reader.recv(1) == b""  # the peer closed: nothing to acknowledge
-        assert recording.options == [quick_ack] * 2
+        tcp = _RecordingSocket(left)
+        asking = _QuickAck(tcp)
+        asking.after_read()
+        asking.after_read()
+        assert tcp.options == [quick_ack] * 2
+
+        unix = _RecordingSocket(left, family=socket.AF_UNIX)  # paho's transport="unix"
+        _QuickAck(unix).after_read()
+        assert unix.options == []
+
+        refusing = _RecordingSocket(right, refuse=True)
+        refused = _QuickAck(refusing)
+        refused.after_read()
+        refused.after_read()
+        assert len(refusing.options) == 1 and not refused.enabled  # tried once, then no more
     finally:
         left.close()
         right.close()
 
 
 @pytest.mark.skipif(not hasattr(socket, "TCP_QUICKACK"), reason="TCP_QUICKACK is Linux-only")
-def test_quick_ack_is_set_on_a_real_tcp_connection_and_skipped_where_it_does_not_apply() -> None:
-    from edge_agent.mqtt.transport import _ReadBuffer
+def test_quick_ack_is_taken_by_a_real_tcp_connection() -> None:
+    from edge_agent.mqtt.transport import _QuickAck
 
     server = socket.create_server(("127.0.0.1", 0))
     sending = socket.create_connection(server.getsockname())
     receiving, _ = server.accept()
     try:
-        reader = _ReadBuffer(receiving)
+        asking = _QuickAck(receiving)
         sending.sendall(b"\x40\x02\x00\x01")
-        assert reader.recv(4) == b"\x40\x02\x00\x01"
-        assert reader._quick_ack  # the kernel took the option: it stays on for the next reads
+        assert receiving.recv(4) == b"\x40\x02\x00\x01"
+        asking.after_read()
+        assert asking.enabled  # the kernel took the option: it stays on for the next reads
     finally:
         for sock in (sending, receiving, server):
             sock.close()
 
-    left, right = socket.socketpair()
+
+@pytest.mark.parametrize("quick_ack", [True, False])
+def test_quick_ack_follows_the_reads_of_a_connection_and_can_be_switched_off(
+    quick_ack: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Asked for after the reads that bring PUBACKs in; never with ``quick_ack=False`` (what
+    benchmarks.qos1_burst compares)."""
+    from edge_agent.mqtt import transport as module
+
+    asked = threading.Event()
+    monkeypatch.setattr(module._QuickAck, "after_read", lambda self: asked.set())
+    broker = Broker(tmp_path).start()
+    transport = MqttTransport(agent_config(broker.port, tmp_path).mqtt, "quick-ack", quick_ack=quick_ack)
+    acknowledged = threading.Event()
+    transport.on_acknowledged(lambda mid: acknowledged.set())
     try:
-        unix = _RecordingSocket(left, family=socket.AF_UNIX)  # paho's transport="unix"
-        refusing = _RecordingSocket(right, refuse=True)
-        readers = _ReadBuffer(unix), _ReadBuffer(refusing)
-        right.sendall(b"ab")
-        left.sendall(b"cd")
-        assert readers[0].recv(2) == b"ab" and unix.options == []
-        assert readers[1].recv(2) == b"cd" and len(refusing.options) == 1  # tried once
-        left.sendall(b"ef")
-        assert readers[1].recv(2) == b"ef" and len(refusing.options) == 1  # then no more
-        _ReadBuffer.QUICK_ACK = False
-        try:
-            switched_off = _RecordingSocket(left)
-            right.sendall(b"gh")
-            assert _ReadBuffer(switched_off).recv(2) == b"gh" and switched_off.options == []
-        finally:
-            _ReadBuffer.QUICK_ACK = True
+        transport.start()
+        assert transport.wait_connected(10)
+        transport.publish("x", b"1", qos=1)
+        assert acknowledged.wait(10)
+        assert asked.is_set() == quick_ack
     finally:
-        left.close()
-        right.close()
+        transport.stop()
+        broker.stop()
+
+
+def _reconnected(transport: MqttTransport) -> threading.Event:
+    """Set once the transport has connected a second time."""
+    event = threading.Event()
+    transport.on_connected(lambda: event.set() if transport.stats.reconnects else None)
+    return event
 
 
 def test_the_broker_connection_sends_without_nagle_delay_after_every_connect(tmp_path: Path) -> None:
@@ -144,9 +157,10 @@ def test_the_broker_connection_sends_without_nagle_delay_after_every_connect(tmp
     steps of the peer's delayed ACK."""
     broker = Broker(tmp_path).start()
     transport = MqttTransport(agent_config(broker.port, tmp_path).mqtt, "nodelay-test")
+    reconnected = _reconnected(transport)
 
     def nodelay() -> int:
-        sock = transport._client._sock
+        sock = transport._client.socket()
         assert sock is not None
         return int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
@@ -154,11 +168,8 @@ def test_the_broker_connection_sends_without_nagle_delay_after_every_connect(tmp
         transport.start()
         assert transport.wait_connected(10)
         assert nodelay() != 0
-        broker.restart(downtime=0.5)
-        deadline = time.monotonic() + 20
-        while transport.stats.reconnects == 0 or not transport.connected:
-            assert time.monotonic() < deadline, "no reconnect"
-            time.sleep(0.05)
+        broker.restart()
+        assert reconnected.wait(20), "no reconnect"
         assert nodelay() != 0
     finally:
         transport.stop()
@@ -172,9 +183,12 @@ def test_after_reading_hooks_run_on_the_network_thread_once_pubacks_are_in(tmp_p
     transport = MqttTransport(agent_config(broker.port, tmp_path).mqtt, "reading-test")
     acknowledged: list[int] = []
     seen_after_reading: list[tuple[int, int]] = []  # (thread, acknowledgements so far)
+    all_in = threading.Event()
 
     def hook() -> None:
         seen_after_reading.append((threading.get_ident(), len(acknowledged)))
+        if len(acknowledged) == 3:
+            all_in.set()
         raise RuntimeError("a broken hook")
 
     transport.on_acknowledged(acknowledged.append)
@@ -183,15 +197,70 @@ def test_after_reading_hooks_run_on_the_network_thread_once_pubacks_are_in(tmp_p
         transport.start()
         assert transport.wait_connected(10)
         mids = [transport.publish("x", b"1", qos=1) for _ in range(3)]
-        deadline = time.monotonic() + 10
-        while not any(count == 3 for _, count in seen_after_reading):
-            assert time.monotonic() < deadline, "no hook call after the PUBACKs"
-            time.sleep(0.01)
+        assert all_in.wait(10), "no hook call after the PUBACKs"
         assert sorted(acknowledged) == sorted(m for m in mids if m is not None)
         assert {thread for thread, _ in seen_after_reading} == {transport._thread.ident}  # type: ignore[union-attr]
         assert transport.connected and transport.stats.reconnects == 0
     finally:
         transport.stop()
+        broker.stop()
+
+
+class _RecordingClient(paho.Client):
+    """paho's client, keeping what publish() returned: whether paho has finished with a
+    message (``is_published``) is public."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.infos: dict[int, paho.MQTTMessageInfo] = {}
+
+    def publish(self, *args: Any, **kwargs: Any) -> paho.MQTTMessageInfo:
+        info = super().publish(*args, **kwargs)
+        self.infos[info.mid] = info
+        return info
+
+
+@pytest.mark.parametrize("read_buffer", [True, False])
+def test_acknowledgements_come_after_paho_is_done_with_the_message(read_buffer: bool, tmp_path: Path) -> None:
+    """The listeners run once paho's read call has returned: paho has marked the message
+    published (and freed its place in the window), on the network thread, before the
+    after-reading hooks of the same round; a listener may publish from there."""
+    broker = Broker(tmp_path).start()
+    watcher = Client(broker.port).connect().subscribe("ack/#")
+    transport = MqttTransport(
+        agent_config(broker.port, tmp_path).mqtt,
+        "ack-order",
+        client_factory=_RecordingClient,
+        read_buffer=read_buffer,
+    )
+    client = transport._client
+    assert isinstance(client, _RecordingClient)
+    events: list[tuple[str, int, bool]] = []  # (what, thread, paho done with the message)
+    followed = threading.Event()
+
+    def listener(mid: int) -> None:
+        events.append(("ack", threading.get_ident(), client.infos[mid].is_published()))
+        if sum(what == "ack" for what, _, _ in events) == 1:
+            transport.publish("ack/followup", b"from the listener", qos=1)
+        else:
+            followed.set()
+
+    transport.on_acknowledged(listener)
+    transport.after_reading(lambda: events.append(("after", threading.get_ident(), True)))
+    try:
+        transport.start()
+        assert transport.wait_connected(10)
+        transport.publish("ack/first", b"1", qos=1)
+        assert followed.wait(10), "the listener's own publish was not acknowledged"
+        watcher.wait_for("ack/followup")
+        acks = [event for event in events if event[0] == "ack"]
+        assert len(acks) == 2 and all(done for _, _, done in acks)
+        assert {thread for _, thread, _ in events} == {transport._thread.ident}  # type: ignore[union-attr]
+        first = events.index(acks[0])
+        assert ("after", acks[0][1], True) in events[first + 1 :]  # the hooks came after it
+    finally:
+        transport.stop()
+        watcher.close()
         broker.stop()
 
 
@@ -220,13 +289,22 @@ def test_nodelay_is_left_alone_on_sockets_without_it() -> None:
 )
 def test_the_send_window_is_what_the_broker_accepts(broker_setting: str, window: int, tmp_path: Path) -> None:
     """MQTT 5: a client with more unacknowledged publishes than the CONNACK's Receive Maximum is
-    disconnected; paho does not read that value itself."""
+    disconnected; paho does not read that value itself. The agent keeps within ``send_window``
+    at once; paho itself holds back what exceeds it from the next connection on (it takes a new
+    window only while disconnected)."""
     broker = Broker(tmp_path, extra_config=broker_setting).start()
     transport = MqttTransport(agent_config(broker.port, tmp_path).mqtt, "window-test")
+    reconnected = _reconnected(transport)
     watcher = Client(broker.port).connect().subscribe("burst")
     try:
         transport.start()
         assert transport.wait_connected(10)
+        assert transport.send_window == window
+        assert transport._client.max_inflight_messages == 20  # paho's own, until it reconnects
+        watcher.close()
+        broker.restart()
+        assert reconnected.wait(20), "no reconnect"
+        watcher = Client(broker.port).connect().subscribe("burst")
         assert transport.send_window == window
         assert transport._client.max_inflight_messages == window  # paho holds back the rest
         # More QoS 1 publishes than the window at once: paho holds back the excess; all arrive.
@@ -236,7 +314,7 @@ def test_the_send_window_is_what_the_broker_accepts(broker_setting: str, window:
             assert transport.publish("burst", str(index).encode(), qos=1) is not None
         received = watcher.wait_for("burst", lambda found: len(found) >= 3 * window)
         assert sorted(int(m.payload) for m in received) == list(range(3 * window))
-        assert transport.stats.reconnects == 0
+        assert transport.stats.reconnects == 1
     finally:
         transport.stop()
         watcher.close()
@@ -254,16 +332,125 @@ def test_the_on_connect_burst_is_counted_for_the_room_it_needs(tmp_path: Path) -
             transport.publish(f"state/{index}", b"x", qos=1, retain=True)
         transport.publish("state/loose", b"x", qos=0)
 
+    acknowledged: list[int] = []
+    all_in = threading.Event()
+
+    def count(mid: int) -> None:
+        acknowledged.append(mid)
+        if len(acknowledged) == 3:
+            all_in.set()
+
     transport.on_connected(hook)
+    transport.on_acknowledged(count)
     try:
         transport.start()
         assert transport.wait_connected(10)
-        deadline = time.monotonic() + 5
-        while transport.connect_burst == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        assert all_in.wait(10)  # after the CONNACK's handling, hooks and count included
         assert transport.connect_burst == 3
         transport.publish("later", b"x", qos=1)  # outside the hooks: not part of the burst
         assert transport.connect_burst == 3
     finally:
         transport.stop()
+        broker.stop()
+
+
+class _ClientWithSocket:
+    """What :func:`_install_read_buffer` looks at in a paho client."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock: Any = sock
+
+    def socket(self) -> Any:
+        return self._sock
+
+
+def test_the_read_buffer_is_installed_only_where_paho_was_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a paho version outside the checked list, or without the expected attribute, the
+    socket is left alone: the transport then runs on plain paho."""
+    from edge_agent.mqtt import transport as module
+
+    left, right = socket.socketpair()
+    try:
+        checked = _ClientWithSocket(left)
+        reader = module._install_read_buffer(checked)
+        assert isinstance(reader, module._ReadBuffer) and checked.socket() is reader
+        assert module._install_read_buffer(checked) is None  # never twice
+
+        class Changed:  # a paho that keeps its socket elsewhere
+            def socket(self) -> socket.socket:
+                return left
+
+        assert module._install_read_buffer(Changed()) is None
+
+        monkeypatch.setattr(module, "_paho_version", lambda: "3.0.0")
+        unknown = _ClientWithSocket(left)
+        assert module._install_read_buffer(unknown) is None and unknown.socket() is left
+    finally:
+        left.close()
+        right.close()
+
+
+@pytest.mark.parametrize("mode", ["read buffer", "switched off", "unchecked paho version"])
+def test_messages_flow_both_ways_with_and_without_the_read_buffer(
+    mode: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edge_agent.mqtt import transport as module
+
+    if mode == "unchecked paho version":
+        monkeypatch.setattr(module, "_paho_version", lambda: "3.0.0")
+    broker = Broker(tmp_path).start()
+    transport = MqttTransport(
+        agent_config(broker.port, tmp_path).mqtt, "both-paths", read_buffer=mode != "switched off"
+    )
+    received: list[bytes] = []
+    all_in = threading.Event()
+
+    def handler(message: module.InboundMessage) -> None:
+        received.append(message.payload)
+        if len(received) == 200:
+            all_in.set()
+
+    transport.subscribe("in/#", handler, qos=1)
+    subscribed = threading.Event()
+    transport.on_connected(subscribed.set)
+    watcher = Client(broker.port).connect().subscribe("out")
+    try:
+        transport.start()
+        assert transport.wait_connected(10) and subscribed.wait(10)
+        assert isinstance(transport._client.socket(), module._ReadBuffer) == (mode == "read buffer")
+        # The subscription's SUBACK is in once a QoS 1 publish of ours made after it is back.
+        assert transport.publish("out", b"ready", qos=1) is not None
+        watcher.wait_for("out")
+        for index in range(200):  # a burst: many packets per read
+            watcher.client.publish(f"in/{index % 7}", str(index).encode() * 50, qos=index % 2)
+        assert all_in.wait(20), f"{len(received)} of 200 arrived"
+        # In order per QoS (the broker holds QoS 1 back beyond its window, QoS 0 not).
+        for qos in (0, 1):
+            sent = [str(index).encode() * 50 for index in range(qos, 200, 2)]
+            assert [payload for payload in received if payload in sent] == sent
+    finally:
+        transport.stop()
+        watcher.close()
+        broker.stop()
+    assert transport._client.socket() is None  # closed by the clean disconnect
+
+
+def test_stop_disconnects_cleanly_so_the_broker_keeps_the_will_to_itself(tmp_path: Path) -> None:
+    """The DISCONNECT is written before the socket closes: the broker drops the last will, and
+    publishes the final messages instead."""
+    broker = Broker(tmp_path).start()
+    watcher = Client(broker.port).connect().subscribe("will/#")
+    transport = MqttTransport(
+        agent_config(broker.port, tmp_path).mqtt, "will-test", will_topic="will/state", will_payload=b"lost"
+    )
+    try:
+        transport.start()
+        assert transport.wait_connected(10)
+        transport.stop(final_messages=[("will/state", b"offline", True), ("will/after", b"done", False)])
+        assert transport._client.socket() is None and not transport.connected
+        watcher.wait_for("will/after")
+        assert [m.payload for m in watcher.on("will/state")] == [b"offline"]
+    finally:
+        transport.stop()
+        watcher.close()
         broker.stop()
