@@ -2,9 +2,10 @@
 
     python -m benchmarks.qos1_burst [--messages 128] [--repeat 7]
 
-What a hundred streams firing on the same chunk ask of the MQTT link: ``--messages`` detection-
-sized (500-byte) QoS 1 publishes at once, never more unacknowledged than the broker's Receive
-Maximum allows. Timed for the agent's own path (outbox, its publisher and :class:`MqttTransport`,
+What a hundred streams firing on the same chunk ask of the MQTT link: ``--messages`` detections
+as QoS 1 publishes at once, never more unacknowledged than the broker's Receive Maximum allows.
+Timed for the agent's own path (the detection sink: events stored in the outbox in one commit,
+handed over within the broker's window and refilled on PUBACKs, through :class:`MqttTransport`,
 which sets TCP_NODELAY and re-arms TCP_QUICKACK after every read), for the same path with
 delayed ACKs (``agent, delayed ACKs``: ``MqttTransport(quick_ack=False)``), and for a
 plain paho client with its defaults (Nagle's algorithm on, everything published at once), each
@@ -26,8 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import BROKER_NODELAY, machine, write_result
-from edge_agent.agent.app import detection_window
-from edge_agent.agent.outbox import Outbox, OutboxPublisher
+from edge_agent.agent.delivery import Delivery
+from edge_agent.agent.errors import ErrorReporter
+from edge_agent.agent.items import Detected
+from edge_agent.agent.outbox import Outbox
+from edge_agent.agent.sink import DetectionSink, DetectionWire, detection_window
+from edge_agent.engine.decoder import Detection
 from edge_agent.mqtt.transport import MqttTransport
 from tests.broker import Broker, Client
 from tests.support import agent_config
@@ -72,34 +77,42 @@ def timed_bursts(send_burst: Callable[[], None], burst: Burst, messages: int, re
 
 
 def agent_outbox(port: int, workdir: Path, messages: int, repeat: int, quick_ack: bool = True) -> list[float]:
-    """The agent's path for detections: stored in the outbox (one commit for the burst), handed
-    over by its publisher within the broker's window, refilled on PUBACKs."""
+    """The agent's path for detections: the detection sink stores a burst in the outbox (one
+    commit) and hands it over within the broker's window, refilled on PUBACKs."""
     burst = Burst()
     transport = MqttTransport(agent_config(port, workdir).mqtt, "qos1-burst", quick_ack=quick_ack)
     outbox = Outbox(workdir / "qos1-burst.db")
-    publisher = OutboxPublisher(
-        outbox,
-        lambda event, replayed: transport.publish(event.topic, PAYLOAD, qos=1),
-        lambda: transport.connected,
-        "bench",
-        window=lambda: detection_window(transport),
-    )
-    transport.on_acknowledged(publisher.acknowledged)
+    wire = DetectionWire(transport, qos=lambda: 1, expiry_seconds=lambda: None)
+
+    def delivery(wake: Callable[[], None]) -> Delivery:
+        return Delivery(
+            outbox,
+            wire.publish,
+            lambda: transport.connected,
+            "bench",
+            window=lambda: detection_window(transport),
+            wake=wake,
+        )
+
+    sink = DetectionSink("bench", "bench", "bench/burst", ErrorReporter(), outbox, delivery)
+    assert sink.delivery is not None
+    transport.on_acknowledged(sink.delivery.acknowledged)
     transport.on_acknowledged(burst.acknowledged)
-    transport.after_reading(publisher.refill)
-    transport.start()
-    publisher.start()
+    transport.after_reading(sink.delivery.refill)
+    transport.on_connected(sink.wake)
+    detection = Detection("小云小云", 0.9, 1.0, 2.0)
 
     def send_burst() -> None:
-        outbox.append_many([("bench/burst", lambda seq: {"seq": seq})] * messages, "bench")
-        publisher.notify()
+        sink.put([Detected(f"s{n}", "mqtt", detection, time.time()) for n in range(messages)])
 
+    transport.start()
+    sink.start()
     try:
         if not transport.wait_connected(10):
             raise SystemExit("the transport did not connect")
         return timed_bursts(send_burst, burst, messages, repeat)
     finally:
-        publisher.stop()
+        sink.stop(flush_seconds=1)
         transport.stop()
         outbox.close()
 

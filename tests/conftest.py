@@ -123,7 +123,8 @@ def make_agent(numpy_model, tmp_path: Path) -> Iterator[Callable[..., Agent]]:  
         if start:
             agent.start()
             if agent.transport is not None:
-                assert agent.transport.wait_connected(10), "agent did not connect"
+                # Subscribed, not only connected: what a test publishes next reaches the agent.
+                assert agent.transport.wait_subscribed(10), "agent did not connect and subscribe"
         return agent
 
     yield make

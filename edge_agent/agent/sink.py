@@ -22,7 +22,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from edge_agent.agent.delivery import Delivery
 from edge_agent.agent.errors import ErrorReporter
@@ -305,4 +305,4 @@ class DetectionSink:
 
 
 def _numbered(event: DetectionEvent, seq: int) -> DetectionEvent:
-    return DetectionEvent.from_stored(event.stored_body(), seq)
+    return replace(event, seq=seq)

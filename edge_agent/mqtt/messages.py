@@ -24,10 +24,11 @@ topic                                      dir   retain  payload
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from typing import Any, ClassVar, TypeVar
 
@@ -107,6 +108,11 @@ def _json(payload: dict[str, Any]) -> bytes:
         return json.dumps(payload, ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode("ascii")
 
 
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
+
+
 def parse_json_object(payload: bytes, what: str) -> dict[str, Any]:
     """Decode a JSON object payload or raise :class:`PayloadError` saying what is wrong."""
     try:
@@ -129,7 +135,8 @@ class JsonMessage:
     TOPIC: ClassVar[Topic]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": SCHEMA_VERSION, **asdict(self)}
+        # The fields are plain values, lists and dicts, which JSON takes as they are: no copy.
+        return {"schema": SCHEMA_VERSION, **{name: getattr(self, name) for name in _field_names(type(self))}}
 
     def to_payload(self) -> bytes:
         return _json(self.to_dict())
@@ -227,12 +234,12 @@ class DetectionEvent(JsonMessage):
 
     def stored_body(self) -> dict[str, Any]:
         """The event as the outbox keeps it: without its number and delivery fields."""
-        return {k: v for k, v in asdict(self).items() if k not in self.DELIVERY_FIELDS}
+        return {name: getattr(self, name) for name in _stored_names()}
 
     @classmethod
     def from_stored(cls, body: dict[str, Any], seq: int) -> DetectionEvent:
         """The event of a stored body and its number (unknown keys of older bodies dropped)."""
-        names = {f.name for f in fields(cls)} - cls.DELIVERY_FIELDS
+        names = _stored_names()
         return cls(**{k: v for k, v in body.items() if k in names}, seq=seq)
 
     def delivered(self, now: float, replayed: bool) -> DetectionEvent:
@@ -240,6 +247,11 @@ class DetectionEvent(JsonMessage):
         whether it is a replay."""
         delay = max(0.0, round((now - parse_iso_utc(self.time)) * 1000.0, 1))
         return replace(self, delay_ms=delay, replayed=replayed)
+
+
+@functools.cache
+def _stored_names() -> tuple[str, ...]:
+    return tuple(name for name in _field_names(DetectionEvent) if name not in DetectionEvent.DELIVERY_FIELDS)
 
 
 @dataclass(frozen=True)

@@ -221,6 +221,13 @@ class MqttTransport:
         self.connect_burst = 0
         self._hooks_thread: int | None = None  # thread running the on-connect hooks, meanwhile
         self._connect_publishes = 0
+        # One writer at a time: paho writes a publish on the thread that makes it, and a packet
+        # it could not send whole goes back to its queue, where a second writer could send the
+        # next packet into the middle of it.
+        self._write_lock = threading.RLock()
+        # Set once the broker acknowledged the subscriptions restored at the last CONNACK.
+        self._subscribed = threading.Event()
+        self._resubscribe_mid: int | None = None
 
         protocol = paho.MQTTv5 if self._mqtt5 else paho.MQTTv311
         kwargs: dict[str, Any] = {"client_id": client_id, "protocol": protocol}
@@ -243,6 +250,8 @@ class MqttTransport:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_publish = self._on_publish
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_socket_register_write = self._write_requested
 
     # --- public API ----------------------------------------------------------------------
     @property
@@ -255,6 +264,11 @@ class MqttTransport:
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
+
+    def wait_subscribed(self, timeout: float) -> bool:
+        """Connected, and the broker has acknowledged every subscription made so far: messages
+        published from now on reach the handlers."""
+        return self._subscribed.wait(timeout)
 
     def on_connected(self, hook: Callable[[], None]) -> None:
         """Run ``hook`` on the network thread after every CONNACK (after re-subscribing)."""
@@ -288,9 +302,11 @@ class MqttTransport:
             self._subscriptions[topic_filter] = (self._options(qos, retain_as_published), handler)
             self._handler_cache.clear()
         if self.connected:
-            self._client.subscribe(
+            self._subscribed.clear()
+            _, mid = self._client.subscribe(
                 topic_filter, **self._subscribe_arguments(self._subscriptions[topic_filter][0])
             )
+            self._resubscribe_mid = mid
             self._written()
 
     def _options(self, qos: int, retain_as_published: bool) -> Any:
@@ -486,7 +502,8 @@ class MqttTransport:
                 rc = self._client.loop_read()
             session.read_done()
         if rc == paho.MQTT_ERR_SUCCESS and self._client.want_write():
-            rc = self._client.loop_write()
+            with self._write_lock:
+                rc = self._client.loop_write()
         if rc == paho.MQTT_ERR_SUCCESS:
             rc = self._client.loop_misc()
         self._deliver_acknowledgements()
@@ -546,8 +563,11 @@ class MqttTransport:
         log.info("MQTT connected to %s:%d as %s", self.config.host, self.config.port, self.client_id)
         with self._lock:
             subscriptions = [(f, options) for f, (options, _) in self._subscriptions.items()]
+        self._subscribed.clear()
         if subscriptions:
-            client.subscribe(subscriptions)
+            _, self._resubscribe_mid = client.subscribe(subscriptions)
+        else:
+            self._subscribed.set()
         self._connected.set()
         self.stats.connected = True
         self._hooks_thread, self._connect_publishes = threading.get_ident(), 0
@@ -580,9 +600,25 @@ class MqttTransport:
         self.send_window = window
         self._next_window = broker_window
 
+    def _on_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any
+    ) -> None:
+        if mid == self._resubscribe_mid:
+            self._subscribed.set()
+
+    def _write_requested(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        """paho has packets to write: write them now on this thread, one writer at a time. On
+        the network thread nothing: it writes right after what it is doing."""
+        thread = self._thread
+        if thread is not None and thread.ident == threading.get_ident():
+            return
+        with self._write_lock:
+            client.loop_write()
+
     def _on_disconnect(
         self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
     ) -> None:
+        self._subscribed.clear()
         self._connected.clear()
         self.stats.connected = False
         if not self._stop.is_set():

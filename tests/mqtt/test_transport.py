@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 from pathlib import Path
@@ -450,6 +451,79 @@ def test_stop_disconnects_cleanly_so_the_broker_keeps_the_will_to_itself(tmp_pat
         assert transport._client.socket() is None and not transport.connected
         watcher.wait_for("will/after")
         assert [m.payload for m in watcher.on("will/state")] == [b"offline"]
+    finally:
+        transport.stop()
+        watcher.close()
+        broker.stop()
+
+
+def test_subscriptions_are_in_place_when_wait_subscribed_returns(tmp_path: Path) -> None:
+    """What a client publishes right after ``wait_subscribed`` reaches the handler, at once
+    and again after the broker restarts (the subscriptions restored at the CONNACK)."""
+    broker = Broker(tmp_path).start()
+    transport = MqttTransport(agent_config(broker.port, tmp_path).mqtt, "subscribed-test")
+    received: list[bytes] = []
+    arrived = threading.Condition()
+
+    def handler(message: Any) -> None:
+        with arrived:
+            received.append(message.payload)
+            arrived.notify_all()
+
+    transport.subscribe("ready/#", handler, qos=1)
+    sender = Client(broker.port).connect()
+    try:
+        transport.start()
+        assert transport.wait_subscribed(10)
+        sender.publish("ready/1", b"first", qos=1)
+        with arrived:
+            assert arrived.wait_for(lambda: received == [b"first"], 10)
+        broker.restart()
+        assert transport.wait_subscribed(20)
+        sender = Client(broker.port).connect()
+        sender.publish("ready/2", b"after the restart", qos=1)
+        with arrived:
+            assert arrived.wait_for(lambda: received == [b"first", b"after the restart"], 10)
+    finally:
+        transport.stop()
+        sender.close()
+        broker.stop()
+
+
+def test_publishes_from_many_threads_reach_the_broker_whole_through_a_tight_socket(tmp_path: Path) -> None:
+    """paho writes a publish on the thread that makes it; with a send buffer too small for a
+    packet and a broker that stalls, writes go in pieces, and two writers at once could splice
+    packets into each other. The transport lets one writer at a time: every message arrives
+    whole and the connection stays up."""
+    broker = Broker(tmp_path).start()
+    transport = MqttTransport(agent_config(broker.port, tmp_path).mqtt, "writers-test")
+    watcher = Client(broker.port).connect().subscribe("bulk/#")
+    payloads = {f"bulk/{t}/{n}": bytes([t * 16 + n % 16]) * 30_000 for t in range(4) for n in range(25)}
+    try:
+        transport.start()
+        assert transport.wait_subscribed(10)
+        sock = transport._client.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        start = threading.Barrier(5)
+
+        def publish(thread: int) -> None:
+            start.wait()
+            for topic, payload in payloads.items():
+                if topic.startswith(f"bulk/{thread}/"):
+                    assert transport.publish(topic, payload, qos=thread % 2) is not None
+
+        threads = [threading.Thread(target=publish, args=(t,)) for t in range(4)]
+        assert broker.process is not None
+        broker.process.send_signal(signal.SIGSTOP)  # the broker stops reading: writes go in pieces
+        for thread in threads:
+            thread.start()
+        start.wait()
+        broker.process.send_signal(signal.SIGCONT)
+        for thread in threads:
+            thread.join(60)
+        received = watcher.wait_for("bulk/#", lambda m: len(m) >= len(payloads), timeout=60)
+        assert {m.topic: m.payload for m in received} == payloads
+        assert transport.stats.reconnects == 0
     finally:
         transport.stop()
         watcher.close()
