@@ -4,9 +4,9 @@ paho keeps unacknowledged QoS 1 messages in memory only, so a restart or a power
 outage would lose them. Every event is first committed to SQLite (WAL, ``synchronous=FULL``:
 a detection is durable before anyone is told about it), then published in sequence order
 (:class:`~edge_agent.agent.delivery.Delivery`), and deleted when the broker acknowledges it.
-After a reconnect or a restart the rest is replayed in order. Deletes skip the fsync: one lost to a power cut only
-sends an acknowledged event again. The store is bounded by count and age; the oldest
-events go first and every drop is counted (and shown in health).
+After a reconnect or a restart the rest is replayed in order. Deletes skip the fsync: one lost
+to a power cut only sends an acknowledged event again. The store is bounded by count and age;
+the oldest events go first and every drop is counted (and shown in health).
 
 Sequence numbers come from the same database, so they keep increasing across restarts and
 receivers can de-duplicate on ``(device, seq)``.

@@ -54,9 +54,7 @@ def _stack_spans(
     and which cells are padding (pure blank, exact, past a stream's end: they can neither
     start, continue nor penalise a match)."""
     ends = stops if stops is not None else [None] * len(decoders)
-    spans = [
-        d.history.rows(first, stop) for d, first, stop in zip(decoders, first_frames, ends, strict=True)
-    ]
+    spans = [d.history.rows(first, stop) for d, first, stop in zip(decoders, first_frames, ends, strict=True)]
     lengths = np.fromiter((values.shape[0] for values, _ in spans), np.int64, len(spans))
     longest = int(lengths.max())
     streams = len(spans)
@@ -251,11 +249,7 @@ def process_many(
                 found = frames[row, np.flatnonzero(candidates[position])]
                 if search.pending is None and found.size == 0:
                     search.keep_carries(new_carry[position], new_carry_pre[position])
-                    if (
-                        resolve is not None
-                        and lengths[row] <= EARLY_RESOLUTION_FRAMES
-                        and search.under_way()
-                    ):
+                    if resolve is not None and lengths[row] <= EARLY_RESOLUTION_FRAMES and search.under_way():
                         # Audio in real time, and two or more characters may have been said:
                         # resolve the window so far a few frames per step, and each new frame
                         # as it comes, rather than all of it when the last character arrives
