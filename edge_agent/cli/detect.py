@@ -28,7 +28,7 @@ from edge_agent.engine.features import SAMPLE_RATE_HZ
 from edge_agent.engine.lexicon import normalize_keyword
 from edge_agent.engine.model import KwsModel
 from edge_agent.keywords import decoder_settings_from
-from edge_agent.recording import detect_recording, load_recording
+from edge_agent.recording import Recording, detect_recording
 from edge_agent.system import tune_allocator
 
 # The lowest threshold eval uses to see every file's best score (for the suggested threshold).
@@ -106,10 +106,11 @@ def detect_file(
 ) -> FileResult:
     """One WAV through the whole-file pipeline; errors become a result, not an exception."""
     try:
-        samples = load_recording(path, max_seconds=None)
+        recording = Recording(path, max_seconds=None)
+        audio = recording.samples() if chunk_samples > 0 else recording
+        result = detect_recording(model, keywords, settings, audio, chunk_samples)
     except WavError as error:
         return FileResult(path, error=str(error))
-    result = detect_recording(model, keywords, settings, samples, chunk_samples)
     return FileResult(path, result.detections, None, result.audio_seconds, result.processing_seconds)
 
 
@@ -243,7 +244,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     for path, wanted in expected.items():
         try:
-            samples = load_recording(path, max_seconds=None)
+            samples = Recording(path, max_seconds=None).samples()
         except WavError as error:
             errors.append({"file": str(path), "error": str(error)})
             continue

@@ -11,14 +11,19 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from edge_agent.cli.common import (
-    add_model_options,
-    compile_keywords,
-    fail,
-    load_settings,
-    open_model,
+from edge_agent.cli.common import add_model_options, apply_command_line, fail, load_model
+from edge_agent.config import (
+    AgentConfig,
+    ConfigError,
+    FileSource,
+    keep_last_good,
+    load_config,
+    merge_update,
+    revert_remote_overrides,
 )
-from edge_agent.config import AgentConfig, ConfigError, FileSource, merge_update
+from edge_agent.engine.lexicon import LexiconError
+from edge_agent.engine.model import ModelError
+from edge_agent.keywords import compile_config_keywords
 from edge_agent.logs import configure_logging
 from edge_agent.system import tune_allocator
 
@@ -92,27 +97,31 @@ def build_sources(config: AgentConfig, extra_files: list[str]) -> list[AudioSour
     return sources
 
 
-def run_agent(args: argparse.Namespace) -> int:
-    # Imported here: `edge-agent detect` should not pay for paho, psutil and SQLite.
-    from edge_agent.agent.app import Agent
-    from edge_agent.agent.outbox import OutboxError
+class StartFailed(Exception):
+    """The agent could not be built from its configuration (the message says why)."""
 
+
+def run_agent(args: argparse.Namespace) -> int:
     tune_allocator()
-    config = load_settings(args)
+    config_path = Path(args.config).resolve() if args.config else None
+    reverted: str | None = None
     try:
-        config = merge_update(config, _overrides(args))
-    except ConfigError as error:
-        fail(str(error))
-    configure_logging(config.logging.level, config.logging.format == "json")
-    model = open_model(config)
-    compile_keywords(model, config)  # a keyword the model cannot say fails here, with its name
-    try:
-        sources = build_sources(config, args.file)
-        agent = Agent(
-            config, model, sources, config_path=Path(args.config).resolve() if args.config else None
+        agent, config = start_agent(args, config_path)
+    except StartFailed as failure:
+        # A remote change kept for this start may be what broke it: go back to the last start
+        # that worked rather than fail on every start (and say so once online).
+        rejected = revert_remote_overrides(config_path) if config_path is not None else None
+        if rejected is None:
+            fail(str(failure))
+        reverted = (
+            f"did not start with the configuration changed remotely ({failure}); the change was moved "
+            f"to {rejected.name} and the last configuration that started is back"
         )
-    except (ConfigError, OutboxError, ImportError, ValueError) as error:
-        fail(str(error))
+        print(f"edge-agent: {reverted}", file=sys.stderr)
+        try:
+            agent, config = start_agent(args, config_path)
+        except StartFailed as again:
+            fail(str(again))
     for integration in build_integrations(config, agent):
         agent.add_integration(integration)
 
@@ -135,6 +144,10 @@ def run_agent(args: argparse.Namespace) -> int:
             fail(f"http: cannot listen on {config.http.host}:{config.http.port}: {error.strerror or error}")
         log.info("HTTP API on %s (docs at /docs, test page at /ui)", http_server.url)
     agent.start()
+    if config_path is not None:
+        keep_last_good(config_path)
+    if reverted is not None:
+        agent.errors.report("config_reverted", reverted)  # published once the broker takes it
     try:
         agent.wait(keep_running=http_server is not None)
     finally:
@@ -146,6 +159,29 @@ def run_agent(args: argparse.Namespace) -> int:
         # The same command line, in a fresh process image: new config, new model, same PID.
         os.execv(sys.executable, [sys.executable, "-m", "edge_agent", *sys.argv[1:]])
     return 0
+
+
+def start_agent(args: argparse.Namespace, config_path: Path | None) -> tuple[Agent, AgentConfig]:
+    """The configured agent, built (not started): its model loaded, its keywords compiled, its
+    outbox opened. Raises StartFailed naming what is wrong."""
+    # Imported here: `edge-agent detect` should not pay for paho, psutil and SQLite.
+    from edge_agent.agent.app import Agent
+    from edge_agent.agent.outbox import OutboxError
+
+    try:
+        config = merge_update(load_config(args.config), _overrides(args))
+        config = apply_command_line(config, args)
+    except ConfigError as error:
+        raise StartFailed(str(error)) from None
+    configure_logging(config.logging.level, config.logging.format == "json")
+    try:
+        model = load_model(config)
+        compile_config_keywords(model, config)  # a keyword the model cannot say fails here
+        sources = build_sources(config, args.file)
+        agent = Agent(config, model, sources, config_path=config_path)
+    except (ConfigError, OutboxError, ModelError, LexiconError, ImportError, ValueError, OSError) as error:
+        raise StartFailed(str(error)) from None
+    return agent, config
 
 
 def build_integrations(config: AgentConfig, agent: Agent) -> list[Integration]:

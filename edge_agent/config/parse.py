@@ -20,6 +20,8 @@ from edge_agent.config.schema import (
     DEFAULT_MAX_DURATION,
     DEFAULT_MIN_DURATION,
     ID_PATTERN,
+    MAX_KEYWORD_CHARACTERS,
+    MAX_KEYWORDS,
     SOURCE_TYPES,
     TOPIC_PATTERN,
     AgentConfig,
@@ -172,10 +174,17 @@ def _check_rules(config: AgentConfig) -> None:
         raise ConfigError("device.id", "cannot be derived from the host name; set it")
     if not config.keywords:
         raise ConfigError("keywords", "at least one keyword is needed")
+    if len(config.keywords) > MAX_KEYWORDS:
+        raise ConfigError("keywords", f"{len(config.keywords)} keywords; at most {MAX_KEYWORDS}")
     if config.engine.quantize and config.engine.backend != "torch":
         raise ConfigError("engine.quantize", "needs engine.backend: torch")
     seen: set[str] = set()
     for i, keyword in enumerate(config.keywords):
+        if len(keyword.text) > MAX_KEYWORD_CHARACTERS:
+            raise ConfigError(
+                f"keywords[{i}].text",
+                f"{len(keyword.text)} characters; a keyword has at most {MAX_KEYWORD_CHARACTERS}",
+            )
         if keyword.text in seen:
             raise ConfigError(f"keywords[{i}].text", f"{keyword.text!r} is listed twice")
         seen.add(keyword.text)

@@ -159,10 +159,17 @@ class EngineConfig:
     )
 
 
+# A keyword is a few words: its decoding cost grows with its length, and so do the agent's
+# memory and CPU with the number of keywords.
+MAX_KEYWORD_CHARACTERS = 16
+MAX_KEYWORDS = 32
+
+
 @dataclass(frozen=True, kw_only=True)
 class KeywordConfig:
     text: str = option(
-        doc="The keyword in Chinese characters, e.g. 小云小云; any characters of the model's lexicon."
+        doc="The keyword in Chinese characters, e.g. 小云小云; any characters of the model's lexicon "
+        f"(at most {MAX_KEYWORD_CHARACTERS}; at most {MAX_KEYWORDS} keywords)."
     )
     threshold: float = option(
         DEFAULT_THRESHOLD,
@@ -331,6 +338,18 @@ class CommandsConfig:
     )
     allowed: tuple[str, ...] = option(
         COMMAND_NAMES, doc=f"Commands accepted ({', '.join(COMMAND_NAMES)}); others get an error answer."
+    )
+    allow_sensitive: bool = option(
+        False,
+        doc="Let set_config change credentials, certificate checks, listening addresses, the client id, "
+        "topic prefix, device id and these command settings (off: only this file can).",
+    )
+    connection_trial: float = option(
+        30.0,
+        doc="A set_config of broker connection settings is kept only if the device is back online with "
+        "them within this long (s); otherwise the previous ones are restored.",
+        minimum=5.0,
+        maximum=600.0,
     )
 
 

@@ -1,13 +1,13 @@
 """Whole-file detection for HTTP uploads, shared by both backends, with its own counters.
 
-The pipeline is the one of ``edge-agent detect``: :func:`edge_agent.recording.load_recording`
-then :func:`edge_agent.recording.detect_recording`. Keeping it identical is what lets a user
-move from the CLI (or the REST service they came from) to ``POST /detect`` and get the same
+The pipeline is the one of ``edge-agent detect``: a :class:`edge_agent.recording.Recording`
+scored by :func:`edge_agent.recording.detect_recording`. Keeping it identical is what lets a
+user move from the CLI (or the REST service they came from) to ``POST /detect`` and get the same
 answers; a test checks it on every development recording.
 
-Detection runs on the request's thread against the shared, read-only model (a detector holds
-all per-stream state). A semaphore bounds how many run at once, so a burst of uploads cannot
-take every core from the agent's live streams; a request that waits too long gets a 503.
+Where the scoring runs is the backend's choice (a :data:`Scorer`): on the request's thread for
+``edge-agent serve``, on the agent's engine worker between live passes for ``edge-agent run``.
+A semaphore bounds how many requests are scored at once; one that waits too long gets a 503.
 """
 
 from __future__ import annotations
@@ -30,7 +30,14 @@ from edge_agent.http.backend import (
     PayloadTooLarge,
     Sample,
 )
-from edge_agent.recording import MAX_RECORDING_SECONDS, RecordingTooLong, detect_recording, load_recording
+from edge_agent.recording import (
+    MAX_RECORDING_SECONDS,
+    Recording,
+    RecordingBusy,
+    RecordingResult,
+    RecordingTooLong,
+    detect_recording,
+)
 
 # Custom keywords per request, at most: decoding cost grows with each one.
 MAX_KEYWORDS_PER_REQUEST = 16
@@ -43,6 +50,20 @@ MAX_AUDIO_SECONDS = MAX_RECORDING_SECONDS
 AUDIO_FIELD = "audio_file"
 
 
+# Scores one uploaded WAV with these keywords and settings (raises WavError and its kinds).
+Scorer = Callable[[bytes, Sequence[CompiledKeyword], DecoderSettings], RecordingResult]
+
+
+def local_scorer(model: Callable[[], KwsModel]) -> Scorer:
+    """Scoring on the request's own thread (``edge-agent serve``: no live streams to protect)."""
+
+    def score(wav: bytes, keywords: Sequence[CompiledKeyword], settings: DecoderSettings) -> RecordingResult:
+        recording = Recording(wav, name=AUDIO_FIELD, max_seconds=MAX_AUDIO_SECONDS)
+        return detect_recording(model(), keywords, settings, recording)
+
+    return score
+
+
 class DetectionService:
     """Runs ``/detect`` requests against a loaded model and counts what it did."""
 
@@ -53,13 +74,16 @@ class DetectionService:
         settings: Callable[[], DecoderSettings],
         max_concurrent: int = DEFAULT_MAX_CONCURRENT,
         wait_seconds: float = DEFAULT_WAIT_SECONDS,
+        scorer: Scorer | None = None,
     ) -> None:
+        """``scorer``: how a WAV is scored (default: on the request's thread, a block at a time)."""
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent must be at least 1, got {max_concurrent}")
         # Callables, not values: the agent can change its model, keywords and settings while running.
         self._model = model
         self._keywords = keywords
         self._settings = settings
+        self._score = scorer or local_scorer(model)
         self._slots = threading.BoundedSemaphore(max_concurrent)
         self.max_concurrent = max_concurrent
         self.wait_seconds = wait_seconds
@@ -87,14 +111,16 @@ class DetectionService:
         try:
             started = time.perf_counter()
             try:
-                samples = load_recording(wav, name=AUDIO_FIELD, max_seconds=MAX_AUDIO_SECONDS)
+                recording = self._score(wav, compiled, self._settings())
             except RecordingTooLong as error:
                 self._count("bad_request")
                 raise PayloadTooLarge(str(error)) from None
+            except (RecordingBusy, TimeoutError) as error:
+                self._count("busy")
+                raise NotReady(str(error)) from None
             except WavError as error:
                 self._count("bad_request")
                 raise BadRequest(str(error)) from None
-            recording = detect_recording(self._model(), compiled, self._settings(), samples)
             elapsed = time.perf_counter() - started
         finally:
             self._slots.release()

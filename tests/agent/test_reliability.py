@@ -17,7 +17,7 @@ from edge_agent.audio.sources import FileAudioSource
 from edge_agent.audio.wav import read_wav, to_mono_16k
 from edge_agent.config import FileSource
 from edge_agent.mqtt.messages import DetectionEvent, parse_iso_utc
-from edge_agent.recording import detect_recording, load_recording
+from edge_agent.recording import Recording, detect_recording
 from tests.agent.streaming import pcm16
 from tests.broker import Broker, Client, free_port
 from tests.support import agent_config, start_agent_process, wait_until
@@ -82,7 +82,7 @@ def test_broker_down_while_keywords_are_spoken_loses_nothing(  # type: ignore[no
     expected = []
     for path in recordings:
         whole = detect_recording(
-            numpy_model, agent.worker.keywords, agent.worker.settings.decoder, load_recording(path)
+            numpy_model, agent.worker.keywords, agent.worker.settings.decoder, Recording(path).samples()
         )
         expected += [(d.keyword, round(d.start, 3), round(d.end, 3)) for d in whole.detections]
     assert [(e.keyword, e.start, e.end) for e in events] == expected
