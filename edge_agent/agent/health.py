@@ -8,6 +8,7 @@ The same tick drops outbox events older than their age bound.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -112,6 +113,8 @@ class HealthReporter:
                 "item_errors": worker.stats.item_errors,
                 "last_error": worker.last_error,
                 "streams_open": len(worker.stream_ids()),
+                # One entry per engine worker: how far behind it is (seconds of audio waiting).
+                "workers": [dataclasses.asdict(backlog) for backlog in worker.backlog()],
             },
         )
 

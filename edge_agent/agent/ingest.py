@@ -45,6 +45,7 @@ class Ingest:
         self.max_rate_factor = max_rate_factor  # replaced whole by live configuration changes
         self._lock = threading.Lock()
         self._dropped: OrderedDict[str, int] = OrderedDict()
+        queue.on_evicted(self._evicted)
 
     def submit(self, item: AudioItem) -> bool:
         """Queue ``item`` for the engine; False when it was refused (and reported). Local
@@ -76,6 +77,18 @@ class Ingest:
             )
         return False
 
+    def _evicted(self, item: AudioItem) -> None:
+        """The queue dropped a waiting chunk to make room for newer audio: counted and reported
+        like a refused one."""
+        self._count_drop(item.stream)
+        if not isinstance(item, AudioChunk):
+            self._errors.report(
+                "queue_full",
+                "the engine is behind; the oldest waiting audio chunk dropped for newer audio",
+                topic=item.origin,
+                stream=item.stream,
+            )
+
     def forget(self, stream: str) -> None:
         """A stream closed: its rate-limit bucket and drop counter go."""
         self._limiter.forget(stream)
@@ -83,7 +96,7 @@ class Ingest:
             self._dropped.pop(stream, None)
 
     def dropped(self, stream: str) -> int:
-        """Chunks of ``stream`` refused because the worker's queue was full."""
+        """Chunks of ``stream`` refused or dropped because the worker's queue was full."""
         with self._lock:
             return self._dropped.get(stream, 0)
 

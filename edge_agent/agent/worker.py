@@ -19,7 +19,7 @@ the loop goes on; if the loop itself dies, ``alive`` turns false and health show
 from __future__ import annotations
 
 import logging
-import queue
+import os
 import threading
 import time
 from collections import deque
@@ -92,56 +92,116 @@ def _item_bytes(item: _Item) -> int:
 class WorkQueue:
     """The worker's inbox, bounded in bytes of audio (a 20 ms chunk and a 60 s file differ
     3000-fold, so items are not the unit). Controls and configuration changes carry no audio
-    and are always admitted. Any thread may put; only the worker takes."""
+    and are always admitted. Any thread may put; only the worker takes.
+
+    When the bound is reached, the oldest queued audio chunks make room for the new one (fresh
+    audio is worth more to a live stream than stale audio); each one dropped is handed to the
+    ``evicted`` listener (:meth:`on_evicted`), which counts and reports it. Recordings and
+    controls are never dropped."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._items: deque[_Item | None] = deque()
         self._lock = threading.Lock()
-        self._bytes = 0
+        self._ready = threading.Condition(self._lock)
+        self._bytes = 0  # queued and taken but not yet handled
+        self._seconds = 0.0
+        self._waiting_audio_bytes = 0  # audio still queued (what may be dropped)
         self.high_water = 0
         self.refused = 0
+        self._evicted: Callable[[AudioItem], None] = lambda item: None
+
+    def on_evicted(self, listener: Callable[[AudioItem], None]) -> None:
+        """``listener(item)`` for each queued audio chunk dropped to make room (any thread)."""
+        self._evicted = listener
 
     def put(self, item: _Item) -> bool:
-        """Queue ``item`` unless its audio would overflow the bound; never blocks."""
+        """Queue ``item``, dropping the oldest queued audio if its audio would overflow the
+        bound; False (refused) when even that is not enough. Never blocks."""
         size = _item_bytes(item)
+        dropped: list[AudioItem] = []
         with self._lock:
             if size and self._bytes + size > self.max_bytes:
-                self.refused += 1
-                return False
-            self._bytes += size
+                # Only audio still waiting can go (what the worker took is being scored).
+                if not _is_audio(item) or self._bytes - self._waiting_audio_bytes + size > self.max_bytes:
+                    self.refused += 1
+                    return False
+                dropped = self._make_room(size)
+            self._items.append(item)
+            self._count(item, +1)
             self.high_water = max(self.high_water, self._bytes)
-        self._queue.put(item)
+            self._ready.notify()
+        for chunk in dropped:
+            self._evicted(chunk)
         return True
 
+    def _make_room(self, size: int) -> list[AudioItem]:
+        """Take the oldest waiting audio chunks out until ``size`` fits (lock held)."""
+        dropped: list[AudioItem] = []
+        kept: deque[_Item | None] = deque()
+        while self._items and self._bytes + size > self.max_bytes:
+            queued = self._items.popleft()
+            if _is_audio(queued):
+                dropped.append(queued)  # type: ignore[arg-type]
+                self._count(queued, -1)
+            else:
+                kept.append(queued)
+        kept.extend(self._items)
+        self._items = kept
+        return dropped
+
+    def _count(self, item: _Item | None, sign: int) -> None:
+        size = _item_bytes(item)
+        self._bytes += sign * size
+        self._seconds += sign * _item_seconds(item)
+        if _is_audio(item):
+            self._waiting_audio_bytes += sign * size
+
     def close(self) -> None:
-        self._queue.put(None)
+        with self._lock:
+            self._items.append(None)
+            self._ready.notify()
 
     def take(self, timeout: float) -> list[_Item | None]:
         """Everything waiting (at least one item, or none after ``timeout``)."""
-        try:
-            batch = [self._queue.get(timeout=timeout)]
-        except queue.Empty:
-            return []
-        while len(batch) < _MAX_BATCH_ITEMS:
-            try:
-                batch.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        return batch
+        with self._lock:
+            if not self._items and timeout > 0:
+                self._ready.wait(timeout)
+            batch: list[_Item | None] = []
+            while self._items and len(batch) < _MAX_BATCH_ITEMS:
+                item = self._items.popleft()
+                if _is_audio(item):
+                    self._waiting_audio_bytes -= _item_bytes(item)
+                batch.append(item)
+            return batch
 
     def release(self, item: _Item) -> None:
+        """``item`` (taken) was handled: its audio no longer counts."""
         size = _item_bytes(item)
         if size:
             with self._lock:
                 self._bytes -= size
+                self._seconds -= _item_seconds(item)
 
     @property
     def queued_bytes(self) -> int:
         return self._bytes
 
+    @property
+    def queued_seconds(self) -> float:
+        """Seconds of live audio waiting (what the worker is behind by)."""
+        return max(self._seconds, 0.0)
+
     def __len__(self) -> int:
-        return self._queue.qsize()
+        return len(self._items)
+
+
+def _is_audio(item: object) -> bool:
+    return isinstance(item, (PcmChunk, WavChunk, AudioChunk))
+
+
+def _item_seconds(item: object) -> float:
+    return float(item.seconds) if _is_audio(item) else 0.0  # type: ignore[union-attr]
 
 
 class ResultSink(Protocol):
@@ -152,6 +212,19 @@ class ResultSink(Protocol):
 
     def wait_handed_over(self, ticket: int, timeout: float) -> bool:
         """Whether the sink handed everything up to ``ticket`` on within ``timeout``."""
+
+
+@dataclass(frozen=True)
+class WorkerBacklog:
+    """How far behind one engine worker is (health shows one per worker)."""
+
+    worker: int
+    pid: int
+    alive: bool
+    queued_seconds: float  # live audio waiting for it
+    queued_bytes: int
+    streams: int
+    restarts: int = 0
 
 
 @dataclass
@@ -252,6 +325,15 @@ class EngineWorker:
     def stream_ids(self) -> list[str]:
         with self._streams_lock:
             return list(self._streams)
+
+    def backlog(self) -> list[WorkerBacklog]:
+        """How far behind the engine is: this one thread."""
+        inbox = self._inbox
+        return [
+            WorkerBacklog(
+                0, os.getpid(), self.alive, round(inbox.queued_seconds, 2), inbox.queued_bytes, len(self._streams)
+            )
+        ]
 
     # --- the loop ----------------------------------------------------------------------------
     def _run(self) -> None:

@@ -30,14 +30,18 @@ def test_network_streams_are_rate_limited_local_ones_not() -> None:
     assert entry.submit(local) and len(queue) == 6
 
 
-def test_a_full_queue_refuses_audio_and_counts_it_per_stream_but_never_controls() -> None:
+def test_a_full_queue_drops_the_oldest_waiting_audio_counts_it_per_stream_never_controls() -> None:
     second = PcmChunk("a", "mqtt", ONE_SECOND, None, 0.0, "t/a")
-    entry, _queue, refusals = ingest(max_bytes=second.nbytes + 1000, factor=0)
-    assert entry.submit(PcmChunk("a", "mqtt", ONE_SECOND, None, 0.0, "t/a"))
-    assert not entry.submit(PcmChunk("a", "mqtt", ONE_SECOND, None, 0.0, "t/a"))
+    entry, queue, refusals = ingest(max_bytes=second.nbytes + 1000, factor=0)
+    assert entry.submit(PcmChunk("a", "mqtt", ONE_SECOND, None, 1.0, "t/a"))
+    newer = PcmChunk("a", "mqtt", ONE_SECOND, None, 2.0, "t/a")
+    assert entry.submit(newer)  # the older chunk made room, counted and reported
+    assert entry.dropped("a") == 1 and queue.take(0) == [newer]
+    # What the worker took is being scored: it cannot make room, so new audio is refused.
+    assert not entry.submit(PcmChunk("a", "mqtt", ONE_SECOND, None, 3.0, "t/a"))
     assert not entry.submit(AudioChunk("mic", "microphone", np.zeros(16000, np.float32), 0.0))
     assert entry.submit(StreamStart("b", "mqtt", None, "t/b")) and entry.submit(StreamEnd("a", "mqtt", "t/a"))
-    assert entry.dropped("a") == 1 and entry.dropped("mic") == 1
+    assert entry.dropped("a") == 2 and entry.dropped("mic") == 1
     # A local source counts the chunk it could not hand over itself: no error message for it.
     assert [(r.code, r.stream) for r in refusals] == [("queue_full", "a")]
     entry.forget("a")

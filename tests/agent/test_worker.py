@@ -3,6 +3,8 @@ applied on its own thread, the bounded wait for the sink, and its queue's byte b
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -224,12 +226,19 @@ def test_the_queue_is_bounded_in_memory_once_converted_and_controls_always_pass(
     undeclared = PcmChunk("s", "mqtt", bytes(3200), None, 0.0, "t")
     assert declared.nbytes == 3200 + 6400 and undeclared.nbytes == 3200 + 25600
     queue = WorkQueue(max_bytes=2 * declared.nbytes + 100)
-    assert queue.put(declared) and queue.put(declared)
-    assert not queue.put(declared) and queue.refused == 1
+    dropped: list[object] = []
+    queue.on_evicted(dropped.append)
+    oldest = replace(declared, received_at=1.0)
+    assert queue.put(oldest) and queue.put(declared)
+    assert queue.put(declared) and dropped == [oldest]  # the oldest waiting audio made room
     assert queue.put(StreamEnd("s", "mqtt", "t"))  # no audio: always admitted
     assert queue.queued_bytes == queue.high_water == 2 * declared.nbytes
-    (first, *_) = queue.take(0)
-    queue.release(first)
+    assert queue.queued_seconds == 0.2
+    taken = queue.take(0)
+    assert len(taken) == 3 and queue.refused == 0
+    # What the worker took is being scored: it cannot make room, so new audio is refused.
+    assert not queue.put(declared) and queue.refused == 1
+    queue.release(taken[0])
     assert queue.queued_bytes == declared.nbytes
 
 
