@@ -329,11 +329,8 @@ class EngineWorker:
     def backlog(self) -> list[WorkerBacklog]:
         """How far behind the engine is: this one thread."""
         inbox = self._inbox
-        return [
-            WorkerBacklog(
-                0, os.getpid(), self.alive, round(inbox.queued_seconds, 2), inbox.queued_bytes, len(self._streams)
-            )
-        ]
+        seconds = round(inbox.queued_seconds, 2)
+        return [WorkerBacklog(0, os.getpid(), self.alive, seconds, inbox.queued_bytes, len(self._streams))]
 
     # --- the loop ----------------------------------------------------------------------------
     def _run(self) -> None:

@@ -3,10 +3,9 @@ applied on its own thread, the bounded wait for the sink, and its queue's byte b
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
