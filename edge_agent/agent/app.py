@@ -9,7 +9,8 @@ Threads, and what each one runs:
 * ``mqtt-network`` (the transport): reads messages; handlers only check and queue
   (:mod:`edge_agent.agent.mqtt_inbound`, integrations); refills the window of detections;
 * ``engine-worker``: converts audio and runs every stream's detector
-  (:mod:`edge_agent.agent.worker`);
+  (:mod:`edge_agent.agent.worker`); with ``engine.workers`` > 1 it runs in as many worker
+  processes, each on its share of the streams (:mod:`edge_agent.agent.engine_pool`);
 * ``detection-sink``: stores, delivers and announces detections (:mod:`edge_agent.agent.sink`);
 * ``health``: the retained health report on a tick (:mod:`edge_agent.agent.health`);
 * one thread per local audio source (file player, microphone pump), and the integrations' own
@@ -24,6 +25,7 @@ is away: detections wait in the outbox.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -32,6 +34,7 @@ from pathlib import Path
 
 from edge_agent import __version__
 from edge_agent.agent.delivery import Delivery
+from edge_agent.agent.engine_pool import EnginePool, ModelSource, PoolInbox
 from edge_agent.agent.errors import ErrorReporter, Refusal
 from edge_agent.agent.health import HealthReporter
 from edge_agent.agent.ingest import Ingest
@@ -92,7 +95,6 @@ class Agent:
         self.errors = ErrorReporter(
             _error_publisher(self.transport, topic(ErrorReport.TOPIC), self.device_id)
         )
-        self.queue = WorkQueue(int(config.engine.queue_mb * _BYTES_PER_MB))
         self.outbox: Outbox | None = None
         delivery = None
         if self.transport is not None:
@@ -130,9 +132,19 @@ class Agent:
             on_stall=self.transport.drop_connection if self.transport is not None else lambda reason: None,
         )
         keywords = compile_config_keywords(model, config)
-        self.worker = EngineWorker(
-            model, engine_settings(config, keywords), self.queue, self.sink, self.errors
-        )
+        settings = engine_settings(config, keywords)
+        max_bytes = int(config.engine.queue_mb * _BYTES_PER_MB)
+        workers = config.engine.workers or os.cpu_count() or 1
+        self.worker: EngineWorker | EnginePool
+        if workers > 1:
+            # The same worker loop in as many processes, each on its share of the streams.
+            engine = config.engine
+            source = ModelSource(model.directory, engine.backend, engine.threads, engine.quantize)
+            self.worker = EnginePool(source, settings, workers, max_bytes, self.sink, self.errors)
+            self.queue: WorkQueue | PoolInbox = self.worker.inbox
+        else:
+            self.queue = WorkQueue(max_bytes)
+            self.worker = EngineWorker(model, settings, self.queue, self.sink, self.errors)
         self.ingest = Ingest(self.queue, self.errors, config.audio.mqtt.max_rate_factor)
         self.live = LiveConfig(
             config, model, self.worker, self.ingest, on_applied=lambda: self.presence.publish_state()

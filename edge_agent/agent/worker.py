@@ -179,9 +179,14 @@ class WorkQueue:
         """``item`` (taken) was handled: its audio no longer counts."""
         size = _item_bytes(item)
         if size:
-            with self._lock:
-                self._bytes -= size
-                self._seconds -= _item_seconds(item)
+            self.release_amount(size, _item_seconds(item))
+
+    def release_amount(self, size: int, seconds: float) -> None:
+        """Taken items of ``size`` bytes and ``seconds`` of audio in all were handled (by a
+        worker process, which reports totals rather than items)."""
+        with self._lock:
+            self._bytes -= size
+            self._seconds -= seconds
 
     @property
     def queued_bytes(self) -> int:

@@ -116,6 +116,13 @@ class EngineConfig:
     threads: int = option(
         1, doc="Threads for the torch backend (numpy runs single-threaded).", minimum=1, maximum=64
     )
+    workers: int = option(
+        0,
+        doc="Engine worker processes, streams shared among them: 0 = one per core; 1 = the engine on "
+        "one thread of the agent's own process.",
+        minimum=0,
+        maximum=64,
+    )
     quantize: bool = option(
         False,
         doc="torch backend only: int8 dynamic quantization of the linear layers (faster; see the README).",

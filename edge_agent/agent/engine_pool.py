@@ -1,0 +1,598 @@
+"""The engine on every core: worker processes, each running the engine worker on its share.
+
+The decoder and the front-end hold the GIL, so threads cannot spread the engine over cores:
+:class:`EnginePool` starts ``engine.workers`` processes and runs, in each, the very
+:class:`~edge_agent.agent.worker.EngineWorker` the single-worker agent runs in-process. The
+pool offers the worker's interface to the rest of the agent (apply, replace_model, drain,
+snapshots, health), so Ingest, LiveConfig and the detection sink do not know which they have.
+
+* **Partitions.** A stream goes to the worker chosen by a stable hash of its id (a hash of the
+  id alone, so that one id used by two kinds of source still meets the worker's conflict
+  check): its state lives in one process and its audio is scored in order. Whole recordings
+  go to the least loaded worker, where they are scored a block at a time between live passes.
+* **Order.** Everything for a worker (audio, stream controls, configuration changes, drains)
+  goes through one sender thread and one pipe, in the order it was submitted.
+* **Backlog.** Each worker has its own :class:`PartitionQueue`, bounded in bytes (its share of
+  ``engine.queue_mb``) counting what waits in this process *and* what the worker was sent but
+  has not handled (it reports what it handled). The worker reads ahead only a quarter of its
+  bound, so the backlog stays here, where the oldest waiting audio is dropped first.
+* **Results.** Detections, closed streams and refusals come back on the same pipe; one reader
+  thread per worker hands them to the detection sink and the :class:`ErrorReporter` of this
+  process: there is one outbox and one publisher.
+* **Failure.** A worker that dies is reported (``internal_error``), its streams are closed (their
+  state, and the audio it had been sent, is lost) and a new process takes its partition.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing
+import threading
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from edge_agent.agent.errors import ErrorReporter
+from edge_agent.agent.items import (
+    Detected,
+    EngineSettings,
+    RecordingRequest,
+    StreamClosed,
+)
+from edge_agent.agent.streams import StreamSnapshot
+from edge_agent.agent.worker import (
+    EngineWorker,
+    ResultSink,
+    WorkerBacklog,
+    WorkerStats,
+    WorkQueue,
+    _item_bytes,
+    _item_seconds,
+)
+from edge_agent.audio.wav import WavError
+from edge_agent.engine.decoder import CompiledKeyword
+from edge_agent.engine.model import KwsModel
+
+log = logging.getLogger(__name__)
+
+# How often a worker process reports what it handled (bytes released) and its streams' state.
+_PROGRESS_SECONDS = 0.02
+_STATE_SECONDS = 0.5
+# Waits for a worker process that no longer answers (a drain, a change, a stop).
+_START_SECONDS = 60.0
+
+
+@dataclass
+class _Message:
+    """What goes over a worker's pipe, either way: ``kind`` and its arguments."""
+
+    kind: str
+    args: tuple[Any, ...] = ()
+
+
+@dataclass
+class _WorkerState:
+    """What a worker process last said about itself."""
+
+    snapshots: list[StreamSnapshot]
+    stats: WorkerStats
+    alive: bool
+    last_error: str | None
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a worker process loads the model from: its files, and how (a loaded model holds
+    caches keyed by its own objects, so it is read again rather than sent)."""
+
+    directory: Path
+    backend: str = "numpy"
+    threads: int = 1
+    quantize: bool = False
+
+    def load(self) -> KwsModel:
+        return KwsModel.load(self.directory, self.backend, self.threads, self.quantize)
+
+
+def partition_of(stream: str, workers: int) -> int:
+    """The worker a stream belongs to: stable across runs and processes."""
+    return zlib.crc32(stream.encode()) % workers
+
+
+# --- the worker process --------------------------------------------------------------------------
+
+
+class _Outgoing:
+    """The worker process's end of the pipe: any of its threads may send."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, kind: str, *args: Any) -> None:
+        with self._lock:
+            self._conn.send(_Message(kind, args))
+
+
+class _RemoteResults:
+    """The worker's :class:`ResultSink` in a worker process: results go back over the pipe.
+    No wait for the hand-over: the sink runs in another process and takes no core from here."""
+
+    def __init__(self, out: _Outgoing) -> None:
+        self._out = out
+
+    def put(self, results: list[Detected | StreamClosed]) -> int:
+        self._out.send("results", results)
+        return 0
+
+    def wait_handed_over(self, ticket: int, timeout: float) -> bool:
+        return True
+
+
+class _RemoteErrors(ErrorReporter):
+    """Refusals go to the agent's own reporter (it counts, rate-limits and publishes them)."""
+
+    def __init__(self, out: _Outgoing) -> None:
+        super().__init__()
+        self._out = out
+
+    def report(self, code: str, message: str, topic: str | None = None, stream: str | None = None) -> None:
+        self._out.send("error", code, message, topic, stream)
+
+
+class _ReadAheadQueue(WorkQueue):
+    """The worker process's inbox: unbounded (the bound is kept by the agent), it counts what
+    the worker handled, and lets the reader wait while the worker has enough to do."""
+
+    def __init__(self) -> None:
+        super().__init__(max_bytes=1 << 62)
+        self.handled_bytes = 0
+        self.handled_seconds = 0.0
+        self._room = threading.Condition()
+
+    def release(self, item: Any) -> None:
+        super().release(item)
+        with self._room:
+            self.handled_bytes += _item_bytes(item)
+            self.handled_seconds += _item_seconds(item)
+            self._room.notify_all()
+
+    def wait_below(self, limit: int) -> None:
+        with self._room:
+            while self.queued_bytes >= limit:
+                self._room.wait(_STATE_SECONDS)
+
+
+def _serve(conn: Connection, source: ModelSource, settings: EngineSettings, read_ahead: int) -> None:
+    """A worker process: the engine worker on its own thread, this thread reading the pipe."""
+    out = _Outgoing(conn)
+    model = source.load()
+    inbox = _ReadAheadQueue()
+    worker = EngineWorker(model, settings, inbox, _RemoteResults(out), _RemoteErrors(out))
+    stopped = threading.Event()
+
+    def report_progress() -> None:
+        next_state = 0.0
+        while not stopped.wait(_PROGRESS_SECONDS):
+            out.send("handled", inbox.handled_bytes, inbox.handled_seconds)
+            if time.monotonic() >= next_state:
+                send_state()
+                next_state = time.monotonic() + _STATE_SECONDS
+
+    def send_state() -> None:
+        out.send("state", _WorkerState(worker.snapshots(), worker.stats, worker.alive, worker.last_error))
+
+    worker.start()
+    threading.Thread(target=report_progress, name="engine-progress", daemon=True).start()
+    out.send("ready")
+    try:
+        while True:
+            message: _Message = conn.recv()
+            kind, args = message.kind, message.args
+            if kind == "item":
+                inbox.wait_below(read_ahead)
+                inbox.put(args[0])
+            elif kind == "recording":
+                token, wav, source, keywords, decoder = args
+                reply = _reply_over(out, token)
+                inbox.put(RecordingRequest(wav, source, reply, keywords, decoder))
+            elif kind == "apply":
+                worker.apply(args[1], timeout=_START_SECONDS)
+                out.send("done", args[0])
+            elif kind == "model":
+                worker.replace_model(args[1].load(), args[2], timeout=_START_SECONDS)
+                out.send("done", args[0])
+            elif kind == "drain":
+                worker.drain(_START_SECONDS)
+                out.send("handled", inbox.handled_bytes, inbox.handled_seconds)
+                send_state()
+                out.send("done", args[0])
+            elif kind == "stop":
+                worker.stop(timeout=_START_SECONDS)
+                send_state()
+                out.send("done", args[0])
+                return
+    except (EOFError, OSError):
+        return  # the agent went away
+    finally:
+        stopped.set()
+
+
+def _reply_over(out: _Outgoing, token: int) -> Callable[[Any], None]:
+    return lambda result: out.send("reply", token, result)
+
+
+# --- the agent's side ----------------------------------------------------------------------------
+
+
+class PartitionQueue:
+    """One worker's share of the engine's queue, in the agent's process. A
+    :class:`WorkQueue` (dropping the oldest waiting audio when full) whose bytes stay counted
+    until the worker process says it handled them."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.waiting = WorkQueue(max_bytes)
+        self._lock = threading.Lock()
+        self._sent_bytes = 0
+        self._sent_seconds = 0.0
+        self._handled_bytes = 0
+        self._handled_seconds = 0.0
+
+    def sent(self, item: Any) -> None:
+        """``item`` left for the worker process: it stays counted until the worker handled it."""
+        with self._lock:
+            self._sent_bytes += _item_bytes(item)
+            self._sent_seconds += _item_seconds(item)
+
+    def handled(self, total_bytes: int, total_seconds: float) -> None:
+        """The worker process handled this much in all (since it started)."""
+        with self._lock:
+            bytes_now = total_bytes - self._handled_bytes
+            seconds_now = total_seconds - self._handled_seconds
+            self._handled_bytes, self._handled_seconds = total_bytes, total_seconds
+        self.waiting.release_amount(bytes_now, seconds_now)
+
+    def restarted(self) -> None:
+        """A new worker process: what was in flight to the old one is gone."""
+        with self._lock:
+            in_flight = self._sent_bytes - self._handled_bytes
+            in_flight_seconds = self._sent_seconds - self._handled_seconds
+            self._sent_bytes = self._handled_bytes = 0
+            self._sent_seconds = self._handled_seconds = 0.0
+        self.waiting.release_amount(in_flight, in_flight_seconds)
+
+
+class _Partition:
+    """One worker process, its queue, and the threads that talk to it."""
+
+    def __init__(self, pool: EnginePool, index: int, max_bytes: int) -> None:
+        self.pool = pool
+        self.index = index
+        self.queue = PartitionQueue(max_bytes)
+        self.read_ahead = max(max_bytes // 4, 1)
+        self.process: multiprocessing.process.BaseProcess | None = None
+        self.conn: Connection | None = None
+        self.state = _WorkerState([], WorkerStats(), False, None)
+        self.restarts = 0
+        self.ready = threading.Event()
+        self._sender: threading.Thread | None = None
+
+    def launch(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        mine, theirs = context.Pipe()
+        process = context.Process(
+            target=_serve,
+            args=(theirs, self.pool.source, self.pool.settings, self.read_ahead),
+            name=f"edge-agent-engine-{self.index}",
+            daemon=True,
+        )
+        process.start()
+        theirs.close()
+        self.conn, self.process = mine, process
+        self.ready.clear()
+        threading.Thread(
+            target=self._read, args=(mine, process), name=f"engine-results-{self.index}", daemon=True
+        ).start()
+        if self._sender is None:
+            self._sender = threading.Thread(
+                target=self._send, name=f"engine-sender-{self.index}", daemon=True
+            )
+            self._sender.start()
+
+    # --- sender thread -----------------------------------------------------------------------
+    def _send(self) -> None:
+        while True:
+            for item in self.queue.waiting.take(_STATE_SECONDS):
+                if item is None:
+                    return
+                message = _to_message(item)
+                self.ready.wait()
+                try:
+                    assert self.conn is not None
+                    self.conn.send(message)
+                except (OSError, ValueError):
+                    pass  # the worker died; its reader restarts it, and this item is lost with it
+                finally:
+                    self.queue.sent(item)
+
+    # --- reader thread -----------------------------------------------------------------------
+    def _read(self, conn: Connection, process: multiprocessing.process.BaseProcess) -> None:
+        pool = self.pool
+        while True:
+            try:
+                message: _Message = conn.recv()
+            except (EOFError, OSError):
+                break
+            kind, args = message.kind, message.args
+            if kind == "results":
+                pool.results.put(args[0])
+            elif kind == "error":
+                pool.errors.report(*args)
+            elif kind == "handled":
+                self.queue.handled(*args)
+            elif kind == "state":
+                self.state = args[0]
+            elif kind == "done":
+                pool.done(args[0])
+            elif kind == "reply":
+                pool.reply(args[0], args[1])
+            elif kind == "ready":
+                self.ready.set()
+        process.join(5.0)
+        if pool.stopping:
+            return
+        self._died(process.exitcode)
+
+    def _died(self, exitcode: int | None) -> None:
+        pool = self.pool
+        message = f"engine worker {self.index} died (exit code {exitcode}); its streams start afresh"
+        log.error(message)
+        pool.last_error = message
+        pool.errors.report("internal_error", message)
+        lost = self.state.snapshots
+        self.state = _WorkerState([], self.state.stats, False, message)
+        self.restarts += 1
+        self.queue.restarted()
+        pool.failed(self.index)
+        # Their state is gone: the sink closes them (integrations, rate limits forget them).
+        if lost:
+            pool.results.put([StreamClosed(snapshot.id, snapshot.kind) for snapshot in lost])
+        self.launch()
+
+    def backlog(self) -> WorkerBacklog:
+        waiting = self.queue.waiting
+        process = self.process
+        return WorkerBacklog(
+            self.index,
+            (process.pid or 0) if process is not None else 0,
+            self.state.alive,
+            round(waiting.queued_seconds, 2),
+            waiting.queued_bytes,
+            len(self.state.snapshots),
+            self.restarts,
+        )
+
+
+def _to_message(item: Any) -> _Message:
+    if isinstance(item, _Control):
+        return _Message(item.kind, item.args)
+    if isinstance(item, _Recording):
+        request = item.request
+        return _Message(
+            "recording", (item.token, request.wav, request.source, request.keywords, request.decoder)
+        )
+    return _Message("item", (item,))
+
+
+@dataclass(frozen=True)
+class _Control:
+    """A change, drain or stop for one worker, queued in order with its audio."""
+
+    kind: str
+    args: tuple[Any, ...]
+    worker: int = -1
+
+
+@dataclass(frozen=True)
+class _Recording:
+    request: RecordingRequest
+    token: int
+    worker: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.request.nbytes
+
+
+class PoolInbox:
+    """The engine's queue as :class:`~edge_agent.agent.ingest.Ingest` and the recording
+    requests see it (a :class:`WorkQueue`'s interface): routes each item to its worker's
+    :class:`PartitionQueue`."""
+
+    def __init__(self, pool: EnginePool) -> None:
+        self._pool = pool
+
+    def on_evicted(self, listener: Callable[[Any], None]) -> None:
+        for partition in self._pool.partitions:
+            partition.queue.waiting.on_evicted(listener)
+
+    def put(self, item: Any) -> bool:
+        pool = self._pool
+        if isinstance(item, RecordingRequest):
+            return pool.submit_recording(item)
+        stream = getattr(item, "stream", "")
+        return pool.partitions[partition_of(stream, len(pool.partitions))].queue.waiting.put(item)
+
+    def close(self) -> None:
+        for partition in self._pool.partitions:
+            partition.queue.waiting.close()
+
+    @property
+    def queued_bytes(self) -> int:
+        return sum(p.queue.waiting.queued_bytes for p in self._pool.partitions)
+
+    @property
+    def queued_seconds(self) -> float:
+        return sum(p.queue.waiting.queued_seconds for p in self._pool.partitions)
+
+    @property
+    def high_water(self) -> int:
+        return sum(p.queue.waiting.high_water for p in self._pool.partitions)
+
+    @property
+    def refused(self) -> int:
+        return sum(p.queue.waiting.refused for p in self._pool.partitions)
+
+    def __len__(self) -> int:
+        return sum(len(p.queue.waiting) for p in self._pool.partitions)
+
+
+class EnginePool:
+    """``workers`` engine worker processes behind the engine worker's interface."""
+
+    def __init__(
+        self,
+        source: ModelSource,
+        settings: EngineSettings,
+        workers: int,
+        max_bytes: int,
+        results: ResultSink,
+        errors: ErrorReporter,
+    ) -> None:
+        self.source = source
+        self.settings = settings
+        self.results = results
+        self.errors = errors
+        self.partitions = [_Partition(self, index, max(max_bytes // workers, 1)) for index in range(workers)]
+        self.inbox = PoolInbox(self)
+        self.stopping = False
+        self.last_error: str | None = None
+        self._tokens = itertools.count(1)
+        self._lock = threading.Lock()
+        self._waits: dict[int, tuple[int, threading.Event]] = {}  # token -> (worker, done)
+        self._replies: dict[int, tuple[int, Callable[[Any], None]]] = {}  # token -> (worker, reply)
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        for partition in self.partitions:
+            partition.launch()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Every worker finishes its streams (their last detections come back), then exits."""
+        if not any(partition.process is not None for partition in self.partitions):
+            return
+        deadline = time.monotonic() + timeout
+        self.stopping = True  # a worker exiting now is not restarted
+        self._everywhere("stop", (), max(0.5, deadline - time.monotonic()))
+        for partition in self.partitions:
+            partition.queue.waiting.close()
+            if partition.process is not None:
+                partition.process.join(max(0.1, deadline - time.monotonic()))
+                if partition.process.is_alive():
+                    partition.process.terminate()
+
+    def drain(self, timeout: float = 10.0) -> bool:
+        return self._everywhere("drain", (), timeout)
+
+    def apply(self, settings: EngineSettings, timeout: float = 10.0) -> bool:
+        self.settings = settings
+        return self._everywhere("apply", (settings,), timeout)
+
+    def replace_model(
+        self, model: KwsModel, keywords: Sequence[CompiledKeyword], timeout: float = 10.0
+    ) -> bool:
+        self.source = replace(self.source, directory=model.directory)
+        self.settings = replace(self.settings, keywords=tuple(keywords))
+        return self._everywhere("model", (self.source, tuple(keywords)), timeout)
+
+    def _everywhere(self, kind: str, args: tuple[Any, ...], timeout: float) -> bool:
+        """Queue ``kind`` for every worker after what is queued; wait until all did it."""
+        waits = []
+        for partition in self.partitions:
+            token = next(self._tokens)
+            done = threading.Event()
+            with self._lock:
+                self._waits[token] = (partition.index, done)
+            partition.queue.waiting.put(_Control(kind, (token, *args), partition.index))
+            waits.append(done)
+        deadline = time.monotonic() + timeout
+        return all(done.wait(max(0.0, deadline - time.monotonic())) for done in waits)
+
+    # --- from the reader threads -------------------------------------------------------------
+    def done(self, token: int) -> None:
+        with self._lock:
+            entry = self._waits.pop(token, None)
+        if entry is not None:
+            entry[1].set()
+
+    def reply(self, token: int, result: Any) -> None:
+        with self._lock:
+            entry = self._replies.pop(token, None)
+        if entry is not None:
+            entry[1](result)
+
+    def failed(self, worker: int) -> None:
+        """Worker ``worker`` died: whoever waits on it is answered now."""
+        with self._lock:
+            waits = [token for token, (index, _) in self._waits.items() if index == worker]
+            replies = [token for token, (index, _) in self._replies.items() if index == worker]
+            done = [self._waits.pop(token)[1] for token in waits]
+            answers = [self._replies.pop(token)[1] for token in replies]
+        for event in done:
+            event.set()
+        for answer in answers:
+            answer(WavError("the engine worker scoring this recording died; try again"))
+
+    def submit_recording(self, request: RecordingRequest) -> bool:
+        """A whole recording, to the worker with the least audio waiting."""
+        partition = min(self.partitions, key=lambda p: p.queue.waiting.queued_bytes)
+        token = next(self._tokens)
+        with self._lock:
+            self._replies[token] = (partition.index, request.reply)
+        if partition.queue.waiting.put(_Recording(request, token, partition.index)):
+            return True
+        with self._lock:
+            self._replies.pop(token, None)
+        return False
+
+    # --- reading (any thread) ----------------------------------------------------------------
+    @property
+    def keywords(self) -> list[CompiledKeyword]:
+        return list(self.settings.keywords)
+
+    @property
+    def muted(self) -> bool:
+        return self.settings.muted
+
+    @property
+    def alive(self) -> bool:
+        return all(p.process is not None and p.process.is_alive() for p in self.partitions)
+
+    @property
+    def stats(self) -> WorkerStats:
+        total = WorkerStats()
+        for partition in self.partitions:
+            stats = partition.state.stats
+            total.items += stats.items
+            total.item_errors += stats.item_errors
+            total.streams_opened += stats.streams_opened
+            total.streams_closed += stats.streams_closed
+            total.muted_seconds += stats.muted_seconds
+        return total
+
+    def snapshots(self) -> list[StreamSnapshot]:
+        return [snapshot for p in self.partitions for snapshot in p.state.snapshots]
+
+    def stream_ids(self) -> list[str]:
+        return [snapshot.id for snapshot in self.snapshots()]
+
+    def backlog(self) -> list[WorkerBacklog]:
+        return [partition.backlog() for partition in self.partitions]
+
+    def worker_errors(self) -> list[str]:
+        return [p.state.last_error for p in self.partitions if p.state.last_error]
