@@ -43,6 +43,8 @@ from edge_agent.agent.items import (
     EngineSettings,
     RecordingRequest,
     StreamClosed,
+    StreamEnd,
+    is_network_kind,
 )
 from edge_agent.agent.streams import StreamSnapshot
 from edge_agent.agent.worker import (
@@ -63,6 +65,8 @@ log = logging.getLogger(__name__)
 # How often a worker process reports what it handled (bytes released) and its streams' state.
 _PROGRESS_SECONDS = 0.02
 _STATE_SECONDS = 0.5
+# How long a newly admitted stream counts as held before a worker's state must show it.
+_RECENT_SECONDS = 2.0
 # Waits for a worker process that no longer answers (a drain, a change, a stop).
 _START_SECONDS = 60.0
 
@@ -279,6 +283,9 @@ class _Partition:
         self.conn: Connection | None = None
         self.state = _WorkerState([], WorkerStats(), False, None)
         self.restarts = 0
+        # The network streams it holds, as this process knows them (the limit of streams per kind
+        # is the agent's, not a worker's): stream id -> (kind, when it was routed here).
+        self.known: dict[str, tuple[str, float]] = {}
         self.ready = threading.Event()
         self._sender: threading.Thread | None = None
 
@@ -330,13 +337,14 @@ class _Partition:
                 break
             kind, args = message.kind, message.args
             if kind == "results":
+                self._forget_closed(args[0])
                 pool.results.put(args[0])
             elif kind == "error":
                 pool.errors.report(*args)
             elif kind == "handled":
                 self.queue.handled(*args)
             elif kind == "state":
-                self.state = args[0]
+                self._update(args[0])
             elif kind == "done":
                 pool.done(args[0])
             elif kind == "reply":
@@ -357,12 +365,28 @@ class _Partition:
         lost = self.state.snapshots
         self.state = _WorkerState([], self.state.stats, False, message)
         self.restarts += 1
+        with pool.lock:
+            self.known.clear()
         self.queue.restarted()
         pool.failed(self.index)
         # Their state is gone: the sink closes them (integrations, rate limits forget them).
         if lost:
             pool.results.put([StreamClosed(snapshot.id, snapshot.kind) for snapshot in lost])
         self.launch()
+
+    def _update(self, state: _WorkerState) -> None:
+        self.state = state
+        now = time.monotonic()
+        with self.pool.lock:
+            # Streams routed in the last moments may not have reached the worker yet.
+            recent = {k: v for k, v in self.known.items() if now - v[1] < _RECENT_SECONDS}
+            self.known = {s.id: (s.kind, 0.0) for s in state.snapshots if is_network_kind(s.kind)} | recent
+
+    def _forget_closed(self, results: list[Detected | StreamClosed]) -> None:
+        with self.pool.lock:
+            for result in results:
+                if isinstance(result, StreamClosed):
+                    self.known.pop(result.stream, None)
 
     def backlog(self) -> WorkerBacklog:
         waiting = self.queue.waiting
@@ -425,8 +449,23 @@ class PoolInbox:
         pool = self._pool
         if isinstance(item, RecordingRequest):
             return pool.submit_recording(item)
-        stream = getattr(item, "stream", "")
-        return pool.partitions[partition_of(stream, len(pool.partitions))].queue.waiting.put(item)
+        stream: str = getattr(item, "stream", "")
+        partition = pool.partitions[partition_of(stream, len(pool.partitions))]
+        kind: str = getattr(item, "kind", "")
+        if (
+            not isinstance(item, (_Control, StreamEnd))
+            and is_network_kind(kind)
+            and not pool.admit(partition, stream, kind)
+        ):
+            pool.errors.report(
+                "too_many_streams",
+                f"already {pool.settings.max_streams} {kind} audio streams (audio.mqtt.max_streams); "
+                "stream refused",
+                topic=getattr(item, "origin", None),
+                stream=stream,
+            )
+            return True  # refused as a stream, not as audio: reported once, like the worker does
+        return partition.queue.waiting.put(item)
 
     def close(self) -> None:
         for partition in self._pool.partitions:
@@ -474,13 +513,20 @@ class EnginePool:
         self.last_error: str | None = None
         self._tokens = itertools.count(1)
         self._lock = threading.Lock()
+        self.lock = threading.Lock()  # the partitions' known streams
         self._waits: dict[int, tuple[int, threading.Event]] = {}  # token -> (worker, done)
         self._replies: dict[int, tuple[int, Callable[[Any], None]]] = {}  # token -> (worker, reply)
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
+        """Start every worker process and wait until each has loaded the model: the agent
+        takes audio (and says it is online) once its engine can score it."""
         for partition in self.partitions:
             partition.launch()
+        deadline = time.monotonic() + _START_SECONDS
+        for partition in self.partitions:
+            if not partition.ready.wait(max(0.0, deadline - time.monotonic())):
+                log.error("engine worker %d did not start within %.0f s", partition.index, _START_SECONDS)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Every worker finishes its streams (their last detections come back), then exits."""
@@ -548,6 +594,18 @@ class EnginePool:
         for answer in answers:
             answer(WavError("the engine worker scoring this recording died; try again"))
 
+    def admit(self, partition: _Partition, stream: str, kind: str) -> bool:
+        """Whether a network stream may go to ``partition``: one it holds already, or a new one
+        within the agent's limit of streams per kind (counted over every worker)."""
+        with self.lock:
+            if stream in partition.known:
+                return True
+            held = sum(1 for p in self.partitions for known, _ in p.known.values() if known == kind)
+            if held >= self.settings.max_streams:
+                return False
+            partition.known[stream] = (kind, time.monotonic())
+            return True
+
     def submit_recording(self, request: RecordingRequest) -> bool:
         """A whole recording, to the worker with the least audio waiting."""
         partition = min(self.partitions, key=lambda p: p.queue.waiting.queued_bytes)
@@ -589,7 +647,11 @@ class EnginePool:
         return [snapshot for p in self.partitions for snapshot in p.state.snapshots]
 
     def stream_ids(self) -> list[str]:
-        return [snapshot.id for snapshot in self.snapshots()]
+        """Every stream open on a worker; network streams as this process admitted them."""
+        with self.lock:
+            network = [stream for p in self.partitions for stream in p.known]
+        local = [s.id for s in self.snapshots() if not is_network_kind(s.kind)]
+        return network + local
 
     def backlog(self) -> list[WorkerBacklog]:
         return [partition.backlog() for partition in self.partitions]
