@@ -286,7 +286,8 @@ class _Partition:
         # The network streams it holds, as this process knows them (the limit of streams per kind
         # is the agent's, not a worker's): stream id -> (kind, when it was routed here).
         self.known: dict[str, tuple[str, float]] = {}
-        self.ready = threading.Event()
+        self.ready = threading.Event()  # the current worker process has loaded the model
+        self._replaced = threading.Condition()  # a new worker process (its pipe) replaced the last
         self._sender: threading.Thread | None = None
 
     def launch(self) -> None:
@@ -298,10 +299,12 @@ class _Partition:
             name=f"edge-agent-engine-{self.index}",
             daemon=True,
         )
+        self.ready.clear()
         process.start()
         theirs.close()
-        self.conn, self.process = mine, process
-        self.ready.clear()
+        with self._replaced:
+            self.conn, self.process = mine, process
+            self._replaced.notify_all()
         threading.Thread(
             target=self._read, args=(mine, process), name=f"engine-results-{self.index}", daemon=True
         ).start()
@@ -317,15 +320,28 @@ class _Partition:
             for item in self.queue.waiting.take(_STATE_SECONDS):
                 if item is None:
                     return
-                message = _to_message(item)
-                self.ready.wait()
-                try:
-                    assert self.conn is not None
-                    self.conn.send(message)
-                except (OSError, ValueError):
-                    pass  # the worker died; its reader restarts it, and this item is lost with it
-                finally:
-                    self.queue.sent(item)
+                self._deliver(_to_message(item))
+                self.queue.sent(item)
+
+    def _deliver(self, message: _Message) -> None:
+        """Send to the current worker process; if it died meanwhile, to the one replacing it
+        (what the dead one had been sent is lost with it)."""
+        while True:
+            self.ready.wait()
+            conn = self.conn
+            try:
+                assert conn is not None
+                conn.send(message)
+                return
+            except (OSError, ValueError):
+                if not self._wait_replaced(conn):
+                    return
+
+    def _wait_replaced(self, dead: Connection | None) -> bool:
+        """Wait until a new worker process replaced the one on ``dead``; False when stopping."""
+        with self._replaced:
+            self._replaced.wait_for(lambda: self.conn is not dead or self.pool.stopping, _START_SECONDS)
+        return not self.pool.stopping and self.conn is not dead
 
     # --- reader thread -----------------------------------------------------------------------
     def _read(self, conn: Connection, process: multiprocessing.process.BaseProcess) -> None:
@@ -357,6 +373,7 @@ class _Partition:
         self._died(process.exitcode)
 
     def _died(self, exitcode: int | None) -> None:
+        self.ready.clear()  # nothing more is sent until the new worker is ready
         pool = self.pool
         message = f"engine worker {self.index} died (exit code {exitcode}); its streams start afresh"
         log.error(message)

@@ -1,0 +1,146 @@
+"""The engine on every core: worker processes give the same detections as one worker, keep each
+stream's detections in order, bound their backlog, and a dead worker is reported and replaced."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_agent.agent.engine_pool import EnginePool, ModelSource, partition_of
+from edge_agent.agent.errors import ErrorReporter, Refusal
+from edge_agent.agent.items import EngineSettings, PcmChunk, StreamClosed, StreamEnd
+from edge_agent.agent.worker import EngineWorker, WorkQueue
+from edge_agent.audio.wav import read_wav, to_mono_16k
+from edge_agent.engine.decoder import DecoderSettings
+from edge_agent.engine.model import KeywordSpec
+from tests.agent.test_worker import Results
+
+CHUNK_BYTES = 3200  # 100 ms of 16 kHz s16le
+
+
+class Refusals:
+    """The agent's error reporter, recorded; waits on what it was told."""
+
+    def __init__(self) -> None:
+        self.items: list[Refusal] = []
+        self._changed = threading.Condition()
+        self.reporter = ErrorReporter(self._add)
+
+    def _add(self, refusal: Refusal) -> None:
+        with self._changed:
+            self.items.append(refusal)
+            self._changed.notify_all()
+
+    def wait_for(self, code: str, timeout: float = 60) -> Refusal:
+        with self._changed:
+            assert self._changed.wait_for(lambda: any(r.code == code for r in self.items), timeout)
+            return next(r for r in self.items if r.code == code)
+
+
+def settings(numpy_model, max_streams: int = 64) -> EngineSettings:  # type: ignore[no-untyped-def]
+    keywords = (numpy_model.compile(KeywordSpec("小云小云")),)
+    return EngineSettings(
+        keywords, DecoderSettings(), muted=False, max_streams=max_streams, idle_timeout=60.0
+    )
+
+
+def pcm(path: Path) -> bytes:
+    return np.clip(to_mono_16k(read_wav(path)), -32768, 32767).astype("<i2").tobytes()
+
+
+def interleaved(streams: dict[str, bytes]) -> Iterator[PcmChunk | StreamEnd]:
+    """Every stream's chunks in turn (as many devices talking at once), then their ends."""
+    longest = max(len(data) for data in streams.values())
+    for offset in range(0, longest, CHUNK_BYTES):
+        for name, data in streams.items():
+            if offset < len(data):
+                yield PcmChunk(name, "mqtt", data[offset : offset + CHUNK_BYTES], None, 0.0, f"t/{name}")
+    for name in streams:
+        yield StreamEnd(name, "mqtt", f"t/{name}")
+
+
+def outcome(results: Results) -> dict[str, list[tuple[str, float, float, float]]]:
+    found: dict[str, list[tuple[str, float, float, float]]] = {}
+    for item in results.detected():
+        d = item.detection
+        found.setdefault(item.stream, []).append((d.keyword, d.start, d.end, round(d.confidence, 4)))
+    return found
+
+
+@pytest.fixture
+def pool(numpy_model) -> Iterator[tuple[EnginePool, Results, Refusals]]:  # type: ignore[no-untyped-def]
+    results, refusals = Results(), Refusals()
+    engine = EnginePool(
+        ModelSource(numpy_model.directory), settings(numpy_model), 2, 64 << 20, results, refusals.reporter
+    )
+    engine.start()
+    yield engine, results, refusals
+    engine.stop(timeout=30)
+
+
+@pytest.mark.slow
+def test_two_workers_give_the_same_detections_as_one(numpy_model, dev_audio: Path, pool) -> None:  # type: ignore[no-untyped-def]
+    """24 streams at once (positives and negatives, as 12 devices each): the same detections
+    (stream, keyword, start, end, confidence) from two worker processes as from one thread."""
+    engine, results, refusals = pool
+    files = sorted(dev_audio.glob("pos/*.wav"))[:12] + sorted(dev_audio.glob("neg/*.wav"))[:12]
+    streams = {f"{n:02d}-{path.stem}": pcm(path) for n, path in enumerate(files)}
+    single_results = Results()
+    single_queue = WorkQueue(1 << 30)
+    single = EngineWorker(numpy_model, settings(numpy_model), single_queue, single_results, ErrorReporter())
+    single.start()
+    try:
+        for item in interleaved(streams):
+            assert single_queue.put(item)
+            assert engine.inbox.put(item)
+        assert single.drain(120) and engine.drain(120)
+    finally:
+        single.stop()
+    assert {partition_of(name, 2) for name in streams} == {0, 1}  # both workers had streams
+    assert outcome(results) == outcome(single_results)
+    assert len(results.detected()) >= 12
+    closed = [item.stream for item in results.items if isinstance(item, StreamClosed)]
+    assert sorted(closed) == sorted(streams)  # each once; its detections came before (per stream)
+    for name in streams:
+        positions = [i for i, item in enumerate(results.items) if item.stream == name]
+        assert isinstance(results.items[positions[-1]], StreamClosed)
+    assert refusals.items == []
+    backlog = engine.backlog()
+    assert [b.worker for b in backlog] == [0, 1] and all(b.alive and b.queued_bytes == 0 for b in backlog)
+
+
+@pytest.mark.slow
+def test_a_dead_worker_is_reported_and_replaced_and_the_agent_goes_on(  # type: ignore[no-untyped-def]
+    numpy_model, example_wav: Path, pool
+) -> None:
+    """Its streams are lost (closed, their state gone); the new worker serves them afresh."""
+    engine, results, refusals = pool
+    name = "device-1"
+    victim = engine.partitions[partition_of(name, 2)]
+    example = pcm(example_wav)
+    assert engine.inbox.put(PcmChunk(name, "mqtt", example[:CHUNK_BYTES], None, 0.0, "t"))
+    assert engine.drain(60)  # the worker's state now names the stream
+    assert engine.stream_ids() == [name]
+    assert victim.process is not None and victim.process.pid is not None
+    os.kill(victim.process.pid, signal.SIGKILL)
+    refusal = refusals.wait_for("internal_error")
+    assert "died" in refusal.message
+    results.wait_for(lambda items: StreamClosed(name, "mqtt") in items)  # its state is gone
+    assert victim.ready.wait(60)
+    for item in interleaved({name: example}):
+        assert engine.inbox.put(item)
+    results.wait_for(lambda items: len([i for i in items if i.stream == name]) >= 3)
+    assert engine.drain(60)
+    assert [d.detection.keyword for d in results.detected()] == ["小云小云"]
+    assert victim.restarts == 1 and engine.alive
+
+
+def test_streams_are_partitioned_stably_across_processes() -> None:
+    assert [partition_of(f"s{n}", 4) for n in range(8)] == [partition_of(f"s{n}", 4) for n in range(8)]
+    assert len({partition_of(f"s{n}", 2) for n in range(64)}) == 2
