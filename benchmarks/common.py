@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 
 from edge_agent.audio.wav import read_wav, to_mono_16k
 from edge_agent.engine.features import default_fft
@@ -127,3 +128,60 @@ def stream_offsets(streams: int, starts: list[float], stagger: bool) -> list[int
     if not stagger:
         return [0] * streams
     return [int(round(starts[k % len(starts)] * 16000)) for k in range(streams)]
+
+
+class AgentUsage:
+    """CPU and memory of the agent as a whole: its own process and every process it started
+    (the engine's worker processes), sampled with :meth:`sample`.
+
+    RSS counts pages shared between the processes (the interpreter, numpy, the model) once per
+    process; PSS splits them among the processes that share them, so its sum is what the agent
+    takes from the machine. Both are reported."""
+
+    def __init__(self, pid: int) -> None:
+        self._root = psutil.Process(pid)
+        self._seen: dict[int, tuple[psutil.Process, float]] = {}  # pid -> (process, CPU s at first sight)
+        self._started = time.monotonic()
+        self.peak_rss_mb = 0.0
+        self.peak_pss_mb = 0.0
+        self.processes = 0
+        self.sample()
+
+    def _processes(self) -> list[psutil.Process]:
+        found = []
+        for process in [self._root, *self._root.children(recursive=True)]:
+            if process.pid not in self._seen:
+                try:
+                    times = process.cpu_times()
+                except psutil.Error:
+                    continue
+                self._seen[process.pid] = (process, times.user + times.system)
+            found.append(self._seen[process.pid][0])
+        return found
+
+    def sample(self) -> None:
+        rss = pss = 0.0
+        processes = self._processes()
+        for process in processes:
+            try:
+                memory = process.memory_full_info()
+            except psutil.Error:
+                continue
+            rss += memory.rss / 1e6
+            pss += getattr(memory, "pss", memory.rss) / 1e6
+        self.processes = max(self.processes, len(processes))
+        self.peak_rss_mb = max(self.peak_rss_mb, rss)
+        self.peak_pss_mb = max(self.peak_pss_mb, pss)
+
+    def cpu_percent(self) -> dict[str, float]:
+        """CPU used since this object was made, per process (pid) and in all (100 = one core)."""
+        elapsed = max(time.monotonic() - self._started, 1e-9)
+        used: dict[str, float] = {}
+        for pid, (process, first) in self._seen.items():
+            try:
+                times = process.cpu_times()
+            except psutil.Error:
+                continue
+            used[str(pid)] = round((times.user + times.system - first) / elapsed * 100, 1)
+        used["total"] = round(sum(used.values()), 1)
+        return used

@@ -24,7 +24,9 @@ detection it finds must reach the subscriber with the same stream, start and end
 Reported per N: detections expected / received / missing / duplicates, p50/p95/p99 delay, how
 much of it passed inside the agent (``agent_delay_ms_*``: keyword end to the detection handed
 to the broker, from the events' own ``delay_ms``), chunks the agent dropped or refused (from
-its retained health), and the agent's CPU and peak RSS.
+its retained health), and the agent's CPU and peak memory: the agent is its own process and its
+engine's worker processes (``engine.workers``), and both are summed over all of them (CPU: 100 =
+one core; RSS counts shared pages once per process, PSS shares them out: both are given).
 
 With ``--rounds R`` each N is run R times with a fresh broker and agent: the row is the round
 with the median p95, next to every round's p95, the most chunks any round dropped and the most
@@ -46,10 +48,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 
 from benchmarks.common import (
     BROKER_NODELAY,
+    AgentUsage,
     machine,
     model_dir,
     percentile,
@@ -171,19 +173,17 @@ def run_once(
     try:
         if not collector.online.wait(60):
             raise SystemExit("agent did not come online")
-        process = psutil.Process(agent.pid)
-        process.cpu_percent(None)
+        usage = AgentUsage(agent.pid)  # the agent and its engine worker processes
         started = time.time() + 0.5
         lags: multiprocessing.Queue[list[float]] = multiprocessing.Queue()
         sender = multiprocessing.Process(
             target=send_audio, args=(broker.port, offsets, audio, total_seconds, started, lags)
         )
         sender.start()
-        peak_rss = 0.0
         while sender.is_alive() and time.time() < started + total_seconds:
-            peak_rss = max(peak_rss, process.memory_info().rss / 1e6)
+            usage.sample()
             time.sleep(1.0)
-        cpu = process.cpu_percent(None)
+        cpu = usage.cpu_percent()
         sender_lags = lags.get(timeout=60)
         sender.join(30)
         deadline = time.monotonic() + 15
@@ -227,8 +227,12 @@ def run_once(
         "refused": refused,
         "dropped_chunks": dropped,
         "sender_lag_ms_p95": _round(percentile(sender_lags, 95)),
-        "agent_cpu_percent": round(cpu, 1),
-        "agent_peak_rss_mb": round(peak_rss, 1),
+        "agent_processes": usage.processes,
+        "agent_cpu_percent": cpu["total"],  # every process of the agent; 100 = one core
+        "agent_cpu_percent_per_process": {pid: v for pid, v in cpu.items() if pid != "total"},
+        "agent_peak_rss_mb": round(usage.peak_rss_mb, 1),  # summed over its processes
+        "agent_peak_pss_mb": round(usage.peak_pss_mb, 1),
+        "engine_workers": health.get("worker", {}).get("workers"),
     }
 
 
@@ -291,6 +295,7 @@ def main() -> None:
         "dropped",
         "CPU %",
         "RSS MB",
+        "PSS MB",
     )
     print(" ".join(f"{h:>9}" for h in header), " p95 of every round")
     for r in results:
@@ -306,6 +311,7 @@ def main() -> None:
             r["dropped_chunks"] + sum(r["refused"].values()),
             r["agent_cpu_percent"],
             r["agent_peak_rss_mb"],
+            r["agent_peak_pss_mb"],
         )
         cells = " ".join(f"{value:>9.0f}" if value is not None else f"{'-':>9}" for value in row)
         print(cells, " ", ", ".join(f"{p:.0f}" for p in r["rounds_delay_ms_p95"] if p is not None))
