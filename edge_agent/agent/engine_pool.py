@@ -172,59 +172,86 @@ class _ReadAheadQueue(WorkQueue):
                 self._room.wait(_STATE_SECONDS)
 
 
-def _serve(conn: Connection, source: ModelSource, settings: EngineSettings, read_ahead: int) -> None:
-    """A worker process: the engine worker on its own thread, this thread reading the pipe."""
-    out = _Outgoing(conn)
-    model = source.load()
-    inbox = _ReadAheadQueue()
-    worker = EngineWorker(model, settings, inbox, _RemoteResults(out), _RemoteErrors(out))
-    stopped = threading.Event()
+class WorkerProcess:
+    """A worker process: the engine worker on its own thread; :meth:`run`, on the process's
+    main thread, reads the pipe and queues what came for the worker."""
 
-    def report_progress() -> None:
+    def __init__(
+        self, conn: Connection, source: ModelSource, settings: EngineSettings, read_ahead: int
+    ) -> None:
+        self._conn = conn
+        self._out = _Outgoing(conn)
+        self._inbox = _ReadAheadQueue()
+        self._worker = EngineWorker(
+            source.load(), settings, self._inbox, _RemoteResults(self._out), _RemoteErrors(self._out)
+        )
+        self._read_ahead = read_ahead
+        self._stopped = threading.Event()
+
+    def _report_progress(self) -> None:
         next_state = 0.0
-        while not stopped.wait(_PROGRESS_SECONDS):
-            out.send("handled", inbox.handled_bytes, inbox.handled_seconds)
+        while not self._stopped.wait(_PROGRESS_SECONDS):
+            self._send_handled()
             if time.monotonic() >= next_state:
-                send_state()
+                self._send_state()
                 next_state = time.monotonic() + _STATE_SECONDS
 
-    def send_state() -> None:
-        out.send("state", _WorkerState(worker.snapshots(), worker.stats, worker.alive, worker.last_error))
+    def _send_handled(self) -> None:
+        self._out.send("handled", self._inbox.handled_bytes, self._inbox.handled_seconds)
 
-    worker.start()
-    threading.Thread(target=report_progress, name="engine-progress", daemon=True).start()
-    out.send("ready")
-    try:
-        while True:
-            message: _Message = conn.recv()
-            kind, args = message.kind, message.args
-            if kind == "item":
-                inbox.wait_below(read_ahead)
-                inbox.put(args[0])
-            elif kind == "recording":
-                token, wav, source, keywords, decoder = args
-                reply = _reply_over(out, token)
-                inbox.put(RecordingRequest(wav, source, reply, keywords, decoder))
-            elif kind == "apply":
-                worker.apply(args[1], timeout=_START_SECONDS)
-                out.send("done", args[0])
-            elif kind == "model":
-                worker.replace_model(args[1].load(), args[2], timeout=_START_SECONDS)
-                out.send("done", args[0])
-            elif kind == "drain":
-                worker.drain(_START_SECONDS)
-                out.send("handled", inbox.handled_bytes, inbox.handled_seconds)
-                send_state()
-                out.send("done", args[0])
-            elif kind == "stop":
-                worker.stop(timeout=_START_SECONDS)
-                send_state()
-                out.send("done", args[0])
-                return
-    except (EOFError, OSError):
-        return  # the agent went away
-    finally:
-        stopped.set()
+    def _send_state(self) -> None:
+        worker = self._worker
+        self._out.send(
+            "state", _WorkerState(worker.snapshots(), worker.stats, worker.alive, worker.last_error)
+        )
+
+    def run(self) -> None:
+        self._worker.start()
+        threading.Thread(target=self._report_progress, name="engine-progress", daemon=True).start()
+        self._out.send("ready")
+        try:
+            while True:
+                batch: _Message = self._conn.recv()
+                for message in batch.args:
+                    if not self._handle(message):
+                        return
+        except (EOFError, OSError):
+            return  # the agent went away
+        finally:
+            self._stopped.set()
+
+    def _handle(self, message: _Message) -> bool:
+        """One item or command from the agent, in order; False after ``stop``."""
+        worker, inbox, out = self._worker, self._inbox, self._out
+        kind, args = message.kind, message.args
+        if kind == "item":
+            inbox.wait_below(self._read_ahead)
+            inbox.put(args[0])
+        elif kind == "recording":
+            token, wav, source, keywords, decoder = args
+            inbox.put(RecordingRequest(wav, source, _reply_over(out, token), keywords, decoder))
+        elif kind == "apply":
+            worker.apply(args[1], timeout=_START_SECONDS)
+            out.send("done", args[0])
+        elif kind == "model":
+            worker.replace_model(args[1].load(), args[2], timeout=_START_SECONDS)
+            out.send("done", args[0])
+        elif kind == "drain":
+            worker.drain(_START_SECONDS)
+            self._send_handled()
+            self._send_state()
+            out.send("done", args[0])
+        elif kind == "stop":
+            worker.stop(timeout=_START_SECONDS)
+            self._send_state()
+            out.send("done", args[0])
+            return False
+        return True
+
+
+def _serve(conn: Connection, source: ModelSource, settings: EngineSettings, read_ahead: int) -> None:
+    """The worker process's entry point."""
+    WorkerProcess(conn, source, settings, read_ahead).run()
 
 
 def _reply_over(out: _Outgoing, token: int) -> Callable[[Any], None]:
@@ -271,7 +298,7 @@ class PartitionQueue:
         self.waiting.release_amount(in_flight, in_flight_seconds)
 
 
-class _Partition:
+class Partition:
     """One worker process, its queue, and the threads that talk to it."""
 
     def __init__(self, pool: EnginePool, index: int, max_bytes: int) -> None:
@@ -317,11 +344,15 @@ class _Partition:
     # --- sender thread -----------------------------------------------------------------------
     def _send(self) -> None:
         while True:
-            for item in self.queue.waiting.take(_STATE_SECONDS):
-                if item is None:
-                    return
-                self._deliver(_to_message(item))
-                self.queue.sent(item)
+            batch = self.queue.waiting.take(_STATE_SECONDS)
+            items = [item for item in batch if item is not None]
+            if items:
+                # Everything waiting in one message: one pickling and one write for many chunks.
+                self._deliver(_Message("batch", tuple(_to_message(item) for item in items)))
+                for item in items:
+                    self.queue.sent(item)
+            if len(items) < len(batch):
+                return  # closed
 
     def _deliver(self, message: _Message) -> None:
         """Send to the current worker process; if it died meanwhile, to the one replacing it
@@ -524,7 +555,7 @@ class EnginePool:
         self.settings = settings
         self.results = results
         self.errors = errors
-        self.partitions = [_Partition(self, index, max(max_bytes // workers, 1)) for index in range(workers)]
+        self.partitions = [Partition(self, index, max(max_bytes // workers, 1)) for index in range(workers)]
         self.inbox = PoolInbox(self)
         self.stopping = False
         self.last_error: str | None = None
@@ -611,7 +642,7 @@ class EnginePool:
         for answer in answers:
             answer(WavError("the engine worker scoring this recording died; try again"))
 
-    def admit(self, partition: _Partition, stream: str, kind: str) -> bool:
+    def admit(self, partition: Partition, stream: str, kind: str) -> bool:
         """Whether a network stream may go to ``partition``: one it holds already, or a new one
         within the agent's limit of streams per kind (counted over every worker)."""
         with self.lock:
