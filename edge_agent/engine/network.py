@@ -374,6 +374,8 @@ class NumpyNetwork:
         taps = self._taps[id(layer)]
         taps_count, width = taps.shape[0], layer.input_dim
         held = [buffer.frames for buffer in buffers]
+        if len(set(counts)) == 1 and len({frames.shape[0] for frames in held}) == 1:
+            return self._fsmn_in_step(taps, buffers, held, new, counts[0], layer.output_dim)
         lengths = [frames.shape[0] + count for frames, count in zip(held, counts, strict=True)]
         edges = np.cumsum([0, *counts]).tolist()
         pieces: list[np.ndarray] = []
@@ -402,6 +404,34 @@ class NumpyNetwork:
         if not filtered:
             return np.zeros((0, layer.output_dim), dtype=np.float32), ready
         return (filtered[0] if len(filtered) == 1 else np.concatenate(filtered)), ready
+
+    @staticmethod
+    def _fsmn_in_step(
+        taps: np.ndarray,
+        buffers: list[_FsmnBuffer],
+        held: list[np.ndarray],
+        new: np.ndarray,
+        count: int,
+        output_dim: int,
+    ) -> tuple[np.ndarray, list[int]]:
+        """:meth:`_fsmn_many` when every stream holds as many frames and brings as many new ones
+        (streams fed in step): one (streams, frames, dim) block built at once, and the tails
+        kept in one block, rather than a piece and a copy per stream."""
+        streams, width = len(buffers), new.shape[1]
+        length = held[0].shape[0] + count
+        inputs = np.empty((streams, length, width), dtype=np.float32)
+        if held[0].shape[0]:
+            np.stack(held, out=inputs[:, : held[0].shape[0]])
+        inputs[:, held[0].shape[0] :] = new.reshape(streams, count, width)
+        windows = max(0, length - taps.shape[0] + 1)
+        # Copied: views of ``inputs`` would keep this batch's whole matrix alive meanwhile.
+        tails = inputs[:, windows:].copy()
+        for buffer, tail in zip(buffers, tails, strict=True):
+            buffer.frames = tail
+        if windows == 0:
+            return np.zeros((0, output_dim), dtype=np.float32), [0] * streams
+        outputs = np.einsum("srkd,kd->srd", _stream_windows(inputs, taps.shape[0]), taps)
+        return outputs.reshape(streams * windows, width), [windows] * streams
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
