@@ -190,8 +190,11 @@ class WorkerProcess:
 
     def _report_progress(self) -> None:
         next_state = 0.0
+        reported = -1
         while not self._stopped.wait(_PROGRESS_SECONDS):
-            self._send_handled()
+            if self._inbox.handled_bytes != reported:  # an idle worker stays quiet
+                reported = self._inbox.handled_bytes
+                self._send_handled()
             if time.monotonic() >= next_state:
                 self._send_state()
                 next_state = time.monotonic() + _STATE_SECONDS
