@@ -59,12 +59,15 @@ from edge_agent.agent.worker import (
 from edge_agent.audio.wav import WavError
 from edge_agent.engine.decoder import CompiledKeyword
 from edge_agent.engine.model import KwsModel
+from edge_agent.system import tune_allocator
 
 log = logging.getLogger(__name__)
 
 # How often a worker process reports what it handled (bytes released) and its streams' state.
 _PROGRESS_SECONDS = 0.02
 _STATE_SECONDS = 0.5
+# Largest allocation a worker process keeps in its heap rather than mapping it afresh.
+_WORKER_HEAP_BYTES = 32 * 1024 * 1024
 # How long a newly admitted stream counts as held before a worker's state must show it.
 _RECENT_SECONDS = 2.0
 # Waits for a worker process that no longer answers (a drain, a change, a stop).
@@ -254,6 +257,9 @@ class WorkerProcess:
 
 def _serve(conn: Connection, source: ModelSource, settings: EngineSettings, read_ahead: int) -> None:
     """The worker process's entry point."""
+    # As `edge-agent run` does for its own process: the engine's per-chunk buffers stay in the
+    # heap (see tune_allocator), with a lower bound here, as there is one heap per worker.
+    tune_allocator(_WORKER_HEAP_BYTES)
     WorkerProcess(conn, source, settings, read_ahead).run()
 
 
