@@ -53,6 +53,7 @@ from edge_agent.agent.worker import (
     WorkerBacklog,
     WorkerStats,
     WorkQueue,
+    _is_audio,
     _item_bytes,
     _item_seconds,
 )
@@ -127,13 +128,16 @@ class _Outgoing:
 
 
 class _RemoteResults:
-    """The worker's :class:`ResultSink` in a worker process: results go back over the pipe.
+    """The worker's :class:`ResultSink` in a worker process: results go back over the pipe,
+    after the streams' state (whoever hears of a detection then finds its stream's counters).
     No wait for the hand-over: the sink runs in another process and takes no core from here."""
 
-    def __init__(self, out: _Outgoing) -> None:
+    def __init__(self, out: _Outgoing, send_state: Callable[[], None]) -> None:
         self._out = out
+        self._send_state = send_state
 
     def put(self, results: list[Detected | StreamClosed]) -> int:
+        self._send_state()
         self._out.send("results", results)
         return 0
 
@@ -186,7 +190,11 @@ class WorkerProcess:
         self._out = _Outgoing(conn)
         self._inbox = _ReadAheadQueue()
         self._worker = EngineWorker(
-            source.load(), settings, self._inbox, _RemoteResults(self._out), _RemoteErrors(self._out)
+            source.load(),
+            settings,
+            self._inbox,
+            _RemoteResults(self._out, self._send_state),
+            _RemoteErrors(self._out),
         )
         self._read_ahead = read_ahead
         self._stopped = threading.Event()
@@ -321,7 +329,8 @@ class Partition:
         self.restarts = 0
         # The network streams it holds, as this process knows them (the limit of streams per kind
         # is the agent's, not a worker's): stream id -> (kind, when it was routed here).
-        self.known: dict[str, tuple[str, float]] = {}
+        # Whether audio was sent for it too: a stream that never sent any may lose its slot.
+        self.known: dict[str, tuple[str, float, bool]] = {}
         self.ready = threading.Event()  # the current worker process has loaded the model
         self._replaced = threading.Condition()  # a new worker process (its pipe) replaced the last
         self._sender: threading.Thread | None = None
@@ -436,8 +445,11 @@ class Partition:
         now = time.monotonic()
         with self.pool.lock:
             # Streams routed in the last moments may not have reached the worker yet.
-            recent = {k: v for k, v in self.known.items() if now - v[1] < _RECENT_SECONDS}
-            self.known = {s.id: (s.kind, 0.0) for s in state.snapshots if is_network_kind(s.kind)} | recent
+            known = {s.id: (s.kind, 0.0, s.chunks > 0) for s in state.snapshots if is_network_kind(s.kind)}
+            for stream, (kind, routed, fed) in self.known.items():
+                if now - routed < _RECENT_SECONDS:
+                    known[stream] = (kind, routed, fed or known.get(stream, (kind, 0.0, False))[2])
+            self.known = known
 
     def _forget_closed(self, results: list[Detected | StreamClosed]) -> None:
         with self.pool.lock:
@@ -509,11 +521,18 @@ class PoolInbox:
         stream: str = getattr(item, "stream", "")
         partition = pool.partitions[partition_of(stream, len(pool.partitions))]
         kind: str = getattr(item, "kind", "")
-        if (
-            not isinstance(item, (_Control, StreamEnd))
-            and is_network_kind(kind)
-            and not pool.admit(partition, stream, kind)
-        ):
+        if isinstance(item, (_Control, StreamEnd)) or not is_network_kind(kind):
+            return partition.queue.waiting.put(item)
+        admitted, reclaimed = pool.admit(partition, stream, kind, _is_audio(item))
+        if reclaimed is not None:
+            holder, silent = reclaimed
+            pool.errors.report(
+                "stream_reclaimed",
+                f"stream {silent!r} never sent usable audio; its slot went to a new stream",
+                stream=silent,
+            )
+            holder.queue.waiting.put(StreamEnd(silent, kind, "engine"))
+        if not admitted:
             pool.errors.report(
                 "too_many_streams",
                 f"already {pool.settings.max_streams} {kind} audio streams (audio.mqtt.max_streams); "
@@ -651,17 +670,30 @@ class EnginePool:
         for answer in answers:
             answer(WavError("the engine worker scoring this recording died; try again"))
 
-    def admit(self, partition: Partition, stream: str, kind: str) -> bool:
+    def admit(
+        self, partition: Partition, stream: str, kind: str, audio: bool
+    ) -> tuple[bool, tuple[Partition, str] | None]:
         """Whether a network stream may go to ``partition``: one it holds already, or a new one
-        within the agent's limit of streams per kind (counted over every worker)."""
+        within the agent's limit of streams per kind (counted over every worker). At the limit,
+        the slot of a stream that never sent audio (the longest waiting) is taken back, as the
+        worker does for its own: returned with its partition, for the caller to end it."""
         with self.lock:
-            if stream in partition.known:
-                return True
-            held = sum(1 for p in self.partitions for known, _ in p.known.values() if known == kind)
-            if held >= self.settings.max_streams:
-                return False
-            partition.known[stream] = (kind, time.monotonic())
-            return True
+            known = partition.known.get(stream)
+            if known is not None:
+                if audio and not known[2]:
+                    partition.known[stream] = (known[0], known[1], True)
+                return True, None
+            held = [(p, sid, v) for p in self.partitions for sid, v in p.known.items() if v[0] == kind]
+            reclaimed = None
+            if len(held) >= self.settings.max_streams:
+                silent = [(v[1], p.index, sid) for p, sid, v in held if not v[2]]
+                if not silent:
+                    return False, None
+                _, index, sid = min(silent)
+                del self.partitions[index].known[sid]
+                reclaimed = (self.partitions[index], sid)
+            partition.known[stream] = (kind, time.monotonic(), audio)
+            return True, reclaimed
 
     def submit_recording(self, request: RecordingRequest) -> bool:
         """A whole recording, to the worker with the least audio waiting."""
