@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
+bash scripts/install-audio-test-deps.sh
 PYTHON="${PYTHON:-python3}"
 "$PYTHON" -m ruff check edge_agent tests benchmarks
 "$PYTHON" -m pytest -q "$@"
