@@ -28,8 +28,9 @@
 #      network, decoder, batching, accuracy on audio/dev) with pytest in the root; the tests that
 #      compare with kaldi-native-fbank or torch skip where those are not installed.
 #
-# Not in CI's default run (scripts/test.sh): the first run makes the roots (about 3 minutes
-# each) and downloads wheels; later runs take about 3 minutes on a 2-core machine.
+# Not in CI's default run (scripts/test.sh): with the roots and wheels cached, a run takes about
+# 17 minutes on a shared 2-core machine (most of it the 100 ms chunks under QEMU); the first run
+# makes the roots (about 3 minutes each) and downloads the wheels.
 set -euo pipefail
 # shellcheck source=scripts/arm-common.sh
 source "$(dirname "$0")/arm-common.sh"
