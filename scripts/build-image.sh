@@ -51,7 +51,7 @@ if ! "${PODMAN[@]}" image exists "$BASE_IMAGE" \
   arm_log "importing $base_root as $BASE_IMAGE"
   mkdir -p "$ARM_CACHE/podman"
   tar -C "$base_root" "${base_excludes[@]}" --numeric-owner -cf - . \
-    | "${PODMAN[@]}" import --arch arm64 \
+    | "${PODMAN[@]}" import --quiet --arch arm64 \
       --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
       --change 'ENV LANG=C.UTF-8' --change 'CMD ["python3"]' - "$BASE_IMAGE" >/dev/null
   printf '%s\n' "$base_recipe" >"$base_stamp"
@@ -87,10 +87,12 @@ mb() { awk -v b="$1" 'BEGIN { printf "%.0f MB", b / 1e6 }'; }
 RESULTS=("image $IMAGE built in ${BUILD_SECONDS} s: $(mb "$IMAGE_BYTES") uncompressed ($(mb "$BASE_BYTES") of it the base: Debian 12 with Python 3.11)")
 
 "${PODMAN[@]}" image inspect --format '{{json .Config}}' "$IMAGE" >"$WORK/config.json"
-RESULTS+=("$("$PYTHON" - "$WORK/config.json" <<'PY'
+# The health check is not part of OCI's configuration: podman keeps it beside it.
+"${PODMAN[@]}" image inspect --format '{{json .HealthCheck}}' "$IMAGE" >"$WORK/healthcheck.json"
+RESULTS+=("$("$PYTHON" - "$WORK/config.json" "$WORK/healthcheck.json" <<'PY'
 import json, sys
 config = json.load(open(sys.argv[1]))
-health = config.get("Healthcheck") or {}
+health = json.load(open(sys.argv[2])) or {}
 print(f"image config: user {config.get('User')}, entrypoint {config.get('Entrypoint')}, cmd {config.get('Cmd')}, "
       f"healthcheck {health.get('Test')}, volumes {sorted(config.get('Volumes') or {})}, "
       f"ports {sorted(config.get('ExposedPorts') or {})}")
@@ -105,6 +107,11 @@ rm -rf "$ROOT" && mkdir -p "$ROOT"
 container="$("${PODMAN[@]}" create "$IMAGE")"
 ARM_CLEANUP+=("${PODMAN[*]} rm -f $container")
 "${PODMAN[@]}" export "$container" | tar -C "$ROOT" --numeric-owner -xf -
+# Where the size goes: the venv and its largest packages.
+site="$ROOT/opt/edge-agent/lib/python3.11/site-packages"
+RESULTS+=("of it the venv /opt/edge-agent: $(du -sm "$ROOT/opt/edge-agent" | cut -f1) MB, its largest: $(
+  du -sm "$site"/* | sort -rn | head -5 | awk '{ n = split($2, p, "/"); printf "%s%s %s MB", sep, p[n], $1; sep = ", " }')")
+printf '%s\n' "${RESULTS[-1]}"
 arm_mount_proc "$ROOT"
 arm_bind "$MODEL_DIR" "$ROOT" /mnt/edge-agent/model
 arm_bind "$DEV_AUDIO" "$ROOT" /mnt/edge-agent/audio
