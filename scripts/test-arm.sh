@@ -131,13 +131,17 @@ root_detect() {
     >"$output"
 }
 
-# The test tools (pure Python wheels) and a copy of tests/ in the root.
+# The test tools (wheels for the target: hypothesis has compiled ones) and a copy of tests/ in
+# the root.
 engine_tests_setup() {
-  local root="$1" tools="$ARM_CACHE/wheels/test-tools"
+  local arch="$1" root="$2" tools="$ARM_CACHE/wheels/test-tools-$1" machine
   local requirements=("pytest>=8" "pytest-timeout>=2.2" "hypothesis>=6.100")
+  machine="$([ "$arch" = arm64 ] && echo aarch64 || echo armv7l)"
   if [ ! -f "$tools/.edge-agent-wheels" ] || [ "$(cat "$tools/.edge-agent-wheels")" != "${requirements[*]}" ]; then
     rm -rf "$tools" && mkdir -p "$tools"
-    "$PYTHON" -m pip download -q --dest "$tools" --only-binary=:all: --python-version 3.11 "${requirements[@]}" >&2
+    "$PYTHON" -m pip download -q --dest "$tools" --only-binary=:all: --python-version 3.11 --implementation cp \
+      --platform "manylinux_2_28_$machine" --platform "manylinux_2_17_$machine" --platform "manylinux2014_$machine" \
+      "${requirements[@]}" >&2
     printf '%s\n' "${requirements[*]}" >"$tools/.edge-agent-wheels"
   fi
   arm_bind "$tools" "$root" /mnt/edge-agent/test-tools
@@ -251,7 +255,7 @@ for arch in "${ARCHES[@]}"; do
   record compare_round_trip "$WORK/roundtrip-x86-64.jsonl" "$WORK/roundtrip-$arch.jsonl" "$arch round trip"
   if [ -n "$WITH_ENGINE_TESTS" ]; then
     arm_log "$arch: pytest tests/engine -m 'not slow' in the root"
-    engine_tests_setup "$root"
+    engine_tests_setup "$arch" "$root"
     record engine_tests "$arch" "$root"
   fi
   arm_log "$arch: done in $((SECONDS - step)) s"
