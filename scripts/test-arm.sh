@@ -26,7 +26,8 @@
 #      detection must arrive and equal x86-64's for the same round trip; `offline` on SIGTERM;
 #   5. with --engine-tests: the engine's own tests (tests/engine, not the slow ones: features,
 #      network, decoder, batching, accuracy on audio/dev) with pytest in the root; the tests that
-#      compare with kaldi-native-fbank or torch skip where those are not installed.
+#      compare with kaldi-native-fbank or torch skip where those are not installed. About 25
+#      minutes per architecture under QEMU on a shared 2-core machine.
 #
 # Not in CI's default run (scripts/test.sh): with the roots and wheels cached, a run takes about
 # 17 minutes on a shared 2-core machine (most of it the 100 ms chunks under QEMU); the first run
