@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
+import numpy as np
+
 from edge_agent.audio.wav import WavError
-from edge_agent.engine.decoder import CompiledKeyword, DecoderSettings
+from edge_agent.engine.decoder import CompiledKeyword, DecoderSettings, Detection
+from edge_agent.engine.features import SAMPLE_RATE_HZ
 from edge_agent.engine.lexicon import LexiconError, normalize_keyword
 from edge_agent.engine.model import DEFAULT_THRESHOLD, KeywordSpec, KwsModel
 from edge_agent.http.backend import (
@@ -30,7 +34,14 @@ from edge_agent.http.backend import (
     PayloadTooLarge,
     Sample,
 )
-from edge_agent.recording import MAX_RECORDING_SECONDS, RecordingTooLong, detect_recording, load_recording
+from edge_agent.recording import (
+    MAX_RECORDING_SECONDS,
+    RecordingTooLong,
+    best_detection,
+    detect_recording,
+    keyword_scores,
+    load_recording,
+)
 
 # Custom keywords per request, at most: decoding cost grows with each one.
 MAX_KEYWORDS_PER_REQUEST = 16
@@ -41,6 +52,10 @@ DEFAULT_WAIT_SECONDS = 30.0
 MAX_AUDIO_SECONDS = MAX_RECORDING_SECONDS
 # The name the WAV parser puts at the start of its messages (the multipart field's name).
 AUDIO_FIELD = "audio_file"
+# A request threshold of 0 asks for the best match, detected or not (the REST service's meaning).
+BEST_MATCH_THRESHOLD = 0.0
+# Processing times kept for /info's typical latency.
+LATENCY_WINDOW = 100
 
 
 class DetectionService:
@@ -68,13 +83,17 @@ class DetectionService:
         self.audio_seconds = 0.0
         self.processing_seconds = 0.0
         self.detections: dict[str, int] = {}
+        self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
 
     # --- the request -------------------------------------------------------------------------
     def detect(
         self, wav: bytes, threshold: float | None, keywords: Sequence[KeywordRequest] | None
     ) -> DetectResult:
+        """Detections in ``wav``, and the best score of the request's keywords even when none was
+        detected. ``threshold`` 0 reports the best match as the detection, however weak."""
+        best_match = threshold == BEST_MATCH_THRESHOLD
         try:
-            compiled = self.keywords_for(threshold, keywords)
+            compiled = self.keywords_for(None if best_match else threshold, keywords)
         except BadRequest:
             self._count("bad_request")
             raise
@@ -94,24 +113,59 @@ class DetectionService:
             except WavError as error:
                 self._count("bad_request")
                 raise BadRequest(str(error)) from None
-            recording = detect_recording(self._model(), compiled, self._settings(), samples)
+            model, settings = self._model(), self._settings()
+            if best_match:
+                detections, best_score = self._best_match(model, compiled, settings, samples)
+            else:
+                detections = detect_recording(model, compiled, settings, samples).detections
+                best = best_detection(detections)
+                if best is not None:
+                    best_score = best.confidence
+                else:  # how close the keywords came, as `edge-agent eval` scores a file
+                    scores = keyword_scores(model, compiled, settings, model.posteriors(samples))
+                    best_score = max(scores.values(), default=0.0)
             elapsed = time.perf_counter() - started
         finally:
             self._slots.release()
-        detections = list(recording.detections)
         result = DetectResult(
             detections=tuple(detections),
             keywords=tuple(compiled),
-            audio_seconds=recording.audio_seconds,
+            audio_seconds=samples.shape[0] / SAMPLE_RATE_HZ,
             processing_seconds=elapsed,
+            best_score=best_score,
+            best_match=best_match,
         )
         with self._lock:
             self.requests["ok"] += 1
             self.audio_seconds += result.audio_seconds
             self.processing_seconds += elapsed
+            self._latencies.append(elapsed)
             for detection in detections:
                 self.detections[detection.keyword] = self.detections.get(detection.keyword, 0) + 1
         return result
+
+    @staticmethod
+    def _best_match(
+        model: KwsModel, keywords: Sequence[CompiledKeyword], settings: DecoderSettings, samples: np.ndarray
+    ) -> tuple[tuple[Detection, ...], float]:
+        """The best-scoring keyword's strongest match as the only detection (none when no keyword
+        scores above the floor), and its score."""
+        scores = keyword_scores(model, keywords, settings, model.posteriors(samples))
+        text, score = max(scores.items(), key=lambda item: item[1], default=("", 0.0))
+        if score <= 0.0:
+            return (), 0.0
+        keyword = next(k for k in keywords if k.text == text)
+        found = detect_recording(model, [replace(keyword, threshold=score)], settings, samples).detections
+        best = best_detection(found)
+        return ((best,), best.confidence) if best is not None else ((), score)
+
+    def typical_latency_ms(self) -> float | None:
+        """Median processing time of the recent requests, or None before the first one."""
+        with self._lock:
+            latencies = sorted(self._latencies)
+        if not latencies:
+            return None
+        return round(latencies[len(latencies) // 2] * 1000.0, 1)
 
     def keywords_for(
         self, threshold: float | None, keywords: Sequence[KeywordRequest] | None

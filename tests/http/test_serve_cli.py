@@ -6,10 +6,14 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from edge_agent.http.standalone import LoadedEngine, StandaloneBackend
+from tests.broker import Broker
+from tests.http.client import Client
 from tests.http.conftest import ServeProcess, StartServer, edge_agent_env, free_port, start_serve, stop_serve
+from tests.support import start_agent_process
 
 
 def healthcheck(*args: str, config: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -42,6 +46,9 @@ def test_healthcheck_exit_codes(serve_process: ServeProcess, tmp_path: Path) -> 
     ok = healthcheck("--url", url)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["status"] == "ok"
+    # The health URL itself works too (it used to ask /healthz/healthz).
+    for full in (f"{url}/healthz", f"{url}/healthz/"):
+        assert healthcheck("--url", full).returncode == 0
     # The address from the config file, as the Docker HEALTHCHECK does (0.0.0.0 means loopback).
     config = tmp_path / "config.yaml"
     config.write_text(f"http:\n  host: 0.0.0.0\n  port: {serve_process.client.port}\n", encoding="utf-8")
@@ -103,3 +110,36 @@ def test_serve_options_are_validated_like_the_config(model_dir: Path) -> None:
         env=edge_agent_env(EDGE_AGENT_MODEL_DIR=str(model_dir)),
     )
     assert result.returncode == 2 and "http.port" in result.stderr
+
+
+def test_run_with_the_http_api_logs_its_address_once(model_dir: Path, broker: Broker, tmp_path: Path) -> None:
+    port = free_port()
+    log_path = tmp_path / "agent.log"
+    with open(log_path, "w", encoding="utf-8") as log_file:
+        process = start_agent_process(
+            model_dir,
+            broker.port,
+            "http-log",
+            tmp_path / "outbox.db",
+            env={"EDGE_AGENT_HTTP__ENABLED": "true", "EDGE_AGENT_HTTP__PORT": str(port)},
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    client = Client(port)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # polls the agent's own readiness answer, as a load balancer would
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text(
+                encoding="utf-8"
+            )
+            try:
+                if client.get("/healthz").status == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.05)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    log = log_path.read_text(encoding="utf-8")
+    assert log.count(f":{port} (docs at /docs") == 1, log
