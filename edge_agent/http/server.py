@@ -45,9 +45,9 @@ DRAIN_LIMIT_BYTES = 64 * 1024 * 1024
 # Query strings with more fields than this are refused (parse_qs would build them all).
 MAX_QUERY_FIELDS = 32
 _DRAIN_CHUNK_BYTES = 64 * 1024
-# Write buffer of a connection: the largest response sent in one piece (docs and the OpenAPI
-# document are the largest answers).
-RESPONSE_BUFFER_BYTES = 256 * 1024
+# Write buffer of a connection (allocated per connection): every answer of this API fits (/docs is
+# the largest); a larger one would leave in two sends, which TCP_NODELAY sends at once all the same.
+RESPONSE_BUFFER_BYTES = 64 * 1024
 
 
 class _Server(ThreadingHTTPServer):
