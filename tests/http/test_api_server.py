@@ -201,6 +201,40 @@ def test_keep_alive_serves_several_requests_on_one_connection(client: Client, ex
     assert (first.status, second.status, third.status) == (200, 200, 404)
 
 
+def test_each_response_leaves_in_one_send_on_a_nodelay_socket(
+    client: Client, example_wav: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Headers and body in one write, on a TCP_NODELAY socket: in two writes with Nagle on, every
+    keep-alive request after the first would wait for the client's delayed ACK."""
+    writes: list[tuple[int, int]] = []  # (bytes, TCP_NODELAY) of each send by the server's threads
+
+    def recording(send: Any) -> Any:
+        def recorded(self: socket.socket, data: Any, *args: Any) -> Any:
+            if threading.current_thread() is not threading.main_thread():  # the client's run here
+                writes.append((len(data), self.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)))
+            return send(self, data, *args)
+
+        return recorded
+
+    monkeypatch.setattr(socket.socket, "send", recording(socket.socket.send))
+    monkeypatch.setattr(socket.socket, "sendall", recording(socket.socket.sendall))
+    connection = http.client.HTTPConnection(client.host, client.port, timeout=30)
+    body, content_type = multipart({}, {"audio_file": ("a.wav", example_wav.read_bytes())})
+    try:
+        replies = [
+            client.request("GET", "/healthz", connection=connection),
+            client.request("GET", "/healthz", connection=connection),
+            client.request("POST", "/detect", body, {"Content-Type": content_type}, connection),
+            client.request("GET", "/docs", connection=connection),
+        ]
+    finally:
+        connection.close()
+    assert [reply.status for reply in replies] == [200, 200, 200, 200]
+    assert len(writes) == len(replies)
+    assert all(nodelay for _, nodelay in writes)
+    assert writes[3][0] > len(replies[3].body)  # the whole page, headers included, in one write
+
+
 def test_detections_run_concurrently(client: Client, dev_audio: Path) -> None:
     files = sorted(dev_audio.glob("pos/*.wav"))[:6]
     results: dict[Path, Any] = {}
