@@ -6,11 +6,11 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 from edge_agent.http.standalone import LoadedEngine, StandaloneBackend
 from tests.broker import Broker
+from tests.broker import Client as MqttClient
 from tests.http.client import Client
 from tests.http.conftest import ServeProcess, StartServer, edge_agent_env, free_port, start_serve, stop_serve
 from tests.support import start_agent_process
@@ -46,7 +46,7 @@ def test_healthcheck_exit_codes(serve_process: ServeProcess, tmp_path: Path) -> 
     ok = healthcheck("--url", url)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["status"] == "ok"
-    # The health URL itself works too (it used to ask /healthz/healthz).
+    # The health URL itself works too (not /healthz/healthz).
     for full in (f"{url}/healthz", f"{url}/healthz/"):
         assert healthcheck("--url", full).returncode == 0
     # The address from the config file, as the Docker HEALTHCHECK does (0.0.0.0 means loopback).
@@ -115,6 +115,8 @@ def test_serve_options_are_validated_like_the_config(model_dir: Path) -> None:
 def test_run_with_the_http_api_logs_its_address_once(model_dir: Path, broker: Broker, tmp_path: Path) -> None:
     port = free_port()
     log_path = tmp_path / "agent.log"
+    mqtt = MqttClient(broker.port).connect()
+    mqtt.subscribe("edge_agent/http-log/availability")
     with open(log_path, "w", encoding="utf-8") as log_file:
         process = start_agent_process(
             model_dir,
@@ -125,21 +127,15 @@ def test_run_with_the_http_api_logs_its_address_once(model_dir: Path, broker: Br
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )
-    client = Client(port)
     try:
-        deadline = time.monotonic() + 60
-        while True:  # polls the agent's own readiness answer, as a load balancer would
-            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text(
-                encoding="utf-8"
-            )
-            try:
-                if client.get("/healthz").status == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.05)
+        # The HTTP server is up before the agent starts, so `online` comes after its log line.
+        mqtt.wait_for(
+            "edge_agent/http-log/availability", lambda m: bool(m) and m[-1].payload == b"online", timeout=60
+        )
+        assert Client(port).get("/healthz").status == 200
     finally:
         process.terminate()
         process.wait(timeout=30)
+        mqtt.close()
     log = log_path.read_text(encoding="utf-8")
     assert log.count(f":{port} (docs at /docs") == 1, log
