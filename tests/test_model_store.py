@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import shutil
 import socket
@@ -176,3 +177,18 @@ def test_a_failed_download_is_tried_once_and_leaves_no_empty_folders(tmp_path: P
     assert f"port={port})" in message  # the whole message, not cut mid-token
     assert "modelscope imported: True" in message
     assert sorted(p.name for p in cache.rglob("*")) == ["models"]
+
+
+def test_the_modelscope_extra_does_not_pull_in_torch_as_the_deployment_guide_says() -> None:
+    """docs/deployment.md tells Raspberry Pi users what `edge-agent[modelscope]` installs."""
+    try:
+        declared = importlib.metadata.requires("modelscope") or []
+    except importlib.metadata.PackageNotFoundError:
+        require_module("modelscope")  # fails in CI, skips elsewhere
+        raise
+    # What `pip install modelscope` installs: the requirements of no extra of its own.
+    names = [r.split(";")[0].strip().lower() for r in declared if "extra ==" not in r.replace('"', "")]
+    assert not [name for name in names if name.startswith("torch")], names
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "deployment.md").read_text(encoding="utf-8")
+    start = guide.index("pip install 'edge-agent[modelscope]'")
+    assert "not torch" in guide[start : guide.index("\n```", start)]
