@@ -9,11 +9,10 @@ a stream would be).
 
 from __future__ import annotations
 
-import math
 import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -25,8 +24,6 @@ from edge_agent.engine.model import KwsModel
 # Longest audio one request may hold. The byte limit alone does not bound it: a few MB of 8-bit
 # audio at 1 kHz is an hour, gigabytes once resampled to 16 kHz float32, and minutes of CPU.
 MAX_RECORDING_SECONDS = 600.0
-# The lowest score measured: below it a keyword counts as not said at all (score 0).
-SCORE_FLOOR = 1e-4
 
 
 class RecordingTooLong(WavError):
@@ -101,40 +98,3 @@ def detect_recording(
         audio_seconds=samples.shape[0] / SAMPLE_RATE_HZ,
         processing_seconds=time.perf_counter() - started,
     )
-
-
-def best_threshold(decode: Callable[[float], bool], low: float = SCORE_FLOOR, steps: int = 16) -> float:
-    """Highest threshold (on a log scale, to ~1%) at which ``decode(threshold)`` still detects.
-
-    Detection is monotone in the threshold: a candidate above a threshold is above every lower
-    one, and the first pending candidate always fires. 0.0 when nothing is found even at ``low``.
-    """
-    if not decode(low):
-        return 0.0
-    lo, hi = math.log(low), 0.0
-    if decode(1.0):
-        return 1.0
-    for _ in range(steps):
-        middle = (lo + hi) / 2
-        if decode(math.exp(middle)):
-            lo = middle
-        else:
-            hi = middle
-    return math.exp(lo)
-
-
-def keyword_scores(
-    model: KwsModel, keywords: Sequence[CompiledKeyword], settings: DecoderSettings, posteriors: np.ndarray
-) -> dict[str, float]:
-    """Each keyword's score in a recording whatever its threshold: the highest threshold at which
-    it would still be detected (``edge-agent eval``'s score; 0.0 below :data:`SCORE_FLOOR`).
-    ``posteriors`` are the recording's, every output (``model.posteriors(samples)``)."""
-    scores = {}
-    for keyword in keywords:
-
-        def detects(threshold: float, keyword: CompiledKeyword = keyword) -> bool:
-            decoder = model.decoder([replace(keyword, threshold=threshold)], settings)
-            return bool(decoder.process(posteriors) or decoder.finish())
-
-        scores[keyword.text] = best_threshold(detects)
-    return scores

@@ -28,7 +28,8 @@ from edge_agent.engine.features import SAMPLE_RATE_HZ
 from edge_agent.engine.lexicon import normalize_keyword
 from edge_agent.engine.model import KwsModel
 from edge_agent.keywords import decoder_settings_from
-from edge_agent.recording import SCORE_FLOOR, best_threshold, detect_recording, load_recording
+from edge_agent.recording import detect_recording, load_recording
+from edge_agent.scoring import SCORE_FLOOR, best_threshold
 from edge_agent.system import tune_allocator
 
 

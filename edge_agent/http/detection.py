@@ -39,9 +39,9 @@ from edge_agent.recording import (
     RecordingTooLong,
     best_detection,
     detect_recording,
-    keyword_scores,
     load_recording,
 )
+from edge_agent.scoring import keyword_scores
 
 # Custom keywords per request, at most: decoding cost grows with each one.
 MAX_KEYWORDS_PER_REQUEST = 16
