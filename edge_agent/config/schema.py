@@ -392,7 +392,9 @@ class HttpConfig:
         pattern=HOST_NAME_PATTERN,
     )
     show_paths: bool = option(
-        False, doc="Show the model's directory in /info (the API has no authentication)."
+        False,
+        doc="Show file paths in answers: the model's directory in /info, paths in health errors "
+        "(the API has no authentication; the log always has them).",
     )
 
 

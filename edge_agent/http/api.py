@@ -65,6 +65,8 @@ INPUT_FORMAT = "WAV (PCM 8/16/24/32-bit or float), any sample rate and channels;
 THRESHOLD_RANGE = (0.0, 1.0)
 # A Host header fit to appear in the examples: a name or an address, and a port.
 _HOST_HEADER = re.compile(r"^([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?$")
+# An absolute path in a message, up to a space, quote, bracket or colon.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w/:.])/[^\s'\"()\[\],;:]+")
 # Renderings of /docs kept, one per address clients used (bounded: IP addresses are not).
 MAX_CACHED_PAGES = 8
 # Raw-body uploads: what `curl --data-binary -H 'Content-Type: audio/wav'` and friends send.
@@ -244,6 +246,8 @@ class Api:
 
     def _status(self) -> dict[str, Any]:
         status = dict(self.backend.status())
+        if not self.show_paths and isinstance(status.get("error"), str):
+            status["error"] = hide_paths(status["error"])
         status["service"] = SERVICE_NAME
         status["timestamp"] = iso_timestamp()
         return status
@@ -425,6 +429,12 @@ def _text(data: bytes, name: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         raise BadRequest(f"{name} is not UTF-8 text") from None
+
+
+def hide_paths(message: str) -> str:
+    """``message`` with its absolute file paths replaced (an unauthenticated answer should not
+    tell where the model or the configuration lives; the log keeps the whole message)."""
+    return _ABSOLUTE_PATH.sub("<path>", message)
 
 
 def _threshold(text: str | None) -> float | None:

@@ -532,6 +532,33 @@ def test_503_after_the_model_failed_to_load(start_server: StartServer, example_w
     assert "/nowhere does not exist" in client.get("/healthz").json()["error"]
 
 
+def test_a_path_in_any_backends_health_error_stays_in_the_log(start_server: StartServer) -> None:
+    """The agent's backend reports its engine worker's error as it is: a path in it is hidden
+    unless http.show_paths allows it."""
+
+    class StoppedEngine(_BrokenBackend):
+        def ready(self) -> bool:
+            return False
+
+        def status(self) -> dict[str, Any]:
+            return {
+                "status": "error",
+                "model_loaded": True,
+                "uptime_s": 1.0,
+                "broker_connected": True,
+                "version": "0",
+                "error": "the engine worker is not running: cannot read /srv/models/kwsr.net: truncated",
+            }
+
+    _, client = start_server(StoppedEngine())
+    reply = client.get("/healthz")
+    assert reply.status == 503 and "/srv" not in reply.text
+    assert reply.json()["error"] == "the engine worker is not running: cannot read <path>: truncated"
+    assert "/srv" not in client.get("/").text
+    _, client = start_server(StoppedEngine(), show_paths=True)
+    assert "/srv/models/kwsr.net" in client.get("/healthz").json()["error"]
+
+
 def test_503_when_every_detection_slot_stays_busy(
     engine: LoadedEngine, start_server: StartServer, example_wav: Path
 ) -> None:
