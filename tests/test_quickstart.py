@@ -135,3 +135,37 @@ def test_the_quickstart_asks_apt_only_for_the_main_jobs_packages() -> None:
     assert {"chromium", "portaudio19-dev", "python3-venv", "curl"} <= set(
         tests.split("debian_packages=(", 1)[1].split(")", 1)[0].split()
     )
+
+
+def test_a_python_without_venv_gets_python3_venv_from_apt(
+    tmp_path: Path, fresh_apt: tuple[Path, Path]
+) -> None:
+    """A minimal Debian image has python3 without its venv module's pip (python3-venv): the
+    scripts' environment step asks apt-get for it before making the virtual environment."""
+    if not DEBIAN_PYTHON.exists():
+        pytest.skip("no Debian python3")
+    shims, apt_log = fresh_apt
+    # Debian's python3 as a minimal image has it: no ensurepip until python3-venv is installed.
+    python = shims / "python3"
+    python.write_text(
+        f'#!/bin/sh\nif [ "$1" = "-c" ] && [ ! -f {apt_log} ]; then exit 1; fi\nexec {DEBIAN_PYTHON} "$@"\n',
+        encoding="utf-8",
+    )
+    python.chmod(0o755)
+    venv = tmp_path / "venv"
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "EDGE_AGENT_VENV", "PYTHON")}
+    env.update(PATH=f"{shims}{os.pathsep}{env['PATH']}", EDGE_AGENT_VENV=str(venv))
+    result = subprocess.run(
+        ["bash", "-c", 'source scripts/venv.sh && echo "PYTHON=$PYTHON"'],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "install -y -qq --no-install-recommends python3 python3-venv" in apt_log.read_text(
+        encoding="utf-8"
+    )
+    assert f"PYTHON={venv}/bin/python" in result.stdout
+    assert (venv / "bin" / "pip").exists()
