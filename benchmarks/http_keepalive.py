@@ -117,28 +117,32 @@ def load(
     clients: int,
     seconds: float,
 ) -> dict[str, Any]:
-    """``clients`` keep-alive connections sending back to back for ``seconds``."""
+    """``clients`` keep-alive connections sending back to back for ``seconds`` (each at least
+    one request) from the moment every one of them is connected and warmed up."""
     latencies: list[list[float]] = [[] for _ in range(clients)]
-    start = threading.Barrier(clients + 1)
-    deadline: list[float] = []
+    began: list[float] = []
+
+    def open_the_run() -> None:  # run by the last client to arrive, before any is released
+        began.append(time.perf_counter())
+
+    start = threading.Barrier(clients, action=open_the_run)
 
     def client(index: int) -> None:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         one_request(connection, method, path, body, headers)  # connect and warm up
         start.wait()
-        while time.perf_counter() < deadline[0]:
+        while True:
             latencies[index].append(one_request(connection, method, path, body, headers))
+            if time.perf_counter() >= began[0] + seconds:
+                break
         connection.close()
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
     for thread in threads:
         thread.start()
-    began = time.perf_counter()
-    deadline.append(began + seconds)  # before the barrier opens: every client reads it after
-    start.wait()
     for thread in threads:
         thread.join()
-    elapsed = time.perf_counter() - began
+    elapsed = time.perf_counter() - began[0]
     every = [value * 1000 for values in latencies for value in values]
     return {
         "clients": clients,
