@@ -246,3 +246,14 @@ def test_continuous_streams_start_at_each_recording_and_wait_only_up_to_the_hold
         # The keyword of recording k, in stream k's own time: within that recording's 9 s.
         assert 0 < detection["end"] < starts[stream + 1] - starts[stream]
     assert all(0 < f["delay_ms"] <= 285 + 100 + DEFAULT_HOLD_SECONDS * 1000 + 30 for f in found)
+
+
+def test_the_http_keepalive_benchmark_measures_both_endpoints(tmp_path: Path, model_dir: Path) -> None:
+    bench("http_keepalive", "--clients", "2", "--seconds", "1", results=tmp_path)
+    report = json.loads((tmp_path / "http_keepalive.json").read_text(encoding="utf-8"))
+    (after,) = report["results"]
+    assert after["server"] == "after" and report["machine"]["cpu"]
+    for endpoint in ("healthz", "detect"):
+        assert after[endpoint]["requests"] > 0 and after[endpoint]["clients"] == 2
+        assert 0 < after[endpoint]["latency_ms_p50"] <= after[endpoint]["latency_ms_p95"]
+        assert after[f"one_connection_{endpoint}"]["requests"] == 20

@@ -142,7 +142,6 @@ def run_agent(args: argparse.Namespace) -> int:
             http_server = start_http_server(config.http, backend)
         except OSError as error:
             fail(f"http: cannot listen on {config.http.host}:{config.http.port}: {error.strerror or error}")
-        log.info("HTTP API on %s (docs at /docs, test page at /ui)", http_server.url)
     agent.start()
     if config_path is not None:
         keep_last_good(config_path)

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any, Literal, Union
 
 from edge_agent.config.schema import (
+    COMMA_SEPARATED_KEYS,
     COMMAND_NAMES,
     DEFAULT_MAX_DURATION,
     DEFAULT_MIN_DURATION,
@@ -89,6 +90,8 @@ def _convert(value: Any, hint: Any, key: str, meta: Mapping[str, Any]) -> Any:
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             if key.endswith("keywords") and isinstance(value, str):
                 value = [value]
+            elif key in COMMA_SEPARATED_KEYS and isinstance(value, str):
+                value = [item.strip() for item in value.split(",") if item.strip()]
             else:
                 raise ConfigError(key, f"must be a list, got {_describe(value)}")
         return tuple(_convert(item, item_hint, f"{key}[{i}]", meta) for i, item in enumerate(value))

@@ -380,6 +380,16 @@ class PoolConfig:
     )
 
 
+# Pages served from this machine may call the API by default; any other site needs a setting.
+DEFAULT_CORS_ORIGINS = ("http://localhost:*", "http://127.0.0.1:*", "http://[::1]:*")
+# Loopback names only: another name in the Host header is how a DNS-rebinding page gets in.
+DEFAULT_ALLOWED_HOSTS = ("localhost", ".localhost")
+ORIGIN_PATTERN = re.compile(r"^(\*|null|https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:([0-9]{1,5}|\*))?)$")
+HOST_NAME_PATTERN = re.compile(r"^(\*|\.?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*)$")
+# List keys that also take one comma-separated string (a command-line or environment value).
+COMMA_SEPARATED_KEYS = ("http.cors_origins", "http.allowed_hosts")
+
+
 @dataclass(frozen=True, kw_only=True)
 class HttpConfig:
     enabled: bool = option(False, doc="Serve the local HTTP API, /ui test page and /metrics.")
@@ -387,6 +397,23 @@ class HttpConfig:
     port: int = option(8080, doc="TCP port.", minimum=1, maximum=65535)
     max_upload_mb: float = option(
         20.0, doc="Largest WAV accepted by POST /detect (MB); larger gets 413.", minimum=0.1, maximum=1024
+    )
+    cors_origins: tuple[str, ...] = option(
+        DEFAULT_CORS_ORIGINS,
+        doc="Origins whose web pages may call the API (CORS), e.g. http://localhost:3000; a port of * "
+        "matches any port; * alone allows every origin (a page opened from a file has origin null).",
+        pattern=ORIGIN_PATTERN,
+    )
+    allowed_hosts: tuple[str, ...] = option(
+        DEFAULT_ALLOWED_HOSTS,
+        doc="Host names a request may address (against DNS rebinding); IP addresses are always "
+        "accepted; a leading dot matches subdomains; * accepts any name.",
+        pattern=HOST_NAME_PATTERN,
+    )
+    show_paths: bool = option(
+        False,
+        doc="Show file paths in answers: the model's directory in /info, paths in health errors "
+        "(the API has no authentication; the log always has them).",
     )
 
 
