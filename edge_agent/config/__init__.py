@@ -52,6 +52,7 @@ from edge_agent.config.schema import (
     OutboxConfig,
     PoolConfig,
     TlsConfig,
+    WyomingConfig,
     default_device_id,
     option,
 )
@@ -80,6 +81,7 @@ __all__ = [
     "OutboxConfig",
     "PoolConfig",
     "TlsConfig",
+    "WyomingConfig",
     "changed_keys",
     "config_reference",
     "default_device_id",
