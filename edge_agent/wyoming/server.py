@@ -28,6 +28,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from wyoming.error import Error
 from wyoming.event import async_write_event
@@ -38,6 +39,9 @@ from edge_agent.config import WyomingConfig
 from edge_agent.mqtt.messages import DetectionEvent
 from edge_agent.wyoming.connection import STREAM_KIND, STREAM_PREFIX, Connection, Session, peer_label
 from edge_agent.wyoming.info import wake_info
+
+if TYPE_CHECKING:
+    from edge_agent.wyoming.advertise import Advertisement
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +86,8 @@ class WyomingServer(Integration):
         self._routes: dict[str, tuple[Connection, Session]] = {}
         self._stream_numbers = 0
         self._tasks: set[asyncio.Task[None]] = set()
-        self._advertisement = None
+        self._advertisement: Advertisement | None = None
+        self.advertised = threading.Event()  # set once announced over mDNS
 
     # --- wiring (the agent's thread) ---------------------------------------------------------
     def attach(self, services: AgentServices) -> None:
@@ -177,6 +182,7 @@ class WyomingServer(Integration):
             )
             self._advertisement = advertisement
             await advertisement.start()
+            self.advertised.set()
         except Exception as error:  # noqa: BLE001 - the service works without discovery
             self.services.report_error(
                 "zeroconf_failed", f"the Wyoming service is not announced over mDNS: {error}"

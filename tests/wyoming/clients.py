@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -13,9 +12,7 @@ from wyoming.event import Event
 from wyoming.info import Describe, Info
 from wyoming.wake import Detect
 
-from edge_agent.agent.services import Integration
 from edge_agent.audio.resample import resample
-from edge_agent.mqtt.messages import DetectionEvent
 
 HOST = "127.0.0.1"
 CHUNK_SAMPLES = 1024
@@ -83,35 +80,6 @@ def to_48k_stereo(pcm16k: bytes) -> bytes:
     samples = np.frombuffer(pcm16k, dtype="<i2").astype(np.float32)
     high = np.clip(np.round(resample(samples, 16000, 48000)), -32768, 32767).astype("<i2")
     return np.repeat(high, 2).tobytes()  # left and right interleaved
-
-
-class StreamEvents(Integration):
-    """What the agent announces of its Wyoming streams (the detection sink's thread), for tests
-    to wait on instead of time."""
-
-    name = "stream-events"
-
-    def __init__(self) -> None:
-        self.closed: list[str] = []
-        self.detections: list[DetectionEvent] = []
-        self._changed = threading.Condition()
-
-    def on_detection(self, event: DetectionEvent, stream_kind: str) -> None:
-        if stream_kind == "wyoming":
-            with self._changed:
-                self.detections.append(event)
-                self._changed.notify_all()
-
-    def stream_closed(self, stream: str, stream_kind: str) -> None:
-        if stream_kind == "wyoming":
-            with self._changed:
-                self.closed.append(stream)
-                self._changed.notify_all()
-
-    def wait_closed(self, count: int, timeout: float = 30.0) -> list[str]:
-        with self._changed:
-            assert self._changed.wait_for(lambda: len(self.closed) >= count, timeout), self.closed
-            return list(self.closed)
 
 
 def run(coroutine):  # type: ignore[no-untyped-def]

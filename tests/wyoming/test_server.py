@@ -22,14 +22,12 @@ from wyoming.info import Describe, Info
 from wyoming.ping import Ping
 from wyoming.wake import Detect, Detection
 
-from edge_agent.fleet.commands import CommandProcessor
 from edge_agent.wyoming.server import WyomingServer, WyomingServerError
 from tests.agent.streaming import pcm16
-from tests.fleet.helpers import command, wait_ready
+from tests.fleet.helpers import command
 from tests.support import agent_config
 from tests.wyoming.clients import (
     HOST,
-    StreamEvents,
     chunks,
     describe,
     detect,
@@ -39,8 +37,7 @@ from tests.wyoming.clients import (
     to_48k_stereo,
     types,
 )
-
-KEYWORD = "小云小云"
+from tests.wyoming.helpers import KEYWORD, wyoming_agent
 
 
 @pytest.fixture()
@@ -51,36 +48,6 @@ def positive(dev_audio: Path) -> bytes:
 @pytest.fixture()
 def negative(dev_audio: Path) -> bytes:
     return pcm16(sorted(dev_audio.glob("neg/*.wav"))[0])
-
-
-def wyoming_agent(  # type: ignore[no-untyped-def]
-    make_agent,
-    tmp_path: Path,
-    mqtt_port: int | None = None,
-    commands: bool = False,
-    audio: dict | None = None,
-    **wyoming,
-):
-    """A started agent with the Wyoming server on a free port (MQTT only with ``mqtt_port``);
-    ``wyoming`` are keys of its section."""
-    sections = {"wyoming": {"enabled": True, "port": 0, "zeroconf": False, **wyoming}}
-    if audio is not None:
-        sections["audio"] = audio
-    if mqtt_port is None:
-        config = agent_config(1, tmp_path, mqtt={"enabled": False}, **sections)
-    else:
-        config = agent_config(mqtt_port, tmp_path, **sections)
-    server = WyomingServer()
-    events = StreamEvents()
-
-    def integrations(agent):  # type: ignore[no-untyped-def]
-        extra = [CommandProcessor(agent)] if commands else []
-        return [server, events, *extra]
-
-    agent = make_agent(config, integrations=integrations)
-    if mqtt_port is not None:
-        wait_ready(mqtt_port, agent)
-    return agent, server, events
 
 
 # --- describe ------------------------------------------------------------------------------------
