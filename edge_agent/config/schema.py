@@ -388,9 +388,10 @@ class WyomingConfig:
         maximum=65536,
     )
     batch_ms: int = option(
-        50,
-        doc="A client's audio is handed to the engine in pieces of at least this length (ms), "
-        "however small its chunks: fewer, larger engine steps for a little delay.",
+        100,
+        doc="Every client's audio goes to the engine together, every this many ms: one batched "
+        "engine step for all clients instead of one per chunk, for up to this much delay "
+        "(0: each chunk as it arrives).",
         minimum=0,
         maximum=500,
     )

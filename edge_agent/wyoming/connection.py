@@ -12,8 +12,9 @@ data or payload length above ``wyoming.max_event_bytes`` before reading it.
   ``audio.mqtt.max_streams`` streaming clients (one more gets ``error`` ``too_many_streams`` and
   is closed). An ``audio-chunk`` without ``audio-start`` opens one in the chunk's format;
 * ``audio-chunk`` -> the PCM, in any format :class:`~edge_agent.audio.pcm.PcmFormat` accepts,
-  gathered to ``wyoming.batch_ms`` and submitted as :class:`~edge_agent.agent.items.PcmChunk`
-  (the worker converts it, as it does MQTT audio);
+  held until the server's next tick (every ``wyoming.batch_ms``: every client's audio goes to
+  the engine at once, one batched step for all) and submitted as
+  :class:`~edge_agent.agent.items.PcmChunk` (the worker converts it, as it does MQTT audio);
 * the engine's detections come back through the server (:meth:`Connection.deliver`) and go out
   as ``detection`` at once, named after the keyword and stamped in the client's own chunk
   timestamps (milliseconds) at the keyword's end;
@@ -60,6 +61,8 @@ STREAM_PREFIX = "wyoming-"
 # Assistant ids: letters, digits, '-' and '_'; at most 64 characters in all).
 _PEER_CHARACTERS = re.compile(r"[^A-Za-z0-9]+")
 _MAX_PEER_LENGTH = 40
+# A client's audio is flushed without waiting for the tick once it holds this many ticks' worth.
+_TICKS_HELD = 4
 
 
 def peer_label(peername: Any) -> str:
@@ -97,7 +100,7 @@ class Session:
     names: frozenset[str] | None
     stream: str = ""
     pending: bytearray = field(default_factory=bytearray)
-    pending_bytes_wanted: int = 0
+    max_pending_bytes: int = 0  # a client faster than real time is not held to the tick
     last_received: float = 0.0  # wall time of the last chunk's arrival
     audio_ms: float = 0.0  # audio received so far
     timestamp_base_ms: float | None = None  # the client's timestamp at the stream's start
@@ -106,8 +109,10 @@ class Session:
     answer: bool = True  # someone is left to tell (not after a disconnect)
     quiet_closed: bool = False  # the engine closed the stream (it went quiet); nothing sent since
 
-    def batch_bytes(self, batch_ms: int) -> int:
-        return max(1, self.fmt.bytes_per_second * batch_ms // 1000)
+    def held_bytes(self, batch_ms: int) -> int:
+        """Audio held at most between two ticks: a real-time client sends a tick's worth, a
+        faster one is flushed when it has sent several (bounded memory, no lost alignment)."""
+        return max(1, self.fmt.bytes_per_second * batch_ms * _TICKS_HELD // 1000)
 
 
 class _BoundedReader:
@@ -149,6 +154,7 @@ class Connection(AsyncEventHandler):
         self.names: frozenset[str] | None = None
         self.session: Session | None = None
         self.closed = False
+        self._reading_paused = False
         self._write_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._format_key: tuple[Any, Any, Any] | None = None
@@ -180,6 +186,10 @@ class Connection(AsyncEventHandler):
                 self.last_event = time.monotonic()
                 if not await self.handle_event(event):
                     break
+                if self.session is not None and self.server.batch_ms > 0:
+                    # Streaming: what the socket holds is read once per tick, in one go (one
+                    # wake-up of the loop for several chunks); what was read is parsed first.
+                    self._pause_reading()
         finally:
             self.closed = True
             self.end_session(answer=False)
@@ -219,6 +229,7 @@ class Connection(AsyncEventHandler):
     def close(self) -> None:
         """End the connection from the server's side (idle, shutting down)."""
         self.closed = True
+        self._reading_paused = False
         self.writer.close()
         self.reader.feed_eof()
 
@@ -262,7 +273,7 @@ class Connection(AsyncEventHandler):
             elif fmt != session.fmt:
                 self._flush(session)
                 session.fmt = fmt
-                session.pending_bytes_wanted = session.batch_bytes(self.server.batch_ms)
+                session.max_pending_bytes = session.held_bytes(self.server.batch_ms)
             self._format_key = key
         audio = event.payload or b""
         if session.timestamp_base_ms is None:
@@ -272,7 +283,7 @@ class Connection(AsyncEventHandler):
         session.audio_ms += 1000.0 * len(audio) / session.fmt.bytes_per_second
         session.last_received = time.time()
         session.pending += audio
-        if len(session.pending) >= session.pending_bytes_wanted:
+        if len(session.pending) >= session.max_pending_bytes:
             self._flush(session)
         return True
 
@@ -294,7 +305,7 @@ class Connection(AsyncEventHandler):
     # --- the session's stream ----------------------------------------------------------------
     async def _start_session(self, fmt: PcmFormat) -> bool:
         session = Session(fmt=fmt, names=self.names)
-        session.pending_bytes_wanted = session.batch_bytes(self.server.batch_ms)
+        session.max_pending_bytes = session.held_bytes(self.server.batch_ms)
         stream = self.server.open_stream(self, session)
         if stream is None:
             limit = self.services.config.audio.mqtt.max_streams
@@ -308,6 +319,22 @@ class Connection(AsyncEventHandler):
         self.services.ingest(StreamStart(stream, STREAM_KIND, fmt, self.origin))
         log.debug("%s: stream %s started (%s)", self.origin, stream, fmt.describe())
         return True
+
+    def flush(self) -> None:
+        """Hand the audio held so far to the engine (the server's tick)."""
+        if self.session is not None:
+            self._flush(self.session)
+
+    def resume_reading(self) -> None:
+        """Read what the client sent since the last tick (the server's tick)."""
+        if self._reading_paused and not self.closed:
+            self._reading_paused = False
+            self.writer.transport.resume_reading()
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused:
+            self._reading_paused = True
+            self.writer.transport.pause_reading()
 
     def _flush(self, session: Session) -> None:
         if not session.pending:

@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 # How long attach() and stop() wait for the event loop (seconds).
 _LOOP_TIMEOUT_SECONDS = 10.0
+# Of each tick, the part left for reading the streaming clients' sockets before their audio
+# goes to the engine.
+_READ_SHARE_OF_TICK = 0.2
 # Idle connections are looked for this many times per idle timeout.
 _IDLE_CHECKS_PER_TIMEOUT = 4
 
@@ -166,6 +169,8 @@ class WyomingServer(Integration):
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("Wyoming wake-word service on %s:%d", config.host, self.port)
         self._keep(self._close_idle(config.idle_timeout))
+        if config.batch_ms > 0:
+            self._keep(self._tick(config.batch_ms / 1000.0))
         if config.zeroconf:
             self._keep(self._advertise(config))
 
@@ -210,6 +215,27 @@ class WyomingServer(Integration):
         finally:
             self._connections.pop(connection, None)
             self.stats.open_connections = len(self._connections)
+
+    async def _tick(self, period: float) -> None:
+        """Every client's audio to the engine at once, on a fixed schedule. Streaming clients'
+        sockets are read once per tick (several chunks for one wake-up of the loop); a moment
+        later, once that is parsed, every client's audio is submitted together: the engine
+        worker then finds every stream's audio in its queue at once and runs one batched step
+        for all of them, instead of one small step per client as its chunks trickle in."""
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        while True:
+            due += period
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            for connection in list(self._connections):
+                connection.resume_reading()
+            loop.call_later(period * _READ_SHARE_OF_TICK, self._flush_all)
+            if loop.time() - due > period:
+                due = loop.time()  # fell behind (a busy machine): no burst of catch-up ticks
+
+    def _flush_all(self) -> None:
+        for connection in list(self._connections):
+            connection.flush()
 
     async def _close_idle(self, timeout: float) -> None:
         while True:

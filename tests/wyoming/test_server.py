@@ -94,10 +94,11 @@ def test_ping_gets_pong_and_describe_is_answered_on_the_same_connection(  # type
 # --- detection -----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("batch_ms", [100, 0], ids=["on-ticks", "each-chunk"])
 def test_positive_in_1024_sample_chunks_gives_exactly_one_detection(
-    make_agent, tmp_path: Path, positive: bytes
+    make_agent, tmp_path: Path, positive: bytes, batch_ms: int
 ) -> None:  # type: ignore[no-untyped-def]
-    _agent, server, events = wyoming_agent(make_agent, tmp_path)
+    _agent, server, events = wyoming_agent(make_agent, tmp_path, batch_ms=batch_ms)
     answers = run(detect(server.port, positive, names=[KEYWORD]))
     assert types(answers) == ["detection"]  # then the server closed the connection
     detection = Detection.from_event(answers[0])
