@@ -1,11 +1,12 @@
 """``info`` parses with the ``wyoming`` release Home Assistant 2024.3 pins (1.5.3) and with the
 one installed here (the newest when installed), each as a real client of the real server.
 
-1.5.3 is installed by this test, with pip, into a folder of pytest's cache (``pip install
---no-deps --target``; the package is pure Python without dependencies) and put first on the
-``PYTHONPATH`` of a subprocess, so nothing is vendored and the test process keeps its own
-release. The subprocess does what Home Assistant's ``load_wyoming_info`` does: ``describe`` over
-TCP, ``Info.from_event``; then prints what Home Assistant reads of it.
+1.5.3 is installed by this test, with pip, into a folder of pytest's cache (of the run's
+temporary folders without one) with ``pip install --no-deps --target`` (the package is pure
+Python without dependencies) and put first on the ``PYTHONPATH`` of a subprocess, so nothing is
+vendored and the test process keeps its own release. The subprocess does what Home Assistant's
+``load_wyoming_info`` does: ``describe`` over TCP, ``Info.from_event``; then prints what Home
+Assistant reads of it.
 """
 
 from __future__ import annotations
@@ -52,9 +53,12 @@ asyncio.run(main())
 
 
 @pytest.fixture(scope="session")
-def old_wyoming(pytestconfig: pytest.Config) -> Path:
-    """A folder holding wyoming 1.5.3, installed once per cache."""
-    target = pytestconfig.cache.mkdir(f"wyoming-{HOME_ASSISTANT_2024_3_WYOMING}")  # type: ignore[union-attr]
+def old_wyoming(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding wyoming 1.5.3, installed once per cache (once per run without one:
+    ``-p no:cacheprovider``)."""
+    folder = f"wyoming-{HOME_ASSISTANT_2024_3_WYOMING}"
+    cache = getattr(pytestconfig, "cache", None)  # absent with -p no:cacheprovider
+    target = cache.mkdir(folder) if cache is not None else tmp_path_factory.mktemp(folder)
     if not (target / "wyoming" / "info.py").exists():
         command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target)]
         result = subprocess.run(
