@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import multiprocessing
 import os
 import socket
@@ -60,6 +61,8 @@ CHUNK_BYTES = 16000 * 2 * CHUNK_MS // 1000
 KEYWORD = "小云小云"
 OPENWAKEWORD_MODEL = "ok_nabu"
 DESCRIBE_EVERY_SECONDS = 0.5
+# A client waits for its socket to drain beyond this much unsent data.
+WRITE_BUFFER_BYTES = 64 * 1024
 # CPU is measured between these fractions of the run (clients connecting and leaving excluded).
 MEASURE_FROM, MEASURE_TO = 0.15, 0.9
 # The clients are real time only if their chunks go out on schedule: beyond this lag (p95) the
@@ -76,10 +79,11 @@ def free_port() -> int:
 # --- the clients (a process of their own) ----------------------------------------------------------
 
 
-async def _reader(client: Any, start_at: float, results: dict[str, Any]) -> None:
+async def _reader(reader: asyncio.StreamReader, start_at: float, results: dict[str, Any]) -> None:
+    from wyoming.event import async_read_event
     from wyoming.wake import Detection
 
-    while (event := await client.read_event()) is not None:
+    while (event := await async_read_event(reader)) is not None:
         if Detection.is_type(event.type):
             detection = Detection.from_event(event)
             results["detections"] += 1
@@ -89,23 +93,37 @@ async def _reader(client: Any, start_at: float, results: dict[str, Any]) -> None
             results["other_events"][event.type] = results["other_events"].get(event.type, 0) + 1
 
 
+def chunk_header(index: int, audio_bytes: int) -> bytes:
+    """The ``audio-chunk`` event of chunk ``index`` as the ``wyoming`` package frames it, without
+    its payload: the same for every client (same format, timestamp and length), so it is framed
+    once per chunk instead of once per client and chunk."""
+    from wyoming.audio import AudioChunk
+    from wyoming.event import write_event
+
+    framed = io.BytesIO()
+    chunk = AudioChunk(rate=16000, width=2, channels=1, audio=bytes(audio_bytes), timestamp=index * CHUNK_MS)
+    write_event(chunk.event(), framed)
+    return framed.getvalue()[:-audio_bytes]
+
+
 async def _clients(
     port: int, streams: list[bytes], name: str, start_at: float, results: dict[str, Any]
 ) -> None:
     """Every client connects and says what it sends; then one clock sends each client's next
-    10 ms chunk every 10 ms (one timer for all: the load generator must keep up on a small
-    machine). Home Assistant never sends audio-stop: the clients close at the end."""
-    from wyoming.audio import AudioChunk, AudioStart
-    from wyoming.client import AsyncTcpClient
+    10 ms chunk every 10 ms (one timer for all, each chunk's event framed once by the
+    ``wyoming`` package for every client: the load generator must keep up with 128 clients on a
+    small machine). Home Assistant never sends audio-stop: the clients close at the end."""
+    from wyoming.audio import AudioStart
+    from wyoming.event import async_write_event
     from wyoming.wake import Detect
 
-    clients = [AsyncTcpClient("127.0.0.1", port) for _ in streams]
-    for client in clients:
-        await client.connect()
-        await client.write_event(Detect(names=[name]).event())
-        await client.write_event(AudioStart(rate=16000, width=2, channels=1).event())
+    connections = [await asyncio.open_connection("127.0.0.1", port) for _ in streams]
+    for _, writer in connections:
+        await async_write_event(Detect(names=[name]).event(), writer)
+        await async_write_event(AudioStart(rate=16000, width=2, channels=1).event(), writer)
     loop = asyncio.get_running_loop()
-    readers = [loop.create_task(_reader(client, start_at, results)) for client in clients]
+    readers = [loop.create_task(_reader(reader, start_at, results)) for reader, _ in connections]
+    writers = [writer for _, writer in connections]
     lags: list[float] = results["lags"]
     for index, offset in enumerate(range(0, len(streams[0]), CHUNK_BYTES)):
         delay = start_at + index * CHUNK_MS / 1000 - time.time()
@@ -113,15 +131,17 @@ async def _clients(
             await asyncio.sleep(delay)
         else:
             lags.append(-delay)
-        for client, pcm in zip(clients, streams, strict=True):
-            audio = pcm[offset : offset + CHUNK_BYTES]
-            chunk = AudioChunk(rate=16000, width=2, channels=1, audio=audio, timestamp=index * CHUNK_MS)
-            await client.write_event(chunk.event())
+        header = chunk_header(index, len(streams[0][offset : offset + CHUNK_BYTES]))
+        for writer, pcm in zip(writers, streams, strict=True):
+            writer.write(header + pcm[offset : offset + CHUNK_BYTES])
+        for writer in writers:
+            if writer.transport.get_write_buffer_size() > WRITE_BUFFER_BYTES:
+                await writer.drain()  # a server that stops reading holds this client back
     for reader in readers:
         reader.cancel()
     await asyncio.gather(*readers, return_exceptions=True)
-    for client in clients:
-        await client.disconnect()
+    for writer in writers:
+        writer.close()
 
 
 async def _describer(port: int, until: float, latencies: list[float]) -> None:
