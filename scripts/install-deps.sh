@@ -35,5 +35,5 @@ PYTHON="${PYTHON:-python3}"
 if [ -z "${EDGE_AGENT_SKIP_TORCH:-}" ] && ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
   "$PYTHON" -m pip install -q "${EDGE_AGENT_TORCH:-torch==2.13.0}"
 fi
-EXTRAS="${EDGE_AGENT_EXTRAS-test,fast,torch,modelscope,mic,pinyin}"
+EXTRAS="${EDGE_AGENT_EXTRAS-test,fast,torch,modelscope,mic,pinyin,wyoming}"
 "$PYTHON" -m pip install -q -e ".${EXTRAS:+[$EXTRAS]}"

@@ -10,6 +10,7 @@ it; then the rules that involve several keys run on the finished tree. Every
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import types
 import typing
 from collections.abc import Mapping
@@ -210,5 +211,11 @@ def _check_rules(config: AgentConfig) -> None:
     for site in config.hermes.site_ids:
         if not TOPIC_PATTERN.match(site) or "/" in site:
             raise ConfigError("hermes.site_ids", f"{site!r} cannot be a Hermes site id")
+    advertise = config.wyoming.advertise_host
+    if advertise is not None:
+        try:
+            ipaddress.IPv4Address(advertise)
+        except ValueError:
+            raise ConfigError("wyoming.advertise_host", f"{advertise!r} is not an IPv4 address") from None
     if config.device.id in ("all", "group", "pool"):
         raise ConfigError("device.id", f"{config.device.id!r} is reserved for fleet topics")
