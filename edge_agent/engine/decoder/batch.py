@@ -14,9 +14,7 @@ own, with the arithmetic of the one-stream path, so the detections are the same:
 * the frames the exact decoding will read are resolved in one call for all streams, and with
   audio arriving in real time a match under way is resolved a few frames per step instead of
   all at once when its last character arrives;
-* the exact runs that the searches are about to compute or extend (:func:`prime_exact_runs`);
-* the filtering passes of searches that fired and have only refractory frames left in the
-  chunk (:func:`carry_through_restarts`).
+* the exact runs that the searches are about to compute or extend (:func:`prime_exact_runs`).
 
 Only public methods of the decoders and searches are used here.
 """
@@ -158,31 +156,6 @@ def prime_exact_runs(
     return computed
 
 
-def carry_through_restarts(
-    decoders: Sequence[KeywordDecoder], restarts: list[tuple[int, KeywordSearch, int]]
-) -> None:
-    """The filtering passes of searches that fired and have only refractory frames left in
-    their chunk, ``(decoder index, search, first frame left)``: one recurrence per keyword for
-    all of them (as in :func:`process_many`'s main pass), keeping the partial matches each
-    carries out, as :meth:`KeywordSearch.process` would one by one."""
-    groups: dict[tuple[object, ...], list[tuple[int, KeywordSearch, int]]] = {}
-    for i, search, frame in restarts:
-        groups.setdefault(_search_key(decoders[i], search), []).append((i, search, frame))
-    for members in groups.values():
-        template = members[0][1]
-        stacked, exact, frames, padding = _stack_spans(
-            [decoders[i] for i, _, _ in members], [frame for _, _, frame in members]
-        )
-        killed = np.stack([search.killed(frames[row]) for row, (_, search, _) in enumerate(members)])
-        terms = template.scorer.optimistic_terms(stacked, exact, killed & ~padding)
-        _pad(terms, padding)
-        carry = np.stack([search.carry for _, search, _ in members])
-        carry_pre = np.stack([search.carry_pre for _, search, _ in members])
-        _, new_carry, new_carry_pre, _, _, _ = template.scorer.run(terms, carry, carry_pre)
-        for row, (_, search, _) in enumerate(members):
-            search.keep_carries(new_carry[row].copy(), new_carry_pre[row].copy())
-
-
 def process_many(
     decoders: Sequence[KeywordDecoder],
     posteriors: Sequence[np.ndarray],
@@ -279,18 +252,14 @@ def process_many(
                 frames_wanted[i] = np.union1d(frames_wanted[i], ahead)
         _resolve(decoders, frames_wanted, resolve)
     prime_exact_runs(decoders, first_frames, exact_work)
-    restarts: list[tuple[int, KeywordSearch, int]] = []
     for i, searches in enumerate(exact_work):
         if not searches:
             continue
         decoder = decoders[i]
         # Resolved above; on demand is a safety net, for spans the filter did not foresee.
         ensure = already_exact if resolve is None else decoder.history.on_demand(resolve, i, len(decoders))
-        restarted: list[tuple[KeywordSearch, int]] = []
         for search, filtered in searches:
-            results[i].extend(search.process(decoder.history, first_frames[i], ensure, filtered, restarted))  # type: ignore[arg-type]
-        restarts += [(i, search, frame) for search, frame in restarted]
-    carry_through_restarts(decoders, restarts)
+            results[i].extend(search.process(decoder.history, first_frames[i], ensure, filtered))  # type: ignore[arg-type]
     for found in results:
         found.sort(key=lambda d: (d.end, d.keyword))
     return results
