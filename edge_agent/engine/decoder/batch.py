@@ -51,6 +51,12 @@ def _stack_spans(
     each history) as (streams, longest, columns) values, exactness and absolute frame numbers,
     and which cells are padding (pure blank, exact, past a stream's end: they can neither
     start, continue nor penalise a match)."""
+    if len(decoders) == 1:
+        # One stream (a live microphone): views, no copies.
+        values, flags = decoders[0].history.rows(first_frames[0], None if stops is None else stops[0])
+        length = values.shape[0]
+        frames = np.arange(first_frames[0], first_frames[0] + length)[None]
+        return values[None], flags[None], frames, np.zeros((1, length), dtype=bool)
     ends = stops if stops is not None else [None] * len(decoders)
     spans = [d.history.rows(first, stop) for d, first, stop in zip(decoders, first_frames, ends, strict=True)]
     lengths = np.fromiter((values.shape[0] for values, _ in spans), np.int64, len(spans))
@@ -181,6 +187,9 @@ def process_many(
     # Matches under way in real-time audio: frames to resolve ahead of need, a few per step.
     early: list[list[tuple[int, int]]] = [[] for _ in decoders]
     early_limit = [0] * len(decoders)
+    # Worth it for many streams only: one stream's window resolved at once is a small product,
+    # while resolving ahead reads about four times as many frames.
+    early_resolution = resolve is not None and len(decoders) > 1
     groups: dict[tuple[object, ...], list[int]] = {}
     for i in active:
         groups.setdefault(decoders[i].signature, []).append(i)
@@ -193,6 +202,12 @@ def process_many(
         for slot in range(len(per_stream[0])):
             searches = [stream_searches[slot] for stream_searches in per_stream]
             template = searches[0]
+            if len(searches) == 1 and template.idle_over(stacked[0]):
+                # One stream (a live microphone) with nothing going on: what the general path
+                # below would find too (no frame where a match may begin, nothing busy), without
+                # its batch bookkeeping.
+                template.expire(int(frames[0, 0]) + int(lengths[0]))
+                continue
             # Where a match may begin; the last such frame before this span, per stream.
             begins = template.scorer.first_said(stacked) & ~padding
             before = np.array([s.last_start for s in searches], dtype=np.int64)
@@ -222,7 +237,7 @@ def process_many(
                 found = frames[row, np.flatnonzero(candidates[position])]
                 if search.pending is None and found.size == 0:
                     search.keep_carries(new_carry[position], new_carry_pre[position])
-                    if resolve is not None and lengths[row] <= EARLY_RESOLUTION_FRAMES and search.under_way():
+                    if early_resolution and lengths[row] <= EARLY_RESOLUTION_FRAMES and search.under_way():
                         # Audio in real time, and two or more characters may have been said:
                         # resolve the window so far a few frames per step, and each new frame
                         # as it comes, rather than all of it when the last character arrives

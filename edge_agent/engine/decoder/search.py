@@ -119,6 +119,11 @@ class KeywordSearch:
         """A partial match of two or more characters (but not all) may be alive."""
         return self.n > 2 and bool((self.carry[1 : self.n - 1] >= self.log_threshold).any())
 
+    def idle_over(self, values: np.ndarray) -> bool:
+        """Nothing to do in these rows (t, c) but :meth:`expire`: no detection is pending and no
+        character may reach its floor in any of them (so no match may begin there either)."""
+        return self.firing.pending is None and not self.scorer.said(values).any()
+
     def keep_carries(self, carry: np.ndarray, carry_pre: np.ndarray) -> None:
         """End of a span with nothing to report: keep the partial matches that can still win.
 
