@@ -339,6 +339,8 @@ def accept_many(
     whole batch instead of one per stream. Each stream keeps its own remainders."""
     if not streams:
         return []
+    if len(streams) == 1:
+        return [_accept_one(streams[0], samples[0], final)]
     fbank = streams[0]._fbank
     pieces: list[np.ndarray] = []
     lengths: list[int] = []
@@ -371,6 +373,20 @@ def accept_many(
     for stream, offset, end, count in zip(streams, offsets[:-1], offsets[1:], counts, strict=True):
         stream._pending_samples = signal[offset + count * FRAME_SHIFT_SAMPLES : end].copy()
     return _splice_many(streams, log_mel, counts, final=final)
+
+
+def _accept_one(stream: FeatureStream, chunk: np.ndarray, final: bool) -> np.ndarray:
+    """:func:`accept_many` for one stream (a live microphone's every chunk): the same frames,
+    without the layout of a batch."""
+    chunk = np.asarray(chunk)
+    if chunk.ndim != 1:
+        raise ValueError(f"expected mono samples as a 1-D array, got shape {chunk.shape}")
+    stream._samples_total += chunk.shape[0]
+    signal = np.concatenate([stream._pending_samples, chunk], dtype=np.float32)
+    count = frame_count(signal.shape[0])
+    log_mel = stream._fbank.frames(signal)
+    stream._pending_samples = signal[count * FRAME_SHIFT_SAMPLES :].copy()
+    return _splice_one(stream, log_mel, final)
 
 
 # Offsets of a spliced frame's filterbank frames from its centre.
