@@ -8,7 +8,8 @@ and whether every chunking gives the whole file's detections. Then the same clip
 openWakeWord 0.4.0 (one ONNX model, 80 ms chunks, one thread) run by ``--oww-python`` (a
 Python with ``openwakeword==0.4.0`` and ``onnxruntime``; default: ``$EDGE_AGENT_OWW_PYTHON``,
 or ``--make-oww-venv`` creates one under ~/.cache/edge-agent), alternating with ours, so that
-the ratio of the two comes from one run on one machine.
+the ratio of the two comes from one run on one machine. Times are CPU time of the process
+(one thread each): on a shared machine, other work inflates wall-clock time far more.
 
 Results: benchmarks/results/streaming.json and a table on stdout.
 """
@@ -53,7 +54,7 @@ def one_pass(
     """Seconds for the clip in chunks of ``chunk_ms`` (0: whole), and its detections."""
     detector = model.detector([KeywordSpec("小云小云")])
     chunk = chunk_ms * 16
-    started = time.perf_counter()
+    started = time.process_time()
     if chunk:
         found = []
         for offset in range(0, audio.shape[0], chunk):
@@ -61,7 +62,7 @@ def one_pass(
         found += detector.finish()
     else:
         found = detector.finish(audio)
-    seconds = time.perf_counter() - started
+    seconds = time.process_time() - started
     return seconds, [(round(d.confidence, 4), round(d.start, 3), round(d.end, 3)) for d in found]
 
 
