@@ -2,8 +2,9 @@
 
     python -m benchmarks.streaming [--repeat 5] [--oww-python PATH]
 
-A 120-second clip (audio/dev back to back) through one detector on one thread, fed in chunks
-of 20, 100 and 1000 ms as a microphone would, and whole: the best of ``--repeat`` passes each,
+A 120-second clip (recordings of audio/dev back to back, the wake word and other speech in
+turn) through one detector on one thread, fed in chunks of 20, 100 and 1000 ms as a microphone
+would, and whole: the best of ``--repeat`` passes each,
 and whether every chunking gives the whole file's detections. Then the same clip through
 openWakeWord 0.4.0 (one ONNX model, 80 ms chunks, one thread) run by ``--oww-python`` (a
 Python with ``openwakeword==0.4.0`` and ``onnxruntime``; default: ``$EDGE_AGENT_OWW_PYTHON``,
@@ -43,7 +44,10 @@ OWW_LOOP = Path(__file__).with_name("oww_loop.py")
 
 
 def clip() -> np.ndarray:
-    files = sorted(dev_audio().glob("*/*.wav"))
+    """Recordings of the wake word and of other speech, one of each in turn."""
+    positives = sorted(dev_audio().glob("pos/*.wav"))
+    negatives = sorted(dev_audio().glob("neg/*.wav"))
+    files = [path for pair in zip(positives, negatives, strict=False) for path in pair]
     audio = np.concatenate([to_mono_16k(read_wav(path)) for path in files])
     return np.round(audio[: CLIP_SECONDS * 16000]).astype(np.int16)
 

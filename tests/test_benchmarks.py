@@ -262,4 +262,4 @@ def test_the_streaming_benchmark_times_every_chunk_size_with_the_whole_files_det
     assert result["machine"]["cpu"] and result["clip_seconds"] == 120
     assert set(result["single_stream"]) == {"whole", "20 ms", "100 ms", "1000 ms"}
     assert all(row["same_detections_as_whole"] for row in result["single_stream"].values())
-    assert result["detections"] >= 10
+    assert result["detections"] >= 5
