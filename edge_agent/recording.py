@@ -1,33 +1,43 @@
 """Whole recordings: a WAV in, its detections out.
 
 One pipeline for every whole-file path, so that they all give the same answers:
-``edge-agent detect`` and ``eval``, HTTP ``POST /detect`` and MQTT ``detect/request``:
-:func:`load_recording` (``parse_wav`` -> ``to_mono_16k``, with a duration cap) then
-:func:`detect_recording` (a fresh detector over the whole file in one pass, or fed in chunks as
-a stream would be).
+``edge-agent detect`` and ``eval``, HTTP ``POST /detect`` and MQTT ``detect/request``. A
+:class:`Recording` checks the WAV's header and its length (a cap on every path: a few MB of 8-bit
+audio at 1 kHz is an hour of audio) and then yields the engine's 16 kHz mono samples a block at a
+time, decoded and resampled as it goes; :func:`detect_recording` runs a fresh detector over them.
+A recording is never decoded whole, so its memory does not grow with its length, and the engine
+worker can score it a block at a time between passes over live streams.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from edge_agent.audio.wav import WavError, parse_wav, read_wav, to_mono_16k
+from edge_agent.audio.resample import Resampler
+from edge_agent.audio.wav import TARGET_SAMPLE_RATE_HZ, WavError, wav_blocks
 from edge_agent.engine.decoder import CompiledKeyword, DecoderSettings, Detection
+from edge_agent.engine.detector import KeywordDetector
 from edge_agent.engine.features import SAMPLE_RATE_HZ
 from edge_agent.engine.model import KwsModel
 
-# Longest audio one request may hold. The byte limit alone does not bound it: a few MB of 8-bit
-# audio at 1 kHz is an hour, gigabytes once resampled to 16 kHz float32, and minutes of CPU.
+# Longest audio one request may hold. The byte limit alone does not bound it.
 MAX_RECORDING_SECONDS = 600.0
+# Audio decoded and scored at a time (seconds of the recording).
+BLOCK_SECONDS = 4.0
 
 
 class RecordingTooLong(WavError):
     """A recording longer than the caller's cap; the message says both durations."""
+
+
+class RecordingBusy(WavError):
+    """The engine is scoring as many recordings as it takes at once; try again."""
 
 
 @dataclass(frozen=True)
@@ -50,51 +60,122 @@ def best_detection(detections: Sequence[Detection]) -> Detection | None:
     return max(detections, key=lambda d: (d.confidence, -d.start))
 
 
-def load_recording(
-    source: bytes | bytearray | memoryview | str | os.PathLike[str],
-    *,
-    name: str = "<bytes>",
-    max_seconds: float | None = MAX_RECORDING_SECONDS,
-) -> np.ndarray:
-    """A WAV (bytes, or a path) as the engine's 16 kHz mono samples.
+class Recording:
+    """A WAV file (bytes or a path), checked, read as the engine's samples a block at a time.
 
-    Raises :class:`WavError` (the message starts with ``name`` or the path) and
-    :class:`RecordingTooLong` before converting anything longer than ``max_seconds``."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        decoded = parse_wav(source, source=name)
-        label = name
-    else:
-        decoded = read_wav(source)
-        label = os.fspath(source)
-    seconds = decoded.info.duration_seconds
-    if max_seconds is not None and seconds > max_seconds:
-        raise RecordingTooLong(
-            f"{label}: {seconds:.1f} s of audio, more than the {max_seconds:g} s one request may "
-            "hold; split the recording"
-        )
-    return to_mono_16k(decoded)
+    Raises :class:`WavError` (the message starts with ``name`` or the path) for a header it
+    cannot use, and :class:`RecordingTooLong` for more than ``max_seconds`` of audio, before
+    decoding anything; a bad sample (NaN floats) raises WavError from :meth:`blocks`."""
+
+    def __init__(
+        self,
+        source: bytes | bytearray | memoryview | str | os.PathLike[str],
+        *,
+        name: str = "<bytes>",
+        max_seconds: float | None = MAX_RECORDING_SECONDS,
+    ) -> None:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            data, label = source, name
+        else:
+            label = os.fspath(source)
+            try:
+                data = Path(label).read_bytes()
+            except OSError as error:
+                raise WavError(f"{label}: cannot read: {error.strerror or error}") from error
+        self.name = label
+        self.info, self._blocks = wav_blocks(data, source=label, block_seconds=BLOCK_SECONDS)
+        seconds = self.info.duration_seconds
+        if max_seconds is not None and seconds > max_seconds:
+            raise RecordingTooLong(
+                f"{label}: {seconds:.1f} s of audio, more than the {max_seconds:g} s one request may "
+                "hold; split the recording"
+            )
+
+    @property
+    def seconds(self) -> float:
+        return self.info.duration_seconds
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        """16 kHz mono float32 samples in 16-bit units, a block at a time; once."""
+        rate = self.info.sample_rate
+        resampler = Resampler(rate, TARGET_SAMPLE_RATE_HZ) if rate != TARGET_SAMPLE_RATE_HZ else None
+        for frames in self._blocks:
+            if frames.shape[1] == 1:
+                mono = frames[:, 0].astype(np.float32)
+            else:
+                mono = frames.mean(axis=1, dtype=np.float64).astype(np.float32)
+            yield mono if resampler is None else resampler.process(mono).astype(np.float32)
+        if resampler is not None:
+            tail = resampler.flush().astype(np.float32)
+            if tail.size:
+                yield tail
+
+    def samples(self) -> np.ndarray:
+        """The whole recording at once (the CLI's ``eval``, which needs every frame's outputs)."""
+        pieces = list(self.blocks())
+        return np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+
+
+class RecordingScan:
+    """One recording being scored by a fresh detector, a block at a time (:meth:`step`)."""
+
+    def __init__(
+        self,
+        model: KwsModel,
+        keywords: Sequence[CompiledKeyword],
+        settings: DecoderSettings,
+        blocks: Iterable[np.ndarray],
+    ) -> None:
+        self._detector: KeywordDetector = model.detector(keywords, settings)
+        self._blocks = iter(blocks)
+        self._detections: list[Detection] = []
+        self._samples = 0
+        self._seconds = 0.0
+        self.done = False
+
+    def step(self) -> bool:
+        """Score the next block (or finish); returns whether there is more to do. Raises the
+        reader's WavError for a block that cannot be decoded."""
+        if self.done:
+            return False
+        started = time.perf_counter()
+        try:
+            block = next(self._blocks)
+        except StopIteration:
+            self._detections.extend(self._detector.finish())
+            self.done = True
+        else:
+            self._samples += block.shape[0]
+            self._detections.extend(self._detector.feed(block))
+        self._seconds += time.perf_counter() - started
+        return not self.done
+
+    def result(self) -> RecordingResult:
+        return RecordingResult(tuple(self._detections), self._samples / SAMPLE_RATE_HZ, self._seconds)
 
 
 def detect_recording(
     model: KwsModel,
     keywords: Sequence[CompiledKeyword],
     settings: DecoderSettings,
-    samples: np.ndarray,
+    audio: Recording | np.ndarray,
     chunk_samples: int = 0,
 ) -> RecordingResult:
-    """Detections in one recording with a fresh detector: the whole of it in one pass, or fed
-    in chunks of ``chunk_samples`` as a live stream would be (the same detections)."""
-    detector = model.detector(keywords, settings)
-    started = time.perf_counter()
-    detections: list[Detection] = []
-    if chunk_samples > 0:
-        for offset in range(0, samples.shape[0], chunk_samples):
-            detections.extend(detector.feed(samples[offset : offset + chunk_samples]))
-        detections.extend(detector.finish())
+    """Detections in one recording with a fresh detector. A :class:`Recording` is scored a
+    block at a time; samples already in memory in chunks of ``chunk_samples`` (0: in one
+    pass), as a live stream would be: the engine finds the same detections either way."""
+    if isinstance(audio, Recording):
+        blocks: Iterable[np.ndarray] = audio.blocks()
+    elif chunk_samples > 0:
+        blocks = (
+            audio[offset : offset + chunk_samples] for offset in range(0, audio.shape[0], chunk_samples)
+        )
     else:
-        detections.extend(detector.finish(samples))
-    return RecordingResult(
-        detections=tuple(detections),
-        audio_seconds=samples.shape[0] / SAMPLE_RATE_HZ,
-        processing_seconds=time.perf_counter() - started,
-    )
+        detector = model.detector(keywords, settings)
+        started = time.perf_counter()
+        found = detector.finish(audio)  # the whole recording in one pass
+        return RecordingResult(tuple(found), audio.shape[0] / SAMPLE_RATE_HZ, time.perf_counter() - started)
+    scan = RecordingScan(model, keywords, settings, blocks)
+    while scan.step():
+        pass
+    return scan.result()

@@ -44,10 +44,10 @@ from edge_agent.agent.services import AgentServices, Integration
 from edge_agent.agent.sink import DetectionSink, DetectionWire, detection_window
 from edge_agent.agent.worker import EngineWorker, WorkQueue
 from edge_agent.audio.sources import AudioSource
-from edge_agent.config import AgentConfig
+from edge_agent.config import AgentConfig, MqttConfig
 from edge_agent.engine.model import KwsModel
 from edge_agent.keywords import compile_config_keywords
-from edge_agent.mqtt.messages import Availability, DetectionEvent, ErrorReport, iso_utc
+from edge_agent.mqtt.messages import Availability, DetectionEvent, ErrorReport, ProbeTopic, iso_utc
 from edge_agent.mqtt.transport import MqttTransport
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ class Agent:
                 transport,
                 qos=lambda: self.live.config.mqtt.qos,
                 expiry_seconds=lambda: self.live.config.mqtt.detection_expiry,
+                probe_topic=topic(ProbeTopic.TOPIC),
             )
             stored = self.outbox
 
@@ -115,10 +116,18 @@ class Agent:
                     self.boot_id,
                     window=lambda: detection_window(transport),
                     wake=wake,
+                    last_heard=lambda: transport.last_heard,
+                    probe=wire.probe,
                 )
 
         self.sink = DetectionSink(
-            self.device_id, self.boot_id, topic(DetectionEvent.TOPIC), self.errors, self.outbox, delivery
+            self.device_id,
+            self.boot_id,
+            topic(DetectionEvent.TOPIC),
+            self.errors,
+            self.outbox,
+            delivery,
+            on_stall=self.transport.drop_connection if self.transport is not None else lambda reason: None,
         )
         keywords = compile_config_keywords(model, config)
         self.worker = EngineWorker(
@@ -163,6 +172,7 @@ class Agent:
             self.worker,
             publish_health=self.health.publish,
             device_info=self.presence.device_info,
+            work=self.queue,
         )
         self.inbound = (
             MqttInbound(self.device_id, self.transport, self.live, self.ingest, self.queue, self.errors)
@@ -202,6 +212,24 @@ class Agent:
     def reload_model(self) -> KwsModel:
         return self.live.reload_model()
 
+    def preflight(self, new: AgentConfig) -> None:
+        self.live.preflight(new)
+
+    def try_connection(self, mqtt: MqttConfig, timeout: float) -> bool:
+        """Connect with ``mqtt``; keep it if online (subscribed) within ``timeout``, else
+        reconnect with the previous settings."""
+        transport = self.transport
+        if transport is None:
+            return False
+        previous = transport.config
+        if transport.reconnect_with(mqtt, timeout):
+            return True
+        log.warning(
+            "MQTT: not online with the new settings within %.0f s; back to the previous ones", timeout
+        )
+        transport.reconnect_with(previous, timeout)
+        return False
+
     def request_restart(self) -> None:
         """Stop, and let the runner start the agent again (``edge-agent run`` re-executes itself)."""
         self.restart_requested = True
@@ -225,7 +253,10 @@ class Agent:
         self.worker.start()
         if self.transport is not None:
             assert self.inbound is not None and self.sink.delivery is not None
-            self.transport.on_connected(self.sink.wake)  # after presence and integrations: the backlog
+            # After presence and integrations: what the last session left unacknowledged, then
+            # the backlog.
+            self.transport.on_connected(self.sink.delivery.new_session)
+            self.transport.on_connected(self.sink.wake)
             self.transport.on_acknowledged(self.sink.delivery.acknowledged)
             self.transport.after_reading(self.sink.delivery.refill)
             self.inbound.subscribe()
@@ -239,6 +270,8 @@ class Agent:
                     "source_failed", f"audio source {source.stream_id}: {error}", stream=source.stream_id
                 )
         self.health.start()
+        if self.outbox is not None and self.outbox.recovered is not None:
+            self.errors.report("outbox_recovered", self.outbox.recovered)  # sent once connected
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop sources, finish streams, flush detections, say ``offline``, disconnect. Once."""

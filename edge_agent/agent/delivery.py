@@ -8,8 +8,18 @@ streams fire at once, the window of the broker's Receive Maximum refills several
 thread switch would add its wait to every later detection.
 
 ``publish(event, replayed) -> mid`` is the one I/O seam: it puts one stored event on the wire
-(see :class:`edge_agent.agent.sink.DetectionWire`). Events already handed over stay in the MQTT
-client's session and are re-sent by it after a reconnect, so they are never handed over twice.
+(see :class:`edge_agent.agent.sink.DetectionWire`), deciding there and then whether it is live
+or a replay. Every connection is a new MQTT session (the transport does not let its client
+resend a dead session's messages verbatim): :meth:`Delivery.new_session` hands what was left
+unacknowledged over again, from the oldest, each as what it is by then.
+
+A broker that stops working while the connection still looks alive (a frozen process: its
+kernel keeps accepting our packets, to be read and delivered whenever it resumes) must not be
+handed a detection flagged live. So events go out only on a link heard from within
+:data:`FRESH_SECONDS`: when it has been quiet longer, a probe is sent first (``probe()``, a QoS 1
+publish) and the events wait for its acknowledgement. A probe (or an event) left unacknowledged
+for :data:`STALL_SECONDS` is noticed by :meth:`Delivery.stalled`; the sink then has the
+transport drop the connection, and what waited goes out after the reconnect, as a replay.
 """
 
 from __future__ import annotations
@@ -26,6 +36,12 @@ log = logging.getLogger(__name__)
 
 # An event handed over later than this after it was stored is marked replayed (seconds).
 LIVE_WINDOW_SECONDS = 2.0
+# Events handed over and unacknowledged, with no acknowledgement at all, for this long: the broker
+# has stopped (seconds).
+STALL_SECONDS = 5.0
+# Events go out only on a link the broker was heard on within this long (seconds); after a quiet
+# spell a probe is answered first.
+FRESH_SECONDS = 1.0
 
 
 class Delivery:
@@ -42,10 +58,14 @@ class Delivery:
         wake: Callable[[], None] = lambda: None,
         live_window_seconds: float = LIVE_WINDOW_SECONDS,
         clock: Callable[[], float] = time.time,
+        last_heard: Callable[[], float] | None = None,
+        probe: Callable[[], int | None] = lambda: None,
     ) -> None:
         """``window()``: how many events may await their PUBACK at a time (the broker's Receive
         Maximum: a client that sends more is disconnected). ``wake()``: asks the driving thread
-        for a :meth:`pump` (acknowledgements arrived and nobody refills)."""
+        for a :meth:`pump` (acknowledgements arrived and nobody refills). ``last_heard()``: when
+        the broker last sent anything (monotonic; None: the link is taken as always fresh);
+        ``probe()``: a QoS 1 publish whose acknowledgement shows the broker alive (its mid)."""
         self._outbox = outbox
         self._publish = publish
         self._is_connected = is_connected
@@ -64,6 +84,12 @@ class Delivery:
         self._handed = threading.Condition()  # notified when _last_handed grows
         self._closed = False
         self.published = 0
+        self._handed_at: dict[int, float] = {}  # mid -> monotonic time of the hand-over
+        self._last_acknowledged = 0.0  # monotonic
+        self._last_heard = last_heard
+        self._probe = probe
+        self._probe_mid: int | None = None  # the probe awaiting its acknowledgement
+        self._probe_sent = 0.0  # monotonic
 
     # --- network thread --------------------------------------------------------------------
     def acknowledged(self, mid: int) -> None:
@@ -111,6 +137,32 @@ class Delivery:
         """No more hand-overs from the network thread (the agent stops)."""
         self._closed = True
 
+    def new_session(self) -> None:
+        """A new MQTT session began (network thread, at the CONNACK): what was in flight on the
+        last one is handed over again, in order, from the oldest unacknowledged event."""
+        with self._handing:
+            self._take_acknowledgements()
+            self._in_flight.clear()
+            self._handed_at.clear()
+            self._probe_mid = None
+            with self._handed:
+                self._last_handed = -1
+        self._forget_acknowledged()  # before the replay: nothing acknowledged goes out again
+
+    def stalled(self, now: float | None = None) -> float | None:
+        """Seconds the oldest unacknowledged event (or probe) has waited with no
+        acknowledgement arriving meanwhile, when that is longer than :data:`STALL_SECONDS`;
+        None otherwise."""
+        now = time.monotonic() if now is None else now
+        with self._handing:
+            sent = list(self._handed_at.values())
+            if self._probe_mid is not None:
+                sent.append(self._probe_sent)
+            if not sent:
+                return None
+            waited = now - max(min(sent), self._last_acknowledged)
+        return waited if waited > STALL_SECONDS else None
+
     # --- any thread -------------------------------------------------------------------------
     def connected(self) -> bool:
         return self._is_connected()
@@ -129,6 +181,19 @@ class Delivery:
             return self._handed.wait_for(lambda: self._last_handed >= seq, timeout)
 
     # --- internals --------------------------------------------------------------------------
+    def _link_fresh(self) -> bool:
+        """Whether the broker was heard from lately; if not, a probe goes out (once) and the
+        events wait for its acknowledgement (lock held)."""
+        if self._last_heard is None:
+            return True
+        now = time.monotonic()
+        if now - max(self._last_heard(), self._last_acknowledged) <= FRESH_SECONDS:
+            return True
+        if self._probe_mid is None:
+            self._probe_mid = self._probe()
+            self._probe_sent = now
+        return False
+
     def _take_acknowledgements(self) -> int:
         """PUBACKs received so far free their place in the window (in memory only)."""
         freed = 0
@@ -137,9 +202,16 @@ class Delivery:
                 mid = self._acks.get_nowait()
             except queue.Empty:
                 return freed
+            if mid == self._probe_mid:
+                self._probe_mid = None
+                self._last_acknowledged = time.monotonic()
+                freed += 1
+                continue
             seq = self._in_flight.pop(mid, None)
+            self._handed_at.pop(mid, None)
             if seq is not None:
                 self._acknowledged.append(seq)
+                self._last_acknowledged = time.monotonic()
                 freed += 1
 
     def _forget_acknowledged(self) -> None:
@@ -164,6 +236,8 @@ class Delivery:
         if events is None:
             self._wake()
             return 0
+        if events and not self._link_fresh():
+            return 0
         handed = 0
         for event in events:
             replayed = event.boot_id != self._boot_id or self._clock() - event.created > self._live_window
@@ -171,6 +245,7 @@ class Delivery:
             if mid is None:
                 break  # disconnected meanwhile; retried on the next pump
             self._in_flight[mid] = event.seq
+            self._handed_at[mid] = time.monotonic()
             with self._handed:
                 self._last_handed = event.seq
                 self._handed.notify_all()

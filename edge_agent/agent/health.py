@@ -99,6 +99,7 @@ class HealthReporter:
             outbox_depth=outbox.depth() if outbox is not None else 0,
             outbox_dropped=outbox.dropped_this_run if outbox is not None else 0,
             outbox_unwritten=outbox.unwritten if outbox is not None else 0,
+            outbox_skipped=outbox.skipped_rows if outbox is not None else 0,
             refused=self._errors.counts(),
             muted=worker.muted,
             interval_s=self._interval(),

@@ -17,13 +17,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from edge_agent.audio.pcm import PcmFormat
+from edge_agent.audio.pcm import ENGINE_RATE_HZ, MIN_RATE_HZ, PcmFormat
 from edge_agent.audio.sources import AudioChunk
 from edge_agent.engine.decoder import CompiledKeyword, DecoderSettings, Detection
 
 # Streams fed by local hardware or files: continuous by nature, never closed for going quiet
 # and not counted against the network stream limits.
 LOCAL_KINDS = frozenset({"microphone", "file"})
+# Bytes of one second of audio once converted for the engine (16 kHz float32).
+DECODED_BYTES_PER_SECOND = ENGINE_RATE_HZ * 4
+# The fewest bytes a second of raw PCM can take (8 kHz, mono, 8-bit): a chunk whose stream
+# declared its format earlier is at most this long.
+MIN_PCM_BYTES_PER_SECOND = MIN_RATE_HZ * 1
 
 
 def is_network_kind(kind: str) -> bool:
@@ -53,8 +58,15 @@ class PcmChunk:
         return len(self.data) / (self.fmt or PcmFormat()).bytes_per_second
 
     @property
+    def longest_seconds(self) -> float:
+        """Its length in the declared format, or at most (the stream's own format unknown here)."""
+        per_second = self.fmt.bytes_per_second if self.fmt is not None else MIN_PCM_BYTES_PER_SECOND
+        return len(self.data) / per_second
+
+    @property
     def nbytes(self) -> int:
-        return len(self.data)
+        """What it may take in memory once converted (the raw bytes with their samples)."""
+        return len(self.data) + int(self.longest_seconds * DECODED_BYTES_PER_SECOND)
 
 
 @dataclass(frozen=True)
@@ -73,7 +85,8 @@ class WavChunk:
 
     @property
     def nbytes(self) -> int:
-        return len(self.data)
+        """What it may take in memory once converted (the raw bytes with their samples)."""
+        return len(self.data) + int(self.seconds * DECODED_BYTES_PER_SECOND)
 
 
 @dataclass(frozen=True)
@@ -115,11 +128,15 @@ class EngineSettings:
 
 @dataclass(frozen=True)
 class RecordingRequest:
-    """A whole recording to scan with a fresh detector; ``reply(result)`` runs on the worker."""
+    """A whole recording to score with a fresh detector, a block at a time between passes
+    over live streams; ``reply(result)`` runs on the worker with a RecordingResult or the
+    WavError that ended it. ``keywords``/``decoder``: this request's own, else the agent's."""
 
     wav: bytes
     source: str
     reply: Callable[[Any], None]
+    keywords: tuple[CompiledKeyword, ...] | None = None
+    decoder: DecoderSettings | None = None
 
     @property
     def nbytes(self) -> int:

@@ -16,14 +16,17 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 from edge_agent.agent.ingest import Ingest
 from edge_agent.agent.items import EngineSettings
 from edge_agent.agent.worker import EngineWorker
 from edge_agent.config import AgentConfig, changed_keys, to_dict
 from edge_agent.engine.decoder import CompiledKeyword
-from edge_agent.engine.model import KwsModel
+from edge_agent.engine.lexicon import LexiconError
+from edge_agent.engine.model import KwsModel, ModelError
 from edge_agent.keywords import compile_config_keywords, decoder_settings_from
+from edge_agent.model_store import ModelSource, resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +142,29 @@ class LiveConfig:
         self._applied()
         return restart_required
 
+    def preflight(self, new: AgentConfig) -> None:
+        """What can be checked of a change before it is kept for the next start: the backend
+        imports, the model loads, the keywords are in its lexicon, the outbox can be written,
+        played files exist. Raises ConfigRejected naming the key (nothing changed)."""
+        old = self._config
+        changed = changed_keys(to_dict(old, include_secrets=True), to_dict(new, include_secrets=True))
+        model = self._model
+        if any(key.startswith("model.") for key in changed):
+            model = _load_model(new, None)
+        elif any(key.startswith(("engine.backend", "engine.threads", "engine.quantize")) for key in changed):
+            model = _load_model(new, self._model.directory)
+        try:
+            compile_config_keywords(model, new)
+        except (LexiconError, ValueError, ImportError) as error:
+            raise ConfigRejected(f"keywords: {error}") from None
+        if any(key.startswith("outbox.path") for key in changed):
+            _check_writable(new.outbox_path(), "outbox.path")
+        if any(key.startswith("audio.sources") for key in changed):
+            for index, source in enumerate(new.audio.sources):
+                path = getattr(source, "path", None)
+                if path is not None and not Path(path).exists():
+                    raise ConfigRejected(f"audio.sources[{index}].path: {path} does not exist on this device")
+
     def reload_model(self) -> KwsModel:
         """Read the model files again (e.g. after an update); every stream gets a new detector.
         Raises (ModelError, LexiconError, ...) before anything changed."""
@@ -168,3 +194,41 @@ class LiveConfig:
             self._on_applied()
         except Exception:
             log.exception("could not publish the new state")
+
+
+def _load_model(config: AgentConfig, directory: Path | None) -> KwsModel:
+    """The model a configuration names (or the one in ``directory``, with the configuration's
+    engine settings), from this device's disk only: never downloaded here."""
+    source = ModelSource(
+        model_id=config.model.id,
+        revision=config.model.revision,
+        directory=config.model.dir,
+        cache_dir=config.model.cache_dir,
+        download=False,
+    )
+    try:
+        if directory is None:
+            directory = resolve_model_dir(source)
+        return KwsModel.load(
+            directory,
+            backend=config.engine.backend,
+            threads=config.engine.threads,
+            quantize=config.engine.quantize,
+        )
+    except ImportError as error:
+        raise ConfigRejected(
+            f"engine.backend: {config.engine.backend} cannot be used here: {error}"
+        ) from None
+    except ModelError as error:
+        raise ConfigRejected(f"model: {error}") from None
+
+
+def _check_writable(path: Path, key: str) -> None:
+    """Whether a file can be created at ``path`` (its folder made if needed)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.with_name(f".{path.name}.probe")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigRejected(f"{key}: cannot write {path} ({error.strerror or error})") from None

@@ -20,6 +20,7 @@ from edge_agent.agent.live_config import LiveConfig
 from edge_agent.agent.worker import WorkQueue
 from edge_agent.audio.pcm import AudioFormatError, PcmFormat
 from edge_agent.audio.wav import WavError
+from edge_agent.mqtt import messages
 from edge_agent.mqtt.messages import (
     AudioControl,
     AudioTopic,
@@ -28,11 +29,14 @@ from edge_agent.mqtt.messages import (
     PayloadError,
 )
 from edge_agent.mqtt.transport import InboundMessage, MqttTransport
-from edge_agent.recording import RecordingResult
+from edge_agent.recording import RecordingBusy, RecordingResult
 
 log = logging.getLogger(__name__)
 
 MQTT_KIND = "mqtt"
+# Longest chunk of a live stream (seconds; at the fewest bytes per second a format allows when
+# the chunk does not declare its own): streams send fractions of a second.
+MAX_CHUNK_SECONDS = 30.0
 
 
 class Refused(Exception):
@@ -81,7 +85,14 @@ def pcm_chunk(message: InboundMessage, stream: str, kind: str, max_payload_bytes
             f"{len(payload)} bytes is not a whole number of {frame_bytes}-byte frames "
             f"({(fmt or PcmFormat()).describe()})",
         )
-    return PcmChunk(stream, kind, payload, fmt, message.received_at, message.topic)
+    chunk = PcmChunk(stream, kind, payload, fmt, message.received_at, message.topic)
+    if chunk.longest_seconds > MAX_CHUNK_SECONDS:
+        raise Refused(
+            "bad_audio_chunk",
+            f"a chunk of {len(payload)} bytes may hold up to {chunk.longest_seconds:.0f} s of audio; live "
+            f"streams send chunks of at most {MAX_CHUNK_SECONDS:g} s (whole files go to detect/request)",
+        )
+    return chunk
 
 
 def stream_control(message: InboundMessage, stream: str, kind: str) -> StreamStart | StreamEnd:
@@ -94,6 +105,15 @@ def stream_control(message: InboundMessage, stream: str, kind: str) -> StreamSta
     except (PayloadError, AudioFormatError) as error:
         raise Refused("bad_payload", str(error)) from None
     return StreamStart(stream, kind, fmt, message.topic)
+
+
+def response_topic_refusal(topic: str, prefix: str, transport: MqttTransport | None) -> str | None:
+    """Why an answer must not be published to ``topic``: in the fleet's command space, or
+    coming back to the agent's own subscriptions (it would act on its own answer)."""
+    refusal = messages.response_topic_refusal(topic, prefix)
+    if refusal is None and transport is not None and transport.delivers_to_self(topic):
+        refusal = f"response topic {topic!r} is one this agent listens to"
+    return refusal
 
 
 def _looks_like_json(payload: bytes) -> bool:
@@ -169,6 +189,11 @@ class MqttInbound:
         self._ingest.submit(control)
 
     def on_detect_request(self, message: InboundMessage) -> None:
+        if message.response_topic:
+            refusal = response_topic_refusal(message.response_topic, self._prefix, self._transport)
+            if refusal is not None:
+                self._errors.report("bad_request", f"{refusal}: request refused", topic=message.topic)
+                return
         parts = DetectRequestTopic.TOPIC_WITH_ID.match(message.topic, self._prefix)
         request_id = parts["request_id"] if parts else None
         respond = self._responder(message, request_id)
@@ -194,7 +219,8 @@ class MqttInbound:
 
         def reply(result: RecordingResult | WavError) -> None:
             if isinstance(result, WavError):
-                self._errors.report("bad_wav", str(result), topic=message.topic)
+                code = "busy" if isinstance(result, RecordingBusy) else "bad_wav"
+                self._errors.report(code, str(result), topic=message.topic)
                 respond(DetectResponse(self._device_id, request_id, ok=False, error=str(result)))
                 return
             respond(

@@ -8,8 +8,16 @@ After a reconnect or a restart the rest is replayed in order. Deletes skip the f
 to a power cut only sends an acknowledged event again. The store is bounded by count and age;
 the oldest events go first and every drop is counted (and shown in health).
 
-Sequence numbers come from the same database, so they keep increasing across restarts and
-receivers can de-duplicate on ``(device, seq)``.
+Sequence numbers come from the same database, so they keep increasing across restarts. A block
+of numbers ahead is reserved on disk as numbers are given, and a run that did not close the
+outbox (a crash, a kill, a power cut) is followed by one that starts past that block: numbers
+given while the disk could not be written are not given again. An event's identity is
+``(device, boot_id, seq)``; receivers de-duplicate on it.
+
+A file that cannot be opened as an outbox (not a database, damaged) is moved aside, named in
+:attr:`Outbox.recovered`, and a new one started: detections must keep flowing. A stored event
+that cannot be read back (damaged row) is skipped, counted and logged, never blocking the ones
+after it. When no file can be opened at all, events are kept in memory (``write_error`` says so).
 
 When the file cannot be written (disk full, a read-only or failing SD card), events are kept in
 memory, still numbered and published, and written at the next successful write: nothing is lost
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -52,6 +61,22 @@ class StoredEvent:
     text: str = field(default="", repr=False, compare=False)  # body as stored (JSON)
 
 
+# Sequence numbers reserved on disk ahead of the last one given (see the module docstring).
+SEQ_RESERVE = 1024
+
+
+def _decode_row(row: tuple[Any, ...]) -> StoredEvent | None:
+    """A stored row as an event, or None when it cannot be one (damaged)."""
+    seq, topic, text, created, boot_id = row
+    try:
+        body = json.loads(text)
+    except (TypeError, ValueError):
+        return None
+    if not isinstance(body, dict) or not isinstance(topic, str) or not topic:
+        return None
+    return StoredEvent(seq, topic, body, created, str(boot_id))
+
+
 class OutboxError(RuntimeError):
     """The outbox file cannot be opened or written."""
 
@@ -71,23 +96,83 @@ class Outbox:
         self.max_age_seconds = max_age_seconds
         self._clock = clock
         self._lock = threading.Lock()
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-            self._next_seq = self._counter("next_seq")
-        except sqlite3.Error as error:
-            raise OutboxError(f"cannot open the outbox {self.path}: {error}") from None
         self.dropped_this_run = 0
+        self.skipped_rows = 0  # stored events that could not be read back, skipped
         # Numbered events not yet in the file (it could not be written), oldest first.
         self._unwritten: list[StoredEvent] = []
         self.write_error: str | None = None  # why the last write failed; None when it worked
+        self.recovered: str | None = None  # what happened to an unreadable file, for a report
+        try:
+            self._db = self._open(self.path)
+        except sqlite3.DatabaseError as error:
+            self._db = self._start_afresh(error)
+        except (sqlite3.Error, OSError) as error:
+            self._db = self._in_memory(error)
+        self._next_seq = self._first_number()
+
+    def _open(self, path: str) -> sqlite3.Connection:
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
+            db.execute("SELECT COUNT(*) FROM events").fetchone()
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _start_afresh(self, error: BaseException) -> sqlite3.Connection:
+        """The file is not a readable outbox: keep it aside for a look, start a new one."""
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self._clock()))
+        aside = Path(f"{self.path}.corrupt-{stamp}")
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                part = Path(self.path + suffix)
+                if part.exists():
+                    os.replace(part, Path(str(aside) + suffix))
+            db = self._open(self.path)
+        except (sqlite3.Error, OSError) as again:
+            return self._in_memory(again)
+        self.recovered = (
+            f"{self.path} could not be read as an outbox ({error}); moved to {aside}, a new one started"
+        )
+        log.error("%s", self.recovered)
+        return db
+
+    def _in_memory(self, error: BaseException) -> sqlite3.Connection:
+        """No file to keep events in: keep them in memory, published as usual, and say so."""
+        self.write_error = f"cannot open the outbox {self.path}: {error}"
+        log.error("%s; detections are kept in memory only, and lost if the agent stops", self.write_error)
+        return self._open(":memory:")
+
+    def _first_number(self) -> int:
+        """Where numbering goes on: after the last number stored, or, when the last run did not
+        close the outbox, past the block it had reserved (it may have given numbers it could
+        not store). The run is marked unclosed until :meth:`close`."""
+        stored = self._counter("next_seq")
+        highest = self._db.execute("SELECT MAX(seq) FROM events").fetchone()[0]
+        first = max(stored, highest + 1 if highest is not None else 0)
+        if not self._counter("closed", default=1):
+            first = max(first, self._counter("seq_ceiling"))
+        try:
+            with self._transaction():
+                self._set_counter("closed", 0)
+                self._reserve(first)
+        except sqlite3.Error as error:
+            log.warning("outbox %s: cannot reserve sequence numbers: %s", self.path, error)
+        return first
 
     def close(self) -> None:
         with self._lock:
+            try:
+                with self._transaction():
+                    self._set_counter("next_seq", self._next_seq)
+                    self._set_counter("closed", 1)
+            except sqlite3.Error as error:  # the next start skips the reserved block instead
+                log.warning("outbox %s: not closed cleanly: %s", self.path, error)
             self._db.close()
 
     # --- writing -------------------------------------------------------------------------
@@ -174,8 +259,34 @@ class Outbox:
             unwritten = [event for event in self._unwritten if event.seq > after_seq]
         finally:
             self._lock.release()
-        stored = [StoredEvent(r[0], r[1], json.loads(r[2]), r[3], r[4]) for r in rows]
+        stored, damaged = [], []
+        for row in rows:
+            event = _decode_row(row)
+            if event is None:
+                damaged.append(row[0])
+            else:
+                stored.append(event)
+        if damaged:
+            self._skip(damaged)
         return (stored + unwritten)[:limit]  # unwritten events were numbered after every stored one
+
+    def _skip(self, seqs: list[int]) -> None:
+        """Rows that cannot be read back as events: removed (they would block every later one)."""
+        self.skipped_rows += len(seqs)
+        log.error(
+            "outbox %s: %d stored event(s) cannot be read back and are skipped: seq %s",
+            self.path,
+            len(seqs),
+            seqs,
+        )
+        if self._lock.acquire(timeout=1.0):
+            try:
+                with self._transaction(durable=False):
+                    self._db.executemany("DELETE FROM events WHERE seq = ?", [(seq,) for seq in seqs])
+            except sqlite3.Error as error:
+                log.warning("outbox %s: cannot remove damaged rows: %s", self.path, error)
+            finally:
+                self._lock.release()
 
     def depth(self) -> int:
         with self._lock:
@@ -200,9 +311,14 @@ class Outbox:
     def _transaction(self, durable: bool = True) -> _Transaction:
         return _Transaction(self._db, durable)
 
-    def _counter(self, name: str) -> int:
+    def _counter(self, name: str, default: int = 0) -> int:
         row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
-        return int(row[0]) if row else 0
+        return int(row[0]) if row else default
+
+    def _reserve(self, next_seq: int) -> None:
+        """Keep the reserved block ahead of ``next_seq`` (in the caller's transaction)."""
+        if self._counter("seq_ceiling") - next_seq < SEQ_RESERVE // 2:
+            self._set_counter("seq_ceiling", next_seq + SEQ_RESERVE)
 
     def _write_unwritten(self, now: float) -> int:
         """Store the events held in memory, with the counter, in one transaction; returns the
@@ -223,6 +339,7 @@ class Outbox:
                     ],
                 )
                 self._set_counter("next_seq", self._next_seq)
+                self._reserve(self._next_seq)
                 dropped = self._enforce_bounds(now)
         except sqlite3.Error as error:
             if self.write_error is None:

@@ -6,7 +6,8 @@ scale-out pool, the Wyoming server, the HTTP API) plug into the agent through
 
 * **MQTT**: ``publish``, ``subscribe``, ``unsubscribe``, ``connected`` (handlers run on the
   network thread and must only check and queue);
-* **audio in**: ``ingest`` an audio item (:mod:`edge_agent.agent.items`);
+* **audio in**: ``ingest`` an audio item (:mod:`edge_agent.agent.items`); ``score_recording``
+  a whole WAV (on the engine worker, between live passes);
 * **detections out**: :meth:`Integration.on_detection`, and :meth:`Integration.stream_closed`;
 * **errors**: ``report_error`` (counted, logged, published on ``error``, rate-limited);
 * **health**: ``health()``, ``publish_health()``, ``uptime_seconds``, ``device_info()``,
@@ -21,21 +22,25 @@ model, restart): the only way to change the agent from outside.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
 from edge_agent.agent.errors import ErrorReporter
 from edge_agent.agent.health import HealthReporter
 from edge_agent.agent.ingest import Ingest
-from edge_agent.agent.items import AudioItem
+from edge_agent.agent.items import AudioItem, RecordingRequest
 from edge_agent.agent.live_config import LiveConfig
-from edge_agent.agent.worker import EngineWorker
-from edge_agent.config import AgentConfig
+from edge_agent.agent.mqtt_inbound import response_topic_refusal
+from edge_agent.agent.worker import EngineWorker, WorkQueue
+from edge_agent.audio.wav import WavError
+from edge_agent.config import AgentConfig, MqttConfig
 from edge_agent.engine.decoder import CompiledKeyword, DecoderSettings
 from edge_agent.engine.model import KwsModel
 from edge_agent.mqtt.messages import DetectionEvent, DeviceInfo, HealthReport, Topic
 from edge_agent.mqtt.transport import Handler, MqttTransport, TransportStats
+from edge_agent.recording import RecordingBusy, RecordingResult
 
 
 class AgentServices:
@@ -53,6 +58,7 @@ class AgentServices:
         worker: EngineWorker,
         publish_health: Callable[[], None],
         device_info: Callable[[], DeviceInfo],
+        work: WorkQueue,
     ) -> None:
         self.device_id = device_id
         self.boot_id = boot_id
@@ -64,6 +70,7 @@ class AgentServices:
         self._worker = worker
         self._publish_health = publish_health
         self._device_info = device_info
+        self._work = work
 
     # --- identity ---------------------------------------------------------------------------
     @property
@@ -121,6 +128,11 @@ class AgentServices:
         if self._transport is not None:
             self._transport.unsubscribe(topic_filter)
 
+    def response_topic_refusal(self, topic: str) -> str | None:
+        """Why an answer must not go to a request's response topic (the fleet's command space,
+        or a topic this agent itself listens to), or None."""
+        return response_topic_refusal(topic, self.prefix, self._transport)
+
     @property
     def transport_stats(self) -> TransportStats | None:
         """Connection counters (a copy), or None without MQTT."""
@@ -130,6 +142,36 @@ class AgentServices:
     def ingest(self, item: AudioItem) -> bool:
         """Queue audio for the engine (never blocks); False when refused (already reported)."""
         return self._ingest.submit(item)
+
+    def score_recording(
+        self,
+        wav: bytes,
+        source: str,
+        keywords: Sequence[CompiledKeyword] | None = None,
+        decoder: DecoderSettings | None = None,
+        timeout: float = 120.0,
+    ) -> RecordingResult:
+        """A whole WAV scored by the engine worker, a block at a time between its passes over
+        live streams (so it never holds them up); blocks the calling thread until done.
+        Raises WavError (RecordingTooLong, RecordingBusy among them) or TimeoutError."""
+        done = threading.Event()
+        answers: list[RecordingResult | WavError] = []
+
+        def reply(result: RecordingResult | WavError) -> None:
+            answers.append(result)
+            done.set()
+
+        request = RecordingRequest(
+            wav, source, reply, tuple(keywords) if keywords is not None else None, decoder
+        )
+        if not self._work.put(request):
+            raise RecordingBusy(f"{source}: the engine's queue is full; try again")
+        if not done.wait(timeout):
+            raise TimeoutError(f"{source}: not scored within {timeout:g} s")
+        answer = answers[0]
+        if isinstance(answer, WavError):
+            raise answer
+        return answer
 
     def report_error(
         self, code: str, message: str, topic: str | None = None, stream: str | None = None
@@ -193,6 +235,14 @@ class AgentControl(Protocol):
     def apply_config(self, new: AgentConfig) -> list[str]:
         """Switch to ``new``; returns the keys that need a restart. Raises ConfigRejected,
         LexiconError or ValueError (nothing changed)."""
+
+    def preflight(self, new: AgentConfig) -> None:
+        """Check what can be checked of ``new`` on this device before it is kept (the model
+        loads, paths can be written...); raises ConfigRejected."""
+
+    def try_connection(self, mqtt: MqttConfig, timeout: float) -> bool:
+        """Connect with ``mqtt``; keep it if back online within ``timeout``, else go back to the
+        previous settings. Returns whether it was kept."""
 
     def reload_model(self) -> KwsModel: ...
 

@@ -49,11 +49,11 @@ ClosedListener = Callable[[StreamClosed], None]
 
 def detection_window(transport: MqttTransport) -> int:
     """Detections awaiting their PUBACK at a time: the broker's window, less room for the
-    agent's other QoS 1 messages. At a reconnect, the MQTT client resends the unacknowledged
-    detections right after what the on-connect hooks publish (info, online, discovery) without
-    counting them, and together they must stay within the broker's Receive Maximum. In the
-    middle of a session, the reserve keeps the client from holding a detection back: it would
-    send it later, and a detection sent meanwhile could overtake it."""
+    agent's other QoS 1 messages. At a (re)connect the backlog goes out right after what the
+    on-connect hooks publish (info, online, discovery), and together they must stay within the
+    broker's Receive Maximum. In the middle of a session, the reserve keeps the client from
+    holding a detection back: it would send it later, and a detection sent meanwhile could
+    overtake it."""
     reserve = max(_OTHER_QOS1_RESERVE, transport.connect_burst)
     return max(1, transport.send_window - reserve)
 
@@ -68,11 +68,17 @@ class DetectionWire:
         qos: Callable[[], int],
         expiry_seconds: Callable[[], int | None],
         clock: Callable[[], float] = time.time,
+        probe_topic: str = "edge_agent/probe",
     ) -> None:
         self._transport = transport
+        self._probe_topic = probe_topic
         self._qos = qos
         self._expiry = expiry_seconds
         self._clock = clock
+
+    def probe(self) -> int | None:
+        """A QoS 1 publish nobody needs to read, whose acknowledgement shows the broker alive."""
+        return self._transport.publish(self._probe_topic, b"", qos=1, expiry_seconds=1, hold=False)
 
     def publish(self, stored: StoredEvent, replayed: bool) -> int | None:
         event = DetectionEvent.from_stored(stored.body, stored.seq).delivered(self._clock(), replayed)
@@ -81,6 +87,7 @@ class DetectionWire:
             event.to_payload(),
             qos=max(1, self._qos()),
             expiry_seconds=None if replayed else (self._expiry() or None),
+            hold=False,
         )
 
 
@@ -101,8 +108,11 @@ class DetectionSink:
         errors: ErrorReporter,
         outbox: Outbox | None = None,
         delivery: Callable[[Callable[[], None]], Delivery] | None = None,
+        on_stall: Callable[[str], None] = lambda reason: None,
     ) -> None:
-        """``delivery(wake)`` makes the :class:`Delivery` this sink drives (None: no MQTT)."""
+        """``delivery(wake)`` makes the :class:`Delivery` this sink drives (None: no MQTT).
+        ``on_stall(reason)``: the broker stopped acknowledging (the transport drops the
+        connection)."""
         self.device_id = device_id
         self.boot_id = boot_id
         self.topic = topic
@@ -121,6 +131,9 @@ class DetectionSink:
         self._by_keyword: dict[str, int] = {}
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._on_stall = on_stall
+        self._stall_reported = 0.0  # monotonic
+        self._skipped_reported = 0
 
     # --- wiring (before start) ---------------------------------------------------------------
     def on_detection(self, listener: DetectionListener) -> None:
@@ -212,10 +225,34 @@ class DetectionSink:
             stopping = any(batch is None for batch in batches)
             try:
                 self._handle([batch for batch in batches if batch is not None])
+                self._check_outbox()
+                self._check_stall()
             except Exception:  # the only thread that delivers detections: it must not die
                 log.exception("detection sink failed; retrying")
             if stopping:
                 return
+
+    def _check_outbox(self) -> None:
+        outbox = self._outbox
+        if outbox is not None and outbox.skipped_rows > self._skipped_reported:
+            self._errors.report(
+                "outbox_damaged",
+                f"{outbox.skipped_rows - self._skipped_reported} stored detection(s) in {outbox.path} could "
+                "not be read back and were skipped; the others go on",
+            )
+            self._skipped_reported = outbox.skipped_rows
+
+    def _check_stall(self) -> None:
+        if self.delivery is None:
+            return
+        waited = self.delivery.stalled()
+        now = time.monotonic()
+        if waited is None or now - self._stall_reported < waited:
+            return
+        self._stall_reported = now
+        reason = f"the broker acknowledged nothing for {waited:.1f} s; reconnecting"
+        log.warning("detections: %s", reason)
+        self._on_stall(reason)
 
     def _handle(self, batches: list[_Batch]) -> None:
         detected = [r for batch in batches for r in batch.results if isinstance(r, Detected)]

@@ -22,6 +22,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -46,7 +47,7 @@ from edge_agent.audio.wav import WavError
 from edge_agent.engine.decoder import CompiledKeyword, Detection
 from edge_agent.engine.detector import feed_many
 from edge_agent.engine.model import KwsModel
-from edge_agent.recording import RecordingResult, detect_recording, load_recording
+from edge_agent.recording import Recording, RecordingBusy, RecordingScan
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,16 @@ _HAND_OVER_WAIT_SECONDS = 0.1
 # ... and after such a wait timed out (a broker that stopped acknowledging), it does not wait at
 # all for this long: it must not lose a tenth of a second on every chunk.
 _NO_WAIT_AFTER_TIMEOUT_SECONDS = 5.0
+
+
+# Recordings scored at once (each holds its WAV and a detector); more are refused as busy.
+MAX_RECORDINGS = 4
+
+
+@dataclass(frozen=True)
+class _Job:
+    request: RecordingRequest
+    scan: RecordingScan
 
 
 @dataclass(frozen=True)
@@ -173,6 +184,7 @@ class EngineWorker:
         self._recently_closed: dict[str, float] = {}  # stream id -> wall time of its last audio
         self._thread: threading.Thread | None = None
         self._no_wait_until = 0.0
+        self._jobs: deque[_Job] = deque()  # recordings being scored, in turn
         self.stats = WorkerStats()
         self.alive = False
         self.last_error: str | None = None
@@ -244,11 +256,17 @@ class EngineWorker:
     # --- the loop ----------------------------------------------------------------------------
     def _run(self) -> None:
         try:
+            next_idle_check = 0.0
             while True:
-                batch = self._inbox.take(_IDLE_CHECK_SECONDS)
+                # With recordings to score, look at the queue without waiting: live audio first,
+                # then one block of a recording, and so on.
+                batch = self._inbox.take(0.0 if self._jobs else _IDLE_CHECK_SECONDS)
                 if not self._process(batch):
                     return
-                self._close_idle_streams()
+                if time.monotonic() >= next_idle_check:
+                    self._close_idle_streams()
+                    next_idle_check = time.monotonic() + _IDLE_CHECK_SECONDS
+                self._step_recording()
         except BaseException as error:  # pragma: no cover - visible in health
             self.last_error = f"worker died: {type(error).__name__}: {error}"
             log.critical(self.last_error)
@@ -297,7 +315,7 @@ class EngineWorker:
             if existing is not None:
                 self._close(existing, found)
         elif isinstance(item, RecordingRequest):
-            item.reply(self._scan(item))
+            self._start_recording(item)
         elif isinstance(item, _Apply):
             try:
                 item.action()
@@ -393,7 +411,8 @@ class EngineWorker:
                 return None
             return stream
         limit = self._settings.max_streams
-        if is_network_kind(kind) and sum(1 for s in self._streams.values() if s.kind == kind) >= limit:
+        at_limit = is_network_kind(kind) and sum(1 for s in self._streams.values() if s.kind == kind) >= limit
+        if at_limit and not self._reclaim_silent(kind):
             self._errors.report(
                 "too_many_streams",
                 f"already {limit} {kind} audio streams (audio.mqtt.max_streams); stream refused",
@@ -419,6 +438,24 @@ class EngineWorker:
         log.info("stream %s (%s) opened", stream_id, kind)
         return stream
 
+    def _reclaim_silent(self, kind: str) -> bool:
+        """Free the slot of a stream of ``kind`` that was started but never sent audio the
+        engine could use (the longest waiting first): a real stream must not be locked out by
+        names alone. Returns whether one was freed."""
+        silent = [s for s in self._stream_list() if s.kind == kind and s.counters.chunks == 0]
+        if not silent:
+            return False
+        stream = min(silent, key=lambda s: s.last_activity)
+        self._errors.report(
+            "stream_reclaimed",
+            f"stream {stream.id!r} never sent usable audio; its slot went to a new stream",
+            stream=stream.id,
+        )
+        found: list[Detected | StreamClosed] = []
+        self._close(stream, found)
+        self._emit(found)
+        return True
+
     def _close(self, stream: StreamState, found: list[Detected | StreamClosed], idle: bool = False) -> None:
         self._found(stream, stream.finish(), found)
         with self._streams_lock:
@@ -443,6 +480,9 @@ class EngineWorker:
         self._emit(found)
 
     def _finish_all(self) -> None:
+        while self._jobs:
+            job = self._jobs.popleft()
+            job.request.reply(RecordingBusy(f"{job.request.source}: the agent is stopping"))
         found: list[Detected | StreamClosed] = []
         for stream in self._stream_list():
             if is_network_kind(stream.kind):
@@ -472,14 +512,42 @@ class EngineWorker:
         self._settings = settings
 
     # --- whole recordings --------------------------------------------------------------------
-    def _scan(self, request: RecordingRequest) -> RecordingResult | WavError:
-        """One recording with a fresh detector; a bad recording is a result, not an exception."""
+    def _start_recording(self, request: RecordingRequest) -> None:
+        """Check the recording (a bad one is answered at once) and queue it for scoring."""
+        if len(self._jobs) >= MAX_RECORDINGS:
+            request.reply(
+                RecordingBusy(f"{request.source}: {MAX_RECORDINGS} recordings are being scored; try again")
+            )
+            return
         try:
-            samples = load_recording(request.wav, name=request.source)
+            recording = Recording(request.wav, name=request.source)
         except WavError as error:
-            return error
+            request.reply(error)
+            return
         settings = self._settings
-        return detect_recording(self._model, settings.keywords, settings.decoder, samples)
+        keywords = request.keywords if request.keywords is not None else settings.keywords
+        decoder = request.decoder if request.decoder is not None else settings.decoder
+        scan = RecordingScan(self._model, keywords, decoder, recording.blocks())
+        self._jobs.append(_Job(request, scan))
+
+    def _step_recording(self) -> None:
+        """One block of the oldest recording, then it waits its turn again."""
+        if not self._jobs:
+            return
+        job = self._jobs.popleft()
+        try:
+            more = job.scan.step()
+        except WavError as error:
+            job.request.reply(error)
+            return
+        except Exception as error:  # noqa: BLE001 - this request fails; the worker goes on
+            self._item_failed(None, error)
+            job.request.reply(WavError(f"{job.request.source}: internal error: {error}"))
+            return
+        if more:
+            self._jobs.append(job)
+        else:
+            job.request.reply(job.scan.result())
 
     def _item_failed(self, stream: str | None, error: Exception) -> None:
         self.stats.item_errors += 1

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -145,6 +146,34 @@ def wav_info(data: bytes | bytearray | memoryview, *, source: str = "<bytes>") -
         encoding=fmt.encoding,
         frames=len(payload) // fmt.frame_bytes,
     )
+
+
+def wav_blocks(
+    data: bytes | bytearray | memoryview, *, source: str = "<bytes>", block_seconds: float = 1.0
+) -> tuple[WavInfo, Iterator[np.ndarray]]:
+    """What a WAV payload holds, and its samples decoded ``block_seconds`` at a time
+    (float32, ``(frames, channels)``, 16-bit units, as :func:`parse_wav` decodes them): a long
+    recording is never decoded whole. Header errors raise here, sample errors (NaN floats) when
+    their block is decoded; both are :class:`WavError` starting ``source: ``."""
+    if block_seconds <= 0:
+        raise ValueError(f"block_seconds must be positive, got {block_seconds}")
+    try:
+        fmt, payload = _locate(memoryview(data).cast("B"))
+    except _Refusal as refusal:
+        raise WavError(f"{source}: {refusal}") from None
+    block_frames = max(1, int(block_seconds * fmt.sample_rate))
+    frames = len(payload) // fmt.frame_bytes
+    info = WavInfo(fmt.sample_rate, fmt.channels, fmt.bits_per_sample, fmt.encoding, frames)
+
+    def blocks() -> Iterator[np.ndarray]:
+        step = block_frames * fmt.frame_bytes
+        for start in range(0, len(payload), step):
+            try:
+                yield _decode(payload[start : start + step], fmt).samples
+            except _Refusal as refusal:
+                raise WavError(f"{source}: {refusal}") from None
+
+    return info, blocks()
 
 
 def to_mono_16k(audio: DecodedAudio) -> np.ndarray:

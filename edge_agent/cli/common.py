@@ -39,11 +39,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_keyword_options(parser: argparse.ArgumentParser, required: bool = False) -> None:
+def add_keyword_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--keywords",
         metavar="K1,K2",
-        required=required,
         help="comma-separated keywords, each optionally TEXT:THRESHOLD (default: the config's, 小云小云)",
     )
     parser.add_argument("--threshold", type=float, metavar="T", help="threshold for every keyword")
@@ -55,25 +54,29 @@ def add_keyword_options(parser: argparse.ArgumentParser, required: bool = False)
 def load_settings(args: argparse.Namespace) -> AgentConfig:
     """The config file (if any) with command-line overrides, validated like the file."""
     try:
-        config = load_config(getattr(args, "config", None))
-        update: dict[str, Any] = {}
-        if getattr(args, "model_dir", None):
-            update.setdefault("model", {})["dir"] = args.model_dir
-        if getattr(args, "backend", None):
-            update.setdefault("engine", {})["backend"] = args.backend
-        if getattr(args, "threads", None) is not None:
-            update.setdefault("engine", {})["threads"] = args.threads
-        if getattr(args, "int8", False):
-            update.setdefault("engine", {}).update({"quantize": True, "backend": "torch"})
-        if (
-            getattr(args, "keywords", None)
-            or getattr(args, "threshold", None) is not None
-            or getattr(args, "homophones", False)
-        ):
-            update["keywords"] = [_keyword_update(k, args) for k in _keyword_texts(args, config)]
-        return merge_update(config, update) if update else config
+        return apply_command_line(load_config(getattr(args, "config", None)), args)
     except ConfigError as error:
         fail(str(error))
+
+
+def apply_command_line(config: AgentConfig, args: argparse.Namespace) -> AgentConfig:
+    """``config`` with the shared command-line options applied; raises ConfigError."""
+    update: dict[str, Any] = {}
+    if getattr(args, "model_dir", None):
+        update.setdefault("model", {})["dir"] = args.model_dir
+    if getattr(args, "backend", None):
+        update.setdefault("engine", {})["backend"] = args.backend
+    if getattr(args, "threads", None) is not None:
+        update.setdefault("engine", {})["threads"] = args.threads
+    if getattr(args, "int8", False):
+        update.setdefault("engine", {}).update({"quantize": True, "backend": "torch"})
+    if (
+        getattr(args, "keywords", None)
+        or getattr(args, "threshold", None) is not None
+        or getattr(args, "homophones", False)
+    ):
+        update["keywords"] = [_keyword_update(k, args) for k in _keyword_texts(args, config)]
+    return merge_update(config, update) if update else config
 
 
 def _keyword_texts(args: argparse.Namespace, config: AgentConfig) -> list[str]:
@@ -112,15 +115,20 @@ def model_source(config: AgentConfig) -> ModelSource:
 
 def open_model(config: AgentConfig) -> KwsModel:
     try:
-        directory = resolve_model_dir(model_source(config))
-        return KwsModel.load(
-            directory,
-            backend=config.engine.backend,
-            threads=config.engine.threads,
-            quantize=config.engine.quantize,
-        )
+        return load_model(config)
     except (ModelError, ImportError) as error:
         fail(str(error))
+
+
+def load_model(config: AgentConfig) -> KwsModel:
+    """The configured model, found (or downloaded) and loaded; raises ModelError, ImportError."""
+    directory = resolve_model_dir(model_source(config))
+    return KwsModel.load(
+        directory,
+        backend=config.engine.backend,
+        threads=config.engine.threads,
+        quantize=config.engine.quantize,
+    )
 
 
 def compile_keywords(model: KwsModel, config: AgentConfig) -> list[CompiledKeyword]:

@@ -7,7 +7,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,11 +29,9 @@ from edge_agent.engine.features import SAMPLE_RATE_HZ
 from edge_agent.engine.lexicon import normalize_keyword
 from edge_agent.engine.model import KwsModel
 from edge_agent.keywords import decoder_settings_from
-from edge_agent.recording import detect_recording, load_recording
+from edge_agent.recording import Recording, detect_recording
+from edge_agent.scoring import SCORE_FLOOR, best_threshold
 from edge_agent.system import tune_allocator
-
-# The lowest threshold eval uses to see every file's best score (for the suggested threshold).
-_SCORE_FLOOR = 1e-4
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -65,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "plus the score range and a suggested threshold.",
     )
     add_model_options(evaluate)
-    add_keyword_options(evaluate, required=True)
+    add_keyword_options(evaluate)
     evaluate.add_argument("--positives", type=Path, metavar="DIR", help="recordings that hold the keyword")
     evaluate.add_argument("--negatives", type=Path, metavar="DIR", help="recordings that do not")
     evaluate.add_argument("--data", type=Path, metavar="DIR", help="with --labels: a folder of recordings")
@@ -108,10 +106,11 @@ def detect_file(
 ) -> FileResult:
     """One WAV through the whole-file pipeline; errors become a result, not an exception."""
     try:
-        samples = load_recording(path, max_seconds=None)
+        recording = Recording(path, max_seconds=None)
+        audio = recording.samples() if chunk_samples > 0 else recording
+        result = detect_recording(model, keywords, settings, audio, chunk_samples)
     except WavError as error:
         return FileResult(path, error=str(error))
-    result = detect_recording(model, keywords, settings, samples, chunk_samples)
     return FileResult(path, result.detections, None, result.audio_seconds, result.processing_seconds)
 
 
@@ -153,32 +152,12 @@ def read_labels(path: Path, root: Path) -> dict[Path, str]:
     return labels
 
 
-def best_threshold(decode: Callable[[float], bool], low: float = _SCORE_FLOOR, steps: int = 16) -> float:
-    """Highest threshold (on a log scale, to ~1%) at which ``decode(threshold)`` still detects.
-
-    Detection is monotone in the threshold: a candidate above a threshold is above every lower
-    one, and the first pending candidate always fires. 0.0 when nothing is found even at ``low``.
-    """
-    if not decode(low):
-        return 0.0
-    lo, hi = math.log(low), 0.0
-    if decode(1.0):
-        return 1.0
-    for _ in range(steps):
-        middle = (lo + hi) / 2
-        if decode(math.exp(middle)):
-            lo = middle
-        else:
-            hi = middle
-    return math.exp(lo)
-
-
 def suggest_threshold(positive_scores: Sequence[float], negative_scores: Sequence[float]) -> float | None:
     """Geometric midpoint between the weakest positive and the strongest negative, if they separate."""
     if not positive_scores or min(positive_scores) <= 0:
         return None
     weakest = min(positive_scores)
-    strongest = max([s for s in negative_scores if s > 0], default=_SCORE_FLOOR)
+    strongest = max([s for s in negative_scores if s > 0], default=SCORE_FLOOR)
     if strongest >= weakest:
         return None
     return float(math.sqrt(weakest * strongest))
@@ -247,7 +226,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     for path, wanted in expected.items():
         try:
-            samples = load_recording(path, max_seconds=None)
+            samples = Recording(path, max_seconds=None).samples()
         except WavError as error:
             errors.append({"file": str(path), "error": str(error)})
             continue

@@ -3,7 +3,8 @@
 Sources, later wins: built-in defaults, the YAML file (``-c FILE``), the remote overrides file
 that ``set_config`` writes beside it, then environment variables ``EDGE_AGENT_<SECTION>__<KEY>``
 (double underscore between levels, values parsed as YAML scalars, e.g.
-``EDGE_AGENT_MQTT__PORT=8883``, ``EDGE_AGENT_MQTT__TLS__CA_FILE=/etc/ca.pem``). The sources
+``EDGE_AGENT_MQTT__PORT=8883``, ``EDGE_AGENT_MQTT__TLS__CA_FILE=/etc/ca.pem``), and
+``EDGE_AGENT_MODEL_DIR`` for ``model.dir`` when nothing else sets it. The sources
 are merged as plain mappings and validated once, together, by
 :func:`~edge_agent.config.parse.parse_config`. Secrets can be read from files
 (``mqtt.password_file``) and are never printed.
@@ -11,6 +12,7 @@ are merged as plain mappings and validated once, together, by
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Mapping
@@ -23,6 +25,8 @@ from edge_agent.config.parse import parse_config
 from edge_agent.config.schema import AgentConfig, ConfigError, MqttConfig
 
 ENV_PREFIX = "EDGE_AGENT_"
+# The model directory, also settable as model.dir (or EDGE_AGENT_MODEL__DIR); the file wins.
+MODEL_DIR_ENV = "EDGE_AGENT_MODEL_DIR"
 
 
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> AgentConfig:
@@ -32,6 +36,10 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     if path is not None and remote_overrides_path(path).exists():
         data = _merge(data, read_config_file(remote_overrides_path(path)))
     data = _merge(data, _env_overrides(env))
+    if env.get(MODEL_DIR_ENV) and not (data.get("model") or {}).get("dir"):
+        # The short variable is the documented way to point at the model: the loaded config says
+        # so, so that `config check` and `get_config` show the directory actually used.
+        data = _merge(data, {"model": {"dir": env[MODEL_DIR_ENV]}})
     return parse_config(data, str(path) if path else "defaults")
 
 
@@ -65,19 +73,65 @@ def remote_overrides_path(path: str | Path) -> Path:
     return path.with_name(f"{path.stem}.remote.yaml")
 
 
+def last_good_overrides_path(path: str | Path) -> Path:
+    """The remote overrides of the last start that worked (see :func:`revert_remote_overrides`)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.remote.last-good.yaml")
+
+
+def rejected_overrides_path(path: str | Path) -> Path:
+    """Where remote overrides that stopped the agent from starting are kept, for a look."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.remote.rejected.yaml")
+
+
+def keep_last_good(path: str | Path) -> None:
+    """The agent started with the current overrides: they become the ones to go back to."""
+    current, kept = remote_overrides_path(path), last_good_overrides_path(path)
+    if current.exists():
+        write_private(kept, current.read_text(encoding="utf-8"))
+    else:
+        kept.unlink(missing_ok=True)
+
+
+def revert_remote_overrides(path: str | Path) -> Path | None:
+    """The agent did not start with its remote overrides: set them aside (returned, for the
+    report) and restore those of the last start that worked (or none). None when there were no
+    overrides to blame."""
+    current = remote_overrides_path(path)
+    if not current.exists():
+        return None
+    rejected = rejected_overrides_path(path)
+    os.replace(current, rejected)
+    kept = last_good_overrides_path(path)
+    if kept.exists():
+        write_private(current, kept.read_text(encoding="utf-8"))
+    return rejected
+
+
 def save_remote_overrides(path: str | Path, update: Mapping[str, Any]) -> Path:
     """Merge ``update`` into the overrides file, atomically; raises OSError when not writable."""
     target = remote_overrides_path(path)
     current = read_config_file(target) if target.exists() else {}
     merged = _merge(current, update)
-    temporary = target.with_name(target.name + ".tmp")
-    temporary.write_text(
+    text = (
         "# Written by edge-agent's set_config/mute commands; layered over the config file.\n"
-        + yaml.safe_dump(merged, allow_unicode=True, sort_keys=False),
-        encoding="utf-8",
+        + yaml.safe_dump(merged, allow_unicode=True, sort_keys=False)
     )
-    os.replace(temporary, target)
+    write_private(target, text)
     return target
+
+
+def write_private(target: Path, text: str) -> None:
+    """Replace ``target`` atomically with ``text``, readable by its owner only (it may hold
+    connection settings)."""
+    temporary = target.with_name(target.name + ".tmp")
+    with contextlib.suppress(FileNotFoundError):
+        temporary.unlink()
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(temporary, target)
 
 
 def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
@@ -92,7 +146,11 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
         try:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError as error:
-            raise ConfigError(".".join(path), f"cannot parse environment variable {name}: {error}") from None
+            if not raw.startswith("*"):
+                raise ConfigError(
+                    ".".join(path), f"cannot parse environment variable {name}: {error}"
+                ) from None
+            value = raw  # `*` (any origin, any host) is a YAML alias marker, but meant as text here
         target = overrides
         for part in path[:-1]:
             target = target.setdefault(part, {})

@@ -10,16 +10,20 @@ it; then the rules that involve several keys run on the finished tree. Every
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import types
 import typing
 from collections.abc import Mapping
 from typing import Any, Literal, Union
 
 from edge_agent.config.schema import (
+    COMMA_SEPARATED_KEYS,
     COMMAND_NAMES,
     DEFAULT_MAX_DURATION,
     DEFAULT_MIN_DURATION,
     ID_PATTERN,
+    MAX_KEYWORD_CHARACTERS,
+    MAX_KEYWORDS,
     SOURCE_TYPES,
     TOPIC_PATTERN,
     AgentConfig,
@@ -87,6 +91,8 @@ def _convert(value: Any, hint: Any, key: str, meta: Mapping[str, Any]) -> Any:
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             if key.endswith("keywords") and isinstance(value, str):
                 value = [value]
+            elif key in COMMA_SEPARATED_KEYS and isinstance(value, str):
+                value = [item.strip() for item in value.split(",") if item.strip()]
             else:
                 raise ConfigError(key, f"must be a list, got {_describe(value)}")
         return tuple(_convert(item, item_hint, f"{key}[{i}]", meta) for i, item in enumerate(value))
@@ -172,10 +178,17 @@ def _check_rules(config: AgentConfig) -> None:
         raise ConfigError("device.id", "cannot be derived from the host name; set it")
     if not config.keywords:
         raise ConfigError("keywords", "at least one keyword is needed")
+    if len(config.keywords) > MAX_KEYWORDS:
+        raise ConfigError("keywords", f"{len(config.keywords)} keywords; at most {MAX_KEYWORDS}")
     if config.engine.quantize and config.engine.backend != "torch":
         raise ConfigError("engine.quantize", "needs engine.backend: torch")
     seen: set[str] = set()
     for i, keyword in enumerate(config.keywords):
+        if len(keyword.text) > MAX_KEYWORD_CHARACTERS:
+            raise ConfigError(
+                f"keywords[{i}].text",
+                f"{len(keyword.text)} characters; a keyword has at most {MAX_KEYWORD_CHARACTERS}",
+            )
         if keyword.text in seen:
             raise ConfigError(f"keywords[{i}].text", f"{keyword.text!r} is listed twice")
         seen.add(keyword.text)
@@ -198,5 +211,11 @@ def _check_rules(config: AgentConfig) -> None:
     for site in config.hermes.site_ids:
         if not TOPIC_PATTERN.match(site) or "/" in site:
             raise ConfigError("hermes.site_ids", f"{site!r} cannot be a Hermes site id")
+    advertise = config.wyoming.advertise_host
+    if advertise is not None:
+        try:
+            ipaddress.IPv4Address(advertise)
+        except ValueError:
+            raise ConfigError("wyoming.advertise_host", f"{advertise!r} is not an IPv4 address") from None
     if config.device.id in ("all", "group", "pool"):
         raise ConfigError("device.id", f"{config.device.id!r} is reserved for fleet topics")

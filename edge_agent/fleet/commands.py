@@ -26,7 +26,9 @@ from edge_agent.agent.live_config import ConfigRejected
 from edge_agent.agent.services import AgentControl, AgentServices, Integration
 from edge_agent.config import (
     COMMAND_NAMES,
+    AgentConfig,
     ConfigError,
+    changed_keys,
     merge_update,
     save_remote_overrides,
     to_dict,
@@ -37,6 +39,30 @@ from edge_agent.mqtt.messages import CommandResult, CommandTopic, PayloadError, 
 from edge_agent.mqtt.transport import InboundMessage
 
 log = logging.getLogger(__name__)
+
+
+# Never changed by a remote command: the device would stop listening to the broker.
+NEVER_REMOTE_KEYS = ("mqtt.enabled",)
+# Changed remotely only where the device's own configuration says commands.allow_sensitive:
+# credentials, certificate checks, what the device listens on, who it is on the broker, and which
+# commands it accepts (a remote must not widen its own powers).
+SENSITIVE_KEYS = (
+    "mqtt.username",
+    "mqtt.password",
+    "mqtt.password_file",
+    "mqtt.tls.insecure",
+    "mqtt.tls.ca_file",
+    "mqtt.tls.cert_file",
+    "mqtt.tls.key_file",
+    "mqtt.client_id",
+    "mqtt.protocol",
+    "mqtt.topic_prefix",
+    "http.host",
+    "commands.",
+    "device.id",
+)
+# Tried before they are kept: the device must come back online with them.
+CONNECTION_KEYS = ("mqtt.host", "mqtt.port", "mqtt.tls.", "mqtt.username", "mqtt.password", "mqtt.keepalive")
 
 
 class CommandError(Exception):
@@ -113,6 +139,11 @@ class CommandProcessor(Integration):
                 "ignored a retained command on %s: clear it with an empty retained message", message.topic
             )
             return
+        if message.response_topic:
+            refusal = self.services.response_topic_refusal(message.response_topic)
+            if refusal is not None:
+                self.services.report_error("bad_request", f"{refusal}: command refused", topic=message.topic)
+                return
         try:
             arguments = (
                 parse_json_object(message.payload, f"command {name}") if message.payload.strip() else {}
@@ -204,13 +235,29 @@ class CommandProcessor(Integration):
         return {"config": to_dict(self.services.config), "muted": self.services.muted}, []
 
     def _set_config(self, arguments: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """Checked before anything changes or is kept: the keys a remote may change, the
+        schema, then what the change needs on this device (the model loads, paths can be
+        written, the keywords are in the lexicon). Connection settings are tried first: kept
+        only if the device is back online with them in time, else put back. Only what was
+        applied is persisted, so no remote change can leave a device that does not start."""
         if not arguments:
             raise CommandError('set_config needs the keys to change, e.g. {"keywords": ["小云小云"]}')
+        current = self.services.config
         try:
-            new = merge_update(self.services.config, arguments)
-            restart_required = self._control.apply_config(new)
+            new = merge_update(current, arguments)
         except ConfigError as error:
             raise CommandError(f"invalid configuration: {error}") from None
+        changed = changed_keys(to_dict(current, include_secrets=True), to_dict(new, include_secrets=True))
+        self._check_remote_keys(changed, current)
+        connection = [key for key in changed if key.startswith(CONNECTION_KEYS)]
+        try:
+            self._control.preflight(new)
+            if connection and not self._control.try_connection(new.mqtt, current.commands.connection_trial):
+                raise CommandError(
+                    f"not applied: the device did not get back online with the new {', '.join(connection)} "
+                    f"within {current.commands.connection_trial:g} s; the previous settings are back"
+                )
+            restart_required = self._control.apply_config(new)
         except ConfigRejected as error:
             raise CommandError(f"not applied: {error}") from None
         except (LexiconError, ValueError, ImportError) as error:
@@ -220,7 +267,23 @@ class CommandProcessor(Integration):
             "applied": True,
             "persisted": persisted,
             "keywords": [k.text for k in new.keywords],
-        }, restart_required
+        }, [key for key in restart_required if key not in connection]
+
+    @staticmethod
+    def _check_remote_keys(changed: list[str], current: AgentConfig) -> None:
+        refused = [key for key in changed if key.startswith(NEVER_REMOTE_KEYS)]
+        if refused:
+            raise CommandError(
+                f"{', '.join(refused)} cannot be changed remotely: the device would be left unreachable "
+                "(change it in the device's own configuration file)"
+            )
+        sensitive = [key for key in changed if key.startswith(SENSITIVE_KEYS)]
+        if sensitive and not current.commands.allow_sensitive:
+            raise CommandError(
+                f"{', '.join(sensitive)} cannot be changed remotely on this device "
+                "(credentials, certificate checks, listening addresses and the command settings; "
+                "the device's own configuration can allow it: commands.allow_sensitive)"
+            )
 
     def _set_muted(self, muted: bool) -> tuple[dict[str, Any], list[str]]:
         try:

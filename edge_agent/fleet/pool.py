@@ -161,6 +161,10 @@ class PoolWorker(Integration):
 
     def _reply(self, message: InboundMessage, body: dict[str, Any]) -> None:
         if message.response_topic:
+            refusal = self.services.response_topic_refusal(message.response_topic)
+            if refusal is not None:
+                self.services.report_error("bad_request", f"{refusal}: not answered", topic=message.topic)
+                return
             self.services.publish(
                 message.response_topic,
                 json.dumps({"schema": 1, **body}, ensure_ascii=False).encode(),

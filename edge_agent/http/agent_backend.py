@@ -5,10 +5,10 @@ snapshots (taken without restarting the CPU-percent window of the published heal
 which a Prometheus scrape must not disturb), connection counters, the current model, keywords
 and decoder settings, and the detection feed, from which it counts live detections by keyword.
 
-``POST /detect`` runs on the request's thread with the agent's model and its current keywords
-and decoder settings, not through the engine worker's queue: uploads then neither wait behind
-live audio nor delay it, and the concurrency bound of :class:`DetectionService` protects the
-live streams' CPU.
+``POST /detect`` is scored by the engine worker (``AgentServices.score_recording``), a block
+at a time between its passes over live streams, with the agent's current keywords and decoder
+settings (or the request's own): an upload never delays a live detection by more than one
+block, and its memory does not grow with its length.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 from edge_agent import __version__
 from edge_agent.agent.services import AgentServices, Integration
 from edge_agent.http.backend import DetectResult, KeywordRequest, MetricFamily, NotReady, Sample
-from edge_agent.http.detection import DEFAULT_MAX_CONCURRENT, DetectionService
+from edge_agent.http.detection import AUDIO_FIELD, DEFAULT_MAX_CONCURRENT, DetectionService
 from edge_agent.mqtt.messages import DetectionEvent
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,9 @@ class AgentBackend(Integration):
             keywords=lambda: services.keywords,
             settings=lambda: services.decoder_settings,
             max_concurrent=self.max_concurrent,
+            scorer=lambda wav, keywords, settings: services.score_recording(
+                wav, AUDIO_FIELD, keywords, settings
+            ),
         )
 
     def on_detection(self, event: DetectionEvent, stream_kind: str) -> None:

@@ -286,6 +286,7 @@ class HealthReport(JsonMessage):
     outbox_depth: int = 0
     outbox_dropped: int = 0
     outbox_unwritten: int = 0
+    outbox_skipped: int = 0
     refused: dict[str, int] = field(default_factory=dict)
     muted: bool = False
     interval_s: float = 60.0
@@ -368,6 +369,18 @@ class CommandTopic:
     GROUP = Topic("{prefix}/group/{group}/cmd/{command}")
 
 
+def response_topic_refusal(topic: str, prefix: str) -> str | None:
+    """Why a request's MQTT 5 response topic must not be answered on, or None. An answer
+    published into the fleet's command space would be a command: whoever may send requests
+    could make a device mute, restart or reconfigure itself or another."""
+    if not topic or topic.startswith("$") or any(c in topic for c in "+#\x00"):
+        return f"response topic {topic!r} is not a topic one can publish to"
+    for template in (CommandTopic.DEVICE, CommandTopic.ALL, CommandTopic.GROUP):
+        if template.match(topic, prefix) is not None:
+            return f"response topic {topic!r} lies in the fleet's command space ({prefix}/.../cmd/...)"
+    return None
+
+
 class AudioTopic:
     """``{prefix}/{device}/audio/{stream}``: raw PCM chunks of one stream.
 
@@ -406,6 +419,14 @@ class AudioControl(JsonMessage):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise PayloadError(f"AudioControl: {name} must be a positive integer, got {value!r}")
+
+
+class ProbeTopic:
+    """``{prefix}/{device}/probe``: empty QoS 1 publishes with a 1 s expiry, only for their
+    acknowledgement (the agent checks a quiet link is alive before a detection goes out).
+    Nothing to read there."""
+
+    TOPIC = Topic("{prefix}/{device}/probe")
 
 
 class DetectRequestTopic:

@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 _PAHO_INFLIGHT_DEFAULT = 20
 # Longest wait for the broker's socket: keepalive pings and a stop request are looked at this often.
 _IDLE_WAIT_SECONDS = 0.2
+# QoS 1/2 publishes held while disconnected, at most.
+_HELD_PUBLISHES = 1000
 # Packets taken from the read buffer per wake-up, so that keepalives and our own writes keep
 # going while a long burst is read.
 _READ_BATCH = 256
@@ -194,6 +196,7 @@ class MqttTransport:
         self._mqtt5 = config.protocol == "5"
         self._subscriptions: dict[str, tuple[int, Handler]] = {}
         self._handler_cache: dict[str, list[Handler]] = {}
+        self._matchers: list[tuple[TopicFilter, Handler]] = []
         self._connected_hooks: list[Callable[[], None]] = []
         self._ack_listeners: list[Callable[[int], None]] = []
         self._reading_hooks: list[Callable[[], None]] = []
@@ -215,9 +218,8 @@ class MqttTransport:
         # paho's window for the next connection: the broker's last Receive Maximum (paho takes a
         # new window only while disconnected).
         self._next_window = _PAHO_INFLIGHT_DEFAULT
-        # QoS 1/2 publishes made by the on-connect hooks at the last CONNACK. paho resends what
-        # was unacknowledged at a disconnect right after those, without counting them against
-        # its window: whoever keeps publishes in flight must leave this much room.
+        # QoS 1/2 publishes made by the on-connect hooks at the last CONNACK (the largest seen):
+        # whoever keeps publishes in flight right after a connection must leave this much room.
         self.connect_burst = 0
         self._hooks_thread: int | None = None  # thread running the on-connect hooks, meanwhile
         self._connect_publishes = 0
@@ -228,30 +230,60 @@ class MqttTransport:
         # Set once the broker acknowledged the subscriptions restored at the last CONNACK.
         self._subscribed = threading.Event()
         self._resubscribe_mid: int | None = None
+        # When the broker last sent anything (monotonic): a link heard from recently is alive.
+        self.last_heard = 0.0
+        # QoS 1/2 publishes made while disconnected, sent after the next CONNACK (the oldest are
+        # dropped beyond the bound: retained state is re-published anyway).
+        self._held: collections.deque[tuple[Any, ...]] = collections.deque(maxlen=_HELD_PUBLISHES)
+        # Notified at every CONNACK (stats.connects grows), for reconnect_with's wait.
+        self._connection_changed = threading.Condition()
 
+        self._client_factory = client_factory
+        self._will = (will_topic, will_payload) if will_topic else None
+        # Asked by drop_connection(): the network thread closes the connection and reconnects.
+        self._drop_reason: str | None = None
+        self._fresh_client_needed = False  # the first connection uses the client made here
+        build_tls_context(config)  # a ConfigError naming the key now, not at the first connection
+        if (config.password or config.password_file) and not config.tls.enabled:
+            log.warning(
+                "MQTT: the password for %s goes to %s:%d unencrypted (mqtt.tls.enabled is false): "
+                "anyone on the network path can read it",
+                config.username,
+                config.host,
+                config.port,
+            )
+        self._client = self._new_client(_PAHO_INFLIGHT_DEFAULT)
+
+    def _new_client(self, window: int) -> paho.Client:
+        """A paho client for one connection. Every connection starts a new session of its own:
+        what a dead connection left unacknowledged is not resent verbatim by paho (a detection
+        resent a minute later must say so), but handed over again by its owner (the outbox)."""
+        config = self.config
         protocol = paho.MQTTv5 if self._mqtt5 else paho.MQTTv311
-        kwargs: dict[str, Any] = {"client_id": client_id, "protocol": protocol}
+        kwargs: dict[str, Any] = {"client_id": self.client_id, "protocol": protocol}
         if not self._mqtt5:
             kwargs["clean_session"] = True
-        self._client = client_factory(CallbackAPIVersion.VERSION2, **kwargs)
-        self._client.max_queued_messages_set(10_000)  # bounded: paho's default is unlimited
-        self._client.max_inflight_messages_set(_PAHO_INFLIGHT_DEFAULT)
+        client = self._client_factory(CallbackAPIVersion.VERSION2, **kwargs)
+        client.max_queued_messages_set(10_000)  # bounded: paho's default is unlimited
+        client.max_inflight_messages_set(window)
         if config.username:
-            self._client.username_pw_set(config.username, read_password(config))
+            client.username_pw_set(config.username, read_password(config))
         context = build_tls_context(config)
         if context is not None:
-            self._client.tls_set_context(context)
+            client.tls_set_context(context)
             if config.tls.insecure:
-                self._client.tls_insecure_set(True)
+                client.tls_insecure_set(True)
                 log.warning("mqtt.tls.insecure is set: the broker's certificate is NOT verified")
-        if will_topic:
-            self._client.will_set(will_topic, will_payload, qos=1, retain=True)
-        self._client.on_connect = self._on_connect
-        self._client.on_disconnect = self._on_disconnect
-        self._client.on_message = self._on_message
-        self._client.on_publish = self._on_publish
-        self._client.on_subscribe = self._on_subscribe
-        self._client.on_socket_register_write = self._write_requested
+        if self._will is not None:
+            client.will_set(self._will[0], self._will[1], qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+        client.on_socket_register_write = self._write_requested
+        client.connect_async(config.host, config.port, config.keepalive)
+        return client
 
     # --- public API ----------------------------------------------------------------------
     @property
@@ -264,6 +296,30 @@ class MqttTransport:
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
+
+    def reconnect_with(self, config: MqttConfig, timeout: float) -> bool:
+        """Connect again with other settings (host, port, TLS, credentials; not the protocol or
+        client id); returns whether the broker took them and the subscriptions within
+        ``timeout`` (0: do not wait). Raises ConfigError for TLS files that cannot be used."""
+        build_tls_context(config)
+        connects = self.stats.connects
+        self.config = config
+        self._attempt = 0
+        self.drop_connection("switching to new connection settings")
+        if timeout <= 0:
+            return False
+        deadline = time.monotonic() + timeout
+        with self._connection_changed:
+            if not self._connection_changed.wait_for(lambda: self.stats.connects > connects, timeout):
+                return False
+        return self._subscribed.wait(max(0.0, deadline - time.monotonic()))
+
+    def drop_connection(self, reason: str) -> None:
+        """Close the connection and connect again (with back-off), as after a network failure:
+        for a broker that stopped acknowledging while TCP still looks fine (a frozen process)."""
+        self._drop_reason = reason
+        if self._wakeup is not None:
+            self._wakeup.wake()
 
     def wait_subscribed(self, timeout: float) -> bool:
         """Connected, and the broker has acknowledged every subscription made so far: messages
@@ -300,7 +356,7 @@ class MqttTransport:
         """
         with self._lock:
             self._subscriptions[topic_filter] = (self._options(qos, retain_as_published), handler)
-            self._handler_cache.clear()
+            self._subscriptions_changed()
         if self.connected:
             self._subscribed.clear()
             _, mid = self._client.subscribe(
@@ -318,13 +374,25 @@ class MqttTransport:
     def _subscribe_arguments(options: Any) -> dict[str, Any]:
         return {"options": options} if isinstance(options, SubscribeOptions) else {"qos": options}
 
+    def delivers_to_self(self, topic: str) -> bool:
+        """Whether a message published to ``topic`` would come back to this client's own
+        subscriptions."""
+        with self._lock:
+            filters = list(self._subscriptions)
+        return any(TopicFilter(f).matches(topic) for f in filters)
+
     def unsubscribe(self, topic_filter: str) -> None:
         with self._lock:
             self._subscriptions.pop(topic_filter, None)
-            self._handler_cache.clear()
+            self._subscriptions_changed()
         if self.connected:
             self._client.unsubscribe(topic_filter)
             self._written()
+
+    def _subscriptions_changed(self) -> None:
+        """(Under the lock.) Compile the filters again and forget which topics matched which."""
+        self._matchers = [(TopicFilter(f), h) for f, (_, h) in self._subscriptions.items()]
+        self._handler_cache.clear()
 
     def publish(
         self,
@@ -336,13 +404,31 @@ class MqttTransport:
         response_topic: str | None = None,
         correlation_data: bytes | None = None,
         user_properties: Iterable[tuple[str, str]] = (),
+        hold: bool = True,
     ) -> int | None:
-        """Queue a publish; returns its message id, or None if it was dropped.
+        """Queue a publish; returns its message id, or None when it was not handed to the
+        client now (dropped, or held).
 
-        QoS 0 while disconnected is dropped (retained state is re-published on connect);
-        QoS 1/2 is queued by paho and sent after the next CONNACK.
+        While disconnected, QoS 0 is dropped (retained state is re-published on connect); QoS
+        1/2 is held (boundedly) and published after the next CONNACK, unless ``hold`` is False:
+        a publisher that decides what a message says at the moment it goes out (detections)
+        publishes again itself.
         """
-        if qos == 0 and not self.connected:
+        if not self.connected:
+            if qos and hold:
+                with self._lock:
+                    self._held.append(
+                        (
+                            topic,
+                            payload,
+                            qos,
+                            retain,
+                            expiry_seconds,
+                            response_topic,
+                            correlation_data,
+                            tuple(user_properties),
+                        )
+                    )
             return None
         properties = None
         if self._mqtt5:
@@ -372,7 +458,6 @@ class MqttTransport:
             return
         self._stop.clear()
         self._wakeup = Wakeup()
-        self._client.connect_async(self.config.host, self.config.port, self.config.keepalive)
         self._thread = threading.Thread(
             target=self._run, args=(self._wakeup,), name="mqtt-network", daemon=True
         )
@@ -447,6 +532,12 @@ class MqttTransport:
                 continue
             try:
                 rc = self._serve(session, wakeup)
+            except _Dropped as dropped:
+                self._drop_reason = None
+                _close_socket(self._client)
+                session = None
+                self._failed(str(dropped))
+                continue
             except (OSError, ssl.SSLError) as error:  # paho turns most into a return code; not all
                 if not self._stop.is_set():
                     session = None
@@ -458,8 +549,13 @@ class MqttTransport:
 
     def _connect(self) -> _Session | None:
         """One connection attempt (after the back-off if it fails): the new connection's state."""
+        if self._fresh_client_needed:
+            old = self._client
+            with self._write_lock:
+                self._client = self._new_client(self._next_window)
+            _close_socket(old)
+        self._fresh_client_needed = True
         try:
-            self._use_window(self._next_window)
             self._client.reconnect()
         except (OSError, ssl.SSLError) as error:
             self._failed(describe_failure(error))
@@ -469,19 +565,13 @@ class MqttTransport:
         reader = _install_read_buffer(self._client) if self._read_buffer else None
         return _Session(reader, _QuickAck(sock) if self._quick_ack else None)
 
-    def _use_window(self, window: int) -> None:
-        """paho's in-flight window for the next connection. paho accepts a new one only while
-        disconnected: with no socket open, ``disconnect()`` only marks the client so."""
-        if self._client.max_inflight_messages == window or self._client.socket() is not None:
-            return
-        self._client.disconnect()
-        self._client.max_inflight_messages_set(window)
-
     def _serve(self, session: _Session, wakeup: Wakeup) -> int:
         """Wait for the socket (or a wake-up), read, write and keep alive: one round."""
         sock = self._client.socket()
         if sock is None:
             return paho.MQTT_ERR_NO_CONN
+        if self._drop_reason is not None:
+            raise _Dropped(self._drop_reason)
         pending = session.pending(sock)
         writing = [sock] if self._client.want_write() else []
         try:
@@ -494,6 +584,7 @@ class MqttTransport:
             wakeup.clear()
         rc = paho.MQTT_ERR_SUCCESS
         if pending or sock in readable:
+            self.last_heard = time.monotonic()
             rc = self._client.loop_read()
             # Whole packets already in the buffer need no select().
             for _ in range(_READ_BATCH):
@@ -531,6 +622,7 @@ class MqttTransport:
         if self._refusal is not None:
             reason, self._refusal = self._refusal, None
         self._connected.clear()
+        self._subscribed.clear()
         self.stats.connected = False
         if reason != self.stats.last_error:
             log.warning("MQTT %s:%d: %s", self.config.host, self.config.port, reason)
@@ -556,14 +648,16 @@ class MqttTransport:
             return
         self._attempt = 0
         self._apply_receive_maximum(properties)
-        self.stats.connects += 1
+        self._subscribed.clear()
+        with self._connection_changed:
+            self.stats.connects += 1
+            self._connection_changed.notify_all()
         if self.stats.connects > 1:
             self.stats.reconnects += 1
         self.stats.last_error = None
         log.info("MQTT connected to %s:%d as %s", self.config.host, self.config.port, self.client_id)
         with self._lock:
             subscriptions = [(f, options) for f, (options, _) in self._subscriptions.items()]
-        self._subscribed.clear()
         if subscriptions:
             _, self._resubscribe_mid = client.subscribe(subscriptions)
         else:
@@ -581,6 +675,10 @@ class MqttTransport:
             self._hooks_thread = None
             # Room for the largest burst seen (integrations may publish more after a change).
             self.connect_burst = max(self.connect_burst, self._connect_publishes)
+        with self._lock:
+            held, self._held = list(self._held), collections.deque(maxlen=_HELD_PUBLISHES)
+        for topic, payload, qos, retain, expiry, response, correlation, user in held:
+            self.publish(topic, payload, qos, retain, expiry, response, correlation, user)
 
     def _apply_receive_maximum(self, properties: Any) -> None:
         """Never more unacknowledged QoS 1/2 publishes than the broker's CONNACK allows: a
@@ -639,11 +737,8 @@ class MqttTransport:
             handlers = self._handler_cache.get(message.topic)
             if handlers is None:
                 # Audio streams reuse a few topics thousands of times: match each topic once.
-                handlers = [
-                    h
-                    for f, (_, h) in self._subscriptions.items()
-                    if paho.topic_matches_sub(_delivered_filter(f), message.topic)
-                ]
+                levels = message.topic.split("/")
+                handlers = [h for f, h in self._matchers if f.matches_levels(levels)]
                 if len(self._handler_cache) > 10_000:
                     self._handler_cache.clear()
                 self._handler_cache[message.topic] = handlers
@@ -655,6 +750,18 @@ class MqttTransport:
                 log.exception("handler for %s failed", message.topic)
 
 
+class _Dropped(Exception):
+    """The connection was given up on purpose (:meth:`MqttTransport.drop_connection`)."""
+
+
+def _close_socket(client: paho.Client) -> None:
+    """Close what a client given up on still holds (paho closes it only on its own reconnect)."""
+    sock = client.socket()
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.close()
+
+
 def _delivered_filter(topic_filter: str) -> str:
     """The filter messages arrive under: ``$share/{group}/a/b`` delivers topics matching ``a/b``."""
     if topic_filter.startswith("$share/"):
@@ -662,9 +769,44 @@ def _delivered_filter(topic_filter: str) -> str:
     return topic_filter
 
 
+class TopicFilter:
+    """A subscription's filter, split once: matching a topic is a comparison of its levels.
+
+    (paho's ``topic_matches_sub`` builds a trie on every call: too slow for a network thread
+    that must keep up with a flood of messages on distinct topics.)
+    """
+
+    __slots__ = ("_system", "levels")
+
+    def __init__(self, topic_filter: str) -> None:
+        self.levels = _delivered_filter(topic_filter).split("/")
+        # Wildcards at the first level do not match topics starting with "$" (MQTT 4.7.2).
+        self._system = self.levels[0].startswith("$")
+
+    def matches(self, topic: str) -> bool:
+        return self.matches_levels(topic.split("/"))
+
+    def matches_levels(self, parts: list[str]) -> bool:
+        """Whether a topic given as its levels (``topic.split("/")``) matches."""
+        if parts[0].startswith("$") and not self._system:
+            return False
+        levels = self.levels
+        for index, level in enumerate(levels):
+            if level == "#":
+                return True
+            if index >= len(parts):
+                return False
+            if level != "+" and level != parts[index]:
+                return False
+        if len(parts) == len(levels):
+            return True
+        # "a/#" also matches "a" itself.
+        return len(parts) == len(levels) - 1 and levels[-1] == "#"
+
+
 def topic_matches(topic_filter: str, topic: str) -> bool:
     """Whether ``topic`` is delivered to a subscription to ``topic_filter`` (shared ones too)."""
-    return bool(paho.topic_matches_sub(_delivered_filter(topic_filter), topic))
+    return TopicFilter(topic_filter).matches(topic)
 
 
 def _is_tcp(sock: Any) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -217,3 +218,61 @@ def test_refill_never_waits_for_a_busy_outbox_and_does_nothing_once_closed(outbo
     delivery.acknowledged(link.mids[stored[1].seq])
     delivery.refill()
     assert link.count() == 2
+
+
+def test_a_new_session_hands_over_again_what_the_last_one_left_unacknowledged(outbox: Outbox) -> None:
+    """The client of a dead connection resends nothing: the events in flight go out again,
+    from the oldest, decided afresh; acknowledged ones never."""
+    link = RecordingLink()
+    stored = outbox.append_many([("t", body(f"e{i}")) for i in range(4)], "boot")
+    delivery = make(outbox, link, 3)
+    delivery.pump()
+    delivery.acknowledged(link.mids[stored[0].seq])  # read just before the connection died
+    delivery.new_session()
+    delivery.pump()
+    assert link.handed == [
+        stored[0].seq,
+        stored[1].seq,
+        stored[2].seq,
+        stored[1].seq,
+        stored[2].seq,
+        stored[3].seq,
+    ]
+    assert outbox.depth() == 3
+
+
+def test_a_quiet_link_is_probed_before_events_go_out(outbox: Outbox) -> None:
+    link = RecordingLink()
+    heard = [0.0]
+    probes: list[int] = []
+
+    def probe() -> int:
+        probes.append(1000 + len(probes))
+        return probes[-1]
+
+    delivery = make(outbox, link, 5, last_heard=lambda: heard[0], probe=probe)
+    stored = outbox.append("t", body("wake"), "boot")
+    delivery.pump()
+    assert link.handed == [] and probes == [1000]  # nothing heard from the broker lately
+    delivery.pump()
+    assert probes == [1000]  # one probe at a time
+    delivery.acknowledged(1000)  # the broker is alive
+    delivery.pump()
+    assert link.handed == [stored.seq]
+
+
+def test_a_broker_that_acknowledges_nothing_is_noticed(outbox: Outbox) -> None:
+    import edge_agent.agent.delivery as module
+
+    link = RecordingLink()
+    stored = outbox.append_many([("t", body("a")), ("t", body("b"))], "boot")
+    delivery = make(outbox, link, 5)
+    assert delivery.stalled() is None  # nothing awaits an acknowledgement
+    delivery.pump()
+    handed = time.monotonic()
+    assert delivery.stalled(now=handed + module.STALL_SECONDS - 0.5) is None
+    assert delivery.stalled(now=handed + module.STALL_SECONDS + 1) is not None
+    delivery.acknowledged(link.mids[stored[0].seq])
+    delivery.pump()
+    # Something came back: the broker works, the other event is simply on its way.
+    assert delivery.stalled(now=time.monotonic() + module.STALL_SECONDS - 0.5) is None

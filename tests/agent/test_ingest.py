@@ -31,7 +31,8 @@ def test_network_streams_are_rate_limited_local_ones_not() -> None:
 
 
 def test_a_full_queue_refuses_audio_and_counts_it_per_stream_but_never_controls() -> None:
-    entry, _queue, refusals = ingest(max_bytes=40000, factor=0)
+    second = PcmChunk("a", "mqtt", ONE_SECOND, None, 0.0, "t/a")
+    entry, _queue, refusals = ingest(max_bytes=second.nbytes + 1000, factor=0)
     assert entry.submit(PcmChunk("a", "mqtt", ONE_SECOND, None, 0.0, "t/a"))
     assert not entry.submit(PcmChunk("a", "mqtt", ONE_SECOND, None, 0.0, "t/a"))
     assert not entry.submit(AudioChunk("mic", "microphone", np.zeros(16000, np.float32), 0.0))

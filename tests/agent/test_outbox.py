@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from edge_agent.agent.outbox import Outbox, OutboxError
+from edge_agent.agent.outbox import Outbox
 
 
 class Clock:
@@ -112,13 +112,6 @@ def test_the_age_bound_drops_what_is_too_old(tmp_path: Path) -> None:
     assert [e.body["name"] for e in outbox.pending()] == ["young"]
 
 
-def test_a_file_that_is_not_a_database_gets_a_clear_error(tmp_path: Path) -> None:
-    path = tmp_path / "o.db"
-    path.write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(OutboxError, match=r"cannot open the outbox .*o\.db"):
-        Outbox(path)
-
-
 def test_what_is_committed_is_on_disk_for_another_connection(tmp_path: Path) -> None:
     outbox = Outbox(tmp_path / "o.db")
     outbox.append_many([("t", body("a")), ("t", body("b"))], "boot")
@@ -209,3 +202,70 @@ def test_a_delete_that_cannot_begin_leaves_inserts_durable(tmp_path: Path) -> No
         other.close()
     assert outbox._db.execute("PRAGMA synchronous").fetchone()[0] == 2
     assert [e.seq for e in outbox.pending()] == [event.seq]
+
+
+def test_numbers_given_while_the_disk_was_full_are_not_given_again_after_a_crash(tmp_path: Path) -> None:
+    """Five detections numbered but never stored (a full SD card), then the process dies: the
+    next run must not number its first detection like one of them (receivers would drop it)."""
+    outbox = Outbox(tmp_path / "o.db")
+    first = outbox.append("t", body("stored"), "boot-1")
+    fill_disk(outbox)
+    lost = outbox.append_many([("t", body(f"lost{i}" + "x" * 5000)) for i in range(5)], "boot-1")
+    assert outbox.unwritten == 5
+    # A kill -9: nothing closes the file. The next run opens it as it is.
+    after = Outbox(tmp_path / "o.db")
+    given = {first.seq, *(e.seq for e in lost)}
+    assert after.append("t", body("next"), "boot-2").seq > max(given)
+
+
+def test_a_clean_close_keeps_numbering_dense(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "o.db")
+    last = outbox.append_many([("t", body("a")), ("t", body("b"))], "boot-1")[-1]
+    outbox.close()
+    assert Outbox(tmp_path / "o.db").append("t", body("c"), "boot-2").seq == last.seq + 1
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_file_is_moved_aside_and_a_new_outbox_started(damage: str, tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    if damage == "garbage":
+        path.write_bytes(b"this is not sqlite" * 100)
+    else:
+        good = Outbox(path)
+        good.append_many([("t", body(str(i) * 500)) for i in range(20)], "boot")
+        good.close()
+        path.write_bytes(path.read_bytes()[:1500])
+    outbox = Outbox(path)
+    assert outbox.recovered is not None and "moved to" in outbox.recovered
+    (aside,) = tmp_path.glob("o.db.corrupt-*")
+    assert aside.stat().st_size > 0
+    event = outbox.append("t", body("after"), "boot")
+    assert [e.seq for e in outbox.pending()] == [event.seq] and outbox.write_error is None
+
+
+def test_a_file_that_cannot_be_created_keeps_events_in_memory(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the outbox's folder should be", encoding="utf-8")
+    outbox = Outbox(blocker / "o.db")
+    assert outbox.write_error is not None and "cannot open the outbox" in outbox.write_error
+    event = outbox.append("t", body("kept"), "boot")
+    assert [e.body for e in outbox.pending()] == [event.body]
+
+
+def test_a_damaged_row_is_skipped_and_the_rest_delivered(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "o.db")
+    first = outbox.append("t", body("first"), "boot")
+    with outbox._lock:
+        outbox._db.execute(
+            "INSERT INTO events (seq, topic, body, created, boot_id) VALUES (?, ?, ?, ?, ?)",
+            (first.seq + 1, "t", "{not json", first.created, "boot"),
+        )
+        outbox._db.execute(
+            "INSERT INTO events (seq, topic, body, created, boot_id) VALUES (?, ?, ?, ?, ?)",
+            (first.seq + 2, "", '{"name": "no topic"}', first.created, "boot"),
+        )
+        outbox._next_seq = first.seq + 3
+    last = outbox.append("t", body("last"), "boot")
+    assert [e.seq for e in outbox.pending()] == [first.seq, last.seq]
+    assert outbox.skipped_rows == 2
+    assert [e.seq for e in outbox.pending()] == [first.seq, last.seq] and outbox.skipped_rows == 2  # gone

@@ -216,16 +216,21 @@ def test_after_a_hand_over_that_timed_out_the_worker_does_not_wait_again(
         worker.stop()
 
 
-def test_the_queue_is_bounded_in_bytes_and_controls_always_pass() -> None:
-    queue = WorkQueue(max_bytes=10_000)
-    chunk = PcmChunk("s", "mqtt", bytes(4000), None, 0.0, "t")
-    assert queue.put(chunk) and queue.put(chunk)
-    assert not queue.put(chunk) and queue.refused == 1
+def test_the_queue_is_bounded_in_memory_once_converted_and_controls_always_pass() -> None:
+    """A chunk costs its bytes and its samples once converted: 0.1 s of 16 kHz s16le is
+    3,200 bytes and 6,400 of float32 samples (declared), or up to 0.4 s of samples when its
+    format is the stream's own (8 kHz u8 at the least)."""
+    declared = PcmChunk("s", "mqtt", bytes(3200), PcmFormat(), 0.0, "t")
+    undeclared = PcmChunk("s", "mqtt", bytes(3200), None, 0.0, "t")
+    assert declared.nbytes == 3200 + 6400 and undeclared.nbytes == 3200 + 25600
+    queue = WorkQueue(max_bytes=2 * declared.nbytes + 100)
+    assert queue.put(declared) and queue.put(declared)
+    assert not queue.put(declared) and queue.refused == 1
     assert queue.put(StreamEnd("s", "mqtt", "t"))  # no audio: always admitted
-    assert queue.queued_bytes == 8000 and queue.high_water == 8000
+    assert queue.queued_bytes == queue.high_water == 2 * declared.nbytes
     (first, *_) = queue.take(0)
     queue.release(first)
-    assert queue.queued_bytes == 4000
+    assert queue.queued_bytes == declared.nbytes
 
 
 def test_settings_and_audio_from_many_threads_at_once(parts, numpy_model) -> None:  # type: ignore[no-untyped-def]
@@ -260,3 +265,70 @@ def test_settings_and_audio_from_many_threads_at_once(parts, numpy_model) -> Non
     assert all(applied) and len(applied) == 200
     assert worker.settings in variants
     assert worker.stats.item_errors == 0 and refusals == []
+
+
+def test_recordings_are_scored_a_block_at_a_time_between_live_passes(
+    parts, numpy_model, example_wav: Path, example: np.ndarray
+) -> None:  # type: ignore[no-untyped-def]
+    """A long recording and live audio at once: the live detection comes out while the
+    recording is still being scored, and both give what they give alone."""
+    from edge_agent.agent.items import RecordingRequest
+    from edge_agent.recording import Recording
+
+    worker, queue, results, refusals = parts
+    long = encode_wav(np.tile(example, 40))  # three minutes of the keyword, again and again
+    done = threading.Event()
+    answers: list = []  # type: ignore[type-arg]
+
+    def reply(result) -> None:  # type: ignore[no-untyped-def]
+        answers.append(result)
+        done.set()
+
+    queue.put(RecordingRequest(long, "long.wav", reply))
+    for chunk in samples_of(example, "mic"):
+        queue.put(chunk)
+    results.wait_for(lambda items: len(items) >= 1)
+    assert not done.is_set()  # the live keyword did not wait for the recording
+    assert done.wait(60)
+    (result,) = answers
+    alone = detect_recording(numpy_model, worker.keywords, worker.settings.decoder, Recording(long))
+    assert [(d.keyword, d.start, d.end) for d in result.detections] == [
+        (d.keyword, d.start, d.end) for d in alone.detections
+    ]
+    assert len(result.detections) == 40 and refusals == []
+
+
+def test_recordings_beyond_the_limit_are_busy_and_bad_ones_answered_at_once(
+    parts, example: np.ndarray
+) -> None:  # type: ignore[no-untyped-def]
+    from edge_agent.agent.items import RecordingRequest
+    from edge_agent.agent.worker import MAX_RECORDINGS
+    from edge_agent.audio.wav import WavError
+    from edge_agent.recording import RecordingBusy
+
+    worker, queue, _results, _refusals = parts
+    answers: list = []  # type: ignore[type-arg]
+    long = encode_wav(np.tile(example, 20))
+    hold = threading.Event()
+    # The worker kept busy on its thread while the requests queue up behind it.
+    blocker = threading.Thread(target=worker.call, args=(hold.wait, 30))
+    blocker.start()
+    queue.put(RecordingRequest(b"RIFF junk", "bad.wav", answers.append))
+    for index in range(MAX_RECORDINGS + 1):
+        queue.put(RecordingRequest(long, f"r{index}.wav", answers.append))
+    hold.set()
+    blocker.join(30)
+    assert worker.drain(30)
+    assert isinstance(answers[0], WavError) and str(answers[0]).startswith("bad.wav: ")  # at once
+    busy = [a for a in answers if isinstance(a, RecordingBusy)]
+    assert len(busy) == 1 and str(busy[0]).startswith(f"r{MAX_RECORDINGS}.wav: ")
+
+
+def test_the_slot_of_a_stream_that_never_sent_audio_goes_to_a_real_one(parts) -> None:  # type: ignore[no-untyped-def]
+    worker, queue, _results, refusals = parts
+    for name in ("idle1", "idle2"):  # the limit here is two per kind
+        queue.put(StreamStart(name, "mqtt", None, f"t/{name}"))
+    queue.put(PcmChunk("real", "mqtt", bytes(3200), None, 0.0, "t/real"))
+    assert worker.drain(10)
+    assert sorted(worker.stream_ids()) == ["idle2", "real"]
+    assert [(r.code, r.stream) for r in refusals] == [("stream_reclaimed", "idle1")]

@@ -12,7 +12,7 @@ import pytest
 from edge_agent.config import load_config, merge_update, remote_overrides_path
 from edge_agent.fleet.commands import CommandProcessor
 from tests.agent.streaming import pcm16, stream_files
-from tests.broker import Client
+from tests.broker import Client, free_port
 from tests.fleet.helpers import command, sentinel_detection, wait_ready
 from tests.support import agent_config, start_agent_process
 
@@ -112,9 +112,26 @@ def test_invalid_set_config_is_rejected_and_the_old_config_still_serves(  # type
 def test_restart_required_keys_are_reported(broker, make_agent, client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     commanded_agent(make_agent, broker.port, tmp_path)
     (answer,) = command(
-        client, "edge_agent/dev1/cmd/set_config", {"mqtt": {"keepalive": 45}, "health": {"interval": 2}}
+        client, "edge_agent/dev1/cmd/set_config", {"engine": {"threads": 2}, "health": {"interval": 2}}
     )
-    assert answer["ok"] and answer["restart_required"] == ["mqtt.keepalive"]
+    assert answer["ok"] and answer["restart_required"] == ["engine.threads"]
+
+
+def test_connection_settings_are_tried_then_kept_or_put_back(  # type: ignore[no-untyped-def]
+    broker, make_agent, client, tmp_path: Path
+) -> None:
+    agent = commanded_agent(make_agent, broker.port, tmp_path, commands={"connection_trial": 5})
+    (kept,) = command(client, "edge_agent/dev1/cmd/set_config", {"mqtt": {"keepalive": 45}})
+    assert kept["ok"] and kept["restart_required"] == []
+    assert agent.transport.config.keepalive == 45 and agent.config.mqtt.keepalive == 45
+    assert agent.transport.stats.reconnects == 1  # it did connect with them
+    (refused,) = command(
+        client, "edge_agent/dev1/cmd/set_config", {"mqtt": {"port": free_port()}}, timeout=30
+    )
+    assert not refused["ok"] and "previous settings are back" in refused["error"]
+    assert agent.config.mqtt.port == broker.port and agent.transport.config.port == broker.port
+    (pong,) = command(client, "edge_agent/dev1/cmd/ping")  # online again, with the old settings
+    assert pong["ok"]
 
 
 def test_mute_and_unmute(broker, make_agent, client, tmp_path: Path, example_wav: Path) -> None:  # type: ignore[no-untyped-def]

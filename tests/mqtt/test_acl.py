@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
 
 from tests.broker import Broker, Client, free_port
-from tests.support import agent_config
+from tests.support import agent_config, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 USERS = {"dev1": "secret-1", "dev2": "secret-2", "fleet": "secret-fleet"}
@@ -26,14 +25,11 @@ def acl_broker(tmp_path: Path):  # type: ignore[no-untyped-def]
             [tool, "-b", *(["-c"] if index == 0 else []), str(passwords), user, password], check=True
         )
     port = free_port()
-    broker = Broker(
-        tmp_path,
-        port=port,
-        extra_config=(
-            f"listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {passwords}\n"
-            f"acl_file {REPO / 'deploy' / 'mosquitto' / 'edge-agent.acl'}\n"
-        ),
-    ).start()
+    shipped = (REPO / "deploy" / "mosquitto" / "edge-agent.conf").read_text(encoding="utf-8")
+    settings = shipped.replace("/etc/mosquitto/passwd", str(passwords)).replace(
+        "/etc/mosquitto/edge-agent.acl", str(REPO / "deploy" / "mosquitto" / "edge-agent.acl")
+    )
+    broker = Broker(tmp_path, port=port, extra_config=f"listener {port} 127.0.0.1\n{settings}").start()
     yield broker
     broker.stop()
 
@@ -53,22 +49,26 @@ def test_agent_works_under_the_acl_and_cannot_reach_another_device(  # type: ign
         agent_config(acl_broker.port, tmp_path, mqtt={"username": "dev1", "password_file": str(secret)})
     )
     fleet = login(acl_broker.port, "fleet").subscribe("edge_agent/#")
-    intruder = login(acl_broker.port, "dev1")
+    # Another device's credentials (with the shipped settings, one connection per user: the
+    # agent's own credentials would take over its session).
+    intruder = login(acl_broker.port, "dev2")
     try:
         fleet.wait_for("edge_agent/dev1/availability", lambda m: m and m[-1].payload == b"online")
+        # dev2's credentials cannot publish under dev1, nor read dev1's topics.
+        info = intruder.client.publish("edge_agent/dev1/detection", b'{"forged": true}', qos=1)
+        info.wait_for_publish(5)
+        result, _ = intruder.client.subscribe("edge_agent/dev1/#", qos=1)
+        assert result == paho.MQTT_ERR_SUCCESS
         fleet.publish("edge_agent/dev1/detect/request/r1", example_wav.read_bytes(), qos=1)
         (reply,) = fleet.wait_for("edge_agent/dev1/detect/response/r1")
         assert reply.json()["detected"] is True
-
-        # dev1's credentials cannot publish under dev2, nor read dev2's topics.
-        info = intruder.client.publish("edge_agent/dev2/detection", b'{"forged": true}', qos=1)
-        info.wait_for_publish(5)
-        result, _ = intruder.client.subscribe("edge_agent/dev2/#", qos=1)
-        assert result == paho.MQTT_ERR_SUCCESS
-        login(acl_broker.port, "dev2").publish("edge_agent/dev2/health", b"{}", qos=1)
-        time.sleep(0.5)
-        assert fleet.on("edge_agent/dev2/detection") == []  # the forged message never arrived
-        assert intruder.on("edge_agent/dev2/#") == []  # and dev2's traffic stays invisible to dev1
+        # The answer was routed to every allowed subscriber before the fleet's marker on the
+        # intruder's own topic: whatever of dev1 the intruder could see came before it.
+        intruder.subscribe("edge_agent/dev2/marker")
+        fleet.publish("edge_agent/dev2/marker", b"after", qos=1)
+        intruder.wait_for("edge_agent/dev2/marker")
+        assert [m.json() for m in fleet.on("edge_agent/dev1/detection")] == []  # the forgery never arrived
+        assert intruder.on("edge_agent/dev1/#") == []  # and dev1's traffic stays invisible to dev2
     finally:
         fleet.close()
         intruder.close()
@@ -78,9 +78,35 @@ def test_wrong_password_is_refused_and_reported(acl_broker, make_agent, tmp_path
     config = agent_config(acl_broker.port, tmp_path, mqtt={"username": "dev1", "password": "wrong"})
     agent = make_agent(config, start=False)
     agent.start()
-    assert agent.transport is not None
-    deadline = time.monotonic() + 10
-    while "refused" not in (agent.transport.stats.last_error or "") and time.monotonic() < deadline:
-        time.sleep(0.05)
+    transport = agent.transport
+    assert transport is not None
+    wait_until(lambda: "refused" in (transport.stats.last_error or ""), timeout=10)
     assert not agent.transport.connected
     assert "broker refused the connection" in (agent.transport.stats.last_error or "")
+
+
+def test_another_user_cannot_take_over_a_device_s_session(  # type: ignore[no-untyped-def]
+    acl_broker, make_agent, tmp_path: Path
+) -> None:
+    """With the shipped settings a client's id is its user name: connecting under other
+    credentials with the agent's client id neither disconnects the agent nor fires its last
+    will."""
+    secret = tmp_path / "password"
+    secret.write_text(USERS["dev1"] + "\n", encoding="utf-8")
+    agent = make_agent(
+        agent_config(acl_broker.port, tmp_path, mqtt={"username": "dev1", "password_file": str(secret)})
+    )
+    fleet = login(acl_broker.port, "fleet").subscribe("edge_agent/dev1/#")
+    impostor = Client(acl_broker.port, client_id=agent.transport.client_id)
+    impostor.client.username_pw_set("dev2", USERS["dev2"])
+    try:
+        fleet.wait_for("edge_agent/dev1/availability", lambda m: m and m[-1].payload == b"online")
+        impostor.connect()
+        # The agent still answers after the impostor is in: it was never knocked off.
+        fleet.publish("edge_agent/dev1/detect/request/r2", b"not a wav", qos=1)
+        fleet.wait_for("edge_agent/dev1/detect/response/r2")
+        assert [m.payload for m in fleet.on("edge_agent/dev1/availability")] == [b"online"]
+        assert agent.transport.stats.reconnects == 0
+    finally:
+        impostor.close()
+        fleet.close()
