@@ -26,7 +26,7 @@ from edge_agent.cli.common import fail
 from edge_agent.engine.decoder import CompiledKeyword, DecoderSettings
 from edge_agent.engine.features import SAMPLE_RATE_HZ
 from edge_agent.engine.model import KwsModel
-from edge_agent.recording import load_recording
+from edge_agent.recording import Recording
 
 # Fonts with Chinese characters, for the legend (the first one installed is used).
 _CJK_FONTS = ["WenQuanYi Micro Hei", "WenQuanYi Zen Hei", "Noto Sans CJK SC", "DejaVu Sans"]
@@ -88,7 +88,7 @@ def suggest(points: Sequence[dict[str, float | int | None]], target_fa_per_hour:
 def _posteriors(model: KwsModel, path: Path, columns: np.ndarray) -> tuple[np.ndarray, float] | str:
     """The recording's posteriors of ``columns`` and its length, or the error text."""
     try:
-        samples = load_recording(path, max_seconds=None)
+        samples = Recording(path, max_seconds=None).samples()
     except WavError as error:
         return str(error)
     return model.posteriors(samples, columns), samples.shape[0] / SAMPLE_RATE_HZ
