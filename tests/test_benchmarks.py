@@ -248,6 +248,23 @@ def test_continuous_streams_start_at_each_recording_and_wait_only_up_to_the_hold
     assert all(0 < f["delay_ms"] <= 285 + 100 + DEFAULT_HOLD_SECONDS * 1000 + 30 for f in found)
 
 
+def test_the_streaming_benchmark_times_every_chunk_size_with_the_whole_files_detections(
+    tmp_path: Path,
+) -> None:
+    """Without openWakeWord installed for it, the comparison is left out and said so."""
+    env_python = os.environ.pop("EDGE_AGENT_OWW_PYTHON", None)
+    try:
+        bench("streaming", "--repeat", "1", "--oww-python", "", results=tmp_path)
+    finally:
+        if env_python is not None:
+            os.environ["EDGE_AGENT_OWW_PYTHON"] = env_python
+    result = json.loads((tmp_path / "streaming.json").read_text())
+    assert result["machine"]["cpu"] and result["clip_seconds"] == 120
+    assert set(result["single_stream"]) == {"whole", "20 ms", "100 ms", "1000 ms"}
+    assert all(row["same_detections_as_whole"] for row in result["single_stream"].values())
+    assert result["detections"] >= 5
+
+
 def test_the_http_keepalive_benchmark_measures_both_endpoints(tmp_path: Path, model_dir: Path) -> None:
     bench("http_keepalive", "--clients", "2", "--seconds", "1", results=tmp_path)
     report = json.loads((tmp_path / "http_keepalive.json").read_text(encoding="utf-8"))

@@ -23,6 +23,7 @@ from edge_agent.cli.common import (
     load_settings,
     open_model,
 )
+from edge_agent.cli.curve import add_curve_options, run_curve_from_args
 from edge_agent.engine.decoder import CompiledKeyword, DecoderSettings, Detection
 from edge_agent.engine.features import SAMPLE_RATE_HZ
 from edge_agent.engine.lexicon import normalize_keyword
@@ -74,6 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "its transcript contains (like audio/dev/trans.txt)",
     )
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    add_curve_options(evaluate)
     evaluate.set_defaults(handler=run_eval)
 
 
@@ -211,6 +213,8 @@ def run_eval(args: argparse.Namespace) -> int:
             expected[path] = set()
     if not expected:
         fail("no WAV files found")
+    if args.curve is not None or args.background:
+        return run_curve_from_args(args, model, keywords, settings, expected)
 
     tallies = {k.text: _KeywordTally(k) for k in keywords}
     positives = detected_files = false_alarms = 0

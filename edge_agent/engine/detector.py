@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edge_agent.engine.decoder import CompiledKeyword, DecoderSettings, Detection, process_many
-from edge_agent.engine.features import SAMPLE_RATE_HZ, FeatureStream, accept_many
+from edge_agent.engine.features import (
+    DECIMATION,
+    FRAME_SHIFT_SAMPLES,
+    OUTPUT_FRAME_SECONDS,
+    SAMPLE_RATE_HZ,
+    FeatureStream,
+    accept_many,
+)
 from edge_agent.engine.network import OutputLayer
 
 if TYPE_CHECKING:
@@ -38,6 +45,8 @@ class KeywordDetector:
         self._decoder = model.decoder(keywords, settings)
         self._samples_seen = 0
         self._hidden = _HiddenRows(model.network.output.input_dim)
+        self._deferred = np.zeros(0, dtype=np.float32)
+        self._defer_limit = deferrable_samples(keywords)
 
     @property
     def keywords(self) -> list[CompiledKeyword]:
@@ -73,6 +82,12 @@ class KeywordDetector:
         detector decodes a whole recording in one pass, the same as ``feed`` then ``finish``.
         """
         detections: list[Detection] = []
+        if self._deferred.size:
+            # Audio fed but not yet run (see feed_many): it goes first, counted once.
+            self._samples_seen -= self._deferred.shape[0]
+            tail = np.zeros(0, dtype=np.float32) if samples is None else _mono(samples)
+            samples = np.concatenate([self._deferred, tail.astype(np.float32, copy=False)])
+            self._deferred = self._deferred[:0]
         if samples is None:
             features = self._features.finish()
         else:
@@ -97,6 +112,7 @@ class KeywordDetector:
         self._decoder.reset()
         self._hidden = _HiddenRows(self._model.network.output.input_dim)
         self._samples_seen = 0
+        self._deferred = self._deferred[:0]
 
     def set_keywords(
         self, keywords: Sequence[CompiledKeyword], settings: DecoderSettings | None = None
@@ -106,7 +122,47 @@ class KeywordDetector:
         """
         if settings is not None:
             self._settings = settings
+        # Audio deferred by feed_many goes to the new keywords: the swap takes effect where the
+        # decoder stands, a little earlier in the stream than the last sample fed.
         self._decoder = self._model.decoder(keywords, self._settings, first_frame=self._decoder.frames_seen)
+        self._defer_limit = deferrable_samples(keywords)
+
+    def _defers(self, samples: np.ndarray) -> np.ndarray | None:
+        """None if ``samples`` are set aside for the next call (see :func:`feed_many`), else the
+        samples to run now: those set aside, then these."""
+        waiting = self._deferred.shape[0] + samples.shape[0]
+        if waiting < self._defer_limit and self._decoder.idle:
+            self._deferred = np.concatenate([self._deferred, samples.astype(np.float32, copy=False)])
+            return None
+        if self._deferred.size == 0:
+            return samples
+        combined = np.concatenate([self._deferred, samples.astype(np.float32, copy=False)])
+        self._deferred = self._deferred[:0]
+        return combined
+
+
+def deferrable_samples(keywords: Sequence[CompiledKeyword]) -> int:
+    """How much audio a stream whose decoder is idle may set aside without delaying any
+    detection: less than the shortest distance between a keyword's first and last character.
+
+    Idle, no partial match can still reach its threshold: a keyword not begun yet is found no
+    earlier than its first character's frame plus that distance plus one (the frame that
+    lets it fire), which needs more audio than that distance. Whatever is set aside is run with
+    the next chunk, through the same arithmetic: chunking never changes the detections.
+    """
+    return min(_character_distance_frames(k) for k in keywords) * DECIMATION * FRAME_SHIFT_SAMPLES
+
+
+def _character_distance_frames(keyword: CompiledKeyword) -> int:
+    """Whole network frames between the first and last character of any match long enough to
+    count (``firing.keyword_span`` sets a span from that distance; 0 for one character)."""
+    n = len(keyword.token_groups)
+    if n == 1:
+        return 0
+    span_frames = keyword.min_duration / OUTPUT_FRAME_SECONDS
+    # The span is the distance plus twice the larger of one frame and half the mean distance
+    # between characters: a lower bound of the distance from each case.
+    return max(0, int(min(span_frames - 2, span_frames * (n - 1) / n)))
 
 
 def _mono(samples: np.ndarray) -> np.ndarray:
@@ -124,19 +180,27 @@ def feed_many(detectors: Sequence[KeywordDetector], chunks: Sequence[np.ndarray]
     must come from one model; those with different keyword outputs are batched separately.
     """
     results: list[list[Detection]] = [[] for _ in detectors]
+    runs: dict[int, np.ndarray] = {}
     groups: dict[tuple[int, tuple[int, ...]], list[int]] = {}
     for i, (detector, chunk) in enumerate(zip(detectors, chunks, strict=True)):
         samples = np.asarray(chunk)
         if samples.ndim != 1 or samples.shape[0] > _BLOCK_SAMPLES:
             results[i] = detector.feed(samples)  # large or invalid: the one-stream path
             continue
+        if samples.size == 0:
+            continue
+        detector._samples_seen += samples.shape[0]
+        # A stream with nothing going on sets short chunks aside and runs them with the next one
+        # (a live microphone: per-chunk costs halve), when that delays no detection.
+        ready = detector._defers(samples)
+        if ready is None:
+            continue
+        runs[i] = ready
         key = (id(detector._model), detector._decoder.columns_key)
         groups.setdefault(key, []).append(i)
     for members in groups.values():
         batch = [detectors[i] for i in members]
-        for i in members:
-            detectors[i]._samples_seen += int(np.asarray(chunks[i]).shape[0])
-        features = accept_many([d._features for d in batch], [np.asarray(chunks[i]) for i in members])
+        features = accept_many([d._features for d in batch], [runs[i] for i in members])
         hidden = batch[0]._model.network.hidden_many([d._network_state for d in batch], features)
         for i, detections in zip(members, _decode(batch, hidden), strict=True):
             results[i] = detections
