@@ -20,8 +20,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from edge_agent.audio.levels import KeywordLevel
 from edge_agent.engine.decoder import CompiledKeyword, Detection
-from edge_agent.recording import best_detection
+from edge_agent.recording import best_detection, detection_dict, zip_levels
 
 MetricKind = Literal["counter", "gauge"]
 
@@ -74,6 +75,8 @@ class DetectResult:
     keywords: tuple[CompiledKeyword, ...]
     audio_seconds: float
     processing_seconds: float
+    # How loud each detection's keyword was (RMS dBFS, SNR), in the order of ``detections``.
+    levels: tuple[KeywordLevel | None, ...] = ()
 
     @property
     def best(self) -> Detection | None:
@@ -91,7 +94,7 @@ class DetectResult:
             "timestamp": [summary["start"], summary["end"]] if summary else None,
             "processing_time_ms": round(self.processing_seconds * 1000.0, 2),
             "duration_s": round(self.audio_seconds, 3),
-            "detections": [d.to_dict() for d in self.detections],
+            "detections": [detection_dict(d, level) for d, level in zip_levels(self.detections, self.levels)],
             "keywords": [{"text": k.text, "threshold": k.threshold} for k in self.keywords],
         }
 

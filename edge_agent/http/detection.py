@@ -130,6 +130,7 @@ class DetectionService:
             keywords=tuple(compiled),
             audio_seconds=recording.audio_seconds,
             processing_seconds=elapsed,
+            levels=recording.levels,
         )
         with self._lock:
             self.requests["ok"] += 1
