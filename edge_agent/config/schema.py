@@ -88,6 +88,12 @@ class DeviceConfig:
     groups: tuple[str, ...] = option(
         (), doc="Fleet groups; commands sent to {prefix}/group/{name}/cmd/... reach this device."
     )
+    room: str | None = option(
+        None,
+        doc="Room this device listens in; `edge-agent arbiter` turns the room's detections of one "
+        "utterance into one wake on {prefix}/room/{room}/wake (the loudest device wins).",
+        pattern=ID_PATTERN,
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -191,6 +191,7 @@ class DeviceInfo(JsonMessage):
     topics: dict[str, str]
     groups: list[str] = field(default_factory=list)
     muted: bool = False
+    room: str | None = None  # device.room: the room arbiter ranks this device's detections in it
 
 
 @dataclass(frozen=True)
