@@ -58,9 +58,14 @@ class EnergyHistory:
 
     def __init__(self, seconds: float = HISTORY_SECONDS) -> None:
         self._size = max(1, int(math.ceil(seconds * SAMPLE_RATE_HZ / FRAME_SAMPLES)))
-        self._power = np.zeros(self._size, np.float64)
+        self._power = np.zeros(self._size, np.float32)  # float32: ample for a level in dB
         self._frames = 0  # frames pushed since the start: the next one's index
         self._tail = np.zeros(0, np.float32)  # samples of a frame not yet complete
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the history holds (fixed at construction)."""
+        return int(self._power.nbytes)
 
     def reset(self) -> None:
         self._frames = 0
@@ -103,7 +108,7 @@ class EnergyHistory:
         last = min(self._frames, int(math.ceil(end_seconds * SAMPLE_RATE_HZ / FRAME_SAMPLES)))
         if last <= first:
             return None
-        keyword = float(np.mean(self._window(first, last)))
+        keyword = float(np.mean(self._window(first, last), dtype=np.float64))
         before = self._window(oldest, first)
         if before.shape[0] < MIN_BACKGROUND_FRAMES:
             before = self._window(oldest, self._frames)

@@ -57,7 +57,7 @@ def test_the_history_is_bounded_and_forgets_old_audio() -> None:
     assert history.keyword_level(0.5, 1.0) is None  # gone
     assert history.keyword_level(4.0, 4.5) is not None
     assert history.keyword_level(6.0, 7.0) is None  # not heard yet
-    assert history._power.shape[0] == 2 * RATE // FRAME_SAMPLES  # the bound itself
+    assert history.nbytes == 2 * RATE // FRAME_SAMPLES * 4  # the bound itself: one float32 a frame
 
 
 def test_digital_silence_has_a_finite_level() -> None:
