@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -157,7 +158,11 @@ def main() -> None:
                 )
         finally:
             broker.stop()
-    path = write_result("arbiter_delay", {"machine": machine(), "results": rows})
+    path = write_result(
+        "arbiter_delay",
+        # The 1-minute load average at the end: on a shared machine the tails follow it.
+        {"machine": machine(), "load_average": round(os.getloadavg()[0], 1), "results": rows},
+    )
     print(f"results: {path}")
 
 

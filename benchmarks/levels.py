@@ -13,6 +13,7 @@ Results: benchmarks/results/levels.json.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from typing import Any
 
@@ -65,6 +66,7 @@ def main() -> None:
     lookup_s = best_of(args.repeat * 20, lambda: history.keyword_level(end - 0.7, end))
     result = {
         "machine": machine(),
+        "load_average": round(os.getloadavg()[0], 1),  # a shared machine: ratios, not times, carry
         "audio_seconds": args.seconds,
         "chunk_ms": 100,
         "levels_us_per_chunk": round(level_s / len(chunks) * 1e6, 2),

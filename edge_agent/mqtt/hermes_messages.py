@@ -202,6 +202,12 @@ class HotwordDetected(HermesMessage):
     level_dbfs: float | None = None
     snr_db: float | None = None
 
+    # Our extra keys, left out when unknown: the payload is then exactly what Rhasspy sends.
+    _EXTRA: ClassVar[frozenset[str]] = frozenset({"levelDbfs", "snrDb"})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in super().to_dict().items() if v is not None or k not in self._EXTRA}
+
 
 @dataclass(frozen=True)
 class HotwordError(HermesMessage):

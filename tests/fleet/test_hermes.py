@@ -118,6 +118,10 @@ def test_messages_round_trip_with_rhasspys_camel_case_keys() -> None:
         "sendAudioCaptured": None,
         "lang": None,
     }
+    # How loud the keyword was, when known: two extra keys Rhasspy's clients ignore.
+    loud = HotwordDetected(model_id="小云小云", site_id="kitchen", level_dbfs=-25.0, snr_db=34.4)
+    assert (loud.to_dict()["levelDbfs"], loud.to_dict()["snrDb"]) == (-25.0, 34.4)
+    assert HotwordDetected.from_payload(loud.to_payload()) == loud
     assert HotwordDetected.TOPIC.format(wakeword_id="xiaoyun") == DETECTED
     messages = [
         detected,
