@@ -295,3 +295,34 @@ def test_three_agents_in_a_room_hear_one_utterance_and_one_wake_names_the_loudes
         _, stderr = arbiter.communicate(timeout=15)
     assert arbiter.returncode == 0, stderr.decode()
     presence_of(client, "arb-test", False)  # a clean stop clears its presence
+
+
+def test_when_the_active_instance_crashes_the_other_takes_over(broker, client) -> None:  # type: ignore[no-untyped-def]
+    """kill -9: the broker fires the crashed instance's last will (at once here, where the OS
+    closes the socket; after 1.5 x keep-alive when its host vanishes), which clears its
+    presence; the stand-in publishes from then on."""
+    client.subscribe(WAKES)
+    client.subscribe("edge_agent/arbiter/+/presence")
+    info(client, "a", "kitchen")
+    processes = {}
+    for instance in ("arb-1", "arb-2"):
+        options = ("--instance", instance, "--keepalive", "5", "--holdoff", "0")
+        processes[instance] = subprocess.Popen(
+            [sys.executable, "-m", "edge_agent", "arbiter", "--broker", f"127.0.0.1:{broker.port}", *options],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        presence_of(client, instance, True)
+    try:
+        detect(client, "a", -30.0, seq=1)
+        assert client.wait_for(WAKES)[-1].json()["arbiter"] == "arb-1"
+        processes["arb-1"].kill()
+        presence_of(client, "arb-1", False)  # its last will
+        detect(client, "a", -30.0, seq=2)
+        wakes = client.wait_for(WAKES, lambda m: len(m) >= 2)
+        assert [w.json()["arbiter"] for w in wakes] == ["arb-1", "arb-2"]
+        assert [w.json()["id"] for w in wakes] == ["a:b1:1", "a:b1:2"]
+    finally:
+        for process in processes.values():
+            process.kill()
+            process.wait(10)
