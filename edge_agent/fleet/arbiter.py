@@ -372,6 +372,9 @@ class ArbiterService:
         except PayloadError as error:
             self.bad_payloads += 1
             log.warning("arbiter: ignored %s: %s", message.topic, error)
+        except Exception:  # one message never stops the arbiter: logged with its traceback
+            self.bad_payloads += 1
+            log.exception("arbiter: failed on a message on %s", message.topic)
 
     def _device_info(self, device: str, payload: bytes) -> None:
         if not payload:  # the device's retained info was removed
@@ -381,9 +384,10 @@ class ArbiterService:
             room = data.get("room")
             if room is not None and not isinstance(room, str):
                 raise PayloadError(f"DeviceInfo: room must be a string, got {room!r}")
+            listed = data.get("keywords")
             keywords = {
                 k["text"]
-                for k in data.get("keywords") or []
+                for k in (listed if isinstance(listed, list) else [])
                 if isinstance(k, dict) and isinstance(k.get("text"), str)
             }
             self.arbiter.set_device(device, room, keywords)
@@ -404,6 +408,8 @@ class ArbiterService:
                 self._publish_discovery()
 
     def _decided(self, decision: Decision) -> None:
+        # A short timeout: while the broker is away, a wake is dropped (it would be stale), and
+        # the loop goes on collecting.
         wake = decision.wake(self.instance, self.arbiter.window_seconds, self._clock())
         if not self.active:
             log.debug(
@@ -417,7 +423,7 @@ class ArbiterService:
         topic = RoomWake.TOPIC.format(prefix=self.prefix, room=wake.room)
         try:
             self.client.publish(
-                topic, wake.to_payload(), qos=1, expiry_seconds=WAKE_EXPIRY_SECONDS, wait=False
+                topic, wake.to_payload(), qos=1, expiry_seconds=WAKE_EXPIRY_SECONDS, wait=False, timeout=1.0
             )
         except MqttClientError as error:
             log.warning("arbiter: cannot publish the wake of %s: %s", wake.room, error)
@@ -442,7 +448,7 @@ class ArbiterService:
                 continue
             topic, payload = room_discovery(self.prefix, self.discovery_prefix, room, keywords)
             try:
-                self.client.publish(topic, payload, qos=1, retain=True, wait=False)
+                self.client.publish(topic, payload, qos=1, retain=True, wait=False, timeout=1.0)
             except MqttClientError as error:
                 log.warning("arbiter: cannot publish discovery of %s: %s", room, error)
                 continue

@@ -326,3 +326,19 @@ def test_when_the_active_instance_crashes_the_other_takes_over(broker, client) -
         for process in processes.values():
             process.kill()
             process.wait(10)
+
+
+def test_an_info_with_keywords_of_the_wrong_shape_is_ignored_not_fatal(  # type: ignore[no-untyped-def]
+    broker, client, start_arbiter
+) -> None:
+    client.subscribe(WAKES)
+    client.subscribe("edge_agent/arbiter/+/presence")
+    client.publish("edge_agent/odd/info", json.dumps({"room": "kitchen", "keywords": 5}), qos=1, retain=True)
+    client.publish("edge_agent/worse/info", json.dumps({"room": 7}), qos=1, retain=True)
+    info(client, "a", "kitchen")
+    service, _ = start_arbiter("arb-1")
+    presence_of(client, "arb-1", True)
+    detect(client, "odd", -20.0)  # in the kitchen, though its keywords could not be read
+    detect(client, "a", -30.0)
+    (wake,) = client.wait_for(WAKES)
+    assert wake.json()["device"] == "odd" and service.bad_payloads == 1  # the room 7
