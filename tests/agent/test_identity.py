@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 
-from edge_agent.agent.identity import ERROR_CODE
+from edge_agent.agent.errors import ErrorReporter, Refusal
+from edge_agent.agent.identity import (
+    CONFLICT_BACKOFF_SECONDS,
+    CONFLICT_CLEAR_SECONDS,
+    ERROR_CODE,
+    SESSION_TAKEN_OVER,
+    IdentityGuard,
+)
 from edge_agent.config.schema import default_device_id, machine_suffix
+from edge_agent.mqtt.transport import InboundMessage
 from tests.broker import Received
 from tests.support import agent_config, wait_until
 
@@ -90,3 +100,102 @@ def test_the_default_id_is_the_host_name_and_a_stable_machine_suffix(tmp_path: P
     assert default_device_id("raspberrypi", "") == "raspberrypi"  # no machine id: the host name
     assert len(default_device_id("x" * 100, "abc123")) == 64
     assert machine_suffix((str(tmp_path / "missing"),)) is None
+
+
+# --- the rules, one at a time (a stand-in for the transport: mosquitto 2.0 here never sends the
+# MQTT 5 "Session taken over" reason, and the rules need an injected clock) ---------------------
+
+
+class TransportHooks:
+    """What IdentityGuard uses of MqttTransport: subscribe, the two hooks, the back-off floor."""
+
+    def __init__(self) -> None:
+        self.handler: Callable[[InboundMessage], None] | None = None
+        self.connected_hook: Callable[[], None] | None = None
+        self.disconnected_hook: Callable[[int | None, str], None] | None = None
+        self.floor = 0.0
+
+    def subscribe(self, topic: str, handler: Callable[[InboundMessage], None], qos: int = 0) -> None:
+        self.handler = handler
+
+    def on_connected(self, hook: Callable[[], None]) -> None:
+        self.connected_hook = hook
+
+    def on_disconnected(self, hook: Callable[[int | None, str], None]) -> None:
+        self.disconnected_hook = hook
+
+    def set_backoff_floor(self, seconds: float) -> None:
+        self.floor = seconds
+
+
+def guarded() -> tuple[IdentityGuard, TransportHooks, list[Refusal], list[float]]:
+    hooks, published, now = TransportHooks(), [], [0.0]
+    guard = IdentityGuard(
+        "twin",
+        "mine",
+        f"{PREFIX}/info",
+        hooks,
+        ErrorReporter(published.append),
+        clock=lambda: now[0],  # type: ignore[arg-type]
+    )
+    guard.attach()
+    assert hooks.connected_hook is not None
+    hooks.connected_hook()
+    return guard, hooks, published, now
+
+
+def info_from(hooks: TransportHooks, boot_id: str, retained: bool) -> None:
+    assert hooks.handler is not None
+    payload = json.dumps({"device": "twin", "boot_id": boot_id}).encode()
+    hooks.handler(InboundMessage(f"{PREFIX}/info", payload, 1, retained))
+
+
+def test_the_info_of_an_earlier_start_before_ours_is_no_conflict() -> None:
+    guard, hooks, published, _ = guarded()
+    info_from(hooks, "earlier", retained=True)  # what the last start left
+    info_from(hooks, "mine", retained=False)  # ours replaces it
+    assert not guard.in_conflict and hooks.floor == 0 and published == []
+
+
+def test_one_live_foreign_info_after_ours_is_a_conflict() -> None:
+    guard, hooks, published, _ = guarded()
+    info_from(hooks, "mine", retained=False)
+    info_from(hooks, "theirs", retained=False)
+    assert guard.conflict_with == "theirs" and hooks.floor == CONFLICT_BACKOFF_SECONDS
+    (refusal,) = published
+    assert refusal.code == ERROR_CODE and "theirs" in refusal.message and "mine" in refusal.message
+
+
+def test_a_retained_foreign_info_needs_a_second_sighting() -> None:
+    guard, hooks, published, _ = guarded()
+    info_from(hooks, "mine", retained=False)
+    info_from(hooks, "theirs", retained=True)  # perhaps a broker restored from an old snapshot
+    assert not guard.in_conflict and hooks.floor == 0
+    info_from(hooks, "theirs", retained=True)
+    assert guard.in_conflict and len(published) == 1
+    info_from(hooks, "theirs", retained=True)
+    assert len(published) == 1  # reported once per other boot
+
+
+def test_a_session_taken_over_is_a_conflict_at_once() -> None:
+    guard, hooks, published, _ = guarded()
+    assert hooks.disconnected_hook is not None
+    hooks.disconnected_hook(128, "Unspecified error")  # a lost connection says nothing
+    assert not guard.in_conflict
+    hooks.disconnected_hook(SESSION_TAKEN_OVER, "Session taken over")
+    assert guard.conflict_with == "unknown" and guard.takeovers == 1 and len(published) == 1
+
+
+def test_a_long_calm_connection_ends_the_conflict() -> None:
+    guard, hooks, _, now = guarded()
+    info_from(hooks, "mine", retained=False)
+    info_from(hooks, "theirs", retained=False)
+    assert hooks.connected_hook is not None and hooks.disconnected_hook is not None
+    hooks.connected_hook()
+    now[0] += CONFLICT_CLEAR_SECONDS / 2
+    hooks.disconnected_hook(128, "lost")
+    assert guard.in_conflict  # too short to tell
+    hooks.connected_hook()
+    now[0] += CONFLICT_CLEAR_SECONDS
+    hooks.disconnected_hook(128, "lost")
+    assert not guard.in_conflict and hooks.floor == 0
