@@ -22,7 +22,7 @@ from edge_agent.mqtt.messages import DetectionEvent, iso_utc
 from tests.agent.streaming import pcm16
 from tests.broker import Client, Received
 from tests.fleet.test_homeassistant import discovery_errors, retained_under
-from tests.support import agent_config
+from tests.support import agent_config, wait_until
 
 WAKE = "小云小云"
 WAKES = "edge_agent/room/+/wake"
@@ -200,7 +200,10 @@ def test_two_instances_publish_each_wake_once_and_the_second_takes_over(  # type
         ("kitchen", "b", "arb-1"),
         ("hall", "h", "arb-1"),
     ]
-    assert second.published == 0 and second.arbiter.counts["wakes"] == 2  # decided alike, silent
+    # The second decides on its own clock: once it has decided both (a later event than any
+    # publish of its own), it must have published nothing.
+    wait_until(lambda: second.arbiter.counts["wakes"] == 2, timeout=30)
+    assert second.published == 0  # decided alike, silent
     # The first stops (its presence is cleared): the second publishes from now on.
     stop_first.set()
     presence_of(client, "arb-1", False)
