@@ -497,7 +497,17 @@ class EngineWorker:
     ) -> None:
         stream.counters.detections += len(detections)
         for detection in detections:
-            found.append(Detected(stream.id, stream.kind, detection, stream.wall_time(detection.end)))
+            level = stream.keyword_level(detection)
+            found.append(
+                Detected(
+                    stream.id,
+                    stream.kind,
+                    detection,
+                    stream.wall_time(detection.end),
+                    level_dbfs=level.level_dbfs if level is not None else None,
+                    snr_db=level.snr_db if level is not None else None,
+                )
+            )
 
     # --- configuration (worker thread) -------------------------------------------------------
     def _apply(self, settings: EngineSettings) -> None:

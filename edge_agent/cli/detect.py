@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.audio.levels import KeywordLevel
 from edge_agent.audio.wav import WavError
 from edge_agent.cli.common import (
     add_keyword_options,
@@ -29,7 +30,7 @@ from edge_agent.engine.features import SAMPLE_RATE_HZ
 from edge_agent.engine.lexicon import normalize_keyword
 from edge_agent.engine.model import KwsModel
 from edge_agent.keywords import decoder_settings_from
-from edge_agent.recording import Recording, detect_recording
+from edge_agent.recording import Recording, detect_recording, detection_dict, zip_levels
 from edge_agent.scoring import SCORE_FLOOR, best_threshold
 from edge_agent.system import tune_allocator
 
@@ -86,6 +87,7 @@ class FileResult:
     error: str | None = None
     audio_seconds: float = 0.0
     engine_seconds: float = 0.0
+    levels: tuple[KeywordLevel | None, ...] = ()  # of each detection's keyword, in order
 
     def to_dict(self) -> dict[str, object]:
         if self.error is not None:
@@ -93,7 +95,7 @@ class FileResult:
         return {
             "file": str(self.path),
             "detected": bool(self.detections),
-            "detections": [d.to_dict() for d in self.detections],
+            "detections": [detection_dict(d, level) for d, level in zip_levels(self.detections, self.levels)],
         }
 
 
@@ -111,7 +113,9 @@ def detect_file(
         result = detect_recording(model, keywords, settings, audio, chunk_samples)
     except WavError as error:
         return FileResult(path, error=str(error))
-    return FileResult(path, result.detections, None, result.audio_seconds, result.processing_seconds)
+    return FileResult(
+        path, result.detections, None, result.audio_seconds, result.processing_seconds, result.levels
+    )
 
 
 def run_detect(args: argparse.Namespace) -> int:

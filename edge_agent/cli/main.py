@@ -15,6 +15,7 @@ from collections.abc import Sequence  # noqa: E402
 
 from edge_agent import __version__  # noqa: E402
 from edge_agent.cli import (  # noqa: E402
+    arbiter,
     config_cmd,
     detect,
     devices,
@@ -27,7 +28,7 @@ from edge_agent.cli import (  # noqa: E402
 )
 
 # Each sub-command module has register(subparsers) and sets `handler` on its parser.
-_COMMANDS = (run, detect, model, devices, stream, config_cmd, serve, fleet, wyoming_cmd)
+_COMMANDS = (run, detect, model, devices, stream, config_cmd, serve, fleet, arbiter, wyoming_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ described in exactly one place. Rules involving several keys live with the parse
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 import socket
@@ -81,12 +82,19 @@ def bounds_text(meta: Mapping[str, Any]) -> str:
 class DeviceConfig:
     id: str | None = option(
         None,
-        doc="Device id used in MQTT topics and client id; letters, digits, _ and -. Default: the hostname.",
+        doc="Device id used in MQTT topics and client id; letters, digits, _ and -. Default: the host "
+        "name and 6 hex characters from the machine id (/etc/machine-id), e.g. raspberrypi-3f2a9c.",
         pattern=ID_PATTERN,
     )
     name: str | None = option(None, doc="Friendly name shown by Home Assistant and the fleet monitor.")
     groups: tuple[str, ...] = option(
         (), doc="Fleet groups; commands sent to {prefix}/group/{name}/cmd/... reach this device."
+    )
+    room: str | None = option(
+        None,
+        doc="Room this device listens in; `edge-agent arbiter` turns the room's detections of one "
+        "utterance into one wake on {prefix}/room/{room}/wake (the loudest device wins).",
+        pattern=ID_PATTERN,
     )
 
 
@@ -535,7 +543,36 @@ class AgentConfig:
         )
 
 
-def default_device_id() -> str:
-    """The host name reduced to the characters MQTT topics and Home Assistant ids allow."""
-    cleaned = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0])[:64]
-    return cleaned or "edge_agent"
+# Where the OS keeps the machine's stable random id (systemd, then D-Bus).
+MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
+# Hex characters of the machine suffix: 16.7 million values, so that two stock boards with
+# the same host name ("raspberrypi") get different ids.
+MACHINE_SUFFIX_CHARS = 6
+
+
+def machine_suffix(paths: tuple[str, ...] = MACHINE_ID_FILES) -> str | None:
+    """A short stable suffix derived from the machine id, or None where there is none.
+
+    Hashed with this application's name (as systemd asks of anyone who shows it): the machine
+    id itself is never published."""
+    for path in paths:
+        try:
+            with open(path, encoding="ascii", errors="replace") as handle:
+                machine_id = handle.readline().strip()
+        except OSError:
+            continue
+        if machine_id:
+            digest = hashlib.sha256(b"edge_agent device id:" + machine_id.encode()).hexdigest()
+            return digest[:MACHINE_SUFFIX_CHARS]
+    return None
+
+
+def default_device_id(hostname: str | None = None, suffix: str | None = None) -> str:
+    """``{host name}-{machine suffix}``, reduced to what MQTT topics and Home Assistant ids
+    allow: two boards with the same host name get different ids (two agents with one id knock
+    each other off the broker). The host name alone where the OS has no machine id."""
+    host = socket.gethostname() if hostname is None else hostname
+    suffix = machine_suffix() if suffix is None else suffix
+    tail = f"-{suffix}" if suffix else ""
+    cleaned = re.sub(r"[^A-Za-z0-9_-]", "_", host.split(".")[0])[: 64 - len(tail)]
+    return (cleaned or "edge_agent") + tail

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from edge_agent.audio.levels import KeywordLevel
 from edge_agent.engine.decoder import CompiledKeyword, Detection
-from edge_agent.recording import best_detection
+from edge_agent.recording import best_detection, detection_dict, zip_levels
 
 MetricKind = Literal["counter", "gauge"]
 
@@ -75,6 +76,8 @@ class DetectResult:
     keywords: tuple[CompiledKeyword, ...]
     audio_seconds: float
     processing_seconds: float
+    # How loud each detection's keyword was (RMS dBFS, SNR), in the order of ``detections``.
+    levels: tuple[KeywordLevel | None, ...] = ()
     # The strongest score of the request's keywords, detected or not (0.0: nothing like them).
     best_score: float = 0.0
     # The request asked for the best match (threshold 0) rather than for detections.
@@ -107,7 +110,7 @@ class DetectResult:
             "processing_time_ms": round(self.processing_seconds * 1000.0, 2),
             "timestamp": iso_timestamp(now),
             "duration_s": round(self.audio_seconds, 3),
-            "detections": [d.to_dict() for d in self.detections],
+            "detections": [detection_dict(d, level) for d, level in zip_levels(self.detections, self.levels)],
             "keywords": [{"text": k.text, "threshold": k.threshold} for k in self.keywords],
             "best_match": self.best_match,
         }

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from edge_agent.audio.wav import WavError
-from edge_agent.engine.decoder import CompiledKeyword, DecoderSettings, Detection
+from edge_agent.engine.decoder import CompiledKeyword, DecoderSettings
 from edge_agent.engine.lexicon import LexiconError, normalize_keyword
 from edge_agent.engine.model import DEFAULT_THRESHOLD, KeywordSpec, KwsModel
 from edge_agent.http.backend import (
@@ -124,10 +124,10 @@ class DetectionService:
             try:
                 audio_seconds = Recording(wav, name=AUDIO_FIELD, max_seconds=MAX_AUDIO_SECONDS).seconds
                 if best_match:
-                    detections, best_score = self._best_match(wav, compiled)
+                    scored, best_score = self._best_match(wav, compiled)
                 else:
-                    detections = self._score(wav, compiled, self._settings()).detections
-                    best = best_detection(detections)
+                    scored = self._score(wav, compiled, self._settings())
+                    best = best_detection(scored.detections)
                     # How close the keywords came when none was detected, as `edge-agent eval`
                     # scores a file.
                     best_score = best.confidence if best is not None else self._best_score(wav, compiled)
@@ -143,11 +143,13 @@ class DetectionService:
             elapsed = time.perf_counter() - started
         finally:
             self._slots.release()
+        detections = scored.detections if scored is not None else ()
         result = DetectResult(
             detections=tuple(detections),
             keywords=tuple(compiled),
             audio_seconds=audio_seconds,
             processing_seconds=elapsed,
+            levels=scored.levels if scored is not None else (),
             best_score=best_score,
             best_match=best_match,
         )
@@ -172,17 +174,21 @@ class DetectionService:
 
     def _best_match(
         self, wav: bytes, keywords: Sequence[CompiledKeyword]
-    ) -> tuple[tuple[Detection, ...], float]:
+    ) -> tuple[RecordingResult | None, float]:
         """The best-scoring keyword's strongest match as the only detection (none when no keyword
         scores above the floor), and its score."""
         scores = self._keyword_scores(wav, keywords)
         text, score = max(scores.items(), key=lambda item: item[1], default=("", 0.0))
         if score <= 0.0:
-            return (), 0.0
+            return None, 0.0
         keyword = next(k for k in keywords if k.text == text)
-        found = self._score(wav, [replace(keyword, threshold=score)], self._settings()).detections
-        best = best_detection(found)
-        return ((best,), best.confidence) if best is not None else ((), score)
+        found = self._score(wav, [replace(keyword, threshold=score)], self._settings())
+        best = best_detection(found.detections)
+        if best is None:
+            return None, score
+        index = found.detections.index(best)
+        level = found.levels[index] if index < len(found.levels) else None
+        return replace(found, detections=(best,), levels=(level,)), best.confidence
 
     def typical_latency_ms(self) -> float | None:
         """Median processing time of the recent requests, or None before the first one."""

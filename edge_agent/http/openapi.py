@@ -305,6 +305,14 @@ def _schemas() -> dict[str, Any]:
             "confidence": {"type": "number", "minimum": 0, "maximum": 1},
             "start": {"type": "number", "description": "Seconds from the start of the file."},
             "end": {"type": "number", "description": "Seconds from the start of the file."},
+            "level_dbfs": {
+                **nullable_number,
+                "description": "RMS level of the keyword's audio, dBFS (null when unknown).",
+            },
+            "snr_db": {
+                **nullable_number,
+                "description": "The keyword's level over the background before it (a low percentile), dB.",
+            },
         },
     }
     return {

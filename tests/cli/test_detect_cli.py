@@ -44,7 +44,8 @@ def test_detect_prints_one_json_line_per_file_and_fails_only_for_the_bad_one(
     assert lines[0]["detected"] is True
     (detection,) = lines[0]["detections"]
     assert detection["keyword"] == WAKE
-    assert set(detection) == {"keyword", "confidence", "start", "end"}
+    assert set(detection) == {"keyword", "confidence", "start", "end", "level_dbfs", "snr_db"}
+    assert -60.0 < detection["level_dbfs"] < 0.0 and detection["snr_db"] > 0.0
     assert 0.05 <= detection["confidence"] <= 1 and detection["start"] < detection["end"]
     assert "error" in lines[1] and "broken.wav" in lines[1]["error"]
     assert lines[2] == {"file": str(negative), "detected": False, "detections": []}

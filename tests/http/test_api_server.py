@@ -76,9 +76,16 @@ def test_detect_finds_the_wake_word_in_the_model_example(client: Client, example
     assert 0 <= start < end <= result["duration_s"]
     assert result["success"] is True and WAKE in result["message"]
     assert datetime.fromisoformat(result["timestamp"]).tzinfo is not None
-    assert result["detections"] == [
-        {"keyword": WAKE, "confidence": result["confidence"], "start": start, "end": end}
-    ]
+    (detection,) = result["detections"]
+    level = {"level_dbfs": detection["level_dbfs"], "snr_db": detection["snr_db"]}
+    assert detection == {
+        "keyword": WAKE,
+        "confidence": result["confidence"],
+        "start": start,
+        "end": end,
+        **level,
+    }
+    assert -40.0 < level["level_dbfs"] < -10.0 and level["snr_db"] > 10.0  # a clean, close recording
     assert result["processing_time_ms"] > 0
     assert abs(result["duration_s"] - 4.529) < 0.01
 
