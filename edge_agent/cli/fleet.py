@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from edge_agent.cli import rollout as rollout_cli
 from edge_agent.cli.common import fail
 from edge_agent.config import COMMAND_NAMES
 from edge_agent.fleet.monitor import (
@@ -88,6 +89,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     cmd.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print answers as JSON")
     _connection_options(cmd, suppress=True)
     cmd.set_defaults(handler=run_command)
+    rollout_cli.register(actions, _connection_options)
 
 
 def _connection_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
