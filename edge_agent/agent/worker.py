@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from edge_agent.agent.errors import ErrorReporter
+from edge_agent.agent.false_alarms import FalseAlarmWindow
 from edge_agent.agent.items import (
     AudioChunk,
     AudioItem,
@@ -186,6 +187,7 @@ class EngineWorker:
         self._no_wait_until = 0.0
         self._jobs: deque[_Job] = deque()  # recordings being scored, in turn
         self.stats = WorkerStats()
+        self.false_alarms = FalseAlarmWindow()  # detections and near misses, for health
         self.alive = False
         self.last_error: str | None = None
 
@@ -491,11 +493,11 @@ class EngineWorker:
                 self._found(stream, stream.finish(), found)
         self._emit(found)
 
-    @staticmethod
     def _found(
-        stream: StreamState, detections: list[Detection], found: list[Detected | StreamClosed]
+        self, stream: StreamState, detections: list[Detection], found: list[Detected | StreamClosed]
     ) -> None:
         stream.counters.detections += len(detections)
+        self.false_alarms.note(len(detections), stream.detector.take_near_misses())
         for detection in detections:
             found.append(Detected(stream.id, stream.kind, detection, stream.wall_time(detection.end)))
 
