@@ -92,7 +92,7 @@ class SimDevice:
     """One simulated agent: its connection, its configuration and its counters."""
 
     def __init__(
-        self, device_id: str, group: str | None, args: argparse.Namespace, rate_per_hour: float, phase: float
+        self, device_id: str, groups: list[str], args: argparse.Namespace, rate_per_hour: float, phase: float
     ) -> None:
         self.id = device_id
         self.prefix = args.prefix
@@ -101,7 +101,7 @@ class SimDevice:
         self.started_monotonic = time.monotonic()
         self.base_rate = rate_per_hour
         self.config: dict[str, Any] = {
-            "device": {"id": device_id, "groups": [group] if group else []},
+            "device": {"id": device_id, "groups": groups},
             "keywords": [{"text": KEYWORD, "threshold": DEFAULT_THRESHOLD}],
             "engine": {"muted": False},
             "health": {"interval": args.health_interval},
@@ -115,7 +115,7 @@ class SimDevice:
         self.seq = 0
         self.commands = 0
         self.client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"edge-agent-{device_id}", protocol=paho.MQTTv5
+            CallbackAPIVersion.VERSION2, client_id=f"edge_agent-{device_id}", protocol=paho.MQTTv5
         )
         self.client.will_set(self.topic(Availability.TOPIC), Availability.OFFLINE, qos=1, retain=True)
         self.client.on_connect = self._on_connect
@@ -282,12 +282,15 @@ class Fleet:
         self.devices: list[SimDevice] = []
         self.stopping = False
         for index in range(args.devices):
-            group = f"{args.group}-{index // args.group_size:03d}" if args.group_size else args.group
+            # With --group-size: a room of its own first (the fleet view compares rates within
+            # it), then the whole fleet's group (what a rollout targets).
+            groups = [f"{args.group}-{index // args.group_size:03d}"] if args.group_size else []
+            groups.append(args.group)
             rate = args.rate * (
                 OUTLIER_FACTOR if args.outlier_every and index % args.outlier_every == 0 else 1
             )
             phase = (index * 0.618034) % 1.0  # spread over the interval, the same on every run
-            self.devices.append(SimDevice(f"{args.device_prefix}{index:04d}", group, args, rate, phase))
+            self.devices.append(SimDevice(f"{args.device_prefix}{index:04d}", groups, args, rate, phase))
 
     def connect(self, host: str, port: int) -> None:
         properties = Properties(PacketTypes.CONNECT)
@@ -338,8 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", default="edge_agent")
     parser.add_argument("--devices", type=int, default=50)
     parser.add_argument("--device-prefix", default="sim-")
-    parser.add_argument("--group", default="sim", help="the devices' group (the prefix with --group-size)")
-    parser.add_argument("--group-size", type=int, default=0, help="devices per group (0: one group)")
+    parser.add_argument("--group", default="sim", help="the group of every device")
+    parser.add_argument(
+        "--group-size", type=int, default=0, help="devices per room group {group}-NNN listed first (0: none)"
+    )
     parser.add_argument(
         "--rate", type=float, default=2.0, help="detections per hour at the default threshold"
     )
