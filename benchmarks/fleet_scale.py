@@ -43,6 +43,7 @@ GROUP = "fleet"
 ROOM_SIZE = 100
 OUTLIER_EVERY = 97
 RATE_PER_HOUR = 60.0
+SNAPSHOT_WAIT_S = 10.0
 
 
 def measured(argv: list[str], timeout: float, interrupt_after: float | None = None) -> dict[str, Any]:
@@ -157,14 +158,18 @@ def main() -> None:
         sim_cpu, broker_cpu, since = sim_process.cpu_times(), broker_process.cpu_times(), time.monotonic()
 
         fleet = [sys.executable, "-m", "edge_agent", "fleet", "--broker", f"127.0.0.1:{broker.port}"]
-        snapshot = measured([*fleet, "--json", "--wait", "3"], timeout=120)
+        # --wait long enough for 3 retained messages per device to arrive on a busy machine.
+        snapshot = measured([*fleet, "--json", "--wait", str(SNAPSHOT_WAIT_S)], timeout=120)
         document = json.loads(snapshot.pop("stdout"))
         snapshot.pop("stderr")
         flagged = {d["device"] for d in document["devices"] if "det-rate-high" in d["flags"]}
         outliers = {f"sim-{index:04d}" for index in range(0, args.devices, OUTLIER_EVERY)}
         snapshot.update(
+            wait_s=SNAPSHOT_WAIT_S,
             devices=len(document["devices"]),
             online=document["summary"]["online"],
+            with_info=sum(d["version"] is not None for d in document["devices"]),
+            with_health=sum(d["health_time"] is not None for d in document["devices"]),
             outliers_simulated=len(outliers),
             outliers_flagged=len(flagged & outliers),
             # Young devices' rates are rough (a detection in the first minute is 60 an hour).

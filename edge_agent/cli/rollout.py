@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edge_agent.cli.common import fail
-from edge_agent.fleet.monitor import OFFLINE, FleetView, Target, lenient_parse
+from edge_agent.fleet.monitor import OFFLINE, ONLINE, FleetView, Target, lenient_parse
 from edge_agent.fleet.rollout import (
     DEFAULT_MAX_RATE_RATIO,
     DEFAULT_SIGNIFICANCE,
@@ -47,6 +47,9 @@ from edge_agent.mqtt.messages import CommandResult, CommandTopic, ErrorReport, P
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 JUDGE_EVERY_S = 1.0  # how often the watch re-judges the canary (a failure stops it early)
+# After --wait, how much longer to collect the retained state while online devices still lack
+# their info or health (a large fleet's retained messages take a while to arrive).
+SETTLE_LIMIT_S = 60.0
 
 
 def register(
@@ -180,6 +183,21 @@ class RolloutSession:
         while round_.waiting and time.monotonic() < deadline:
             self.pump(min(0.2, max(0.0, deadline - time.monotonic())))
 
+    def settle(self, wait: float) -> None:
+        """Collect the retained state: ``wait`` seconds, then on while an online device has no
+        info or health yet (at most :data:`SETTLE_LIMIT_S` more): a device whose info has not
+        arrived would be missing from its group."""
+        self.pump(wait)
+        deadline = time.monotonic() + SETTLE_LIMIT_S
+        while time.monotonic() < deadline and self._incomplete():
+            self.pump(0.2)
+
+    def _incomplete(self) -> bool:
+        return any(
+            row.status == ONLINE and (row.started is None or row.health_time is None)
+            for row in self.view.rows()
+        )
+
     def marks(self, devices: Iterable[str]) -> dict[str, HealthMark]:
         marks = {}
         for name in devices:
@@ -218,7 +236,7 @@ def run_rollout(args: argparse.Namespace) -> int:
         print(text, file=sys.stderr, flush=True)
 
     try:
-        session.pump(args.wait)
+        session.settle(args.wait)
         members = sorted(session.view.expected(target))
         if not members:
             fail(f"no online device in group {args.group!r} under {args.prefix}/")

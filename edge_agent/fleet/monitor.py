@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from typing import Any, Literal, TypeVar
 
+from edge_agent.fleet.rollout import poisson_tail
 from edge_agent.mqtt.messages import (
     Availability,
     CommandResult,
@@ -45,11 +46,12 @@ DEFAULT_INTERVAL_S = 60.0  # health.interval's default, for a report that does n
 
 ONLINE, OFFLINE, UNKNOWN = "online", "offline", "unknown"
 
-# A device's detections per hour are flagged when they are this many times its group's median
-# (or that share of it), and differ from it by at least RATE_OUTLIER_MIN_DIFFERENCE per hour:
-# a few detections an hour more than a quiet group is noise, not a false-alarm problem.
+# A device's detections per hour are flagged when they are more than this many times its
+# group's median (or less than that share of it) beyond chance: its count over the hour (or
+# the part of it the device has run) is a Poisson test at RATE_OUTLIER_SIGNIFICANCE. A few
+# detections more than a quiet group, or a young device's first one, are noise.
 RATE_OUTLIER_FACTOR = 3.0
-RATE_OUTLIER_MIN_DIFFERENCE = 5.0
+RATE_OUTLIER_SIGNIFICANCE = 0.01
 RATE_OUTLIER_MIN_PEERS = 3  # devices with a rate in the group, itself included
 RATE_HIGH, RATE_LOW = "det-rate-high", "det-rate-low"
 
@@ -386,11 +388,17 @@ def flag_rate_outliers(rows: list[DeviceRow]) -> list[DeviceRow]:
             continue
         median = statistics.median(rates)
         flags = list(row.flags)
-        if abs(rate - median) >= RATE_OUTLIER_MIN_DIFFERENCE:
-            if rate > RATE_OUTLIER_FACTOR * median:
-                flags.append(RATE_HIGH)
-            elif rate * RATE_OUTLIER_FACTOR < median:
-                flags.append(RATE_LOW)
+        # The hour the rate covers: the device's uptime up to an hour (a minute at least).
+        hours = min(3600.0, max(60.0, row.uptime_s or 0.0)) / 3600.0
+        count = round(rate * hours)
+        # The group's count over as long, one more (so that a silent group does not make one
+        # detection damning), times the factor.
+        high = RATE_OUTLIER_FACTOR * (median * hours + 1)
+        low = median * hours / RATE_OUTLIER_FACTOR
+        if poisson_tail(count, high) < RATE_OUTLIER_SIGNIFICANCE:
+            flags.append(RATE_HIGH)
+        elif 1.0 - poisson_tail(count + 1, low) < RATE_OUTLIER_SIGNIFICANCE:
+            flags.append(RATE_LOW)
         flagged.append(replace(row, flags=flags, group_detections_per_hour=round(median, 1)))
     return flagged
 

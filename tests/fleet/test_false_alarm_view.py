@@ -5,13 +5,14 @@ from __future__ import annotations
 from edge_agent.fleet.monitor import (
     RATE_HIGH,
     RATE_LOW,
-    RATE_OUTLIER_MIN_DIFFERENCE,
     format_table,
 )
 from tests.fleet.test_monitor import NOW, feed, fleet, health, info
 
 
-def view_with(rates: dict[str, float | None], groups: dict[str, list[str]] | None = None):  # type: ignore[no-untyped-def]
+def view_with(  # type: ignore[no-untyped-def]
+    rates: dict[str, float | None], groups: dict[str, list[str]] | None = None, uptime_s: float = 3600.0
+):
     view = fleet()
     for name, rate in rates.items():
         extra = {} if rate is None else {"detections_per_hour": rate, "near_miss": {"小云小云": 0.031}}
@@ -19,7 +20,7 @@ def view_with(rates: dict[str, float | None], groups: dict[str, list[str]] | Non
             view,
             name,
             info=info(name, groups=(groups or {}).get(name, ["hall"])),
-            health=health(name, at=NOW - 5, **extra),
+            health=health(name, at=NOW - 5, uptime_s=uptime_s, **extra),
         )
     return view
 
@@ -40,13 +41,19 @@ def test_rates_and_near_misses_reach_the_row_and_the_table() -> None:
 
 
 def test_a_device_far_above_its_group_is_flagged_high_and_one_far_below_low() -> None:
-    view = view_with({"a": 10.0, "b": 12.0, "c": 11.0, "loud": 90.0, "deaf": 0.0})
+    view = view_with({"a": 30.0, "b": 32.0, "c": 31.0, "loud": 200.0, "deaf": 0.0})
     assert flags(view) == {"a": [], "b": [], "c": [], "loud": [RATE_HIGH], "deaf": [RATE_LOW]}
+    # Over a group of ten an hour, silence for an hour is still within chance (e^-3.3).
+    assert flags(view_with({"a": 10.0, "b": 12.0, "c": 11.0, "deaf": 0.0}))["deaf"] == []
 
 
 def test_small_differences_and_small_groups_are_not_flagged() -> None:
-    quiet = {"a": 0.0, "b": 0.0, "c": 1.0, "d": RATE_OUTLIER_MIN_DIFFERENCE - 1}
+    quiet = {"a": 0.0, "b": 0.0, "c": 1.0, "d": 4.0}
     assert all(not f for f in flags(view_with(quiet)).values())  # a few an hour over a quiet group
+    # Young devices: one detection in their first minute is 60 an hour, and means nothing yet.
+    young = {"a": 0.0, "b": 0.0, "c": 0.0, "d": 60.0, "e": 120.0}
+    assert all(not f for f in flags(view_with(young, uptime_s=30.0)).values())
+    assert flags(view_with(young))["e"] == [RATE_HIGH]  # the same rates over a whole hour
     assert all(not f for f in flags(view_with({"a": 1.0, "loud": 90.0})).values())  # two devices
     # Groups are compared apart: a busy group does not make the other's devices outliers.
     groups = {"k1": ["kitchen"], "k2": ["kitchen"], "k3": ["kitchen"]}
