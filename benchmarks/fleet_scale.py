@@ -43,7 +43,7 @@ GROUP = "fleet"
 ROOM_SIZE = 100
 OUTLIER_EVERY = 97
 RATE_PER_HOUR = 60.0
-SNAPSHOT_WAIT_S = 10.0
+SNAPSHOT_WAIT_S = 5.0
 
 
 def measured(argv: list[str], timeout: float, interrupt_after: float | None = None) -> dict[str, Any]:

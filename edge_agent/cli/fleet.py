@@ -227,7 +227,10 @@ def _connect(args: argparse.Namespace, filters: list[str]) -> MqttClient:
     )
     try:
         client.connect(CONNECT_TIMEOUT_S)
-        refused = client.subscribe(*filters, timeout=CONNECT_TIMEOUT_S)
+        # QoS 0: the broker queues QoS 1 messages per client up to a bound (mosquitto's
+        # max_queued_messages, 1000) and drops the rest, which would lose the retained state of
+        # a fleet larger than that; this client keeps no session, so QoS 1 would buy nothing.
+        refused = client.subscribe(*filters, qos=0, timeout=CONNECT_TIMEOUT_S)
     except MqttClientError as error:
         client.close()
         fail(str(error))
