@@ -97,8 +97,11 @@ class SimDevice:
         self.id = device_id
         self.prefix = args.prefix
         self.boot_id = uuid.uuid4().hex[:12]
-        self.started = time.time()
-        self.started_monotonic = time.monotonic()
+        # --aged: as if the device had run for an hour already, at its rate, so that its
+        # detections per hour are settled from the start (the fleet view's flags need that).
+        age = HOUR_S if args.aged else 0.0
+        self.started = time.time() - age
+        self.started_monotonic = time.monotonic() - age
         self.base_rate = rate_per_hour
         self.config: dict[str, Any] = {
             "device": {"id": device_id, "groups": groups},
@@ -108,6 +111,11 @@ class SimDevice:
         }
         self.detections = 0
         self.recent: deque[float] = deque()  # monotonic times of the last hour's detections
+        if args.aged:
+            count = int(rate_per_hour)
+            now = time.monotonic()
+            self.recent.extend(now - HOUR_S + (i + 0.5) * HOUR_S / count for i in range(count))
+            self.detections = count
         self.credit = phase  # fraction of a detection accumulated (phases spread the devices)
         self.last_tick = time.monotonic()
         self.next_health = self.last_tick + phase * args.health_interval
@@ -219,7 +227,7 @@ class SimDevice:
         now = time.monotonic()
         while self.recent and self.recent[0] < now - HOUR_S:
             self.recent.popleft()
-        window = min(HOUR_S, max(self.uptime, 1.0))
+        window = min(HOUR_S, max(self.uptime, 60.0))  # as the agent: a minute at least
         lowest = min(k["threshold"] for k in self.config["keywords"])
         health = HealthReport(
             device=self.id,
@@ -351,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outlier-every", type=int, default=0, help="every K-th device detects 10x as often")
     parser.add_argument("--health-interval", type=float, default=10.0, help="seconds between health reports")
     parser.add_argument("--detection-events", action="store_true", help="publish every detection too")
+    parser.add_argument("--aged", action="store_true", help="start as if every device had run for an hour")
     args = parser.parse_args(argv)
     host, _, port = args.broker.rpartition(":")
     fleet = Fleet(args)
