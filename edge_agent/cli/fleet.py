@@ -55,7 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "fleet",
         help="show every agent under a topic prefix, or send them a command",
         usage="%(prog)s [options] [--json] [--watch]\n"
-        "       %(prog)s cmd TARGET NAME [KEY=VALUE ...] [--args JSON] [--timeout S] [--json] [options]",
+        "       %(prog)s cmd TARGET NAME [KEY=VALUE ...] [--args JSON] [--timeout S] [--json] [options]\n"
+        "       %(prog)s rollout --group G --set KEY=VALUE [--canary N%%] [--watch DURATION] [options]",
         description="Show every device seen under the topic prefix: online/offline (the last will "
         "marks crashed devices offline), last seen, version, model, keywords, CPU, memory, "
         "temperature, RTF, detections, outbox depth, reconnects; devices whose health is overdue "

@@ -59,6 +59,8 @@ def register(
     parser = actions.add_parser(
         "rollout",
         help="apply a set_config change to a canary part of a group, watch it, then continue or roll back",
+        usage="edge-agent fleet rollout --group G --set KEY=VALUE [--set ...] [--canary N%%] "
+        "[--watch DURATION] [--json] [options]",
         description="Stage a set_config change: snapshot the group's current values (get_config), "
         "apply the change to a canary fraction, compare the canary's health, detections per hour "
         "and errors with the rest's for --watch, then apply it to the rest or give the canary its "
@@ -297,9 +299,15 @@ def run_rollout(args: argparse.Namespace) -> int:
         say("interrupted: waiting for the answers already due, then restoring every changed device")
         report["outcome"] = "interrupted"
         try:
-            for round_ in session.rounds:
+            # Each device's state follows the last set_config sent to it: settle newest first.
+            settled: set[str] = set()
+            for round_ in reversed(session.rounds):
+                if round_.name != "set_config":
+                    continue
+                devices = set(round_.correlation.values()) - settled
                 session.wait(round_)
-                _settle(ledger, round_)
+                _settle(ledger, round_, devices)
+                settled |= devices
             _restore(session, ledger, previous)
         except KeyboardInterrupt:
             say("interrupted again: restoring stopped; states as known now")
@@ -325,11 +333,12 @@ def _apply(
     return _settle(ledger, round_)
 
 
-def _settle(ledger: Ledger, round_: Any) -> dict[str, str]:
-    """Devices' states from a round's answers; returns the devices that failed, and why."""
+def _settle(ledger: Ledger, round_: _Round, devices: set[str] | None = None) -> dict[str, str]:
+    """Devices' states from a round's answers (for ``devices`` of it, default all); returns the
+    devices that failed, and why."""
     failures: dict[str, str] = {}
     restoring = ledger.with_state(DeviceState.RESTORING)
-    for name in set(round_.correlation.values()):
+    for name in set(round_.correlation.values()) if devices is None else devices:
         state = ledger.states.get(name)
         if state not in (DeviceState.CHANGING, DeviceState.RESTORING):
             continue
