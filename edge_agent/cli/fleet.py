@@ -71,6 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     actions = parser.add_subparsers(dest="action", metavar="ACTION")
     cmd = actions.add_parser(
         "cmd",
+        # Its own prog: argparse would build it from the parent's two-line usage.
+        prog=f"{parser.prog} cmd",
         help="send a command to a device, a group or all devices and print the answers",
         description="Send a command (MQTT 5 correlation data, and for one device a response topic) "
         "and print each device's answer as it arrives. KEY=VALUE values are JSON when they parse "

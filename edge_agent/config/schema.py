@@ -371,6 +371,65 @@ class HermesConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class WyomingConfig:
+    enabled: bool = option(
+        False,
+        doc="Serve Home Assistant's Wyoming protocol: a wake-word service for Assist pipelines "
+        "(docs/wyoming.md). Needs the `wyoming` extra.",
+    )
+    host: str = option("0.0.0.0", doc="Address to listen on (no authentication, like every Wyoming service).")
+    port: int = option(
+        10400,
+        doc="TCP port (10400 is the Wyoming wake-word services' usual one; 0: any free port, logged).",
+        minimum=0,
+        maximum=65535,
+    )
+    name: str = option(
+        "edge-agent",
+        doc="Name of the wake-word program in `describe`; Home Assistant names its entity after it.",
+    )
+    zeroconf: bool = option(
+        True, doc="Advertise the service as _wyoming._tcp over mDNS, for Home Assistant's discovery."
+    )
+    zeroconf_name: str | None = option(
+        None, doc="The mDNS instance name. Default: the device id.", pattern=ID_PATTERN
+    )
+    advertise_host: str | None = option(
+        None,
+        doc="IPv4 address announced over mDNS, and the only interface mDNS uses. Default: the host's "
+        "non-loopback addresses (all interfaces).",
+    )
+    max_connections: int = option(
+        256,
+        doc="Most open client connections; one more gets an error event and is closed. Streaming "
+        "clients are also limited by audio.mqtt.max_streams.",
+        minimum=1,
+        maximum=65536,
+    )
+    batch_ms: int = option(
+        100,
+        doc="Every client's audio goes to the engine together, every this many ms: one batched "
+        "engine step for all clients instead of one per chunk, for up to this much delay "
+        "(0: each chunk as it arrives).",
+        minimum=0,
+        maximum=500,
+    )
+    max_event_bytes: int = option(
+        1_048_576,
+        doc="Largest event data or payload accepted from a client (bytes); a larger one gets an "
+        "error event and the connection is closed.",
+        minimum=4096,
+        maximum=256_000_000,
+    )
+    idle_timeout: float = option(
+        60.0,
+        doc="A connection that sends nothing for this long (s) is closed.",
+        minimum=1.0,
+        maximum=86400,
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
 class PoolConfig:
     enabled: bool = option(
         False, doc="Server mode: share streams with other agents of the same pool (docs/scale-out.md)."
@@ -380,6 +439,16 @@ class PoolConfig:
     )
 
 
+# Pages served from this machine may call the API by default; any other site needs a setting.
+DEFAULT_CORS_ORIGINS = ("http://localhost:*", "http://127.0.0.1:*", "http://[::1]:*")
+# Loopback names only: another name in the Host header is how a DNS-rebinding page gets in.
+DEFAULT_ALLOWED_HOSTS = ("localhost", ".localhost")
+ORIGIN_PATTERN = re.compile(r"^(\*|null|https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:([0-9]{1,5}|\*))?)$")
+HOST_NAME_PATTERN = re.compile(r"^(\*|\.?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*)$")
+# List keys that also take one comma-separated string (a command-line or environment value).
+COMMA_SEPARATED_KEYS = ("http.cors_origins", "http.allowed_hosts")
+
+
 @dataclass(frozen=True, kw_only=True)
 class HttpConfig:
     enabled: bool = option(False, doc="Serve the local HTTP API, /ui test page and /metrics.")
@@ -387,6 +456,23 @@ class HttpConfig:
     port: int = option(8080, doc="TCP port.", minimum=1, maximum=65535)
     max_upload_mb: float = option(
         20.0, doc="Largest WAV accepted by POST /detect (MB); larger gets 413.", minimum=0.1, maximum=1024
+    )
+    cors_origins: tuple[str, ...] = option(
+        DEFAULT_CORS_ORIGINS,
+        doc="Origins whose web pages may call the API (CORS), e.g. http://localhost:3000; a port of * "
+        "matches any port; * alone allows every origin (a page opened from a file has origin null).",
+        pattern=ORIGIN_PATTERN,
+    )
+    allowed_hosts: tuple[str, ...] = option(
+        DEFAULT_ALLOWED_HOSTS,
+        doc="Host names a request may address (against DNS rebinding); IP addresses are always "
+        "accepted; a leading dot matches subdomains; * accepts any name.",
+        pattern=HOST_NAME_PATTERN,
+    )
+    show_paths: bool = option(
+        False,
+        doc="Show file paths in answers: the model's directory in /info, paths in health errors "
+        "(the API has no authentication; the log always has them).",
     )
 
 
@@ -417,6 +503,9 @@ class AgentConfig:
     hermes: HermesConfig = option(factory=HermesConfig, doc="Rhasspy Hermes compatibility.")
     pool: PoolConfig = option(
         factory=PoolConfig, doc="Scale-out: several agents sharing streams through the broker."
+    )
+    wyoming: WyomingConfig = option(
+        factory=WyomingConfig, doc="Wyoming wake-word service for Home Assistant Assist."
     )
     logging: LoggingConfig = option(factory=LoggingConfig, doc="Logs.")
 

@@ -358,7 +358,9 @@ def accept_many(
         # One stream: its frames are evenly spaced and need no gather.
         windows = fbank.windows(signal)
     else:
-        frame_counts = np.array(counts, dtype=np.int64)
+        # np.repeat's counts must cast safely to intp: int64 counts fail where intp is 32-bit
+        # (armv7), so counts are intp; the positions stay int64.
+        frame_counts = np.array(counts, dtype=np.intp)
         total = int(frame_counts.sum())
         # Start of every frame in the concatenated signal: stream offset + k * shift.
         first_frame = np.cumsum(frame_counts) - frame_counts
@@ -415,7 +417,7 @@ def _splice_many(
     emitted_total = sum(emitted)
     if emitted_total == 0:
         return [np.zeros((0, FEATURE_DIM), dtype=np.float32) for _ in streams]
-    counts_array = np.array(emitted, dtype=np.int64)
+    counts_array = np.array(emitted, dtype=np.intp)  # repeat counts: intp (see accept_many)
     firsts = np.cumsum(counts_array) - counts_array
     within = np.arange(emitted_total) - np.repeat(firsts, counts_array)
     centers = np.repeat(np.array(first_centers, dtype=np.int64), counts_array) + DECIMATION * within

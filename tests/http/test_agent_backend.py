@@ -106,7 +106,8 @@ def test_agent_backend_reports_the_live_agent(
         assert values[("edge_agent_ready", ())] == 1
 
         info = client.get("/info").json()
-        assert info["device"] == "http1" and info["keywords"][0]["text"] == WAKE
+        assert info["device"] == "http1" and info["keywords"] == [WAKE]
+        assert info["keyword_settings"][0]["text"] == WAKE and "directory" not in info["model"]
         assert (
             info["model"]["id"] == "damo/speech_charctc_kws_phone-xiaoyun"
             and info["model"]["backend"] == "numpy"

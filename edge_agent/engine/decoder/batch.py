@@ -55,7 +55,8 @@ def _stack_spans(
     start, continue nor penalise a match)."""
     ends = stops if stops is not None else [None] * len(decoders)
     spans = [d.history.rows(first, stop) for d, first, stop in zip(decoders, first_frames, ends, strict=True)]
-    lengths = np.fromiter((values.shape[0] for values, _ in spans), np.int64, len(spans))
+    # intp: np.repeat's counts must cast safely to it, and it is 32-bit on armv7.
+    lengths = np.fromiter((values.shape[0] for values, _ in spans), np.intp, len(spans))
     longest = int(lengths.max())
     streams = len(spans)
     frames = np.asarray(first_frames, dtype=np.int64)[:, None] + np.arange(longest)
