@@ -497,7 +497,8 @@ class EngineWorker:
         self, stream: StreamState, detections: list[Detection], found: list[Detected | StreamClosed]
     ) -> None:
         stream.counters.detections += len(detections)
-        self.false_alarms.note(len(detections), stream.detector.take_near_misses())
+        near = stream.detector.take_near_misses() if self._settings.near_misses else {}
+        self.false_alarms.note(len(detections), near)
         for detection in detections:
             found.append(Detected(stream.id, stream.kind, detection, stream.wall_time(detection.end)))
 
@@ -507,6 +508,9 @@ class EngineWorker:
         if settings.keywords != old.keywords or settings.decoder != old.decoder:
             for stream in self._stream_list():
                 stream.detector.set_keywords(list(settings.keywords), settings.decoder)
+        if old.near_misses and not settings.near_misses:
+            for stream in self._stream_list():
+                stream.detector.stop_near_misses()
         if old.muted and not settings.muted:
             # Audio was skipped while muted: every stream starts afresh.
             for stream in self._stream_list():

@@ -141,6 +141,11 @@ class KeywordDetector:
         found, self._near_misses = self._near_misses, {}
         return found
 
+    def stop_near_misses(self) -> None:
+        """End the near-miss pass (a later :meth:`take_near_misses` starts it afresh)."""
+        self._near_decoder = None
+        self._near_misses = {}
+
     def _near_miss_decoder(self) -> KeywordDecoder:
         lowered = [
             dataclasses.replace(k, threshold=k.threshold * NEAR_MISS_SHARE) for k in self._decoder.keywords

@@ -83,3 +83,22 @@ def test_health_carries_detections_per_hour_and_near_misses(
     health = HealthReport.from_payload(client.wait_for(f"{PREFIX}/health", telemetry_in)[-1].payload)
     assert 0.95 * NEAR_MISS_SHARE <= health.near_miss["小云小云"] < 0.95
     assert health.detections_per_hour == pytest.approx(60.0)  # one in its first minute: 60 an hour
+
+
+def test_near_misses_can_be_switched_off_live(numpy_model, dev_audio: Path) -> None:  # type: ignore[no-untyped-def]
+    from edge_agent.agent.live_config import engine_settings
+    from edge_agent.config import load_config, merge_update
+
+    config = merge_update(load_config(None), {"engine": {"near_misses": False}})
+    assert engine_settings(config, []).near_misses is False
+    assert engine_settings(load_config(None), []).near_misses is True  # on by default
+
+    samples = to_mono_16k(read_wav(sorted(dev_audio.glob("pos/*.wav"))[1]))  # scores 0.934
+    detector = numpy_model.detector([KeywordSpec("小云小云", threshold=0.99)])
+    detector.take_near_misses()
+    streamed(detector, samples[: samples.shape[0] // 2])
+    detector.stop_near_misses()  # what the worker does when engine.near_misses turns off
+    streamed(detector, samples)
+    assert detector.take_near_misses() == {}  # this call starts the pass again, from now on
+    streamed(detector, samples)
+    assert "小云小云" in detector.take_near_misses()
