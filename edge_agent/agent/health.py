@@ -113,6 +113,8 @@ class HealthReporter:
                 "last_error": worker.last_error,
                 "streams_open": len(worker.stream_ids()),
             },
+            detections_per_hour=worker.false_alarms.detections_per_hour(),
+            near_miss=worker.false_alarms.near_misses(),
         )
 
     def streams(self) -> dict[str, dict[str, object]]:

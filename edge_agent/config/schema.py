@@ -159,6 +159,12 @@ class EngineConfig:
         minimum=0.03,
         maximum=2.0,
     )
+    near_misses: bool = option(
+        True,
+        doc="Track each keyword's near misses (the best score of the last hour that came within a "
+        "quarter of the threshold) for health and `edge-agent fleet`: a second, lower-threshold "
+        "decoding pass; hubs with many streams may turn it off to save engine time.",
+    )
     pause: float = option(
         DEFAULT_PAUSE_SECONDS,
         doc="Longest pause (s) between two characters of one spoken keyword: a weak detection stops "

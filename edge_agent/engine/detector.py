@@ -8,12 +8,19 @@ remainder, network memory and decoder state, and nothing global.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edge_agent.engine.decoder import CompiledKeyword, DecoderSettings, Detection, process_many
+from edge_agent.engine.decoder import (
+    CompiledKeyword,
+    DecoderSettings,
+    Detection,
+    KeywordDecoder,
+    process_many,
+)
 from edge_agent.engine.features import (
     DECIMATION,
     FRAME_SHIFT_SAMPLES,
@@ -30,6 +37,9 @@ if TYPE_CHECKING:
 # Largest piece of audio run through the network at once (8 s): long enough that the per-call
 # costs vanish, short enough that a block's working arrays stay in the CPU's caches.
 _BLOCK_SAMPLES = 8 * SAMPLE_RATE_HZ
+# Near misses (telemetry) are matches that reach this share of a keyword's threshold but not
+# the threshold itself.
+NEAR_MISS_SHARE = 0.25
 
 
 class KeywordDetector:
@@ -47,6 +57,10 @@ class KeywordDetector:
         self._hidden = _HiddenRows(model.network.output.input_dim)
         self._deferred = np.zeros(0, dtype=np.float32)
         self._defer_limit = deferrable_samples(keywords)
+        # Near-miss telemetry: a second decoder at lower thresholds, made on the first
+        # take_near_misses() call. The detections never depend on it.
+        self._near_decoder: KeywordDecoder | None = None
+        self._near_misses: dict[str, float] = {}
 
     @property
     def keywords(self) -> list[CompiledKeyword]:
@@ -102,6 +116,8 @@ class KeywordDetector:
         hidden = self._model.network.hidden(self._network_state, features, final=True)
         (found,) = _decode([self], [hidden])
         detections += found + self._decoder.finish()
+        if self._near_decoder is not None:
+            self._note_near_misses(self._near_decoder.finish())
         self.reset()
         return detections
 
@@ -110,6 +126,8 @@ class KeywordDetector:
         self._features.reset()
         self._network_state = self._model.network.new_state()
         self._decoder.reset()
+        if self._near_decoder is not None:
+            self._near_decoder.reset()
         self._hidden = _HiddenRows(self._model.network.output.input_dim)
         self._samples_seen = 0
         self._deferred = self._deferred[:0]
@@ -126,6 +144,39 @@ class KeywordDetector:
         # decoder stands, a little earlier in the stream than the last sample fed.
         self._decoder = self._model.decoder(keywords, self._settings, first_frame=self._decoder.frames_seen)
         self._defer_limit = deferrable_samples(keywords)
+        if self._near_decoder is not None:
+            self._near_decoder = self._near_miss_decoder()
+
+    def take_near_misses(self) -> dict[str, float]:
+        """Per keyword, the best confidence of a match that reached :data:`NEAR_MISS_SHARE` of its
+        threshold but not the threshold, since the last call; keywords without one are left out.
+
+        The first call starts the near-miss decoding (it costs a second decoding pass of the
+        frames where a match may reach the lower thresholds): only callers that read near
+        misses pay for them.
+        """
+        if self._near_decoder is None:
+            self._near_decoder = self._near_miss_decoder()
+        found, self._near_misses = self._near_misses, {}
+        return found
+
+    def stop_near_misses(self) -> None:
+        """End the near-miss pass (a later :meth:`take_near_misses` starts it afresh)."""
+        self._near_decoder = None
+        self._near_misses = {}
+
+    def _near_miss_decoder(self) -> KeywordDecoder:
+        lowered = [
+            dataclasses.replace(k, threshold=k.threshold * NEAR_MISS_SHARE) for k in self._decoder.keywords
+        ]
+        return self._model.decoder(lowered, self._settings, first_frame=self._decoder.frames_seen)
+
+    def _note_near_misses(self, matches: list[Detection]) -> None:
+        thresholds = {k.text: k.threshold for k in self._decoder.keywords}
+        for match in matches:
+            if match.confidence < thresholds.get(match.keyword, 0.0):
+                best = self._near_misses.get(match.keyword, 0.0)
+                self._near_misses[match.keyword] = max(best, match.confidence)
 
     def _defers(self, samples: np.ndarray) -> np.ndarray | None:
         """None if ``samples`` are set aside for the next call (see :func:`feed_many`), else the
@@ -223,18 +274,33 @@ def _decode(detectors: Sequence[KeywordDetector], hidden: Sequence[np.ndarray]) 
     edges = np.cumsum([0, *counts])
     per_stream = [bounds[edges[i] : edges[i + 1]] for i in range(len(counts))]
 
-    def resolve(frames: list[np.ndarray]) -> list[np.ndarray]:
-        asking = [i for i, f in enumerate(frames) if f.size]
-        wanted = [detectors[i]._hidden.rows(frames[i]) for i in asking]
-        exact = output.posteriors(np.concatenate(wanted) if len(wanted) > 1 else wanted[0], columns)
-        answers = [exact[:0]] * len(frames)
-        offset = 0
-        for i in asking:
-            answers[i] = exact[offset : offset + frames[i].size]
-            offset += frames[i].size
-        return answers
+    def resolver(owners: Sequence[KeywordDetector]) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
+        def resolve(frames: list[np.ndarray]) -> list[np.ndarray]:
+            asking = [i for i, f in enumerate(frames) if f.size]
+            wanted = [owners[i]._hidden.rows(frames[i]) for i in asking]
+            exact = output.posteriors(np.concatenate(wanted) if len(wanted) > 1 else wanted[0], columns)
+            answers = [exact[:0]] * len(frames)
+            offset = 0
+            for i in asking:
+                answers[i] = exact[offset : offset + frames[i].size]
+                offset += frames[i].size
+            return answers
 
-    return process_many([d._decoder for d in detectors], per_stream, resolve)
+        return resolve
+
+    found = process_many([d._decoder for d in detectors], per_stream, resolver(detectors))
+    near = [i for i, d in enumerate(detectors) if d._near_decoder is not None]
+    if near:
+        # The near-miss decoders read the same bounds and rows; their matches are only telemetry.
+        owners = [detectors[i] for i in near]
+        matches = process_many(
+            [d._near_decoder for d in owners],  # type: ignore[misc]
+            [per_stream[i] for i in near],
+            resolver(owners),
+        )
+        for owner, matched in zip(owners, matches, strict=True):
+            owner._note_near_misses(matched)
+    return found
 
 
 class _HiddenRows:

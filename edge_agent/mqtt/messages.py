@@ -296,6 +296,10 @@ class HealthReport(JsonMessage):
     muted: bool = False
     interval_s: float = 60.0
     worker: dict[str, Any] = field(default_factory=dict)
+    # False-alarm telemetry over the last hour (docs/fleet.md): detections per hour, and per
+    # keyword the best confidence of a match that stayed below its threshold (a near miss).
+    detections_per_hour: float | None = None
+    near_miss: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
