@@ -18,7 +18,15 @@
 6. ``benchmarks.stages``: one stream's engine time stage by stage (front-end with each FFT
    library installed, network body, output-layer bounds, everything), and one batched network
    step of 128 streams;
-7. the plot ``benchmarks/results/scaling.png`` (RTF and p95 delay against the number of streams).
+7. ``benchmarks.streaming``: one live stream's real-time factor in 20, 100 and 1000 ms chunks, and
+   openWakeWord 0.4.0's streaming loop on the same clip in the same run (when a Python with it is
+   found: ``--oww-python``, ``$EDGE_AGENT_OWW_PYTHON`` or ``~/.cache/edge-agent/oww-venv``, which
+   ``python -m benchmarks.streaming --make-oww-venv`` creates);
+8. ``benchmarks.wyoming``: 1, 8, 32 and 128 real-time Home Assistant-style Wyoming clients in
+   10 ms chunks: detection delay, ``describe`` under load, CPU and RSS; the same clients against
+   wyoming-openwakeword 1.8.2 when ``OPENWAKEWORD_PYTHON`` names the Python of a venv that has it
+   (``pip install wyoming-openwakeword==1.8.2 'numpy<2'``);
+8. the plot ``benchmarks/results/scaling.png`` (RTF and p95 delay against the number of streams).
 
 Every result file names the machine and its cores. ``--quick`` shortens the runs (for a smoke
 test, not for quoting). The soak test is separate: ``python -m benchmarks.soak``.
@@ -61,6 +69,8 @@ def main() -> None:
     )
     run("qos1_burst", "--repeat", "1" if quick else "7")
     run("stages", "--repeat", "1" if quick else "7")
+    run("streaming", "--repeat", "1" if quick else "5")
+    run("wyoming", *("--clients", "1,8" if quick else "1,8,32,128"), *("--seconds", "10" if quick else "30"))
     run("plot")
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_agent.audio.levels import EnergyHistory, KeywordLevel
 from edge_agent.audio.resample import Resampler
 from edge_agent.audio.wav import TARGET_SAMPLE_RATE_HZ, WavError, wav_blocks
 from edge_agent.engine.decoder import CompiledKeyword, DecoderSettings, Detection
@@ -47,10 +48,31 @@ class RecordingResult:
     detections: tuple[Detection, ...]
     audio_seconds: float
     processing_seconds: float
+    # How loud each detection's keyword was, in the order of ``detections`` (None: unknown).
+    levels: tuple[KeywordLevel | None, ...] = ()
 
     @property
     def best(self) -> Detection | None:
         return best_detection(self.detections)
+
+    def detection_dicts(self) -> list[dict[str, object]]:
+        """Each detection as JSON, with its keyword's level when known."""
+        return [detection_dict(d, level) for d, level in zip_levels(self.detections, self.levels)]
+
+
+def zip_levels(
+    detections: Sequence[Detection], levels: Sequence[KeywordLevel | None]
+) -> list[tuple[Detection, KeywordLevel | None]]:
+    """Detections with their levels (None where a level is missing)."""
+    return [(d, levels[i] if i < len(levels) else None) for i, d in enumerate(detections)]
+
+
+def detection_dict(detection: Detection, level: KeywordLevel | None) -> dict[str, object]:
+    """A detection as whole-file answers carry it: the engine's fields, then its level."""
+    body = detection.to_dict()
+    body["level_dbfs"] = level.level_dbfs if level is not None else None
+    body["snr_db"] = level.snr_db if level is not None else None
+    return body
 
 
 def best_detection(detections: Sequence[Detection]) -> Detection | None:
@@ -129,6 +151,8 @@ class RecordingScan:
         self._detector: KeywordDetector = model.detector(keywords, settings)
         self._blocks = iter(blocks)
         self._detections: list[Detection] = []
+        self._levels: list[KeywordLevel | None] = []
+        self._energy = EnergyHistory()
         self._samples = 0
         self._seconds = 0.0
         self.done = False
@@ -142,16 +166,25 @@ class RecordingScan:
         try:
             block = next(self._blocks)
         except StopIteration:
-            self._detections.extend(self._detector.finish())
+            self._add(self._detector.finish())
             self.done = True
         else:
             self._samples += block.shape[0]
-            self._detections.extend(self._detector.feed(block))
+            self._energy.push(block)
+            self._add(self._detector.feed(block))
         self._seconds += time.perf_counter() - started
         return not self.done
 
+    def _add(self, detections: list[Detection]) -> None:
+        # Measured now, while the bounded energy history still holds the keyword.
+        for detection in detections:
+            self._detections.append(detection)
+            self._levels.append(self._energy.keyword_level(detection.start, detection.end))
+
     def result(self) -> RecordingResult:
-        return RecordingResult(tuple(self._detections), self._samples / SAMPLE_RATE_HZ, self._seconds)
+        return RecordingResult(
+            tuple(self._detections), self._samples / SAMPLE_RATE_HZ, self._seconds, tuple(self._levels)
+        )
 
 
 def detect_recording(
@@ -174,7 +207,11 @@ def detect_recording(
         detector = model.detector(keywords, settings)
         started = time.perf_counter()
         found = detector.finish(audio)  # the whole recording in one pass
-        return RecordingResult(tuple(found), audio.shape[0] / SAMPLE_RATE_HZ, time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        energy = EnergyHistory(seconds=audio.shape[0] / SAMPLE_RATE_HZ + 1.0)
+        energy.push(audio)
+        levels = tuple(energy.keyword_level(d.start, d.end) for d in found)
+        return RecordingResult(tuple(found), audio.shape[0] / SAMPLE_RATE_HZ, elapsed, levels)
     scan = RecordingScan(model, keywords, settings, blocks)
     while scan.step():
         pass

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs what edge-agent and its tests need on Debian/Ubuntu (run as root or with sudo).
-# Idempotent: packages already present are skipped, so a second run takes seconds.
+# Installs what edge-agent's tests need on Debian/Ubuntu (run as root or with sudo), Python
+# packages into PYTHON's environment (scripts/test.sh sets it to the project's virtual
+# environment). Idempotent: packages already present are skipped, so a second run takes seconds.
 #   EDGE_AGENT_EXTRAS  pip extras to install (default: everything the tests use)
 #   EDGE_AGENT_TORCH   torch requirement when torch is missing (default: torch==2.13.0). On x86-64
 #                      PyPI's torch is the multi-GB CUDA build; to get the CPU build first run
@@ -11,9 +12,14 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-# chromium (+ a CJK font for readable screenshots): the /ui browser test; systemd: systemd-analyze
-# and systemd-sysusers for the unit's tests.
-debian_packages=(mosquitto mosquitto-clients portaudio19-dev openssl python3-dev gcc chromium fonts-wqy-microhei systemd)
+# mosquitto: every broker test; portaudio19-dev, python3-dev, gcc: PyAudio (the mic extra);
+# chromium (+ a CJK font for readable screenshots): the browser tests; curl: the REST service's
+# curl examples; python3, python3-venv: the quickstart test with Debian's own interpreter;
+# systemd: systemd-analyze and systemd-sysusers for the unit's tests.
+debian_packages=(
+  mosquitto mosquitto-clients portaudio19-dev openssl python3 python3-dev python3-venv gcc chromium
+  fonts-wqy-microhei curl systemd
+)
 missing=()
 for package in "${debian_packages[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
@@ -29,5 +35,5 @@ PYTHON="${PYTHON:-python3}"
 if [ -z "${EDGE_AGENT_SKIP_TORCH:-}" ] && ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
   "$PYTHON" -m pip install -q "${EDGE_AGENT_TORCH:-torch==2.13.0}"
 fi
-EXTRAS="${EDGE_AGENT_EXTRAS-test,fast,torch,modelscope,mic,pinyin}"
+EXTRAS="${EDGE_AGENT_EXTRAS-test,fast,torch,modelscope,mic,pinyin,wyoming}"
 "$PYTHON" -m pip install -q -e ".${EXTRAS:+[$EXTRAS]}"

@@ -1,20 +1,50 @@
 #!/usr/bin/env bash
 # The agent's main job, end to end, on a fresh Debian/Ubuntu machine (as root or with sudo):
-#   1. installs what is missing (mosquitto, the edge-agent package);
+#   1. installs what is missing: mosquitto and its clients (Debian), the edge-agent package in
+#      the project's virtual environment (scripts/venv.sh: .venv, made if needed), and the
+#      modelscope downloader only if the model is not on disk;
 #   2. finds the model (EDGE_AGENT_MODEL_DIR, ../shared, the ModelScope cache, or downloads it);
 #   3. starts a local mosquitto and the agent;
 #   4. streams the model's example recording of 小云小云 to the agent over MQTT, in real time,
 #      as a thin device would, and prints the detection the agent publishes;
 #   5. stops the agent (it publishes `offline`) and the broker.
+# The tests' own packages (chromium, PortAudio headers, torch...) are scripts/test.sh's business.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
-PYTHON="${PYTHON:-python3}"
 
-EDGE_AGENT_EXTRAS="${EDGE_AGENT_EXTRAS:-modelscope}" EDGE_AGENT_SKIP_TORCH=1 bash scripts/install-deps.sh
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+debian_packages=(mosquitto mosquitto-clients)
+missing=()
+for package in "${debian_packages[@]}"; do
+  dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "installing Debian packages: ${missing[*]}"
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+source scripts/venv.sh
+# Installed already (this checkout, with its dependencies)? Then a second run skips pip.
+if ! (cd / && "$PYTHON" -c 'import os, sys, edge_agent, numpy, yaml, paho.mqtt, psutil
+sys.exit(os.path.dirname(os.path.dirname(os.path.abspath(edge_agent.__file__))) != sys.argv[1])' "$ROOT") 2>/dev/null
+then
+  echo "installing edge-agent into the virtual environment"
+  "$PYTHON" -m pip install -q -e .
+fi
 
 if [ -z "${EDGE_AGENT_MODEL_DIR:-}" ] && [ -f "$ROOT/../shared/models/speech_charctc_kws_phone-xiaoyun/kwsr.net" ]; then
   export EDGE_AGENT_MODEL_DIR="$ROOT/../shared/models/speech_charctc_kws_phone-xiaoyun"
+fi
+if [ -z "${EDGE_AGENT_MODEL_DIR:-}" ] && ! EDGE_AGENT_MODEL__DOWNLOAD=false "$PYTHON" -m edge_agent model path >/dev/null 2>&1; then
+  # Not on disk: the downloader is worth installing only if the hub can be reached (3 s at most).
+  if "$PYTHON" -c 'import os, sys; from edge_agent.model_store import hub_unreachable
+reason = hub_unreachable(os.environ); print(reason or "", file=sys.stderr); sys.exit(1 if reason else 0)'; then
+    echo "the model is not on disk: installing the modelscope downloader"
+    "$PYTHON" -m pip install -q -e '.[modelscope]'
+  fi
 fi
 MODEL_DIR="$("$PYTHON" -m edge_agent model path)"
 EXAMPLE="$MODEL_DIR/example/kws_xiaoyunxiaoyun.wav"
@@ -78,3 +108,4 @@ if ! grep -q '小云小云' "$WORK/detections.jsonl"; then
 fi
 echo
 echo "OK: 小云小云 detected and published over MQTT."
+echo "edge-agent is installed in $(dirname "$(dirname "$PYTHON")"); to use it: source $(dirname "$PYTHON")/activate"

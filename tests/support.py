@@ -19,7 +19,7 @@ def agent_config(port: int, tmp_path: Path, device: str = "dev1", **sections: An
         "mqtt": {"host": "127.0.0.1", "port": port, "reconnect_min_delay": 0.2, "reconnect_max_delay": 2.0},
         "outbox": {"path": str(tmp_path / f"{device}-outbox.db")},
         "health": {"interval": 1.0},
-        "engine": {"workers": int(os.environ.get("EDGE_AGENT_TEST_WORKERS", "0"))},
+        "engine": {"workers": int(os.environ.get("EDGE_AGENT_TEST_WORKERS", "1"))},
     }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):

@@ -246,3 +246,45 @@ def test_continuous_streams_start_at_each_recording_and_wait_only_up_to_the_hold
         # The keyword of recording k, in stream k's own time: within that recording's 9 s.
         assert 0 < detection["end"] < starts[stream + 1] - starts[stream]
     assert all(0 < f["delay_ms"] <= 285 + 100 + DEFAULT_HOLD_SECONDS * 1000 + 30 for f in found)
+
+
+def test_the_streaming_benchmark_times_every_chunk_size_with_the_whole_files_detections(
+    tmp_path: Path,
+) -> None:
+    """Without openWakeWord installed for it, the comparison is left out and said so."""
+    env_python = os.environ.pop("EDGE_AGENT_OWW_PYTHON", None)
+    try:
+        bench("streaming", "--repeat", "1", "--oww-python", "", results=tmp_path)
+    finally:
+        if env_python is not None:
+            os.environ["EDGE_AGENT_OWW_PYTHON"] = env_python
+    result = json.loads((tmp_path / "streaming.json").read_text())
+    assert result["machine"]["cpu"] and result["clip_seconds"] == 120
+    assert set(result["single_stream"]) == {"whole", "20 ms", "100 ms", "1000 ms"}
+    assert all(row["same_detections_as_whole"] for row in result["single_stream"].values())
+    assert result["detections"] >= 5
+
+
+def test_the_http_keepalive_benchmark_measures_both_endpoints(tmp_path: Path, model_dir: Path) -> None:
+    bench("http_keepalive", "--clients", "2", "--seconds", "1", results=tmp_path)
+    report = json.loads((tmp_path / "http_keepalive.json").read_text(encoding="utf-8"))
+    (after,) = report["results"]
+    assert after["server"] == "after" and report["machine"]["cpu"]
+    for endpoint in ("healthz", "detect"):
+        assert after[endpoint]["requests"] > 0 and after[endpoint]["clients"] == 2
+        assert 0 < after[endpoint]["latency_ms_p50"] <= after[endpoint]["latency_ms_p95"]
+        assert after[f"one_connection_{endpoint}"]["requests"] == 20
+
+
+def test_the_wyoming_benchmark_streams_real_time_clients_and_counts_their_detections(
+    tmp_path: Path, model_dir: Path, dev_audio: Path
+) -> None:
+    bench("wyoming", "--clients", "2", "--seconds", "8", results=tmp_path)
+    report = json.loads((tmp_path / "wyoming.json").read_text(encoding="utf-8"))
+    (row,) = report["rows"]
+    assert row["clients"] == 2 and row["detections_expected"] > 0
+    ours = row["edge_agent"]
+    assert ours["detections"] == row["detections_expected"] and ours["client_errors"] == []
+    assert 0 < ours["delay_ms_p50"] <= ours["delay_ms_p95"] <= ours["delay_ms_max"]
+    assert ours["describes"] > 0 and ours["cpu_percent"] > 0 and ours["peak_rss_mb"] > 0
+    assert "openwakeword" not in row  # no --openwakeword-python given

@@ -37,6 +37,7 @@ from edge_agent.agent.delivery import Delivery
 from edge_agent.agent.engine_pool import EnginePool, ModelSource, PoolInbox
 from edge_agent.agent.errors import ErrorReporter, Refusal
 from edge_agent.agent.health import HealthReporter
+from edge_agent.agent.identity import IdentityGuard
 from edge_agent.agent.ingest import Ingest
 from edge_agent.agent.items import StreamClosed
 from edge_agent.agent.live_config import LiveConfig, engine_settings
@@ -50,7 +51,14 @@ from edge_agent.audio.sources import AudioSource
 from edge_agent.config import AgentConfig, MqttConfig
 from edge_agent.engine.model import KwsModel
 from edge_agent.keywords import compile_config_keywords
-from edge_agent.mqtt.messages import Availability, DetectionEvent, ErrorReport, ProbeTopic, iso_utc
+from edge_agent.mqtt.messages import (
+    Availability,
+    DetectionEvent,
+    DeviceInfo,
+    ErrorReport,
+    ProbeTopic,
+    iso_utc,
+)
 from edge_agent.mqtt.transport import MqttTransport
 
 log = logging.getLogger(__name__)
@@ -192,8 +200,14 @@ class Agent:
             else None
         )
         self.sink.on_stream_closed(lambda closed: self.ingest.forget(closed.stream))
+        self.identity: IdentityGuard | None = None
         if self.transport is not None:
             self.transport.on_connected(self.presence.on_connected)  # first: info, then online
+            # Another running agent with this device id: reported, and no reconnect loop.
+            self.identity = IdentityGuard(
+                self.device_id, self.boot_id, topic(DeviceInfo.TOPIC), self.transport, self.errors
+            )
+            self.identity.attach()
 
     # --- what others use ---------------------------------------------------------------------
     @property

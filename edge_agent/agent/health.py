@@ -116,6 +116,8 @@ class HealthReporter:
                 # One entry per engine worker: how far behind it is (seconds of audio waiting).
                 "workers": [dataclasses.asdict(backlog) for backlog in worker.backlog()],
             },
+            detections_per_hour=worker.false_alarms.detections_per_hour(),
+            near_miss=worker.false_alarms.near_misses(),
         )
 
     def streams(self) -> dict[str, dict[str, object]]:

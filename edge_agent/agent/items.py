@@ -124,6 +124,7 @@ class EngineSettings:
     muted: bool
     max_streams: int  # per network kind
     idle_timeout: float  # seconds without audio before a network stream is closed
+    near_misses: bool = True  # collect the scores that came close (a second decoding pass)
 
 
 @dataclass(frozen=True)
@@ -148,12 +149,15 @@ class RecordingRequest:
 
 @dataclass(frozen=True)
 class Detected:
-    """A detection on a stream, with the wall-clock time of the keyword's end."""
+    """A detection on a stream, with the wall-clock time of the keyword's end and how loud the
+    keyword was (None when the stream's energy history no longer held it)."""
 
     stream: str
     kind: str
     detection: Detection
     wall_end: float
+    level_dbfs: float | None = None
+    snr_db: float | None = None
 
 
 @dataclass(frozen=True)

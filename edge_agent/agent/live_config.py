@@ -37,6 +37,7 @@ LIVE_PREFIXES = (
     "engine.gap_tolerance",
     "engine.hold",
     "engine.pause",
+    "engine.near_misses",
     "engine.muted",
     "health.",
     "audio.mqtt.max_streams",
@@ -71,6 +72,7 @@ def engine_settings(
         muted=config.engine.muted,
         max_streams=config.audio.mqtt.max_streams,
         idle_timeout=config.audio.mqtt.idle_timeout,
+        near_misses=config.engine.near_misses,
     )
 
 

@@ -229,7 +229,7 @@ class MqttInbound:
                     request_id=request_id,
                     ok=True,
                     detected=bool(result.detections),
-                    detections=[d.to_dict() for d in result.detections],
+                    detections=result.detection_dicts(),
                     duration_s=round(result.audio_seconds, 3),
                     processing_ms=round(result.processing_seconds * 1000, 2),
                 )

@@ -90,6 +90,7 @@ class Presence:
             },
             groups=list(config.device.groups),
             muted=self._worker.muted,
+            room=config.device.room,
         )
 
     def on_connected(self) -> None:

@@ -321,6 +321,8 @@ class DetectionSink:
             time=iso_utc(found.wall_end),
             seq=0,
             boot_id=self.boot_id,
+            level_dbfs=found.level_dbfs,
+            snr_db=found.snr_db,
         )
 
     def _mark_stored(self, batches: list[_Batch], last_seq: int) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_agent.agent.items import PcmChunk, WavChunk
+from edge_agent.audio.levels import EnergyHistory, KeywordLevel
 from edge_agent.audio.pcm import PcmConverter, PcmFormat, level_dbfs
 from edge_agent.audio.wav import WavFrameConverter
 from edge_agent.engine.decoder import Detection
@@ -74,6 +75,8 @@ class StreamState:
         self._samples_fed = 0
         self._pending: list[np.ndarray] = []
         self._clock_offset: float | None = None
+        # Recent frame energies: the level of each detected keyword is measured against them.
+        self.energy = EnergyHistory()
 
     # --- input ------------------------------------------------------------------------------
     def convert(self, item: PcmChunk | WavChunk) -> np.ndarray:
@@ -110,6 +113,7 @@ class StreamState:
         self._samples_fed += samples.shape[0]
         self._clock_marks.append((self._samples_fed, captured_at))
         self._pending.append(samples)
+        self.energy.push(samples)
         self._account(samples, captured_at)
         return gap
 
@@ -142,6 +146,7 @@ class StreamState:
         self._samples_fed = 0
         self._pending = []
         self._clock_offset = None
+        self.energy.reset()
 
     # --- time and telemetry -----------------------------------------------------------------
     def wall_time(self, stream_seconds: float) -> float:
@@ -154,6 +159,10 @@ class StreamState:
             fed, wall = self._clock_marks[-1]
             return wall - (fed - target) / SAMPLE_RATE_HZ
         return time.time()
+
+    def keyword_level(self, detection: Detection) -> KeywordLevel | None:
+        """The detected keyword's level and its margin over the stream's recent background."""
+        return self.energy.keyword_level(detection.start, detection.end)
 
     def _account(self, samples: np.ndarray, captured_at: float) -> None:
         counters = self.counters

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from edge_agent.agent.errors import ErrorReporter
+from edge_agent.agent.false_alarms import FalseAlarmWindow
 from edge_agent.agent.items import (
     AudioChunk,
     AudioItem,
@@ -264,6 +265,7 @@ class EngineWorker:
         self._no_wait_until = 0.0
         self._jobs: deque[_Job] = deque()  # recordings being scored, in turn
         self.stats = WorkerStats()
+        self.false_alarms = FalseAlarmWindow()  # detections and near misses, for health
         self.alive = False
         self.last_error: str | None = None
 
@@ -575,13 +577,24 @@ class EngineWorker:
                 self._found(stream, stream.finish(), found)
         self._emit(found)
 
-    @staticmethod
     def _found(
-        stream: StreamState, detections: list[Detection], found: list[Detected | StreamClosed]
+        self, stream: StreamState, detections: list[Detection], found: list[Detected | StreamClosed]
     ) -> None:
         stream.counters.detections += len(detections)
+        near = stream.detector.take_near_misses() if self._settings.near_misses else {}
+        self.false_alarms.note(len(detections), near)
         for detection in detections:
-            found.append(Detected(stream.id, stream.kind, detection, stream.wall_time(detection.end)))
+            level = stream.keyword_level(detection)
+            found.append(
+                Detected(
+                    stream.id,
+                    stream.kind,
+                    detection,
+                    stream.wall_time(detection.end),
+                    level_dbfs=level.level_dbfs if level is not None else None,
+                    snr_db=level.snr_db if level is not None else None,
+                )
+            )
 
     # --- configuration (worker thread) -------------------------------------------------------
     def _apply(self, settings: EngineSettings) -> None:
@@ -589,6 +602,9 @@ class EngineWorker:
         if settings.keywords != old.keywords or settings.decoder != old.decoder:
             for stream in self._stream_list():
                 stream.detector.set_keywords(list(settings.keywords), settings.decoder)
+        if old.near_misses and not settings.near_misses:
+            for stream in self._stream_list():
+                stream.detector.stop_near_misses()
         if old.muted and not settings.muted:
             # Audio was skipped while muted: every stream starts afresh.
             for stream in self._stream_list():

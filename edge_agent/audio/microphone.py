@@ -15,6 +15,12 @@ Threads and buffers::
 * ``captured_at`` is the wall time of the chunk's last sample: the callback's arrival time
   corrected by PortAudio's ADC timestamp when the host API provides one, carried through the
   resampler's delay.
+* A device that goes away while capturing (a USB microphone unplugged, the sound server gone:
+  PortAudio ends the stream) is logged and kept in :meth:`stats` as the error; the stream is
+  ended (a final chunk) and the pump opens the device again, first after
+  ``REOPEN_FIRST_SECONDS`` then at most every ``REOPEN_MAX_SECONDS``, with a fresh PortAudio
+  (device lists are read when PortAudio initialises), until it is back or the source is stopped.
+  The first opening, in :meth:`start`, is not retried: a wrong device name fails at once.
 
 PyAudio is optional (the ``mic`` extra) and imported only when a PyAudio object is made; the
 object comes from an injectable factory, so tests can hand in a real ``pyaudio.PyAudio`` whose
@@ -65,6 +71,10 @@ PA_INPUT_OVERFLOW = 2  # paInputOverflow status flag
 
 # How often the idle pump checks that the stream is still alive and that stop was not asked.
 _POLL_SECONDS = 0.1
+# Reopening a device that went away: the first try soon (a sound server restarting, a USB
+# re-enumeration), then doubling to the maximum, so a long absence costs little.
+REOPEN_FIRST_SECONDS = 0.5
+REOPEN_MAX_SECONDS = 5.0
 _INT16_MIN, _INT16_MAX = -32768.0, 32767.0
 _INDEX_PATTERN = re.compile(r"\d+", re.ASCII)
 
@@ -237,55 +247,22 @@ class MicrophoneAudioSource:
             if self._running:
                 raise RuntimeError(f"audio source {self.stream_id!r} is already running")
             self._stopping.clear()
-        try:
-            pa = self._pyaudio_factory()
-        except ImportError as error:
-            self._set_error(str(error))
-            raise
-        except OSError as error:
-            message = f"cannot initialise PortAudio: {_portaudio_error_text(error)}"
-            self._set_error(message)
-            raise MicrophoneError(message) from error
-        try:
-            stream = self._open(pa)
-        except (MicrophoneError, OSError) as error:
-            message = str(error) if isinstance(error, MicrophoneError) else _portaudio_error_text(error)
-            self._set_error(message)
-            pa.terminate()
-            if isinstance(error, MicrophoneError):
-                raise
-            raise MicrophoneError(f"cannot query the audio devices: {message}") from error
-        resampler = Resampler(self._capture_rate_hz or SAMPLE_RATE_HZ, SAMPLE_RATE_HZ)
+        pa, stream = self._open_device()
+        logger.info("microphone %s: capturing from %s", self.stream_id, self._device_text())
         pump = threading.Thread(
-            target=self._run_pump, args=(sink, resampler), name=f"audio-mic-{self.stream_id}", daemon=True
+            target=self._run_pump, args=(sink,), name=f"audio-mic-{self.stream_id}", daemon=True
         )
         with self._lock:
             self._pa, self._stream, self._pump = pa, stream, pump
             self._running = True
         pump.start()
-        device = self._device
-        logger.info(
-            "microphone %s: capturing from %s %r at %d Hz, %d channel(s)",
-            self.stream_id,
-            device.index if device else "?",
-            device.name if device else "?",
-            self._capture_rate_hz,
-            self._channels,
-        )
 
     def stop(self) -> None:
         self._stopping.set()
         with self._lock:
             pa, stream, pump = self._pa, self._stream, self._pump
             self._pa = self._stream = self._pump = None
-        if stream is not None:
-            # Stopping the stream first: PortAudio returns once the last callback has finished,
-            # so nothing is added to the buffer after this.
-            for action in (stream.stop_stream, stream.close):
-                try:
-                    action()
-                except OSError as error:
-                    logger.debug("microphone %s: %s", self.stream_id, _portaudio_error_text(error))
+        self._close_stream(stream)
         with contextlib.suppress(queue.Full):  # a full queue wakes the pump anyway
             self._queue.put_nowait(None)
         if pump is not None and pump is not threading.current_thread():
@@ -327,6 +304,46 @@ class MicrophoneAudioSource:
         return False  # a microphone never runs out
 
     # --- opening ----------------------------------------------------------------------------
+
+    def _open_device(self) -> tuple[Any, Any]:
+        """A new PortAudio and the configured device's stream, started; a failure is kept in stats."""
+        try:
+            pa = self._pyaudio_factory()
+        except ImportError as error:
+            self._set_error(str(error))
+            raise
+        except OSError as error:
+            message = f"cannot initialise PortAudio: {_portaudio_error_text(error)}"
+            self._set_error(message)
+            raise MicrophoneError(message) from error
+        try:
+            stream = self._open(pa)
+        except (MicrophoneError, OSError) as error:
+            message = str(error) if isinstance(error, MicrophoneError) else _portaudio_error_text(error)
+            self._set_error(message)
+            pa.terminate()
+            if isinstance(error, MicrophoneError):
+                raise
+            raise MicrophoneError(f"cannot query the audio devices: {message}") from error
+        return pa, stream
+
+    def _close_stream(self, stream: Any) -> None:
+        if stream is None:
+            return
+        # Stopping the stream first: PortAudio returns once the last callback has finished, so
+        # nothing is added to the buffer after this. A stream that died may refuse: it is over.
+        for action in (stream.stop_stream, stream.close):
+            try:
+                action()
+            except OSError as error:
+                logger.debug("microphone %s: %s", self.stream_id, _portaudio_error_text(error))
+
+    def _device_text(self) -> str:
+        device = self._device
+        return (
+            f"{device.index if device else '?'} {device.name if device else '?'!r} at "
+            f"{self._capture_rate_hz} Hz, {self._channels} channel(s)"
+        )
 
     def _open(self, pa: Any) -> Any:
         device = select_device(input_devices(pa), self.config.device)
@@ -412,9 +429,12 @@ class MicrophoneAudioSource:
 
     # --- pump thread ------------------------------------------------------------------------
 
-    def _run_pump(self, sink: Sink, resampler: Resampler) -> None:
+    def _run_pump(self, sink: Sink) -> None:
         try:
-            self._pump_blocks(sink, resampler)
+            while True:
+                self._pump_blocks(sink, Resampler(self._capture_rate_hz or SAMPLE_RATE_HZ, SAMPLE_RATE_HZ))
+                if self._stopping.is_set() or not self._reopen():
+                    return
         except Exception as error:
             logger.exception("microphone %s: capture stopped by an error", self.stream_id)
             self._set_error(f"stopped by an error: {error!r}")
@@ -424,6 +444,7 @@ class MicrophoneAudioSource:
                 self._running = False
 
     def _pump_blocks(self, sink: Sink, resampler: Resampler) -> None:
+        """Converts and hands on the device's blocks until stop, or until the stream dies."""
         rate_hz = self._capture_rate_hz or SAMPLE_RATE_HZ
         channels = self._channels or 1
         chunker = FixedChunker(self._chunk_samples)
@@ -438,9 +459,7 @@ class MicrophoneAudioSource:
             except queue.Empty:
                 if not self._stream_alive():
                     if not self._stopping.is_set():
-                        self._set_error(
-                            "the input stream stopped by itself (device unplugged or driver error)"
-                        )
+                        self._lost(sink, resampler, chunker, last_frame_wall)
                     return
                 continue
             if block is None:
@@ -460,15 +479,80 @@ class MicrophoneAudioSource:
                 # was captured at last_frame_wall, and frames are 1/rate apart.
                 position = (output_samples - 1) * rate_hz / SAMPLE_RATE_HZ
                 age_seconds = max(0.0, input_frames - 1 - position) / rate_hz
-                samples.flags.writeable = False
-                chunk = AudioChunk(self.stream_id, "microphone", samples, last_frame_wall - age_seconds)
-                if sink(chunk):
-                    self._chunks += 1
-                else:
-                    self._sink_drops += 1
+                self._deliver(
+                    sink, AudioChunk(self.stream_id, "microphone", samples, last_frame_wall - age_seconds)
+                )
             # Logged here, not in the callback, which must stay constant-time.
             drop_log.update(self._buffer_drops + self._sink_drops)
             overflow_log.update(self._overflows)
+
+    def _deliver(self, sink: Sink, chunk: AudioChunk) -> None:
+        chunk.samples.flags.writeable = False
+        if sink(chunk):
+            self._chunks += 1
+        else:
+            self._sink_drops += 1
+
+    def _lost(self, sink: Sink, resampler: Resampler, chunker: FixedChunker, last_frame_wall: float) -> None:
+        """The stream died under us: say so, and end the stream with what was captured."""
+        message = (
+            f"input device {self._device_text()} stopped delivering audio (unplugged, or its driver "
+            "or sound server went away)"
+        )
+        self._set_error(message)
+        with self._lock:
+            self._running = False
+        logger.error(
+            "microphone %s: %s; opening it again every %g s at most",
+            self.stream_id,
+            message,
+            REOPEN_MAX_SECONDS,
+        )
+        # The engine finishes this stream (its last detections); the reopened device starts anew.
+        tail = chunker.push(np.clip(resampler.flush(), _INT16_MIN, _INT16_MAX)) + chunker.finish()
+        last = np.concatenate(tail) if tail else np.zeros(0, dtype=np.float32)
+        self._deliver(
+            sink, AudioChunk(self.stream_id, "microphone", last, last_frame_wall or time.time(), final=True)
+        )
+
+    def _reopen(self) -> bool:
+        """Open the device again, with back-off, until it works (True) or stop is asked (False)."""
+        with self._lock:
+            pa, stream = self._pa, self._stream
+            self._pa = self._stream = None
+        self._close_stream(stream)
+        if pa is not None:
+            pa.terminate()  # the next PortAudio reads the device list afresh
+        lost_at = time.monotonic()
+        delay = REOPEN_FIRST_SECONDS
+        reported = self._error
+        while not self._stopping.wait(delay):
+            delay = min(delay * 2, REOPEN_MAX_SECONDS)
+            try:
+                pa, stream = self._open_device()
+            except MicrophoneError as error:
+                if str(error) != reported:  # each new reason once, not every try
+                    logger.warning("microphone %s: still unavailable: %s", self.stream_id, error)
+                    reported = str(error)
+                continue
+            with self._lock:
+                installed = not self._stopping.is_set()
+                if installed:
+                    self._pa, self._stream = pa, stream
+            if not installed:  # stop() came while opening: it cannot see this stream
+                self._close_stream(stream)
+                pa.terminate()
+                return False
+            logger.warning(
+                "microphone %s: capturing again from %s, after %.1f s without the device",
+                self.stream_id,
+                self._device_text(),
+                time.monotonic() - lost_at,
+            )
+            with self._lock:  # after the log line: whoever sees running again finds it logged
+                self._running = not self._stopping.is_set()
+            return True
+        return False
 
     def _stream_alive(self) -> bool:
         stream = self._stream

@@ -39,11 +39,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_keyword_options(parser: argparse.ArgumentParser, required: bool = False) -> None:
+def add_keyword_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--keywords",
         metavar="K1,K2",
-        required=required,
         help="comma-separated keywords, each optionally TEXT:THRESHOLD (default: the config's, 小云小云)",
     )
     parser.add_argument("--threshold", type=float, metavar="T", help="threshold for every keyword")

@@ -7,13 +7,14 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edge_agent.audio.levels import KeywordLevel
 from edge_agent.audio.wav import WavError
 from edge_agent.cli.common import (
     add_keyword_options,
@@ -23,16 +24,15 @@ from edge_agent.cli.common import (
     load_settings,
     open_model,
 )
+from edge_agent.cli.curve import add_curve_options, run_curve_from_args
 from edge_agent.engine.decoder import CompiledKeyword, DecoderSettings, Detection
 from edge_agent.engine.features import SAMPLE_RATE_HZ
 from edge_agent.engine.lexicon import normalize_keyword
 from edge_agent.engine.model import KwsModel
 from edge_agent.keywords import decoder_settings_from
-from edge_agent.recording import Recording, detect_recording
+from edge_agent.recording import Recording, detect_recording, detection_dict, zip_levels
+from edge_agent.scoring import SCORE_FLOOR, best_threshold
 from edge_agent.system import tune_allocator
-
-# The lowest threshold eval uses to see every file's best score (for the suggested threshold).
-_SCORE_FLOOR = 1e-4
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -64,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "plus the score range and a suggested threshold.",
     )
     add_model_options(evaluate)
-    add_keyword_options(evaluate, required=True)
+    add_keyword_options(evaluate)
     evaluate.add_argument("--positives", type=Path, metavar="DIR", help="recordings that hold the keyword")
     evaluate.add_argument("--negatives", type=Path, metavar="DIR", help="recordings that do not")
     evaluate.add_argument("--data", type=Path, metavar="DIR", help="with --labels: a folder of recordings")
@@ -76,6 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "its transcript contains (like audio/dev/trans.txt)",
     )
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    add_curve_options(evaluate)
     evaluate.set_defaults(handler=run_eval)
 
 
@@ -86,6 +87,7 @@ class FileResult:
     error: str | None = None
     audio_seconds: float = 0.0
     engine_seconds: float = 0.0
+    levels: tuple[KeywordLevel | None, ...] = ()  # of each detection's keyword, in order
 
     def to_dict(self) -> dict[str, object]:
         if self.error is not None:
@@ -93,7 +95,7 @@ class FileResult:
         return {
             "file": str(self.path),
             "detected": bool(self.detections),
-            "detections": [d.to_dict() for d in self.detections],
+            "detections": [detection_dict(d, level) for d, level in zip_levels(self.detections, self.levels)],
         }
 
 
@@ -111,7 +113,9 @@ def detect_file(
         result = detect_recording(model, keywords, settings, audio, chunk_samples)
     except WavError as error:
         return FileResult(path, error=str(error))
-    return FileResult(path, result.detections, None, result.audio_seconds, result.processing_seconds)
+    return FileResult(
+        path, result.detections, None, result.audio_seconds, result.processing_seconds, result.levels
+    )
 
 
 def run_detect(args: argparse.Namespace) -> int:
@@ -152,32 +156,12 @@ def read_labels(path: Path, root: Path) -> dict[Path, str]:
     return labels
 
 
-def best_threshold(decode: Callable[[float], bool], low: float = _SCORE_FLOOR, steps: int = 16) -> float:
-    """Highest threshold (on a log scale, to ~1%) at which ``decode(threshold)`` still detects.
-
-    Detection is monotone in the threshold: a candidate above a threshold is above every lower
-    one, and the first pending candidate always fires. 0.0 when nothing is found even at ``low``.
-    """
-    if not decode(low):
-        return 0.0
-    lo, hi = math.log(low), 0.0
-    if decode(1.0):
-        return 1.0
-    for _ in range(steps):
-        middle = (lo + hi) / 2
-        if decode(math.exp(middle)):
-            lo = middle
-        else:
-            hi = middle
-    return math.exp(lo)
-
-
 def suggest_threshold(positive_scores: Sequence[float], negative_scores: Sequence[float]) -> float | None:
     """Geometric midpoint between the weakest positive and the strongest negative, if they separate."""
     if not positive_scores or min(positive_scores) <= 0:
         return None
     weakest = min(positive_scores)
-    strongest = max([s for s in negative_scores if s > 0], default=_SCORE_FLOOR)
+    strongest = max([s for s in negative_scores if s > 0], default=SCORE_FLOOR)
     if strongest >= weakest:
         return None
     return float(math.sqrt(weakest * strongest))
@@ -233,6 +217,8 @@ def run_eval(args: argparse.Namespace) -> int:
             expected[path] = set()
     if not expected:
         fail("no WAV files found")
+    if args.curve is not None or args.background:
+        return run_curve_from_args(args, model, keywords, settings, expected)
 
     tallies = {k.text: _KeywordTally(k) for k in keywords}
     positives = detected_files = false_alarms = 0

@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from edge_agent.cli import rollout as rollout_cli
 from edge_agent.cli.common import fail
 from edge_agent.config import COMMAND_NAMES
 from edge_agent.fleet.monitor import (
@@ -54,7 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "fleet",
         help="show every agent under a topic prefix, or send them a command",
         usage="%(prog)s [options] [--json] [--watch]\n"
-        "       %(prog)s cmd TARGET NAME [KEY=VALUE ...] [--args JSON] [--timeout S] [--json] [options]",
+        "       %(prog)s cmd TARGET NAME [KEY=VALUE ...] [--args JSON] [--timeout S] [--json] [options]\n"
+        "       %(prog)s rollout --group G --set KEY=VALUE [--canary N%%] [--watch DURATION] [options]",
         description="Show every device seen under the topic prefix: online/offline (the last will "
         "marks crashed devices offline), last seen, version, model, keywords, CPU, memory, "
         "temperature, RTF, detections, outbox depth, reconnects; devices whose health is overdue "
@@ -69,6 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     actions = parser.add_subparsers(dest="action", metavar="ACTION")
     cmd = actions.add_parser(
         "cmd",
+        # Its own prog: argparse would build it from the parent's two-line usage.
+        prog=f"{parser.prog} cmd",
         help="send a command to a device, a group or all devices and print the answers",
         description="Send a command (MQTT 5 correlation data, and for one device a response topic) "
         "and print each device's answer as it arrives. KEY=VALUE values are JSON when they parse "
@@ -88,6 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     cmd.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print answers as JSON")
     _connection_options(cmd, suppress=True)
     cmd.set_defaults(handler=run_command)
+    rollout_cli.register(actions, _connection_options)
 
 
 def _connection_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -225,7 +230,10 @@ def _connect(args: argparse.Namespace, filters: list[str]) -> MqttClient:
     )
     try:
         client.connect(CONNECT_TIMEOUT_S)
-        refused = client.subscribe(*filters, timeout=CONNECT_TIMEOUT_S)
+        # QoS 0: the broker queues QoS 1 messages per client up to a bound (mosquitto's
+        # max_queued_messages, 1000) and drops the rest, which would lose the retained state of
+        # a fleet larger than that; this client keeps no session, so QoS 1 would buy nothing.
+        refused = client.subscribe(*filters, qos=0, timeout=CONNECT_TIMEOUT_S)
     except MqttClientError as error:
         client.close()
         fail(str(error))

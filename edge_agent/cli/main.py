@@ -14,10 +14,21 @@ import sys  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
 from edge_agent import __version__  # noqa: E402
-from edge_agent.cli import config_cmd, detect, devices, fleet, model, run, serve, stream  # noqa: E402
+from edge_agent.cli import (  # noqa: E402
+    arbiter,
+    config_cmd,
+    detect,
+    devices,
+    fleet,
+    model,
+    run,
+    serve,
+    stream,
+    wyoming_cmd,
+)
 
 # Each sub-command module has register(subparsers) and sets `handler` on its parser.
-_COMMANDS = (run, detect, model, devices, stream, config_cmd, serve, fleet)
+_COMMANDS = (run, detect, model, devices, stream, config_cmd, serve, fleet, arbiter, wyoming_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -55,9 +55,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     parser.add_argument("--no-mqtt", action="store_true", help="no broker: log detections only")
     parser.add_argument("--pool", metavar="NAME", help="server mode: share streams with a pool of agents")
+    add_wyoming_options(parser, switch=True)
+    add_log_options(parser)
+    parser.set_defaults(handler=run_agent)
+
+
+def add_wyoming_options(parser: argparse.ArgumentParser, switch: bool) -> None:
+    """The Wyoming server's options (``edge-agent run --wyoming``, ``edge-agent wyoming``)."""
+    if switch:
+        parser.add_argument(
+            "--wyoming",
+            action="store_true",
+            help="also serve Home Assistant's Wyoming wake-word protocol (wyoming.enabled)",
+        )
+    parser.add_argument(
+        "--wyoming-host", metavar="ADDRESS", help="Wyoming: address to listen on (wyoming.host)"
+    )
+    parser.add_argument(
+        "--wyoming-port", type=int, metavar="PORT", help="Wyoming: TCP port (wyoming.port, default 10400)"
+    )
+    parser.add_argument(
+        "--no-zeroconf", action="store_true", help="Wyoming: no mDNS announcement (wyoming.zeroconf)"
+    )
+
+
+def add_log_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="log level")
-    parser.set_defaults(handler=run_agent)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -72,10 +96,21 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
                 fail(f"--broker: port {port!r} is not a number")
     if args.device_id:
         update["device"] = {"id": args.device_id}
-    if args.no_mqtt:
+    if getattr(args, "no_mqtt", False):
         update.setdefault("mqtt", {})["enabled"] = False
-    if args.pool:
+    if getattr(args, "pool", None):
         update["pool"] = {"enabled": True, "name": args.pool}
+    wyoming: dict[str, Any] = {}
+    if getattr(args, "wyoming", False):
+        wyoming["enabled"] = True
+    if getattr(args, "wyoming_host", None):
+        wyoming["host"] = args.wyoming_host
+    if getattr(args, "wyoming_port", None) is not None:
+        wyoming["port"] = args.wyoming_port
+    if getattr(args, "no_zeroconf", False):
+        wyoming["zeroconf"] = False
+    if wyoming:
+        update["wyoming"] = wyoming
     if args.log_level or args.log_json:
         update["logging"] = {}
         if args.log_level:
@@ -122,8 +157,12 @@ def run_agent(args: argparse.Namespace) -> int:
             agent, config = start_agent(args, config_path)
         except StartFailed as again:
             fail(str(again))
-    for integration in build_integrations(config, agent):
-        agent.add_integration(integration)
+    try:
+        for integration in build_integrations(config, agent):
+            agent.add_integration(integration)
+    except (ImportError, RuntimeError) as error:
+        agent.stop()
+        fail(str(error))
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("received %s, stopping", signal.Signals(signum).name)
@@ -142,14 +181,13 @@ def run_agent(args: argparse.Namespace) -> int:
             http_server = start_http_server(config.http, backend)
         except OSError as error:
             fail(f"http: cannot listen on {config.http.host}:{config.http.port}: {error.strerror or error}")
-        log.info("HTTP API on %s (docs at /docs, test page at /ui)", http_server.url)
     agent.start()
     if config_path is not None:
         keep_last_good(config_path)
     if reverted is not None:
         agent.errors.report("config_reverted", reverted)  # published once the broker takes it
     try:
-        agent.wait(keep_running=http_server is not None)
+        agent.wait(keep_running=http_server is not None or config.wyoming.enabled)
     finally:
         if http_server is not None:
             http_server.stop()  # before the agent closes its outbox
@@ -177,7 +215,7 @@ def start_agent(args: argparse.Namespace, config_path: Path | None) -> tuple[Age
     try:
         model = load_model(config)
         compile_config_keywords(model, config)  # a keyword the model cannot say fails here
-        sources = build_sources(config, args.file)
+        sources = build_sources(config, getattr(args, "file", []))
         agent = Agent(config, model, sources, config_path=config_path)
     except (ConfigError, OutboxError, ModelError, LexiconError, ImportError, ValueError, OSError) as error:
         raise StartFailed(str(error)) from None
@@ -185,9 +223,23 @@ def start_agent(args: argparse.Namespace, config_path: Path | None) -> tuple[Age
 
 
 def build_integrations(config: AgentConfig, agent: Agent) -> list[Integration]:
-    """What plugs into the agent's MQTT life, as the configuration asks."""
-    if not config.mqtt.enabled:
-        return []
+    """What plugs into the agent, as the configuration asks: the Wyoming server with or without
+    MQTT, the rest only with it."""
+    integrations: list[Integration] = []
+    if config.wyoming.enabled:
+        try:
+            from edge_agent.wyoming.server import WyomingServer
+        except ImportError as error:
+            raise ImportError(
+                f"wyoming.enabled needs the wyoming extra (pip install 'edge-agent[wyoming]'): {error}"
+            ) from error
+        integrations.append(WyomingServer())
+    if config.mqtt.enabled:
+        integrations += _mqtt_integrations(config, agent)
+    return integrations
+
+
+def _mqtt_integrations(config: AgentConfig, agent: Agent) -> list[Integration]:
     from edge_agent.fleet.commands import CommandProcessor
     from edge_agent.fleet.homeassistant import HomeAssistantDiscovery
 

@@ -54,7 +54,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--host", metavar="ADDRESS", help="address to bind (overrides http.host; default 127.0.0.1)"
     )
     serve.add_argument(
-        "--port", type=int, metavar="PORT", help="TCP port (overrides http.port; default 8080)"
+        "--port",
+        type=int,
+        metavar="PORT",
+        help="TCP port (overrides http.port; default 8080; --port 8000 for clients of the FastAPI "
+        "REST service, which hard-code it)",
+    )
+    serve.add_argument(
+        "--cors-origins",
+        metavar="LIST",
+        help="comma-separated origins whose pages may call the API, or '*' for any (a page opened "
+        "from a file); overrides http.cors_origins (default: pages from localhost, any port)",
+    )
+    serve.add_argument(
+        "--allowed-hosts",
+        metavar="LIST",
+        help="comma-separated host names requests may use besides IP addresses, '*' for any "
+        "(overrides http.allowed_hosts; default: localhost)",
     )
     serve.add_argument(
         "--max-upload-mb",
@@ -74,7 +90,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     add_config_option(check)
     check.add_argument(
-        "--url", metavar="URL", help="base URL instead of the config's (e.g. http://127.0.0.1:8080)"
+        "--url",
+        metavar="URL",
+        help="the server's address instead of the config's (http://127.0.0.1:8080, or its /healthz)",
     )
     check.add_argument(
         "--timeout",
@@ -95,6 +113,10 @@ def _http_overrides(args: argparse.Namespace) -> dict[str, Any]:
         http["port"] = args.port
     if args.max_upload_mb is not None:
         http["max_upload_mb"] = args.max_upload_mb
+    if args.cors_origins is not None:
+        http["cors_origins"] = args.cors_origins
+    if args.allowed_hosts is not None:
+        http["allowed_hosts"] = args.allowed_hosts
     if http:
         update["http"] = http
     if args.log_level or args.log_json:
@@ -157,9 +179,14 @@ def healthcheck_url(config: AgentConfig) -> str:
     return f"http://{host}:{config.http.port}"
 
 
+def health_url(base: str) -> str:
+    """``base``'s /healthz: a server's address, or already the health URL itself."""
+    base = base.rstrip("/")
+    return base if base.endswith("/healthz") else base + "/healthz"
+
+
 def run_healthcheck(args: argparse.Namespace) -> int:
-    base = args.url or healthcheck_url(load_settings(args))
-    url = base.rstrip("/") + "/healthz"
+    url = health_url(args.url or healthcheck_url(load_settings(args)))
     try:
         with urllib.request.urlopen(url, timeout=args.timeout) as response:
             body = response.read().decode("utf-8", "replace")

@@ -56,6 +56,7 @@ from edge_agent.config.schema import (
     OutboxConfig,
     PoolConfig,
     TlsConfig,
+    WyomingConfig,
     default_device_id,
     option,
 )
@@ -84,6 +85,7 @@ __all__ = [
     "OutboxConfig",
     "PoolConfig",
     "TlsConfig",
+    "WyomingConfig",
     "changed_keys",
     "config_reference",
     "default_device_id",

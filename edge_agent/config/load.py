@@ -3,7 +3,8 @@
 Sources, later wins: built-in defaults, the YAML file (``-c FILE``), the remote overrides file
 that ``set_config`` writes beside it, then environment variables ``EDGE_AGENT_<SECTION>__<KEY>``
 (double underscore between levels, values parsed as YAML scalars, e.g.
-``EDGE_AGENT_MQTT__PORT=8883``, ``EDGE_AGENT_MQTT__TLS__CA_FILE=/etc/ca.pem``). The sources
+``EDGE_AGENT_MQTT__PORT=8883``, ``EDGE_AGENT_MQTT__TLS__CA_FILE=/etc/ca.pem``), and
+``EDGE_AGENT_MODEL_DIR`` for ``model.dir`` when nothing else sets it. The sources
 are merged as plain mappings and validated once, together, by
 :func:`~edge_agent.config.parse.parse_config`. Secrets can be read from files
 (``mqtt.password_file``) and are never printed.
@@ -24,6 +25,8 @@ from edge_agent.config.parse import parse_config
 from edge_agent.config.schema import AgentConfig, ConfigError, MqttConfig
 
 ENV_PREFIX = "EDGE_AGENT_"
+# The model directory, also settable as model.dir (or EDGE_AGENT_MODEL__DIR); the file wins.
+MODEL_DIR_ENV = "EDGE_AGENT_MODEL_DIR"
 
 
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> AgentConfig:
@@ -33,6 +36,10 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     if path is not None and remote_overrides_path(path).exists():
         data = _merge(data, read_config_file(remote_overrides_path(path)))
     data = _merge(data, _env_overrides(env))
+    if env.get(MODEL_DIR_ENV) and not (data.get("model") or {}).get("dir"):
+        # The short variable is the documented way to point at the model: the loaded config says
+        # so, so that `config check` and `get_config` show the directory actually used.
+        data = _merge(data, {"model": {"dir": env[MODEL_DIR_ENV]}})
     return parse_config(data, str(path) if path else "defaults")
 
 
@@ -139,7 +146,11 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
         try:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError as error:
-            raise ConfigError(".".join(path), f"cannot parse environment variable {name}: {error}") from None
+            if not raw.startswith("*"):
+                raise ConfigError(
+                    ".".join(path), f"cannot parse environment variable {name}: {error}"
+                ) from None
+            value = raw  # `*` (any origin, any host) is a YAML alias marker, but meant as text here
         target = overrides
         for part in path[:-1]:
             target = target.setdefault(part, {})

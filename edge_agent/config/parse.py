@@ -10,12 +10,14 @@ it; then the rules that involve several keys run on the finished tree. Every
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import types
 import typing
 from collections.abc import Mapping
 from typing import Any, Literal, Union
 
 from edge_agent.config.schema import (
+    COMMA_SEPARATED_KEYS,
     COMMAND_NAMES,
     DEFAULT_MAX_DURATION,
     DEFAULT_MIN_DURATION,
@@ -89,6 +91,8 @@ def _convert(value: Any, hint: Any, key: str, meta: Mapping[str, Any]) -> Any:
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             if key.endswith("keywords") and isinstance(value, str):
                 value = [value]
+            elif key in COMMA_SEPARATED_KEYS and isinstance(value, str):
+                value = [item.strip() for item in value.split(",") if item.strip()]
             else:
                 raise ConfigError(key, f"must be a list, got {_describe(value)}")
         return tuple(_convert(item, item_hint, f"{key}[{i}]", meta) for i, item in enumerate(value))
@@ -207,5 +211,11 @@ def _check_rules(config: AgentConfig) -> None:
     for site in config.hermes.site_ids:
         if not TOPIC_PATTERN.match(site) or "/" in site:
             raise ConfigError("hermes.site_ids", f"{site!r} cannot be a Hermes site id")
+    advertise = config.wyoming.advertise_host
+    if advertise is not None:
+        try:
+            ipaddress.IPv4Address(advertise)
+        except ValueError:
+            raise ConfigError("wyoming.advertise_host", f"{advertise!r} is not an IPv4 address") from None
     if config.device.id in ("all", "group", "pool"):
         raise ConfigError("device.id", f"{config.device.id!r} is reserved for fleet topics")

@@ -9,6 +9,7 @@ described in exactly one place. Rules involving several keys live with the parse
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 import socket
@@ -81,12 +82,19 @@ def bounds_text(meta: Mapping[str, Any]) -> str:
 class DeviceConfig:
     id: str | None = option(
         None,
-        doc="Device id used in MQTT topics and client id; letters, digits, _ and -. Default: the hostname.",
+        doc="Device id used in MQTT topics and client id; letters, digits, _ and -. Default: the host "
+        "name and 6 hex characters from the machine id (/etc/machine-id), e.g. raspberrypi-3f2a9c.",
         pattern=ID_PATTERN,
     )
     name: str | None = option(None, doc="Friendly name shown by Home Assistant and the fleet monitor.")
     groups: tuple[str, ...] = option(
         (), doc="Fleet groups; commands sent to {prefix}/group/{name}/cmd/... reach this device."
+    )
+    room: str | None = option(
+        None,
+        doc="Room this device listens in; `edge-agent arbiter` turns the room's detections of one "
+        "utterance into one wake on {prefix}/room/{room}/wake (the loudest device wins).",
+        pattern=ID_PATTERN,
     )
 
 
@@ -117,9 +125,9 @@ class EngineConfig:
         1, doc="Threads for the torch backend (numpy runs single-threaded).", minimum=1, maximum=64
     )
     workers: int = option(
-        0,
-        doc="Engine worker processes, streams shared among them: 0 = one per core; 1 = the engine on "
-        "one thread of the agent's own process.",
+        1,
+        doc="Engine worker processes, streams shared among them: 1 = the engine on one thread of the "
+        "agent's own process; 0 = one process per core (each loads the model: more memory).",
         minimum=0,
         maximum=64,
     )
@@ -129,7 +137,8 @@ class EngineConfig:
     )
     refractory: float = option(
         DEFAULT_REFRACTORY_SECONDS,
-        doc="Seconds after a detection during which the same keyword is not reported again.",
+        doc="Seconds after a detection during which the same keyword is not reported again, "
+        "unless more confident (a lower threshold only adds detections).",
         minimum=0.0,
         maximum=60.0,
     )
@@ -156,6 +165,12 @@ class EngineConfig:
         "confident ones fire at once.",
         minimum=0.03,
         maximum=2.0,
+    )
+    near_misses: bool = option(
+        True,
+        doc="Track each keyword's near misses (the best score of the last hour that came within a "
+        "quarter of the threshold) for health and `edge-agent fleet`: a second, lower-threshold "
+        "decoding pass; hubs with many streams may turn it off to save engine time.",
     )
     pause: float = option(
         DEFAULT_PAUSE_SECONDS,
@@ -378,6 +393,65 @@ class HermesConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class WyomingConfig:
+    enabled: bool = option(
+        False,
+        doc="Serve Home Assistant's Wyoming protocol: a wake-word service for Assist pipelines "
+        "(docs/wyoming.md). Needs the `wyoming` extra.",
+    )
+    host: str = option("0.0.0.0", doc="Address to listen on (no authentication, like every Wyoming service).")
+    port: int = option(
+        10400,
+        doc="TCP port (10400 is the Wyoming wake-word services' usual one; 0: any free port, logged).",
+        minimum=0,
+        maximum=65535,
+    )
+    name: str = option(
+        "edge-agent",
+        doc="Name of the wake-word program in `describe`; Home Assistant names its entity after it.",
+    )
+    zeroconf: bool = option(
+        True, doc="Advertise the service as _wyoming._tcp over mDNS, for Home Assistant's discovery."
+    )
+    zeroconf_name: str | None = option(
+        None, doc="The mDNS instance name. Default: the device id.", pattern=ID_PATTERN
+    )
+    advertise_host: str | None = option(
+        None,
+        doc="IPv4 address announced over mDNS, and the only interface mDNS uses. Default: the host's "
+        "non-loopback addresses (all interfaces).",
+    )
+    max_connections: int = option(
+        256,
+        doc="Most open client connections; one more gets an error event and is closed. Streaming "
+        "clients are also limited by audio.mqtt.max_streams.",
+        minimum=1,
+        maximum=65536,
+    )
+    batch_ms: int = option(
+        100,
+        doc="Every client's audio goes to the engine together, every this many ms: one batched "
+        "engine step for all clients instead of one per chunk, for up to this much delay "
+        "(0: each chunk as it arrives).",
+        minimum=0,
+        maximum=500,
+    )
+    max_event_bytes: int = option(
+        1_048_576,
+        doc="Largest event data or payload accepted from a client (bytes); a larger one gets an "
+        "error event and the connection is closed.",
+        minimum=4096,
+        maximum=256_000_000,
+    )
+    idle_timeout: float = option(
+        60.0,
+        doc="A connection that sends nothing for this long (s) is closed.",
+        minimum=1.0,
+        maximum=86400,
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
 class PoolConfig:
     enabled: bool = option(
         False, doc="Server mode: share streams with other agents of the same pool (docs/scale-out.md)."
@@ -387,6 +461,16 @@ class PoolConfig:
     )
 
 
+# Pages served from this machine may call the API by default; any other site needs a setting.
+DEFAULT_CORS_ORIGINS = ("http://localhost:*", "http://127.0.0.1:*", "http://[::1]:*")
+# Loopback names only: another name in the Host header is how a DNS-rebinding page gets in.
+DEFAULT_ALLOWED_HOSTS = ("localhost", ".localhost")
+ORIGIN_PATTERN = re.compile(r"^(\*|null|https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:([0-9]{1,5}|\*))?)$")
+HOST_NAME_PATTERN = re.compile(r"^(\*|\.?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*)$")
+# List keys that also take one comma-separated string (a command-line or environment value).
+COMMA_SEPARATED_KEYS = ("http.cors_origins", "http.allowed_hosts")
+
+
 @dataclass(frozen=True, kw_only=True)
 class HttpConfig:
     enabled: bool = option(False, doc="Serve the local HTTP API, /ui test page and /metrics.")
@@ -394,6 +478,23 @@ class HttpConfig:
     port: int = option(8080, doc="TCP port.", minimum=1, maximum=65535)
     max_upload_mb: float = option(
         20.0, doc="Largest WAV accepted by POST /detect (MB); larger gets 413.", minimum=0.1, maximum=1024
+    )
+    cors_origins: tuple[str, ...] = option(
+        DEFAULT_CORS_ORIGINS,
+        doc="Origins whose web pages may call the API (CORS), e.g. http://localhost:3000; a port of * "
+        "matches any port; * alone allows every origin (a page opened from a file has origin null).",
+        pattern=ORIGIN_PATTERN,
+    )
+    allowed_hosts: tuple[str, ...] = option(
+        DEFAULT_ALLOWED_HOSTS,
+        doc="Host names a request may address (against DNS rebinding); IP addresses are always "
+        "accepted; a leading dot matches subdomains; * accepts any name.",
+        pattern=HOST_NAME_PATTERN,
+    )
+    show_paths: bool = option(
+        False,
+        doc="Show file paths in answers: the model's directory in /info, paths in health errors "
+        "(the API has no authentication; the log always has them).",
     )
 
 
@@ -425,6 +526,9 @@ class AgentConfig:
     pool: PoolConfig = option(
         factory=PoolConfig, doc="Scale-out: several agents sharing streams through the broker."
     )
+    wyoming: WyomingConfig = option(
+        factory=WyomingConfig, doc="Wyoming wake-word service for Home Assistant Assist."
+    )
     logging: LoggingConfig = option(factory=LoggingConfig, doc="Logs.")
 
     @property
@@ -452,7 +556,36 @@ class AgentConfig:
         )
 
 
-def default_device_id() -> str:
-    """The host name reduced to the characters MQTT topics and Home Assistant ids allow."""
-    cleaned = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0])[:64]
-    return cleaned or "edge_agent"
+# Where the OS keeps the machine's stable random id (systemd, then D-Bus).
+MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
+# Hex characters of the machine suffix: 16.7 million values, so that two stock boards with
+# the same host name ("raspberrypi") get different ids.
+MACHINE_SUFFIX_CHARS = 6
+
+
+def machine_suffix(paths: tuple[str, ...] = MACHINE_ID_FILES) -> str | None:
+    """A short stable suffix derived from the machine id, or None where there is none.
+
+    Hashed with this application's name (as systemd asks of anyone who shows it): the machine
+    id itself is never published."""
+    for path in paths:
+        try:
+            with open(path, encoding="ascii", errors="replace") as handle:
+                machine_id = handle.readline().strip()
+        except OSError:
+            continue
+        if machine_id:
+            digest = hashlib.sha256(b"edge_agent device id:" + machine_id.encode()).hexdigest()
+            return digest[:MACHINE_SUFFIX_CHARS]
+    return None
+
+
+def default_device_id(hostname: str | None = None, suffix: str | None = None) -> str:
+    """``{host name}-{machine suffix}``, reduced to what MQTT topics and Home Assistant ids
+    allow: two boards with the same host name get different ids (two agents with one id knock
+    each other off the broker). The host name alone where the OS has no machine id."""
+    host = socket.gethostname() if hostname is None else hostname
+    suffix = machine_suffix() if suffix is None else suffix
+    tail = f"-{suffix}" if suffix else ""
+    cleaned = re.sub(r"[^A-Za-z0-9_-]", "_", host.split(".")[0])[: 64 - len(tail)]
+    return (cleaned or "edge_agent") + tail

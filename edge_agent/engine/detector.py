@@ -8,13 +8,27 @@ remainder, network memory and decoder state, and nothing global.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edge_agent.engine.decoder import CompiledKeyword, DecoderSettings, Detection, process_many
-from edge_agent.engine.features import SAMPLE_RATE_HZ, FeatureStream, accept_many
+from edge_agent.engine.decoder import (
+    CompiledKeyword,
+    DecoderSettings,
+    Detection,
+    KeywordDecoder,
+    process_many,
+)
+from edge_agent.engine.features import (
+    DECIMATION,
+    FRAME_SHIFT_SAMPLES,
+    OUTPUT_FRAME_SECONDS,
+    SAMPLE_RATE_HZ,
+    FeatureStream,
+    accept_many,
+)
 from edge_agent.engine.network import OutputLayer
 
 if TYPE_CHECKING:
@@ -23,6 +37,9 @@ if TYPE_CHECKING:
 # Largest piece of audio run through the network at once (8 s): long enough that the per-call
 # costs vanish, short enough that a block's working arrays stay in the CPU's caches.
 _BLOCK_SAMPLES = 8 * SAMPLE_RATE_HZ
+# Near misses (telemetry) are matches that reach this share of a keyword's threshold but not
+# the threshold itself.
+NEAR_MISS_SHARE = 0.25
 
 
 class KeywordDetector:
@@ -38,6 +55,12 @@ class KeywordDetector:
         self._decoder = model.decoder(keywords, settings)
         self._samples_seen = 0
         self._hidden = _HiddenRows(model.network.output.input_dim)
+        self._deferred = np.zeros(0, dtype=np.float32)
+        self._defer_limit = deferrable_samples(keywords)
+        # Near-miss telemetry: a second decoder at lower thresholds, made on the first
+        # take_near_misses() call. The detections never depend on it.
+        self._near_decoder: KeywordDecoder | None = None
+        self._near_misses: dict[str, float] = {}
 
     @property
     def keywords(self) -> list[CompiledKeyword]:
@@ -73,6 +96,12 @@ class KeywordDetector:
         detector decodes a whole recording in one pass, the same as ``feed`` then ``finish``.
         """
         detections: list[Detection] = []
+        if self._deferred.size:
+            # Audio fed but not yet run (see feed_many): it goes first, counted once.
+            self._samples_seen -= self._deferred.shape[0]
+            tail = np.zeros(0, dtype=np.float32) if samples is None else _mono(samples)
+            samples = np.concatenate([self._deferred, tail.astype(np.float32, copy=False)])
+            self._deferred = self._deferred[:0]
         if samples is None:
             features = self._features.finish()
         else:
@@ -87,6 +116,8 @@ class KeywordDetector:
         hidden = self._model.network.hidden(self._network_state, features, final=True)
         (found,) = _decode([self], [hidden])
         detections += found + self._decoder.finish()
+        if self._near_decoder is not None:
+            self._note_near_misses(self._near_decoder.finish())
         self.reset()
         return detections
 
@@ -95,8 +126,11 @@ class KeywordDetector:
         self._features.reset()
         self._network_state = self._model.network.new_state()
         self._decoder.reset()
+        if self._near_decoder is not None:
+            self._near_decoder.reset()
         self._hidden = _HiddenRows(self._model.network.output.input_dim)
         self._samples_seen = 0
+        self._deferred = self._deferred[:0]
 
     def set_keywords(
         self, keywords: Sequence[CompiledKeyword], settings: DecoderSettings | None = None
@@ -106,7 +140,80 @@ class KeywordDetector:
         """
         if settings is not None:
             self._settings = settings
+        # Audio deferred by feed_many goes to the new keywords: the swap takes effect where the
+        # decoder stands, a little earlier in the stream than the last sample fed.
         self._decoder = self._model.decoder(keywords, self._settings, first_frame=self._decoder.frames_seen)
+        self._defer_limit = deferrable_samples(keywords)
+        if self._near_decoder is not None:
+            self._near_decoder = self._near_miss_decoder()
+
+    def take_near_misses(self) -> dict[str, float]:
+        """Per keyword, the best confidence of a match that reached :data:`NEAR_MISS_SHARE` of its
+        threshold but not the threshold, since the last call; keywords without one are left out.
+
+        The first call starts the near-miss decoding (it costs a second decoding pass of the
+        frames where a match may reach the lower thresholds): only callers that read near
+        misses pay for them.
+        """
+        if self._near_decoder is None:
+            self._near_decoder = self._near_miss_decoder()
+        found, self._near_misses = self._near_misses, {}
+        return found
+
+    def stop_near_misses(self) -> None:
+        """End the near-miss pass (a later :meth:`take_near_misses` starts it afresh)."""
+        self._near_decoder = None
+        self._near_misses = {}
+
+    def _near_miss_decoder(self) -> KeywordDecoder:
+        lowered = [
+            dataclasses.replace(k, threshold=k.threshold * NEAR_MISS_SHARE) for k in self._decoder.keywords
+        ]
+        return self._model.decoder(lowered, self._settings, first_frame=self._decoder.frames_seen)
+
+    def _note_near_misses(self, matches: list[Detection]) -> None:
+        thresholds = {k.text: k.threshold for k in self._decoder.keywords}
+        for match in matches:
+            if match.confidence < thresholds.get(match.keyword, 0.0):
+                best = self._near_misses.get(match.keyword, 0.0)
+                self._near_misses[match.keyword] = max(best, match.confidence)
+
+    def _defers(self, samples: np.ndarray) -> np.ndarray | None:
+        """None if ``samples`` are set aside for the next call (see :func:`feed_many`), else the
+        samples to run now: those set aside, then these."""
+        waiting = self._deferred.shape[0] + samples.shape[0]
+        if waiting < self._defer_limit and self._decoder.idle:
+            self._deferred = np.concatenate([self._deferred, samples.astype(np.float32, copy=False)])
+            return None
+        if self._deferred.size == 0:
+            return samples
+        combined = np.concatenate([self._deferred, samples.astype(np.float32, copy=False)])
+        self._deferred = self._deferred[:0]
+        return combined
+
+
+def deferrable_samples(keywords: Sequence[CompiledKeyword]) -> int:
+    """How much audio a stream whose decoder is idle may set aside without delaying any
+    detection: less than the shortest distance between a keyword's first and last character.
+
+    Idle, no partial match can still reach its threshold: a keyword not begun yet is found no
+    earlier than its first character's frame plus that distance plus one (the frame that
+    lets it fire), which needs more audio than that distance. Whatever is set aside is run with
+    the next chunk, through the same arithmetic: chunking never changes the detections.
+    """
+    return min(_character_distance_frames(k) for k in keywords) * DECIMATION * FRAME_SHIFT_SAMPLES
+
+
+def _character_distance_frames(keyword: CompiledKeyword) -> int:
+    """Whole network frames between the first and last character of any match long enough to
+    count (``firing.keyword_span`` sets a span from that distance; 0 for one character)."""
+    n = len(keyword.token_groups)
+    if n == 1:
+        return 0
+    span_frames = keyword.min_duration / OUTPUT_FRAME_SECONDS
+    # The span is the distance plus twice the larger of one frame and half the mean distance
+    # between characters: a lower bound of the distance from each case.
+    return max(0, int(min(span_frames - 2, span_frames * (n - 1) / n)))
 
 
 def _mono(samples: np.ndarray) -> np.ndarray:
@@ -124,19 +231,27 @@ def feed_many(detectors: Sequence[KeywordDetector], chunks: Sequence[np.ndarray]
     must come from one model; those with different keyword outputs are batched separately.
     """
     results: list[list[Detection]] = [[] for _ in detectors]
+    runs: dict[int, np.ndarray] = {}
     groups: dict[tuple[int, tuple[int, ...]], list[int]] = {}
     for i, (detector, chunk) in enumerate(zip(detectors, chunks, strict=True)):
         samples = np.asarray(chunk)
         if samples.ndim != 1 or samples.shape[0] > _BLOCK_SAMPLES:
             results[i] = detector.feed(samples)  # large or invalid: the one-stream path
             continue
+        if samples.size == 0:
+            continue
+        detector._samples_seen += samples.shape[0]
+        # A stream with nothing going on sets short chunks aside and runs them with the next one
+        # (a live microphone: per-chunk costs halve), when that delays no detection.
+        ready = detector._defers(samples)
+        if ready is None:
+            continue
+        runs[i] = ready
         key = (id(detector._model), detector._decoder.columns_key)
         groups.setdefault(key, []).append(i)
     for members in groups.values():
         batch = [detectors[i] for i in members]
-        for i in members:
-            detectors[i]._samples_seen += int(np.asarray(chunks[i]).shape[0])
-        features = accept_many([d._features for d in batch], [np.asarray(chunks[i]) for i in members])
+        features = accept_many([d._features for d in batch], [runs[i] for i in members])
         hidden = batch[0]._model.network.hidden_many([d._network_state for d in batch], features)
         for i, detections in zip(members, _decode(batch, hidden), strict=True):
             results[i] = detections
@@ -159,18 +274,33 @@ def _decode(detectors: Sequence[KeywordDetector], hidden: Sequence[np.ndarray]) 
     edges = np.cumsum([0, *counts])
     per_stream = [bounds[edges[i] : edges[i + 1]] for i in range(len(counts))]
 
-    def resolve(frames: list[np.ndarray]) -> list[np.ndarray]:
-        asking = [i for i, f in enumerate(frames) if f.size]
-        wanted = [detectors[i]._hidden.rows(frames[i]) for i in asking]
-        exact = output.posteriors(np.concatenate(wanted) if len(wanted) > 1 else wanted[0], columns)
-        answers = [exact[:0]] * len(frames)
-        offset = 0
-        for i in asking:
-            answers[i] = exact[offset : offset + frames[i].size]
-            offset += frames[i].size
-        return answers
+    def resolver(owners: Sequence[KeywordDetector]) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
+        def resolve(frames: list[np.ndarray]) -> list[np.ndarray]:
+            asking = [i for i, f in enumerate(frames) if f.size]
+            wanted = [owners[i]._hidden.rows(frames[i]) for i in asking]
+            exact = output.posteriors(np.concatenate(wanted) if len(wanted) > 1 else wanted[0], columns)
+            answers = [exact[:0]] * len(frames)
+            offset = 0
+            for i in asking:
+                answers[i] = exact[offset : offset + frames[i].size]
+                offset += frames[i].size
+            return answers
 
-    return process_many([d._decoder for d in detectors], per_stream, resolve)
+        return resolve
+
+    found = process_many([d._decoder for d in detectors], per_stream, resolver(detectors))
+    near = [i for i, d in enumerate(detectors) if d._near_decoder is not None]
+    if near:
+        # The near-miss decoders read the same bounds and rows; their matches are only telemetry.
+        owners = [detectors[i] for i in near]
+        matches = process_many(
+            [d._near_decoder for d in owners],  # type: ignore[misc]
+            [per_stream[i] for i in near],
+            resolver(owners),
+        )
+        for owner, matched in zip(owners, matches, strict=True):
+            owner._note_near_misses(matched)
+    return found
 
 
 class _HiddenRows:

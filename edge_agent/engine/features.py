@@ -339,6 +339,8 @@ def accept_many(
     whole batch instead of one per stream. Each stream keeps its own remainders."""
     if not streams:
         return []
+    if len(streams) == 1:
+        return [_accept_one(streams[0], samples[0], final)]
     fbank = streams[0]._fbank
     pieces: list[np.ndarray] = []
     lengths: list[int] = []
@@ -358,7 +360,9 @@ def accept_many(
         # One stream: its frames are evenly spaced and need no gather.
         windows = fbank.windows(signal)
     else:
-        frame_counts = np.array(counts, dtype=np.int64)
+        # np.repeat's counts must cast safely to intp: int64 counts fail where intp is 32-bit
+        # (armv7), so counts are intp; the positions stay int64.
+        frame_counts = np.array(counts, dtype=np.intp)
         total = int(frame_counts.sum())
         # Start of every frame in the concatenated signal: stream offset + k * shift.
         first_frame = np.cumsum(frame_counts) - frame_counts
@@ -373,11 +377,55 @@ def accept_many(
     return _splice_many(streams, log_mel, counts, final=final)
 
 
+def _accept_one(stream: FeatureStream, chunk: np.ndarray, final: bool) -> np.ndarray:
+    """:func:`accept_many` for one stream (a live microphone's every chunk): the same frames,
+    without the layout of a batch."""
+    chunk = np.asarray(chunk)
+    if chunk.ndim != 1:
+        raise ValueError(f"expected mono samples as a 1-D array, got shape {chunk.shape}")
+    stream._samples_total += chunk.shape[0]
+    signal = np.concatenate([stream._pending_samples, chunk], dtype=np.float32)
+    count = frame_count(signal.shape[0])
+    log_mel = stream._fbank.frames(signal)
+    stream._pending_samples = signal[count * FRAME_SHIFT_SAMPLES :].copy()
+    return _splice_one(stream, log_mel, final)
+
+
+# Offsets of a spliced frame's filterbank frames from its centre.
+_SPLICE_OFFSETS = np.arange(-CONTEXT_LEFT, CONTEXT_RIGHT + 1)[None, :]
+
+
+def _splice_one(stream: FeatureStream, log_mel: np.ndarray, final: bool) -> np.ndarray:
+    """:func:`_splice_many` for one stream (a live microphone's every chunk): the same frames,
+    without the bookkeeping that lays out a batch."""
+    context = stream._context
+    first_index = stream._fbank_frames_total - context.shape[0]
+    frames = np.concatenate([context, log_mel]) if context.shape[0] else log_mel
+    stream._fbank_frames_total += log_mel.shape[0]
+    total_frames = stream._fbank_frames_total
+    last_center = total_frames - 1 if final else total_frames - 1 - CONTEXT_RIGHT
+    first_center = stream._next_output_center
+    emit = (
+        (last_center - first_center) // DECIMATION + 1 if total_frames and last_center >= first_center else 0
+    )
+    stream._next_output_center = first_center + DECIMATION * emit
+    keep_from = min(max(0, stream._next_output_center - CONTEXT_LEFT), total_frames)
+    stream._context = frames[keep_from - first_index :].copy()
+    if emit == 0:
+        return np.zeros((0, FEATURE_DIM), dtype=np.float32)
+    centers = np.arange(first_center, first_center + DECIMATION * emit, DECIMATION)[:, None]
+    absolute = np.minimum(np.maximum(centers + _SPLICE_OFFSETS, 0), total_frames - 1)
+    spliced = frames[absolute - first_index].reshape(emit, FEATURE_DIM)
+    return stream._cmvn.apply_in_place(spliced)
+
+
 def _splice_many(
     streams: list[FeatureStream], log_mel: np.ndarray, counts: list[int], final: bool
 ) -> list[np.ndarray]:
     """Splice each stream's new filterbank frames with +-2 frames of context (repeating a
     stream's first and last frame at its edges) and keep every third, for all streams at once."""
+    if len(streams) == 1:
+        return [_splice_one(streams[0], log_mel, final)]
     pieces: list[np.ndarray] = []
     first_centers: list[int] = []  # per stream: absolute centre of its first frame to emit
     bases: list[int] = []  # per stream: row of its absolute frame 0 in ``frames``
@@ -415,7 +463,7 @@ def _splice_many(
     emitted_total = sum(emitted)
     if emitted_total == 0:
         return [np.zeros((0, FEATURE_DIM), dtype=np.float32) for _ in streams]
-    counts_array = np.array(emitted, dtype=np.int64)
+    counts_array = np.array(emitted, dtype=np.intp)  # repeat counts: intp (see accept_many)
     firsts = np.cumsum(counts_array) - counts_array
     within = np.arange(emitted_total) - np.repeat(firsts, counts_array)
     centers = np.repeat(np.array(first_centers, dtype=np.int64), counts_array) + DECIMATION * within

@@ -193,12 +193,62 @@ class OutputLayer:
 
 
 class _FsmnBuffer:
-    """Per-stream, per-layer inputs kept for the next chunk: history then pending frames."""
+    """Per-stream, per-layer inputs kept for the next chunk: history then pending frames.
 
-    __slots__ = ("frames",)
+    They live at the front of a store with room for a live microphone's chunks, over which the
+    layer's windows are one view made once: a short chunk is written after them, filtered
+    through that view and its tail moved to the front, in three array operations instead of
+    a new matrix per layer and chunk. Longer chunks (whole files, batches) replace the store.
+    """
 
-    def __init__(self, frames: np.ndarray) -> None:
+    __slots__ = ("_held", "_store", "_taps", "windows")
+
+    # Rows a store holds beyond a layer's history and look-ahead.
+    _ROOM = 64
+
+    def __init__(self, frames: np.ndarray, taps: int) -> None:
+        self._taps = taps
+        self._allocate(frames.shape[0] + self._ROOM, frames.shape[1])
         self.frames = frames
+
+    def _allocate(self, rows: int, width: int) -> None:
+        self._store = np.zeros((max(rows, self._taps), width), dtype=np.float32)
+        #: windows[t] reads store rows t .. t + taps - 1 (read only)
+        self.windows = _windows(self._store, self._taps, self._store.shape[0] - self._taps + 1)
+
+    @property
+    def frames(self) -> np.ndarray:
+        """The rows held (a view: copied by whoever keeps them)."""
+        return self._store[: self._held]
+
+    @frames.setter
+    def frames(self, rows: np.ndarray) -> None:
+        count = rows.shape[0]
+        if count > self._store.shape[0]:
+            self._allocate(count + self._ROOM, rows.shape[1])
+        self._store[:count] = rows
+        self._held = count
+
+    def room(self) -> int:
+        """New rows that fit after the rows held."""
+        return self._store.shape[0] - self._held
+
+    def filter_in_place(self, new: np.ndarray, zeros: int, taps: np.ndarray, lookahead: int) -> np.ndarray:
+        """Append ``new`` rows and ``zeros`` rows of zeros (``room()`` must allow), return the
+        outputs of every window whose look-ahead is there, and keep the rest."""
+        held, count = self._held, new.shape[0]
+        end = held + count + zeros
+        self._store[held : held + count] = new
+        if zeros:
+            self._store[held + count : end] = 0.0
+        ready = end - (self._taps - 1 - lookahead) - lookahead
+        if ready <= 0:
+            self._held = end
+            return np.zeros((0, self._store.shape[1]), dtype=np.float32)
+        outputs = np.einsum("tkd,kd->td", self.windows[:ready], taps)
+        self._store[: end - ready] = self._store[ready:end]  # numpy copies overlapping rows safely
+        self._held = end - ready
+        return outputs
 
 
 class NumpyState:
@@ -243,6 +293,10 @@ def fsmn_outputs(taps: np.ndarray, inputs: np.ndarray, count: int) -> np.ndarray
     return np.einsum("tkd,kd->td", _windows(inputs, taps.shape[0], count), taps)
 
 
+# The kinds of steps of NumpyNetwork's plan.
+_AFFINE, _AFFINE_RELU, _LINEAR, _LINEAR_RELU, _RELU, _FSMN = range(6)
+
+
 class NumpyNetwork:
     """numpy float32 implementation of :class:`NetworkBackend`."""
 
@@ -267,11 +321,35 @@ class NumpyNetwork:
             id(c): np.asarray(c.bias, dtype=np.float32) for c in self._body if isinstance(c, AffineTransform)
         }
         self._taps = {id(layer): fsmn_taps(layer) for layer in self._fsmn_layers}
+        self._plan = self._compile_plan()
+
+    def _compile_plan(self) -> list[tuple[int, np.ndarray | None, np.ndarray | None, Fsmn | None]]:
+        """The body as a list of steps for one stream's chunks, each an affine transform (with its
+        ReLU when one follows), a linear transform or an FSMN layer: a live microphone's chunks
+        are a few frames, and the per-step dispatch would cost as much as the arithmetic."""
+        plan: list[tuple[int, np.ndarray | None, np.ndarray | None, Fsmn | None]] = []
+        for component in self._body:
+            if isinstance(component, RectifiedLinear):
+                if plan and plan[-1][0] in (_AFFINE, _LINEAR):
+                    kind, weights, bias, _ = plan[-1]
+                    plan[-1] = (_AFFINE_RELU if kind == _AFFINE else _LINEAR_RELU, weights, bias, None)
+                else:
+                    plan.append((_RELU, None, None, None))
+            elif isinstance(component, AffineTransform):
+                plan.append((_AFFINE, self._weights_t[id(component)], self._biases[id(component)], None))
+            elif isinstance(component, LinearTransform):
+                plan.append((_LINEAR, self._weights_t[id(component)], None, None))
+            elif isinstance(component, Fsmn):
+                plan.append((_FSMN, self._taps[id(component)], None, component))
+        return plan
 
     def new_state(self) -> NumpyState:
         return NumpyState(
             [
-                _FsmnBuffer(np.zeros((layer.history_frames, layer.input_dim), dtype=np.float32))
+                _FsmnBuffer(
+                    np.zeros((layer.history_frames, layer.input_dim), dtype=np.float32),
+                    self._taps[id(layer)].shape[0],
+                )
                 for layer in self._fsmn_layers
             ]
         )
@@ -290,12 +368,17 @@ class NumpyNetwork:
             raise RuntimeError("this stream's network state was finished; create a new one")
         x = self._check(features)
         fsmn_index = 0
-        for component in self._body:
-            if isinstance(component, Fsmn):
-                x = self._fsmn_step(component, state.buffers[fsmn_index], x, final)
+        for kind, weights, bias, layer in self._plan:
+            if kind == _FSMN:
+                x = self._fsmn_step(layer, state.buffers[fsmn_index], x, final)  # type: ignore[arg-type]
                 fsmn_index += 1
-            else:
-                x = self._frame_wise(component, x)
+                continue
+            if kind != _RELU:
+                x = x @ weights
+                if bias is not None:
+                    x += bias
+            if kind in (_AFFINE_RELU, _LINEAR_RELU, _RELU):
+                np.maximum(x, 0.0, out=x)
         if final:
             state.finished = True
         return x
@@ -348,6 +431,9 @@ class NumpyNetwork:
 
     def _fsmn_step(self, layer: Fsmn, buffer: _FsmnBuffer, new: np.ndarray, final: bool) -> np.ndarray:
         history, lookahead = layer.history_frames, layer.lookahead_frames
+        zeros = lookahead if final else 0
+        if new.shape[0] + zeros <= buffer.room():
+            return buffer.filter_in_place(new, zeros, self._taps[id(layer)], lookahead)
         parts = [buffer.frames, new]
         if final and lookahead:
             parts.append(np.zeros((lookahead, layer.input_dim), dtype=np.float32))

@@ -300,7 +300,11 @@ class HermesBridge(Integration):
             return
         threshold = next((k.threshold for k in self.services.keywords if k.text == event.keyword), 1.0)
         detected = HotwordDetected(
-            model_id=event.keyword, current_sensitivity=float(threshold), site_id=site_id
+            model_id=event.keyword,
+            current_sensitivity=float(threshold),
+            site_id=site_id,
+            level_dbfs=event.level_dbfs,
+            snr_db=event.snr_db,
         )
         self._publish(HotwordDetected.TOPIC.format(wakeword_id=self.wakeword_id), detected)
         self.published += 1

@@ -20,13 +20,15 @@ The clock is injected, so everything here is tested with synthetic messages.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 import unicodedata
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from typing import Any, Literal, TypeVar
 
+from edge_agent.fleet.rollout import poisson_tail
 from edge_agent.mqtt.messages import (
     Availability,
     CommandResult,
@@ -43,6 +45,15 @@ DEFAULT_GRACE_S = 10.0  # an online device without any health report is flagged 
 DEFAULT_INTERVAL_S = 60.0  # health.interval's default, for a report that does not say
 
 ONLINE, OFFLINE, UNKNOWN = "online", "offline", "unknown"
+
+# A device's detections per hour are flagged when they are more than this many times its
+# group's median (or less than that share of it) beyond chance: its count over the hour (or
+# the part of it the device has run) is a Poisson test at RATE_OUTLIER_SIGNIFICANCE. A few
+# detections more than a quiet group, or a young device's first one, are noise.
+RATE_OUTLIER_FACTOR = 3.0
+RATE_OUTLIER_SIGNIFICANCE = 0.01
+RATE_OUTLIER_MIN_PEERS = 3  # devices with a rate in the group, itself included
+RATE_HIGH, RATE_LOW = "det-rate-high", "det-rate-low"
 
 M = TypeVar("M", bound=JsonMessage)
 
@@ -132,6 +143,11 @@ class DeviceRow:
     health_interval_s: float | None
     worker_alive: bool | None
     problems: list[str] = field(default_factory=list)
+    # False-alarm telemetry (health.detections_per_hour, health.near_miss) and the group's median
+    # rate the outlier flags compare it with.
+    detections_per_hour: float | None = None
+    near_miss: dict[str, float] = field(default_factory=dict)
+    group_detections_per_hour: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -247,8 +263,9 @@ class FleetView:
         return [str(group) for group in device.info.groups]
 
     def rows(self) -> list[DeviceRow]:
+        """Every device, with the rate-outlier flags (:func:`flag_rate_outliers`)."""
         now = self.clock()
-        return [self._row(self._devices[name], now) for name in sorted(self._devices)]
+        return flag_rate_outliers([self._row(self._devices[name], now) for name in sorted(self._devices)])
 
     def row(self, device_id: str) -> DeviceRow | None:
         device = self._devices.get(device_id)
@@ -349,7 +366,51 @@ class FleetView:
             health_interval_s=interval,
             worker_alive=worker_alive,
             problems=[device.problems[k] for k in sorted(device.problems)],
+            detections_per_hour=_number(health.detections_per_hour) if health else None,
+            near_miss=_scores(health.near_miss) if health else {},
         )
+
+
+def flag_rate_outliers(rows: list[DeviceRow]) -> list[DeviceRow]:
+    """Flag online devices whose detections per hour are far from their group's median
+    (``det-rate-high``: likely false alarms; ``det-rate-low``: deaf or muted by its room).
+    A device's group is its first ``device.groups`` entry; devices without one form a group."""
+    peers: dict[str, list[float]] = {}
+    for row in rows:
+        if row.status == ONLINE and row.detections_per_hour is not None:
+            peers.setdefault(_rate_group(row), []).append(row.detections_per_hour)
+    flagged = []
+    for row in rows:
+        rates = peers.get(_rate_group(row), [])
+        rate = row.detections_per_hour
+        if len(rates) < RATE_OUTLIER_MIN_PEERS or rate is None or row.status != ONLINE:
+            flagged.append(row)
+            continue
+        median = statistics.median(rates)
+        flags = list(row.flags)
+        # The hour the rate covers: the device's uptime up to an hour (a minute at least).
+        hours = min(3600.0, max(60.0, row.uptime_s or 0.0)) / 3600.0
+        count = round(rate * hours)
+        # The group's count over as long, one more (so that a silent group does not make one
+        # detection damning), times the factor.
+        high = RATE_OUTLIER_FACTOR * (median * hours + 1)
+        low = median * hours / RATE_OUTLIER_FACTOR
+        if poisson_tail(count, high) < RATE_OUTLIER_SIGNIFICANCE:
+            flags.append(RATE_HIGH)
+        elif 1.0 - poisson_tail(count + 1, low) < RATE_OUTLIER_SIGNIFICANCE:
+            flags.append(RATE_LOW)
+        flagged.append(replace(row, flags=flags, group_detections_per_hour=round(median, 1)))
+    return flagged
+
+
+def _rate_group(row: DeviceRow) -> str:
+    return row.groups[0] if row.groups else ""
+
+
+def _scores(value: Any) -> dict[str, float]:
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): v for k, raw in value.items() if (v := _number(raw)) is not None}
 
 
 def _status(device: _Device) -> str:
@@ -475,6 +536,8 @@ COLUMNS = (
     ("TEMP°C", "temperature_c", True),
     ("RTF", "rtf", True),
     ("DET", "detections", True),
+    ("DET/H", "detections_per_hour", True),
+    ("NEAR", "near_miss", True),
     ("OUTBOX", "outbox_depth", True),
     ("RECONN", "mqtt_reconnects", True),
     ("FLAGS", "flags", False),
@@ -529,6 +592,8 @@ def _cell(row: DeviceRow, name: str) -> str:
         return ",".join(value)
     if name == "rtf":
         return "-" if value is None else f"{value:.3f}"
+    if name == "near_miss":  # the best near miss of any keyword
+        return f"{max(value.values()):.2f}" if value else "-"
     if isinstance(value, float):
         return f"{value:.1f}"
     return "-" if value is None else str(value)

@@ -18,10 +18,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from edge_agent.audio.levels import KeywordLevel
 from edge_agent.engine.decoder import CompiledKeyword, Detection
-from edge_agent.recording import best_detection
+from edge_agent.recording import best_detection, detection_dict, zip_levels
 
 MetricKind = Literal["counter", "gauge"]
 
@@ -74,26 +76,49 @@ class DetectResult:
     keywords: tuple[CompiledKeyword, ...]
     audio_seconds: float
     processing_seconds: float
+    # How loud each detection's keyword was (RMS dBFS, SNR), in the order of ``detections``.
+    levels: tuple[KeywordLevel | None, ...] = ()
+    # The strongest score of the request's keywords, detected or not (0.0: nothing like them).
+    best_score: float = 0.0
+    # The request asked for the best match (threshold 0) rather than for detections.
+    best_match: bool = False
 
     @property
     def best(self) -> Detection | None:
         """The most confident detection (the earliest of equals)."""
         return best_detection(self.detections)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, now: datetime | None = None) -> dict[str, Any]:
+        """Our fields and those of the REST service around the ModelScope model (``success``,
+        ``message``, ``confidence`` even when nothing was detected, ``timestamp`` of the answer),
+        so that its clients work unchanged."""
         best = self.best
         summary = best.to_dict() if best is not None else None
+        if summary is not None:
+            message = f"detected {summary['keyword']} at {summary['start']:.2f}-{summary['end']:.2f} s"
+        else:
+            message = "no keyword detected"
         return {
+            "success": True,
             "detected": best is not None,
+            "message": message,
             # The top-level fields repeat the best detection, rounded like `edge-agent detect`.
             "keyword": summary["keyword"] if summary else None,
-            "confidence": summary["confidence"] if summary else None,
-            "timestamp": [summary["start"], summary["end"]] if summary else None,
+            "confidence": summary["confidence"] if summary else round(self.best_score, 4),
+            "start": summary["start"] if summary else None,
+            "end": summary["end"] if summary else None,
             "processing_time_ms": round(self.processing_seconds * 1000.0, 2),
+            "timestamp": iso_timestamp(now),
             "duration_s": round(self.audio_seconds, 3),
-            "detections": [d.to_dict() for d in self.detections],
+            "detections": [detection_dict(d, level) for d, level in zip_levels(self.detections, self.levels)],
             "keywords": [{"text": k.text, "threshold": k.threshold} for k in self.keywords],
+            "best_match": self.best_match,
         }
+
+
+def iso_timestamp(now: datetime | None = None) -> str:
+    """The time of an answer, ISO 8601 in UTC with milliseconds (``2025-01-31T12:00:00.000+00:00``)."""
+    return (now or datetime.now(timezone.utc)).isoformat(timespec="milliseconds")
 
 
 @dataclass(frozen=True)

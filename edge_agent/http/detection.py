@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -36,8 +37,10 @@ from edge_agent.recording import (
     RecordingBusy,
     RecordingResult,
     RecordingTooLong,
+    best_detection,
     detect_recording,
 )
+from edge_agent.scoring import recording_scores
 
 # Custom keywords per request, at most: decoding cost grows with each one.
 MAX_KEYWORDS_PER_REQUEST = 16
@@ -48,6 +51,10 @@ DEFAULT_WAIT_SECONDS = 30.0
 MAX_AUDIO_SECONDS = MAX_RECORDING_SECONDS
 # The name the WAV parser puts at the start of its messages (the multipart field's name).
 AUDIO_FIELD = "audio_file"
+# A request threshold of 0 asks for the best match, detected or not (the REST service's meaning).
+BEST_MATCH_THRESHOLD = 0.0
+# Processing times kept for /info's typical latency.
+LATENCY_WINDOW = 100
 
 
 # Scores one uploaded WAV with these keywords and settings (raises WavError and its kinds).
@@ -92,13 +99,17 @@ class DetectionService:
         self.audio_seconds = 0.0
         self.processing_seconds = 0.0
         self.detections: dict[str, int] = {}
+        self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
 
     # --- the request -------------------------------------------------------------------------
     def detect(
         self, wav: bytes, threshold: float | None, keywords: Sequence[KeywordRequest] | None
     ) -> DetectResult:
+        """Detections in ``wav``, and the best score of the request's keywords even when none was
+        detected. ``threshold`` 0 reports the best match as the detection, however weak."""
+        best_match = threshold == BEST_MATCH_THRESHOLD
         try:
-            compiled = self.keywords_for(threshold, keywords)
+            compiled = self.keywords_for(None if best_match else threshold, keywords)
         except BadRequest:
             self._count("bad_request")
             raise
@@ -111,7 +122,15 @@ class DetectionService:
         try:
             started = time.perf_counter()
             try:
-                recording = self._score(wav, compiled, self._settings())
+                audio_seconds = Recording(wav, name=AUDIO_FIELD, max_seconds=MAX_AUDIO_SECONDS).seconds
+                if best_match:
+                    scored, best_score = self._best_match(wav, compiled)
+                else:
+                    scored = self._score(wav, compiled, self._settings())
+                    best = best_detection(scored.detections)
+                    # How close the keywords came when none was detected, as `edge-agent eval`
+                    # scores a file.
+                    best_score = best.confidence if best is not None else self._best_score(wav, compiled)
             except RecordingTooLong as error:
                 self._count("bad_request")
                 raise PayloadTooLarge(str(error)) from None
@@ -124,20 +143,60 @@ class DetectionService:
             elapsed = time.perf_counter() - started
         finally:
             self._slots.release()
-        detections = list(recording.detections)
+        detections = scored.detections if scored is not None else ()
         result = DetectResult(
             detections=tuple(detections),
             keywords=tuple(compiled),
-            audio_seconds=recording.audio_seconds,
+            audio_seconds=audio_seconds,
             processing_seconds=elapsed,
+            levels=scored.levels if scored is not None else (),
+            best_score=best_score,
+            best_match=best_match,
         )
         with self._lock:
             self.requests["ok"] += 1
             self.audio_seconds += result.audio_seconds
             self.processing_seconds += elapsed
+            self._latencies.append(elapsed)
             for detection in detections:
                 self.detections[detection.keyword] = self.detections.get(detection.keyword, 0) + 1
         return result
+
+    def _best_score(self, wav: bytes, keywords: Sequence[CompiledKeyword]) -> float:
+        scores = self._keyword_scores(wav, keywords)
+        return max(scores.values(), default=0.0)
+
+    def _keyword_scores(self, wav: bytes, keywords: Sequence[CompiledKeyword]) -> dict[str, float]:
+        # On the request's thread (at most max_concurrent at once), a block at a time: the
+        # worker's scan reports detections, not how close a keyword came.
+        recording = Recording(wav, name=AUDIO_FIELD, max_seconds=MAX_AUDIO_SECONDS)
+        return recording_scores(self._model(), keywords, self._settings(), recording.blocks())
+
+    def _best_match(
+        self, wav: bytes, keywords: Sequence[CompiledKeyword]
+    ) -> tuple[RecordingResult | None, float]:
+        """The best-scoring keyword's strongest match as the only detection (none when no keyword
+        scores above the floor), and its score."""
+        scores = self._keyword_scores(wav, keywords)
+        text, score = max(scores.items(), key=lambda item: item[1], default=("", 0.0))
+        if score <= 0.0:
+            return None, 0.0
+        keyword = next(k for k in keywords if k.text == text)
+        found = self._score(wav, [replace(keyword, threshold=score)], self._settings())
+        best = best_detection(found.detections)
+        if best is None:
+            return None, score
+        index = found.detections.index(best)
+        level = found.levels[index] if index < len(found.levels) else None
+        return replace(found, detections=(best,), levels=(level,)), best.confidence
+
+    def typical_latency_ms(self) -> float | None:
+        """Median processing time of the recent requests, or None before the first one."""
+        with self._lock:
+            latencies = sorted(self._latencies)
+        if not latencies:
+            return None
+        return round(latencies[len(latencies) // 2] * 1000.0, 1)
 
     def keywords_for(
         self, threshold: float | None, keywords: Sequence[KeywordRequest] | None

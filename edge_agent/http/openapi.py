@@ -2,9 +2,11 @@
 
 The document is the contract: tests validate it (openapi-spec-validator), check that the
 server's routes and the document's paths are the same set, validate every response the tests
-see against its schema, and let schemathesis fuzz the API with it. ``/docs`` is plain HTML
-generated from the same dictionary on the device, with no script and no CDN, because devices
-are often offline and the usual Swagger UI bundle is larger than this whole package.
+see against its schema, and let schemathesis fuzz the API with it. ``/docs`` is HTML generated
+from the same dictionary on the device, with no CDN, because devices are often offline and the
+usual Swagger UI bundle is larger than this whole package: each operation has a form that sends
+the request to the server the page came from (as Swagger UI's "Try it out" does) and shows the
+answer, and the curl examples name the address the page was opened at.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from edge_agent.http.detection import MAX_AUDIO_SECONDS
 OPENAPI_VERSION = "3.0.3"
 # `http.max_upload_mb` counts binary megabytes, like the engine's queue_mb.
 BYTES_PER_MB = 1024 * 1024
+# Where the examples point when the server's own address is not known (the default config's).
+DEFAULT_BASE_URL = "http://127.0.0.1:8080"
 
 _ERROR_REF = {"$ref": "#/components/schemas/Error"}
 
@@ -41,6 +45,10 @@ def _common_errors(*codes: str) -> dict[str, Any]:
             **_error("Method not allowed on this path; the Allow header lists the allowed ones."),
             "headers": {"Allow": {"schema": {"type": "string"}, "description": "Allowed methods."}},
         },
+        "403": _error(
+            "The Host header names this server by a name `http.allowed_hosts` does not list "
+            "(a DNS-rebinding guard): use its IP address or an allowed name."
+        ),
         "500": _error("Unexpected server error (logged on the device; never a stack trace)."),
         "503": {
             **_error("The model is still loading (or failed to load), or every detection slot is busy."),
@@ -54,11 +62,11 @@ def _curl(command: str) -> list[dict[str, str]]:
     return [{"lang": "Shell", "label": "curl", "source": command}]
 
 
-def _health_operation(operation_id: str, summary: str) -> dict[str, Any]:
+def _health_operation(base: str) -> dict[str, Any]:
     return {
         "get": {
-            "operationId": operation_id,
-            "summary": summary,
+            "operationId": "healthz",
+            "summary": "Health",
             "description": "Liveness and readiness: 200 when the model is loaded and the engine runs, "
             "503 (same body, with `error`) while the model loads or after it failed. The broker being "
             "away does not make the agent unhealthy: it keeps detecting and queues the detections.",
@@ -69,9 +77,24 @@ def _health_operation(operation_id: str, summary: str) -> dict[str, Any]:
                     **_json("Health", "Loading, starting or failed; `error` says why."),
                     "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds."}},
                 },
-                **_common_errors("500"),
+                **_common_errors("403", "500"),
             },
-            "x-codeSamples": _curl("curl -fsS http://127.0.0.1:8080/healthz"),
+            "x-codeSamples": _curl(f"curl -fsS {base}/healthz"),
+        }
+    }
+
+
+def _root_operation(base: str) -> dict[str, Any]:
+    return {
+        "get": {
+            "operationId": "root",
+            "summary": "Service status (always 200; `status` and `model_loaded` say whether it is ready)",
+            "description": "The root of the REST service around the ModelScope model: `status`, "
+            "`service`, `timestamp`, `model_loaded`, with our health fields. Unlike `/healthz` it "
+            "answers 200 while the model loads.",
+            "tags": ["health"],
+            "responses": {"200": _json("Health", "The service's state."), **_common_errors("403", "500")},
+            "x-codeSamples": _curl(f"curl -fsS {base}/"),
         }
     }
 
@@ -95,8 +118,9 @@ def _detect_parameters() -> list[dict[str, Any]]:
     ]
 
 
-def openapi_document(max_upload_bytes: int) -> dict[str, Any]:
-    """The API description; ``max_upload_bytes`` is the configured upload limit (documented)."""
+def openapi_document(max_upload_bytes: int, base: str = DEFAULT_BASE_URL) -> dict[str, Any]:
+    """The API description; ``max_upload_bytes`` is the configured upload limit (documented),
+    ``base`` the server's address as the examples show it."""
     upload_mb = max_upload_bytes / BYTES_PER_MB
     return {
         "openapi": OPENAPI_VERSION,
@@ -106,7 +130,10 @@ def openapi_document(max_upload_bytes: int) -> dict[str, Any]:
             "description": "On-device Chinese wake-word spotting with ModelScope's "
             "damo/speech_charctc_kws_phone-xiaoyun (小云小云). Off by default and bound to 127.0.0.1 "
             "unless `http.host` says otherwise; there is no authentication, so expose it only on a "
-            'trusted network. Errors are JSON objects `{"error": "..."}`.',
+            'trusted network. Errors are JSON objects `{"detail": "...", "error": "..."}` (the same '
+            "message twice: `detail` as FastAPI services answer, `error` as before). Pages from the "
+            "origins of `http.cors_origins` may call it (CORS, with OPTIONS preflights); requests "
+            "must name the server by IP address or by a name of `http.allowed_hosts`.",
             "license": {"name": "Apache-2.0"},
         },
         "servers": [{"url": "/"}],
@@ -117,8 +144,8 @@ def openapi_document(max_upload_bytes: int) -> dict[str, Any]:
             {"name": "pages", "description": "This document, its HTML rendering and the test page."},
         ],
         "paths": {
-            "/": _health_operation("root", "Health (same as /healthz)"),
-            "/healthz": _health_operation("healthz", "Health"),
+            "/": _root_operation(base),
+            "/healthz": _health_operation(base),
             "/info": {
                 "get": {
                     "operationId": "info",
@@ -126,9 +153,9 @@ def openapi_document(max_upload_bytes: int) -> dict[str, Any]:
                     "tags": ["health"],
                     "responses": {
                         "200": _json("Info", "What this device runs."),
-                        **_common_errors("500", "503"),
+                        **_common_errors("403", "500", "503"),
                     },
-                    "x-codeSamples": _curl("curl -fsS http://127.0.0.1:8080/info"),
+                    "x-codeSamples": _curl(f"curl -fsS {base}/info"),
                 }
             },
             "/detect": {
@@ -136,7 +163,9 @@ def openapi_document(max_upload_bytes: int) -> dict[str, Any]:
                     "operationId": "detect",
                     "summary": "Spot keywords in one WAV file",
                     "description": "The whole file is decoded with a fresh detector, exactly as "
-                    "`edge-agent detect FILE` does, so both give the same detections. WAV files of "
+                    "`edge-agent detect FILE` does, so both give the same detections. `confidence` "
+                    "is the best score even when nothing is detected; `threshold` 0 reports the best "
+                    "match as the detection. WAV files of "
                     "any sample rate and channel count are accepted (PCM 8/16/24/32-bit, float "
                     "32/64-bit, WAVE_FORMAT_EXTENSIBLE); they are averaged to mono and resampled "
                     f"to 16 kHz. Largest upload: {upload_mb:g} MB (`http.max_upload_mb`). "
@@ -172,8 +201,13 @@ def openapi_document(max_upload_bytes: int) -> dict[str, Any]:
                         "200": _json("DetectResult", "Detections (possibly none)."),
                         "400": _error(
                             "Bad audio (the reason names what is wrong: not a WAV, empty, truncated, "
-                            "unsupported encoding...), a bad threshold, a keyword with a character "
-                            "the model does not know (named), or a malformed form."
+                            "unsupported encoding...), a keyword with a character the model does not "
+                            "know (named), a bad keyword threshold, or a malformed form."
+                        ),
+                        "403": _common_errors("403")["403"],
+                        "422": _error(
+                            "No `audio_file` in the form, or a `threshold` that is not 0 or a number "
+                            "in [0.000001, 1] (FastAPI's status for an invalid field)."
                         ),
                         "411": _error("No Content-Length (chunked uploads are not accepted)."),
                         "413": _error(
@@ -185,11 +219,11 @@ def openapi_document(max_upload_bytes: int) -> dict[str, Any]:
                     },
                     "x-codeSamples": _curl(
                         "curl -fsS -F audio_file=@kws_xiaoyunxiaoyun.wav -F threshold=0.1 "
-                        "http://127.0.0.1:8080/detect\n"
+                        f"{base}/detect\n"
                         "curl -fsS -F audio_file=@recording.wav -F keywords=如家酒店:0.01,八角岭 "
-                        "http://127.0.0.1:8080/detect\n"
+                        f"{base}/detect\n"
                         "curl -fsS --data-binary @recording.wav -H 'Content-Type: audio/wav' "
-                        "'http://127.0.0.1:8080/detect?threshold=0.1'"
+                        f"'{base}/detect?threshold=0.1'"
                     ),
                 }
             },
@@ -206,9 +240,9 @@ def openapi_document(max_upload_bytes: int) -> dict[str, Any]:
                             "description": "Metrics.",
                             "content": {"text/plain": {"schema": {"type": "string"}}},
                         },
-                        **_common_errors("500"),
+                        **_common_errors("403", "500"),
                     },
-                    "x-codeSamples": _curl("curl -fsS http://127.0.0.1:8080/metrics"),
+                    "x-codeSamples": _curl(f"curl -fsS {base}/metrics"),
                 }
             },
             "/openapi.json": {
@@ -220,7 +254,8 @@ def openapi_document(max_upload_bytes: int) -> dict[str, Any]:
                         "200": {
                             "description": "OpenAPI 3.0 document.",
                             "content": {"application/json": {"schema": {"type": "object"}}},
-                        }
+                        },
+                        **_common_errors("403"),
                     },
                 }
             },
@@ -233,7 +268,8 @@ def openapi_document(max_upload_bytes: int) -> dict[str, Any]:
                         "200": {
                             "description": "HTML.",
                             "content": {"text/html": {"schema": {"type": "string"}}},
-                        }
+                        },
+                        **_common_errors("403"),
                     },
                 }
             },
@@ -249,7 +285,8 @@ def openapi_document(max_upload_bytes: int) -> dict[str, Any]:
                         "200": {
                             "description": "HTML.",
                             "content": {"text/html": {"schema": {"type": "string"}}},
-                        }
+                        },
+                        **_common_errors("403"),
                     },
                 }
             },
@@ -268,20 +305,32 @@ def _schemas() -> dict[str, Any]:
             "confidence": {"type": "number", "minimum": 0, "maximum": 1},
             "start": {"type": "number", "description": "Seconds from the start of the file."},
             "end": {"type": "number", "description": "Seconds from the start of the file."},
+            "level_dbfs": {
+                **nullable_number,
+                "description": "RMS level of the keyword's audio, dBFS (null when unknown).",
+            },
+            "snr_db": {
+                **nullable_number,
+                "description": "The keyword's level over the background before it (a low percentile), dB.",
+            },
         },
     }
     return {
         "Error": {
             "type": "object",
-            "required": ["error"],
-            "properties": {"error": {"type": "string", "description": "What is wrong, in one line."}},
+            "required": ["detail", "error"],
+            "properties": {
+                "success": {"type": "boolean", "enum": [False]},
+                "detail": {"type": "string", "description": "What is wrong, in one line (FastAPI's field)."},
+                "error": {"type": "string", "description": "The same message."},
+            },
         },
         "Threshold": {
             "type": "number",
-            "minimum": 0.000001,
+            "minimum": 0,
             "maximum": 1,
             "description": "Detection threshold for every keyword of this request, in [0.000001, 1] "
-            "(as `keywords[].threshold` in the config); "
+            "(as `keywords[].threshold` in the config), or 0: report the best match, however weak; "
             "default: each keyword's configured threshold.",
         },
         "Keywords": {
@@ -292,9 +341,19 @@ def _schemas() -> dict[str, Any]:
         },
         "Health": {
             "type": "object",
-            "required": ["status", "model_loaded", "uptime_s", "broker_connected", "version"],
+            "required": [
+                "status",
+                "service",
+                "timestamp",
+                "model_loaded",
+                "uptime_s",
+                "broker_connected",
+                "version",
+            ],
             "properties": {
                 "status": {"type": "string", "enum": ["ok", "loading", "starting", "failed", "error"]},
+                "service": {"type": "string"},
+                "timestamp": {"type": "string", "format": "date-time", "description": "Time of the answer."},
                 "model_loaded": {"type": "boolean"},
                 "uptime_s": {"type": "number", "minimum": 0},
                 "broker_connected": {
@@ -310,8 +369,36 @@ def _schemas() -> dict[str, Any]:
         },
         "Info": {
             "type": "object",
-            "required": ["model", "keywords", "input", "version"],
+            "required": [
+                "model_id",
+                "description",
+                "input_format",
+                "keywords",
+                "threshold_range",
+                "latency_typical_ms",
+                "model",
+                "keyword_settings",
+                "input",
+                "version",
+            ],
             "properties": {
+                "model_id": {"type": "string"},
+                "description": {"type": "string"},
+                "input_format": {"type": "string"},
+                "keywords": {"type": "array", "items": {"type": "string"}, "description": "The keywords."},
+                "threshold_range": {
+                    "type": "array",
+                    "items": {"type": "number"},
+                    "minItems": 2,
+                    "maxItems": 2,
+                    "description": "[0, 1]: the range of `threshold` and `confidence`.",
+                },
+                "latency_typical_ms": {
+                    "type": "number",
+                    "nullable": True,
+                    "description": "Median processing time of the recent /detect requests; null before "
+                    "the first.",
+                },
                 "model": {
                     "type": "object",
                     "required": ["id", "revision"],
@@ -319,11 +406,14 @@ def _schemas() -> dict[str, Any]:
                         "id": {"type": "string"},
                         "revision": {"type": "string"},
                         "backend": {"type": "string"},
-                        "directory": {"type": "string"},
+                        "directory": {
+                            "type": "string",
+                            "description": "Only with `http.show_paths: true`.",
+                        },
                         "latency_s": {"type": "number"},
                     },
                 },
-                "keywords": {
+                "keyword_settings": {
                     "type": "array",
                     "items": {
                         "type": "object",
@@ -355,16 +445,22 @@ def _schemas() -> dict[str, Any]:
         "DetectResult": {
             "type": "object",
             "required": [
+                "success",
                 "detected",
+                "message",
                 "keyword",
                 "confidence",
+                "start",
+                "end",
                 "timestamp",
                 "processing_time_ms",
                 "duration_s",
                 "detections",
             ],
             "properties": {
+                "success": {"type": "boolean", "enum": [True]},
                 "detected": {"type": "boolean"},
+                "message": {"type": "string", "description": "The outcome in words."},
                 "keyword": {
                     "type": "string",
                     "nullable": True,
@@ -372,19 +468,18 @@ def _schemas() -> dict[str, Any]:
                 },
                 "confidence": {
                     "type": "number",
-                    "nullable": True,
                     "minimum": 0,
                     "maximum": 1,
-                    "description": "Its confidence; null when nothing was detected.",
+                    "description": "The detection's confidence, or when nothing was detected the best "
+                    "score of the keywords (as `edge-agent eval` scores a file; 0: nothing like them).",
                 },
-                "timestamp": {
-                    "type": "array",
+                "start": {
+                    "type": "number",
                     "nullable": True,
-                    "items": {"type": "number"},
-                    "minItems": 2,
-                    "maxItems": 2,
-                    "description": "[start, end] in seconds; null when nothing was detected.",
+                    "description": "Seconds from the start of the file to the keyword; null when none.",
                 },
+                "end": {"type": "number", "nullable": True, "description": "Where the keyword ends (s)."},
+                "timestamp": {"type": "string", "format": "date-time", "description": "Time of the answer."},
                 "processing_time_ms": {"type": "number", "minimum": 0},
                 "duration_s": {"type": "number", "minimum": 0, "description": "Audio length."},
                 "detections": {"type": "array", "items": {"$ref": "#/components/schemas/Detection"}},
@@ -396,6 +491,7 @@ def _schemas() -> dict[str, Any]:
                         "properties": {"text": {"type": "string"}, "threshold": {"type": "number"}},
                     },
                 },
+                "best_match": {"type": "boolean", "description": "The request asked for the best match."},
             },
         },
     }
@@ -412,6 +508,50 @@ section.op{border:1px solid #d9dce3;border-radius:6px;padding:.2rem 1rem;margin:
 padding:0 .4rem;font-weight:600;margin-right:.5rem}.get{background:#2f7ad0}.post{background:#2e9e5b}
 table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid #e4e6eb;text-align:left;
 padding:.3rem;vertical-align:top}details summary{cursor:pointer}nav a{margin-right:1rem}
+form.try{background:#f7f8fa;border-radius:6px;padding:.5rem .8rem;margin:.5rem 0}
+form.try label{display:block;margin:.3rem 0}form.try button{font:inherit;padding:.2rem .9rem}
+.answer-status{font-weight:600;margin-left:.6rem}
+"""
+
+# Sends each operation's form to the server the page came from and shows the answer. Relative
+# URLs, so that the page also works behind a reverse proxy's path prefix.
+_SCRIPT = """
+"use strict";
+const LIMIT = 20000;
+for (const form of document.querySelectorAll("form.try")) {
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const path = form.dataset.path === "/" ? "./" : form.dataset.path.slice(1);
+    const answer = form.querySelector("pre.answer");
+    const status = form.querySelector(".answer-status");
+    const options = { method: form.dataset.method.toUpperCase() };
+    if (form.dataset.body === "multipart") {
+      const data = new FormData();
+      for (const [name, value] of new FormData(form)) {
+        if (value instanceof File ? value.name : String(value).trim()) data.append(name, value);
+      }
+      options.body = data;
+    }
+    status.textContent = "sending…";
+    form.dataset.state = "sending";
+    try {
+      const response = await fetch(path, options);
+      const text = await response.text();
+      let shown = text;
+      if ((response.headers.get("content-type") || "").startsWith("application/json")) {
+        try { shown = JSON.stringify(JSON.parse(text), null, 2); } catch (error) { shown = text; }
+      }
+      status.textContent = `${response.status} ${response.statusText}`;
+      answer.textContent = shown.length > LIMIT ? shown.slice(0, LIMIT) + "\\n…" : shown;
+      form.dataset.state = "done";
+      form.dataset.status = String(response.status);
+    } catch (error) {
+      status.textContent = "network error";
+      answer.textContent = String(error);
+      form.dataset.state = "error";
+    }
+  });
+}
 """
 
 
@@ -439,8 +579,32 @@ def render_docs(document: dict[str, Any]) -> str:
     parts.append("</nav>")
     for path, method, operation in operations:
         parts.append(_render_operation(document, path, method, operation))
-    parts.append("</body></html>")
+    parts.append(f"<script>{_SCRIPT}</script></body></html>")
     return "".join(parts)
+
+
+def _render_form(document: dict[str, Any], path: str, method: str, operation: dict[str, Any]) -> str:
+    """A "Try it" form: the multipart fields of the request body (a file input for binary ones)."""
+    operation_id = _e(operation["operationId"])
+    fields = []
+    multipart = (operation.get("requestBody") or {}).get("content", {}).get("multipart/form-data")
+    if multipart is not None:
+        schema = _resolve(document, multipart["schema"])
+        required = set(schema.get("required", []))
+        for name, field_schema in schema.get("properties", {}).items():
+            field_schema = _resolve(document, field_schema)
+            kind = "file" if field_schema.get("format") == "binary" else "text"
+            need = " required" if name in required else ""
+            fields.append(
+                f"<label><code>{_e(name)}</code> <input type='{kind}' name='{_e(name)}'{need} "
+                f"id='{operation_id}-{_e(name)}'></label>"
+            )
+    body = " data-body='multipart'" if multipart is not None else ""
+    return (
+        f"<form class='try' id='try-{operation_id}' data-method='{_e(method)}' data-path='{_e(path)}'{body}>"
+        f"{''.join(fields)}<button type='submit'>Send {method.upper()} {_e(path)}</button>"
+        "<span class='answer-status' role='status'></span><pre class='answer'></pre></form>"
+    )
 
 
 def _render_operation(document: dict[str, Any], path: str, method: str, operation: dict[str, Any]) -> str:
@@ -451,6 +615,7 @@ def _render_operation(document: dict[str, Any], path: str, method: str, operatio
     ]
     if operation.get("description"):
         out.append(f"<p>{_markdown_code(operation['description'])}</p>")
+    out.append("<h3>Try it</h3>" + _render_form(document, path, method, operation))
     parameters = operation.get("parameters", [])
     body = operation.get("requestBody")
     if parameters or body:

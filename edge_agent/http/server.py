@@ -6,10 +6,16 @@ time worth measuring, and has nothing to install. It is HTTP/1.1 with keep-alive
 per connection (daemon threads), and a socket timeout so that idle or slow clients cannot pin
 threads forever.
 
-Limits are enforced before a body is read: a POST without Content-Length is a 411, one larger
-than the upload limit a 413 (answered before ``100 Continue`` when the client asks, so curl
-never sends the file). A refused body that is not read leaves the connection closed; a small
-one is drained first so the client sees the 413 rather than a reset.
+Limits are enforced before a body is read: a Host header the allow-list does not name is a 403
+(DNS rebinding, ``access.py``), a POST without Content-Length is a 411, one larger than the
+upload limit a 413 (answered before ``100 Continue`` when the client asks, so curl never sends
+the file). A refused body that is not read leaves the connection closed; a small one is drained
+first so the client sees the refusal rather than a reset.
+
+Each response leaves in one ``send()`` (status line, headers and body buffered together, flushed
+once by the stdlib after the handler) on a socket with TCP_NODELAY. Written in two pieces with
+Nagle's algorithm on, the body of every keep-alive request after the first would wait for the
+client's delayed ACK of the headers.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from edge_agent import __version__
 from edge_agent.config import HttpConfig
+from edge_agent.http.access import AccessPolicy
 from edge_agent.http.api import Api, Request, Response, error_response
 from edge_agent.http.backend import ApiBackend
 from edge_agent.http.openapi import BYTES_PER_MB
@@ -38,6 +45,9 @@ DRAIN_LIMIT_BYTES = 64 * 1024 * 1024
 # Query strings with more fields than this are refused (parse_qs would build them all).
 MAX_QUERY_FIELDS = 32
 _DRAIN_CHUNK_BYTES = 64 * 1024
+# Write buffer of a connection (allocated per connection): every answer of this API fits (/docs is
+# the largest); a larger one would leave in two sends, which TCP_NODELAY sends at once all the same.
+RESPONSE_BUFFER_BYTES = 64 * 1024
 
 
 class _Server(ThreadingHTTPServer):
@@ -57,6 +67,10 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"edge-agent/{__version__}"
     timeout = SOCKET_TIMEOUT_SECONDS
+    # One send per response: writes are buffered until the stdlib flushes after each request,
+    # and TCP_NODELAY sends what is flushed at once (see the module docstring).
+    wbufsize = RESPONSE_BUFFER_BYTES
+    disable_nagle_algorithm = True
     server: _Server
 
     def version_string(self) -> str:
@@ -76,13 +90,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     # --- limits before the body --------------------------------------------------------------
     def handle_expect_100(self) -> bool:
-        """Refuse an oversized upload before the client sends it."""
+        """Refuse an oversized upload (or a foreign Host) before the client sends the body."""
         refusal = self._body_refusal()
         if refusal is not None:
             self.server.api.count(urlsplit(self.path).path, refusal.status)
             self._send(refusal, close=True)
+            self.wfile.flush()
             return False
-        return super().handle_expect_100()
+        accepted = super().handle_expect_100()
+        self.wfile.flush()  # the client waits for the 100 before it sends the body
+        return accepted
 
     def _content_length(self) -> int | None:
         raw = self.headers.get("Content-Length")
@@ -99,8 +116,11 @@ class _Handler(BaseHTTPRequestHandler):
         return allowed is not None and self.command in allowed and self.command not in ("GET", "HEAD")
 
     def _body_refusal(self) -> Response | None:
-        """A response refusing the body before reading it (411/413/400), or None to go on."""
+        """A response refusing the request before reading its body (403/411/413/400), or None."""
         api = self.server.api
+        host_refusal = api.host_refusal(self.headers.get("Host"))
+        if host_refusal is not None:
+            return host_refusal
         if not self._wants_body(urlsplit(self.path).path):
             return None  # answered by the router; the body is not wanted either way
         if self.headers.get("Transfer-Encoding"):
@@ -127,11 +147,11 @@ class _Handler(BaseHTTPRequestHandler):
         split = urlsplit(self.path)
         path = split.path
         body = b""
+        refusal = self._body_refusal()
+        if refusal is not None:
+            self._refuse_body(refusal, path)
+            return
         if self._wants_body(path):
-            refusal = self._body_refusal()
-            if refusal is not None:
-                self._refuse_body(refusal, path)
-                return
             length = self._content_length() or 0
             body = self.rfile.read(length)
             if len(body) < length:
@@ -178,15 +198,19 @@ class _Handler(BaseHTTPRequestHandler):
         if close:
             self.close_connection = True
         self.send_response(response.status)
-        self.send_header("Content-Type", response.content_type)
-        self.send_header("Content-Length", str(len(response.body)))
+        if response.status != 204:
+            self.send_header("Content-Type", response.content_type)
+            self.send_header("Content-Length", str(len(response.body)))
         self.send_header("Cache-Control", "no-store")
-        for name, value in response.headers.items():
+        # A request line the stdlib could not parse has no headers yet.
+        origin = self.headers.get("Origin") if getattr(self, "headers", None) is not None else None
+        headers = {**self.server.api.access.cors_headers(origin), **response.headers}
+        for name, value in headers.items():
             self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
-        if self.command != "HEAD":
+        if self.command != "HEAD" and response.status != 204:
             self.wfile.write(response.body)
 
     # --- what BaseHTTPRequestHandler itself refuses (bad request line, huge headers) --------
@@ -231,7 +255,8 @@ def start_http_server(config: HttpConfig, backend: ApiBackend) -> HttpServerHand
     Raises ``OSError`` when the address cannot be bound (in use, not an address of this host).
     ``config.enabled`` is not consulted: the caller decides whether to serve.
     """
-    api = Api(backend, int(config.max_upload_mb * BYTES_PER_MB))
+    access = AccessPolicy(config.allowed_hosts, config.cors_origins)
+    api = Api(backend, int(config.max_upload_mb * BYTES_PER_MB), access, config.show_paths)
     server_class = _Server6 if ":" in config.host else _Server
     server = server_class((config.host, config.port), _Handler)
     server.api = api
@@ -239,5 +264,7 @@ def start_http_server(config: HttpConfig, backend: ApiBackend) -> HttpServerHand
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, name="http-server")
     thread.daemon = True
     thread.start()
+    handle = HttpServerHandle(config.host, port, api, server, thread)
+    api.base_url = handle.url
     log.info("HTTP API on http://%s:%d (docs at /docs, test page at /ui)", config.host, port)
-    return HttpServerHandle(config.host, port, api, server, thread)
+    return handle

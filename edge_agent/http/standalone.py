@@ -81,11 +81,14 @@ class StandaloneBackend:
         model_id: str,
         revision: str,
         max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+        show_paths: bool = False,
     ) -> None:
         self._load = load
         self.model_id = model_id
         self.revision = revision
         self.max_concurrent = max_concurrent
+        # A load error names directories; unauthenticated answers give it only when allowed.
+        self.show_paths = show_paths
         self._started = time.monotonic()
         self._ready = threading.Event()
         self._done = threading.Event()
@@ -99,7 +102,13 @@ class StandaloneBackend:
     def from_config(
         cls, config: AgentConfig, max_concurrent: int = DEFAULT_MAX_CONCURRENT
     ) -> StandaloneBackend:
-        return cls(config_loader(config), config.model.id, config.model.revision, max_concurrent)
+        return cls(
+            config_loader(config),
+            config.model.id,
+            config.model.revision,
+            max_concurrent,
+            show_paths=config.http.show_paths,
+        )
 
     # --- loading -------------------------------------------------------------------------------
     def start(self) -> StandaloneBackend:
@@ -162,7 +171,7 @@ class StandaloneBackend:
         }
         if self.failed:
             body["status"] = "failed"
-            body["error"] = f"the model failed to load: {self.error}"
+            body["error"] = self._failure()
         elif not self.ready():
             body["status"] = "loading"
             body["error"] = "the model is loading"
@@ -176,7 +185,7 @@ class StandaloneBackend:
                 "id": self.model_id,
                 "revision": self.revision,
                 "backend": model.backend,
-                "directory": str(model.directory),
+                "directory": str(model.directory),  # the HTTP layer drops it unless show_paths
                 "latency_s": round(model.latency_seconds, 3),
             },
             "keywords": [
@@ -220,9 +229,14 @@ class StandaloneBackend:
             families.extend(self.service.metrics())
         return families
 
+    def _failure(self) -> str:
+        if self.show_paths:
+            return f"the model failed to load: {self.error}"
+        return "the model failed to load; the server's log says why (http.show_paths: true shows it here)"
+
     def _engine(self) -> LoadedEngine:
         if self.engine is None:
             if self.failed:
-                raise NotReady(f"the model failed to load: {self.error}", retry_after_seconds=60)
+                raise NotReady(self._failure(), retry_after_seconds=60)
             raise NotReady("the model is loading; try again shortly")
         return self.engine

@@ -63,7 +63,11 @@ class MqttClient:
     3.1.1. ``tls``: a context to connect with TLS. ``session_expiry`` (MQTT 5, seconds): resume
     the session on connect and keep it this long after a disconnect, so that the broker queues
     QoS 1 messages meanwhile. ``on_message``: called on the client's thread for every message
-    instead of queueing it for :meth:`receive` (it must not block).
+    instead of queueing it for :meth:`receive` (it must not block). ``will``: (topic, payload,
+    retain) the broker publishes at QoS 1 if the connection dies without a clean close.
+    ``on_connected``: called on the client's thread after every accepted CONNACK (the first
+    and each reconnect), to publish retained state again; it must not block (publish with
+    ``wait=False``).
     """
 
     def __init__(
@@ -80,6 +84,8 @@ class MqttClient:
         session_expiry: int = 0,
         reconnect_delay: tuple[float, float] = (1.0, 10.0),
         on_message: Callable[[InboundMessage], None] | None = None,
+        will: tuple[str, bytes, bool] | None = None,
+        on_connected: Callable[[], None] | None = None,
     ) -> None:
         self.host, self.port = host, port
         self.mqtt5 = mqtt5
@@ -99,6 +105,10 @@ class MqttClient:
             self._client.username_pw_set(username, password)
         if tls is not None:
             self._client.tls_set_context(tls)
+        if will is not None:
+            will_topic, will_payload, will_retain = will
+            self._client.will_set(will_topic, will_payload, qos=1, retain=will_retain)
+        self._on_connected_callback = on_connected
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_subscribe = self._on_subscribe
@@ -399,6 +409,8 @@ class MqttClient:
                     if mid is not None:
                         self._resubscribes.add(mid)
             self._state.notify_all()
+        if not _is_failure(reason_code) and self._on_connected_callback is not None:
+            self._on_connected_callback()
 
     def _on_disconnect(
         self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any

@@ -167,7 +167,12 @@ class HotwordDetected(HermesMessage):
     ``sessionId``           ``null`` (Rhasspy-only: a requested session id)
     ``sendAudioCaptured``   ``null`` (Rhasspy-only)
     ``lang``                ``null`` (Rhasspy-only)
+    ``levelDbfs``           ours, extra: RMS level of the keyword's audio, dBFS (``null``: unknown)
+    ``snrDb``               ours, extra: that level over the site's recent background, dB
     ======================  ======================================================================
+
+    Hermes clients ignore keys they do not know (rhasspy-hermes reads known keys only), so the
+    two extra fields let a dialogue manager pick the closest of several satellites.
 
     ``mosquitto_sub -v -t 'hermes/hotword/+/detected'``
     """
@@ -182,6 +187,8 @@ class HotwordDetected(HermesMessage):
         "session_id": ((str,), True),
         "send_audio_captured": ((bool,), True),
         "lang": ((str,), True),
+        "level_dbfs": ((int, float), True),
+        "snr_db": ((int, float), True),
     }
 
     model_id: str
@@ -192,6 +199,14 @@ class HotwordDetected(HermesMessage):
     session_id: str | None = None
     send_audio_captured: bool | None = None
     lang: str | None = None
+    level_dbfs: float | None = None
+    snr_db: float | None = None
+
+    # Our extra keys, left out when unknown: the payload is then exactly what Rhasspy sends.
+    _EXTRA: ClassVar[frozenset[str]] = frozenset({"levelDbfs", "snrDb"})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in super().to_dict().items() if v is not None or k not in self._EXTRA}
 
 
 @dataclass(frozen=True)

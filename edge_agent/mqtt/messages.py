@@ -191,6 +191,7 @@ class DeviceInfo(JsonMessage):
     topics: dict[str, str]
     groups: list[str] = field(default_factory=list)
     muted: bool = False
+    room: str | None = None  # device.room: the room arbiter ranks this device's detections in it
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,8 @@ class DetectionEvent(JsonMessage):
     ``delay_ms``    from the keyword's end to the moment this was first handed to the broker
     ``replayed``    true when sent from the outbox after an outage or restart: automations
                     should ignore it (live ones also carry an MQTT 5 message expiry)
+    ``level_dbfs``  RMS level of the keyword's audio, dBFS (null when unknown)
+    ``snr_db``      that level over the stream's recent background (a low percentile), dB
     ==============  ==========================================================================
 
     ``mosquitto_sub -t 'edge_agent/+/detection' -q 1``
@@ -222,6 +225,8 @@ class DetectionEvent(JsonMessage):
     boot_id: str
     delay_ms: float | None = None
     replayed: bool = False
+    level_dbfs: float | None = None
+    snr_db: float | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.confidence, (int, float)) and 0.0 <= self.confidence <= 1.0):
@@ -291,6 +296,10 @@ class HealthReport(JsonMessage):
     muted: bool = False
     interval_s: float = 60.0
     worker: dict[str, Any] = field(default_factory=dict)
+    # False-alarm telemetry over the last hour (docs/fleet.md): detections per hour, and per
+    # keyword the best confidence of a match that stayed below its threshold (a near miss).
+    detections_per_hour: float | None = None
+    near_miss: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -200,6 +200,8 @@ class MqttTransport:
         self._connected_hooks: list[Callable[[], None]] = []
         self._ack_listeners: list[Callable[[int], None]] = []
         self._reading_hooks: list[Callable[[], None]] = []
+        self._disconnected_listeners: list[Callable[[int | None, str], None]] = []
+        self._backoff_floor = 0.0  # seconds; see set_backoff_floor
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._connected = threading.Event()
@@ -329,6 +331,17 @@ class MqttTransport:
     def on_connected(self, hook: Callable[[], None]) -> None:
         """Run ``hook`` on the network thread after every CONNACK (after re-subscribing)."""
         self._connected_hooks.append(hook)
+
+    def on_disconnected(self, listener: Callable[[int | None, str], None]) -> None:
+        """``listener(code, reason)`` on the network thread when a connection ends other than by
+        :meth:`stop`: ``code`` is the reason code paho reports (the broker's MQTT 5 DISCONNECT
+        reason when it sent one, e.g. 142 "Session taken over"), or None."""
+        self._disconnected_listeners.append(listener)
+
+    def set_backoff_floor(self, seconds: float) -> None:
+        """Wait at least ``seconds`` (plus up to a fifth more, jitter) before every reconnect
+        attempt from now on; 0 returns to the configured back-off alone."""
+        self._backoff_floor = max(0.0, seconds)
 
     def on_acknowledged(self, listener: Callable[[int], None]) -> None:
         """``listener(mid)`` when the broker acknowledges a QoS>0 publish (PUBACK, or PUBCOMP).
@@ -633,7 +646,10 @@ class MqttTransport:
         """Exponential back-off with equal jitter, so a fleet does not reconnect in lock-step."""
         base = min(self.config.reconnect_max_delay, self.config.reconnect_min_delay * (2**self._attempt))
         self._attempt = min(self._attempt + 1, 30)
-        return base / 2 + random.uniform(0, base / 2)
+        delay = base / 2 + random.uniform(0, base / 2)
+        if self._backoff_floor > 0:
+            delay = max(delay, self._backoff_floor * random.uniform(1.0, 1.2))
+        return delay
 
     def _on_connect(
         self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
@@ -721,6 +737,12 @@ class MqttTransport:
         self.stats.connected = False
         if not self._stop.is_set():
             log.warning("MQTT disconnected: %s", reason_code)
+            code = getattr(reason_code, "value", reason_code if isinstance(reason_code, int) else None)
+            for listener in list(self._disconnected_listeners):
+                try:
+                    listener(code, str(reason_code))
+                except Exception:
+                    log.exception("disconnect listener failed")
 
     def _on_publish(
         self, client: paho.Client, userdata: Any, mid: int, reason_code: Any, properties: Any

@@ -50,8 +50,8 @@ def say(agent, path: Path, stream: str = "mic") -> None:  # type: ignore[no-unty
 def test_broker_down_while_keywords_are_spoken_loses_nothing(  # type: ignore[no-untyped-def]
     make_agent, numpy_model, dev_audio: Path, tmp_path: Path
 ) -> None:
-    """Keywords before, during and after an outage: each delivered once, in order; those made
-    in the dark go out after it, their delay counting the outage."""
+    """Keywords before, during and after an outage: each delivered (copies de-duplicated as the
+    docs say), in order; those made in the dark go out after it, their delay counting the outage."""
     broker = Broker(tmp_path, persistence=True).start()
     watcher = Client(broker.port, client_id="watcher", clean=False, session_expiry=3600).connect()
     watcher.subscribe(f"{PREFIX}/detection", qos=1)
@@ -78,7 +78,14 @@ def test_broker_down_while_keywords_are_spoken_loses_nothing(  # type: ignore[no
         watcher.close()
         agent.stop()
         broker.stop()
-    assert [e.seq for e in events] == list(range(7)), "each exactly once, in order"
+    # QoS 1 is at least once: a connection dropped before its PUBACK (a stall on a loaded machine)
+    # sends a copy again. Receivers de-duplicate on (boot_id, seq), as docs/mqtt.md says.
+    first: dict[tuple[str, int], DetectionEvent] = {}
+    for event in events:
+        seen = first.setdefault((event.boot_id, event.seq), event)
+        assert (seen.keyword, seen.start, seen.end) == (event.keyword, event.start, event.end)
+    events = list(first.values())
+    assert [e.seq for e in events] == list(range(7)), "each delivered, in order"
     expected = []
     for path in recordings:
         whole = detect_recording(

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from edge_agent.audio import microphone
 from edge_agent.audio.microphone import (
     PA_COMPLETE,
     PA_CONTINUE,
@@ -513,12 +514,64 @@ def test_stop_closes_the_stream_and_the_callback_then_asks_portaudio_to_complete
     assert stream.stop_calls == 1
 
 
-def test_a_stream_that_dies_is_reported(alsa_devices: Path, started: list[MicrophoneAudioSource]) -> None:
+def test_a_stream_that_dies_ends_the_stream_and_the_device_is_opened_again(
+    alsa_devices: Path, started: list[MicrophoneAudioSource]
+) -> None:
+    factory = PatchedPyAudio()
+    sink = Collector()
+    source = start(started, factory, sink, sample_rate=16000, chunk_ms=100)
+    first = factory.streams[0]
+    first.deliver(np.full(2400, 7, dtype=np.int16))  # one whole chunk and half of the next
+    wait_until(lambda: len(sink.chunks) == 1, "the whole chunk")
+    first.active = False  # PortAudio ended the stream: device unplugged, sound server gone
+    wait_until(lambda: len(sink.chunks) == 2, "the final chunk")
+
+    final = sink.chunks[1]
+    assert final.final and final.samples.size == 800 and float(final.samples[0]) == 7
+    assert "stopped delivering audio" in (source.stats().error or "")
+    assert first.closed
+    wait_until(lambda: len(factory.streams) == 2 and source.stats().running, "the device opened again")
+    factory.streams[1].deliver(np.full(1600, 9, dtype=np.int16))
+    wait_until(lambda: len(sink.chunks) == 3, "a chunk from the reopened device")
+    assert float(sink.chunks[2].samples[0]) == 9 and not sink.chunks[2].final
+    # The error stays for health until the next one; the source is running again.
+    stats = source.stats()
+    assert stats.running and "stopped delivering audio" in (stats.error or "")
+
+
+def test_a_device_still_away_is_tried_again_until_it_is_back(
+    alsa_devices: Path, started: list[MicrophoneAudioSource], caplog: pytest.LogCaptureFixture
+) -> None:
     factory = PatchedPyAudio()
     source = start(started, factory, Collector(), sample_rate=16000)
-    factory.stream.active = False  # PortAudio ended the stream: device unplugged
-    wait_until(lambda: not source.stats().running, "the pump to notice")
-    assert "stopped by itself" in (source.stats().error or "")
+    factory.open_error = OSError(-9996, "Invalid device")
+    attempts_before = len(factory.format_queries)
+    factory.streams[0].active = False
+    wait_until(lambda: len(factory.format_queries) >= attempts_before + 2, "two failed reopenings")
+
+    stats = source.stats()
+    assert not stats.running and "Invalid device (PortAudio error -9996)" in (stats.error or "")
+    unavailable = [r for r in caplog.records if "still unavailable" in r.getMessage()]
+    assert len(unavailable) == 1  # one line per new reason, not one per try
+    factory.open_error = None
+    wait_until(lambda: source.stats().running, "the device back")
+    assert len(factory.streams) == 2 and factory.streams[1].active
+
+
+def test_stop_while_the_device_is_away_ends_the_wait_for_it(
+    alsa_devices: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A back-off far longer than stop's join: the pump ends only if stop wakes it.
+    monkeypatch.setattr(microphone, "REOPEN_FIRST_SECONDS", 3600.0)
+    factory = PatchedPyAudio(open_error=None)
+    source = MicrophoneAudioSource(MicrophoneSource(id="away", sample_rate=16000), pyaudio_factory=factory)
+    source.start(Collector())
+    factory.open_error = OSError(-9996, "Invalid device")
+    factory.streams[0].active = False
+    wait_until(lambda: not source.stats().running, "the loss to be noticed")
+    source.stop()
+    assert not [t for t in threading.enumerate() if t.name == "audio-mic-away" and t.is_alive()]
+    assert len(factory.streams) == 1 and not source.stats().running
 
 
 def test_a_sink_that_raises_stops_capture_with_the_error_visible(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -254,14 +252,14 @@ def test_refuses_bad_arguments() -> None:
         Resampler(48000, 16000).process(np.zeros((10, 2)))
 
 
-def test_60_seconds_of_48k_resample_quickly() -> None:
+def test_60_seconds_of_48k_resample_in_one_call_as_in_chunks() -> None:
+    # Speed is measured in benchmarks (timing never decides a test); here: one long call gives
+    # what a stream fed in chunks gives.
     samples = np.random.default_rng(0).normal(0, 5000, 60 * 48000).astype(np.float32)
-    resample(samples[:48000], 48000, TARGET_RATE_HZ)  # warm-up: first BLAS call, page faults
-
-    started = time.perf_counter()
     output = resample(samples, 48000, TARGET_RATE_HZ)
-    elapsed = time.perf_counter() - started
-
-    print(f"60 s of 48 kHz -> 16 kHz in {elapsed * 1000:.0f} ms ({60 / elapsed:.0f}x real time)")
     assert output.size == 60 * TARGET_RATE_HZ
-    assert elapsed < 2.0  # loose so it never flakes; the target is well under 0.5 s
+    resampler = Resampler(48000, TARGET_RATE_HZ)
+    pieces = [resampler.process(samples[i : i + 4800]) for i in range(0, samples.size, 4800)]
+    chunked = np.concatenate([*pieces, resampler.flush()])
+    assert chunked.shape == output.shape
+    np.testing.assert_allclose(chunked, output, rtol=0, atol=1e-2)

@@ -44,7 +44,8 @@ def test_detect_prints_one_json_line_per_file_and_fails_only_for_the_bad_one(
     assert lines[0]["detected"] is True
     (detection,) = lines[0]["detections"]
     assert detection["keyword"] == WAKE
-    assert set(detection) == {"keyword", "confidence", "start", "end"}
+    assert set(detection) == {"keyword", "confidence", "start", "end", "level_dbfs", "snr_db"}
+    assert -60.0 < detection["level_dbfs"] < 0.0 and detection["snr_db"] > 0.0
     assert 0.05 <= detection["confidence"] <= 1 and detection["start"] < detection["end"]
     assert "error" in lines[1] and "broken.wav" in lines[1]["error"]
     assert lines[2] == {"file": str(negative), "detected": False, "detections": []}
@@ -165,3 +166,38 @@ def test_model_info_and_path(model_env: dict[str, str], model_dir: Path) -> None
     assert path.returncode == 0 and path.stdout.strip() == str(model_dir)
     info = json.loads(edge_agent("model", "info", env=model_env).stdout)
     assert info["outputs"] == 2599 and info["lookahead_frames"] == 8
+
+
+def test_eval_without_keywords_uses_the_configs_as_its_help_says(
+    model_env: dict[str, str], dev_audio: Path, tmp_path: Path
+) -> None:
+    assert "default: the config's" in edge_agent("eval", "--help").stdout
+    for kind in ("pos", "neg"):
+        (tmp_path / kind).mkdir()
+        source = sorted(dev_audio.glob(f"{kind}/*.wav"))[0]
+        (tmp_path / kind / source.name).write_bytes(source.read_bytes())
+    result = edge_agent(
+        "eval",
+        "--positives",
+        str(tmp_path / "pos"),
+        "--negatives",
+        str(tmp_path / "neg"),
+        "--json",
+        env=model_env,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [k["text"] for k in report["keywords"]] == [WAKE] and report["recall"] == 1.0
+
+
+def test_no_model_anywhere_fails_at_once_with_the_whole_message(tmp_path: Path) -> None:
+    """The default path (download allowed, no hub reachable from here): one line per place tried,
+    the hub's reason in full, and no empty snapshot folder left in the cache."""
+    cache = tmp_path / "cache"
+    env = {"EDGE_AGENT_MODEL_DIR": "", "MODELSCOPE_CACHE": str(cache), "MODELSCOPE_DOMAIN": ""}
+    result = edge_agent("model", "path", env=env, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "cannot find the keyword-spotting model" in result.stderr
+    assert "is unreachable: " in result.stderr or "modelscope package is not installed" in result.stderr
+    assert "Fix one of:" in result.stderr and "Traceback" not in result.stderr
+    assert not cache.exists()

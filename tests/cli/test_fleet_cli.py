@@ -437,3 +437,16 @@ def test_answer_lines_are_readable() -> None:
     assert describe_answer("d", ok) == 'd                ok     {"a": 1}  (restart required: mqtt.host)'
     refused = CommandResult(device="d", command="x", ok=False, error="unknown command 'x'")
     assert describe_answer("d", refused) == "d                error  unknown command 'x'"
+
+
+def test_cmd_help_has_one_clean_usage_line() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "edge_agent", "fleet", "cmd", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    usage = result.stdout.split("\n\n")[0]
+    assert usage.startswith("usage: edge-agent fleet cmd [-h]") and usage.count("usage:") == 1
+    assert usage.rstrip().endswith("TARGET NAME [KEY=VALUE ...]") and "[options] cmd" not in usage

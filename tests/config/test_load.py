@@ -52,3 +52,26 @@ def test_secrets_are_masked_and_read_from_files(tmp_path: Path) -> None:
     missing = parse_config({"mqtt": {"username": "u", "password_file": str(tmp_path / "nope")}})
     with pytest.raises(ConfigError, match=r"mqtt.password_file: cannot read"):
         read_password(missing.mqtt)
+
+
+def test_http_lists_take_a_comma_separated_string_and_star_from_the_environment() -> None:
+    config = load_config(
+        None, env={"EDGE_AGENT_HTTP__CORS_ORIGINS": "*", "EDGE_AGENT_HTTP__ALLOWED_HOSTS": "a.lan, .b"}
+    )
+    assert config.http.cors_origins == ("*",) and config.http.allowed_hosts == ("a.lan", ".b")
+    with pytest.raises(ConfigError, match=r"http.cors_origins\[0\]: 'localhost:3000' does not match"):
+        parse_config({"http": {"cors_origins": "localhost:3000"}})
+    assert parse_config({}).http.cors_origins == (
+        "http://localhost:*",
+        "http://127.0.0.1:*",
+        "http://[::1]:*",
+    )
+
+
+def test_edge_agent_model_dir_is_model_dir_unless_the_config_sets_one(tmp_path: Path) -> None:
+    """`config check` and `get_config` show the directory actually used."""
+    assert load_config(None, env={"EDGE_AGENT_MODEL_DIR": "/models/kws"}).model.dir == "/models/kws"
+    path = tmp_path / "config.yaml"
+    path.write_text("model:\n  dir: /from/file\n", encoding="utf-8")
+    assert load_config(path, env={"EDGE_AGENT_MODEL_DIR": "/models/kws"}).model.dir == "/from/file"
+    assert load_config(None, env={}).model.dir is None

@@ -19,6 +19,7 @@ from tests.engine.decoder_signals import (
     decode,
     keyword,
     posteriors,
+    same_detections,
     spoken,
 )
 
@@ -100,7 +101,8 @@ def test_chunking_never_changes_detections(chunk: int) -> None:
     p = posteriors(300, events)
     whole = decode(p, [ABCD, keyword("cd", [C, D])])
     assert whole  # the test means something only if there is something to find
-    assert decode(p, [ABCD, keyword("cd", [C, D])], chunk=chunk) == whole
+    # Equal but for float rounding: an exact run extended chunk by chunk sums from other frames.
+    assert same_detections([decode(p, [ABCD, keyword("cd", [C, D])], chunk=chunk)], [whole])
 
 
 def test_weak_match_borrowing_the_first_characters_does_not_hide_the_real_one() -> None:
@@ -180,25 +182,32 @@ SLOW_ABAB = (40, 54, 68, 82)  # a clear 'abab' spoken slowly: a character every 
 
 
 @pytest.mark.parametrize(
-    "pause_frames, reported", [(14, SLOW_ABAB), (20, SLOW_ABAB), (13, (5, 12, 40, 54)), (8, (5, 12, 40, 54))]
+    "pause_frames, reported",
+    [
+        (14, [SLOW_ABAB]),
+        (20, [SLOW_ABAB]),
+        (13, [(5, 12, 40, 54), SLOW_ABAB]),
+        (8, [(5, 12, 40, 54), SLOW_ABAB]),
+    ],
 )
 def test_a_weak_early_match_waits_for_the_keyword_while_its_characters_come_within_a_pause(
-    pause_frames: int, reported: tuple[int, ...]
+    pause_frames: int, reported: list[tuple[int, ...]]
 ) -> None:
     """Noise-level 'ab', then a slow clear 'abab': the weak match ending on its first 'ab' waits
-    as long as the next character comes within a pause, and the clear word is reported. With a
-    pause shorter than the speaker's, the weak match fires instead (the trade-off engine.pause
-    sets): still one detection for one spoken keyword."""
+    as long as the next character comes within a pause, and the clear word alone is reported.
+    With a pause shorter than the speaker's, the weak match fires first (the trade-off
+    engine.pause sets), and the clear word is still reported after it: a weaker detection never
+    silences a more confident one."""
     abab = keyword("abab", [A, B, A, B], threshold=0.05)
     events = {
         5: {A: 0.02},
         12: {B: 0.02},
         **{f: {t: 0.9} for f, t in zip(SLOW_ABAB, [A, B, A, B], strict=True)},
     }
-    (found,) = decode(
+    found = decode(
         posteriors(200, events), [abab], chunk=1, hold_seconds=1.5, pause_seconds=pause_frames * FRAME
     )
-    assert found.peak_frames == reported
+    assert [d.peak_frames for d in found] == reported
 
 
 def test_score_does_not_drift_after_long_silence() -> None:

@@ -37,3 +37,48 @@ def test_hidden_rows_hold_what_the_decoder_may_ask_for_whatever_the_chunk_sizes(
                 held.rows(np.array([first - 1]))
         with pytest.raises(IndexError):
             held.rows(np.array([first + reference.shape[0]]))
+
+
+def _chunks_and_detections(detector, samples: np.ndarray, chunk: int) -> list[tuple[int, str, float, float]]:  # type: ignore[no-untyped-def]
+    """(index of the chunk whose feed returned it, keyword, start, end) of every detection."""
+    found = []
+    for index, offset in enumerate(range(0, samples.shape[0], chunk)):
+        found += [
+            (index, d.keyword, round(d.start, 3), round(d.end, 3))
+            for d in detector.feed(samples[offset : offset + chunk])
+        ]
+    found += [(-1, d.keyword, round(d.start, 3), round(d.end, 3)) for d in detector.finish()]
+    return found
+
+
+@pytest.mark.parametrize("chunk", [320, 1600])
+def test_an_idle_stream_sets_short_chunks_aside_without_delaying_any_detection(
+    chunk: int, numpy_model, dev_audio
+) -> None:  # type: ignore[no-untyped-def]
+    """Silence, the keyword, silence, the keyword: with nothing under way a stream runs its short
+    chunks together, and every detection comes out of the same chunk's feed as when each chunk is
+    run at once."""
+    from edge_agent.audio.wav import read_wav, to_mono_16k
+    from edge_agent.engine.model import KeywordSpec
+
+    keyword = to_mono_16k(read_wav(sorted(dev_audio.glob("pos/*.wav"))[0]))
+    silence = np.zeros(3 * 16000, dtype=np.int16)
+    samples = np.concatenate([silence, keyword, silence, keyword, silence])
+    deferring = numpy_model.detector([KeywordSpec("小云小云")])
+    assert deferring._defer_limit > 1600  # 小云小云 lasts at least 0.25 s
+    set_aside = 0
+    original = deferring._defers
+
+    def counting(samples: np.ndarray):  # type: ignore[no-untyped-def]
+        nonlocal set_aside
+        ready = original(samples)
+        set_aside += ready is None
+        return ready
+
+    deferring._defers = counting  # type: ignore[method-assign]
+    eager = numpy_model.detector([KeywordSpec("小云小云")])
+    eager._defer_limit = 0
+    expected = _chunks_and_detections(eager, samples, chunk)
+    assert len([d for d in expected if d[0] >= 0]) >= 2
+    assert _chunks_and_detections(deferring, samples, chunk) == expected
+    assert set_aside > 10

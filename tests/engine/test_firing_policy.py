@@ -48,8 +48,7 @@ def walk(
         if confidence is not None and firing.offer(Candidate(frame, confidence)):
             continue
         if firing.due(frame, (rivals or {}).get(frame, NONE)):
-            detection, _ = firing.fire()
-            fired.append((frame, detection))
+            fired.append((frame, firing.fire(frame)))
     return fired
 
 
@@ -136,35 +135,67 @@ def test_a_rival_is_bounded_by_the_best_partial_match_whatever_its_age() -> None
     np.testing.assert_array_equal(policy(pause_frames=2).rivals_still_spoken(prefix, ends), prefix)
 
 
-def test_after_a_detection_matches_ending_in_the_refractory_period_do_not_count() -> None:
+def test_after_a_detection_matches_no_more_confident_ending_in_the_refractory_period_do_not_count() -> None:
     rules = policy(refractory_frames=30)
-    fired = walk(rules, {10: 0.9, 25: 0.9, 40: 0.9, 41: 0.9})
+    fired = walk(rules, {10: 0.9, 25: 0.9, 30: 0.5, 40: 0.9, 41: 0.9})
     assert [detection.frame for _, detection in fired] == [10, 41]
 
 
-def test_firing_restarts_the_search_right_after_the_detection() -> None:
+def test_a_weaker_detection_never_silences_a_more_confident_match() -> None:
+    """A weak match fires at the end of its hold; the clear keyword it borrowed from comes after
+    it, inside its refractory period, and is reported too; what follows the clear one, no more
+    confident, is silenced by the clear one."""
+    rivals = dict.fromkeys(range(200), 0.0)
+    fired = walk(policy(hold_frames=20, refractory_frames=30), {10: 0.06, 35: 0.9, 45: 0.5}, rivals)
+    assert [(detection.frame, detection.confidence) for _, detection in fired] == [(10, 0.06), (35, 0.9)]
+
+
+def test_a_detection_restricts_where_matches_no_more_confident_may_begin() -> None:
     firing = Firing(policy(refractory_frames=30))
     firing.offer(Candidate(10, 0.9))
-    detection, resume = firing.fire()
-    assert detection.frame == 10 and resume == 11
+    assert firing.fire(11) == Candidate(10, 0.9)
     assert firing.pending is None
-    assert firing.quiet_through(40) and not firing.quiet_through(41)
+    # Matches may begin before frame 11 only if more confident than 0.9; ending through frame
+    # 40 they must be more confident than 0.9 too.
+    assert firing.restrictions(0) == [(11, 0.9)] and firing.restrictions(11) == []
+    assert firing.silenced_below(40) == 0.9 and firing.silenced_below(41) == 0.0
+    assert not firing.offer(Candidate(40, 0.9)) and firing.offer(Candidate(40, 0.95))
+
+
+def test_the_refractory_period_lasts_at_least_until_the_detection_fired() -> None:
+    """The matches seen while a detection waited were no more confident: they never fire after it."""
+    firing = Firing(policy(refractory_frames=5, hold_frames=20))
+    firing.offer(Candidate(10, 0.5))
+    firing.fire(30)
+    assert firing.silenced_below(30) == 0.5 and firing.silenced_below(31) == 0.0
+
+
+def test_old_detections_are_forgotten_once_no_match_can_reach_them() -> None:
+    firing = Firing(policy(refractory_frames=30))
+    firing.offer(Candidate(10, 0.9))
+    firing.fire(11)
+    firing.forget(40, window_frames=20)
+    assert firing.fired  # still in its refractory period
+    firing.forget(50, window_frames=40)
+    assert firing.fired  # a match ending at 50 may begin at 11, before the detection's end
+    firing.forget(52, window_frames=40)
+    assert not firing.fired
 
 
 def test_nothing_pending_is_never_due_and_cannot_fire() -> None:
     firing = Firing(policy())
     assert not firing.due(10, NONE)
     with pytest.raises(RuntimeError):
-        firing.fire()
+        firing.fire(10)
 
 
 def test_reset_forgets_the_pending_match_and_the_refractory_period() -> None:
     firing = Firing(policy(refractory_frames=30))
     firing.offer(Candidate(10, 0.9))
-    firing.fire()
+    firing.fire(11)
     firing.offer(Candidate(50, 0.9))
     firing.reset()
-    assert firing.pending is None and firing.considers(0)
+    assert firing.pending is None and firing.silenced_below(20) == 0.0 and firing.restrictions(0) == []
 
 
 def test_a_span_covers_the_peaks_by_half_the_mean_distance_between_them() -> None:

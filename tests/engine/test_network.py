@@ -5,6 +5,7 @@ import pytest
 
 from edge_agent.engine.kaldi_nnet import parse_nnet
 from edge_agent.engine.network import NumpyNetwork
+from tests.conftest import require_module
 from tests.engine.nnet_files import Layer, binary_nnet, random_fsmn_network, reference_forward
 
 
@@ -100,6 +101,8 @@ def test_numpy_and_torch_backends_agree(numpy_model, torch_model, example_wav) -
 
 
 def test_torch_backend_matches_documented_maths_on_small_network() -> None:
+    # The module imports torch lazily, so importing it proves nothing: torch itself is required.
+    require_module("torch")
     torch_network = pytest.importorskip("edge_agent.engine.torch_network")
     layers = random_fsmn_network(seed=9)
     network = torch_network.TorchNetwork(parse_nnet(binary_nnet(layers), "small.net"))

@@ -118,6 +118,10 @@ def test_messages_round_trip_with_rhasspys_camel_case_keys() -> None:
         "sendAudioCaptured": None,
         "lang": None,
     }
+    # How loud the keyword was, when known: two extra keys Rhasspy's clients ignore.
+    loud = HotwordDetected(model_id="小云小云", site_id="kitchen", level_dbfs=-25.0, snr_db=34.4)
+    assert (loud.to_dict()["levelDbfs"], loud.to_dict()["snrDb"]) == (-25.0, 34.4)
+    assert HotwordDetected.from_payload(loud.to_payload()) == loud
     assert HotwordDetected.TOPIC.format(wakeword_id="xiaoyun") == DETECTED
     messages = [
         detected,
@@ -161,7 +165,11 @@ def test_rhasspy_audio_frames_give_one_detection_per_keyword(  # type: ignore[no
     threshold = agent.worker.keywords[0].threshold
     for message in found:
         assert not message.retain
-        assert message.json() == {
+        body = message.json()
+        # Our two extra fields: how loud the keyword was, and over what background.
+        level, snr = body.pop("levelDbfs"), body.pop("snrDb")
+        assert -60.0 < level < 0.0 and snr > 10.0
+        assert body == {
             "modelId": "小云小云",
             "modelVersion": "",
             "modelType": "personal",

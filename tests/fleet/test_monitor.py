@@ -354,6 +354,8 @@ def test_table_aligns_columns_with_chinese_keywords() -> None:
         "TEMP°C",
         "RTF",
         "DET",
+        "DET/H",
+        "NEAR",
         "OUTBOX",
         "RECONN",
         "FLAGS",

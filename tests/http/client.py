@@ -81,10 +81,11 @@ class Client:
         return self.request("POST", f"/detect{query}", body, {"Content-Type": content_type})
 
     def check(self, method: str, path: str, reply: Reply) -> None:
-        """Every error is JSON {"error": ...}; documented answers match their schema."""
+        """Every error is JSON {"detail": ..., "error": ...}; documented answers match their schema."""
         if reply.status >= 400 and method != "HEAD":
             data = reply.json()
             assert isinstance(data.get("error"), str) and data["error"], data
+            assert data.get("detail") == data["error"] or "status" in data, data  # health bodies
             assert "Traceback" not in data["error"]
         if self.document is None or method == "HEAD":
             return

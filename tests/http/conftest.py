@@ -82,9 +82,11 @@ class ServeProcess:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
 
-def start_serve(model_dir: Path, log_path: Path, *args: str, timeout: float = 60) -> ServeProcess:
+def start_serve(
+    model_dir: Path, log_path: Path, *args: str, timeout: float = 60, port: int | None = None
+) -> ServeProcess:
     """`edge-agent serve` in a subprocess, as a user runs it; returns once /healthz says 200."""
-    port = free_port()
+    port = port or free_port()
     log_file = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - handed to the process
     process = subprocess.Popen(
         [sys.executable, "-m", "edge_agent", "serve", "--port", str(port), *args],

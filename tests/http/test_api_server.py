@@ -11,6 +11,7 @@ import json
 import socket
 import struct
 import threading
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -39,6 +40,8 @@ def test_health_on_root_and_healthz(client: Client) -> None:
         assert body["status"] == "ok" and body["model_loaded"] is True
         assert body["broker_connected"] is None and body["mqtt_enabled"] is False
         assert body["uptime_s"] >= 0
+        assert "edge-agent" in body["service"]
+        assert datetime.fromisoformat(body["timestamp"]).tzinfo is not None
     head = client.request("HEAD", "/healthz")
     assert head.status == 200 and head.body == b"" and int(head.headers["content-length"]) > 0
 
@@ -47,7 +50,16 @@ def test_info_names_model_keywords_input_and_version(client: Client) -> None:
     info = client.get("/info").json()
     assert info["model"]["id"] == "damo/speech_charctc_kws_phone-xiaoyun"
     assert info["model"]["revision"] == "master"
-    assert info["keywords"] == [{"text": WAKE, "threshold": 0.05, "min_duration": 0.25, "max_duration": 2.5}]
+    assert info["keyword_settings"] == [
+        {"text": WAKE, "threshold": 0.05, "min_duration": 0.25, "max_duration": 2.5}
+    ]
+    # The REST service's fields.
+    assert info["model_id"] == "damo/speech_charctc_kws_phone-xiaoyun"
+    assert info["keywords"] == [WAKE] and info["threshold_range"] == [0.0, 1.0]
+    assert "WAV" in info["input_format"] and info["description"]
+    assert "latency_typical_ms" in info
+    # No path of the device in an unauthenticated answer (http.show_paths).
+    assert "directory" not in info["model"]
     assert info["input"]["sample_rate_hz"] == 16000 and info["input"]["field"] == "audio_file"
     assert info["input"]["max_upload_bytes"] == 20 * 1024 * 1024
     assert info["version"]
@@ -60,11 +72,20 @@ def test_detect_finds_the_wake_word_in_the_model_example(client: Client, example
     assert result["detected"] is True
     assert result["keyword"] == WAKE
     assert 0.5 < result["confidence"] <= 1
-    start, end = result["timestamp"]
+    start, end = result["start"], result["end"]
     assert 0 <= start < end <= result["duration_s"]
-    assert result["detections"] == [
-        {"keyword": WAKE, "confidence": result["confidence"], "start": start, "end": end}
-    ]
+    assert result["success"] is True and WAKE in result["message"]
+    assert datetime.fromisoformat(result["timestamp"]).tzinfo is not None
+    (detection,) = result["detections"]
+    level = {"level_dbfs": detection["level_dbfs"], "snr_db": detection["snr_db"]}
+    assert detection == {
+        "keyword": WAKE,
+        "confidence": result["confidence"],
+        "start": start,
+        "end": end,
+        **level,
+    }
+    assert -40.0 < level["level_dbfs"] < -10.0 and level["snr_db"] > 10.0  # a clean, close recording
     assert result["processing_time_ms"] > 0
     assert abs(result["duration_s"] - 4.529) < 0.01
 
@@ -73,8 +94,22 @@ def test_detect_on_speech_without_the_keyword(client: Client, dev_audio: Path) -
     negative = sorted(dev_audio.glob("neg/*.wav"))[0]
     result = client.detect(negative.read_bytes()).json()
     assert result["detected"] is False
-    assert result["keyword"] is None and result["confidence"] is None and result["timestamp"] is None
+    assert result["keyword"] is None and result["start"] is None and result["end"] is None
     assert result["detections"] == []
+    assert result["success"] is True and result["message"] == "no keyword detected"
+    # The best score even so: how close the keyword came, below the threshold.
+    assert 0 <= result["confidence"] < 0.05
+
+
+def test_threshold_0_reports_the_best_match(client: Client, dev_audio: Path) -> None:
+    negative = sorted(dev_audio.glob("neg/*.wav"))[0]
+    plain = client.detect(negative.read_bytes()).json()
+    best = client.detect(negative.read_bytes(), {"threshold": "0"}).json()
+    assert best["best_match"] is True and plain["best_match"] is False
+    assert best["detected"] is True and best["keyword"] == WAKE
+    assert best["confidence"] == pytest.approx(plain["confidence"], rel=0.05, abs=1e-4)
+    assert best["start"] < best["end"] and len(best["detections"]) == 1
+    assert client.detect(negative.read_bytes(), query="?threshold=0").json()["detected"] is True
 
 
 def test_threshold_and_keywords_from_form_or_query(client: Client, example_wav: Path) -> None:
@@ -173,6 +208,40 @@ def test_keep_alive_serves_several_requests_on_one_connection(client: Client, ex
     assert (first.status, second.status, third.status) == (200, 200, 404)
 
 
+def test_each_response_leaves_in_one_send_on_a_nodelay_socket(
+    client: Client, example_wav: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Headers and body in one write, on a TCP_NODELAY socket: in two writes with Nagle on, every
+    keep-alive request after the first would wait for the client's delayed ACK."""
+    writes: list[tuple[int, int]] = []  # (bytes, TCP_NODELAY) of each send by the server's threads
+
+    def recording(send: Any) -> Any:
+        def recorded(self: socket.socket, data: Any, *args: Any) -> Any:
+            if threading.current_thread() is not threading.main_thread():  # the client's run here
+                writes.append((len(data), self.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)))
+            return send(self, data, *args)
+
+        return recorded
+
+    monkeypatch.setattr(socket.socket, "send", recording(socket.socket.send))
+    monkeypatch.setattr(socket.socket, "sendall", recording(socket.socket.sendall))
+    connection = http.client.HTTPConnection(client.host, client.port, timeout=30)
+    body, content_type = multipart({}, {"audio_file": ("a.wav", example_wav.read_bytes())})
+    try:
+        replies = [
+            client.request("GET", "/healthz", connection=connection),
+            client.request("GET", "/healthz", connection=connection),
+            client.request("POST", "/detect", body, {"Content-Type": content_type}, connection),
+            client.request("GET", "/docs", connection=connection),
+        ]
+    finally:
+        connection.close()
+    assert [reply.status for reply in replies] == [200, 200, 200, 200]
+    assert len(writes) == len(replies)
+    assert all(nodelay for _, nodelay in writes)
+    assert writes[3][0] > len(replies[3].body)  # the whole page, headers included, in one write
+
+
 def test_detections_run_concurrently(client: Client, dev_audio: Path) -> None:
     files = sorted(dev_audio.glob("pos/*.wav"))[:6]
     results: dict[Path, Any] = {}
@@ -217,12 +286,6 @@ def test_bad_audio_is_400_with_the_reason(client: Client, wav: bytes, reason: st
 @pytest.mark.parametrize(
     ("fields", "query", "fragment"),
     [
-        ({"threshold": "abc"}, "", "threshold must be a number in [1e-06, 1], got 'abc'"),
-        ({"threshold": "0"}, "", "threshold must be a number in [1e-06, 1], got 0"),
-        ({"threshold": "5e-324"}, "", "got 4.94066e-324"),
-        ({"threshold": "1.5"}, "", "got 1.5"),
-        ({"threshold": "nan"}, "", "got nan"),
-        ({}, "?threshold=-1", "got -1"),
         ({"keywords": "小☃"}, "", "character '☃' (U+2603) is not in the model's lexicon"),
         (
             {"keywords": "如家酒店:2"},
@@ -240,14 +303,39 @@ def test_bad_fields_are_400(
 ) -> None:
     reply = client.detect(example_wav.read_bytes(), fields, query)
     assert reply.status == 400
-    assert fragment in reply.json()["error"]
+    assert fragment in reply.json()["error"] and reply.json()["detail"] == reply.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "query", "fragment"),
+    [
+        (
+            {"threshold": "abc"},
+            "",
+            "threshold must be a number in [1e-06, 1] (0: report the best match), got 'abc'",
+        ),
+        ({"threshold": "1e-7"}, "", "got 1e-07"),
+        ({"threshold": "5e-324"}, "", "got 4.94066e-324"),
+        ({"threshold": "1.5"}, "", "got 1.5"),
+        ({"threshold": "nan"}, "", "got nan"),
+        ({}, "?threshold=-1", "got -1"),
+    ],
+)
+def test_an_invalid_threshold_is_422_as_fastapi_answers(
+    client: Client, example_wav: Path, fields: dict[str, str], query: str, fragment: str
+) -> None:
+    reply = client.detect(example_wav.read_bytes(), fields, query)
+    assert reply.status == 422
+    assert fragment in reply.json()["detail"] and reply.json()["success"] is False
 
 
 def test_malformed_forms_are_400(client: Client, example_wav: Path) -> None:
     wav = example_wav.read_bytes()
     body, content_type = multipart({"threshold": "0.1"}, {})
     missing = client.request("POST", "/detect", body, {"Content-Type": content_type})
-    assert missing.status == 400 and "no audio_file file field (fields: threshold)" in missing.json()["error"]
+    assert (
+        missing.status == 422 and "no audio_file file field (fields: threshold)" in missing.json()["detail"]
+    )
 
     body, content_type = multipart({}, {"audio_file": ("a.wav", wav)})
     truncated = client.request("POST", "/detect", body[:-40], {"Content-Type": content_type})
@@ -301,7 +389,7 @@ def test_wrong_content_type_is_415(client: Client, example_wav: Path) -> None:
 def test_upload_without_length_is_411(client: Client) -> None:
     with socket.create_connection((client.host, client.port), timeout=10) as sock:
         sock.sendall(
-            b"POST /detect HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\n"
+            b"POST /detect HTTP/1.1\r\nHost: localhost\r\nContent-Type: audio/wav\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n"
             b"4\r\nRIFF\r\n0\r\n\r\n"
         )
@@ -349,7 +437,7 @@ def test_413_comes_before_100_continue(engine: LoadedEngine, start_server: Start
     _, client = start_server(ready_backend(engine), max_upload_mb=0.1)
     with socket.create_connection((client.host, client.port), timeout=10) as sock:
         sock.sendall(
-            b"POST /detect HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\n"
+            b"POST /detect HTTP/1.1\r\nHost: localhost\r\nContent-Type: audio/wav\r\n"
             b"Content-Length: 50000000\r\nExpect: 100-continue\r\n\r\n"
         )
         answer = _read_all(sock)  # the server answers and closes without waiting for the body
@@ -361,7 +449,7 @@ def test_100_continue_for_an_acceptable_upload(client: Client, example_wav: Path
     wav = example_wav.read_bytes()
     with socket.create_connection((client.host, client.port), timeout=10) as sock:
         sock.sendall(
-            b"POST /detect HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\nConnection: close\r\n"
+            b"POST /detect HTTP/1.1\r\nHost: localhost\r\nContent-Type: audio/wav\r\nConnection: close\r\n"
             + f"Content-Length: {len(wav)}\r\nExpect: 100-continue\r\n\r\n".encode()
         )
         interim = sock.recv(1024)
@@ -379,7 +467,7 @@ def test_what_the_stdlib_parser_refuses_is_json_too(client: Client) -> None:
             return _read_all(sock)
 
     # A one-word line is an HTTP/0.9 request: the answer is the body alone, still JSON.
-    assert json.loads(exchange(b"HELLO\r\n\r\n")) == {"error": "Bad request syntax ('HELLO')"}
+    assert json.loads(exchange(b"HELLO\r\n\r\n"))["detail"] == "Bad request syntax ('HELLO')"
     headers = b"".join(f"X-{i}: y\r\n".encode() for i in range(101))
     for raw, status in [
         (b"GET /healthz HTTP/1.1\r\n" + headers + b"\r\n", b"431"),
@@ -405,15 +493,17 @@ def test_503_while_the_model_loads_then_200(
     backend = StandaloneBackend(slow_load, "damo/speech_charctc_kws_phone-xiaoyun", "master")
     _, client = start_server(backend)
     backend.start()
-    for path in ("/", "/healthz"):
-        loading = client.get(path)
-        assert loading.status == 503 and loading.headers["retry-after"] == "1"
-        body = loading.json()
-        assert (
-            body["status"] == "loading"
-            and body["model_loaded"] is False
-            and body["error"] == "the model is loading"
-        )
+    loading = client.get("/healthz")
+    assert loading.status == 503 and loading.headers["retry-after"] == "1"
+    body = loading.json()
+    assert (
+        body["status"] == "loading"
+        and body["model_loaded"] is False
+        and body["error"] == "the model is loading"
+    )
+    # The root answers 200 whatever the state, as the REST service's does: its fields say it.
+    root = client.get("/")
+    assert root.status == 200 and root.json()["status"] == "loading" and root.json()["model_loaded"] is False
     assert client.get("/info").status == 503
     busy = client.detect(example_wav.read_bytes())
     assert busy.status == 503 and "loading" in busy.json()["error"]
@@ -437,9 +527,43 @@ def test_503_after_the_model_failed_to_load(start_server: StartServer, example_w
     _, client = start_server(backend)
     reply = client.get("/healthz")
     assert reply.status == 503
-    assert reply.json()["status"] == "failed" and "/nowhere does not exist" in reply.json()["error"]
+    # The reason names a directory: it stays in the log unless http.show_paths allows it.
+    assert reply.json()["status"] == "failed" and "/nowhere" not in reply.text
+    assert "the server's log says why" in reply.json()["error"]
     detect = client.detect(example_wav.read_bytes())
-    assert detect.status == 503 and detect.headers["retry-after"] == "60"
+    assert detect.status == 503 and detect.headers["retry-after"] == "60" and "/nowhere" not in detect.text
+
+    shown = StandaloneBackend(broken, "m", "master", show_paths=True).start()
+    assert shown.wait(10) is False
+    _, client = start_server(shown, show_paths=True)
+    assert "/nowhere does not exist" in client.get("/healthz").json()["error"]
+
+
+def test_a_path_in_any_backends_health_error_stays_in_the_log(start_server: StartServer) -> None:
+    """The agent's backend reports its engine worker's error as it is: a path in it is hidden
+    unless http.show_paths allows it."""
+
+    class StoppedEngine(_BrokenBackend):
+        def ready(self) -> bool:
+            return False
+
+        def status(self) -> dict[str, Any]:
+            return {
+                "status": "error",
+                "model_loaded": True,
+                "uptime_s": 1.0,
+                "broker_connected": True,
+                "version": "0",
+                "error": "the engine worker is not running: cannot read /srv/models/kwsr.net: truncated",
+            }
+
+    _, client = start_server(StoppedEngine())
+    reply = client.get("/healthz")
+    assert reply.status == 503 and "/srv" not in reply.text
+    assert reply.json()["error"] == "the engine worker is not running: cannot read <path>: truncated"
+    assert "/srv" not in client.get("/").text
+    _, client = start_server(StoppedEngine(), show_paths=True)
+    assert "/srv/models/kwsr.net" in client.get("/healthz").json()["error"]
 
 
 def test_503_when_every_detection_slot_stays_busy(
@@ -489,7 +613,7 @@ def test_a_backend_bug_is_a_generic_500_and_logged(
     for method, path in [("GET", "/healthz"), ("GET", "/info"), ("GET", "/metrics")]:
         reply = client.request(method, path)
         assert reply.status == 500
-        assert reply.json() == {"error": "internal error; the device's log has the details"}
+        assert reply.json()["detail"] == "internal error; the device's log has the details"
     reply = client.detect(example_wav.read_bytes())
     assert reply.status == 500 and "secret" not in reply.text
     assert "ZeroDivisionError: secret internal detail" in caplog.text

@@ -39,11 +39,12 @@ def test_every_operation_documents_its_errors_and_has_an_id() -> None:
         for method, operation in item.items():
             ids.append(operation["operationId"])
             assert "200" in operation["responses"], (path, method)
-            if path in ("/", "/healthz", "/info", "/detect"):
+            assert "403" in operation["responses"], (path, method)  # the Host allow-list
+            if path in ("/healthz", "/info", "/detect"):
                 assert "503" in operation["responses"], (path, method)
     assert len(ids) == len(set(ids))
     detect = document["paths"]["/detect"]["post"]["responses"]
-    assert {"400", "411", "413", "415", "503", "500"} <= set(detect)
+    assert {"400", "411", "413", "415", "422", "503", "500"} <= set(detect)
     assert "1 MB" in detect["413"]["description"]
 
 
@@ -61,13 +62,14 @@ class _Collector(HTMLParser):
 
 
 def test_docs_page_is_self_contained_and_covers_every_operation() -> None:
-    document = openapi_document(1024 * 1024)
+    document = openapi_document(1024 * 1024, "http://192.0.2.7:8000")
     page = _Collector()
     page.feed(render_docs(document))
-    # Nothing fetched from elsewhere: no scripts, stylesheets, images or frames with a source.
+    # Nothing fetched from elsewhere: one inline script, no stylesheets, images or frames.
+    assert [tag for tag, _ in page.tags].count("script") == 1
     for tag, attrs in page.tags:
-        assert tag not in ("script", "link", "img", "iframe"), tag
-        assert "src" not in attrs
+        assert tag not in ("link", "img", "iframe"), tag
+        assert "src" not in attrs and "action" not in attrs
         href = attrs.get("href") or ""
         assert not re.match(r"^[a-z]+:", href), href  # relative links only
     text = " ".join(page.text)
@@ -78,7 +80,24 @@ def test_docs_page_is_self_contained_and_covers_every_operation() -> None:
                 tag == "section" and attrs.get("id") == operation["operationId"] for tag, attrs in page.tags
             )
             assert f"{method.upper()} {path}" in text
-    assert "curl -fsS -F audio_file=@" in text
+            # A form that sends this operation to the server the page came from.
+            assert any(
+                tag == "form"
+                and attrs.get("id") == f"try-{operation['operationId']}"
+                and attrs.get("data-path") == path
+                and attrs.get("data-method") == method
+                for tag, attrs in page.tags
+            )
+    assert (
+        "input",
+        {"type": "file", "name": "audio_file", "required": None, "id": "detect-audio_file"},
+    ) in page.tags
+    # The examples name the server's address, not a fixed one.
+    assert (
+        "curl -fsS -F audio_file=@kws_xiaoyunxiaoyun.wav -F threshold=0.1 http://192.0.2.7:8000/detect"
+        in text
+    )
+    assert "8080" not in text
 
 
 def test_the_ui_page_needs_nothing_from_elsewhere() -> None:
@@ -100,5 +119,5 @@ def test_the_markdown_reference_covers_every_operation() -> None:
             assert f"`{method.upper()} {path}`" in text, (
                 f"docs/http-api.md does not describe {method.upper()} {path}"
             )
-    for status in ("400", "404", "405", "411", "413", "415", "500", "503"):
+    for status in ("400", "403", "404", "405", "411", "413", "415", "422", "500", "503"):
         assert f"| {status} |" in text, status

@@ -9,7 +9,11 @@ import threading
 from pathlib import Path
 
 from edge_agent.http.standalone import LoadedEngine, StandaloneBackend
+from tests.broker import Broker
+from tests.broker import Client as MqttClient
+from tests.http.client import Client
 from tests.http.conftest import ServeProcess, StartServer, edge_agent_env, free_port, start_serve, stop_serve
+from tests.support import start_agent_process
 
 
 def healthcheck(*args: str, config: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -42,6 +46,9 @@ def test_healthcheck_exit_codes(serve_process: ServeProcess, tmp_path: Path) -> 
     ok = healthcheck("--url", url)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["status"] == "ok"
+    # The health URL itself works too (not /healthz/healthz).
+    for full in (f"{url}/healthz", f"{url}/healthz/"):
+        assert healthcheck("--url", full).returncode == 0
     # The address from the config file, as the Docker HEALTHCHECK does (0.0.0.0 means loopback).
     config = tmp_path / "config.yaml"
     config.write_text(f"http:\n  host: 0.0.0.0\n  port: {serve_process.client.port}\n", encoding="utf-8")
@@ -103,3 +110,32 @@ def test_serve_options_are_validated_like_the_config(model_dir: Path) -> None:
         env=edge_agent_env(EDGE_AGENT_MODEL_DIR=str(model_dir)),
     )
     assert result.returncode == 2 and "http.port" in result.stderr
+
+
+def test_run_with_the_http_api_logs_its_address_once(model_dir: Path, broker: Broker, tmp_path: Path) -> None:
+    port = free_port()
+    log_path = tmp_path / "agent.log"
+    mqtt = MqttClient(broker.port).connect()
+    mqtt.subscribe("edge_agent/http-log/availability")
+    with open(log_path, "w", encoding="utf-8") as log_file:
+        process = start_agent_process(
+            model_dir,
+            broker.port,
+            "http-log",
+            tmp_path / "outbox.db",
+            env={"EDGE_AGENT_HTTP__ENABLED": "true", "EDGE_AGENT_HTTP__PORT": str(port)},
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        # The HTTP server is up before the agent starts, so `online` comes after its log line.
+        mqtt.wait_for(
+            "edge_agent/http-log/availability", lambda m: bool(m) and m[-1].payload == b"online", timeout=60
+        )
+        assert Client(port).get("/healthz").status == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        mqtt.close()
+    log = log_path.read_text(encoding="utf-8")
+    assert log.count(f":{port} (docs at /docs") == 1, log

@@ -140,3 +140,39 @@ def test_record_from_the_microphone(
         assert errors == []
     finally:
         browser.close()
+
+
+def test_the_docs_page_sends_each_operation_to_the_server(
+    playwright: Any, engine: LoadedEngine, start_server: StartServer, example_wav: Path
+) -> None:
+    """/docs as Swagger UI's "Try it out": a form per operation, sent to the running server."""
+    handle, _ = start_server(ready_backend(engine))
+    browser = launch(playwright)
+    try:
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(f"{handle.url}/docs")
+        page.click("#try-healthz button")
+        page.wait_for_selector("#try-healthz[data-state=done]", timeout=TIMEOUT_MS)
+        assert page.get_attribute("#try-healthz", "data-status") == "200"
+        assert '"status": "ok"' in (page.text_content("#try-healthz pre.answer") or "")
+
+        page.set_input_files("#detect-audio_file", str(example_wav))
+        page.fill("#detect-threshold", "0.5")
+        page.click("#try-detect button")
+        page.wait_for_selector("#try-detect[data-state=done]", timeout=TIMEOUT_MS)
+        assert page.get_attribute("#try-detect", "data-status") == "200"
+        answer = page.text_content("#try-detect pre.answer") or ""
+        assert f'"keyword": "{WAKE}"' in answer and '"threshold": 0.5' in answer
+
+        # A refusal is shown with its status and reason.
+        page.fill("#detect-threshold", "2")
+        page.click("#try-detect button")
+        page.wait_for_selector("#try-detect[data-status='422']", timeout=TIMEOUT_MS)
+        assert "threshold must be a number" in (page.text_content("#try-detect pre.answer") or "")
+        # The curl examples name the address the page was opened at.
+        assert f"{handle.url}/detect" in (page.text_content("#detect") or "")
+        assert errors == []
+    finally:
+        browser.close()

@@ -14,9 +14,7 @@ own, with the arithmetic of the one-stream path, so the detections are the same:
 * the frames the exact decoding will read are resolved in one call for all streams, and with
   audio arriving in real time a match under way is resolved a few frames per step instead of
   all at once when its last character arrives;
-* the exact runs that the searches are about to compute or extend (:func:`prime_exact_runs`);
-* the filtering passes of searches that fired and have only refractory frames left in the
-  chunk (:func:`carry_through_restarts`).
+* the exact runs that the searches are about to compute or extend (:func:`prime_exact_runs`).
 
 Only public methods of the decoders and searches are used here.
 """
@@ -53,9 +51,16 @@ def _stack_spans(
     each history) as (streams, longest, columns) values, exactness and absolute frame numbers,
     and which cells are padding (pure blank, exact, past a stream's end: they can neither
     start, continue nor penalise a match)."""
+    if len(decoders) == 1:
+        # One stream (a live microphone): views, no copies.
+        values, flags = decoders[0].history.rows(first_frames[0], None if stops is None else stops[0])
+        length = values.shape[0]
+        frames = np.arange(first_frames[0], first_frames[0] + length)[None]
+        return values[None], flags[None], frames, np.zeros((1, length), dtype=bool)
     ends = stops if stops is not None else [None] * len(decoders)
     spans = [d.history.rows(first, stop) for d, first, stop in zip(decoders, first_frames, ends, strict=True)]
-    lengths = np.fromiter((values.shape[0] for values, _ in spans), np.int64, len(spans))
+    # intp: np.repeat's counts must cast safely to it, and it is 32-bit on armv7.
+    lengths = np.fromiter((values.shape[0] for values, _ in spans), np.intp, len(spans))
     longest = int(lengths.max())
     streams = len(spans)
     frames = np.asarray(first_frames, dtype=np.int64)[:, None] + np.arange(longest)
@@ -158,31 +163,6 @@ def prime_exact_runs(
     return computed
 
 
-def carry_through_restarts(
-    decoders: Sequence[KeywordDecoder], restarts: list[tuple[int, KeywordSearch, int]]
-) -> None:
-    """The filtering passes of searches that fired and have only refractory frames left in
-    their chunk, ``(decoder index, search, first frame left)``: one recurrence per keyword for
-    all of them (as in :func:`process_many`'s main pass), keeping the partial matches each
-    carries out, as :meth:`KeywordSearch.process` would one by one."""
-    groups: dict[tuple[object, ...], list[tuple[int, KeywordSearch, int]]] = {}
-    for i, search, frame in restarts:
-        groups.setdefault(_search_key(decoders[i], search), []).append((i, search, frame))
-    for members in groups.values():
-        template = members[0][1]
-        stacked, exact, frames, padding = _stack_spans(
-            [decoders[i] for i, _, _ in members], [frame for _, _, frame in members]
-        )
-        killed = np.stack([search.killed(frames[row]) for row, (_, search, _) in enumerate(members)])
-        terms = template.scorer.optimistic_terms(stacked, exact, killed & ~padding)
-        _pad(terms, padding)
-        carry = np.stack([search.carry for _, search, _ in members])
-        carry_pre = np.stack([search.carry_pre for _, search, _ in members])
-        _, new_carry, new_carry_pre, _, _, _ = template.scorer.run(terms, carry, carry_pre)
-        for row, (_, search, _) in enumerate(members):
-            search.keep_carries(new_carry[row].copy(), new_carry_pre[row].copy())
-
-
 def process_many(
     decoders: Sequence[KeywordDecoder],
     posteriors: Sequence[np.ndarray],
@@ -208,6 +188,9 @@ def process_many(
     # Matches under way in real-time audio: frames to resolve ahead of need, a few per step.
     early: list[list[tuple[int, int]]] = [[] for _ in decoders]
     early_limit = [0] * len(decoders)
+    # Worth it for many streams only: one stream's window resolved at once is a small product,
+    # while resolving ahead reads about four times as many frames.
+    early_resolution = resolve is not None and len(decoders) > 1
     groups: dict[tuple[object, ...], list[int]] = {}
     for i in active:
         groups.setdefault(decoders[i].signature, []).append(i)
@@ -220,6 +203,12 @@ def process_many(
         for slot in range(len(per_stream[0])):
             searches = [stream_searches[slot] for stream_searches in per_stream]
             template = searches[0]
+            if len(searches) == 1 and template.idle_over(stacked[0]):
+                # One stream (a live microphone) with nothing going on: what the general path
+                # below would find too (no frame where a match may begin, nothing busy), without
+                # its batch bookkeeping.
+                template.expire(int(frames[0, 0]) + int(lengths[0]))
+                continue
             # Where a match may begin; the last such frame before this span, per stream.
             begins = template.scorer.first_said(stacked) & ~padding
             before = np.array([s.last_start for s in searches], dtype=np.int64)
@@ -249,7 +238,7 @@ def process_many(
                 found = frames[row, np.flatnonzero(candidates[position])]
                 if search.pending is None and found.size == 0:
                     search.keep_carries(new_carry[position], new_carry_pre[position])
-                    if resolve is not None and lengths[row] <= EARLY_RESOLUTION_FRAMES and search.under_way():
+                    if early_resolution and lengths[row] <= EARLY_RESOLUTION_FRAMES and search.under_way():
                         # Audio in real time, and two or more characters may have been said:
                         # resolve the window so far a few frames per step, and each new frame
                         # as it comes, rather than all of it when the last character arrives
@@ -279,18 +268,14 @@ def process_many(
                 frames_wanted[i] = np.union1d(frames_wanted[i], ahead)
         _resolve(decoders, frames_wanted, resolve)
     prime_exact_runs(decoders, first_frames, exact_work)
-    restarts: list[tuple[int, KeywordSearch, int]] = []
     for i, searches in enumerate(exact_work):
         if not searches:
             continue
         decoder = decoders[i]
         # Resolved above; on demand is a safety net, for spans the filter did not foresee.
         ensure = already_exact if resolve is None else decoder.history.on_demand(resolve, i, len(decoders))
-        restarted: list[tuple[KeywordSearch, int]] = []
         for search, filtered in searches:
-            results[i].extend(search.process(decoder.history, first_frames[i], ensure, filtered, restarted))  # type: ignore[arg-type]
-        restarts += [(i, search, frame) for search, frame in restarted]
-    carry_through_restarts(decoders, restarts)
+            results[i].extend(search.process(decoder.history, first_frames[i], ensure, filtered))  # type: ignore[arg-type]
     for found in results:
         found.sort(key=lambda d: (d.end, d.keyword))
     return results

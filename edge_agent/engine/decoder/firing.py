@@ -20,9 +20,17 @@ For one keyword in one stream, frame by frame:
   being spoken goes on within one (:meth:`FiringPolicy.rivals_still_spoken`). The pause only
   ends the wait; a keyword said with longer pauses is still found.
 * **Hold.** Whatever the rivals, a pending detection fires ``hold`` after its last character.
-* **Refractory.** Once a detection fires, no match ending within the refractory period after
-  it counts, and the search restarts right after its last character: one spoken keyword, one
-  detection.
+* **Suppression.** A detection that fired silences the matches *no more confident than itself*
+  that end within the refractory period after it, or that begin before its last character
+  (they would reuse its characters): one spoken keyword, one detection. A more confident match
+  is never silenced by a weaker one, and a match no more confident than the pending one, seen
+  while it waited, never fires after it.
+
+Why suppression looks at confidence: the decisions about a match then depend only on the
+matches at least as confident as itself, never on weaker ones. Lowering the threshold only adds
+weaker matches, so every detection made at a threshold is made, the same, at every lower one;
+only detections weaker than the higher threshold are added (a weak match that fired before the
+keyword it borrowed from was complete among them: the keyword is reported as well, after it).
 """
 
 from __future__ import annotations
@@ -116,34 +124,57 @@ class FiringPolicy:
         return np.minimum(prefix, recent)
 
 
+@dataclass(frozen=True)
+class Fired:
+    """A detection that fired: the frame of its last character, its confidence, and the last
+    frame of its refractory period."""
+
+    frame: int
+    confidence: float
+    quiet_until: int
+
+    @property
+    def resume(self) -> int:
+        """The first frame where a match no more confident than this one may begin."""
+        return self.frame + 1
+
+
 class Firing:
-    """The firing state of one keyword in one stream: the pending detection and the end of
-    the refractory period. The caller walks the frames in order and, at each one, offers the
-    exact match ending there (if the filter proposes one and :meth:`considers` the frame), then
-    asks whether the pending detection is :meth:`due`."""
+    """The firing state of one keyword in one stream: the pending detection and the recent
+    detections that may still silence a match. The caller walks the frames in order and, at
+    each one, offers the exact match ending there (if the filter proposes one that could be
+    more confident than what :meth:`silenced_below` there), then asks whether the pending
+    detection is :meth:`due`."""
 
     def __init__(self, policy: FiringPolicy) -> None:
         self.policy = policy
         self.pending: Candidate | None = None
-        self.quiet_until = -1  # refractory: no detection ending at or before this frame
+        self.fired: list[Fired] = []
 
     def reset(self) -> None:
         self.pending = None
-        self.quiet_until = -1
+        self.fired = []
 
-    def considers(self, frame: int) -> bool:
-        """Whether a match ending at ``frame`` could change anything (worth scoring exactly):
-        there is a pending detection it could replace, or the refractory period is over."""
-        return self.pending is not None or frame > self.quiet_until
+    def silenced_below(self, frame: int) -> float:
+        """The confidence a match ending at ``frame`` must exceed not to be silenced by a recent
+        detection's refractory period (0.0: none)."""
+        return max((f.confidence for f in self.fired if frame <= f.quiet_until), default=0.0)
 
-    def quiet_through(self, frame: int) -> bool:
-        """Whether ``frame`` is still in the refractory period: no detection can end there."""
-        return frame <= self.quiet_until
+    def restrictions(self, first: int) -> list[tuple[int, float]]:
+        """``(resume, confidence)`` of the recent detections that restrict where a match may
+        begin, for matches that may begin at ``first`` or later, by increasing ``resume``: a
+        match beginning before ``resume`` counts only if more confident than ``confidence``."""
+        return sorted((f.resume, f.confidence) for f in self.fired if f.resume > first)
+
+    def forget(self, frame: int, window_frames: int) -> None:
+        """Drop the detections that can no longer silence a match ending at ``frame`` or later:
+        their refractory period is over and a match's window no longer reaches them."""
+        self.fired = [f for f in self.fired if f.quiet_until >= frame or f.resume > frame - window_frames]
 
     def offer(self, candidate: Candidate | None) -> bool:
-        """A match that counts (or None): it becomes the pending detection if there is none, or
-        if it is more confident than the pending one. Returns whether it did."""
-        if candidate is None or not self.considers(candidate.frame):
+        """A match that counts (or None): it becomes the pending detection if it is not silenced
+        and there is none, or if it is more confident than the pending one. Returns whether it did."""
+        if candidate is None or candidate.confidence <= self.silenced_below(candidate.frame):
             return False
         if self.pending is None or candidate.confidence > self.pending.confidence:
             self.pending = candidate
@@ -160,15 +191,16 @@ class Firing:
             frame, pending.frame
         )
 
-    def fire(self) -> tuple[Candidate, int]:
-        """Emit the pending detection: returns it and the frame where the search restarts (right
-        after its last character); its refractory period begins."""
+    def fire(self, frame: int) -> Candidate:
+        """Emit the pending detection at ``frame``: its refractory period begins. It lasts
+        through ``frame`` at least: the matches seen while it waited were no more confident."""
         pending = self.pending
         if pending is None:
             raise RuntimeError("nothing pending to fire")
-        self.quiet_until = pending.frame + self.policy.refractory_frames
+        quiet_until = max(frame, pending.frame + self.policy.refractory_frames)
+        self.fired.append(Fired(pending.frame, pending.confidence, quiet_until))
         self.pending = None
-        return pending, pending.frame + 1
+        return pending
 
 
 def keyword_span(

@@ -9,8 +9,9 @@ decodes new frames in three moves:
 2. each proposed frame that the firing state :meth:`~firing.Firing.considers` is re-scored exactly
    over the keyword's window (``exact.py``) and backtracked for its timings;
 3. the firing policy (``firing.py``) decides which match is pending and when it fires, given
-   the bound of the partial matches that could still beat it. After a detection the search
-   restarts right after it.
+   the bound of the partial matches that could still beat it. A detection silences the matches
+   no more confident than itself that end in its refractory period or begin before its end, so
+   the exact re-scoring finds the best match that is not silenced (:meth:`KeywordSearch._exact`).
 
 Frames where no character may be said cost nothing: their partial matches carry over
 (:meth:`KeywordSearch.expire`), and a frame a whole window after the last frame where a match
@@ -32,6 +33,9 @@ from edge_agent.engine.decoder.recurrence import NEG_INF, KeywordScorer
 
 # Absolute frame standing for "no character start seen".
 NEVER = -(10**12)
+# How far a filtering bound may fall below the exact log score of the same match: the two are
+# sums of the same terms from different first frames.
+BOUND_TOLERANCE = 1e-9
 
 
 @dataclass
@@ -83,7 +87,6 @@ class KeywordSearch:
         self.carry = self.scorer.no_match()  # A_i at the last frame seen
         self.carry_pre = self.scorer.no_match()  # repeated characters: before the blank dip
         self.alive = False  # any finite carry
-        self.search_from = 0  # absolute frame where paths may start (after the last detection)
         self.firing.reset()
         self.runs.reset()
         # Recent absolute frames where a match may begin (KeywordScorer.first_said), and the latest.
@@ -115,6 +118,11 @@ class KeywordSearch:
     def under_way(self) -> bool:
         """A partial match of two or more characters (but not all) may be alive."""
         return self.n > 2 and bool((self.carry[1 : self.n - 1] >= self.log_threshold).any())
+
+    def idle_over(self, values: np.ndarray) -> bool:
+        """Nothing to do in these rows (t, c) but :meth:`expire`: no detection is pending and no
+        character may reach its floor in any of them (so no match may begin there either)."""
+        return self.firing.pending is None and not self.scorer.said(values).any()
 
     def keep_carries(self, carry: np.ndarray, carry_pre: np.ndarray) -> None:
         """End of a span with nothing to report: keep the partial matches that can still win.
@@ -159,7 +167,7 @@ class KeywordSearch:
     # --- streaming -----------------------------------------------------------------------
     def window_start(self, frame: int, history: History) -> int:
         """First frame a match ending at ``frame`` may use."""
-        return max(frame + 1 - self.window_frames, self.search_from, history.first)
+        return max(frame + 1 - self.window_frames, history.first)
 
     def frames_read(self, frames: np.ndarray, history: History) -> list[tuple[int, int]]:
         """The [start, stop) spans that exact decoding reads for candidates or a pending match
@@ -171,10 +179,13 @@ class KeywordSearch:
                 spans.append((start, min(history.end, frame + 1 + self.policy.hold_frames)))
         return spans
 
-    def first_start(self, frame: int, history: History) -> int | None:
-        """The first frame, in the window of a match ending at ``frame``, where the first
-        character reaches its floor: no match begins earlier, so rows before it are never read."""
+    def first_start(self, frame: int, history: History, earliest: int | None = None) -> int | None:
+        """The first frame, in the window of a match ending at ``frame`` (and not before
+        ``earliest``), where the first character reaches its floor: no match begins earlier, so
+        rows before it are never read."""
         low = self.window_start(frame, history)
+        if earliest is not None:
+            low = max(low, earliest)
         index = int(np.searchsorted(self.starts, low))
         if index == self.starts.shape[0] or int(self.starts[index]) > frame:
             return None
@@ -186,41 +197,14 @@ class KeywordSearch:
         first_frame: int,
         ensure: Ensure = already_exact,
         filtered: Filtered | None = None,
-        restarts: list[tuple[KeywordSearch, int]] | None = None,
     ) -> list[Detection]:
         """Decode the frames from ``first_frame`` on; ``history`` holds them and those before.
 
         ``filtered``: the filtering pass over these frames, if already made (any over-estimate
-        will do: it only proposes frames for exact re-scoring).
-
-        ``restarts``: if given, a search that fired and has only refractory frames left (no
-        match can fire there; the filtering pass only carries partial matches out) adds
-        ``(self, first frame left)`` to it instead of making that pass: the caller makes it
-        for many streams at once (``batch.carry_through_restarts``).
-
-        After a detection the search restarts right after its last character, which may lie
-        before ``first_frame`` (a match held over from the previous chunk), so spans are always
-        taken from ``history``.
+        will do: it only proposes frames for exact re-scoring). A detection does not end the
+        partial matches (a more confident match may still reuse its characters), so one pass
+        serves the whole span.
         """
-        detections: list[Detection] = []
-        span_start = first_frame
-        while span_start < history.end:
-            fired = self._process_span(history, span_start, ensure, filtered)
-            if fired is None:
-                break
-            detection, span_start = fired
-            detections.append(detection)
-            filtered = None  # the search restarts: its own pass, from no partial match
-            if restarts is None or span_start >= history.end:
-                continue
-            if self.firing.quiet_through(history.end - 1):
-                restarts.append((self, span_start))
-                break
-        return detections
-
-    def _process_span(
-        self, history: History, first_frame: int, ensure: Ensure, filtered: Filtered | None
-    ) -> tuple[Detection, int] | None:
         if filtered is None:
             values, exact = history.rows(first_frame)
             frames = np.arange(first_frame, history.end)
@@ -228,10 +212,11 @@ class KeywordSearch:
                 values[None], exact[None], frames[None], self.carry[None], self.carry_pre[None]
             )
             filtered = Filtered(passed[0][0], passed[1][0], passed[2][0])
-        scores, carry, carry_pre = filtered.scores, filtered.carry, filtered.carry_pre
+        scores = filtered.scores
         candidates = np.flatnonzero(scores >= self.log_threshold)
         count = scores.shape[0]
         firing = self.firing
+        detections: list[Detection] = []
         rivals: tuple[int, np.ndarray] | None = None  # (first frame, bound per frame) of the pending
         i = 0
         while i < count:
@@ -244,7 +229,7 @@ class KeywordSearch:
             frame = first_frame + i
             if (
                 scores[i] >= self.log_threshold
-                and firing.considers(frame)
+                and self._may_count(float(scores[i]), frame)
                 and firing.offer(self._exact(history, frame, ensure))
             ):
                 rivals = None  # a new pending detection: its own window, its own rivals
@@ -258,10 +243,20 @@ class KeywordSearch:
             index = frame - rivals[0]
             best_rival = rivals[1][index] if index >= 0 else NEG_INF
             if firing.due(frame, best_rival):
-                return self._fire()
+                detections.append(self._fire(frame))
+                rivals = None
             i += 1
-        self.keep_carries(carry, carry_pre)
-        return None
+        self.keep_carries(filtered.carry, filtered.carry_pre)
+        firing.forget(history.end, self.window_frames)
+        return detections
+
+    def _may_count(self, bound: float, frame: int) -> bool:
+        """Whether a match ending at ``frame`` whose log score is at most ``bound`` could change
+        anything: be more confident than the pending detection, or than what is silenced there."""
+        pending = self.firing.pending
+        floor = max(self.firing.silenced_below(frame), pending.confidence if pending is not None else 0.0)
+        # The bound and an exact score may differ in their last bits (sums from other origins).
+        return floor <= 0.0 or bound + BOUND_TOLERANCE > math.log(floor)
 
     def _rivals(self, history: History, pending_frame: int, ensure: Ensure) -> tuple[int, np.ndarray]:
         """The rivals' bound (:meth:`FiringPolicy.rivals_still_spoken`) at each frame from the
@@ -285,10 +280,14 @@ class KeywordSearch:
         if self.pending is not None:
             anchor = self.pending.frame
         else:
-            eligible = frames[frames > self.firing.quiet_until]
-            if eligible.size == 0:
+            eligible = [
+                frame
+                for frame in frames.tolist()
+                if self._may_count(float(filtered.scores[frame - first_frame]), frame)
+            ]
+            if not eligible:
                 return None
-            anchor = int(eligible[0])
+            anchor = eligible[0]
         start = self.first_start(anchor, history)
         if start is None:
             return None
@@ -300,25 +299,41 @@ class KeywordSearch:
             stop = begin + int(missing[0])  # the rest is resolved on demand, if ever read
         return (start, begin, stop) if stop > begin else None
 
-    def _fire(self) -> tuple[Detection, int]:
-        """Emit the pending detection and restart the search right after it."""
-        candidate, resume_frame = self.firing.fire()
-        self.carry = self.scorer.no_match()
-        self.carry_pre = self.scorer.no_match()
-        self.alive = False
-        self.search_from = resume_frame
-        return self._detection(candidate), resume_frame
+    def _fire(self, frame: int) -> Detection:
+        """Emit the pending detection at ``frame``."""
+        return self._detection(self.firing.fire(frame))
 
     def finish(self) -> list[Detection]:
-        detections: list[Detection] = []
-        if self.pending is not None:
-            detections.append(self._fire()[0])
-        return detections
+        pending = self.pending
+        return [] if pending is None else [self._fire(pending.frame + 1)]
 
     # --- exact re-scoring ----------------------------------------------------------------
     def _exact(self, history: History, frame: int, ensure: Ensure) -> Candidate | None:
-        """Best match ending at ``frame`` within the duration window, or None."""
-        window_start = self.first_start(frame, history)
+        """The most confident match ending at ``frame`` that counts and that no recent detection
+        silences, or None.
+
+        A detection silences the matches that begin before its end unless they are more
+        confident than itself. With detections ending at r_1 < ... < r_m in the window, a match
+        beginning at or after r_j counts if it is more confident than every detection after
+        the j-th: the best match beginning at or after r_j is taken if it clears that level,
+        and the best of these over j (with r_0 the window's start) is the best match allowed.
+        """
+        low = self.window_start(frame, history)
+        restrictions = self.firing.restrictions(low)
+        levels = [c for _, c in restrictions]
+        options = [(low, max(levels, default=0.0))]
+        options += [(resume, max(levels[j + 1 :], default=0.0)) for j, (resume, _) in enumerate(restrictions)]
+        best: Candidate | None = None
+        for earliest, level in options:
+            found = self._best_from(history, frame, earliest, ensure)
+            if found is not None and found.confidence > max(level, best.confidence if best else 0.0):
+                best = found
+        return best
+
+    def _best_from(self, history: History, frame: int, earliest: int, ensure: Ensure) -> Candidate | None:
+        """The best match ending at ``frame`` within the duration window that begins at
+        ``earliest`` or later, if it counts."""
+        window_start = self.first_start(frame, history, earliest)
         if window_start is None:
             return None
         # Through the hold time after it too: if the match is pending, firing reads those

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# After a detection its keyword is not reported again for this long: one spoken keyword, one
-# detection, while a keyword said again a moment later is found again.
+# After a detection its keyword is not reported again for this long, unless more confident: one
+# spoken keyword, one detection, while a keyword said again a moment later is found again.
 DEFAULT_REFRACTORY_SECONDS = 1.0
 # Share of a frame between two characters that may go to outputs other than blank and those two
 # characters at no cost; beyond it the frame costs the match, so that unrelated speech between

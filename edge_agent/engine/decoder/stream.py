@@ -101,6 +101,12 @@ class KeywordDecoder:
             search.reset()
 
     @property
+    def idle(self) -> bool:
+        """No detection pending and no partial match that could still reach its threshold: no
+        keyword is under way in the frames decoded so far."""
+        return all(s.pending is None and not s.alive for s in self._searches)
+
+    @property
     def frames_seen(self) -> int:
         return self._frames_seen
 

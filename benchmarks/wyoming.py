@@ -1,0 +1,379 @@
+"""The Wyoming server under N concurrent real-time clients, next to wyoming-openwakeword.
+
+    python -m benchmarks.wyoming [--clients 1,8,32,128] [--seconds 30]
+                                 [--openwakeword-python PATH] [--batch-ms 100]
+
+For each N, the agent runs as ``edge-agent wyoming`` (its own process, MQTT off, no mDNS) and N
+clients stream to it from another process as Home Assistant does: ``detect`` with the keyword's
+name, ``audio-start`` at 16 kHz 16-bit mono, then 10 ms ``audio-chunk``s paced in real time on
+an absolute schedule, reading events as they come. Each client plays the 25 positive
+recordings of audio/dev back to back (0.5 s of silence between them), client k starting at
+recording k mod 25, so keywords are spread over time as independent satellites would say them.
+Meanwhile one more client asks ``describe`` every half second (Home Assistant allows 1 s).
+
+delay = arrival of a ``detection`` at the client - the wall time its stream started - the
+detection's timestamp (the keyword's end in the client's own chunk timestamps): from the moment
+the keyword's end was spoken, with the 10 ms chunking, the model's look-ahead (~0.29 s), the
+server's batching (``wyoming.batch_ms``) and the engine.
+
+The same clients then stream the same audio to wyoming-openwakeword 1.8.2 with one model
+(``ok_nabu``, asked for in ``detect``), started from ``--openwakeword-python`` (the Python of a
+virtual environment where ``pip install wyoming-openwakeword==1.8.2 'numpy<2'`` was run); it
+does not know Chinese, so only its CPU is compared. CPU is each server process's CPU time over
+the middle of the run (after the clients' start, before their end) divided by the wall time,
+in percent of one core; RSS is the peak sampled. A row whose clients fell behind their
+schedule (sender lag p95 over 50 ms: the machine's other work starved the load generator) is
+marked ``clients_kept_real_time: false`` and is not to be quoted. Results:
+benchmarks/results/wyoming.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from benchmarks.common import (
+    REPO,
+    machine,
+    model_dir,
+    percentile,
+    played_stream,
+    positives_back_to_back,
+    stream_offsets,
+    write_result,
+)
+from edge_agent.engine.model import KeywordSpec, KwsModel
+
+CHUNK_MS = 10
+CHUNK_BYTES = 16000 * 2 * CHUNK_MS // 1000
+KEYWORD = "小云小云"
+OPENWAKEWORD_MODEL = "ok_nabu"
+DESCRIBE_EVERY_SECONDS = 0.5
+# A client waits for its socket to drain beyond this much unsent data.
+WRITE_BUFFER_BYTES = 64 * 1024
+# CPU is measured between these fractions of the run (clients connecting and leaving excluded).
+MEASURE_FROM, MEASURE_TO = 0.15, 0.9
+# The clients are real time only if their chunks go out on schedule: beyond this lag (p95) the
+# load generator itself fell behind (other work on a shared machine), and the run does not count.
+MAX_SENDER_LAG_MS = 50.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+# --- the clients (a process of their own) ----------------------------------------------------------
+
+
+async def _reader(reader: asyncio.StreamReader, start_at: float, results: dict[str, Any]) -> None:
+    from wyoming.event import async_read_event
+    from wyoming.wake import Detection
+
+    while (event := await async_read_event(reader)) is not None:
+        if Detection.is_type(event.type):
+            detection = Detection.from_event(event)
+            results["detections"] += 1
+            if detection.timestamp is not None:
+                results["delays"].append(time.time() - start_at - detection.timestamp / 1000)
+        else:
+            results["other_events"][event.type] = results["other_events"].get(event.type, 0) + 1
+
+
+def chunk_header(index: int, audio_bytes: int) -> bytes:
+    """The ``audio-chunk`` event of chunk ``index`` as the ``wyoming`` package frames it, without
+    its payload: the same for every client (same format, timestamp and length), so it is framed
+    once per chunk instead of once per client and chunk."""
+    from wyoming.audio import AudioChunk
+    from wyoming.event import write_event
+
+    framed = io.BytesIO()
+    chunk = AudioChunk(rate=16000, width=2, channels=1, audio=bytes(audio_bytes), timestamp=index * CHUNK_MS)
+    write_event(chunk.event(), framed)
+    return framed.getvalue()[:-audio_bytes]
+
+
+async def _clients(
+    port: int, streams: list[bytes], name: str, start_at: float, results: dict[str, Any]
+) -> None:
+    """Every client connects and says what it sends; then one clock sends each client's next
+    10 ms chunk every 10 ms (one timer for all, each chunk's event framed once by the
+    ``wyoming`` package for every client: the load generator must keep up with 128 clients on a
+    small machine). Home Assistant never sends audio-stop: the clients close at the end."""
+    from wyoming.audio import AudioStart
+    from wyoming.event import async_write_event
+    from wyoming.wake import Detect
+
+    connections = [await asyncio.open_connection("127.0.0.1", port) for _ in streams]
+    for _, writer in connections:
+        await async_write_event(Detect(names=[name]).event(), writer)
+        await async_write_event(AudioStart(rate=16000, width=2, channels=1).event(), writer)
+    loop = asyncio.get_running_loop()
+    readers = [loop.create_task(_reader(reader, start_at, results)) for reader, _ in connections]
+    writers = [writer for _, writer in connections]
+    lags: list[float] = results["lags"]
+    for index, offset in enumerate(range(0, len(streams[0]), CHUNK_BYTES)):
+        delay = start_at + index * CHUNK_MS / 1000 - time.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        else:
+            lags.append(-delay)
+        header = chunk_header(index, len(streams[0][offset : offset + CHUNK_BYTES]))
+        for writer, pcm in zip(writers, streams, strict=True):
+            writer.write(header + pcm[offset : offset + CHUNK_BYTES])
+        for writer in writers:
+            if writer.transport.get_write_buffer_size() > WRITE_BUFFER_BYTES:
+                await writer.drain()  # a server that stops reading holds this client back
+    for reader in readers:
+        reader.cancel()
+    await asyncio.gather(*readers, return_exceptions=True)
+    for writer in writers:
+        writer.close()
+
+
+async def _describer(port: int, until: float, latencies: list[float]) -> None:
+    from wyoming.client import AsyncTcpClient
+    from wyoming.info import Describe, Info
+
+    while time.time() < until:
+        asked = time.perf_counter()
+        async with AsyncTcpClient("127.0.0.1", port) as client:
+            await client.write_event(Describe().event())
+            while (event := await client.read_event()) is not None and not Info.is_type(event.type):
+                pass
+        latencies.append(time.perf_counter() - asked)
+        await asyncio.sleep(DESCRIBE_EVERY_SECONDS)
+
+
+async def _load(port: int, streams: list[bytes], name: str, start_at: float) -> dict[str, Any]:
+    results: dict[str, Any] = {"delays": [], "lags": [], "detections": 0, "other_events": {}}
+    describe: list[float] = []
+    seconds = len(streams[0]) / 32000
+    outcomes = await asyncio.gather(
+        _clients(port, streams, name, start_at, results),
+        _describer(port, start_at + seconds, describe),
+        return_exceptions=True,
+    )
+    results["client_errors"] = [repr(o) for o in outcomes if isinstance(o, BaseException)]
+    results["describe"] = describe
+    return results
+
+
+def _load_process(port: int, streams: list[bytes], name: str, start_at: float, queue: Any) -> None:
+    queue.put(asyncio.run(_load(port, streams, name, start_at)))
+
+
+# --- the servers -----------------------------------------------------------------------------------
+
+
+def start_ours(port: int, clients: int, batch_ms: int) -> subprocess.Popen[Any]:
+    env = {
+        **os.environ,
+        "EDGE_AGENT_AUDIO__MQTT__MAX_STREAMS": str(max(64, clients)),
+        "EDGE_AGENT_WYOMING__MAX_CONNECTIONS": str(max(256, 2 * clients)),
+        "EDGE_AGENT_WYOMING__BATCH_MS": str(batch_ms),
+        "EDGE_AGENT_OUTBOX__PATH": str(Path(tempfile.mkdtemp()) / "outbox.db"),
+    }
+    command = [sys.executable, "-m", "edge_agent", "wyoming", "--model-dir", str(model_dir())]
+    command += ["--wyoming-host", "127.0.0.1", "--wyoming-port", str(port), "--no-zeroconf"]
+    return subprocess.Popen([*command, "--log-level", "warning"], cwd=REPO, env=env)
+
+
+def start_openwakeword(python: str, port: int) -> subprocess.Popen[Any]:
+    command = [python, "-m", "wyoming_openwakeword", "--uri", f"tcp://127.0.0.1:{port}"]
+    return subprocess.Popen([*command, "--preload-model", OPENWAKEWORD_MODEL], stderr=subprocess.DEVNULL)
+
+
+def wait_serving(port: int, process: subprocess.Popen[Any], timeout: float = 120.0) -> None:
+    """Until ``describe`` is answered."""
+    from wyoming.client import AsyncTcpClient
+    from wyoming.info import Describe
+
+    async def ask() -> bool:
+        try:
+            async with AsyncTcpClient("127.0.0.1", port) as client:
+                await client.write_event(Describe().event())
+                return await asyncio.wait_for(client.read_event(), 5) is not None
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + timeout
+    while not asyncio.run(ask()):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"server on port {port} did not start")
+        time.sleep(0.2)
+
+
+def measure(process: subprocess.Popen[Any], streams: list[bytes], name: str, port: int) -> dict[str, Any]:
+    """The clients against one server; its CPU and RSS meanwhile."""
+    seconds = len(streams[0]) / 32000
+    start_at = time.time() + 1.0 + len(streams) * 0.005  # every client connected before it
+    queue: Any = multiprocessing.get_context("spawn").Queue()
+    load = multiprocessing.get_context("spawn").Process(
+        target=_load_process, args=(port, streams, name, start_at, queue)
+    )
+    load.start()
+    server = psutil.Process(process.pid)
+    children = [server, *server.children(recursive=True)]
+    peak_rss = 0.0
+    cpu_start = cpu_end = None
+    measure_from = start_at + MEASURE_FROM * seconds
+    measure_to = start_at + MEASURE_TO * seconds
+    while time.time() < start_at + seconds:
+        now = time.time()
+        peak_rss = max(peak_rss, sum(p.memory_info().rss for p in children) / 1e6)
+        if cpu_start is None and now >= measure_from:
+            cpu_start = (now, sum(sum(p.cpu_times()[:2]) for p in children))
+        if cpu_end is None and now >= measure_to:
+            cpu_end = (now, sum(sum(p.cpu_times()[:2]) for p in children))
+        time.sleep(0.1)
+    results = queue.get(timeout=seconds + 120)
+    load.join(30)
+    assert cpu_start is not None and cpu_end is not None
+    cpu = 100.0 * (cpu_end[1] - cpu_start[1]) / (cpu_end[0] - cpu_start[0])
+    delays = [d * 1000 for d in results["delays"]]
+    describe = [d * 1000 for d in results["describe"]]
+    return {
+        "cpu_percent": round(cpu, 1),
+        "peak_rss_mb": round(peak_rss, 1),
+        "detections": results["detections"],
+        "other_events": results["other_events"],
+        "client_errors": results["client_errors"][:5],
+        "delay_ms_p50": _round(percentile(delays, 50)),
+        "delay_ms_p95": _round(percentile(delays, 95)),
+        "delay_ms_max": _round(max(delays) if delays else None),
+        "describe_ms_p95": _round(percentile(describe, 95)),
+        "describe_ms_max": _round(max(describe) if describe else None),
+        "describes": len(describe),
+        "sender_lag_ms_p95": _round(percentile([lag * 1000 for lag in results["lags"]], 95) or 0.0),
+    }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def stop(process: subprocess.Popen[Any]) -> None:
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def expected_detections(audio: Any, offsets: list[int], samples: int) -> int:
+    """What the engine finds in every client's audio fed in 100 ms pieces, without the end of
+    the stream (clients close as Home Assistant does; a keyword at the very end can fire after
+    that, and goes nowhere): the detections the clients should receive."""
+    model = KwsModel.load(model_dir(), backend="numpy", threads=1)
+    step = 1600
+    per_offset = {}
+    for offset in sorted(set(offsets)):
+        stream = played_stream(audio, offset, samples)
+        detector = model.detector([KeywordSpec(KEYWORD)])
+        per_offset[offset] = sum(len(detector.feed(stream[i : i + step])) for i in range(0, samples, step))
+    return sum(per_offset[offset] for offset in offsets)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--clients", default="1,8,32,128", help="numbers of concurrent clients")
+    parser.add_argument("--seconds", type=float, default=30.0, help="audio each client streams")
+    parser.add_argument("--batch-ms", type=int, default=100, help="the agent's wyoming.batch_ms")
+    parser.add_argument(
+        "--openwakeword-python",
+        default=os.environ.get("OPENWAKEWORD_PYTHON"),
+        help="Python of a venv with wyoming-openwakeword 1.8.2 (none: ours only)",
+    )
+    parser.add_argument("--name", default="wyoming", help="results file name (benchmarks/results/NAME.json)")
+    args = parser.parse_args()
+    audio, starts = positives_back_to_back()
+    samples = int(args.seconds * 16000)
+    rows = []
+    for clients in [int(n) for n in args.clients.split(",")]:
+        offsets = stream_offsets(clients, starts, stagger=True)
+        streams = [played_stream(audio, offset, samples).astype("<i2").tobytes() for offset in offsets]
+        row: dict[str, Any] = {
+            "clients": clients,
+            # Other work on a shared machine takes CPU from both the servers and the clients.
+            "load_average_1min_before": round(os.getloadavg()[0], 2),
+            "detections_expected": expected_detections(audio, offsets, samples),
+        }
+        port = free_port()
+        ours = start_ours(port, clients, args.batch_ms)
+        try:
+            wait_serving(port, ours)
+            row["edge_agent"] = measure(ours, streams, KEYWORD, port)
+        finally:
+            stop(ours)
+        if args.openwakeword_python:
+            port = free_port()
+            theirs = start_openwakeword(args.openwakeword_python, port)
+            try:
+                wait_serving(port, theirs)
+                row["openwakeword"] = measure(theirs, streams, OPENWAKEWORD_MODEL, port)
+            finally:
+                stop(theirs)
+            ours_cpu, their_cpu = row["edge_agent"]["cpu_percent"], row["openwakeword"]["cpu_percent"]
+            row["cpu_ratio"] = round(ours_cpu / their_cpu, 4) if their_cpu else None
+        row["clients_kept_real_time"] = all(
+            row[server]["sender_lag_ms_p95"] <= MAX_SENDER_LAG_MS
+            for server in ("edge_agent", "openwakeword")
+            if server in row
+        )
+        rows.append(row)
+        print(_summary(row), flush=True)
+    report = {
+        "benchmark": "wyoming",
+        "machine": machine(),
+        "settings": {
+            "seconds": args.seconds,
+            "chunk_ms": CHUNK_MS,
+            "batch_ms": args.batch_ms,
+            "keyword": KEYWORD,
+            "openwakeword": "wyoming-openwakeword 1.8.2, --preload-model ok_nabu"
+            if args.openwakeword_python
+            else None,
+        },
+        "rows": rows,
+    }
+    print(f"results: {write_result(args.name, report)}")
+
+
+def _summary(row: dict[str, Any]) -> str:
+    ours = row["edge_agent"]
+    text = (
+        f"{row['clients']:>4} clients: detections {ours['detections']}/{row['detections_expected']}, "
+        f"delay p50 {ours['delay_ms_p50']} p95 {ours['delay_ms_p95']} ms, "
+        f"describe p95 {ours['describe_ms_p95']} ms, CPU {ours['cpu_percent']}%, "
+        f"RSS {ours['peak_rss_mb']} MB, sender lag p95 {ours['sender_lag_ms_p95']} ms"
+    )
+    if "openwakeword" in row:
+        theirs = row["openwakeword"]
+        text += (
+            f"; openWakeWord CPU {theirs['cpu_percent']}%, RSS {theirs['peak_rss_mb']} MB, "
+            f"ratio {row['cpu_ratio']}"
+        )
+    if not row["clients_kept_real_time"]:
+        text += f" [NOT VALID: the clients fell behind real time by more than {MAX_SENDER_LAG_MS:g} ms]"
+    return text
+
+
+if __name__ == "__main__":
+    main()

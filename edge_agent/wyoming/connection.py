@@ -1,0 +1,413 @@
+"""One Wyoming client: its events in, its audio onto the engine as a stream, its answers out.
+
+A connection runs on the server's event loop. Events are read with the ``wyoming`` package's
+own framing (:func:`wyoming.event.async_read_event`), through a reader that refuses a declared
+data or payload length above ``wyoming.max_event_bytes`` before reading it.
+
+* ``describe`` -> ``info`` (:mod:`edge_agent.wyoming.info`), from the keywords configured now;
+* ``detect`` -> the names to report (None: every keyword); a name we do not have gets an
+  ``error`` event (``unknown_wake_word``);
+* ``audio-start`` opens a *session*: a stream ``wyoming-{peer}-{n}`` of kind ``wyoming`` on the
+  engine worker (:class:`~edge_agent.agent.items.StreamStart` with the declared format), within
+  ``audio.mqtt.max_streams`` streaming clients (one more gets ``error`` ``too_many_streams`` and
+  is closed). An ``audio-chunk`` without ``audio-start`` opens one in the chunk's format;
+* ``audio-chunk`` -> the PCM, in any format :class:`~edge_agent.audio.pcm.PcmFormat` accepts,
+  held until the server's next tick (every ``wyoming.batch_ms``: every client's audio goes to
+  the engine at once, one batched step for all) and submitted as
+  :class:`~edge_agent.agent.items.PcmChunk` (the worker converts it, as it does MQTT audio);
+* the engine's detections come back through the server (:meth:`Connection.deliver`) and go out
+  as ``detection`` at once, named after the keyword and stamped in the client's own chunk
+  timestamps (milliseconds) at the keyword's end;
+* ``audio-stop`` ends the stream; once the engine has scored its last audio
+  (:meth:`Connection.stream_closed`), a session without a detection gets ``not-detected``, and
+  the connection closes (as wyoming-openwakeword's does). Home Assistant never sends
+  ``audio-stop``: it closes the connection, which ends the stream the same way (nobody is left
+  to answer).
+
+Anything malformed (a bad header line, a length over the limit, an unknown format) gets an
+``error`` event, is reported (``error`` topic, health), and the connection is closed; an unknown
+event type gets an ``error`` event and the connection goes on. One client's trouble never
+reaches another's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from wyoming.audio import AudioChunk, AudioStart, AudioStop
+from wyoming.error import Error
+from wyoming.event import Event, async_read_event
+from wyoming.info import Describe, Info
+from wyoming.ping import Ping, Pong
+from wyoming.server import AsyncEventHandler
+from wyoming.wake import Detect, Detection, NotDetected
+
+from edge_agent.agent.items import PcmChunk, StreamEnd, StreamStart
+from edge_agent.agent.services import AgentServices
+from edge_agent.audio.pcm import AudioFormatError, PcmFormat
+from edge_agent.mqtt.messages import DetectionEvent
+
+log = logging.getLogger(__name__)
+
+STREAM_KIND = "wyoming"
+STREAM_PREFIX = "wyoming-"
+# The peer's address as it appears in stream ids (which are MQTT topic levels and Home
+# Assistant ids: letters, digits, '-' and '_'; at most 64 characters in all).
+_PEER_CHARACTERS = re.compile(r"[^A-Za-z0-9]+")
+_MAX_PEER_LENGTH = 40
+# A client's audio is flushed without waiting for the tick once it holds this many ticks' worth.
+_TICKS_HELD = 4
+
+
+def peer_label(peername: Any) -> str:
+    """``127.0.0.1`` -> ``127_0_0_1``: the client's address as a stream id may hold it."""
+    host = peername[0] if isinstance(peername, tuple) and peername else str(peername or "unknown")
+    label = _PEER_CHARACTERS.sub("_", str(host)).strip("_")
+    return label[-_MAX_PEER_LENGTH:] or "unknown"
+
+
+class Server(Protocol):
+    """What a connection needs of its server (all on the server's event loop)."""
+
+    services: AgentServices
+    batch_ms: int
+    max_event_bytes: int
+
+    def info(self) -> Info: ...
+
+    def open_stream(self, connection: Connection, session: Session) -> str | None:
+        """A stream id for a new session, registered for detections; None when the streaming
+        clients are at their limit."""
+
+    def release_stream(self, session: Session, keep_routing: bool) -> None:
+        """The session's audio ended: its slot is free; ``keep_routing`` until the engine closes
+        its stream (its last detections and the end are still to come)."""
+
+    def count_bad_event(self) -> None: ...
+
+
+@dataclass
+class Session:
+    """One audio stream of a connection, from ``audio-start`` to ``audio-stop`` or the end."""
+
+    fmt: PcmFormat
+    names: frozenset[str] | None
+    stream: str = ""
+    pending: bytearray = field(default_factory=bytearray)
+    max_pending_bytes: int = 0  # a client faster than real time is not held to the tick
+    last_received: float = 0.0  # wall time of the last chunk's arrival
+    audio_ms: float = 0.0  # audio received so far
+    timestamp_base_ms: float | None = None  # the client's timestamp at the stream's start
+    detected: bool = False
+    ended: bool = False  # audio-stop or disconnect: the end was submitted
+    answer: bool = True  # someone is left to tell (not after a disconnect)
+    quiet_closed: bool = False  # the engine closed the stream (it went quiet); nothing sent since
+
+    def held_bytes(self, batch_ms: int) -> int:
+        """Audio held at most between two ticks: a real-time client sends a tick's worth, a
+        faster one is flushed when it has sent several (bounded memory, no lost alignment)."""
+        return max(1, self.fmt.bytes_per_second * batch_ms * _TICKS_HELD // 1000)
+
+
+class _BoundedReader:
+    """The connection's reader as :func:`async_read_event` uses it, refusing declared lengths
+    above ``limit`` before reading them (the library would read whatever a header declares)."""
+
+    def __init__(self, reader: asyncio.StreamReader, limit: int) -> None:
+        self._reader = reader
+        self._limit = limit
+        self.refused: str | None = None
+        self.last_line = b""
+
+    async def readline(self) -> bytes:
+        self.last_line = await self._reader.readline()
+        return self.last_line
+
+    async def readexactly(self, n: int) -> bytes:
+        if n > self._limit:
+            self.refused = (
+                f"event declares {n} bytes of data or payload; wyoming.max_event_bytes is {self._limit}"
+            )
+            raise ValueError(self.refused)  # async_read_event answers None, as for bad JSON
+        return await self._reader.readexactly(n)
+
+
+class Connection(AsyncEventHandler):
+    """A client connection on the server's event loop."""
+
+    def __init__(
+        self, server: Server, number: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        super().__init__(reader, writer)
+        self.server = server
+        self.services = server.services
+        self.number = number
+        self.peer = peer_label(writer.get_extra_info("peername"))
+        self.origin = f"wyoming client {self.peer} #{number}"
+        self.last_event = time.monotonic()
+        self.names: frozenset[str] | None = None
+        self.session: Session | None = None
+        self.closed = False
+        self._reading_paused = False
+        self._write_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._format_key: tuple[Any, Any, Any] | None = None
+
+    # --- the read loop ---------------------------------------------------------------------
+    async def run(self) -> None:
+        """Events until the client leaves or misbehaves (the library's loop, hardened: a bad
+        event ends this connection with an ``error`` event, and nothing else)."""
+        reader = _BoundedReader(self.reader, self.server.max_event_bytes)
+        try:
+            while not self.closed:
+                try:
+                    event = await async_read_event(reader)  # type: ignore[arg-type]
+                except asyncio.IncompleteReadError:
+                    self._bad_event("the connection closed in the middle of an event", "truncated_event")
+                    break
+                except (ConnectionError, asyncio.CancelledError):
+                    break
+                except Exception as error:  # noqa: BLE001 - whatever a header holds: one client's fault
+                    await self._refuse(f"malformed event: {type(error).__name__}: {error}", "bad_event")
+                    break
+                if event is None:
+                    if reader.refused is not None:
+                        await self._refuse(reader.refused, "event_too_large")
+                    elif reader.last_line:
+                        # A header line that is not JSON, or longer than the reader's limit.
+                        await self._refuse("malformed event: its header line is not JSON", "bad_event")
+                    break
+                self.last_event = time.monotonic()
+                if not await self.handle_event(event):
+                    break
+                if self.session is not None and self.server.batch_ms > 0:
+                    # Streaming: what the socket holds is read once per tick, in one go (one
+                    # wake-up of the loop for several chunks); what was read is parsed first.
+                    self._pause_reading()
+        finally:
+            self.closed = True
+            self.end_session(answer=False)
+            self.writer.close()
+
+    async def handle_event(self, event: Event) -> bool:
+        if AudioChunk.is_type(event.type):
+            return await self._on_chunk(event)
+        if Describe.is_type(event.type):
+            await self.write_event(self.server.info().event())
+            return True
+        if Detect.is_type(event.type):
+            await self._on_detect(Detect.from_event(event).names)
+            return True
+        if AudioStart.is_type(event.type):
+            return await self._on_start(event)
+        if AudioStop.is_type(event.type):
+            self.end_session(answer=True)
+            return True
+        if Ping.is_type(event.type):
+            await self.write_event(Pong(text=(event.data or {}).get("text")).event())
+            return True
+        self._bad_event(f"unknown event type {event.type!r}", "unknown_event")
+        await self.write_event(Error(text=f"unknown event type {event.type!r}", code="unknown_event").event())
+        return True
+
+    async def write_event(self, event: Event) -> None:
+        """One event to the client, in order; a client that is gone is not an error here."""
+        if self.closed and self.writer.is_closing():
+            return
+        async with self._write_lock:
+            try:
+                await super().write_event(event)
+            except (ConnectionError, RuntimeError):
+                self.closed = True
+
+    def close(self) -> None:
+        """End the connection from the server's side (idle, shutting down)."""
+        self.closed = True
+        self._reading_paused = False
+        self.writer.close()
+        self.reader.feed_eof()
+
+    # --- events ------------------------------------------------------------------------------
+    async def _on_detect(self, names: Sequence[str] | None) -> None:
+        self.names = frozenset(names) if names else None
+        if self.session is not None:
+            self.session.names = self.names
+        if not names:
+            return
+        known = [keyword.text for keyword in self.services.keywords]
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            text = (
+                f"unknown wake word {', '.join(map(repr, unknown))}; this service has "
+                f"{', '.join(known) or 'none'}"
+            )
+            self.services.report_error("unknown_wake_word", text, topic=self.origin)
+            await self.write_event(Error(text=text, code="unknown_wake_word").event())
+
+    async def _on_start(self, event: Event) -> bool:
+        fmt = await self._format(event.data or {}, "audio-start")
+        if fmt is None:
+            return False
+        self.end_session(answer=False)  # a new start without a stop: the old stream just ends
+        return await self._start_session(fmt)
+
+    async def _on_chunk(self, event: Event) -> bool:
+        data = event.data or {}
+        session = self.session
+        key = (data.get("rate"), data.get("width"), data.get("channels"))
+        if session is None or key != self._format_key:
+            fmt = await self._format(data, "audio-chunk")
+            if fmt is None:
+                return False
+            if session is None:
+                if not await self._start_session(fmt):
+                    return False
+                session = self.session
+                assert session is not None
+            elif fmt != session.fmt:
+                self._flush(session)
+                session.fmt = fmt
+                session.max_pending_bytes = session.held_bytes(self.server.batch_ms)
+            self._format_key = key
+        audio = event.payload or b""
+        if session.timestamp_base_ms is None:
+            timestamp = data.get("timestamp")
+            if isinstance(timestamp, (int, float)) and not isinstance(timestamp, bool):
+                session.timestamp_base_ms = timestamp - session.audio_ms
+        session.audio_ms += 1000.0 * len(audio) / session.fmt.bytes_per_second
+        session.last_received = time.time()
+        session.pending += audio
+        if len(session.pending) >= session.max_pending_bytes:
+            self._flush(session)
+        return True
+
+    async def _format(self, data: dict[str, Any], what: str) -> PcmFormat | None:
+        try:
+            rate, width, channels = data["rate"], data["width"], data["channels"]
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (rate, width, channels)):
+                raise AudioFormatError(
+                    f"rate, width and channels must be integers, got {rate!r}, {width!r}, {channels!r}"
+                )
+            return PcmFormat(rate=rate, channels=channels, width=width)
+        except KeyError as error:
+            text = f"{what} without {error.args[0]!r}"
+        except AudioFormatError as error:
+            text = f"{what}: {error}"
+        await self._refuse(text, "bad_format")
+        return None
+
+    # --- the session's stream ----------------------------------------------------------------
+    async def _start_session(self, fmt: PcmFormat) -> bool:
+        session = Session(fmt=fmt, names=self.names)
+        session.max_pending_bytes = session.held_bytes(self.server.batch_ms)
+        stream = self.server.open_stream(self, session)
+        if stream is None:
+            limit = self.services.config.audio.mqtt.max_streams
+            text = f"already {limit} streaming Wyoming clients (audio.mqtt.max_streams); try again later"
+            self.services.report_error("too_many_streams", text, topic=self.origin)
+            await self.write_event(Error(text=text, code="too_many_streams").event())
+            return False
+        session.stream = stream
+        self.session = session
+        self._format_key = None
+        self.services.ingest(StreamStart(stream, STREAM_KIND, fmt, self.origin))
+        log.debug("%s: stream %s started (%s)", self.origin, stream, fmt.describe())
+        return True
+
+    def flush(self) -> None:
+        """Hand the audio held so far to the engine (the server's tick)."""
+        if self.session is not None:
+            self._flush(self.session)
+
+    def resume_reading(self) -> None:
+        """Read what the client sent since the last tick (the server's tick)."""
+        if self._reading_paused and not self.closed:
+            self._reading_paused = False
+            self.writer.transport.resume_reading()
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused:
+            self._reading_paused = True
+            self.writer.transport.pause_reading()
+
+    def _flush(self, session: Session) -> None:
+        if not session.pending:
+            return
+        data = bytes(session.pending)
+        session.pending.clear()
+        session.quiet_closed = False
+        # Refusals (rate limit, a full queue) are reported by the ingest itself.
+        self.services.ingest(
+            PcmChunk(session.stream, STREAM_KIND, data, session.fmt, session.last_received, self.origin)
+        )
+
+    def end_session(self, answer: bool) -> None:
+        """The session's audio ends (``audio-stop``, a new ``audio-start``, a disconnect): its last
+        audio and the end go to the engine. With ``answer``, ``not-detected`` follows once the
+        engine has scored it all, if nothing was detected."""
+        session = self.session
+        if session is None:
+            return
+        self.session = None
+        self._flush(session)
+        session.ended = True
+        session.answer = answer and not self.closed
+        self.services.ingest(StreamEnd(session.stream, STREAM_KIND, self.origin))
+        # The engine already closed a stream that went quiet; with nothing sent since, it has
+        # nothing more to say about it.
+        self.server.release_stream(session, keep_routing=session.answer and not session.quiet_closed)
+        if session.answer and session.quiet_closed:
+            self._finish(session)
+
+    # --- from the engine (the server's event loop) ---------------------------------------------
+    def deliver(self, session: Session, event: DetectionEvent) -> None:
+        """A detection on this connection's stream: out at once, if the client asked for it."""
+        if session.names is not None and event.keyword not in session.names:
+            return
+        session.detected = True
+        if self.closed:
+            return
+        base = session.timestamp_base_ms or 0.0
+        detection = Detection(name=event.keyword, timestamp=int(round(base + event.end * 1000.0)))
+        self._spawn(self.write_event(detection.event()))
+
+    def stream_closed(self, session: Session) -> bool:
+        """The engine freed the session's stream; returns whether the session is done with."""
+        if not session.ended:
+            session.quiet_closed = True  # audio sent from now on opens it again
+            return False
+        self._finish(session)
+        return True
+
+    def _finish(self, session: Session) -> None:
+        if session.answer and not self.closed:
+            self._spawn(self._answer_and_close(session))
+
+    async def _answer_and_close(self, session: Session) -> None:
+        """After ``audio-stop``: ``not-detected`` unless something was, then the connection
+        closes, as wyoming-openwakeword's does (clients wait for that)."""
+        if not session.detected:
+            await self.write_event(NotDetected().event())
+        self.close()
+
+    # --- errors ------------------------------------------------------------------------------
+    async def _refuse(self, text: str, code: str) -> None:
+        """A bad event: told to the client (if it still listens), reported; the caller closes."""
+        self._bad_event(text, code)
+        await self.write_event(Error(text=text, code=code).event())
+
+    def _bad_event(self, text: str, code: str) -> None:
+        self.server.count_bad_event()
+        stream = self.session.stream if self.session is not None else None
+        self.services.report_error(code, text, topic=self.origin, stream=stream)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
