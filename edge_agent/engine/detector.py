@@ -13,7 +13,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edge_agent.engine.decoder import CompiledKeyword, DecoderSettings, Detection, process_many
+from edge_agent.engine.decoder import (
+    CompiledKeyword,
+    DecoderSettings,
+    Detection,
+    process_many,
+    process_one,
+)
 from edge_agent.engine.features import (
     DECIMATION,
     FRAME_SHIFT_SAMPLES,
@@ -70,10 +76,16 @@ class KeywordDetector:
         return self._feed_block(samples)
 
     def _feed_block(self, samples: np.ndarray) -> list[Detection]:
+        """:func:`feed_many` for this stream alone (a live microphone's every chunk): the same
+        steps and arithmetic, without a batch's grouping and layout."""
         if samples.size == 0:
             return []
-        # One stream is a batch of one: the same path, and the same savings, as many streams.
-        return feed_many([self], [samples])[0]
+        self._samples_seen += samples.shape[0]
+        ready = self._defers(samples)
+        if ready is None:
+            return []
+        features = self._features.accept(ready)
+        return _decode_one(self, self._model.network.hidden(self._network_state, features))
 
     def finish(self, samples: np.ndarray | None = None) -> list[Detection]:
         """End of stream: score the last frames, return what they hold, and start afresh.
@@ -100,8 +112,7 @@ class KeywordDetector:
             self._samples_seen += tail.shape[0]
             features = self._features.accept(tail, final=True)
         hidden = self._model.network.hidden(self._network_state, features, final=True)
-        (found,) = _decode([self], [hidden])
-        detections += found + self._decoder.finish()
+        detections += _decode_one(self, hidden) + self._decoder.finish()
         self.reset()
         return detections
 
@@ -235,6 +246,24 @@ def _decode(detectors: Sequence[KeywordDetector], hidden: Sequence[np.ndarray]) 
         return answers
 
     return process_many([d._decoder for d in detectors], per_stream, resolve)
+
+
+def _decode_one(detector: KeywordDetector, hidden: np.ndarray) -> list[Detection]:
+    """:func:`_decode` for one detector: its bounds, and the exact posteriors of the rows its
+    decoder asks for, with no batch to lay out."""
+    if hidden.shape[0] == 0:
+        return []  # nothing new: the decoder would skip the empty span too
+    output: OutputLayer = detector._model.network.output
+    decoder = detector._decoder
+    columns = decoder.columns
+    held = detector._hidden
+    held.append(hidden, keep=decoder.history_frames)
+    bounds = output.bounds(hidden, columns).astype(np.float64)
+
+    def resolve(frames: list[np.ndarray]) -> list[np.ndarray]:
+        return [output.posteriors(held.rows(frames[0]), columns)]
+
+    return process_one(decoder, bounds, resolve)
 
 
 class _HiddenRows:
