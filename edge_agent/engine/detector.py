@@ -85,6 +85,10 @@ class KeywordDetector:
         if ready is None:
             return []
         features = self._features.accept(ready)
+        if features.shape[0] == 0:
+            # A short chunk that completes no network frame (a third of 20 ms chunks): the
+            # network and the decoder would pass over it without a change of state.
+            return []
         return _decode_one(self, self._model.network.hidden(self._network_state, features))
 
     def finish(self, samples: np.ndarray | None = None) -> list[Detection]:
