@@ -20,6 +20,7 @@ from edge_agent.engine.decoder import (
     Detection,
     KeywordDecoder,
     process_many,
+    process_one,
 )
 from edge_agent.engine.features import (
     DECIMATION,
@@ -84,10 +85,20 @@ class KeywordDetector:
         return self._feed_block(samples)
 
     def _feed_block(self, samples: np.ndarray) -> list[Detection]:
+        """:func:`feed_many` for this stream alone (a live microphone's every chunk): the same
+        steps and arithmetic, without a batch's grouping and layout."""
         if samples.size == 0:
             return []
-        # One stream is a batch of one: the same path, and the same savings, as many streams.
-        return feed_many([self], [samples])[0]
+        self._samples_seen += samples.shape[0]
+        ready = self._defers(samples)
+        if ready is None:
+            return []
+        features = self._features.accept(ready)
+        if features.shape[0] == 0:
+            # A short chunk that completes no network frame (a third of 20 ms chunks): the
+            # network and the decoder would pass over it without a change of state.
+            return []
+        return _decode_one(self, self._model.network.hidden(self._network_state, features))
 
     def finish(self, samples: np.ndarray | None = None) -> list[Detection]:
         """End of stream: score the last frames, return what they hold, and start afresh.
@@ -114,8 +125,7 @@ class KeywordDetector:
             self._samples_seen += tail.shape[0]
             features = self._features.accept(tail, final=True)
         hidden = self._model.network.hidden(self._network_state, features, final=True)
-        (found,) = _decode([self], [hidden])
-        detections += found + self._decoder.finish()
+        detections += _decode_one(self, hidden) + self._decoder.finish()
         if self._near_decoder is not None:
             self._note_near_misses(self._near_decoder.finish())
         self.reset()
@@ -300,6 +310,30 @@ def _decode(detectors: Sequence[KeywordDetector], hidden: Sequence[np.ndarray]) 
         )
         for owner, matched in zip(owners, matches, strict=True):
             owner._note_near_misses(matched)
+    return found
+
+
+def _decode_one(detector: KeywordDetector, hidden: np.ndarray) -> list[Detection]:
+    """:func:`_decode` for one detector: its bounds, and the exact posteriors of the rows its
+    decoder asks for, with no batch to lay out."""
+    if hidden.shape[0] == 0:
+        return []  # nothing new: the decoder would skip the empty span too
+    output: OutputLayer = detector._model.network.output
+    decoder = detector._decoder
+    columns = decoder.columns
+    held = detector._hidden
+    near = detector._near_decoder
+    keep = decoder.history_frames if near is None else max(decoder.history_frames, near.history_frames)
+    held.append(hidden, keep=keep)
+    bounds = output.bounds(hidden, columns).astype(np.float64)
+
+    def resolve(frames: list[np.ndarray]) -> list[np.ndarray]:
+        return [output.posteriors(held.rows(frames[0]), columns)]
+
+    found = process_one(decoder, bounds, resolve)
+    if near is not None:
+        # The near-miss decoder reads the same keywords' columns: the same bounds and rows.
+        detector._note_near_misses(process_one(near, bounds, resolve))
     return found
 
 

@@ -277,6 +277,12 @@ class Cmvn:
     def apply(self, features: np.ndarray) -> np.ndarray:
         return ((features + self.shift) * self.scale).astype(np.float32, copy=False)
 
+    def apply_copy(self, features: np.ndarray) -> np.ndarray:
+        """:meth:`apply_in_place` into a new float32 matrix (``features`` may be a view)."""
+        result = np.add(features, self.shift, dtype=np.float32)
+        result *= self.scale
+        return result
+
     def apply_in_place(self, features: np.ndarray) -> np.ndarray:
         """:meth:`apply` on a float32 matrix this caller owns, without temporaries."""
         features += self.shift
@@ -413,6 +419,14 @@ def _splice_one(stream: FeatureStream, log_mel: np.ndarray, final: bool) -> np.n
     stream._context = frames[keep_from - first_index :].copy()
     if emit == 0:
         return np.zeros((0, FEATURE_DIM), dtype=np.float32)
+    low = first_center - CONTEXT_LEFT - first_index
+    high = first_center + DECIMATION * (emit - 1) + CONTEXT_RIGHT
+    if low >= 0 and high < total_frames and frames.flags.c_contiguous:
+        # Every spliced frame inside the frames held (all but the stream's first and last ones):
+        # the rows to splice are one strided view of them, normalised into a new matrix.
+        step = frames.strides[0]
+        rows = sliding_view(frames[low:], (emit, FEATURE_DIM), (DECIMATION * step, frames.strides[1]))
+        return stream._cmvn.apply_copy(rows)
     centers = np.arange(first_center, first_center + DECIMATION * emit, DECIMATION)[:, None]
     absolute = np.minimum(np.maximum(centers + _SPLICE_OFFSETS, 0), total_frames - 1)
     spliced = frames[absolute - first_index].reshape(emit, FEATURE_DIM)

@@ -22,7 +22,7 @@ them for one keyword, and the batching steps many searches together through thei
 methods. What other code imports is re-exported here.
 """
 
-from edge_agent.engine.decoder.batch import process_many
+from edge_agent.engine.decoder.batch import process_many, process_one
 from edge_agent.engine.decoder.exact import Resolver
 from edge_agent.engine.decoder.keywords import CompiledKeyword, Detection
 from edge_agent.engine.decoder.settings import (
@@ -47,4 +47,5 @@ __all__ = [
     "KeywordDecoder",
     "Resolver",
     "process_many",
+    "process_one",
 ]

@@ -28,7 +28,7 @@ import numpy as np
 
 from edge_agent.engine.decoder.exact import ExactRun, Resolver, already_exact
 from edge_agent.engine.decoder.keywords import Detection
-from edge_agent.engine.decoder.recurrence import NEG_INF, Terms
+from edge_agent.engine.decoder.recurrence import BOUND_SAFETY, NEG_INF, Terms
 from edge_agent.engine.decoder.search import NEVER, Filtered, KeywordSearch
 
 if TYPE_CHECKING:
@@ -175,6 +175,8 @@ def process_many(
     all streams at once, for the exact posteriors of the frames that need them (``exact.py``).
     How the work is shared between streams: the module's docstring.
     """
+    if len(decoders) == 1:
+        return [process_one(decoders[0], posteriors[0], resolve)]
     results: list[list[Detection]] = [[] for _ in decoders]
     exact_input = resolve is None
     first_frames: list[int | None] = []
@@ -278,4 +280,63 @@ def process_many(
             results[i].extend(search.process(decoder.history, first_frames[i], ensure, filtered))  # type: ignore[arg-type]
     for found in results:
         found.sort(key=lambda d: (d.end, d.keyword))
+    return results
+
+
+def process_one(
+    decoder: KeywordDecoder, posteriors: np.ndarray, resolve: Resolver | None = None
+) -> list[Detection]:
+    """:func:`process_many` for one stream (a live microphone's every chunk): the same steps on
+    that stream's own rows, without the layout of a batch (no padding, no groups, nothing
+    shared to prime), and each character's values gathered once per keyword."""
+    if posteriors.shape[0] == 0:
+        return []
+    first = decoder.append(posteriors, resolve is None)
+    history = decoder.history
+    values, exact = history.rows(first)
+    length = values.shape[0]
+    frames = np.arange(first, first + length)
+    exact_work: list[tuple[KeywordSearch, Filtered]] = []
+    wanted: list[tuple[int, int]] = []
+    for search in decoder.searches:
+        scorer = search.scorer
+        characters = scorer.characters(values)
+        reach = characters >= scorer.char_floor * BOUND_SAFETY
+        said = reach.any(axis=1)
+        if search.pending is None and not said.any():
+            # Nothing going on (the usual case): no frame where a match may begin, nothing busy.
+            search.expire(first + length)
+            continue
+        # Where a match may begin (``scorer.first_said``); the last such frame before this span.
+        begins = reach[:, 0]
+        before = search.last_start
+        if begins.any():
+            search.note_starts(frames[begins], history)
+        # No match passes a frame a whole window after the last frame where one may begin.
+        latest = np.maximum(np.maximum.accumulate(np.where(begins, frames, NEVER)), before)
+        killed = frames - latest >= search.window_frames
+        terms = scorer.optimistic_terms(values[None], exact[None], killed[None], characters[None])
+        scores, new_carry, new_carry_pre, _, _, _ = scorer.run(
+            terms, search.carry[None], search.carry_pre[None]
+        )
+        found = frames[scores[0] >= search.log_threshold]
+        if search.pending is None and found.size == 0:
+            search.keep_carries(new_carry[0], new_carry_pre[0])
+            continue
+        exact_work.append((search, Filtered(scores[0], new_carry[0], new_carry_pre[0])))
+        if search.pending is not None:
+            found = np.concatenate([[search.pending.frame], found])
+        wanted += search.frames_read(found, history)
+    if not exact_work:
+        return []
+    if resolve is None:
+        ensure = already_exact
+    else:
+        # Everything the exact decoding below will read, in one call.
+        _resolve([decoder], [history.unresolved(wanted)], resolve)
+        ensure = history.on_demand(resolve, 0, 1)
+    results: list[Detection] = []
+    for search, filtered in exact_work:
+        results.extend(search.process(history, first, ensure, filtered))
+    results.sort(key=lambda d: (d.end, d.keyword))
     return results

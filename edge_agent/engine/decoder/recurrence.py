@@ -131,11 +131,14 @@ class KeywordScorer:
         dips = blank[..., None] > q[..., :-1]
         return Terms(log_q, gap, dips)
 
-    def optimistic_terms(self, values: np.ndarray, exact: np.ndarray, killed: np.ndarray) -> Terms:
+    def optimistic_terms(
+        self, values: np.ndarray, exact: np.ndarray, killed: np.ndarray, characters: np.ndarray | None = None
+    ) -> Terms:
         """:meth:`terms` for the filtering pass, never below the exact terms: rows that are not
         ``exact`` hold upper bounds, which give upper bounds of L, and the most favourable gap
-        and dip; ``killed`` rows lie too far from any first character for a match to pass."""
-        q = self.characters(values)
+        and dip; ``killed`` rows lie too far from any first character for a match to pass.
+        ``characters``: :meth:`characters` of ``values``, if the caller has them already."""
+        q = self.characters(values) if characters is None else characters
         with np.errstate(divide="ignore"):
             log_q = np.log(q) / self.n
         log_q[q < self.char_floor * BOUND_SAFETY] = NEG_INF
