@@ -32,7 +32,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,8 @@ class _WorkerState:
     stats: WorkerStats
     alive: bool
     last_error: str | None
+    detections_per_hour: float = 0.0
+    near_misses: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -216,7 +218,15 @@ class WorkerProcess:
     def _send_state(self) -> None:
         worker = self._worker
         self._out.send(
-            "state", _WorkerState(worker.snapshots(), worker.stats, worker.alive, worker.last_error)
+            "state",
+            _WorkerState(
+                worker.snapshots(),
+                worker.stats,
+                worker.alive,
+                worker.last_error,
+                worker.false_alarms.detections_per_hour(),
+                worker.false_alarms.near_misses(),
+            ),
         )
 
     def run(self) -> None:
@@ -742,8 +752,30 @@ class EnginePool:
         local = [s.id for s in self.snapshots() if not is_network_kind(s.kind)]
         return network + local
 
+    @property
+    def false_alarms(self) -> PooledFalseAlarms:
+        """Detections per hour and near misses over every worker (as each last reported)."""
+        return PooledFalseAlarms([p.state for p in self.partitions])
+
     def backlog(self) -> list[WorkerBacklog]:
         return [partition.backlog() for partition in self.partitions]
 
     def worker_errors(self) -> list[str]:
         return [p.state.last_error for p in self.partitions if p.state.last_error]
+
+
+class PooledFalseAlarms:
+    """The workers' false-alarm windows as one (what health reads of a single worker)."""
+
+    def __init__(self, states: list[_WorkerState]) -> None:
+        self._states = states
+
+    def detections_per_hour(self) -> float:
+        return sum(state.detections_per_hour for state in self._states)
+
+    def near_misses(self) -> dict[str, float]:
+        best: dict[str, float] = {}
+        for state in self._states:
+            for keyword, score in state.near_misses.items():
+                best[keyword] = max(best.get(keyword, 0.0), score)
+        return best

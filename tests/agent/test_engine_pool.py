@@ -144,3 +144,18 @@ def test_a_dead_worker_is_reported_and_replaced_and_the_agent_goes_on(  # type: 
 def test_streams_are_partitioned_stably_across_processes() -> None:
     assert [partition_of(f"s{n}", 4) for n in range(8)] == [partition_of(f"s{n}", 4) for n in range(8)]
     assert len({partition_of(f"s{n}", 2) for n in range(64)}) == 2
+
+
+@pytest.mark.slow
+def test_health_reads_the_workers_false_alarm_windows_as_one(  # type: ignore[no-untyped-def]
+    numpy_model, example_wav: Path, pool
+) -> None:
+    engine, results, _ = pool
+    streams = {"kitchen": pcm(example_wav), "hall": pcm(example_wav)}
+    assert {partition_of(name, 2) for name in streams} == {0, 1}  # one stream on each worker
+    for item in interleaved(streams):
+        assert engine.inbox.put(item)
+    results.wait_for(lambda items: len(results.detected()) >= 2)
+    assert engine.drain(60)  # each worker's state, sent after its results, is in
+    assert engine.false_alarms.detections_per_hour() == pytest.approx(2 * 60.0)  # 2 in the first minute
+    assert engine.false_alarms.near_misses() == {}  # heard clearly: nothing came close
