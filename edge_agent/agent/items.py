@@ -124,7 +124,7 @@ class EngineSettings:
     muted: bool
     max_streams: int  # per network kind
     idle_timeout: float  # seconds without audio before a network stream is closed
-    near_misses: bool = True  # collect the scores that came close (a second decoding pass)
+    near_misses: bool = False  # collect the scores that came close (a second decoding pass)
 
 
 @dataclass(frozen=True)

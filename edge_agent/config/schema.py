@@ -167,10 +167,10 @@ class EngineConfig:
         maximum=2.0,
     )
     near_misses: bool = option(
-        True,
+        False,
         doc="Track each keyword's near misses (the best score of the last hour that came within a "
         "quarter of the threshold) for health and `edge-agent fleet`: a second, lower-threshold "
-        "decoding pass; hubs with many streams may turn it off to save engine time.",
+        "decoding pass, so off by default (it costs every stream engine time; see README's Speed).",
     )
     pause: float = option(
         DEFAULT_PAUSE_SECONDS,

@@ -67,7 +67,14 @@ def test_health_carries_detections_per_hour_and_near_misses(
     broker, make_agent, client, tmp_path: Path, dev_audio: Path
 ) -> None:  # type: ignore[no-untyped-def]
     """Three positives at threshold 0.95: the first is detected, the other two are near misses."""
-    make_agent(agent_config(broker.port, tmp_path, keywords=[{"text": "小云小云", "threshold": 0.95}]))
+    make_agent(
+        agent_config(
+            broker.port,
+            tmp_path,
+            keywords=[{"text": "小云小云", "threshold": 0.95}],
+            engine={"near_misses": True},
+        )
+    )
     client.subscribe(f"{PREFIX}/#")
     client.wait_for(f"{PREFIX}/health")
     files = sorted(dev_audio.glob("pos/*.wav"))[:3]  # scores 0.997, 0.934, 0.922 (shared/README)
@@ -89,9 +96,9 @@ def test_near_misses_can_be_switched_off_live(numpy_model, dev_audio: Path) -> N
     from edge_agent.agent.live_config import engine_settings
     from edge_agent.config import load_config, merge_update
 
-    config = merge_update(load_config(None), {"engine": {"near_misses": False}})
-    assert engine_settings(config, []).near_misses is False
-    assert engine_settings(load_config(None), []).near_misses is True  # on by default
+    config = merge_update(load_config(None), {"engine": {"near_misses": True}})
+    assert engine_settings(config, []).near_misses is True
+    assert engine_settings(load_config(None), []).near_misses is False  # off by default
 
     samples = to_mono_16k(read_wav(sorted(dev_audio.glob("pos/*.wav"))[1]))  # scores 0.934
     detector = numpy_model.detector([KeywordSpec("小云小云", threshold=0.99)])
