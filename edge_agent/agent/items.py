@@ -13,11 +13,12 @@ worker keeps one detector per stream id, and limits the streams of each network 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from edge_agent.audio.pcm import ENGINE_RATE_HZ, MIN_RATE_HZ, PcmFormat
+from edge_agent.audio.pcm import DEFAULT_PCM, ENGINE_RATE_HZ, MIN_RATE_HZ, PcmFormat
 from edge_agent.audio.sources import AudioChunk
 from edge_agent.engine.decoder import CompiledKeyword, DecoderSettings, Detection
 
@@ -51,11 +52,13 @@ class PcmChunk:
     received_at: float  # time.time() when the chunk arrived: the wall time of its last sample
     origin: str  # where it came from (a topic, a peer): named in error reports
 
-    @property
+    # Cached: the rate limit, the queue's accounting (in and out) and health all ask, for every
+    # chunk of every stream.
+    @functools.cached_property
     def seconds(self) -> float:
         """Its length in the declared format, or the default one (a stream's own declared
         format is known only to the worker)."""
-        return len(self.data) / (self.fmt or PcmFormat()).bytes_per_second
+        return len(self.data) / (self.fmt or DEFAULT_PCM).bytes_per_second
 
     @property
     def longest_seconds(self) -> float:
@@ -63,7 +66,7 @@ class PcmChunk:
         per_second = self.fmt.bytes_per_second if self.fmt is not None else MIN_PCM_BYTES_PER_SECOND
         return len(self.data) / per_second
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         """What it may take in memory once converted (the raw bytes with their samples)."""
         return len(self.data) + int(self.longest_seconds * DECODED_BYTES_PER_SECOND)

@@ -18,7 +18,7 @@ from edge_agent.agent.ingest import Ingest
 from edge_agent.agent.items import PcmChunk, RecordingRequest, StreamEnd, StreamStart
 from edge_agent.agent.live_config import LiveConfig
 from edge_agent.agent.worker import WorkQueue
-from edge_agent.audio.pcm import AudioFormatError, PcmFormat
+from edge_agent.audio.pcm import DEFAULT_PCM, AudioFormatError, PcmFormat
 from edge_agent.audio.wav import WavError
 from edge_agent.mqtt import messages
 from edge_agent.mqtt.messages import (
@@ -78,12 +78,12 @@ def pcm_chunk(message: InboundMessage, stream: str, kind: str, max_payload_bytes
             fmt = PcmFormat.from_properties(message.user_properties)
         except AudioFormatError as error:
             raise Refused("bad_audio_format", str(error)) from None
-    frame_bytes = (fmt or PcmFormat()).frame_bytes
+    frame_bytes = (fmt or DEFAULT_PCM).frame_bytes
     if len(payload) % frame_bytes:
         raise Refused(
             "bad_audio_chunk",
             f"{len(payload)} bytes is not a whole number of {frame_bytes}-byte frames "
-            f"({(fmt or PcmFormat()).describe()})",
+            f"({(fmt or DEFAULT_PCM).describe()})",
         )
     chunk = PcmChunk(stream, kind, payload, fmt, message.received_at, message.topic)
     if chunk.longest_seconds > MAX_CHUNK_SECONDS:

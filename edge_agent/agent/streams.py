@@ -14,7 +14,7 @@ import numpy as np
 
 from edge_agent.agent.items import PcmChunk, WavChunk
 from edge_agent.audio.levels import EnergyHistory, KeywordLevel
-from edge_agent.audio.pcm import PcmConverter, PcmFormat, level_dbfs
+from edge_agent.audio.pcm import DEFAULT_PCM, PcmConverter, PcmFormat, level_dbfs
 from edge_agent.audio.wav import WavFrameConverter
 from edge_agent.engine.decoder import Detection
 from edge_agent.engine.detector import KeywordDetector
@@ -86,7 +86,7 @@ class StreamState:
             if item.fmt is not None and (self._pcm is None or self._pcm.format != item.fmt):
                 self._pcm = PcmConverter(item.fmt)
             elif self._pcm is None:
-                self._pcm = PcmConverter(PcmFormat())
+                self._pcm = PcmConverter(DEFAULT_PCM)
             return self._pcm.convert(item.data)
         if self._wav is None:
             self._wav = WavFrameConverter()

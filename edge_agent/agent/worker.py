@@ -43,7 +43,7 @@ from edge_agent.agent.items import (
     is_network_kind,
 )
 from edge_agent.agent.streams import StreamSnapshot, StreamState
-from edge_agent.audio.pcm import AudioFormatError, PcmFormat
+from edge_agent.audio.pcm import DEFAULT_PCM, AudioFormatError, PcmFormat
 from edge_agent.audio.wav import WavError
 from edge_agent.engine.decoder import CompiledKeyword, Detection
 from edge_agent.engine.detector import feed_many
@@ -411,7 +411,7 @@ class EngineWorker:
     def _gather(
         self, item: PcmChunk | WavChunk | AudioChunk, waiting: dict[str, StreamState], found: list
     ) -> None:
-        fmt = (item.fmt or PcmFormat()) if isinstance(item, PcmChunk) else None
+        fmt = (item.fmt or DEFAULT_PCM) if isinstance(item, PcmChunk) else None
         stream = self._open(item.stream, item.kind, fmt, item.origin)
         if stream is None:
             return

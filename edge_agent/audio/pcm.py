@@ -71,6 +71,10 @@ class PcmFormat:
         return cls(**values)
 
 
+#: What a stream that declares nothing sends: 16 kHz mono s16le.
+DEFAULT_PCM = PcmFormat()
+
+
 def decode_pcm(data: bytes, fmt: PcmFormat) -> np.ndarray:
     """Whole frames of ``data`` as float32 (frames, channels) in 16-bit units."""
     if fmt.width == 2:
