@@ -36,19 +36,15 @@ trap arm_on_exit EXIT
 arm_log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 arm_die() { arm_log "FAILED: $*"; exit 1; }
 
+source "$(dirname "${BASH_SOURCE[0]}")/debian-packages.sh"
+
 arm_require_root() {
   [ "$(id -u)" -eq 0 ] || arm_die "run as root: debootstrap, chroot and mounts need it"
 }
 
 # Debian packages on this host, installed when missing (like scripts/install-deps.sh).
 arm_host_packages() {
-  local missing=() package
-  for package in "$@"; do dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package"); done
-  if [ "${#missing[@]}" -gt 0 ]; then
-    arm_log "installing Debian packages: ${missing[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  fi
+  install_debian_packages "$@"
 }
 
 # qemu-user-static registers its interpreters with the F flag (opened at registration), so a

@@ -5,12 +5,11 @@
 #   EDGE_AGENT_EXTRAS  pip extras to install (default: everything the tests use)
 #   EDGE_AGENT_TORCH   torch requirement when torch is missing (default: torch==2.13.0). On x86-64
 #                      PyPI's torch is the multi-GB CUDA build; to get the CPU build first run
-#                      pip install torch --index-url https://download.pytorch.org/whl/cpu
+#                      pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+source scripts/debian-packages.sh
 
 # mosquitto: every broker test; portaudio19-dev, python3-dev, gcc: PyAudio (the mic extra);
 # chromium (+ a CJK font for readable screenshots): the browser tests; curl: the REST service's
@@ -20,15 +19,7 @@ debian_packages=(
   mosquitto mosquitto-clients portaudio19-dev openssl python3 python3-dev python3-venv gcc chromium
   fonts-wqy-microhei curl systemd
 )
-missing=()
-for package in "${debian_packages[@]}"; do
-  dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  echo "installing Debian packages: ${missing[*]}"
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+install_debian_packages "${debian_packages[@]}"
 # The Debian package enables a system-wide broker; tests and the quickstart start their own.
 
 PYTHON="${PYTHON:-python3}"

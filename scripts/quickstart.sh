@@ -13,18 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
 
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-debian_packages=(mosquitto mosquitto-clients)
-missing=()
-for package in "${debian_packages[@]}"; do
-  dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  echo "installing Debian packages: ${missing[*]}"
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+source scripts/debian-packages.sh
+install_debian_packages mosquitto mosquitto-clients
 
 source scripts/venv.sh
 # Installed already (this checkout, with its dependencies)? Then a second run skips pip.
@@ -40,8 +30,9 @@ if [ -z "${EDGE_AGENT_MODEL_DIR:-}" ] && [ -f "$ROOT/../shared/models/speech_cha
 fi
 if [ -z "${EDGE_AGENT_MODEL_DIR:-}" ] && ! EDGE_AGENT_MODEL__DOWNLOAD=false "$PYTHON" -m edge_agent model path >/dev/null 2>&1; then
   # Not on disk: the downloader is worth installing only if the hub can be reached (3 s at most).
+  # If not, `model path` below says why once, with what else to try.
   if "$PYTHON" -c 'import os, sys; from edge_agent.model_store import hub_unreachable
-reason = hub_unreachable(os.environ); print(reason or "", file=sys.stderr); sys.exit(1 if reason else 0)'; then
+sys.exit(1 if hub_unreachable(os.environ) else 0)'; then
     echo "the model is not on disk: installing the modelscope downloader"
     "$PYTHON" -m pip install -q -e '.[modelscope]'
   fi

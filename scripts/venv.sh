@@ -8,9 +8,10 @@
 #      with --system-site-packages (what the system already has, torch for one, is reused),
 #      after installing python3-venv (and python3) with apt-get when they are missing.
 
+source "$(dirname "${BASH_SOURCE[0]}")/debian-packages.sh"
+
 _edge_agent_venv() {
-  local sudo="" base="${PYTHON:-python3}" venv
-  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+  local base="${PYTHON:-python3}" venv
   if [ -n "${VIRTUAL_ENV:-}" ] && [ -x "$VIRTUAL_ENV/bin/python" ] && [ -z "${EDGE_AGENT_VENV:-}" ]; then
     venv="$VIRTUAL_ENV"
   else
@@ -19,10 +20,7 @@ _edge_agent_venv() {
   if [ ! -x "$venv/bin/python" ]; then
     if ! command -v "$base" >/dev/null 2>&1 || ! "$base" -c 'import ensurepip, venv' >/dev/null 2>&1; then
       # Debian's python3 comes without the venv module's pip (ensurepip): python3-venv has it.
-      echo "installing Debian packages: python3 python3-venv"
-      $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-      $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        python3 python3-venv >/dev/null
+      install_debian_packages python3 python3-venv
     fi
     echo "creating a virtual environment in $venv (from $("$base" -c 'import sys; print(sys.executable)'))"
     "$base" -m venv --system-site-packages "$venv"
