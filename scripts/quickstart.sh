@@ -14,7 +14,8 @@ cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
 
 source scripts/debian-packages.sh
-install_debian_packages mosquitto mosquitto-clients
+debian_packages=(mosquitto mosquitto-clients)
+install_debian_packages "${debian_packages[@]}"
 
 source scripts/venv.sh
 # Installed already (this checkout, with its dependencies)? Then a second run skips pip.
