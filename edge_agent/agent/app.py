@@ -46,7 +46,7 @@ from edge_agent.agent.outbox import Outbox
 from edge_agent.agent.presence import Presence
 from edge_agent.agent.services import AgentServices, Integration
 from edge_agent.agent.sink import DetectionSink, DetectionWire, detection_window
-from edge_agent.agent.worker import EngineWorker, WorkQueue
+from edge_agent.agent.worker import Engine, EngineWorker, WorkQueue
 from edge_agent.audio.sources import AudioSource
 from edge_agent.config import AgentConfig, MqttConfig
 from edge_agent.engine.model import KwsModel
@@ -143,7 +143,7 @@ class Agent:
         settings = engine_settings(config, keywords)
         max_bytes = int(config.engine.queue_mb * _BYTES_PER_MB)
         workers = config.engine.workers or os.cpu_count() or 1
-        self.worker: EngineWorker | EnginePool
+        self.worker: Engine
         if workers > 1:
             # The same worker loop in as many processes, each on its share of the streams.
             engine = config.engine

@@ -20,7 +20,7 @@ from edge_agent.agent.errors import ErrorReporter
 from edge_agent.agent.ingest import Ingest
 from edge_agent.agent.outbox import Outbox
 from edge_agent.agent.sink import DetectionSink
-from edge_agent.agent.worker import EngineWorker, WorkQueue
+from edge_agent.agent.worker import Engine, WorkQueue
 from edge_agent.audio.sources import AudioSource
 from edge_agent.mqtt.messages import HealthReport, finite_or_none, iso_utc
 from edge_agent.mqtt.transport import MqttTransport
@@ -37,7 +37,7 @@ class HealthReporter:
         device_id: str,
         boot_id: str,
         *,
-        worker: EngineWorker,
+        worker: Engine,
         queue: WorkQueue,
         ingest: Ingest,
         sink: DetectionSink,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from edge_agent.agent.ingest import Ingest
 from edge_agent.agent.items import EngineSettings
-from edge_agent.agent.worker import EngineWorker
+from edge_agent.agent.worker import Engine
 from edge_agent.config import AgentConfig, changed_keys, to_dict
 from edge_agent.engine.decoder import CompiledKeyword
 from edge_agent.engine.lexicon import LexiconError
@@ -83,7 +83,7 @@ class LiveConfig:
         self,
         config: AgentConfig,
         model: KwsModel,
-        worker: EngineWorker,
+        worker: Engine,
         ingest: Ingest,
         on_applied: Callable[[], None] = lambda: None,
     ) -> None:

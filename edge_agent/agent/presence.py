@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from edge_agent import __version__
 from edge_agent.agent.health import HealthReporter
 from edge_agent.agent.live_config import LiveConfig
-from edge_agent.agent.worker import EngineWorker
+from edge_agent.agent.worker import Engine
 from edge_agent.audio.sources import AudioSource
 from edge_agent.mqtt.messages import (
     AudioTopic,
@@ -39,7 +39,7 @@ class Presence:
         boot_id: str,
         topic: Callable[..., str],
         live: LiveConfig,
-        worker: EngineWorker,
+        worker: Engine,
         health: HealthReporter,
         sources: Sequence[AudioSource],
         transport: MqttTransport | None,

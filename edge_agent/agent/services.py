@@ -33,7 +33,7 @@ from edge_agent.agent.ingest import Ingest
 from edge_agent.agent.items import AudioItem, RecordingRequest
 from edge_agent.agent.live_config import LiveConfig
 from edge_agent.agent.mqtt_inbound import response_topic_refusal
-from edge_agent.agent.worker import EngineWorker, WorkQueue
+from edge_agent.agent.worker import Engine, WorkQueue
 from edge_agent.audio.wav import WavError
 from edge_agent.config import AgentConfig, MqttConfig
 from edge_agent.engine.decoder import CompiledKeyword, DecoderSettings
@@ -55,7 +55,7 @@ class AgentServices:
         errors: ErrorReporter,
         health: HealthReporter,
         live: LiveConfig,
-        worker: EngineWorker,
+        worker: Engine,
         publish_health: Callable[[], None],
         device_info: Callable[[], DeviceInfo],
         work: WorkQueue,

@@ -242,6 +242,62 @@ class WorkerStats:
     muted_seconds: float = 0.0
 
 
+class FalseAlarmReadings(Protocol):
+    """Detections per hour and near misses, as health reads them."""
+
+    def detections_per_hour(self) -> float: ...
+
+    def near_misses(self) -> dict[str, float]: ...
+
+
+class Engine(Protocol):
+    """What the rest of the agent (live configuration, health, presence, services) needs of the
+    engine: :class:`EngineWorker`, one thread of this process, or ``engine_pool.EnginePool``,
+    the same worker loop in worker processes."""
+
+    last_error: str | None
+
+    @property
+    def alive(self) -> bool: ...
+
+    @property
+    def stats(self) -> WorkerStats: ...
+
+    @property
+    def false_alarms(self) -> FalseAlarmReadings: ...
+
+    @property
+    def settings(self) -> EngineSettings: ...
+
+    @property
+    def keywords(self) -> list[CompiledKeyword]: ...
+
+    @property
+    def muted(self) -> bool: ...
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout: float = 5.0) -> None: ...
+
+    def drain(self, timeout: float = 10.0) -> bool:
+        """Wait until everything queued before the call was handled."""
+        ...
+
+    def apply(self, settings: EngineSettings, timeout: float = 10.0) -> bool: ...
+
+    def replace_model(
+        self, model: KwsModel, keywords: Sequence[CompiledKeyword], timeout: float = 10.0
+    ) -> bool: ...
+
+    def snapshots(self) -> list[StreamSnapshot]: ...
+
+    def stream_ids(self) -> list[str]: ...
+
+    def backlog(self) -> list[WorkerBacklog]:
+        """How far behind each worker is."""
+        ...
+
+
 class EngineWorker:
     """Owns every stream's detector and runs them on one thread."""
 
