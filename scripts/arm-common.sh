@@ -137,14 +137,14 @@ arm_recordings() {
   (cd "$DEV_AUDIO" && find pos neg -name '*.wav' | LC_ALL=C sort)
 }
 
-# scripts/detect_exact.py over the recordings on this host (x86-64): the reference.
+# `edge-agent detect --exact` over the recordings on this host (x86-64): the reference.
 arm_host_detect() {
   local output="$1"
   shift
   local recordings
   mapfile -t recordings < <(arm_recordings)
   (cd "$DEV_AUDIO" && PYTHONPATH="$REPO" EDGE_AGENT_MODEL_DIR="$MODEL_DIR" \
-    "$PYTHON" "$REPO/scripts/detect_exact.py" --keywords "$ARM_KEYWORDS" "$@" "${recordings[@]}") >"$output"
+    "$PYTHON" -m edge_agent detect --exact --keywords "$ARM_KEYWORDS" "$@" "${recordings[@]}") >"$output"
 }
 
 # The same recordings as seen from inside a root where audio/dev is bound at TARGET.
@@ -157,7 +157,7 @@ arm_free_port() {
   "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-# Two runs of scripts/detect_exact.py side by side. Every file must have the same detections:
+# Two runs of `edge-agent detect --exact` side by side. Every file must have the same detections:
 # the same keyword, start, end and characters' peak frames, exactly; the same confidence within
 # ARM_CONFIDENCE_TOLERANCE (float32 sums in another order, fused multiply-adds: the last bits
 # differ). Prints a summary with the largest difference; exits non-zero on any other difference.

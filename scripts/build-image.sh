@@ -135,7 +135,7 @@ arm_log "x86-64 reference, then the same in the image: ${ARM_KEYWORDS} over audi
 arm_host_detect "$WORK/x86-64.jsonl"
 mapfile -t paths < <(arm_recordings_at /mnt/edge-agent/audio)
 step=$SECONDS
-in_image python /mnt/edge-agent/scripts/detect_exact.py --keywords "$ARM_KEYWORDS" "${paths[@]}" >"$WORK/image.jsonl"
+in_image python -m edge_agent detect --exact --keywords "$ARM_KEYWORDS" "${paths[@]}" >"$WORK/image.jsonl"
 line="$(arm_compare_detections "$WORK/x86-64.jsonl" "$WORK/image.jsonl" "image (arm64), whole files")" \
   || { printf '%s\n' "$line" >&2; arm_die "the image's detections differ from x86-64's"; }
 RESULTS+=("$line ($((SECONDS - step)) s under QEMU)")

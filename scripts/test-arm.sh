@@ -128,7 +128,7 @@ root_detect() {
   shift 2
   local paths
   mapfile -t paths < <(arm_recordings_at /mnt/edge-agent/audio)
-  in_root "$root" python /mnt/edge-agent/scripts/detect_exact.py --keywords "$ARM_KEYWORDS" "$@" "${paths[@]}" \
+  in_root "$root" python -m edge_agent detect --exact --keywords "$ARM_KEYWORDS" "$@" "${paths[@]}" \
     >"$output"
 }
 

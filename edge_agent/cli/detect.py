@@ -52,6 +52,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="feed the audio in chunks of this many ms, as a stream would (default: whole file)",
     )
     detect.add_argument(
+        "--exact",
+        action="store_true",
+        help="print confidence, start and end unrounded (every digit) with the network frames of the "
+        "characters' peaks: to compare machines or backends bit for bit",
+    )
+    detect.add_argument(
         "files", nargs="+", metavar="FILE", help="WAV files (any rate, mono or multi-channel)"
     )
     detect.set_defaults(handler=run_detect)
@@ -129,8 +135,28 @@ def run_detect(args: argparse.Namespace) -> int:
     for name in args.files:
         result = detect_file(model, keywords, Path(name), settings, chunk_samples)
         failed |= result.error is not None
-        print(json.dumps(result.to_dict(), ensure_ascii=False), flush=True)
+        row = exact_dict(result) if args.exact else result.to_dict()
+        print(json.dumps(row, ensure_ascii=False), flush=True)
     return 1 if failed else 0
+
+
+def exact_dict(result: FileResult) -> dict[str, object]:
+    """A file's detections with nothing rounded: Python floats print every digit, so a difference
+    in the last bit shows (the usual output rounds the confidence to 4 decimals)."""
+    return {
+        "file": str(result.path),
+        "error": result.error,
+        "detections": [
+            {
+                "keyword": d.keyword,
+                "confidence": d.confidence,
+                "start": d.start,
+                "end": d.end,
+                "peak_frames": list(d.peak_frames),
+            }
+            for d in result.detections
+        ],
+    }
 
 
 def wav_files(folder: Path) -> list[Path]:

@@ -60,6 +60,28 @@ def test_detect_all_good_files_exit_zero_and_chunked_mode_agrees(
     assert json.loads(whole.stdout) == json.loads(streamed.stdout)
 
 
+def test_detect_exact_prints_every_digit_and_the_peak_frames(
+    model_env: dict[str, str], example_wav: Path, tmp_path: Path
+) -> None:
+    """What the ARM comparison reads: the usual output's detection unrounded, with the frames
+    of the characters' peaks; a bad file still gets its own line and the exit code 1."""
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(example_wav.read_bytes()[:30])
+    usual = edge_agent("detect", str(example_wav), env=model_env)
+    exact = edge_agent("detect", "--exact", str(example_wav), str(broken), env=model_env)
+    assert exact.returncode == 1, exact.stderr
+    good, bad = (json.loads(line) for line in exact.stdout.splitlines())
+    (rounded,) = json.loads(usual.stdout)["detections"]
+    (detection,) = good["detections"]
+    assert good["error"] is None and detection["keyword"] == WAKE
+    assert round(detection["confidence"], 4) == rounded["confidence"]
+    assert detection["confidence"] != rounded["confidence"]  # more digits than the rounded one
+    assert (round(detection["start"], 3), round(detection["end"], 3)) == (rounded["start"], rounded["end"])
+    peaks = detection["peak_frames"]
+    assert len(peaks) == len(WAKE) and peaks == sorted(peaks)
+    assert bad["detections"] == [] and "broken.wav" in bad["error"]
+
+
 def test_detect_custom_keywords_and_thresholds(
     model_env: dict[str, str], dev_audio: Path, transcripts
 ) -> None:  # type: ignore[no-untyped-def]
