@@ -64,6 +64,9 @@ class HealthReporter:
         self._transport = transport
         self._process = psutil.Process()
         self._process.cpu_percent(None)  # the first call only starts the measurement
+        # The engine's worker processes (engine.workers > 1), by pid: the agent's CPU and memory
+        # are theirs too.
+        self._workers: dict[int, psutil.Process] = {}
         self._cpu_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -76,11 +79,13 @@ class HealthReporter:
         """The agent's state now. ``measure_cpu`` starts a new CPU window (the published reports
         do; an HTTP scrape between two of them must not)."""
         cpu: float | None = None
+        rss: float | None = None
+        processes = [self._process, *self._worker_processes()]
         try:
             if measure_cpu:
                 with self._cpu_lock:
-                    cpu = round(self._process.cpu_percent(None), 1)
-            rss: float | None = round(self._process.memory_info().rss / 1e6, 1)
+                    cpu = round(sum(_cpu_percent(process) for process in processes), 1)
+            rss = round(sum(_rss(process) for process in processes) / 1e6, 1)
         except psutil.Error:
             cpu = rss = None
         worker = self._worker
@@ -119,6 +124,21 @@ class HealthReporter:
             detections_per_hour=worker.false_alarms.detections_per_hour(),
             near_miss=worker.false_alarms.near_misses(),
         )
+
+    def _worker_processes(self) -> list[psutil.Process]:
+        """The engine's worker processes now (a restarted one replaces the one that died)."""
+        own = self._process.pid
+        pids = {backlog.pid for backlog in self._worker.backlog() if backlog.pid and backlog.pid != own}
+        with self._cpu_lock:
+            for pid in set(self._workers) - pids:
+                del self._workers[pid]
+            for pid in pids - set(self._workers):
+                try:
+                    self._workers[pid] = psutil.Process(pid)
+                    self._workers[pid].cpu_percent(None)  # starts its measurement
+                except psutil.Error:
+                    continue
+            return list(self._workers.values())
 
     def streams(self) -> dict[str, dict[str, object]]:
         """Every open stream's counters, and every local source's."""
@@ -170,3 +190,18 @@ class HealthReporter:
                 self.publish()
             except Exception:
                 log.exception("health report failed")
+
+
+def _cpu_percent(process: psutil.Process) -> float:
+    """Since the last call (0 for a process that ended meanwhile: its time went with it)."""
+    try:
+        return float(process.cpu_percent(None))
+    except psutil.NoSuchProcess:
+        return 0.0
+
+
+def _rss(process: psutil.Process) -> int:
+    try:
+        return int(process.memory_info().rss)
+    except psutil.NoSuchProcess:
+        return 0

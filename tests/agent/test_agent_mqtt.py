@@ -81,6 +81,29 @@ def test_announces_itself_with_retained_state(broker, make_agent, tmp_path: Path
         late.close()
 
 
+@pytest.mark.slow
+def test_health_counts_the_engine_worker_processes_memory(broker, make_agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """With engine.workers 2 most of the agent is in its worker processes: the health report's
+    memory (and CPU) covers them, and each worker is listed with its process."""
+    import psutil
+
+    make_agent(agent_config(broker.port, tmp_path, engine={"workers": 2}))
+    probe = Client(broker.port).connect().subscribe(f"{PREFIX}/health")
+    try:
+        # The first reports may come before both workers have reported in.
+        both = lambda m: m and all(w["alive"] for w in m[-1].json()["worker"]["workers"])  # noqa: E731
+        health = HealthReport.from_payload(probe.wait_for(f"{PREFIX}/health", both)[-1].payload)
+    finally:
+        probe.close()
+    workers = health.worker["workers"]
+    own = psutil.Process()
+    assert len(workers) == 2 and all(w["alive"] and w["pid"] != own.pid for w in workers)
+    worker_rss = sum(psutil.Process(w["pid"]).memory_info().rss for w in workers) / 1e6
+    assert worker_rss > 40  # each holds numpy and the model
+    assert health.memory_rss_mb is not None
+    assert health.memory_rss_mb > own.memory_info().rss / 1e6 + worker_rss / 2
+
+
 def test_info_is_at_the_broker_before_online(broker, make_agent, client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Whoever reacts to ``online`` (and the agent may die right after) can read ``info``."""
     client.subscribe(f"{PREFIX}/#")
