@@ -101,6 +101,11 @@ RTF_TEMPLATE = (
     "{% set rtf = value_json.streams.values() | map(attribute='rtf', default=none) "
     "| select('number') | list %}{{ rtf | max if rtf else none }}"
 )
+# How far behind the engine is: the seconds of live audio waiting for the most loaded worker.
+BACKLOG_TEMPLATE = (
+    "{% set waiting = value_json.worker.workers | default([]) | map(attribute='queued_seconds') "
+    "| select('number') | list %}{{ waiting | max if waiting else 0 }}"
+)
 MUTED_TEMPLATE = "{{ 'ON' if value_json.muted else 'OFF' }}"
 
 MUTE_ON = json.dumps({"muted": True})
@@ -121,6 +126,7 @@ OBJECT_IDS: tuple[tuple[str, str], ...] = (
     ("sensor", "temperature"),
     ("sensor", "detections"),
     ("sensor", "rtf"),
+    ("sensor", "backlog"),
     ("switch", "mute"),
 )
 
@@ -240,6 +246,17 @@ def discovery_entities(services: AgentServices, commands_attached: bool) -> list
             suggested_display_precision=3,
             entity_category="diagnostic",
             icon="mdi:speedometer",
+        ),
+        health_sensor(
+            "backlog",
+            "Engine backlog",
+            BACKLOG_TEMPLATE,
+            device_class="duration",
+            unit_of_measurement="s",
+            state_class="measurement",
+            suggested_display_precision=1,
+            entity_category="diagnostic",
+            icon="mdi:timer-sand",
         ),
     ]
     if mute_switch_usable(services, commands_attached):

@@ -431,7 +431,7 @@ def latest_configs(client: Client) -> dict[str, Received]:
     return latest
 
 
-def wait_configs(client: Client, count: int = 7, predicate=None) -> dict[str, Received]:  # type: ignore[no-untyped-def]
+def wait_configs(client: Client, count: int = len(OBJECT_IDS), predicate=None) -> dict[str, Received]:  # type: ignore[no-untyped-def]
     def ready(messages: list[Received]) -> bool:
         latest = {m.topic: m for m in messages}
         return len(latest) >= count and (predicate is None or predicate(latest))
@@ -528,7 +528,7 @@ def test_every_discovery_payload_passes_the_schema(broker, make_agent, client, t
     assert entities["mute"]["command_topic"] == f"{PREFIX}/cmd/mute"
     assert json.loads(entities["mute"]["payload_on"]) == {"muted": True}
     assert json.loads(entities["mute"]["payload_off"]) == {"muted": False}
-    for name in ("cpu", "memory", "temperature", "detections", "rtf"):
+    for name in ("cpu", "memory", "temperature", "detections", "rtf", "backlog"):
         assert entities[name]["state_topic"] == f"{PREFIX}/health"
         assert entities[name]["expire_after"] == 3  # 3 x health.interval (1 s in tests)
     assert entities["memory"]["device_class"] == "data_size"
@@ -598,6 +598,11 @@ def test_templates_give_home_assistant_what_it_expects(  # type: ignore[no-untyp
     assert rtf == max(s["rtf"] for s in report["streams"].values() if s.get("rtf") is not None)
     assert 0 < rtf < 1
     assert switch_state(entities["mute"], health_payload) is False
+    backlog = sensor_state(entities["backlog"], health_payload)
+    assert backlog == max(w["queued_seconds"] for w in report["worker"]["workers"]) >= 0
+    two_workers = [{"queued_seconds": 0.3}, {"queued_seconds": 2.5}]
+    behind = {**report, "worker": {**report["worker"], "workers": two_workers}}
+    assert sensor_state(entities["backlog"], json.dumps(behind).encode()) == 2.5
     # Health without streams (and without a temperature) gives unknown, not an error.
     idle = json.dumps({**report, "streams": {}, "temperature_c": None, "cpu_percent": None}).encode()
     assert sensor_state(entities["rtf"], idle) is None
@@ -737,7 +742,7 @@ def test_no_switch_without_the_mute_command(broker, make_agent, client, tmp_path
     ha_agent(make_agent, broker.port, tmp_path, commands=False)
     configs = wait_configs(client)
     assert configs[f"{DISCOVERY}/switch/dev1/mute/config"].payload == b""  # removed, not announced
-    assert sorted(by_object(configs)) == ["cpu", "detections", "memory", "rtf", "temperature", "wake_word"]
+    assert sorted(by_object(configs)) == ["backlog", "cpu", "detections", "memory", "rtf", "temperature", "wake_word"]
 
 
 def test_the_runner_always_attaches_discovery() -> None:
