@@ -265,5 +265,23 @@ def _worker_metrics(worker: dict[str, Any], muted: bool) -> list[MetricFamily]:
             "Work items that failed.",
             float(worker.get("item_errors", 0)),
         ),
+        MetricFamily(
+            "edge_agent_engine_backlog_seconds",
+            "gauge",
+            "Seconds of live audio waiting, per engine worker (engine.workers): how far behind it is.",
+            tuple(
+                Sample(float(w.get("queued_seconds", 0.0)), {"worker": str(w.get("worker", 0))})
+                for w in worker.get("workers", [])
+            ),
+        ),
+        MetricFamily(
+            "edge_agent_engine_worker_restarts",
+            "counter",
+            "Engine worker processes that died and were replaced, per worker.",
+            tuple(
+                Sample(float(w.get("restarts", 0)), {"worker": str(w.get("worker", 0))})
+                for w in worker.get("workers", [])
+            ),
+        ),
         MetricFamily.single("edge_agent_muted", "gauge", "1 while detection is muted.", float(muted)),
     ]

@@ -101,6 +101,8 @@ def test_agent_backend_reports_the_live_agent(
         assert values[("edge_agent_mqtt_connected", ())] == 1
         assert values[("edge_agent_mqtt_enabled", ())] == 1
         assert values[("edge_agent_worker_alive", ())] == 1
+        assert values[("edge_agent_engine_backlog_seconds", (("worker", "0"),))] >= 0
+        assert values[("edge_agent_engine_worker_restarts_total", (("worker", "0"),))] == 0
         assert ("edge_agent_outbox_depth", ()) in values
         assert values[("edge_agent_outbox_unwritten", ())] == 0
         assert values[("edge_agent_ready", ())] == 1
