@@ -340,6 +340,13 @@ class FeatureStream:
     def samples_seen(self) -> int:
         return self._samples_total
 
+    def frames_after(self, samples: int) -> int:
+        """How many network input frames :meth:`accept` would return for ``samples`` more
+        samples (not the stream's last): as many as the centres with their right context."""
+        fbank_frames = self._fbank_frames_total + frame_count(self._pending_samples.shape[0] + samples)
+        last_center = fbank_frames - 1 - CONTEXT_RIGHT
+        return max(0, (last_center - self._next_output_center) // DECIMATION + 1)
+
     def accept(self, samples: np.ndarray, final: bool = False) -> np.ndarray:
         """Add samples (int16 or float in 16-bit units); return the new (n, 400) frames.
 
