@@ -355,9 +355,13 @@ def _nothing_said(searches: Sequence[KeywordSearch], gathered: np.ndarray) -> bo
     """No search has a pending detection and no character may reach its floor in these rows of
     gathered columns (blank first): every column but blank is below the lowest floor, and a
     character is one column, or the sum of a few (then all columns together are below it)."""
-    floor = min(search.scorer.char_floor for search in searches) * BOUND_SAFETY
-    if any(search.pending is not None for search in searches):
-        return False
-    if all(search.scorer.single_columns is not None for search in searches):
+    floor = np.inf
+    single = True
+    for search in searches:
+        if search.pending is not None:
+            return False
+        floor = min(floor, search.said_floor)
+        single = single and search.scorer.single_columns is not None
+    if single:
         return bool(gathered[:, 1:].max() < floor)
     return bool(gathered[:, 1:].sum(axis=1).max() < floor)
