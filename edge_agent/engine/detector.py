@@ -95,8 +95,8 @@ class KeywordDetector:
             return []
         features = self._features.accept(ready)
         if features.shape[0] == 0:
-            # A short chunk that completes no network frame (a third of 20 ms chunks): the
-            # network and the decoder would pass over it without a change of state.
+            # Audio that completes no network frame is set aside by _defers; should any come
+            # through, the network and the decoder would pass over it without a change of state.
             return []
         return _decode_one(self, self._model.network.hidden(self._network_state, features))
 
@@ -192,7 +192,10 @@ class KeywordDetector:
         """None if ``samples`` are set aside for the next call (see :func:`feed_many`), else the
         samples to run now: those set aside, then these."""
         waiting = self._deferred.shape[0] + samples.shape[0]
-        if waiting < self._defer_limit and self._decoder.idle:
+        # Idle, a short wait delays no detection (deferrable_samples). Whatever the decoder's
+        # state, audio that completes no network frame would change nothing past the front-end
+        # (a third of 20 ms chunks): it waits too, and the front-end runs once for both.
+        if (waiting < self._defer_limit and self._decoder.idle) or self._features.frames_after(waiting) == 0:
             self._deferred = np.concatenate([self._deferred, samples.astype(np.float32, copy=False)])
             return None
         if self._deferred.size == 0:

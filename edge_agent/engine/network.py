@@ -195,13 +195,15 @@ class OutputLayer:
 class _FsmnBuffer:
     """Per-stream, per-layer inputs kept for the next chunk: history then pending frames.
 
-    They live at the front of a store with room for a live microphone's chunks, over which the
-    layer's windows are one view made once: a short chunk is written after them, filtered
-    through that view and its tail moved to the front, in three array operations instead of
-    a new matrix per layer and chunk. Longer chunks (whole files, batches) replace the store.
+    They live in a store with room for many of a live microphone's chunks, over which the
+    layer's windows are one view made once: a short chunk is written after the rows held (by the
+    linear transform before the layer itself, in one stream's plan) and filtered through that
+    view, and the rows held then start further on; they move to the front only when the room
+    runs out (every ~20 chunks of 100 ms). A chunk costs one filter pass, not a new matrix and
+    copies per layer. Longer chunks (whole files, batches) replace the store's rows.
     """
 
-    __slots__ = ("_held", "_store", "_taps", "windows")
+    __slots__ = ("_held", "_start", "_store", "_taps", "windows")
 
     # Rows a store holds beyond a layer's history and look-ahead.
     _ROOM = 64
@@ -219,7 +221,7 @@ class _FsmnBuffer:
     @property
     def frames(self) -> np.ndarray:
         """The rows held (a view: copied by whoever keeps them)."""
-        return self._store[: self._held]
+        return self._store[self._start : self._start + self._held]
 
     @frames.setter
     def frames(self, rows: np.ndarray) -> None:
@@ -227,27 +229,36 @@ class _FsmnBuffer:
         if count > self._store.shape[0]:
             self._allocate(count + self._ROOM, rows.shape[1])
         self._store[:count] = rows
+        self._start = 0
         self._held = count
 
     def room(self) -> int:
-        """New rows that fit after the rows held."""
+        """New rows that fit after the rows held, once they are at the front of the store."""
         return self._store.shape[0] - self._held
 
-    def filter_in_place(self, new: np.ndarray, zeros: int, taps: np.ndarray, lookahead: int) -> np.ndarray:
-        """Append ``new`` rows and ``zeros`` rows of zeros (``room()`` must allow), return the
-        outputs of every window whose look-ahead is there, and keep the rest."""
-        held, count = self._held, new.shape[0]
-        end = held + count + zeros
-        self._store[held : held + count] = new
+    def slot(self, count: int, zeros: int) -> np.ndarray:
+        """The store's rows for ``count`` new rows, to be written there by the caller, followed by
+        ``zeros`` rows of zeros (``room()`` must allow); all of them count as held."""
+        start, held = self._start, self._held
+        end = start + held + count + zeros
+        if end > self._store.shape[0]:
+            # Out of room: the rows held go to the front (numpy copies overlapping rows safely).
+            self._store[:held] = self._store[start : start + held]
+            self._start = start = 0
+            end = held + count + zeros
         if zeros:
-            self._store[held + count : end] = 0.0
-        ready = end - (self._taps - 1 - lookahead) - lookahead
+            self._store[end - zeros : end] = 0.0
+        self._held = end - start
+        return self._store[end - count - zeros : end - zeros]
+
+    def filter_held(self, taps: np.ndarray) -> np.ndarray:
+        """The outputs of every window whose look-ahead is held; the rows only they needed are let go."""
+        ready = self._held - (self._taps - 1)
         if ready <= 0:
-            self._held = end
             return np.zeros((0, self._store.shape[1]), dtype=np.float32)
-        outputs = np.einsum("tkd,kd->td", self.windows[:ready], taps)
-        self._store[: end - ready] = self._store[ready:end]  # numpy copies overlapping rows safely
-        self._held = end - ready
+        outputs = np.einsum("tkd,kd->td", self.windows[self._start : self._start + ready], taps)
+        self._start += ready
+        self._held -= ready
         return outputs
 
 
@@ -294,7 +305,7 @@ def fsmn_outputs(taps: np.ndarray, inputs: np.ndarray, count: int) -> np.ndarray
 
 
 # The kinds of steps of NumpyNetwork's plan.
-_AFFINE, _AFFINE_RELU, _LINEAR, _LINEAR_RELU, _RELU, _FSMN = range(6)
+_AFFINE, _AFFINE_RELU, _LINEAR, _LINEAR_RELU, _RELU, _FSMN, _LINEAR_FSMN = range(7)
 
 
 class NumpyNetwork:
@@ -323,24 +334,31 @@ class NumpyNetwork:
         self._taps = {id(layer): fsmn_taps(layer) for layer in self._fsmn_layers}
         self._plan = self._compile_plan()
 
-    def _compile_plan(self) -> list[tuple[int, np.ndarray | None, np.ndarray | None, Fsmn | None]]:
-        """The body as a list of steps for one stream's chunks, each an affine transform (with its
-        ReLU when one follows), a linear transform or an FSMN layer: a live microphone's chunks
-        are a few frames, and the per-step dispatch would cost as much as the arithmetic."""
-        plan: list[tuple[int, np.ndarray | None, np.ndarray | None, Fsmn | None]] = []
+    def _compile_plan(self) -> list[tuple[int, np.ndarray | None, np.ndarray | None, np.ndarray | None, int]]:
+        """The body as a list of steps for one stream's chunks: (kind, weights, bias, FSMN taps,
+        FSMN look-ahead), each step an affine transform (with its ReLU when one follows), a
+        linear transform, an FSMN layer, or a linear transform whose rows go straight into the
+        next FSMN layer's store. A live microphone's chunks are a few frames, and the per-step
+        dispatch and copies would cost as much as the arithmetic."""
+        plan: list[tuple[int, np.ndarray | None, np.ndarray | None, np.ndarray | None, int]] = []
         for component in self._body:
+            previous = plan[-1] if plan else None
             if isinstance(component, RectifiedLinear):
-                if plan and plan[-1][0] in (_AFFINE, _LINEAR):
-                    kind, weights, bias, _ = plan[-1]
-                    plan[-1] = (_AFFINE_RELU if kind == _AFFINE else _LINEAR_RELU, weights, bias, None)
+                if previous is not None and previous[0] in (_AFFINE, _LINEAR):
+                    kind = _AFFINE_RELU if previous[0] == _AFFINE else _LINEAR_RELU
+                    plan[-1] = (kind, *previous[1:])
                 else:
-                    plan.append((_RELU, None, None, None))
+                    plan.append((_RELU, None, None, None, 0))
             elif isinstance(component, AffineTransform):
-                plan.append((_AFFINE, self._weights_t[id(component)], self._biases[id(component)], None))
+                plan.append((_AFFINE, self._weights_t[id(component)], self._biases[id(component)], None, 0))
             elif isinstance(component, LinearTransform):
-                plan.append((_LINEAR, self._weights_t[id(component)], None, None))
+                plan.append((_LINEAR, self._weights_t[id(component)], None, None, 0))
             elif isinstance(component, Fsmn):
-                plan.append((_FSMN, self._taps[id(component)], None, component))
+                taps, lookahead = self._taps[id(component)], component.lookahead_frames
+                if previous is not None and previous[0] == _LINEAR:
+                    plan[-1] = (_LINEAR_FSMN, previous[1], None, taps, lookahead)
+                else:
+                    plan.append((_FSMN, None, None, taps, lookahead))
         return plan
 
     def new_state(self) -> NumpyState:
@@ -367,17 +385,29 @@ class NumpyNetwork:
         if state.finished:
             raise RuntimeError("this stream's network state was finished; create a new one")
         x = self._check(features)
-        fsmn_index = 0
-        for kind, weights, bias, layer in self._plan:
-            if kind == _FSMN:
-                x = self._fsmn_step(layer, state.buffers[fsmn_index], x, final)  # type: ignore[arg-type]
-                fsmn_index += 1
+        buffers = iter(state.buffers)
+        for kind, weights, bias, taps, lookahead in self._plan:
+            if kind in (_FSMN, _LINEAR_FSMN):
+                buffer = next(buffers)
+                zeros = lookahead if final else 0
+                if x.shape[0] + zeros <= buffer.room():
+                    rows = buffer.slot(x.shape[0], zeros)
+                    if kind == _LINEAR_FSMN:
+                        np.dot(x, weights, out=rows)  # the product ``x @ weights``, in place
+                    else:
+                        rows[...] = x
+                    x = buffer.filter_held(taps)  # type: ignore[arg-type]
+                else:
+                    if kind == _LINEAR_FSMN:
+                        x = x.dot(weights)
+                    x = self._fsmn_long(taps, lookahead, buffer, x, final)  # type: ignore[arg-type]
                 continue
             if kind != _RELU:
-                x = x @ weights
+                # ndarray.dot: the product ``@`` computes, with less dispatch per call.
+                x = x.dot(weights)
                 if bias is not None:
                     x += bias
-            if kind in (_AFFINE_RELU, _LINEAR_RELU, _RELU):
+            if kind != _AFFINE and kind != _LINEAR:
                 np.maximum(x, 0.0, out=x)
         if final:
             state.finished = True
@@ -429,20 +459,22 @@ class NumpyNetwork:
             np.maximum(x, 0.0, out=x)
         return x
 
-    def _fsmn_step(self, layer: Fsmn, buffer: _FsmnBuffer, new: np.ndarray, final: bool) -> np.ndarray:
-        history, lookahead = layer.history_frames, layer.lookahead_frames
-        zeros = lookahead if final else 0
-        if new.shape[0] + zeros <= buffer.room():
-            return buffer.filter_in_place(new, zeros, self._taps[id(layer)], lookahead)
+    @staticmethod
+    def _fsmn_long(
+        taps: np.ndarray, lookahead: int, buffer: _FsmnBuffer, new: np.ndarray, final: bool
+    ) -> np.ndarray:
+        """One FSMN layer of :meth:`hidden` for a chunk longer than the buffer's room (a whole
+        file's block)."""
+        history = taps.shape[0] - 1 - lookahead
         parts = [buffer.frames, new]
         if final and lookahead:
-            parts.append(np.zeros((lookahead, layer.input_dim), dtype=np.float32))
+            parts.append(np.zeros((lookahead, new.shape[1]), dtype=np.float32))
         inputs = np.concatenate(parts) if new.shape[0] or final else buffer.frames
         ready = inputs.shape[0] - history - lookahead
         if ready <= 0:
             buffer.frames = inputs
-            return np.zeros((0, layer.output_dim), dtype=np.float32)
-        outputs = fsmn_outputs(self._taps[id(layer)], inputs, ready)
+            return np.zeros((0, new.shape[1]), dtype=np.float32)
+        outputs = fsmn_outputs(taps, inputs, ready)
         buffer.frames = inputs[ready:].copy()  # not a view: it would keep all of ``inputs``
         return outputs
 

@@ -292,13 +292,22 @@ def process_one(
     if posteriors.shape[0] == 0:
         return []
     first = decoder.append(posteriors, resolve is None)
+    searches = decoder.searches
+    if posteriors.shape[1] == decoder.columns.shape[0] and _nothing_said(searches, posteriors):
+        # No character of any keyword may reach its floor in these rows and nothing is pending
+        # (most of a microphone's chunks, in speech as in silence): what the loop below does for
+        # each search, decided from one maximum instead of each keyword's gathers.
+        end = first + posteriors.shape[0]
+        for search in searches:
+            search.expire(end)
+        return []
     history = decoder.history
     values, exact = history.rows(first)
     length = values.shape[0]
     frames = np.arange(first, first + length)
     exact_work: list[tuple[KeywordSearch, Filtered]] = []
     wanted: list[tuple[int, int]] = []
-    for search in decoder.searches:
+    for search in searches:
         scorer = search.scorer
         characters = scorer.characters(values)
         reach = characters >= scorer.char_floor * BOUND_SAFETY
@@ -340,3 +349,19 @@ def process_one(
         results.extend(search.process(history, first, ensure, filtered))
     results.sort(key=lambda d: (d.end, d.keyword))
     return results
+
+
+def _nothing_said(searches: Sequence[KeywordSearch], gathered: np.ndarray) -> bool:
+    """No search has a pending detection and no character may reach its floor in these rows of
+    gathered columns (blank first): every column but blank is below the lowest floor, and a
+    character is one column, or the sum of a few (then all columns together are below it)."""
+    floor = np.inf
+    single = True
+    for search in searches:
+        if search.pending is not None:
+            return False
+        floor = min(floor, search.said_floor)
+        single = single and search.scorer.single_columns is not None
+    if single:
+        return bool(gathered[:, 1:].max() < floor)
+    return bool(gathered[:, 1:].sum(axis=1).max() < floor)

@@ -29,7 +29,7 @@ import numpy as np
 from edge_agent.engine.decoder.exact import Ensure, ExactRuns, History, already_exact
 from edge_agent.engine.decoder.firing import Candidate, Firing, FiringPolicy, keyword_span
 from edge_agent.engine.decoder.keywords import CompiledKeyword, Detection
-from edge_agent.engine.decoder.recurrence import NEG_INF, KeywordScorer
+from edge_agent.engine.decoder.recurrence import BOUND_SAFETY, NEG_INF, KeywordScorer
 
 # Absolute frame standing for "no character start seen".
 NEVER = -(10**12)
@@ -81,6 +81,8 @@ class KeywordSearch:
         self.runs = ExactRuns(self.scorer)
         self.log_threshold = self.policy.log_threshold
         self.window_frames = int(math.ceil(keyword.max_duration / frame_seconds)) + 1
+        #: a character's bound below this cannot reach the floor (``KeywordScorer.said``)
+        self.said_floor = self.scorer.char_floor * BOUND_SAFETY
         self.reset()
 
     def reset(self) -> None:
