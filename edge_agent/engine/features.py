@@ -144,29 +144,8 @@ def _real_fft(library: str) -> RealFft | None:
         except ImportError:
             return None
         # The windows are scratch arrays of ours: scipy may transform them in place.
-        wrapper = functools.partial(scipy_fft.rfft, axis=1, overwrite_x=True)
-        return _pocketfft_kernel(wrapper) or wrapper
+        return functools.partial(scipy_fft.rfft, axis=1, overwrite_x=True)
     raise ValueError(f"FFT library must be one of {', '.join(FFT_LIBRARIES)}, got {library!r}")
-
-
-def _pocketfft_kernel(wrapper: RealFft) -> RealFft | None:
-    """scipy's pocketfft kernel itself, called as ``scipy.fft.rfft`` calls it, if this scipy has
-    it and it gives the wrapper's results: the wrapper's argument handling and backend dispatch
-    add a good share to the transform of a 100 ms chunk's ten frames."""
-    try:
-        # A private module: its results are checked against the wrapper below.
-        from scipy.fft._pocketfft import pypocketfft
-
-        def kernel(windows: np.ndarray) -> np.ndarray:
-            # axes, forward, no normalisation, no output array, one thread
-            return pypocketfft.r2c(windows, (1,), True, 0, None, 1)
-
-        probe = np.random.default_rng(0).normal(size=(3, FFT_SIZE)).astype(np.float32)
-        if np.array_equal(kernel(probe), wrapper(probe.copy())):
-            return kernel
-    except (ImportError, AttributeError, TypeError, ValueError):
-        pass
-    return None
 
 
 def installed_ffts() -> list[str]:
