@@ -103,7 +103,8 @@ def _resolve(decoders: Sequence[KeywordDecoder], wanted: list[np.ndarray], resol
     if not any(frames.size for frames in wanted):
         return
     for decoder, frames, exact in zip(decoders, wanted, resolve(wanted), strict=True):
-        decoder.history.fill(frames, np.asarray(exact, dtype=np.float64))
+        if frames.size:
+            decoder.history.fill(frames, np.asarray(exact, dtype=np.float64))
 
 
 def prime_exact_runs(
@@ -263,7 +264,10 @@ def process_many(
                 wanted[index] += search.frames_read(found, decoders[index].history)
     if resolve is not None:
         # Everything the exact decoding below will read, for every stream, in one call.
-        frames_wanted = [decoders[i].history.unresolved(spans) for i, spans in enumerate(wanted)]
+        nothing = np.zeros(0, dtype=np.int64)
+        frames_wanted = [
+            decoders[i].history.unresolved(spans) if spans else nothing for i, spans in enumerate(wanted)
+        ]
         for i, spans in enumerate(early):
             if spans:  # the oldest first: the backlog shrinks at every step
                 ahead = decoders[i].history.unresolved(spans)[: early_limit[i]]
