@@ -24,6 +24,7 @@ torch import: torch costs ~1.8 s and ~220 MB on import) and ``TorchNetwork`` in
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -201,20 +202,36 @@ class _FsmnBuffer:
     a new matrix per layer and chunk. Longer chunks (whole files, batches) replace the store.
     """
 
-    __slots__ = ("_held", "_store", "_taps", "windows")
+    __slots__ = ("_held", "_store", "_taps", "in_slot", "windows")
 
     # Rows a store holds beyond a layer's history and look-ahead.
     _ROOM = 64
 
-    def __init__(self, frames: np.ndarray, taps: int) -> None:
+    def __init__(self, frames: np.ndarray, taps: int, slot: np.ndarray | None = None) -> None:
+        """``slot``, if given, is the store: a slot of a :class:`_SlotPool`, where a batch reads
+        and writes the rows held by many streams at once."""
         self._taps = taps
-        self._allocate(frames.shape[0] + self._ROOM, frames.shape[1])
+        if slot is None or frames.shape[0] + self._ROOM > slot.shape[0]:
+            self._allocate(frames.shape[0] + self._ROOM, frames.shape[1])
+        else:
+            self._store = slot
+            self.windows = _windows(slot, taps, slot.shape[0] - taps + 1)
+            #: the store is still the pool's slot (a longer chunk replaces it with its own)
+            self.in_slot = True
         self.frames = frames
+
+    def move_to(self, slot: np.ndarray) -> None:
+        """The pool's arrays grew: its slot is now ``slot``, holding the same rows (a store of
+        its own stays)."""
+        if self.in_slot:
+            self._store = slot
+            self.windows = _windows(slot, self._taps, slot.shape[0] - self._taps + 1)
 
     def _allocate(self, rows: int, width: int) -> None:
         self._store = np.zeros((max(rows, self._taps), width), dtype=np.float32)
         #: windows[t] reads store rows t .. t + taps - 1 (read only)
         self.windows = _windows(self._store, self._taps, self._store.shape[0] - self._taps + 1)
+        self.in_slot = False
 
     @property
     def frames(self) -> np.ndarray:
@@ -251,12 +268,65 @@ class _FsmnBuffer:
         return outputs
 
 
-class NumpyState:
-    __slots__ = ("buffers", "finished")
+class _SlotPool:
+    """Stores for the FSMN buffers of many streams, a slot per stream: per layer, one
+    (slots, rows, dim) array, so that a batch reads the rows held by all its streams with one
+    indexed read per layer and writes their tails back with one indexed write, instead of an
+    array operation per stream and layer.
 
-    def __init__(self, buffers: list[_FsmnBuffer]) -> None:
+    The arrays double when full (a lone microphone takes a few slots); the streams' buffers,
+    views of their slots, are then moved to the new arrays. A slot is free again when its
+    stream's state is collected.
+    """
+
+    _FIRST_SLOTS = 4
+
+    def __init__(self, shapes: list[tuple[int, int]]) -> None:
+        #: per layer: (slots, rows, dim) float32
+        self.stores = [np.zeros((0, rows, dim), dtype=np.float32) for rows, dim in shapes]
+        self._free: list[int] = []
+        # Per slot taken: its state, weakly (the reference's callback frees the slot).
+        self._owners: dict[int, weakref.ref[NumpyState]] = {}
+
+    def take(self) -> int:
+        """A free slot (the lowest first)."""
+        if not self._free:
+            self._grow()
+        return self._free.pop()
+
+    def own(self, slot: int, state: NumpyState) -> None:
+        """``state``'s buffers are views of ``slot`` until it is collected."""
+        self._owners[slot] = weakref.ref(state, lambda _, slot=slot: self._give_back(slot))  # type: ignore[misc]
+
+    def _give_back(self, slot: int) -> None:
+        self._owners.pop(slot, None)
+        self._free.append(slot)
+
+    def _grow(self) -> None:
+        slots = self.stores[0].shape[0]
+        size = max(self._FIRST_SLOTS, 2 * slots)
+        grown = []
+        for store in self.stores:
+            bigger = np.zeros((size, *store.shape[1:]), dtype=np.float32)
+            bigger[:slots] = store
+            grown.append(bigger)
+        self.stores = grown
+        for slot, owner in list(self._owners.items()):
+            state = owner()
+            if state is not None:
+                for buffer, store in zip(state.buffers, grown, strict=True):
+                    buffer.move_to(store[slot])
+        self._free += range(size - 1, slots - 1, -1)
+
+
+class NumpyState:
+    __slots__ = ("__weakref__", "buffers", "finished", "slot")
+
+    def __init__(self, buffers: list[_FsmnBuffer], slot: int | None = None) -> None:
         self.buffers = buffers
         self.finished = False
+        #: this stream's slot in its network's :class:`_SlotPool`, if any
+        self.slot = slot
 
 
 def fsmn_taps(layer: Fsmn) -> np.ndarray:
@@ -322,6 +392,9 @@ class NumpyNetwork:
         }
         self._taps = {id(layer): fsmn_taps(layer) for layer in self._fsmn_layers}
         self._plan = self._compile_plan()
+        self._slots = _SlotPool(
+            [(layer.history_frames + _FsmnBuffer._ROOM, layer.input_dim) for layer in self._fsmn_layers]
+        )
 
     def _compile_plan(self) -> list[tuple[int, np.ndarray | None, np.ndarray | None, Fsmn | None]]:
         """The body as a list of steps for one stream's chunks, each an affine transform (with its
@@ -344,15 +417,20 @@ class NumpyNetwork:
         return plan
 
     def new_state(self) -> NumpyState:
-        return NumpyState(
+        slot = self._slots.take()
+        state = NumpyState(
             [
                 _FsmnBuffer(
                     np.zeros((layer.history_frames, layer.input_dim), dtype=np.float32),
                     self._taps[id(layer)].shape[0],
+                    store[slot],
                 )
-                for layer in self._fsmn_layers
-            ]
+                for layer, store in zip(self._fsmn_layers, self._slots.stores, strict=True)
+            ],
+            slot,
         )
+        self._slots.own(slot, state)
+        return state
 
     def forward(  # type: ignore[override]
         self,
@@ -399,11 +477,15 @@ class NumpyNetwork:
         states = [states[i] for i in order]
         counts = [int(np.shape(features[i])[0]) for i in order]
         x = self._check(np.concatenate([np.asarray(features[i], dtype=np.float32) for i in order]))
+        slots = self._slot_layout(states)
         fsmn_index = 0
         for component in self._body:
             if isinstance(component, Fsmn):
                 buffers = [state.buffers[fsmn_index] for state in states]
-                x, counts = self._fsmn_many(component, buffers, x, counts)
+                if slots is not None and self._in_slots(component, buffers):
+                    x = self._fsmn_slotted(component, fsmn_index, slots, x, counts)
+                else:
+                    x, counts = self._fsmn_many(component, buffers, x, counts)
                 fsmn_index += 1
             else:
                 x = self._frame_wise(component, x)
@@ -446,6 +528,50 @@ class NumpyNetwork:
         buffer.frames = inputs[ready:].copy()  # not a view: it would keep all of ``inputs``
         return outputs
 
+    @staticmethod
+    def _slot_layout(states: Sequence[NumpyState]) -> np.ndarray | None:
+        """The streams' slots, in batch order; None if a stream has none."""
+        slots = [state.slot for state in states]
+        if None in slots:
+            return None
+        return np.array(slots, dtype=np.intp)
+
+    def _in_slots(self, layer: Fsmn, buffers: list[_FsmnBuffer]) -> bool:
+        """Every buffer is its stream's slot and holds one window's inputs but the newest (the
+        steady state: every stream past its first chunk, fed chunks a slot can hold)."""
+        held = self._taps[id(layer)].shape[0] - 1
+        return all(buffer.in_slot and buffer._held == held for buffer in buffers)
+
+    def _fsmn_slotted(
+        self, layer: Fsmn, layer_index: int, slots: np.ndarray, new: np.ndarray, counts: list[int]
+    ) -> np.ndarray:
+        """:meth:`_fsmn_many` for streams whose buffers are slots (:meth:`_in_slots`), with the
+        same arithmetic: each run of streams bringing as many new frames is one (streams,
+        frames, dim) block for the filter, its rows held read from their slots at once and its
+        tails written back at once. A stream holding one window's inputs but the newest
+        completes a window per new frame, and holds as many rows after."""
+        taps = self._taps[id(layer)]
+        held = taps.shape[0] - 1
+        width = layer.input_dim
+        store = self._slots.stores[layer_index]
+        filtered: list[np.ndarray] = []
+        row = stream = 0
+        for count, run in itertools.groupby(counts):
+            streams = len(list(run))
+            if count:
+                where = slots[stream : stream + streams]
+                inputs = np.empty((streams, held + count, width), dtype=np.float32)
+                inputs[:, :held] = store[where, :held]
+                inputs[:, held:] = new[row : row + streams * count].reshape(streams, count, width)
+                outputs = np.einsum("srkd,kd->srd", _stream_windows(inputs, taps.shape[0]), taps)
+                filtered.append(outputs.reshape(streams * count, width))
+                store[where, :held] = inputs[:, count:]
+                row += streams * count
+            stream += streams
+        if not filtered:
+            return np.zeros((0, layer.output_dim), dtype=np.float32)
+        return filtered[0] if len(filtered) == 1 else np.concatenate(filtered)
+
     def _fsmn_many(
         self, layer: Fsmn, buffers: list[_FsmnBuffer], new: np.ndarray, counts: list[int]
     ) -> tuple[np.ndarray, list[int]]:
@@ -481,11 +607,10 @@ class NumpyNetwork:
                 filtered.append(outputs.reshape(streams * windows, width))
             ready += [max(0, windows)] * streams
             row += streams * length
-        # Each stream keeps its tail, copied: a view would keep this batch's whole matrix alive
-        # for as long as the stream waits for its next chunk.
+        # Each stream keeps its tail (the setter copies it into the stream's own store).
         start = 0
         for buffer, length, done in zip(buffers, lengths, ready, strict=True):
-            buffer.frames = inputs[start + done : start + length].copy()
+            buffer.frames = inputs[start + done : start + length]
             start += length
         if not filtered:
             return np.zeros((0, layer.output_dim), dtype=np.float32), ready
