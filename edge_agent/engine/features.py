@@ -214,8 +214,43 @@ class KaldiFbank:
         )
         return self._finish_windows(signal, starts, runs[starts])
 
-    def _finish_windows(self, signal: np.ndarray, starts: np.ndarray, runs: np.ndarray) -> np.ndarray:
-        """Windows from ``runs`` (row i: x[s+1:s+400] - k * x[s:s+399] for s = starts[i]).
+    def windows_of_runs(self, signal: np.ndarray, runs: list[tuple[int, int, int]]) -> np.ndarray:
+        """The windows of streams laid back to back in a float32 ``signal``, given as runs of
+        (first sample, streams, samples per stream) of streams as long as each other: every
+        complete frame of each stream, the streams in order. The same rows as
+        :meth:`windows_at` at the same starts, read through one strided view per run instead
+        of a gather."""
+        counts = [frame_count(length) for _, _, length in runs]
+        total = sum(streams * count for (_, streams, _), count in zip(runs, counts, strict=True))
+        windows = np.empty((total, FFT_SIZE), dtype=np.float32)
+        if total == 0:
+            return windows
+        differences = _preemphasised_differences(signal)
+        step = differences.strides[0]
+        row = 0
+        for (first, streams, length), count in zip(runs, counts, strict=True):
+            if count == 0:
+                continue
+            view = sliding_view(
+                differences[first:],
+                (streams, count, FRAME_LENGTH_SAMPLES - 1),
+                (length * step, FRAME_SHIFT_SAMPLES * step, step),
+            )
+            starts = (
+                first
+                + np.arange(streams, dtype=np.int64)[:, None] * length
+                + np.arange(count, dtype=np.int64) * FRAME_SHIFT_SAMPLES
+            )
+            out = windows[row : row + streams * count].reshape(streams, count, FFT_SIZE)
+            self._finish_windows(signal, starts, view, out)
+            row += streams * count
+        return windows
+
+    def _finish_windows(
+        self, signal: np.ndarray, starts: np.ndarray, runs: np.ndarray, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Windows from ``runs`` (row i: x[s+1:s+400] - k * x[s:s+399] for s = starts[i]; any
+        leading shape, the same for ``starts``, ``runs`` but its last axis, and ``out``).
 
         Per frame, Kaldi removes the mean m, then pre-emphasises: e[0] = (x[0] - m) * (1 - k),
         e[i] = (x[i] - m) - k * (x[i-1] - m) = run[i-1] - m * (1 - k). The offset c = m * (1 - k)
@@ -223,17 +258,16 @@ class KaldiFbank:
         c = (sum(run) + x[0] - k * x[399]) / 400, one pass over the run instead of a running sum
         of the whole signal.
         """
-        count = starts.shape[0]
         first = signal[starts]
-        offsets = runs.sum(axis=1, dtype=np.float32)
+        offsets = runs.sum(axis=-1, dtype=np.float32)
         offsets += first
         offsets -= np.float32(PREEMPHASIS) * signal[starts + FRAME_LENGTH_SAMPLES - 1]
         offsets *= np.float32(1.0 / FRAME_LENGTH_SAMPLES)
-        windows = np.empty((count, FFT_SIZE), dtype=np.float32)
-        windows[:, FRAME_LENGTH_SAMPLES:] = 0.0
-        np.subtract(runs, offsets[:, None], out=windows[:, 1:FRAME_LENGTH_SAMPLES])
-        windows[:, 0] = first * np.float32(1.0 - PREEMPHASIS) - offsets
-        windows[:, :FRAME_LENGTH_SAMPLES] *= self._window
+        windows = np.empty((*starts.shape, FFT_SIZE), dtype=np.float32) if out is None else out
+        windows[..., FRAME_LENGTH_SAMPLES:] = 0.0
+        np.subtract(runs, offsets[..., None], out=windows[..., 1:FRAME_LENGTH_SAMPLES])
+        windows[..., 0] = first * np.float32(1.0 - PREEMPHASIS) - offsets
+        windows[..., :FRAME_LENGTH_SAMPLES] *= self._window
         return windows
 
     def log_mel(self, windows: np.ndarray) -> np.ndarray:
@@ -348,39 +382,44 @@ def accept_many(
     if len(streams) == 1:
         return [_accept_one(streams[0], samples[0], final)]
     fbank = streams[0]._fbank
-    pieces: list[np.ndarray] = []
     lengths: list[int] = []
     for stream, chunk in zip(streams, samples, strict=True):
-        chunk = np.asarray(chunk)
-        if chunk.ndim != 1:
-            raise ValueError(f"expected mono samples as a 1-D array, got shape {chunk.shape}")
-        stream._samples_total += chunk.shape[0]
+        if np.ndim(chunk) != 1:
+            raise ValueError(f"expected mono samples as a 1-D array, got shape {np.shape(chunk)}")
+        lengths.append(stream._pending_samples.shape[0] + np.shape(chunk)[0])
+    # Streams with as many samples side by side (streams fed in step: all, or a few runs), so
+    # that each run's frames are one strided view (see KaldiFbank.windows_of_runs); a stable
+    # order, undone at the end.
+    order = sorted(range(len(streams)), key=lengths.__getitem__)
+    streams = [streams[i] for i in order]
+    pieces: list[np.ndarray] = []
+    for i, stream in zip(order, streams, strict=True):
+        chunk = samples[i]
+        stream._samples_total += np.shape(chunk)[0]
         pieces += (stream._pending_samples, chunk)
-        lengths.append(stream._pending_samples.shape[0] + chunk.shape[0])
     # Every stream's remainder and new samples back to back, in float32 (which holds 16-bit
     # samples exactly, and is what Kaldi computes in), in one copy.
     signal = np.concatenate(pieces, dtype=np.float32)
-    counts = [frame_count(length) for length in lengths]
-    offsets = np.cumsum([0, *lengths]).tolist()
-    if len(streams) == 1:
-        # One stream: its frames are evenly spaced and need no gather.
-        windows = fbank.windows(signal)
-    else:
-        # np.repeat's counts must cast safely to intp: int64 counts fail where intp is 32-bit
-        # (armv7), so counts are intp; the positions stay int64.
-        frame_counts = np.array(counts, dtype=np.intp)
-        total = int(frame_counts.sum())
-        # Start of every frame in the concatenated signal: stream offset + k * shift.
-        first_frame = np.cumsum(frame_counts) - frame_counts
-        within = np.arange(total) - np.repeat(first_frame, frame_counts)
-        starts = (
-            np.repeat(np.array(offsets[:-1], dtype=np.int64), frame_counts) + within * FRAME_SHIFT_SAMPLES
-        )
-        windows = fbank.windows_at(signal, starts)
-    log_mel = fbank.log_mel(windows)
-    for stream, offset, end, count in zip(streams, offsets[:-1], offsets[1:], counts, strict=True):
-        stream._pending_samples = signal[offset + count * FRAME_SHIFT_SAMPLES : end].copy()
-    return _splice_many(streams, log_mel, counts, final=final)
+    runs: list[tuple[int, int, int]] = []
+    counts: list[int] = []
+    first = 0
+    for length, run in itertools.groupby(lengths[i] for i in order):
+        members = len(list(run))
+        runs.append((first, members, length))
+        count = frame_count(length)
+        counts += [count] * members
+        # Each stream keeps the samples after its last frame's start (rows of one copy per run).
+        block = signal[first : first + members * length].reshape(members, length)
+        remainders = block[:, count * FRAME_SHIFT_SAMPLES :].copy()
+        for position, remainder in enumerate(remainders, start=len(counts) - members):
+            streams[position]._pending_samples = remainder
+        first += members * length
+    log_mel = fbank.log_mel(fbank.windows_of_runs(signal, runs))
+    spliced = _splice_many(streams, log_mel, counts, final=final)
+    results: list[np.ndarray] = [spliced[0]] * len(streams)
+    for position, stream in enumerate(order):
+        results[stream] = spliced[position]
+    return results
 
 
 def _accept_one(stream: FeatureStream, chunk: np.ndarray, final: bool) -> np.ndarray:
