@@ -476,56 +476,69 @@ def _splice_many(
     streams: list[FeatureStream], log_mel: np.ndarray, counts: list[int], final: bool
 ) -> list[np.ndarray]:
     """Splice each stream's new filterbank frames with +-2 frames of context (repeating a
-    stream's first and last frame at its edges) and keep every third, for all streams at once."""
+    stream's first and last frame at its edges) and keep every third, for all streams at once:
+    the streams' positions are computed as arrays and the rows of every stream are gathered
+    in one pass, from every stream's context rows followed by the new rows."""
     if len(streams) == 1:
         return [_splice_one(streams[0], log_mel, final)]
-    pieces: list[np.ndarray] = []
-    first_centers: list[int] = []  # per stream: absolute centre of its first frame to emit
-    bases: list[int] = []  # per stream: row of its absolute frame 0 in ``frames``
-    highs: list[int] = []  # per stream: its last absolute frame
-    emitted: list[int] = []
-    keep: list[tuple[int, int]] = []  # per stream: rows of ``frames`` to keep as context
-    row = offset = 0
-    for stream, count in zip(streams, counts, strict=True):
-        context = stream._context
-        first_index = stream._fbank_frames_total - context.shape[0]
-        pieces += [context, log_mel[offset : offset + count]]
-        offset += count
-        stream._fbank_frames_total += count
-        total_frames = stream._fbank_frames_total
-        # Centres that can be emitted: those with their right context (or all, at the end).
-        last_center = total_frames - 1 if final else total_frames - 1 - CONTEXT_RIGHT
-        first_center = stream._next_output_center
-        emit = (
-            (last_center - first_center) // DECIMATION + 1
-            if total_frames and last_center >= first_center
-            else 0
+    count = len(streams)
+    contexts = [stream._context for stream in streams]
+    held = np.fromiter((context.shape[0] for context in contexts), np.int64, count)
+    before = np.fromiter((stream._fbank_frames_total for stream in streams), np.int64, count)
+    centers = np.fromiter((stream._next_output_center for stream in streams), np.int64, count)
+    new = np.asarray(counts, dtype=np.int64)
+    # Absolute filterbank frames: a stream's context rows are frames [before - held, before),
+    # its new rows [before, total).
+    total = before + new
+    # Centres that can be emitted: those with their right context (or all, at the end).
+    last_center = total - 1 if final else total - 1 - CONTEXT_RIGHT
+    emit = np.where((total > 0) & (last_center >= centers), (last_center - centers) // DECIMATION + 1, 0)
+    next_centers = centers + DECIMATION * emit
+    keep_from = np.minimum(np.maximum(0, next_centers - CONTEXT_LEFT), total)
+    # Rows of ``source``: every stream's context rows, then ``log_mel`` (every stream's new rows).
+    source = np.concatenate([*contexts, log_mel]) if held.any() else log_mel
+    context_start = np.cumsum(held) - held
+    new_start = int(held.sum()) + np.cumsum(new) - new
+
+    def rows_of(stream: np.ndarray, absolute: np.ndarray) -> np.ndarray:
+        """Rows of ``source`` holding absolute frames of the given streams (index arrays)."""
+        old = absolute < before[stream]
+        return np.where(
+            old,
+            context_start[stream] + absolute - (before[stream] - held[stream]),
+            new_start[stream] + absolute - before[stream],
         )
-        first_centers.append(first_center)
-        bases.append(row - first_index)
-        highs.append(total_frames - 1)
-        emitted.append(emit)
-        stream._next_output_center = first_center + DECIMATION * emit
-        keep_from = min(max(0, stream._next_output_center - CONTEXT_LEFT), total_frames)
-        rows_here = context.shape[0] + count
-        keep.append((row + keep_from - first_index, row + rows_here))
-        row += rows_here
-    frames = np.concatenate(pieces) if pieces else np.zeros((0, NUM_MEL_BINS), np.float32)
-    for stream, (start, end) in zip(streams, keep, strict=True):
-        stream._context = frames[start:end].copy()  # a view would keep the batch's frames
-    emitted_total = sum(emitted)
+
+    # The frames each stream keeps as context: from the left context of its next centre on.
+    kept_counts = (total - keep_from).astype(np.intp)  # repeat counts: intp (see accept_many)
+    kept_total = int(kept_counts.sum())
+    kept_stream = np.repeat(np.arange(count), kept_counts)
+    kept_firsts = np.cumsum(kept_counts) - kept_counts
+    kept_absolute = np.repeat(keep_from, kept_counts) + (
+        np.arange(kept_total) - np.repeat(kept_firsts, kept_counts)
+    )
+    # Rows of one small matrix: nothing of the batch's frames stays alive through them.
+    kept = source[rows_of(kept_stream, kept_absolute)]
+    kept_bounds = np.cumsum([0, *kept_counts.tolist()]).tolist()
+    for stream, frames_total, next_center, low, high in zip(
+        streams, total.tolist(), next_centers.tolist(), kept_bounds[:-1], kept_bounds[1:], strict=True
+    ):
+        stream._fbank_frames_total = frames_total
+        stream._next_output_center = next_center
+        stream._context = kept[low:high]
+    emitted_total = int(emit.sum())
     if emitted_total == 0:
         return [np.zeros((0, FEATURE_DIM), dtype=np.float32) for _ in streams]
-    counts_array = np.array(emitted, dtype=np.intp)  # repeat counts: intp (see accept_many)
+    counts_array = emit.astype(np.intp)
     firsts = np.cumsum(counts_array) - counts_array
     within = np.arange(emitted_total) - np.repeat(firsts, counts_array)
-    centers = np.repeat(np.array(first_centers, dtype=np.int64), counts_array) + DECIMATION * within
-    high = np.repeat(np.array(highs, dtype=np.int64), counts_array)[:, None]
-    base = np.repeat(np.array(bases, dtype=np.int64), counts_array)[:, None]
-    offsets = np.arange(-CONTEXT_LEFT, CONTEXT_RIGHT + 1)[None, :]
+    emitting = np.repeat(np.arange(count), counts_array)
+    centers_emitted = centers[emitting] + DECIMATION * within
     # Clamping to [0, last] repeats the first and last frame at a stream's edges.
-    absolute = np.minimum(np.maximum(centers[:, None] + offsets, 0), high)
-    spliced = frames[absolute + base].reshape(emitted_total, FEATURE_DIM)
+    absolute = np.minimum(
+        np.maximum(centers_emitted[:, None] + _SPLICE_OFFSETS, 0), total[emitting][:, None] - 1
+    )
+    spliced = source[rows_of(emitting[:, None], absolute)].reshape(emitted_total, FEATURE_DIM)
     normalised = streams[0]._cmvn.apply_in_place(spliced)
-    bounds = np.cumsum([0, *emitted]).tolist()
+    bounds = np.cumsum([0, *counts_array.tolist()]).tolist()
     return [normalised[low:high] for low, high in itertools.pairwise(bounds)]
