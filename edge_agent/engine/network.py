@@ -472,7 +472,7 @@ class NumpyNetwork:
             raise RuntimeError("a stream's network state was finished; create a new one")
         # Streams holding as many frames side by side, so that each FSMN layer filters them as
         # one matrix (see _fsmn_many); a stable order, undone at the end.
-        first_held = [state.buffers[0].frames.shape[0] if state.buffers else 0 for state in states]
+        first_held = [state.buffers[0]._held if state.buffers else 0 for state in states]
         order = sorted(range(len(states)), key=lambda i: first_held[i] + int(np.shape(features[i])[0]))
         states = [states[i] for i in order]
         counts = [int(np.shape(features[i])[0]) for i in order]
@@ -481,10 +481,10 @@ class NumpyNetwork:
         fsmn_index = 0
         for component in self._body:
             if isinstance(component, Fsmn):
-                buffers = [state.buffers[fsmn_index] for state in states]
-                if slots is not None and self._in_slots(component, buffers):
+                if slots is not None and self._in_slots(component, fsmn_index, states):
                     x = self._fsmn_slotted(component, fsmn_index, slots, x, counts)
                 else:
+                    buffers = [state.buffers[fsmn_index] for state in states]
                     x, counts = self._fsmn_many(component, buffers, x, counts)
                 fsmn_index += 1
             else:
@@ -536,11 +536,16 @@ class NumpyNetwork:
             return None
         return np.array(slots, dtype=np.intp)
 
-    def _in_slots(self, layer: Fsmn, buffers: list[_FsmnBuffer]) -> bool:
-        """Every buffer is its stream's slot and holds one window's inputs but the newest (the
-        steady state: every stream past its first chunk, fed chunks a slot can hold)."""
+    def _in_slots(self, layer: Fsmn, index: int, states: Sequence[NumpyState]) -> bool:
+        """Every stream's buffer for this layer (its ``index``-th) is its slot and holds one
+        window's inputs but the newest (the steady state: every stream past its first chunk,
+        fed chunks a slot can hold)."""
         held = self._taps[id(layer)].shape[0] - 1
-        return all(buffer.in_slot and buffer._held == held for buffer in buffers)
+        for state in states:
+            buffer = state.buffers[index]
+            if not buffer.in_slot or buffer._held != held:
+                return False
+        return True
 
     def _fsmn_slotted(
         self, layer: Fsmn, layer_index: int, slots: np.ndarray, new: np.ndarray, counts: list[int]
