@@ -23,7 +23,9 @@ torch import: torch costs ~1.8 s and ~220 MB on import) and ``TorchNetwork`` in
 
 from __future__ import annotations
 
+import bisect
 import itertools
+import threading
 import weakref
 from collections.abc import Sequence
 from typing import Protocol
@@ -220,13 +222,6 @@ class _FsmnBuffer:
             self.in_slot = True
         self.frames = frames
 
-    def move_to(self, slot: np.ndarray) -> None:
-        """The pool's arrays grew: its slot is now ``slot``, holding the same rows (a store of
-        its own stays)."""
-        if self.in_slot:
-            self._store = slot
-            self.windows = _windows(slot, self._taps, slot.shape[0] - self._taps + 1)
-
     def _allocate(self, rows: int, width: int) -> None:
         self._store = np.zeros((max(rows, self._taps), width), dtype=np.float32)
         #: windows[t] reads store rows t .. t + taps - 1 (read only)
@@ -269,54 +264,49 @@ class _FsmnBuffer:
 
 
 class _SlotPool:
-    """Stores for the FSMN buffers of many streams, a slot per stream: per layer, one
-    (slots, rows, dim) array, so that a batch reads the rows held by all its streams with one
-    indexed read per layer and writes their tails back with one indexed write, instead of an
+    """Stores for the FSMN buffers of many streams, a slot per stream: per layer, blocks of
+    (slots, rows, dim), so that a batch reads the rows held by all its streams with one indexed
+    read per block and layer and writes their tails back with one indexed write, instead of an
     array operation per stream and layer.
 
-    The arrays double when full (a lone microphone takes a few slots); the streams' buffers,
-    views of their slots, are then moved to the new arrays. A slot is free again when its
-    stream's state is collected.
+    Blocks double in size up to a limit (a lone microphone takes a small one) and never move: a
+    stream's buffers are views of its slot, which any thread may create or use meanwhile. A slot
+    is free again when its stream's state is collected. Slots are numbered across blocks.
     """
 
-    _FIRST_SLOTS = 4
+    _FIRST_BLOCK_SLOTS = 8
+    _LARGEST_BLOCK_SLOTS = 512
 
     def __init__(self, shapes: list[tuple[int, int]]) -> None:
-        #: per layer: (slots, rows, dim) float32
-        self.stores = [np.zeros((0, rows, dim), dtype=np.float32) for rows, dim in shapes]
+        self._shapes = shapes  # per layer: (rows, dim) of a slot
+        #: per block, per layer: (slots, rows, dim) float32
+        self.blocks: list[list[np.ndarray]] = []
+        #: per block: the number of its first slot
+        self.starts: list[int] = []
         self._free: list[int] = []
-        # Per slot taken: its state, weakly (the reference's callback frees the slot).
-        self._owners: dict[int, weakref.ref[NumpyState]] = {}
+        self._lock = threading.Lock()  # streams may be created on several threads
 
     def take(self) -> int:
         """A free slot (the lowest first)."""
-        if not self._free:
-            self._grow()
-        return self._free.pop()
+        with self._lock:
+            if not self._free:
+                self._grow()
+            return self._free.pop()
 
-    def own(self, slot: int, state: NumpyState) -> None:
-        """``state``'s buffers are views of ``slot`` until it is collected."""
-        self._owners[slot] = weakref.ref(state, lambda _, slot=slot: self._give_back(slot))  # type: ignore[misc]
-
-    def _give_back(self, slot: int) -> None:
-        self._owners.pop(slot, None)
+    def give_back(self, slot: int) -> None:
         self._free.append(slot)
 
+    def store(self, layer: int, slot: int) -> np.ndarray:
+        """The (rows, dim) store of ``slot`` for ``layer`` (a view)."""
+        block = bisect.bisect_right(self.starts, slot) - 1
+        return self.blocks[block][layer][slot - self.starts[block]]
+
     def _grow(self) -> None:
-        slots = self.stores[0].shape[0]
-        size = max(self._FIRST_SLOTS, 2 * slots)
-        grown = []
-        for store in self.stores:
-            bigger = np.zeros((size, *store.shape[1:]), dtype=np.float32)
-            bigger[:slots] = store
-            grown.append(bigger)
-        self.stores = grown
-        for slot, owner in list(self._owners.items()):
-            state = owner()
-            if state is not None:
-                for buffer, store in zip(state.buffers, grown, strict=True):
-                    buffer.move_to(store[slot])
-        self._free += range(size - 1, slots - 1, -1)
+        size = min(self._LARGEST_BLOCK_SLOTS, self._FIRST_BLOCK_SLOTS << len(self.blocks))
+        first = self.starts[-1] + self.blocks[-1][0].shape[0] if self.blocks else 0
+        self.blocks.append([np.zeros((size, rows, dim), dtype=np.float32) for rows, dim in self._shapes])
+        self.starts.append(first)
+        self._free += range(first + size - 1, first - 1, -1)
 
 
 class NumpyState:
@@ -423,13 +413,13 @@ class NumpyNetwork:
                 _FsmnBuffer(
                     np.zeros((layer.history_frames, layer.input_dim), dtype=np.float32),
                     self._taps[id(layer)].shape[0],
-                    store[slot],
+                    self._slots.store(index, slot),
                 )
-                for layer, store in zip(self._fsmn_layers, self._slots.stores, strict=True)
+                for index, layer in enumerate(self._fsmn_layers)
             ],
             slot,
         )
-        self._slots.own(slot, state)
+        weakref.finalize(state, self._slots.give_back, slot).atexit = False
         return state
 
     def forward(  # type: ignore[override]
@@ -528,13 +518,16 @@ class NumpyNetwork:
         buffer.frames = inputs[ready:].copy()  # not a view: it would keep all of ``inputs``
         return outputs
 
-    @staticmethod
-    def _slot_layout(states: Sequence[NumpyState]) -> np.ndarray | None:
-        """The streams' slots, in batch order; None if a stream has none."""
+    def _slot_layout(self, states: Sequence[NumpyState]) -> tuple[np.ndarray, np.ndarray] | None:
+        """The streams' slots, in batch order, as pool blocks and indices in their blocks;
+        None if a stream has none."""
         slots = [state.slot for state in states]
         if None in slots:
             return None
-        return np.array(slots, dtype=np.intp)
+        numbers = np.array(slots, dtype=np.intp)
+        starts = np.array(self._slots.starts, dtype=np.intp)
+        blocks = np.searchsorted(starts, numbers, side="right") - 1
+        return blocks, numbers - starts[blocks]
 
     def _in_slots(self, layer: Fsmn, index: int, states: Sequence[NumpyState]) -> bool:
         """Every stream's buffer for this layer (its ``index``-th) is its slot and holds one
@@ -548,29 +541,47 @@ class NumpyNetwork:
         return True
 
     def _fsmn_slotted(
-        self, layer: Fsmn, layer_index: int, slots: np.ndarray, new: np.ndarray, counts: list[int]
+        self,
+        layer: Fsmn,
+        layer_index: int,
+        slots: tuple[np.ndarray, np.ndarray],
+        new: np.ndarray,
+        counts: list[int],
     ) -> np.ndarray:
         """:meth:`_fsmn_many` for streams whose buffers are slots (:meth:`_in_slots`), with the
         same arithmetic: each run of streams bringing as many new frames is one (streams,
-        frames, dim) block for the filter, its rows held read from their slots at once and its
-        tails written back at once. A stream holding one window's inputs but the newest
-        completes a window per new frame, and holds as many rows after."""
+        frames, dim) block for the filter, its rows held read from their slots at once (per pool
+        block) and its tails written back at once. A stream holding one window's inputs but the
+        newest completes a window per new frame, and holds as many rows after."""
         taps = self._taps[id(layer)]
         held = taps.shape[0] - 1
         width = layer.input_dim
-        store = self._slots.stores[layer_index]
+        blocks, indices = slots
         filtered: list[np.ndarray] = []
         row = stream = 0
         for count, run in itertools.groupby(counts):
             streams = len(list(run))
             if count:
-                where = slots[stream : stream + streams]
+                in_blocks = blocks[stream : stream + streams]
+                where = indices[stream : stream + streams]
                 inputs = np.empty((streams, held + count, width), dtype=np.float32)
-                inputs[:, :held] = store[where, :held]
                 inputs[:, held:] = new[row : row + streams * count].reshape(streams, count, width)
+                first_block = int(in_blocks[0])
+                one_block = bool((in_blocks == first_block).all())
+                if one_block:
+                    inputs[:, :held] = self._slots.blocks[first_block][layer_index][where, :held]
+                else:
+                    for block in np.unique(in_blocks).tolist():
+                        mine = in_blocks == block
+                        inputs[mine, :held] = self._slots.blocks[block][layer_index][where[mine], :held]
                 outputs = np.einsum("srkd,kd->srd", _stream_windows(inputs, taps.shape[0]), taps)
                 filtered.append(outputs.reshape(streams * count, width))
-                store[where, :held] = inputs[:, count:]
+                if one_block:
+                    self._slots.blocks[first_block][layer_index][where, :held] = inputs[:, count:]
+                else:
+                    for block in np.unique(in_blocks).tolist():
+                        mine = in_blocks == block
+                        self._slots.blocks[block][layer_index][where[mine], :held] = inputs[mine, count:]
                 row += streams * count
             stream += streams
         if not filtered:

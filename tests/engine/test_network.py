@@ -159,9 +159,9 @@ def test_hidden_many_equals_each_stream_alone(sizes: list[int]) -> None:
 
 def test_streams_keep_their_memory_when_the_slots_grow_and_are_reused() -> None:
     """A batch keeps its streams' FSMN inputs in slots of shared arrays: streams started later
-    (the arrays grow and every stream's slot moves), streams ended (their slots go to new
-    ones), a long chunk (a store of its own) and a stream alone between batches still give
-    the rows of each stream alone."""
+    (in new blocks: a batch spans several), streams ended (their slots go to new ones), a long
+    chunk (a store of its own) and a stream alone between batches still give the rows of each
+    stream alone."""
     import gc
 
     _, network = small_network()
@@ -187,6 +187,28 @@ def test_streams_keep_their_memory_when_the_slots_grow_and_are_reused() -> None:
         for want, have in zip(expected, got, strict=True):
             assert have.shape == want.shape
             np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5)
+
+
+def test_streams_started_on_many_threads_get_slots_of_their_own() -> None:
+    """Streams may be created on any thread (the engine worker, HTTP requests): every state
+    gets a slot no other live state has."""
+    import threading
+
+    _, network = small_network()
+    states: list[list[object]] = [[] for _ in range(6)]
+    start = threading.Barrier(len(states))
+
+    def create(mine: list[object]) -> None:
+        start.wait()
+        mine.extend(network.new_state() for _ in range(60))
+
+    threads = [threading.Thread(target=create, args=(mine,)) for mine in states]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    slots = [state.slot for mine in states for state in mine]  # type: ignore[attr-defined]
+    assert len(set(slots)) == len(slots) == 360
 
 
 def test_streams_fed_in_step_share_one_filter_pass_per_layer(monkeypatch) -> None:  # type: ignore[no-untyped-def]
