@@ -214,8 +214,43 @@ class KaldiFbank:
         )
         return self._finish_windows(signal, starts, runs[starts])
 
-    def _finish_windows(self, signal: np.ndarray, starts: np.ndarray, runs: np.ndarray) -> np.ndarray:
-        """Windows from ``runs`` (row i: x[s+1:s+400] - k * x[s:s+399] for s = starts[i]).
+    def windows_of_runs(self, signal: np.ndarray, runs: list[tuple[int, int, int]]) -> np.ndarray:
+        """The windows of streams laid back to back in a float32 ``signal``, given as runs of
+        (first sample, streams, samples per stream) of streams as long as each other: every
+        complete frame of each stream, the streams in order. The same rows as
+        :meth:`windows_at` at the same starts, read through one strided view per run instead
+        of a gather."""
+        counts = [frame_count(length) for _, _, length in runs]
+        total = sum(streams * count for (_, streams, _), count in zip(runs, counts, strict=True))
+        windows = np.empty((total, FFT_SIZE), dtype=np.float32)
+        if total == 0:
+            return windows
+        differences = _preemphasised_differences(signal)
+        step = differences.strides[0]
+        row = 0
+        for (first, streams, length), count in zip(runs, counts, strict=True):
+            if count == 0:
+                continue
+            view = sliding_view(
+                differences[first:],
+                (streams, count, FRAME_LENGTH_SAMPLES - 1),
+                (length * step, FRAME_SHIFT_SAMPLES * step, step),
+            )
+            starts = (
+                first
+                + np.arange(streams, dtype=np.int64)[:, None] * length
+                + np.arange(count, dtype=np.int64) * FRAME_SHIFT_SAMPLES
+            )
+            out = windows[row : row + streams * count].reshape(streams, count, FFT_SIZE)
+            self._finish_windows(signal, starts, view, out)
+            row += streams * count
+        return windows
+
+    def _finish_windows(
+        self, signal: np.ndarray, starts: np.ndarray, runs: np.ndarray, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Windows from ``runs`` (row i: x[s+1:s+400] - k * x[s:s+399] for s = starts[i]; any
+        leading shape, the same for ``starts``, ``runs`` but its last axis, and ``out``).
 
         Per frame, Kaldi removes the mean m, then pre-emphasises: e[0] = (x[0] - m) * (1 - k),
         e[i] = (x[i] - m) - k * (x[i-1] - m) = run[i-1] - m * (1 - k). The offset c = m * (1 - k)
@@ -223,17 +258,16 @@ class KaldiFbank:
         c = (sum(run) + x[0] - k * x[399]) / 400, one pass over the run instead of a running sum
         of the whole signal.
         """
-        count = starts.shape[0]
         first = signal[starts]
-        offsets = runs.sum(axis=1, dtype=np.float32)
+        offsets = runs.sum(axis=-1, dtype=np.float32)
         offsets += first
         offsets -= np.float32(PREEMPHASIS) * signal[starts + FRAME_LENGTH_SAMPLES - 1]
         offsets *= np.float32(1.0 / FRAME_LENGTH_SAMPLES)
-        windows = np.empty((count, FFT_SIZE), dtype=np.float32)
-        windows[:, FRAME_LENGTH_SAMPLES:] = 0.0
-        np.subtract(runs, offsets[:, None], out=windows[:, 1:FRAME_LENGTH_SAMPLES])
-        windows[:, 0] = first * np.float32(1.0 - PREEMPHASIS) - offsets
-        windows[:, :FRAME_LENGTH_SAMPLES] *= self._window
+        windows = np.empty((*starts.shape, FFT_SIZE), dtype=np.float32) if out is None else out
+        windows[..., FRAME_LENGTH_SAMPLES:] = 0.0
+        np.subtract(runs, offsets[..., None], out=windows[..., 1:FRAME_LENGTH_SAMPLES])
+        windows[..., 0] = first * np.float32(1.0 - PREEMPHASIS) - offsets
+        windows[..., :FRAME_LENGTH_SAMPLES] *= self._window
         return windows
 
     def log_mel(self, windows: np.ndarray) -> np.ndarray:
@@ -355,39 +389,44 @@ def accept_many(
     if len(streams) == 1:
         return [_accept_one(streams[0], samples[0], final)]
     fbank = streams[0]._fbank
-    pieces: list[np.ndarray] = []
     lengths: list[int] = []
     for stream, chunk in zip(streams, samples, strict=True):
-        chunk = np.asarray(chunk)
-        if chunk.ndim != 1:
-            raise ValueError(f"expected mono samples as a 1-D array, got shape {chunk.shape}")
-        stream._samples_total += chunk.shape[0]
+        if np.ndim(chunk) != 1:
+            raise ValueError(f"expected mono samples as a 1-D array, got shape {np.shape(chunk)}")
+        lengths.append(stream._pending_samples.shape[0] + np.shape(chunk)[0])
+    # Streams with as many samples side by side (streams fed in step: all, or a few runs), so
+    # that each run's frames are one strided view (see KaldiFbank.windows_of_runs); a stable
+    # order, undone at the end.
+    order = sorted(range(len(streams)), key=lengths.__getitem__)
+    streams = [streams[i] for i in order]
+    pieces: list[np.ndarray] = []
+    for i, stream in zip(order, streams, strict=True):
+        chunk = samples[i]
+        stream._samples_total += np.shape(chunk)[0]
         pieces += (stream._pending_samples, chunk)
-        lengths.append(stream._pending_samples.shape[0] + chunk.shape[0])
     # Every stream's remainder and new samples back to back, in float32 (which holds 16-bit
     # samples exactly, and is what Kaldi computes in), in one copy.
     signal = np.concatenate(pieces, dtype=np.float32)
-    counts = [frame_count(length) for length in lengths]
-    offsets = np.cumsum([0, *lengths]).tolist()
-    if len(streams) == 1:
-        # One stream: its frames are evenly spaced and need no gather.
-        windows = fbank.windows(signal)
-    else:
-        # np.repeat's counts must cast safely to intp: int64 counts fail where intp is 32-bit
-        # (armv7), so counts are intp; the positions stay int64.
-        frame_counts = np.array(counts, dtype=np.intp)
-        total = int(frame_counts.sum())
-        # Start of every frame in the concatenated signal: stream offset + k * shift.
-        first_frame = np.cumsum(frame_counts) - frame_counts
-        within = np.arange(total) - np.repeat(first_frame, frame_counts)
-        starts = (
-            np.repeat(np.array(offsets[:-1], dtype=np.int64), frame_counts) + within * FRAME_SHIFT_SAMPLES
-        )
-        windows = fbank.windows_at(signal, starts)
-    log_mel = fbank.log_mel(windows)
-    for stream, offset, end, count in zip(streams, offsets[:-1], offsets[1:], counts, strict=True):
-        stream._pending_samples = signal[offset + count * FRAME_SHIFT_SAMPLES : end].copy()
-    return _splice_many(streams, log_mel, counts, final=final)
+    runs: list[tuple[int, int, int]] = []
+    counts: list[int] = []
+    first = 0
+    for length, run in itertools.groupby(lengths[i] for i in order):
+        members = len(list(run))
+        runs.append((first, members, length))
+        count = frame_count(length)
+        counts += [count] * members
+        # Each stream keeps the samples after its last frame's start (rows of one copy per run).
+        block = signal[first : first + members * length].reshape(members, length)
+        remainders = block[:, count * FRAME_SHIFT_SAMPLES :].copy()
+        for position, remainder in enumerate(remainders, start=len(counts) - members):
+            streams[position]._pending_samples = remainder
+        first += members * length
+    log_mel = fbank.log_mel(fbank.windows_of_runs(signal, runs))
+    spliced = _splice_many(streams, log_mel, counts, final=final)
+    results: list[np.ndarray] = [spliced[0]] * len(streams)
+    for position, stream in enumerate(order):
+        results[stream] = spliced[position]
+    return results
 
 
 def _accept_one(stream: FeatureStream, chunk: np.ndarray, final: bool) -> np.ndarray:
@@ -444,56 +483,69 @@ def _splice_many(
     streams: list[FeatureStream], log_mel: np.ndarray, counts: list[int], final: bool
 ) -> list[np.ndarray]:
     """Splice each stream's new filterbank frames with +-2 frames of context (repeating a
-    stream's first and last frame at its edges) and keep every third, for all streams at once."""
+    stream's first and last frame at its edges) and keep every third, for all streams at once:
+    the streams' positions are computed as arrays and the rows of every stream are gathered
+    in one pass, from every stream's context rows followed by the new rows."""
     if len(streams) == 1:
         return [_splice_one(streams[0], log_mel, final)]
-    pieces: list[np.ndarray] = []
-    first_centers: list[int] = []  # per stream: absolute centre of its first frame to emit
-    bases: list[int] = []  # per stream: row of its absolute frame 0 in ``frames``
-    highs: list[int] = []  # per stream: its last absolute frame
-    emitted: list[int] = []
-    keep: list[tuple[int, int]] = []  # per stream: rows of ``frames`` to keep as context
-    row = offset = 0
-    for stream, count in zip(streams, counts, strict=True):
-        context = stream._context
-        first_index = stream._fbank_frames_total - context.shape[0]
-        pieces += [context, log_mel[offset : offset + count]]
-        offset += count
-        stream._fbank_frames_total += count
-        total_frames = stream._fbank_frames_total
-        # Centres that can be emitted: those with their right context (or all, at the end).
-        last_center = total_frames - 1 if final else total_frames - 1 - CONTEXT_RIGHT
-        first_center = stream._next_output_center
-        emit = (
-            (last_center - first_center) // DECIMATION + 1
-            if total_frames and last_center >= first_center
-            else 0
+    count = len(streams)
+    contexts = [stream._context for stream in streams]
+    held = np.fromiter((context.shape[0] for context in contexts), np.int64, count)
+    before = np.fromiter((stream._fbank_frames_total for stream in streams), np.int64, count)
+    centers = np.fromiter((stream._next_output_center for stream in streams), np.int64, count)
+    new = np.asarray(counts, dtype=np.int64)
+    # Absolute filterbank frames: a stream's context rows are frames [before - held, before),
+    # its new rows [before, total).
+    total = before + new
+    # Centres that can be emitted: those with their right context (or all, at the end).
+    last_center = total - 1 if final else total - 1 - CONTEXT_RIGHT
+    emit = np.where((total > 0) & (last_center >= centers), (last_center - centers) // DECIMATION + 1, 0)
+    next_centers = centers + DECIMATION * emit
+    keep_from = np.minimum(np.maximum(0, next_centers - CONTEXT_LEFT), total)
+    # Rows of ``source``: every stream's context rows, then ``log_mel`` (every stream's new rows).
+    source = np.concatenate([*contexts, log_mel]) if held.any() else log_mel
+    context_start = np.cumsum(held) - held
+    new_start = int(held.sum()) + np.cumsum(new) - new
+
+    def rows_of(stream: np.ndarray, absolute: np.ndarray) -> np.ndarray:
+        """Rows of ``source`` holding absolute frames of the given streams (index arrays)."""
+        old = absolute < before[stream]
+        return np.where(
+            old,
+            context_start[stream] + absolute - (before[stream] - held[stream]),
+            new_start[stream] + absolute - before[stream],
         )
-        first_centers.append(first_center)
-        bases.append(row - first_index)
-        highs.append(total_frames - 1)
-        emitted.append(emit)
-        stream._next_output_center = first_center + DECIMATION * emit
-        keep_from = min(max(0, stream._next_output_center - CONTEXT_LEFT), total_frames)
-        rows_here = context.shape[0] + count
-        keep.append((row + keep_from - first_index, row + rows_here))
-        row += rows_here
-    frames = np.concatenate(pieces) if pieces else np.zeros((0, NUM_MEL_BINS), np.float32)
-    for stream, (start, end) in zip(streams, keep, strict=True):
-        stream._context = frames[start:end].copy()  # a view would keep the batch's frames
-    emitted_total = sum(emitted)
+
+    # The frames each stream keeps as context: from the left context of its next centre on.
+    kept_counts = (total - keep_from).astype(np.intp)  # repeat counts: intp (see accept_many)
+    kept_total = int(kept_counts.sum())
+    kept_stream = np.repeat(np.arange(count), kept_counts)
+    kept_firsts = np.cumsum(kept_counts) - kept_counts
+    kept_absolute = np.repeat(keep_from, kept_counts) + (
+        np.arange(kept_total) - np.repeat(kept_firsts, kept_counts)
+    )
+    # Rows of one small matrix: nothing of the batch's frames stays alive through them.
+    kept = source[rows_of(kept_stream, kept_absolute)]
+    kept_bounds = np.cumsum([0, *kept_counts.tolist()]).tolist()
+    for stream, frames_total, next_center, low, high in zip(
+        streams, total.tolist(), next_centers.tolist(), kept_bounds[:-1], kept_bounds[1:], strict=True
+    ):
+        stream._fbank_frames_total = frames_total
+        stream._next_output_center = next_center
+        stream._context = kept[low:high]
+    emitted_total = int(emit.sum())
     if emitted_total == 0:
         return [np.zeros((0, FEATURE_DIM), dtype=np.float32) for _ in streams]
-    counts_array = np.array(emitted, dtype=np.intp)  # repeat counts: intp (see accept_many)
+    counts_array = emit.astype(np.intp)
     firsts = np.cumsum(counts_array) - counts_array
     within = np.arange(emitted_total) - np.repeat(firsts, counts_array)
-    centers = np.repeat(np.array(first_centers, dtype=np.int64), counts_array) + DECIMATION * within
-    high = np.repeat(np.array(highs, dtype=np.int64), counts_array)[:, None]
-    base = np.repeat(np.array(bases, dtype=np.int64), counts_array)[:, None]
-    offsets = np.arange(-CONTEXT_LEFT, CONTEXT_RIGHT + 1)[None, :]
+    emitting = np.repeat(np.arange(count), counts_array)
+    centers_emitted = centers[emitting] + DECIMATION * within
     # Clamping to [0, last] repeats the first and last frame at a stream's edges.
-    absolute = np.minimum(np.maximum(centers[:, None] + offsets, 0), high)
-    spliced = frames[absolute + base].reshape(emitted_total, FEATURE_DIM)
+    absolute = np.minimum(
+        np.maximum(centers_emitted[:, None] + _SPLICE_OFFSETS, 0), total[emitting][:, None] - 1
+    )
+    spliced = source[rows_of(emitting[:, None], absolute)].reshape(emitted_total, FEATURE_DIM)
     normalised = streams[0]._cmvn.apply_in_place(spliced)
-    bounds = np.cumsum([0, *emitted]).tolist()
+    bounds = np.cumsum([0, *counts_array.tolist()]).tolist()
     return [normalised[low:high] for low, high in itertools.pairwise(bounds)]

@@ -23,7 +23,10 @@ torch import: torch costs ~1.8 s and ~220 MB on import) and ``TorchNetwork`` in
 
 from __future__ import annotations
 
+import bisect
 import itertools
+import threading
+import weakref
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -203,20 +206,29 @@ class _FsmnBuffer:
     copies per layer. Longer chunks (whole files, batches) replace the store's rows.
     """
 
-    __slots__ = ("_held", "_start", "_store", "_taps", "windows")
+    __slots__ = ("_held", "_start", "_store", "_taps", "in_slot", "windows")
 
     # Rows a store holds beyond a layer's history and look-ahead.
     _ROOM = 64
 
-    def __init__(self, frames: np.ndarray, taps: int) -> None:
+    def __init__(self, frames: np.ndarray, taps: int, slot: np.ndarray | None = None) -> None:
+        """``slot``, if given, is the store: a slot of a :class:`_SlotPool`, where a batch reads
+        and writes the rows held by many streams at once."""
         self._taps = taps
-        self._allocate(frames.shape[0] + self._ROOM, frames.shape[1])
+        if slot is None or frames.shape[0] + self._ROOM > slot.shape[0]:
+            self._allocate(frames.shape[0] + self._ROOM, frames.shape[1])
+        else:
+            self._store = slot
+            self.windows = _windows(slot, taps, slot.shape[0] - taps + 1)
+            #: the store is still the pool's slot (a longer chunk replaces it with its own)
+            self.in_slot = True
         self.frames = frames
 
     def _allocate(self, rows: int, width: int) -> None:
         self._store = np.zeros((max(rows, self._taps), width), dtype=np.float32)
         #: windows[t] reads store rows t .. t + taps - 1 (read only)
         self.windows = _windows(self._store, self._taps, self._store.shape[0] - self._taps + 1)
+        self.in_slot = False
 
     @property
     def frames(self) -> np.ndarray:
@@ -236,7 +248,7 @@ class _FsmnBuffer:
         """New rows that fit after the rows held, once they are at the front of the store."""
         return self._store.shape[0] - self._held
 
-    def slot(self, count: int, zeros: int) -> np.ndarray:
+    def reserve(self, count: int, zeros: int) -> np.ndarray:
         """The store's rows for ``count`` new rows, to be written there by the caller, followed by
         ``zeros`` rows of zeros (``room()`` must allow); all of them count as held."""
         start, held = self._start, self._held
@@ -262,12 +274,60 @@ class _FsmnBuffer:
         return outputs
 
 
-class NumpyState:
-    __slots__ = ("buffers", "finished")
+class _SlotPool:
+    """Stores for the FSMN buffers of many streams, a slot per stream: per layer, blocks of
+    (slots, rows, dim), so that a batch reads the rows held by all its streams with one indexed
+    read per block and layer and writes their tails back with one indexed write, instead of an
+    array operation per stream and layer.
 
-    def __init__(self, buffers: list[_FsmnBuffer]) -> None:
+    Blocks double in size up to a limit (a lone microphone takes a small one) and never move: a
+    stream's buffers are views of its slot, which any thread may create or use meanwhile. A slot
+    is free again when its stream's state is collected. Slots are numbered across blocks.
+    """
+
+    _FIRST_BLOCK_SLOTS = 8
+    _LARGEST_BLOCK_SLOTS = 512
+
+    def __init__(self, shapes: list[tuple[int, int]]) -> None:
+        self._shapes = shapes  # per layer: (rows, dim) of a slot
+        #: per block, per layer: (slots, rows, dim) float32
+        self.blocks: list[list[np.ndarray]] = []
+        #: per block: the number of its first slot
+        self.starts: list[int] = []
+        self._free: list[int] = []
+        self._lock = threading.Lock()  # streams may be created on several threads
+
+    def take(self) -> int:
+        """A free slot (the lowest first)."""
+        with self._lock:
+            if not self._free:
+                self._grow()
+            return self._free.pop()
+
+    def give_back(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def store(self, layer: int, slot: int) -> np.ndarray:
+        """The (rows, dim) store of ``slot`` for ``layer`` (a view)."""
+        block = bisect.bisect_right(self.starts, slot) - 1
+        return self.blocks[block][layer][slot - self.starts[block]]
+
+    def _grow(self) -> None:
+        size = min(self._LARGEST_BLOCK_SLOTS, self._FIRST_BLOCK_SLOTS << len(self.blocks))
+        first = self.starts[-1] + self.blocks[-1][0].shape[0] if self.blocks else 0
+        self.blocks.append([np.zeros((size, rows, dim), dtype=np.float32) for rows, dim in self._shapes])
+        self.starts.append(first)
+        self._free += range(first + size - 1, first - 1, -1)
+
+
+class NumpyState:
+    __slots__ = ("__weakref__", "buffers", "finished", "slot")
+
+    def __init__(self, buffers: list[_FsmnBuffer], slot: int | None = None) -> None:
         self.buffers = buffers
         self.finished = False
+        #: this stream's slot in its network's :class:`_SlotPool`, if any
+        self.slot = slot
 
 
 def fsmn_taps(layer: Fsmn) -> np.ndarray:
@@ -333,6 +393,9 @@ class NumpyNetwork:
         }
         self._taps = {id(layer): fsmn_taps(layer) for layer in self._fsmn_layers}
         self._plan = self._compile_plan()
+        self._slots = _SlotPool(
+            [(layer.history_frames + _FsmnBuffer._ROOM, layer.input_dim) for layer in self._fsmn_layers]
+        )
 
     def _compile_plan(self) -> list[tuple[int, np.ndarray | None, np.ndarray | None, np.ndarray | None, int]]:
         """The body as a list of steps for one stream's chunks: (kind, weights, bias, FSMN taps,
@@ -362,15 +425,20 @@ class NumpyNetwork:
         return plan
 
     def new_state(self) -> NumpyState:
-        return NumpyState(
+        slot = self._slots.take()
+        state = NumpyState(
             [
                 _FsmnBuffer(
                     np.zeros((layer.history_frames, layer.input_dim), dtype=np.float32),
                     self._taps[id(layer)].shape[0],
+                    self._slots.store(index, slot),
                 )
-                for layer in self._fsmn_layers
-            ]
+                for index, layer in enumerate(self._fsmn_layers)
+            ],
+            slot,
         )
+        weakref.finalize(state, self._slots.give_back, slot).atexit = False
+        return state
 
     def forward(  # type: ignore[override]
         self,
@@ -391,7 +459,7 @@ class NumpyNetwork:
                 buffer = next(buffers)
                 zeros = lookahead if final else 0
                 if x.shape[0] + zeros <= buffer.room():
-                    rows = buffer.slot(x.shape[0], zeros)
+                    rows = buffer.reserve(x.shape[0], zeros)
                     if kind == _LINEAR_FSMN:
                         np.dot(x, weights, out=rows)  # the product ``x @ weights``, in place
                     else:
@@ -424,16 +492,20 @@ class NumpyNetwork:
             raise RuntimeError("a stream's network state was finished; create a new one")
         # Streams holding as many frames side by side, so that each FSMN layer filters them as
         # one matrix (see _fsmn_many); a stable order, undone at the end.
-        first_held = [state.buffers[0].frames.shape[0] if state.buffers else 0 for state in states]
+        first_held = [state.buffers[0]._held if state.buffers else 0 for state in states]
         order = sorted(range(len(states)), key=lambda i: first_held[i] + int(np.shape(features[i])[0]))
         states = [states[i] for i in order]
         counts = [int(np.shape(features[i])[0]) for i in order]
         x = self._check(np.concatenate([np.asarray(features[i], dtype=np.float32) for i in order]))
+        slots = self._slot_layout(states)
         fsmn_index = 0
         for component in self._body:
             if isinstance(component, Fsmn):
-                buffers = [state.buffers[fsmn_index] for state in states]
-                x, counts = self._fsmn_many(component, buffers, x, counts)
+                if slots is not None and self._in_slots(component, fsmn_index, states):
+                    x = self._fsmn_slotted(component, fsmn_index, slots, x, counts)
+                else:
+                    buffers = [state.buffers[fsmn_index] for state in states]
+                    x, counts = self._fsmn_many(component, buffers, x, counts)
                 fsmn_index += 1
             else:
                 x = self._frame_wise(component, x)
@@ -478,6 +550,76 @@ class NumpyNetwork:
         buffer.frames = inputs[ready:].copy()  # not a view: it would keep all of ``inputs``
         return outputs
 
+    def _slot_layout(self, states: Sequence[NumpyState]) -> tuple[np.ndarray, np.ndarray] | None:
+        """The streams' slots, in batch order, as pool blocks and indices in their blocks;
+        None if a stream has none."""
+        slots = [state.slot for state in states]
+        if None in slots:
+            return None
+        numbers = np.array(slots, dtype=np.intp)
+        starts = np.array(self._slots.starts, dtype=np.intp)
+        blocks = np.searchsorted(starts, numbers, side="right") - 1
+        return blocks, numbers - starts[blocks]
+
+    def _in_slots(self, layer: Fsmn, index: int, states: Sequence[NumpyState]) -> bool:
+        """Every stream's buffer for this layer (its ``index``-th) is its slot and holds one
+        window's inputs but the newest (the steady state: every stream past its first chunk,
+        fed chunks a slot can hold)."""
+        held = self._taps[id(layer)].shape[0] - 1
+        for state in states:
+            buffer = state.buffers[index]
+            if not buffer.in_slot or buffer._start or buffer._held != held:
+                return False
+        return True
+
+    def _fsmn_slotted(
+        self,
+        layer: Fsmn,
+        layer_index: int,
+        slots: tuple[np.ndarray, np.ndarray],
+        new: np.ndarray,
+        counts: list[int],
+    ) -> np.ndarray:
+        """:meth:`_fsmn_many` for streams whose buffers are slots (:meth:`_in_slots`), with the
+        same arithmetic: each run of streams bringing as many new frames is one (streams,
+        frames, dim) block for the filter, its rows held read from their slots at once (per pool
+        block) and its tails written back at once. A stream holding one window's inputs but the
+        newest completes a window per new frame, and holds as many rows after."""
+        taps = self._taps[id(layer)]
+        held = taps.shape[0] - 1
+        width = layer.input_dim
+        blocks, indices = slots
+        filtered: list[np.ndarray] = []
+        row = stream = 0
+        for count, run in itertools.groupby(counts):
+            streams = len(list(run))
+            if count:
+                in_blocks = blocks[stream : stream + streams]
+                where = indices[stream : stream + streams]
+                inputs = np.empty((streams, held + count, width), dtype=np.float32)
+                inputs[:, held:] = new[row : row + streams * count].reshape(streams, count, width)
+                first_block = int(in_blocks[0])
+                one_block = bool((in_blocks == first_block).all())
+                if one_block:
+                    inputs[:, :held] = self._slots.blocks[first_block][layer_index][where, :held]
+                else:
+                    for block in np.unique(in_blocks).tolist():
+                        mine = in_blocks == block
+                        inputs[mine, :held] = self._slots.blocks[block][layer_index][where[mine], :held]
+                outputs = np.einsum("srkd,kd->srd", _stream_windows(inputs, taps.shape[0]), taps)
+                filtered.append(outputs.reshape(streams * count, width))
+                if one_block:
+                    self._slots.blocks[first_block][layer_index][where, :held] = inputs[:, count:]
+                else:
+                    for block in np.unique(in_blocks).tolist():
+                        mine = in_blocks == block
+                        self._slots.blocks[block][layer_index][where[mine], :held] = inputs[mine, count:]
+                row += streams * count
+            stream += streams
+        if not filtered:
+            return np.zeros((0, layer.output_dim), dtype=np.float32)
+        return filtered[0] if len(filtered) == 1 else np.concatenate(filtered)
+
     def _fsmn_many(
         self, layer: Fsmn, buffers: list[_FsmnBuffer], new: np.ndarray, counts: list[int]
     ) -> tuple[np.ndarray, list[int]]:
@@ -513,11 +655,10 @@ class NumpyNetwork:
                 filtered.append(outputs.reshape(streams * windows, width))
             ready += [max(0, windows)] * streams
             row += streams * length
-        # Each stream keeps its tail, copied: a view would keep this batch's whole matrix alive
-        # for as long as the stream waits for its next chunk.
+        # Each stream keeps its tail (the setter copies it into the stream's own store).
         start = 0
         for buffer, length, done in zip(buffers, lengths, ready, strict=True):
-            buffer.frames = inputs[start + done : start + length].copy()
+            buffer.frames = inputs[start + done : start + length]
             start += length
         if not filtered:
             return np.zeros((0, layer.output_dim), dtype=np.float32), ready

@@ -84,6 +84,30 @@ def test_the_history_keeps_its_last_rows_and_numbers_frames_from_the_stream_star
     np.testing.assert_array_equal(exact, [False, False, True])
 
 
+def test_appending_in_place_keeps_what_a_new_extended_history_keeps() -> None:
+    """History.append (in place, in a buffer with room to spare that moves its rows to the
+    front when full) holds the rows, exactness and frame numbers that extended() would give,
+    through many appends of every size and fills between them."""
+    rng = np.random.default_rng(3)
+    in_place = History.empty(3, first=7)
+    rebuilt = History.empty(3, first=7)
+    for step in range(300):
+        rows = rng.random((int(rng.choice([0, 1, 3, 4, 40, 150])), 3))
+        exact = bool(step % 3 == 0)
+        keep = int(rng.choice([1, 5, 60]))
+        in_place.append(rows, exact, keep)
+        rebuilt = rebuilt.extended(rows, exact, keep)
+        if in_place.end - in_place.first > 2 and step % 5 == 0:
+            frames = np.array([in_place.first + 1, in_place.end - 1])
+            in_place.fill(frames, np.full((2, 3), 2.0))
+            rebuilt.fill(frames, np.full((2, 3), 2.0))
+        assert (in_place.first, in_place.end) == (rebuilt.first, rebuilt.end)
+        np.testing.assert_array_equal(in_place.values, rebuilt.values)
+        np.testing.assert_array_equal(in_place.exact, rebuilt.exact)
+        spans = [(in_place.first, in_place.end)]
+        np.testing.assert_array_equal(in_place.unresolved(spans), rebuilt.unresolved(spans))
+
+
 def test_unresolved_frames_are_those_of_the_spans_not_filled_yet() -> None:
     history = History.empty(2, first=10).extended(np.zeros((8, 2)), exact=False, keep=0)
     history.fill(np.array([12, 13]), np.ones((2, 2)))

@@ -157,6 +157,60 @@ def test_hidden_many_equals_each_stream_alone(sizes: list[int]) -> None:
             np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5)  # float32 products in other shapes
 
 
+def test_streams_keep_their_memory_when_the_slots_grow_and_are_reused() -> None:
+    """A batch keeps its streams' FSMN inputs in slots of shared arrays: streams started later
+    (in new blocks: a batch spans several), streams ended (their slots go to new ones), a long
+    chunk (a store of its own) and a stream alone between batches still give the rows of each
+    stream alone."""
+    import gc
+
+    _, network = small_network()
+    rng = np.random.default_rng(5)
+    alone = [network.new_state() for _ in range(3)]
+    together = [network.new_state() for _ in range(3)]
+    for step in range(10):
+        if step in (2, 5):  # more streams: the shared arrays grow
+            alone += [network.new_state() for _ in range(3 * step)]
+            together += [network.new_state() for _ in range(3 * step)]
+        if step == 7:  # streams end and new ones take their slots
+            del alone[1:4], together[1:4]
+            gc.collect()
+            alone += [network.new_state() for _ in range(2)]
+            together += [network.new_state() for _ in range(2)]
+        sizes = [80 if step == 4 and i == 0 else 3 + (i + step) % 2 for i in range(len(together))]
+        chunks = [rng.normal(size=(size, 6)).astype(np.float32) for size in sizes]
+        expected = [network.hidden(state, chunk) for state, chunk in zip(alone, chunks, strict=True)]
+        if step == 8:  # one stream alone takes the one-stream path
+            got = [network.hidden(together[0], chunks[0]), *network.hidden_many(together[1:], chunks[1:])]
+        else:
+            got = network.hidden_many(together, chunks)
+        for want, have in zip(expected, got, strict=True):
+            assert have.shape == want.shape
+            np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5)
+
+
+def test_streams_started_on_many_threads_get_slots_of_their_own() -> None:
+    """Streams may be created on any thread (the engine worker, HTTP requests): every state
+    gets a slot no other live state has."""
+    import threading
+
+    _, network = small_network()
+    states: list[list[object]] = [[] for _ in range(6)]
+    start = threading.Barrier(len(states))
+
+    def create(mine: list[object]) -> None:
+        start.wait()
+        mine.extend(network.new_state() for _ in range(60))
+
+    threads = [threading.Thread(target=create, args=(mine,)) for mine in states]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    slots = [state.slot for mine in states for state in mine]  # type: ignore[attr-defined]
+    assert len(set(slots)) == len(slots) == 360
+
+
 def test_streams_fed_in_step_share_one_filter_pass_per_layer(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """64 streams with chunks of 3 or 4 frames, mixed: per FSMN layer one pass for those of 3
     and one for those of 4, not one per stream."""

@@ -46,11 +46,18 @@ def _stack_spans(
     decoders: Sequence[KeywordDecoder],
     first_frames: Sequence[int],
     stops: Sequence[int | None] | None = None,
+    fresh: tuple[Sequence[np.ndarray], bool] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The frames of several decoders from ``first_frames`` (to ``stops``, or to the end of
     each history) as (streams, longest, columns) values, exactness and absolute frame numbers,
     and which cells are padding (pure blank, exact, past a stream's end: they can neither
-    start, continue nor penalise a match)."""
+    start, continue nor penalise a match).
+
+    ``fresh``: the rows each decoder has just appended from ``first_frames`` on (gathered,
+    float64) and whether they are exact; the same values as the histories hold, without a
+    read of every history."""
+    if fresh is not None and len(decoders) > 1:
+        return _stack_fresh(first_frames, *fresh)
     if len(decoders) == 1:
         # One stream (a live microphone): views, no copies.
         values, flags = decoders[0].history.rows(first_frames[0], None if stops is None else stops[0])
@@ -83,6 +90,29 @@ def _stack_spans(
     return stacked, exact, frames, padding
 
 
+def _stack_fresh(
+    first_frames: Sequence[int], values: Sequence[np.ndarray], exact_input: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_stack_spans` of rows just appended, all exact or all bounds."""
+    lengths = np.fromiter((rows.shape[0] for rows in values), np.intp, len(values))
+    longest = int(lengths.max())
+    streams = len(values)
+    frames = np.asarray(first_frames, dtype=np.int64)[:, None] + np.arange(longest)
+    if int(lengths.min()) == longest:
+        return (
+            np.stack(values),
+            np.full((streams, longest), exact_input),
+            frames,
+            np.zeros((streams, longest), dtype=bool),
+        )
+    stacked = np.zeros((streams, longest, values[0].shape[1]))
+    stacked[..., 0] = 1.0
+    padding = np.arange(longest)[None, :] >= lengths[:, None]
+    stacked[~padding] = np.concatenate(values)
+    exact = padding | exact_input
+    return stacked, exact, frames, padding
+
+
 def _search_key(decoder: KeywordDecoder, search: KeywordSearch) -> tuple[object, ...]:
     """Searches with equal keys share one vectorised recurrence: the same keyword settings in
     decoders reading the same outputs."""
@@ -103,7 +133,8 @@ def _resolve(decoders: Sequence[KeywordDecoder], wanted: list[np.ndarray], resol
     if not any(frames.size for frames in wanted):
         return
     for decoder, frames, exact in zip(decoders, wanted, resolve(wanted), strict=True):
-        decoder.history.fill(frames, np.asarray(exact, dtype=np.float64))
+        if frames.size:
+            decoder.history.fill(frames, np.asarray(exact, dtype=np.float64))
 
 
 def prime_exact_runs(
@@ -197,8 +228,16 @@ def process_many(
     for i in active:
         groups.setdefault(decoders[i].signature, []).append(i)
     for members in groups.values():
+        columns = decoders[members[0]].columns.shape[0]
+        appended = [posteriors[i] for i in members]
+        # The rows just appended, if the histories hold them as they are (gathered, float64).
+        fresh = (
+            (appended, exact_input)
+            if all(rows.shape[1] == columns and rows.dtype == np.float64 for rows in appended)
+            else None
+        )
         stacked, exact, frames, padding = _stack_spans(
-            [decoders[i] for i in members], [first_frames[i] for i in members]
+            [decoders[i] for i in members], [first_frames[i] for i in members], fresh=fresh
         )  # type: ignore[misc]
         lengths = (~padding).sum(axis=1)
         per_stream = [decoders[i].searches for i in members]
@@ -235,9 +274,14 @@ def process_many(
             carry_pre = np.stack([searches[r].carry_pre for r in rows])
             scores, new_carry, new_carry_pre, _, _, _ = template.scorer.run(terms, carry, carry_pre)
             candidates = scores >= template.log_threshold
+            proposing = candidates.any(axis=1).tolist()
             for position, row in enumerate(rows.tolist()):
                 search = searches[row]
-                found = frames[row, np.flatnonzero(candidates[position])]
+                found = (
+                    frames[row, np.flatnonzero(candidates[position])]
+                    if proposing[position]
+                    else frames[row, :0]
+                )
                 if search.pending is None and found.size == 0:
                     search.keep_carries(new_carry[position], new_carry_pre[position])
                     if early_resolution and lengths[row] <= EARLY_RESOLUTION_FRAMES and search.under_way():
@@ -263,7 +307,10 @@ def process_many(
                 wanted[index] += search.frames_read(found, decoders[index].history)
     if resolve is not None:
         # Everything the exact decoding below will read, for every stream, in one call.
-        frames_wanted = [decoders[i].history.unresolved(spans) for i, spans in enumerate(wanted)]
+        nothing = np.zeros(0, dtype=np.int64)
+        frames_wanted = [
+            decoders[i].history.unresolved(spans) if spans else nothing for i, spans in enumerate(wanted)
+        ]
         for i, spans in enumerate(early):
             if spans:  # the oldest first: the backlog shrinks at every step
                 ahead = decoders[i].history.unresolved(spans)[: early_limit[i]]

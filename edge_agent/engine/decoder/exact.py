@@ -41,13 +41,27 @@ def require_exact(exact: np.ndarray, what: str) -> None:
         raise AssertionError(f"{what} holds frames whose posteriors were never resolved")
 
 
-@dataclass
 class History:
-    """A decoder's recent frames: gathered posteriors (or bounds) and which rows are exact."""
+    """A decoder's recent frames: gathered posteriors (or bounds) and which rows are exact.
 
-    values: np.ndarray  # (rows, columns) float64
-    exact: np.ndarray  # (rows,) bool
-    first: int  # absolute frame of row 0
+    The rows live in a buffer with room to spare: :meth:`append` writes a step's few rows in
+    place, and the rows still held move to the front only when the room runs out, instead of
+    two new arrays per stream at every step.
+    """
+
+    # Spare rows beyond what an append needs, when the buffer is (re)allocated.
+    _SPARE_ROWS = 64
+
+    __slots__ = ("_end", "_exact", "_first", "_start", "_values")
+
+    def __init__(self, values: np.ndarray, exact: np.ndarray, first: int) -> None:
+        """Rows ``values`` (rows, columns) float64 and their exactness (rows,) bool, row 0 being
+        absolute frame ``first``; the history owns both arrays from now on."""
+        self._values = values
+        self._exact = exact
+        self._start = 0  # buffer row of absolute frame ``first``
+        self._end = values.shape[0]  # buffer row after the newest
+        self._first = first
 
     @classmethod
     def empty(cls, columns: int, first: int) -> History:
@@ -55,18 +69,59 @@ class History:
         return cls(np.zeros((0, columns), dtype=np.float64), np.zeros(0, dtype=bool), first)
 
     @property
+    def values(self) -> np.ndarray:
+        """(rows, columns) float64, row 0 being frame :attr:`first` (a view)."""
+        return self._values[self._start : self._end]
+
+    @property
+    def exact(self) -> np.ndarray:
+        """(rows,) bool: which rows hold exact posteriors (a view)."""
+        return self._exact[self._start : self._end]
+
+    @property
+    def first(self) -> int:
+        """Absolute frame of the oldest row held."""
+        return self._first
+
+    @property
     def end(self) -> int:
-        return self.first + self.values.shape[0]
+        return self._first + self._end - self._start
 
     def rows(self, start: int, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Values and exactness of absolute frames [start, stop)."""
-        low = start - self.first
-        high = None if stop is None else stop - self.first
-        return self.values[low:high], self.exact[low:high]
+        """Values and exactness of absolute frames [start, stop) (views, valid until the next
+        :meth:`append`)."""
+        offset = self._start - self._first
+        low = start + offset
+        high = self._end if stop is None else stop + offset
+        return self._values[low:high], self._exact[low:high]
+
+    def append(self, gathered: np.ndarray, exact: bool, keep: int) -> None:
+        """Keep the last ``keep`` rows of this history, then add the new ``gathered`` rows (all
+        exact or all bounds), in place."""
+        count = gathered.shape[0]
+        kept_from = max(self._start, self._end - keep)
+        self._first += kept_from - self._start
+        self._start = kept_from
+        if self._end + count > self._values.shape[0]:
+            # Out of room: the rows held go to the front of a buffer sized for them, the new
+            # rows and some spare (a new one if this one is too small).
+            held = self._end - self._start
+            needed = held + count
+            if needed + self._SPARE_ROWS // 2 > self._values.shape[0]:
+                values = np.empty((needed + self._SPARE_ROWS, self._values.shape[1]), dtype=np.float64)
+                flags = np.empty(needed + self._SPARE_ROWS, dtype=bool)
+            else:
+                values, flags = self._values, self._exact
+            values[:held] = self._values[self._start : self._end]  # may overlap: numpy copies safely
+            flags[:held] = self._exact[self._start : self._end]
+            self._values, self._exact, self._start, self._end = values, flags, 0, held
+        self._values[self._end : self._end + count] = gathered
+        self._exact[self._end : self._end + count] = exact
+        self._end += count
 
     def extended(self, gathered: np.ndarray, exact: bool, keep: int) -> History:
-        """The last ``keep`` rows of this history, then the new ``gathered`` rows (all exact or
-        all bounds)."""
+        """A new history: the last ``keep`` rows of this one, then the new ``gathered`` rows (all
+        exact or all bounds); this one is left as it is."""
         values = np.concatenate([self.values[-keep:], gathered])
         flags = np.concatenate([self.exact[-keep:], np.full(gathered.shape[0], exact)])
         return History(values, flags, self.end + gathered.shape[0] - values.shape[0])
@@ -75,18 +130,19 @@ class History:
         """Frames in any of the [start, stop) ``spans`` that are not exact yet."""
         if not spans:
             return np.zeros(0, dtype=np.int64)
-        wanted = np.zeros(self.values.shape[0], dtype=bool)
+        values = self.values
+        wanted = np.zeros(values.shape[0], dtype=bool)
         for start, stop in spans:
-            wanted[start - self.first : stop - self.first] = True
-        return np.flatnonzero(wanted & ~self.exact) + self.first
+            wanted[start - self._first : stop - self._first] = True
+        return np.flatnonzero(wanted & ~self.exact) + self._first
 
     def fill(self, frames: np.ndarray, posteriors: np.ndarray) -> None:
         """Store exact posteriors (gathered columns) for absolute ``frames``."""
         if frames.size == 0:
             return
-        rows = frames - self.first
-        self.values[rows] = posteriors
-        self.exact[rows] = True
+        rows = frames + (self._start - self._first)
+        self._values[rows] = posteriors
+        self._exact[rows] = True
 
     def on_demand(self, resolve: Resolver, index: int, count: int) -> Ensure:
         """Resolution of these frames when asked, as decoder ``index`` of ``count`` in one

@@ -144,7 +144,7 @@ class KeywordDecoder:
             gathered = posteriors[:, self.columns].astype(np.float64)
         first_frame = self._frames_seen
         self._frames_seen += gathered.shape[0]
-        self._history = self._history.extended(gathered, exact, self.history_frames)
+        self._history.append(gathered, exact, self.history_frames)
         return first_frame
 
     @property
