@@ -179,14 +179,15 @@ def test_lowering_the_threshold_only_adds_detections_on_synthetic_posteriors(
 )
 def test_a_match_unlocked_by_a_lower_character_floor_does_not_silence_a_detection() -> None:
     """Found by the property test above: a, b, c at 1.0 and d at 1e-4 every 2 frames (0.1, but d
-    is below 0.05 ** 3), then a, b, c, d at 1, 0.5, 0.5, 1 every 4 frames (0.088). At 0.05 the
-    second is reported; at 0.01 the first counts too, fires, and its refractory period silences
-    the second."""
+    is below 0.05 ** 3), then a, b, c, d at 1, 0.5, 0.5, 1 every 4 frames and more characters
+    after them (0.088). At 0.05 the second is reported; at 0.01 the first counts too, fires, and
+    its refractory period silences the second."""
     p = np.zeros((40, VOCAB))
     p[:, 0] = 1.0
     for frame, token, strength in [
         (0, A, 1.0), (2, B, 1.0), (4, C, 1.0), (6, D, 1e-4),
-        (9, A, 1.0), (13, B, 0.5), (17, C, 0.5), (21, D, 1.0),
+        (9, A, 1.0), (13, B, 0.5), (17, C, 0.5), (18, A, 0.9375), (21, D, 1.0), (24, C, 1.0),
+        (27, D, 1.0),
     ]:  # fmt: skip
         p[frame, token] = strength
         p[frame, 0] = 1.0 - strength
