@@ -345,12 +345,12 @@ class _HiddenRows:
     decoder can ask for the exact posteriors of any frame it still holds.
 
     The rows live in a buffer with room to spare: a step appends its few rows in place, and the
-    rows still held move to the front only when the room runs out (every ~20 steps of 100 ms),
+    rows still held move to the front only when the room runs out (every few steps of 100 ms),
     instead of a new matrix of ~100 rows per stream at every step.
     """
 
     # Spare rows beyond what an append needs, when the buffer is (re)allocated.
-    _SPARE_ROWS = 64
+    _SPARE_ROWS = 16
 
     def __init__(self, width: int) -> None:
         self._buffer = np.zeros((0, width), dtype=np.float32)

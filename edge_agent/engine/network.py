@@ -198,18 +198,20 @@ class OutputLayer:
 class _FsmnBuffer:
     """Per-stream, per-layer inputs kept for the next chunk: history then pending frames.
 
-    They live in a store with room for many of a live microphone's chunks, over which the
+    They live in a store with room for a few of a live microphone's chunks, over which the
     layer's windows are one view made once: a short chunk is written after the rows held (by the
     linear transform before the layer itself, in one stream's plan) and filtered through that
     view, and the rows held then start further on; they move to the front only when the room
-    runs out (every ~20 chunks of 100 ms). A chunk costs one filter pass, not a new matrix and
+    runs out (every few chunks of 100 ms). A chunk costs one filter pass, not a new matrix and
     copies per layer. Longer chunks (whole files, batches) replace the store's rows.
     """
 
     __slots__ = ("_held", "_start", "_store", "_taps", "in_slot", "windows")
 
-    # Rows a store holds beyond a layer's history and look-ahead.
-    _ROOM = 64
+    # Rows a store holds beyond a layer's history and look-ahead: a few 100 ms chunks between
+    # moves to the front. Every stream of a batch has a store per layer, so room costs memory
+    # hundreds of times over.
+    _ROOM = 16
 
     def __init__(self, frames: np.ndarray, taps: int, slot: np.ndarray | None = None) -> None:
         """``slot``, if given, is the store: a slot of a :class:`_SlotPool`, where a batch reads
