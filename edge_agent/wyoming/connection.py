@@ -188,7 +188,9 @@ class ClientStream(asyncio.streams.FlowControlMixin):
                 self.refused = f"a header line longer than {self.limit} bytes (wyoming.max_event_bytes)"
                 raise ValueError(self.refused)
             if self._eof:
-                return self._take(len(self._buffer) - self._start)  # a last line without its end
+                # A last line without its end, or nothing (b"": the client left between events).
+                self.last_line = self._take(len(self._buffer) - self._start)
+                return self.last_line
             await self._more()
 
     async def readexactly(self, n: int) -> bytes:

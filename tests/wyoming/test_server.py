@@ -167,6 +167,7 @@ def test_home_assistant_way_closing_after_the_detection_frees_the_stream(
     (closed,) = events.wait_closed(1)
     assert closed == events.detections[0].stream
     assert closed not in agent.worker.stream_ids()
+    assert agent.errors.count("bad_event") == 0  # leaving between two events is no error
 
 
 def test_unknown_wake_word_names_get_an_error_event(  # type: ignore[no-untyped-def]
