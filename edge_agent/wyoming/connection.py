@@ -166,7 +166,7 @@ class ClientStream(asyncio.streams.FlowControlMixin):
 
     def eof_received(self) -> bool:
         self.feed_eof()
-        return False  # the transport closes itself
+        return True  # half-closed: the answers to what it sent still go out; then the connection closes
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)

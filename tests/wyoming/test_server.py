@@ -170,6 +170,22 @@ def test_home_assistant_way_closing_after_the_detection_frees_the_stream(
     assert agent.errors.count("bad_event") == 0  # leaving between two events is no error
 
 
+def test_a_client_that_half_closes_after_describe_still_gets_info(  # type: ignore[no-untyped-def]
+    make_agent, tmp_path: Path
+) -> None:
+    _, server, _ = wyoming_agent(make_agent, tmp_path)
+
+    async def session() -> list[Event]:
+        reader, writer = await raw_events(server.port, Describe().event())
+        writer.write_eof()  # nothing more to say; still listening
+        found = await answers_until_closed(reader)
+        writer.close()
+        return found
+
+    (answer,) = run(session())
+    assert Info.from_event(answer).wake[0].models[0].name == KEYWORD
+
+
 def test_unknown_wake_word_names_get_an_error_event(  # type: ignore[no-untyped-def]
     make_agent,
     tmp_path: Path,
