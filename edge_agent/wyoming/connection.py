@@ -67,6 +67,10 @@ _PEER_CHARACTERS = re.compile(r"[^A-Za-z0-9]+")
 _MAX_PEER_LENGTH = 40
 # A client's audio is flushed without waiting for the tick once it holds this many ticks' worth.
 _TICKS_HELD = 4
+# Reading a socket pauses beyond this much unread (as asyncio's stream reader does at twice its
+# default limit); the reader resumes it whenever it needs more, so an event of up to
+# wyoming.max_event_bytes still arrives whole.
+_MAX_UNREAD_BYTES = 128 * 1024
 
 
 def peer_label(peername: Any) -> str:
@@ -129,9 +133,10 @@ class ClientStream(asyncio.streams.FlowControlMixin):
     A header line or a declared data or payload length above ``limit`` is refused before it is
     read (the library would read whatever a header declares): ``refused`` says why and the read
     raises ValueError, which ``async_read_event`` answers with None, as it does bad JSON. Reading
-    is paused while more than a few events' worth is unread (a client that does not read its
-    answers while it keeps sending), and while the connection waits for the server's tick
-    (:meth:`hold`, :meth:`release`). Writes go through :attr:`writer` (flow control: the mixin).
+    the socket pauses while more than ``_MAX_UNREAD_BYTES`` are unread and the reader needs none
+    of it (a client that does not read its answers while it keeps sending), and while the
+    connection waits for the server's tick (:meth:`hold`, :meth:`release`). Writes go through
+    :attr:`writer` (flow control: the mixin).
     """
 
     def __init__(self, limit: int, connected: Callable[[ClientStream], None]) -> None:
@@ -159,7 +164,7 @@ class ClientStream(asyncio.streams.FlowControlMixin):
     def data_received(self, data: bytes) -> None:
         self.received_at = time.time()
         self._buffer += data
-        if len(self._buffer) - self._start > 2 * self.limit + 65536:
+        if len(self._buffer) - self._start > _MAX_UNREAD_BYTES:
             self._full = True
             self._pause()
         self._wake()

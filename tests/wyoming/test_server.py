@@ -116,6 +116,16 @@ def test_positive_in_1024_sample_chunks_gives_exactly_one_detection(
     assert event.stream.startswith("wyoming-127_0_0_1-")
 
 
+@pytest.mark.parametrize("event_loop", ["auto", "asyncio"])
+def test_a_recording_in_one_chunk_larger_than_the_reader_reads_ahead_is_detected(
+    make_agent, tmp_path: Path, positive: bytes, event_loop: str
+) -> None:  # type: ignore[no-untyped-def]
+    assert len(positive) > 128 * 1024  # reading pauses beyond that, and resumes for the rest
+    _, server, _ = wyoming_agent(make_agent, tmp_path, event_loop=event_loop)
+    answers = run(detect(server.port, positive, names=[KEYWORD], chunk_samples=len(positive) // 2))
+    assert types(answers) == ["detection"]
+
+
 def test_negative_gives_not_detected(  # type: ignore[no-untyped-def]
     make_agent,
     tmp_path: Path,
