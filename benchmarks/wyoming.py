@@ -2,8 +2,10 @@
 
     python -m benchmarks.wyoming [--clients 1,8,32,128] [--seconds 30]
                                  [--openwakeword-python PATH] [--batch-ms 100]
+                                 [--event-loop auto|uvloop|asyncio]
 
-For each N, the agent runs as ``edge-agent wyoming`` (its own process, MQTT off, no mDNS) and N
+For each N, the agent runs as ``edge-agent wyoming`` (its own process, MQTT off, no mDNS; its
+event loop ``wyoming.event_loop``: uvloop where installed unless ``--event-loop asyncio``) and N
 clients stream to it from another process as Home Assistant does: ``detect`` with the keyword's
 name, ``audio-start`` at 16 kHz 16-bit mono, then 10 ms ``audio-chunk``s paced in real time on
 an absolute schedule, reading events as they come. Each client plays the 25 positive
@@ -21,10 +23,13 @@ The same clients then stream the same audio to wyoming-openwakeword 1.8.2 with o
 virtual environment where ``pip install wyoming-openwakeword==1.8.2 'numpy<2'`` was run); it
 does not know Chinese, so only its CPU is compared. CPU is each server process's CPU time over
 the middle of the run (after the clients' start, before their end) divided by the wall time,
-in percent of one core; RSS is the peak sampled. A row whose clients fell behind their
-schedule (sender lag p95 over 50 ms: the machine's other work starved the load generator) is
-marked ``clients_kept_real_time: false`` and is not to be quoted. Results:
-benchmarks/results/wyoming.json.
+in percent of one core (``cpu_percent``, the ratio's); ``cpu_percent_all_audio`` is the CPU
+from the clients' start until the server is idle again after they leave, per second of audio:
+the same figure for a server that keeps up, higher (and ``drain_seconds`` above 0) for one that
+fell behind and worked through its sockets' backlog after the window. RSS is the peak sampled.
+A row whose clients fell behind their schedule (sender lag p95 over 50 ms: the machine's other
+work starved the load generator) is marked ``clients_kept_real_time: false`` and is not to be
+quoted. Results: benchmarks/results/wyoming.json.
 """
 
 from __future__ import annotations
@@ -68,6 +73,12 @@ MEASURE_FROM, MEASURE_TO = 0.15, 0.9
 # The clients are real time only if their chunks go out on schedule: beyond this lag (p95) the
 # load generator itself fell behind (other work on a shared machine), and the run does not count.
 MAX_SENDER_LAG_MS = 50.0
+# After the clients leave, a server is idle again once it uses less than this share of a core
+# (sampled every IDLE_SAMPLE_SECONDS, for at most MAX_DRAIN_SECONDS): a server that fell behind
+# real time is still working through its sockets' backlog, and that work is counted too.
+IDLE_CPU_SHARE = 0.05
+IDLE_SAMPLE_SECONDS = 0.5
+MAX_DRAIN_SECONDS = 60.0
 
 
 def free_port() -> int:
@@ -179,12 +190,13 @@ def _load_process(port: int, streams: list[bytes], name: str, start_at: float, q
 # --- the servers -----------------------------------------------------------------------------------
 
 
-def start_ours(port: int, clients: int, batch_ms: int) -> subprocess.Popen[Any]:
+def start_ours(port: int, clients: int, batch_ms: int, event_loop: str) -> subprocess.Popen[Any]:
     env = {
         **os.environ,
         "EDGE_AGENT_AUDIO__MQTT__MAX_STREAMS": str(max(64, clients)),
         "EDGE_AGENT_WYOMING__MAX_CONNECTIONS": str(max(256, 2 * clients)),
         "EDGE_AGENT_WYOMING__BATCH_MS": str(batch_ms),
+        "EDGE_AGENT_WYOMING__EVENT_LOOP": event_loop,
         "EDGE_AGENT_OUTBOX__PATH": str(Path(tempfile.mkdtemp()) / "outbox.db"),
     }
     command = [sys.executable, "-m", "edge_agent", "wyoming", "--model-dir", str(model_dir())]
@@ -229,12 +241,14 @@ def measure(process: subprocess.Popen[Any], streams: list[bytes], name: str, por
     server = psutil.Process(process.pid)
     children = [server, *server.children(recursive=True)]
     peak_rss = 0.0
-    cpu_start = cpu_end = None
+    cpu_start = cpu_end = streaming_start = None
     measure_from = start_at + MEASURE_FROM * seconds
     measure_to = start_at + MEASURE_TO * seconds
     while time.time() < start_at + seconds:
         now = time.time()
         peak_rss = max(peak_rss, sum(p.memory_info().rss for p in children) / 1e6)
+        if streaming_start is None and now >= start_at:
+            streaming_start = sum(sum(p.cpu_times()[:2]) for p in children)
         if cpu_start is None and now >= measure_from:
             cpu_start = (now, sum(sum(p.cpu_times()[:2]) for p in children))
         if cpu_end is None and now >= measure_to:
@@ -242,12 +256,18 @@ def measure(process: subprocess.Popen[Any], streams: list[bytes], name: str, por
         time.sleep(0.1)
     results = queue.get(timeout=seconds + 120)
     load.join(30)
-    assert cpu_start is not None and cpu_end is not None
+    streaming_end = time.time()
+    cpu_idle, idle_at = _until_idle(children)
+    assert cpu_start is not None and cpu_end is not None and streaming_start is not None
     cpu = 100.0 * (cpu_end[1] - cpu_start[1]) / (cpu_end[0] - cpu_start[0])
     delays = [d * 1000 for d in results["delays"]]
     describe = [d * 1000 for d in results["describe"]]
     return {
         "cpu_percent": round(cpu, 1),
+        # All the CPU the stream cost, backlog included, per second of audio; and how long the
+        # server went on working after the clients left (about 0: it kept up with real time).
+        "cpu_percent_all_audio": round(100.0 * (cpu_idle - streaming_start) / seconds, 1),
+        "drain_seconds": round(max(0.0, idle_at - streaming_end), 1),
         "peak_rss_mb": round(peak_rss, 1),
         "detections": results["detections"],
         "other_events": results["other_events"],
@@ -260,6 +280,18 @@ def measure(process: subprocess.Popen[Any], streams: list[bytes], name: str, por
         "describes": len(describe),
         "sender_lag_ms_p95": _round(percentile([lag * 1000 for lag in results["lags"]], 95) or 0.0),
     }
+
+
+def _until_idle(processes: list[psutil.Process]) -> tuple[float, float]:
+    """The processes' CPU time once they are idle again, and the wall time they were."""
+    deadline = time.time() + MAX_DRAIN_SECONDS
+    before = sum(sum(p.cpu_times()[:2]) for p in processes)
+    while True:
+        time.sleep(IDLE_SAMPLE_SECONDS)
+        now, cpu = time.time(), sum(sum(p.cpu_times()[:2]) for p in processes)
+        if cpu - before < IDLE_CPU_SHARE * IDLE_SAMPLE_SECONDS or now > deadline:
+            return before, now - IDLE_SAMPLE_SECONDS
+        before = cpu
 
 
 def _round(value: float | None) -> float | None:
@@ -297,6 +329,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0, help="audio each client streams")
     parser.add_argument("--batch-ms", type=int, default=100, help="the agent's wyoming.batch_ms")
     parser.add_argument(
+        "--event-loop",
+        choices=["auto", "uvloop", "asyncio"],
+        default="auto",
+        help="the agent's wyoming.event_loop (auto: uvloop where installed)",
+    )
+    parser.add_argument(
         "--openwakeword-python",
         default=os.environ.get("OPENWAKEWORD_PYTHON"),
         help="Python of a venv with wyoming-openwakeword 1.8.2 (none: ours only)",
@@ -316,7 +354,7 @@ def main() -> None:
             "detections_expected": expected_detections(audio, offsets, samples),
         }
         port = free_port()
-        ours = start_ours(port, clients, args.batch_ms)
+        ours = start_ours(port, clients, args.batch_ms, args.event_loop)
         try:
             wait_serving(port, ours)
             row["edge_agent"] = measure(ours, streams, KEYWORD, port)
@@ -346,6 +384,7 @@ def main() -> None:
             "seconds": args.seconds,
             "chunk_ms": CHUNK_MS,
             "batch_ms": args.batch_ms,
+            "event_loop": _event_loop(args.event_loop),
             "keyword": KEYWORD,
             "openwakeword": "wyoming-openwakeword 1.8.2, --preload-model ok_nabu"
             if args.openwakeword_python
@@ -356,18 +395,31 @@ def main() -> None:
     print(f"results: {write_result(args.name, report)}")
 
 
+def _event_loop(choice: str) -> str:
+    """The loop the agent runs with ``wyoming.event_loop`` = ``choice``, and its version."""
+    if choice == "asyncio":
+        return "asyncio"
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio (uvloop not installed)"
+    return f"uvloop {uvloop.__version__}"
+
+
 def _summary(row: dict[str, Any]) -> str:
     ours = row["edge_agent"]
     text = (
         f"{row['clients']:>4} clients: detections {ours['detections']}/{row['detections_expected']}, "
         f"delay p50 {ours['delay_ms_p50']} p95 {ours['delay_ms_p95']} ms, "
-        f"describe p95 {ours['describe_ms_p95']} ms, CPU {ours['cpu_percent']}%, "
+        f"describe p95 {ours['describe_ms_p95']} ms, CPU {ours['cpu_percent']}% "
+        f"(all audio {ours['cpu_percent_all_audio']}%, drain {ours['drain_seconds']} s), "
         f"RSS {ours['peak_rss_mb']} MB, sender lag p95 {ours['sender_lag_ms_p95']} ms"
     )
     if "openwakeword" in row:
         theirs = row["openwakeword"]
         text += (
-            f"; openWakeWord CPU {theirs['cpu_percent']}%, RSS {theirs['peak_rss_mb']} MB, "
+            f"; openWakeWord CPU {theirs['cpu_percent']}% (all audio {theirs['cpu_percent_all_audio']}%, "
+            f"drain {theirs['drain_seconds']} s), RSS {theirs['peak_rss_mb']} MB, "
             f"ratio {row['cpu_ratio']}"
         )
     if not row["clients_kept_real_time"]:

@@ -449,6 +449,11 @@ class WyomingConfig:
         minimum=1.0,
         maximum=86400,
     )
+    event_loop: Literal["auto", "uvloop", "asyncio"] = option(
+        "auto",
+        doc="The server's event loop: uvloop (a faster loop, in the `wyoming` extra) or Python's own "
+        "asyncio; auto: uvloop when it is installed.",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

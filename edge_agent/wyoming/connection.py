@@ -1,8 +1,11 @@
 """One Wyoming client: its events in, its audio onto the engine as a stream, its answers out.
 
 A connection runs on the server's event loop. Events are read with the ``wyoming`` package's
-own framing (:func:`wyoming.event.async_read_event`), through a reader that refuses a declared
-data or payload length above ``wyoming.max_event_bytes`` before reading it.
+own framing (:func:`wyoming.event.async_read_event`) from a :class:`ClientStream`: the socket's
+protocol is itself the reader ``async_read_event`` asks for lines and exact byte counts (no
+asyncio StreamReader and no proxy in between: tens of events per second per client), and it
+refuses a declared data or payload length, or a header line, above ``wyoming.max_event_bytes``
+before reading it.
 
 * ``describe`` -> ``info`` (:mod:`edge_agent.wyoming.info`), from the keywords configured now;
 * ``detect`` -> the names to report (None: every keyword); a name we do not have gets an
@@ -33,12 +36,13 @@ reaches another's.
 from __future__ import annotations
 
 import asyncio
+import asyncio.streams
 import logging
 import re
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.error import Error
@@ -63,6 +67,10 @@ _PEER_CHARACTERS = re.compile(r"[^A-Za-z0-9]+")
 _MAX_PEER_LENGTH = 40
 # A client's audio is flushed without waiting for the tick once it holds this many ticks' worth.
 _TICKS_HELD = 4
+# Reading a socket pauses beyond this much unread (as asyncio's stream reader does at twice its
+# default limit); the reader resumes it whenever it needs more, so an event of up to
+# wyoming.max_event_bytes still arrives whole.
+_MAX_UNREAD_BYTES = 128 * 1024
 
 
 def peer_label(peername: Any) -> str:
@@ -101,7 +109,7 @@ class Session:
     stream: str = ""
     pending: bytearray = field(default_factory=bytearray)
     max_pending_bytes: int = 0  # a client faster than real time is not held to the tick
-    last_received: float = 0.0  # wall time of the last chunk's arrival
+    ms_per_byte: float = 0.0
     audio_ms: float = 0.0  # audio received so far
     timestamp_base_ms: float | None = None  # the client's timestamp at the stream's start
     detected: bool = False
@@ -109,42 +117,165 @@ class Session:
     answer: bool = True  # someone is left to tell (not after a disconnect)
     quiet_closed: bool = False  # the engine closed the stream (it went quiet); nothing sent since
 
-    def held_bytes(self, batch_ms: int) -> int:
-        """Audio held at most between two ticks: a real-time client sends a tick's worth, a
-        faster one is flushed when it has sent several (bounded memory, no lost alignment)."""
-        return max(1, self.fmt.bytes_per_second * batch_ms * _TICKS_HELD // 1000)
+    def set_format(self, fmt: PcmFormat, batch_ms: int) -> None:
+        """The session's audio format from now on. Audio is held at most between two ticks: a
+        real-time client sends a tick's worth, a faster one is flushed when it has sent several
+        (bounded memory, no lost alignment)."""
+        self.fmt = fmt
+        self.max_pending_bytes = max(1, fmt.bytes_per_second * batch_ms * _TICKS_HELD // 1000)
+        self.ms_per_byte = 1000.0 / fmt.bytes_per_second
 
 
-class _BoundedReader:
-    """The connection's reader as :func:`async_read_event` uses it, refusing declared lengths
-    above ``limit`` before reading them (the library would read whatever a header declares)."""
+class ClientStream(asyncio.streams.FlowControlMixin):
+    """A client's socket on the server's loop: the protocol its transport feeds, and the reader
+    :func:`async_read_event` reads (``readline``, ``readexactly``) straight from what arrived.
 
-    def __init__(self, reader: asyncio.StreamReader, limit: int) -> None:
-        self._reader = reader
-        self._limit = limit
+    A header line or a declared data or payload length above ``limit`` is refused before it is
+    read (the library would read whatever a header declares): ``refused`` says why and the read
+    raises ValueError, which ``async_read_event`` answers with None, as it does bad JSON. Reading
+    the socket pauses while more than ``_MAX_UNREAD_BYTES`` are unread and the reader needs none
+    of it (a client that does not read its answers while it keeps sending), and while the
+    connection waits for the server's tick (:meth:`hold`, :meth:`release`). Writes go through
+    :attr:`writer` (flow control: the mixin).
+    """
+
+    def __init__(self, limit: int, connected: Callable[[ClientStream], None]) -> None:
+        super().__init__()
+        self.limit = limit
         self.refused: str | None = None
         self.last_line = b""
+        self.received_at = time.time()  # wall time of the last bytes' arrival
+        self.transport: asyncio.Transport | None = None
+        self.writer: asyncio.StreamWriter
+        self._connected = connected
+        self._buffer = bytearray()
+        self._start = 0  # what is read of _buffer; compacted when the buffer is read to the end
+        self._eof = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._held = False  # by the connection, until the server's tick
+        self._full = False  # too much unread
 
+    # --- the protocol ---------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's does not subclass it
+        self.writer = asyncio.StreamWriter(self.transport, self, None, self._loop)  # type: ignore[arg-type]
+        self._connected(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.received_at = time.time()
+        self._buffer += data
+        if len(self._buffer) - self._start > _MAX_UNREAD_BYTES:
+            self._full = True
+            self._pause()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.feed_eof()
+        return True  # half-closed: the answers to what it sent still go out; then the connection closes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.feed_eof()
+
+    def feed_eof(self) -> None:
+        self._eof = True
+        self._wake()
+
+    # --- what async_read_event reads -------------------------------------------------------------
     async def readline(self) -> bytes:
-        self.last_line = await self._reader.readline()
-        return self.last_line
+        while True:
+            end = self._buffer.find(b"\n", self._start)
+            if end >= 0:
+                line = self._take(end + 1 - self._start)
+                self.last_line = line
+                return line
+            if len(self._buffer) - self._start > self.limit:
+                self.refused = f"a header line longer than {self.limit} bytes (wyoming.max_event_bytes)"
+                raise ValueError(self.refused)
+            if self._eof:
+                # A last line without its end, or nothing (b"": the client left between events).
+                self.last_line = self._take(len(self._buffer) - self._start)
+                return self.last_line
+            await self._more()
 
     async def readexactly(self, n: int) -> bytes:
-        if n > self._limit:
+        if n > self.limit:
             self.refused = (
-                f"event declares {n} bytes of data or payload; wyoming.max_event_bytes is {self._limit}"
+                f"event declares {n} bytes of data or payload; wyoming.max_event_bytes is {self.limit}"
             )
-            raise ValueError(self.refused)  # async_read_event answers None, as for bad JSON
-        return await self._reader.readexactly(n)
+            raise ValueError(self.refused)
+        while len(self._buffer) - self._start < n:
+            if self._eof:
+                partial = self._take(len(self._buffer) - self._start)
+                raise asyncio.IncompleteReadError(partial, n)
+            await self._more()
+        return self._take(n)
+
+    # --- reading paused ---------------------------------------------------------------------------
+    def hold(self) -> None:
+        """Read nothing more from the socket until :meth:`release` (what arrived is still read)."""
+        if not self._held:
+            self._held = True
+            self._pause()
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            if not self._full:
+                self._resume()
+
+    # --- inside ----------------------------------------------------------------------------------
+    def _take(self, n: int) -> bytes:
+        start = self._start
+        end = start + n
+        data = bytes(self._buffer[start:end])
+        if end >= len(self._buffer):
+            self._buffer.clear()
+            self._start = 0
+        else:
+            self._start = end
+        return data
+
+    async def _more(self) -> None:
+        """Wait for more bytes (the buffer holds no whole line or length)."""
+        if self._start:
+            del self._buffer[: self._start]
+            self._start = 0
+        if self._full:
+            self._full = False
+            if not self._held:
+                self._resume()
+        waiter = self._loop.create_future()
+        self._waiter = waiter
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _pause(self) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.pause_reading()
+
+    def _resume(self) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
 
 
 class Connection(AsyncEventHandler):
     """A client connection on the server's event loop."""
 
     def __init__(
-        self, server: Server, number: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, server: Server, number: int, stream: ClientStream, writer: asyncio.StreamWriter
     ) -> None:
-        super().__init__(reader, writer)
+        super().__init__(stream, writer)  # type: ignore[arg-type] # what async_read_event reads
+        self.stream = stream
         self.server = server
         self.services = server.services
         self.number = number
@@ -154,7 +285,6 @@ class Connection(AsyncEventHandler):
         self.names: frozenset[str] | None = None
         self.session: Session | None = None
         self.closed = False
-        self._reading_paused = False
         self._write_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._format_key: tuple[Any, Any, Any] | None = None
@@ -163,7 +293,8 @@ class Connection(AsyncEventHandler):
     async def run(self) -> None:
         """Events until the client leaves or misbehaves (the library's loop, hardened: a bad
         event ends this connection with an ``error`` event, and nothing else)."""
-        reader = _BoundedReader(self.reader, self.server.max_event_bytes)
+        reader = self.stream
+        hold_for_tick = self.server.batch_ms > 0
         try:
             while not self.closed:
                 try:
@@ -180,16 +311,18 @@ class Connection(AsyncEventHandler):
                     if reader.refused is not None:
                         await self._refuse(reader.refused, "event_too_large")
                     elif reader.last_line:
-                        # A header line that is not JSON, or longer than the reader's limit.
+                        # A header line that is not JSON.
                         await self._refuse("malformed event: its header line is not JSON", "bad_event")
                     break
                 self.last_event = time.monotonic()
-                if not await self.handle_event(event):
+                # Audio in the session's format (nearly every event) without a coroutine.
+                appended = AudioChunk.is_type(event.type) and self._append(event)
+                if not appended and not await self.handle_event(event):
                     break
-                if self.session is not None and self.server.batch_ms > 0:
+                if hold_for_tick and self.session is not None:
                     # Streaming: what the socket holds is read once per tick, in one go (one
                     # wake-up of the loop for several chunks); what was read is parsed first.
-                    self._pause_reading()
+                    reader.hold()
         finally:
             self.closed = True
             self.end_session(answer=False)
@@ -229,9 +362,8 @@ class Connection(AsyncEventHandler):
     def close(self) -> None:
         """End the connection from the server's side (idle, shutting down)."""
         self.closed = True
-        self._reading_paused = False
         self.writer.close()
-        self.reader.feed_eof()
+        self.stream.feed_eof()
 
     # --- events ------------------------------------------------------------------------------
     async def _on_detect(self, names: Sequence[str] | None) -> None:
@@ -258,6 +390,7 @@ class Connection(AsyncEventHandler):
         return await self._start_session(fmt)
 
     async def _on_chunk(self, event: Event) -> bool:
+        """A chunk that opens a session or changes its format; then held as any other."""
         data = event.data or {}
         session = self.session
         key = (data.get("rate"), data.get("width"), data.get("channels"))
@@ -272,16 +405,25 @@ class Connection(AsyncEventHandler):
                 assert session is not None
             elif fmt != session.fmt:
                 self._flush(session)
-                session.fmt = fmt
-                session.max_pending_bytes = session.held_bytes(self.server.batch_ms)
+                session.set_format(fmt, self.server.batch_ms)
             self._format_key = key
+        return self._append(event)
+
+    def _append(self, event: Event) -> bool:
+        """An ``audio-chunk`` in the open session's format: its audio held for the tick. False
+        when there is no session or the format is another (:meth:`_on_chunk` then)."""
+        session = self.session
+        data = event.data
+        if session is None or not data:
+            return False
+        if (data.get("rate"), data.get("width"), data.get("channels")) != self._format_key:
+            return False
         audio = event.payload or b""
         if session.timestamp_base_ms is None:
             timestamp = data.get("timestamp")
             if isinstance(timestamp, (int, float)) and not isinstance(timestamp, bool):
                 session.timestamp_base_ms = timestamp - session.audio_ms
-        session.audio_ms += 1000.0 * len(audio) / session.fmt.bytes_per_second
-        session.last_received = time.time()
+        session.audio_ms += len(audio) * session.ms_per_byte
         session.pending += audio
         if len(session.pending) >= session.max_pending_bytes:
             self._flush(session)
@@ -305,7 +447,7 @@ class Connection(AsyncEventHandler):
     # --- the session's stream ----------------------------------------------------------------
     async def _start_session(self, fmt: PcmFormat) -> bool:
         session = Session(fmt=fmt, names=self.names)
-        session.max_pending_bytes = session.held_bytes(self.server.batch_ms)
+        session.set_format(fmt, self.server.batch_ms)
         stream = self.server.open_stream(self, session)
         if stream is None:
             limit = self.services.config.audio.mqtt.max_streams
@@ -327,14 +469,8 @@ class Connection(AsyncEventHandler):
 
     def resume_reading(self) -> None:
         """Read what the client sent since the last tick (the server's tick)."""
-        if self._reading_paused and not self.closed:
-            self._reading_paused = False
-            self.writer.transport.resume_reading()
-
-    def _pause_reading(self) -> None:
-        if not self._reading_paused:
-            self._reading_paused = True
-            self.writer.transport.pause_reading()
+        if not self.closed:
+            self.stream.release()
 
     def _flush(self, session: Session) -> None:
         if not session.pending:
@@ -344,7 +480,7 @@ class Connection(AsyncEventHandler):
         session.quiet_closed = False
         # Refusals (rate limit, a full queue) are reported by the ingest itself.
         self.services.ingest(
-            PcmChunk(session.stream, STREAM_KIND, data, session.fmt, session.last_received, self.origin)
+            PcmChunk(session.stream, STREAM_KIND, data, session.fmt, self.stream.received_at, self.origin)
         )
 
     def end_session(self, answer: bool) -> None:

@@ -1,13 +1,17 @@
 """The Wyoming wake-word server: Home Assistant's Assist wakes on the agent's keywords.
 
 An :class:`~edge_agent.agent.services.Integration`: in :meth:`WyomingServer.attach` it starts
-an asyncio event loop on a thread of its own (``wyoming``; the ``wyoming`` package is asyncio),
-listens on ``wyoming.host:wyoming.port`` and, unless ``wyoming.zeroconf`` is off, announces
-itself over mDNS (:mod:`edge_agent.wyoming.advertise`). Each client is a
+an asyncio event loop on a thread of its own (``wyoming``; the ``wyoming`` package is asyncio;
+uvloop's loop when installed, ``wyoming.event_loop``), listens on ``wyoming.host:wyoming.port``
+and, unless ``wyoming.zeroconf`` is off, announces itself over mDNS
+(:mod:`edge_agent.wyoming.advertise`). Each client is a
 :class:`~edge_agent.wyoming.connection.Connection`; each of its audio sessions is a stream of
 kind ``wyoming`` on the one engine worker, batched with every other stream (one model in
 memory), under the same limits, error reports and health counters as MQTT streams. Its
 detections go out on MQTT like any other (stream ``wyoming-{peer}-{n}``), and to the client.
+
+Each client's socket is a :class:`~edge_agent.wyoming.connection.ClientStream` (the bytes it
+sent, read by the ``wyoming`` package's own ``async_read_event``).
 
 Threads: connections, routing and writes run on the server's loop only. The detection sink's
 hooks (:meth:`on_detection`, :meth:`stream_closed`) hand their event to the loop with
@@ -37,7 +41,14 @@ from wyoming.info import Info
 from edge_agent.agent.services import AgentServices, Integration
 from edge_agent.config import WyomingConfig
 from edge_agent.mqtt.messages import DetectionEvent
-from edge_agent.wyoming.connection import STREAM_KIND, STREAM_PREFIX, Connection, Session, peer_label
+from edge_agent.wyoming.connection import (
+    STREAM_KIND,
+    STREAM_PREFIX,
+    ClientStream,
+    Connection,
+    Session,
+    peer_label,
+)
 from edge_agent.wyoming.info import wake_info
 
 if TYPE_CHECKING:
@@ -55,7 +66,23 @@ _IDLE_CHECKS_PER_TIMEOUT = 4
 
 
 class WyomingServerError(RuntimeError):
-    """The server could not start (the port is taken, the address is not ours)."""
+    """The server could not start (the port is taken, the address is not ours, no uvloop)."""
+
+
+def new_event_loop(choice: str) -> asyncio.AbstractEventLoop:
+    """The server's loop: ``wyoming.event_loop`` (auto: uvloop when it is installed)."""
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise WyomingServerError(
+                    "wyoming.event_loop is uvloop but uvloop is not installed "
+                    "(pip install 'edge-agent[wyoming]')"
+                ) from None
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
 
 
 @dataclass
@@ -89,6 +116,7 @@ class WyomingServer(Integration):
         self._routes: dict[str, tuple[Connection, Session]] = {}
         self._stream_numbers = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._client_tasks: set[asyncio.Task[None]] = set()  # one per connection: kept until done
         self._advertisement: Advertisement | None = None
         self.advertised = threading.Event()  # set once announced over mDNS
 
@@ -99,7 +127,7 @@ class WyomingServer(Integration):
         self._config = config
         self.batch_ms = config.batch_ms
         self.max_event_bytes = config.max_event_bytes
-        loop = asyncio.new_event_loop()
+        loop = new_event_loop(config.event_loop)
         self._loop = loop
         self._thread = threading.Thread(target=loop.run_forever, name="wyoming", daemon=True)
         self._thread.start()
@@ -165,7 +193,10 @@ class WyomingServer(Integration):
 
     # --- the loop ---------------------------------------------------------------------------------
     async def _start(self, config: WyomingConfig) -> None:
-        self._server = await asyncio.start_server(self._accept, host=config.host, port=config.port)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: ClientStream(config.max_event_bytes, self._connected), host=config.host, port=config.port
+        )
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("Wyoming wake-word service on %s:%d", config.host, self.port)
         self._keep(self._close_idle(config.idle_timeout))
@@ -193,7 +224,13 @@ class WyomingServer(Integration):
                 "zeroconf_failed", f"the Wyoming service is not announced over mDNS: {error}"
             )
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _connected(self, stream: ClientStream) -> None:
+        assert self._loop is not None
+        task = self._loop.create_task(self._accept(stream, stream.writer))
+        self._client_tasks.add(task)
+        task.add_done_callback(self._client_tasks.discard)
+
+    async def _accept(self, stream: ClientStream, writer: asyncio.StreamWriter) -> None:
         assert self._config is not None
         self.stats.connections += 1
         if len(self._connections) >= self._config.max_connections:
@@ -205,7 +242,7 @@ class WyomingServer(Integration):
                 await async_write_event(Error(text=text, code="too_many_connections").event(), writer)
             writer.close()
             return
-        connection = Connection(self, self.stats.connections, reader, writer)
+        connection = Connection(self, self.stats.connections, stream, writer)
         self._connections[connection] = asyncio.current_task()
         self.stats.open_connections = len(self._connections)
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,11 +95,16 @@ def test_ping_gets_pong_and_describe_is_answered_on_the_same_connection(  # type
 # --- detection -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("batch_ms", [100, 0], ids=["on-ticks", "each-chunk"])
+# auto: uvloop where installed (the wyoming extra); asyncio: Python's own loop, which serves the same.
+@pytest.mark.parametrize(
+    ("batch_ms", "event_loop"),
+    [(100, "auto"), (0, "auto"), (100, "asyncio")],
+    ids=["on-ticks", "each-chunk", "on-ticks-asyncio"],
+)
 def test_positive_in_1024_sample_chunks_gives_exactly_one_detection(
-    make_agent, tmp_path: Path, positive: bytes, batch_ms: int
+    make_agent, tmp_path: Path, positive: bytes, batch_ms: int, event_loop: str
 ) -> None:  # type: ignore[no-untyped-def]
-    _agent, server, events = wyoming_agent(make_agent, tmp_path, batch_ms=batch_ms)
+    _agent, server, events = wyoming_agent(make_agent, tmp_path, batch_ms=batch_ms, event_loop=event_loop)
     answers = run(detect(server.port, positive, names=[KEYWORD]))
     assert types(answers) == ["detection"]  # then the server closed the connection
     detection = Detection.from_event(answers[0])
@@ -108,6 +114,16 @@ def test_positive_in_1024_sample_chunks_gives_exactly_one_detection(
     assert detection.timestamp == round(event.end * 1000)
     assert 0 < detection.timestamp <= len(positive) * 1000 // 32000
     assert event.stream.startswith("wyoming-127_0_0_1-")
+
+
+@pytest.mark.parametrize("event_loop", ["auto", "asyncio"])
+def test_a_recording_in_one_chunk_larger_than_the_reader_reads_ahead_is_detected(
+    make_agent, tmp_path: Path, positive: bytes, event_loop: str
+) -> None:  # type: ignore[no-untyped-def]
+    assert len(positive) > 128 * 1024  # reading pauses beyond that, and resumes for the rest
+    _, server, _ = wyoming_agent(make_agent, tmp_path, event_loop=event_loop)
+    answers = run(detect(server.port, positive, names=[KEYWORD], chunk_samples=len(positive) // 2))
+    assert types(answers) == ["detection"]
 
 
 def test_negative_gives_not_detected(  # type: ignore[no-untyped-def]
@@ -161,6 +177,23 @@ def test_home_assistant_way_closing_after_the_detection_frees_the_stream(
     (closed,) = events.wait_closed(1)
     assert closed == events.detections[0].stream
     assert closed not in agent.worker.stream_ids()
+    assert agent.errors.count("bad_event") == 0  # leaving between two events is no error
+
+
+def test_a_client_that_half_closes_after_describe_still_gets_info(  # type: ignore[no-untyped-def]
+    make_agent, tmp_path: Path
+) -> None:
+    _, server, _ = wyoming_agent(make_agent, tmp_path)
+
+    async def session() -> list[Event]:
+        reader, writer = await raw_events(server.port, Describe().event())
+        writer.write_eof()  # nothing more to say; still listening
+        found = await answers_until_closed(reader)
+        writer.close()
+        return found
+
+    (answer,) = run(session())
+    assert Info.from_event(answer).wake[0].models[0].name == KEYWORD
 
 
 def test_unknown_wake_word_names_get_an_error_event(  # type: ignore[no-untyped-def]
@@ -258,12 +291,14 @@ def audio_chunk(pcm: bytes) -> Event:
     return AudioChunk(rate=16000, width=2, channels=1, audio=pcm).event()
 
 
+@pytest.mark.parametrize("event_loop", ["auto", "asyncio"])
 def test_truncated_event_ends_that_client_only(  # type: ignore[no-untyped-def]
     make_agent,
     tmp_path: Path,
     positive: bytes,
+    event_loop: str,
 ) -> None:
-    agent, server, events = wyoming_agent(make_agent, tmp_path)
+    agent, server, events = wyoming_agent(make_agent, tmp_path, event_loop=event_loop)
 
     async def misbehave() -> None:
         header = json.dumps(
@@ -311,12 +346,14 @@ def test_unknown_event_type_gets_an_error_and_the_connection_goes_on(
     assert agent.errors.count("unknown_event") == 1
 
 
+@pytest.mark.parametrize("event_loop", ["auto", "asyncio"])
 def test_a_10_mb_chunk_is_refused_before_it_is_read(  # type: ignore[no-untyped-def]
     make_agent,
     tmp_path: Path,
     positive: bytes,
+    event_loop: str,
 ) -> None:
-    agent, server, _ = wyoming_agent(make_agent, tmp_path)
+    agent, server, _ = wyoming_agent(make_agent, tmp_path, event_loop=event_loop)
     seen: list[Event] = []
 
     async def misbehave() -> None:
@@ -333,6 +370,23 @@ def test_a_10_mb_chunk_is_refused_before_it_is_read(  # type: ignore[no-untyped-
     assert types(seen) in (["error"], [])  # [] only if the reset beat the error event
     if seen:
         assert Error.from_event(seen[0]).code == "event_too_large"
+
+
+def test_a_header_line_longer_than_the_limit_is_refused_before_its_end(
+    make_agent, tmp_path: Path, positive: bytes
+) -> None:  # type: ignore[no-untyped-def]
+    agent, server, _ = wyoming_agent(make_agent, tmp_path, max_event_bytes=4096)
+    seen: list[Event] = []
+
+    async def misbehave() -> None:
+        reader, writer = await raw_events(server.port, then=b'{"type": "' + b"x" * 8192)
+        seen.extend(await answers_until_closed(reader))
+        writer.close()
+
+    assert types(run(healthy_client_around(server.port, positive, misbehave))) == ["detection"]
+    assert types(seen) == ["error"] and Error.from_event(seen[0]).code == "event_too_large"
+    assert "header line longer than 4096 bytes" in (Error.from_event(seen[0]).text or "")
+    assert agent.errors.count("event_too_large") == 1
 
 
 def test_a_header_that_is_not_json_gets_an_error_and_is_closed(
@@ -456,4 +510,17 @@ def test_a_taken_port_fails_with_the_address(  # type: ignore[no-untyped-def]
         wyoming={"enabled": True, "port": server.port, "zeroconf": False},
     )
     with pytest.raises(WyomingServerError, match=f"cannot listen on 0.0.0.0:{server.port}"):
+        make_agent(config, integrations=lambda agent: [WyomingServer()], start=False)
+
+
+def test_uvloop_asked_for_but_missing_fails_with_what_to_install(  # type: ignore[no-untyped-def]
+    make_agent, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop raises ImportError
+    config = agent_config(
+        1, tmp_path, mqtt={"enabled": False}, wyoming={"enabled": True, "port": 0, "event_loop": "uvloop"}
+    )
+    with pytest.raises(
+        WyomingServerError, match=r"uvloop is not installed \(pip install 'edge-agent\[wyoming\]'\)"
+    ):
         make_agent(config, integrations=lambda agent: [WyomingServer()], start=False)
