@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from edge_agent.engine.decoder import CompiledKeyword, KeywordDecoder, batch, process_many
-from tests.engine.decoder_signals import ABCD, decode_lazily, posteriors, same_detections, spoken
+from tests.engine.decoder_signals import ABCD, A, B, decode_lazily, posteriors, same_detections, spoken
 
 
 @pytest.mark.parametrize("in_step", [False, True])
@@ -61,12 +61,31 @@ def test_real_time_streams_resolve_a_match_as_it_goes_instead_of_all_at_once(mon
     """Ten streams, in real-time chunks, say the keyword at the same instant. Each resolves its
     window while the keyword is being said, so no single call asks for every window at once;
     the detections do not change."""
+    monkeypatch.setattr(batch, "EARLY_RESOLUTION_MIN_STREAMS", 10)  # a batch as large as that
     streams = [posteriors(300, spoken(150, spacing=8)) for _ in range(10)]
     early, early_resolver = decode_lazily(streams, [ABCD], chunk=3, seed=1)
     monkeypatch.setattr(batch, "EARLY_RESOLUTION_FRAMES", 0)
     late, late_resolver = decode_lazily(streams, [ABCD], chunk=3, seed=1)
     assert same_detections(early, late) and all(len(found) == 1 for found in early)
     assert early_resolver.largest < late_resolver.largest / 2
+
+
+def test_small_batches_resolve_a_window_only_when_a_candidate_comes() -> None:
+    """Below EARLY_RESOLUTION_MIN_STREAMS nothing is resolved ahead: a match begun but never
+    finished (half the streams say only the keyword's first two characters) costs no exact
+    frames; the detections are those of a large batch resolving ahead."""
+    begun = {150: {A: 0.9}, 158: {B: 0.9}}
+    streams = [posteriors(300, spoken(150, spacing=8) if i % 2 else begun) for i in range(10)]
+    small, small_resolver = decode_lazily(streams, [ABCD], chunk=3, seed=1)
+    original = batch.EARLY_RESOLUTION_MIN_STREAMS
+    try:
+        batch.EARLY_RESOLUTION_MIN_STREAMS = 10
+        large, large_resolver = decode_lazily(streams, [ABCD], chunk=3, seed=1)
+    finally:
+        batch.EARLY_RESOLUTION_MIN_STREAMS = original
+    assert same_detections(small, large)
+    assert [len(found) for found in small] == [i % 2 for i in range(10)]
+    assert sum(small_resolver.asked) < sum(large_resolver.asked)
 
 
 @pytest.mark.parametrize("chunk", [3, 33])

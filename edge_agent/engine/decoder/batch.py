@@ -34,6 +34,11 @@ from edge_agent.engine.decoder.search import NEVER, Filtered, KeywordSearch
 if TYPE_CHECKING:
     from edge_agent.engine.decoder.stream import KeywordDecoder
 
+# Batches of at least this many streams (audio arriving in real time) resolve a match under way
+# as it goes: when they all finish a keyword at the same instant, resolving every window in one
+# step would make that step longer than a chunk. Smaller batches resolve a window when a
+# candidate comes, which reads about half as many frames.
+EARLY_RESOLUTION_MIN_STREAMS = 128
 # Spans of at most this many frames (1 s: audio arriving in real time, not whole recordings)
 # resolve a match under way as it goes.
 EARLY_RESOLUTION_FRAMES = 34
@@ -221,9 +226,9 @@ def process_many(
     # Matches under way in real-time audio: frames to resolve ahead of need, a few per step.
     early: list[list[tuple[int, int]]] = [[] for _ in decoders]
     early_limit = [0] * len(decoders)
-    # Worth it for many streams only: one stream's window resolved at once is a small product,
-    # while resolving ahead reads about four times as many frames.
-    early_resolution = resolve is not None and len(decoders) > 1
+    # Worth it for many streams only: a few streams' windows resolved at once are a small
+    # product, while resolving ahead reads about twice as many frames.
+    early_resolution = resolve is not None and len(decoders) >= EARLY_RESOLUTION_MIN_STREAMS
     groups: dict[tuple[object, ...], list[int]] = {}
     for i in active:
         groups.setdefault(decoders[i].signature, []).append(i)
