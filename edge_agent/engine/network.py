@@ -208,10 +208,10 @@ class _FsmnBuffer:
 
     __slots__ = ("_held", "_start", "_store", "_taps", "in_slot", "windows")
 
-    # Rows a store holds beyond a layer's history and look-ahead: a few 100 ms chunks between
-    # moves to the front. Every stream of a batch has a store per layer, so room costs memory
-    # hundreds of times over.
-    _ROOM = 16
+    # Rows a store holds beyond a layer's history and look-ahead: several 100 ms chunks between
+    # moves to the front (fewer rows cost a live microphone a few percent). Every stream of a
+    # batch has a store per layer, so room costs memory hundreds of times over.
+    _ROOM = 32
 
     def __init__(self, frames: np.ndarray, taps: int, slot: np.ndarray | None = None) -> None:
         """``slot``, if given, is the store: a slot of a :class:`_SlotPool`, where a batch reads
