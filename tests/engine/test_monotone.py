@@ -142,8 +142,9 @@ def noisy_speech(draw: st.DrawFn) -> np.ndarray:
             if start + i * spacing < length:
                 events.append((start + i * spacing, TOKENS[i], strength))
     for frame, token, strength in events:
-        p[frame, token] = strength * (1.0 - p[frame, 1:].sum() + p[frame, token])
-        p[frame, 0] = 1.0 - p[frame, 1:].sum()
+        # Clipped: the sums' rounding must not make a posterior negative.
+        p[frame, token] = strength * max(0.0, 1.0 - p[frame, 1:].sum() + p[frame, token])
+        p[frame, 0] = max(0.0, 1.0 - p[frame, 1:].sum())
     return p
 
 
@@ -178,21 +179,26 @@ FLOORED = (0.01, 0.05, 0.2, 0.5)
 
 @st.composite
 def speech_on_the_floors(draw: st.DrawFn) -> tuple[tuple[int, ...], np.ndarray]:
-    """A keyword's spelling, and up to 120 frames of blank with runs of its characters in order,
-    overlapping, whose posteriors sit below, on and above the character floors of a few
-    thresholds (or anywhere): matches whose weakest character, not their confidence, sets the
-    highest threshold at which they count, next to more and less confident ones."""
+    """A keyword's spelling, and up to 80 frames of blank with runs of its characters in order,
+    overlapping, whose posteriors sit below, near and above the character floors of a few
+    thresholds (or anywhere), and other tokens between them here and there (gap penalties: weak
+    matches of strong characters): matches whose weakest character, not their confidence, sets
+    the highest threshold at which they count, next to more and less confident ones."""
     tokens = draw(st.sampled_from(SPELLINGS))
     n = len(tokens)
-    on_floors = [min(1.0, t ** (n - 1) * f) for t in FLOORED for f in (0.5, 0.99, 1.0, 1.01, 2.0)]
-    strength = st.sampled_from([*on_floors, 0.3, 0.7, 1.0]) | st.floats(1e-4, 1.0)
-    length = draw(st.integers(30, 120))
+    near_floors = [min(1.0, t ** (n - 1) * f) for t in FLOORED for f in (0.5, 0.97, 1.03, 2.0)]
+    strength = st.sampled_from([*near_floors, 0.03, 0.1, 0.3, 0.7, 1.0]) | st.floats(1e-4, 1.0)
+    # Between character i and the next: nothing, or a token at this frame offset and strength.
+    between = st.none() | st.tuples(
+        st.integers(1, 7), st.integers(1, VOCAB - 1), st.sampled_from([0.5, 0.95])
+    )
+    length = draw(st.integers(20, 80))
     runs = draw(
         st.lists(
             st.tuples(
                 st.integers(0, length - 1),
                 st.integers(1, 8),
-                st.lists(strength, min_size=n, max_size=n),
+                st.lists(st.tuples(strength, between), min_size=n, max_size=n),
             ),
             min_size=1,
             max_size=5,
@@ -200,12 +206,17 @@ def speech_on_the_floors(draw: st.DrawFn) -> tuple[tuple[int, ...], np.ndarray]:
     )
     p = np.zeros((length, VOCAB))
     p[:, 0] = 1.0
-    for start, spacing, strengths in runs:
-        for i, (token, value) in enumerate(zip(tokens, strengths, strict=True)):
-            frame = start + i * spacing
-            if frame < length:
-                p[frame, token] = value * (1.0 - p[frame, 1:].sum() + p[frame, token])
-                p[frame, 0] = 1.0 - p[frame, 1:].sum()
+
+    def say(frame: int, token: int, value: float) -> None:
+        if frame < length:
+            p[frame, token] = value * max(0.0, 1.0 - p[frame, 1:].sum() + p[frame, token])
+            p[frame, 0] = max(0.0, 1.0 - p[frame, 1:].sum())
+
+    for start, spacing, characters in runs:
+        for i, (token, (value, other)) in enumerate(zip(tokens, characters, strict=True)):
+            say(start + i * spacing, token, value)
+            if other is not None and i < n - 1 and other[0] < spacing:
+                say(start + i * spacing + other[0], other[1], other[2])
     return tokens, p
 
 

@@ -7,30 +7,49 @@ are unit-tested on synthetic score sequences (``tests/engine/test_firing_policy.
 For one keyword in one stream, frame by frame:
 
 * **Threshold and duration.** A match counts if its confidence reaches the keyword's threshold
-  and its span (:func:`keyword_span`) lasts from ``min_duration`` to ``max_duration``.
-* **Pending.** The first match that counts becomes the *pending* detection; a later, more
-  confident one replaces it. A pending detection fires at the earliest one frame after its
+  t, each of its n characters reaches ``t ** (n - 1)`` (``recurrence.py``), and its span
+  (:func:`keyword_span`) lasts from ``min_duration`` to ``max_duration``.
+* **Strength.** The rules below rank matches by their *strength*, the highest threshold at
+  which they count: ``min(confidence, q_min ** (1 / (n - 1)))`` with ``q_min`` the weakest
+  character's posterior at its peak (one character: the confidence); among equally strong
+  matches (sharing their weakest character, say), by confidence. A detection reports its
+  confidence, the geometric mean; the strength only orders. The match offered at a frame is
+  the highest-ranked one ending there.
+* **Pending.** The first match that counts becomes the *pending* detection; a later,
+  higher-ranked one replaces it. A pending detection fires at the earliest one frame after its
   last character (the frame that could still bring a better match).
 * **Settle.** A later match can at best complete a partial match seen so far with perfect
   characters, so the best partial match (its *rivals*' bound) caps what it could still become.
-  The pending detection fires once no rival could be ``settle_ratio`` times as confident: at
-  once for a confident match. Waiting matters when a weak match borrowed the first characters
-  of a keyword still being spoken.
+  The pending detection fires once no rival could be ``settle_ratio`` times as strong: at once
+  for a strong match. Only rivals whose every character is above ``settle_ratio`` times the
+  pending strength (as a floor: its power n - 1) are read; the others could never be that
+  strong. Waiting matters when a weak match borrowed the first characters of a keyword still
+  being spoken.
 * **Pause.** A rival counts only while it gained a character within the last pause: a keyword
   being spoken goes on within one (:meth:`FiringPolicy.rivals_still_spoken`). The pause only
   ends the wait; a keyword said with longer pauses is still found.
 * **Hold.** Whatever the rivals, a pending detection fires ``hold`` after its last character.
-* **Suppression.** A detection that fired silences the matches *no more confident than itself*
-  that end within the refractory period after it, or that begin before its last character
-  (they would reuse its characters): one spoken keyword, one detection. A more confident match
-  is never silenced by a weaker one, and a match no more confident than the pending one, seen
-  while it waited, never fires after it.
+* **Suppression.** A detection that fired silences the matches *no stronger than itself* that
+  end within the refractory period after it, or that begin before its last character (they
+  would reuse its characters): one spoken keyword, one detection. A stronger match is never
+  silenced by a weaker one, and a match ranked no higher than the pending one, seen while it
+  waited, never fires after it.
 
-Why suppression looks at confidence: the decisions about a match then depend only on the
-matches at least as confident as itself, never on weaker ones. Lowering the threshold only adds
-weaker matches, so every detection made at a threshold is made, the same, at every lower one;
-only detections weaker than the higher threshold are added (a weak match that fired before the
+Why the rules look at strength, not confidence: a match counts at threshold t exactly when its
+strength reaches t, so lowering the threshold only adds matches weaker than every match that
+counted before. Confidence does not order them so: the character floor falls with the
+threshold, and a match held back by one weak character can be more confident than a detection
+made at the higher threshold (it would then replace or silence it). Every decision about a
+match (which match a frame offers, whether it is silenced, replaces the pending one or is
+replaced, when it settles) compares it only with matches at least as strong as itself, by rules
+that do not depend on the threshold: the settle rule reads only rivals that could be
+``settle_ratio`` (>= 1) times as strong, all of which count at any threshold the pending match
+counts at. So every detection made at a threshold is made, the same, at every lower one; only
+detections weaker than the higher threshold are added (a weak match that fired before the
 keyword it borrowed from was complete among them: the keyword is reported as well, after it).
+Where work is skipped, the bounds used (the filter's scores, ``Firing.silenced_below`` against
+a confidence bound) over-estimate confidence, hence strength, so nothing that could rank above
+a level is skipped.
 """
 
 from __future__ import annotations

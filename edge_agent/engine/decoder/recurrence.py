@@ -12,7 +12,9 @@ homophones are merged). A match picks one frame per character, in order; its sco
 ``q_i(f)`` is the posterior of character i's group at frame f, so the first term is the log of
 the geometric mean of the n peak posteriors: keywords of every length share one [0, 1] scale
 (the usual decoder's square root of a product does not); each character must also reach
-``threshold ** (n - 1)`` by itself, so strong characters cannot carry one never said.
+``threshold ** (n - 1)`` by itself, so strong characters cannot carry one never said. A match
+therefore counts up to the threshold ``min(confidence, q_min ** (1 / (n - 1)))``, its
+*strength* (:meth:`KeywordScorer.log_strength`), by which the firing rules rank matches.
 ``h(u)`` penalises frames *between* two characters that belong to neither of them nor to blank:
 ``h = min(1, c / (1 - gap_tolerance))`` with ``c = blank + q_i + q_{i+1}``. Unrelated speech
 between the characters therefore breaks the match, instead of letting a decoder stitch a keyword

@@ -6,12 +6,15 @@ decodes new frames in three moves:
 
 1. the *filtering* pass (``recurrence.py``, over bounds where posteriors are not exact)
    proposes the frames where a match may reach the threshold; it never under-estimates;
-2. each proposed frame that the firing state :meth:`~firing.Firing.considers` is re-scored exactly
-   over the keyword's window (``exact.py``) and backtracked for its timings;
+2. each proposed frame that may matter (:meth:`KeywordSearch._may_count`) is re-scored exactly
+   over the keyword's window (``exact.py``) and backtracked for its timings: the recurrence
+   gives the most confident match, and the floor is raised past its weakest character while
+   that character, not its confidence, limits its strength, to find the strongest
+   (:meth:`KeywordSearch._strongest`; the firing rules rank by strength, see ``firing.py``);
 3. the firing policy (``firing.py``) decides which match is pending and when it fires, given
    the bound of the partial matches that could still beat it. A detection silences the matches
-   no more confident than itself that end in its refractory period or begin before its end, so
-   the exact re-scoring finds the best match that is not silenced (:meth:`KeywordSearch._exact`).
+   no stronger than itself that end in its refractory period or begin before its end, so the
+   exact re-scoring finds the best match that is not silenced (:meth:`KeywordSearch._exact`).
 
 Frames where no character may be said cost nothing: their partial matches carry over
 (:meth:`KeywordSearch.expire`), and a frame a whole window after the last frame where a match
