@@ -406,16 +406,19 @@ class KeywordSearch:
         gap_and_dips: Terms | None = None
         no_match = self.scorer.no_match()[None]
         while log_strength < score:
+            log_q = np.where(log_q > weakest, log_q, NEG_INF)
+            if not (np.isfinite(log_q).any(axis=0).all() and np.isfinite(log_q[last, -1])):
+                break  # some character is never stronger (often: its weakest was its best)
             if gap_and_dips is None:  # the same for every floor: computed once
                 values, _ = history.rows(window_start, window_start + last + 1)
                 gap_and_dips = self.scorer.terms(values[None])
-            log_q = np.where(log_q > weakest, log_q, NEG_INF)
-            passed = self.scorer.run(
-                Terms(log_q[None], gap_and_dips.gap, gap_and_dips.dips), no_match, no_match, backtrace=True
-            )
-            score = float(passed.scores[0, last])
+            terms = Terms(log_q[None], gap_and_dips.gap, gap_and_dips.dips)
+            # Scores alone first: usually nothing left is more confident than the strongest so
+            # far is strong, and then no back-pointers are needed.
+            score = float(self.scorer.run(terms, no_match, no_match).scores[0, last])
             if score <= best[0]:
-                break  # nothing left is more confident than the strongest so far is strong
+                break
+            passed = self.scorer.run(terms, no_match, no_match, backtrace=True)
             peaks = self.scorer.backtrace([tuple(a[0] for a in entry) for entry in passed.pointers], last)
             weakest = min(float(log_q[p, i]) for i, p in enumerate(peaks))
             log_strength = self.scorer.log_strength(score, weakest)
