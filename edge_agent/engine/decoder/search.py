@@ -210,7 +210,7 @@ class KeywordSearch:
 
         ``filtered``: the filtering pass over these frames, if already made (any over-estimate
         will do: it only proposes frames for exact re-scoring). A detection does not end the
-        partial matches (a more confident match may still reuse its characters), so one pass
+        partial matches (a stronger match may still reuse its characters), so one pass
         serves the whole span.
         """
         if filtered is None:
