@@ -138,7 +138,7 @@ class EngineConfig:
     refractory: float = option(
         DEFAULT_REFRACTORY_SECONDS,
         doc="Seconds after a detection during which the same keyword is not reported again, "
-        "unless more confident (a lower threshold only adds detections).",
+        "unless stronger: counting at a higher threshold (a lower threshold only adds detections).",
         minimum=0.0,
         maximum=60.0,
     )

@@ -279,3 +279,17 @@ def test_a_character_never_said_cannot_be_carried_by_the_others() -> None:
     events[38] = {D: 1e-3}  # weak but said (floor 0.05**3 = 1.25e-4)
     (found,) = decode(posteriors(80, events), [keyword("abcd", [A, B, C, D], threshold=0.05)])
     assert found.peak_posteriors[-1] == pytest.approx(1e-3)
+
+
+def test_the_strongest_match_ending_at_a_frame_is_reported_not_the_most_confident() -> None:
+    """Two matches of abc end at frame 20: a, b at 0.5, 0.04 (frames 12, 14; confidence 0.271,
+    but b reaches only the floor of 0.2: strength 0.2) and a, b at 0.1, 0.1 (frames 5, 8;
+    confidence 0.215, strength 0.215). The strongest is reported: it counts at every threshold
+    where the other does, so a lower threshold's extra matches never displace it."""
+    p = posteriors(30, {5: {A: 0.1}, 8: {B: 0.1}, 12: {A: 0.5}, 14: {B: 0.04}, 20: {C: 1.0}})
+    abc = keyword("abc", [A, B, C], threshold=0.1)
+    (found,) = decode(p, [abc])
+    assert found.peak_frames == (5, 8, 20)
+    assert found.confidence == pytest.approx(0.01 ** (1 / 3))
+    assert [d.peak_frames for d in decode(p, [keyword("abc", [A, B, C], threshold=0.21)])] == [(5, 8, 20)]
+    assert decode(p, [keyword("abc", [A, B, C], threshold=0.22)]) == []

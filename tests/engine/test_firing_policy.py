@@ -213,3 +213,48 @@ def test_a_span_extends_at_least_one_frame_each_side_and_never_before_zero() -> 
 def test_a_one_character_span_extends_three_frames_each_side() -> None:
     start, end = keyword_span((10,), FRAME, 0.0)
     assert (start, end) == (pytest.approx(7 * FRAME), pytest.approx(13 * FRAME))
+
+
+# --- ranking by strength (the highest threshold at which a match counts) --------------------
+
+
+def test_a_match_without_a_strength_is_as_strong_as_it_is_confident() -> None:
+    assert Candidate(10, 0.5).strength == 0.5 and Candidate(10, 0.5).rank == (0.5, 0.5)
+    assert Candidate(10, 0.5, strength=0.2).rank == (0.2, 0.5)
+
+
+def test_the_stronger_match_replaces_the_pending_one_even_if_less_confident() -> None:
+    """Strength first: a more confident match whose weakest character makes it count only at
+    lower thresholds does not replace a stronger one; among equally strong matches (sharing
+    their weakest character) the more confident one does."""
+    firing = Firing(policy())
+    assert firing.offer(Candidate(10, 0.5, strength=0.2))
+    assert not firing.offer(Candidate(11, 0.9, strength=0.1))
+    assert firing.offer(Candidate(12, 0.3, strength=0.3))
+    assert not firing.offer(Candidate(13, 0.3, strength=0.3))
+    assert firing.offer(Candidate(14, 0.4, strength=0.3))
+    assert firing.pending == Candidate(14, 0.4, strength=0.3)
+
+
+def test_a_detection_silences_the_matches_no_stronger_than_itself_however_confident() -> None:
+    """A detection that counts only up to 0.2 (a weak character) silences, in its refractory
+    period and before its end, the matches no stronger, more confident or not, and no match
+    stronger than itself."""
+    firing = Firing(policy(refractory_frames=30))
+    firing.offer(Candidate(10, 0.9, strength=0.2))
+    firing.fire(11)
+    assert firing.silenced_below(40) == 0.2 and firing.restrictions(0) == [(11, 0.2)]
+    assert not firing.offer(Candidate(20, 0.95, strength=0.2))
+    assert firing.offer(Candidate(20, 0.25, strength=0.25))
+
+
+def test_the_settle_rule_reads_the_pending_matchs_strength() -> None:
+    """Pending at confidence 0.9 but strength 0.1: a rival able to reach 0.3 could be 3 times as
+    strong, so it waits (by confidence it would fire at once); rivals that matter are those
+    whose every character is above 2.5 times its strength."""
+    rules = policy(settle_ratio=2.5)
+    assert not rules.settled(0.1, math.log(0.3)) and rules.settled(0.9, math.log(0.3))
+    assert rules.rival_level(0.1) == pytest.approx(math.log(0.25))
+    firing = Firing(rules)
+    firing.offer(Candidate(10, 0.9, strength=0.1))
+    assert not firing.due(11, math.log(0.3)) and firing.due(11, math.log(0.2))

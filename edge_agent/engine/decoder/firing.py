@@ -7,30 +7,49 @@ are unit-tested on synthetic score sequences (``tests/engine/test_firing_policy.
 For one keyword in one stream, frame by frame:
 
 * **Threshold and duration.** A match counts if its confidence reaches the keyword's threshold
-  and its span (:func:`keyword_span`) lasts from ``min_duration`` to ``max_duration``.
-* **Pending.** The first match that counts becomes the *pending* detection; a later, more
-  confident one replaces it. A pending detection fires at the earliest one frame after its
+  t, each of its n characters reaches ``t ** (n - 1)`` (``recurrence.py``), and its span
+  (:func:`keyword_span`) lasts from ``min_duration`` to ``max_duration``.
+* **Strength.** The rules below rank matches by their *strength*, the highest threshold at
+  which they count: ``min(confidence, q_min ** (1 / (n - 1)))`` with ``q_min`` the weakest
+  character's posterior at its peak (one character: the confidence); among equally strong
+  matches (sharing their weakest character, say), by confidence. A detection reports its
+  confidence, the geometric mean; the strength only orders. The match offered at a frame is
+  the highest-ranked one ending there.
+* **Pending.** The first match that counts becomes the *pending* detection; a later,
+  higher-ranked one replaces it. A pending detection fires at the earliest one frame after its
   last character (the frame that could still bring a better match).
 * **Settle.** A later match can at best complete a partial match seen so far with perfect
   characters, so the best partial match (its *rivals*' bound) caps what it could still become.
-  The pending detection fires once no rival could be ``settle_ratio`` times as confident: at
-  once for a confident match. Waiting matters when a weak match borrowed the first characters
-  of a keyword still being spoken.
+  The pending detection fires once no rival could be ``settle_ratio`` times as strong: at once
+  for a strong match. Only rivals whose every character is above ``settle_ratio`` times the
+  pending strength (as a floor: its power n - 1) are read; the others could never be that
+  strong. Waiting matters when a weak match borrowed the first characters of a keyword still
+  being spoken.
 * **Pause.** A rival counts only while it gained a character within the last pause: a keyword
   being spoken goes on within one (:meth:`FiringPolicy.rivals_still_spoken`). The pause only
   ends the wait; a keyword said with longer pauses is still found.
 * **Hold.** Whatever the rivals, a pending detection fires ``hold`` after its last character.
-* **Suppression.** A detection that fired silences the matches *no more confident than itself*
-  that end within the refractory period after it, or that begin before its last character
-  (they would reuse its characters): one spoken keyword, one detection. A more confident match
-  is never silenced by a weaker one, and a match no more confident than the pending one, seen
-  while it waited, never fires after it.
+* **Suppression.** A detection that fired silences the matches *no stronger than itself* that
+  end within the refractory period after it, or that begin before its last character (they
+  would reuse its characters): one spoken keyword, one detection. A stronger match is never
+  silenced by a weaker one, and a match ranked no higher than the pending one, seen while it
+  waited, never fires after it.
 
-Why suppression looks at confidence: the decisions about a match then depend only on the
-matches at least as confident as itself, never on weaker ones. Lowering the threshold only adds
-weaker matches, so every detection made at a threshold is made, the same, at every lower one;
-only detections weaker than the higher threshold are added (a weak match that fired before the
+Why the rules look at strength, not confidence: a match counts at threshold t exactly when its
+strength reaches t, so lowering the threshold only adds matches weaker than every match that
+counted before. Confidence does not order them so: the character floor falls with the
+threshold, and a match held back by one weak character can be more confident than a detection
+made at the higher threshold (it would then replace or silence it). Every decision about a
+match (which match a frame offers, whether it is silenced, replaces the pending one or is
+replaced, when it settles) compares it only with matches at least as strong as itself, by rules
+that do not depend on the threshold: the settle rule reads only rivals that could be
+``settle_ratio`` (>= 1) times as strong, all of which count at any threshold the pending match
+counts at. So every detection made at a threshold is made, the same, at every lower one; only
+detections weaker than the higher threshold are added (a weak match that fired before the
 keyword it borrowed from was complete among them: the keyword is reported as well, after it).
+Where work is skipped, the bounds used (the filter's scores, ``Firing.silenced_below`` against
+a confidence bound) over-estimate confidence, hence strength, so nothing that could rank above
+a level is skipped.
 """
 
 from __future__ import annotations
@@ -45,13 +64,25 @@ from edge_agent.engine.decoder.keywords import CompiledKeyword
 
 @dataclass(frozen=True)
 class Candidate:
-    """An exact match of a keyword: the frame of its last character's peak and its confidence,
-    with each character's peak frame and posterior (carried to the detection)."""
+    """An exact match of a keyword: the frame of its last character's peak, its confidence and
+    its strength (the highest threshold at which it counts; its confidence if not given), with
+    each character's peak frame and posterior (carried to the detection)."""
 
     frame: int
     confidence: float
     peak_frames: tuple[int, ...] = ()
     peak_posteriors: tuple[float, ...] = ()
+    strength: float = -1.0
+
+    def __post_init__(self) -> None:
+        if self.strength < 0.0:
+            object.__setattr__(self, "strength", self.confidence)
+
+    @property
+    def rank(self) -> tuple[float, float]:
+        """What the firing rules compare: the strength, then the confidence among equally strong
+        matches (those sharing their weakest character, say)."""
+        return (self.strength, self.confidence)
 
 
 @dataclass(frozen=True)
@@ -95,18 +126,25 @@ class FiringPolicy:
             refractory_frames=int(round(refractory_seconds / frame_seconds)),
         )
 
-    def reaches_threshold(self, log_score: float) -> bool:
-        """Whether a match whose log confidence is ``log_score`` counts."""
-        return log_score >= self.log_threshold
+    def reaches_threshold(self, log_strength: float) -> bool:
+        """Whether a match whose log strength is ``log_strength`` counts (for a log confidence,
+        whether a match that confident could count)."""
+        return log_strength >= self.log_threshold
 
     def duration_allowed(self, start: float, end: float) -> bool:
         """Whether a match spanning ``start``..``end`` seconds is as long as the keyword may be."""
         return self.min_duration <= end - start <= self.max_duration
 
-    def settled(self, confidence: float, best_rival: float) -> bool:
+    def settled(self, strength: float, best_rival: float) -> bool:
         """Whether no rival whose log score is at most ``best_rival`` (-inf: none) could be
-        ``settle_ratio`` times as confident as a pending ``confidence``."""
-        return math.log(confidence) >= best_rival - self.log_settle_ratio
+        ``settle_ratio`` times as strong as a pending match of ``strength``."""
+        return math.log(strength) >= best_rival - self.log_settle_ratio
+
+    def rival_level(self, strength: float) -> float:
+        """The log strength that a rival's every character must exceed for it to matter to a
+        pending match of ``strength``: a match that could be ``settle_ratio`` times as strong has
+        no weaker character. The settle rule reads only such rivals, whatever the threshold."""
+        return math.log(strength) + self.log_settle_ratio
 
     def held_long_enough(self, frame: int, pending_frame: int) -> bool:
         """Whether a detection pending since ``pending_frame`` has waited its whole hold at ``frame``."""
@@ -126,24 +164,24 @@ class FiringPolicy:
 
 @dataclass(frozen=True)
 class Fired:
-    """A detection that fired: the frame of its last character, its confidence, and the last
+    """A detection that fired: the frame of its last character, its strength, and the last
     frame of its refractory period."""
 
     frame: int
-    confidence: float
+    strength: float
     quiet_until: int
 
     @property
     def resume(self) -> int:
-        """The first frame where a match no more confident than this one may begin."""
+        """The first frame where a match no stronger than this one may begin."""
         return self.frame + 1
 
 
 class Firing:
     """The firing state of one keyword in one stream: the pending detection and the recent
     detections that may still silence a match. The caller walks the frames in order and, at
-    each one, offers the exact match ending there (if the filter proposes one that could be
-    more confident than what :meth:`silenced_below` there), then asks whether the pending
+    each one, offers the strongest exact match ending there (if the filter proposes one that
+    could be stronger than what :meth:`silenced_below` there), then asks whether the pending
     detection is :meth:`due`."""
 
     def __init__(self, policy: FiringPolicy) -> None:
@@ -156,15 +194,15 @@ class Firing:
         self.fired = []
 
     def silenced_below(self, frame: int) -> float:
-        """The confidence a match ending at ``frame`` must exceed not to be silenced by a recent
+        """The strength a match ending at ``frame`` must exceed not to be silenced by a recent
         detection's refractory period (0.0: none)."""
-        return max((f.confidence for f in self.fired if frame <= f.quiet_until), default=0.0)
+        return max((f.strength for f in self.fired if frame <= f.quiet_until), default=0.0)
 
     def restrictions(self, first: int) -> list[tuple[int, float]]:
-        """``(resume, confidence)`` of the recent detections that restrict where a match may
+        """``(resume, strength)`` of the recent detections that restrict where a match may
         begin, for matches that may begin at ``first`` or later, by increasing ``resume``: a
-        match beginning before ``resume`` counts only if more confident than ``confidence``."""
-        return sorted((f.resume, f.confidence) for f in self.fired if f.resume > first)
+        match beginning before ``resume`` counts only if stronger than ``strength``."""
+        return sorted((f.resume, f.strength) for f in self.fired if f.resume > first)
 
     def forget(self, frame: int, window_frames: int) -> None:
         """Drop the detections that can no longer silence a match ending at ``frame`` or later:
@@ -173,10 +211,10 @@ class Firing:
 
     def offer(self, candidate: Candidate | None) -> bool:
         """A match that counts (or None): it becomes the pending detection if it is not silenced
-        and there is none, or if it is more confident than the pending one. Returns whether it did."""
-        if candidate is None or candidate.confidence <= self.silenced_below(candidate.frame):
+        and there is none, or if it ranks above the pending one. Returns whether it did."""
+        if candidate is None or candidate.strength <= self.silenced_below(candidate.frame):
             return False
-        if self.pending is None or candidate.confidence > self.pending.confidence:
+        if self.pending is None or candidate.rank > self.pending.rank:
             self.pending = candidate
             return True
         return False
@@ -187,18 +225,18 @@ class Firing:
         pending = self.pending
         if pending is None:
             return False
-        return self.policy.settled(pending.confidence, best_rival) or self.policy.held_long_enough(
+        return self.policy.settled(pending.strength, best_rival) or self.policy.held_long_enough(
             frame, pending.frame
         )
 
     def fire(self, frame: int) -> Candidate:
         """Emit the pending detection at ``frame``: its refractory period begins. It lasts
-        through ``frame`` at least: the matches seen while it waited were no more confident."""
+        through ``frame`` at least: the matches seen while it waited ranked no higher."""
         pending = self.pending
         if pending is None:
             raise RuntimeError("nothing pending to fire")
         quiet_until = max(frame, pending.frame + self.policy.refractory_frames)
-        self.fired.append(Fired(pending.frame, pending.confidence, quiet_until))
+        self.fired.append(Fired(pending.frame, pending.strength, quiet_until))
         self.pending = None
         return pending
 

@@ -12,7 +12,9 @@ homophones are merged). A match picks one frame per character, in order; its sco
 ``q_i(f)`` is the posterior of character i's group at frame f, so the first term is the log of
 the geometric mean of the n peak posteriors: keywords of every length share one [0, 1] scale
 (the usual decoder's square root of a product does not); each character must also reach
-``threshold ** (n - 1)`` by itself, so strong characters cannot carry one never said.
+``threshold ** (n - 1)`` by itself, so strong characters cannot carry one never said. A match
+therefore counts up to the threshold ``min(confidence, q_min ** (1 / (n - 1)))``, its
+*strength* (:meth:`KeywordScorer.log_strength`), by which the firing rules rank matches.
 ``h(u)`` penalises frames *between* two characters that belong to neither of them nor to blank:
 ``h = min(1, c / (1 - gap_tolerance))`` with ``c = blank + q_i + q_{i+1}``. Unrelated speech
 between the characters therefore breaks the match, instead of letting a decoder stitch a keyword
@@ -46,6 +48,10 @@ KILL = -1.0e4
 # exact posterior come from separate float32 products, whose roundings may differ in the last
 # bits.
 BOUND_SAFETY = 1.0 - 1e-4
+# The exact terms keep characters a little below the floor: whether a match counts is decided on
+# its strength (:meth:`KeywordScorer.log_strength`), and the floor must not drop a match whose
+# strength reaches the threshold but for the last bits of a power and a log.
+EXACT_FLOOR_SAFETY = 1.0 - 1e-9
 
 
 class Terms(NamedTuple):
@@ -122,7 +128,7 @@ class KeywordScorer:
         with np.errstate(divide="ignore"):
             log_q = np.log(q) / self.n
         # A character below the floor was not said: it cannot be part of a match.
-        log_q[q < self.char_floor] = NEG_INF
+        log_q[q < self.char_floor * EXACT_FLOOR_SAFETY] = NEG_INF
         if self.n == 1:
             empty = np.zeros((*q.shape[:-1], 0))
             return Terms(log_q, empty, empty.astype(bool))
@@ -222,6 +228,21 @@ class KeywordScorer:
             peaks.append(t)
         peaks.reverse()
         return peaks
+
+    def log_strength(self, log_score: float, weakest: float) -> float:
+        """The log of a match's *strength*, the highest threshold at which it counts, from its log
+        confidence and its weakest character's term (``log q / n`` at its peak, as in the terms):
+        at a threshold t it counts iff its confidence reaches t and every character reaches
+        ``t ** (n - 1)``, i.e. iff ``min(confidence, q_min ** (1 / (n - 1)))`` reaches t. One
+        character: its confidence."""
+        if self.n == 1:
+            return log_score
+        return min(log_score, weakest * self.n / (self.n - 1))
+
+    def term_level(self, log_strength: float) -> float:
+        """The term (``log q / n``) of a character whose own strength (``q ** (1 / (n - 1))``,
+        the threshold whose floor it just reaches) is ``exp(log_strength)``."""
+        return log_strength * (self.n - 1) / self.n
 
     def peak_posteriors(self, log_q: np.ndarray, peaks: list[int]) -> tuple[float, ...]:
         """Each character's posterior at its peak, from one stream's ``log_q`` (t, n)."""

@@ -6,12 +6,15 @@ decodes new frames in three moves:
 
 1. the *filtering* pass (``recurrence.py``, over bounds where posteriors are not exact)
    proposes the frames where a match may reach the threshold; it never under-estimates;
-2. each proposed frame that the firing state :meth:`~firing.Firing.considers` is re-scored exactly
-   over the keyword's window (``exact.py``) and backtracked for its timings;
+2. each proposed frame that may matter (:meth:`KeywordSearch._may_count`) is re-scored exactly
+   over the keyword's window (``exact.py``) and backtracked for its timings: the recurrence
+   gives the most confident match, and the floor is raised past its weakest character while
+   that character, not its confidence, limits its strength, to find the strongest
+   (:meth:`KeywordSearch._strongest`; the firing rules rank by strength, see ``firing.py``);
 3. the firing policy (``firing.py``) decides which match is pending and when it fires, given
    the bound of the partial matches that could still beat it. A detection silences the matches
-   no more confident than itself that end in its refractory period or begin before its end, so
-   the exact re-scoring finds the best match that is not silenced (:meth:`KeywordSearch._exact`).
+   no stronger than itself that end in its refractory period or begin before its end, so the
+   exact re-scoring finds the best match that is not silenced (:meth:`KeywordSearch._exact`).
 
 Frames where no character may be said cost nothing: their partial matches carry over
 (:meth:`KeywordSearch.expire`), and a frame a whole window after the last frame where a match
@@ -29,7 +32,7 @@ import numpy as np
 from edge_agent.engine.decoder.exact import Ensure, ExactRuns, History, already_exact
 from edge_agent.engine.decoder.firing import Candidate, Firing, FiringPolicy, keyword_span
 from edge_agent.engine.decoder.keywords import CompiledKeyword, Detection
-from edge_agent.engine.decoder.recurrence import BOUND_SAFETY, NEG_INF, KeywordScorer
+from edge_agent.engine.decoder.recurrence import BOUND_SAFETY, NEG_INF, KeywordScorer, Terms
 
 # Absolute frame standing for "no character start seen".
 NEVER = -(10**12)
@@ -79,7 +82,10 @@ class KeywordSearch:
         )
         self.firing = Firing(self.policy)
         self.runs = ExactRuns(self.scorer)
-        self.log_threshold = self.policy.log_threshold
+        # What the filter compares its bounds with (and what a partial match must keep to stay
+        # alive): the threshold, less the last bits by which a bound may fall below the exact
+        # score of the same match. Whether a match counts is decided on its exact score.
+        self.log_threshold = self.policy.log_threshold - BOUND_TOLERANCE
         self.window_frames = int(math.ceil(keyword.max_duration / frame_seconds)) + 1
         #: a character's bound below this cannot reach the floor (``KeywordScorer.said``)
         self.said_floor = self.scorer.char_floor * BOUND_SAFETY
@@ -204,7 +210,7 @@ class KeywordSearch:
 
         ``filtered``: the filtering pass over these frames, if already made (any over-estimate
         will do: it only proposes frames for exact re-scoring). A detection does not end the
-        partial matches (a more confident match may still reuse its characters), so one pass
+        partial matches (a stronger match may still reuse its characters), so one pass
         serves the whole span.
         """
         if filtered is None:
@@ -241,7 +247,7 @@ class KeywordSearch:
                 i += 1
                 continue
             if rivals is None:
-                rivals = self._rivals(history, firing.pending.frame, ensure)
+                rivals = self._rivals(history, firing.pending, ensure)
             index = frame - rivals[0]
             best_rival = rivals[1][index] if index >= 0 else NEG_INF
             if firing.due(frame, best_rival):
@@ -254,21 +260,39 @@ class KeywordSearch:
 
     def _may_count(self, bound: float, frame: int) -> bool:
         """Whether a match ending at ``frame`` whose log score is at most ``bound`` could change
-        anything: be more confident than the pending detection, or than what is silenced there."""
+        anything: rank above the pending detection, or be stronger than what is silenced there.
+        A match's strength is at most its confidence, so ``bound`` bounds it too (and one as
+        strong as the pending detection but no stronger than ``bound`` is no more confident)."""
         pending = self.firing.pending
-        floor = max(self.firing.silenced_below(frame), pending.confidence if pending is not None else 0.0)
+        floor = max(self.firing.silenced_below(frame), pending.strength if pending is not None else 0.0)
         # The bound and an exact score may differ in their last bits (sums from other origins).
         return floor <= 0.0 or bound + BOUND_TOLERANCE > math.log(floor)
 
-    def _rivals(self, history: History, pending_frame: int, ensure: Ensure) -> tuple[int, np.ndarray]:
+    def _rivals(self, history: History, pending: Candidate, ensure: Ensure) -> tuple[int, np.ndarray]:
         """The rivals' bound (:meth:`FiringPolicy.rivals_still_spoken`) at each frame from the
         pending match's window up to its hold time (it fires by then), counting only matches
-        that begin inside that window; returns the first frame and the values."""
-        start = self.first_start(pending_frame, history)
+        that begin inside that window and whose every character exceeds
+        :meth:`FiringPolicy.rival_level` (the others could never be ``settle_ratio`` times as
+        strong, and which of them the threshold lets through must not change when the pending
+        match fires); returns the first frame and the values."""
+        start = self.first_start(pending.frame, history)
         if start is None:  # cannot happen (the pending match began in the window), but harmless
-            return pending_frame + 1, np.zeros(0)
-        run = self.runs.covering(history, start, pending_frame + 1 + self.policy.hold_frames, ensure)
-        return start, self.policy.rivals_still_spoken(run.prefix, run.ends)
+            return pending.frame + 1, np.zeros(0)
+        stop = pending.frame + 1 + self.policy.hold_frames
+        run = self.runs.covering(history, start, stop, ensure)
+        bound = self.policy.rivals_still_spoken(run.prefix, run.ends)
+        if self.policy.settled(pending.strength, float(bound.max(initial=NEG_INF))):
+            return start, bound  # settled against every rival: fewer of them change nothing
+        level = self.scorer.term_level(self.policy.rival_level(pending.strength))
+        log_q = np.where(run.log_q > level, run.log_q, NEG_INF)
+        if not np.isfinite(log_q[:, :-1]).any():
+            return start, np.full(bound.shape, NEG_INF)
+        values, _ = history.rows(start, run.stop)
+        terms = self.scorer.terms(values[None])
+        no_match = self.scorer.no_match()[None]
+        terms = Terms(log_q[None], terms.gap, terms.dips)
+        passed = self.scorer.run(terms, no_match, no_match, backtrace=True)
+        return start, self.policy.rivals_still_spoken(passed.prefix[0], passed.ends[0])
 
     def run_to_prime(
         self, filtered: Filtered, first_frame: int, history: History
@@ -311,14 +335,14 @@ class KeywordSearch:
 
     # --- exact re-scoring ----------------------------------------------------------------
     def _exact(self, history: History, frame: int, ensure: Ensure) -> Candidate | None:
-        """The most confident match ending at ``frame`` that counts and that no recent detection
+        """The highest-ranked match ending at ``frame`` that counts and that no recent detection
         silences, or None.
 
-        A detection silences the matches that begin before its end unless they are more
-        confident than itself. With detections ending at r_1 < ... < r_m in the window, a match
-        beginning at or after r_j counts if it is more confident than every detection after
-        the j-th: the best match beginning at or after r_j is taken if it clears that level,
-        and the best of these over j (with r_0 the window's start) is the best match allowed.
+        A detection silences the matches that begin before its end unless they are stronger
+        than itself. With detections ending at r_1 < ... < r_m in the window, a match beginning
+        at or after r_j counts if it is stronger than every detection after the j-th: the best
+        match beginning at or after r_j is taken if it clears that level, and the best of these
+        over j (with r_0 the window's start) is the best match allowed.
         """
         low = self.window_start(frame, history)
         restrictions = self.firing.restrictions(low)
@@ -328,13 +352,13 @@ class KeywordSearch:
         best: Candidate | None = None
         for earliest, level in options:
             found = self._best_from(history, frame, earliest, ensure)
-            if found is not None and found.confidence > max(level, best.confidence if best else 0.0):
+            if found is not None and found.strength > level and (best is None or found.rank > best.rank):
                 best = found
         return best
 
     def _best_from(self, history: History, frame: int, earliest: int, ensure: Ensure) -> Candidate | None:
-        """The best match ending at ``frame`` within the duration window that begins at
-        ``earliest`` or later, if it counts."""
+        """The highest-ranked match ending at ``frame`` within the duration window that begins
+        at ``earliest`` or later, if it counts."""
         window_start = self.first_start(frame, history, earliest)
         if window_start is None:
             return None
@@ -344,13 +368,64 @@ class KeywordSearch:
         last = frame - window_start
         score = float(run.scores[last])
         if not self.policy.reaches_threshold(score):
+            return None  # no match that confident: none that strong either
+        strongest = self._strongest(history, window_start, last, score, run.pointers, run.log_q[: last + 1])
+        log_strength, score, peaks, log_q = strongest
+        if not self.policy.reaches_threshold(log_strength):
             return None
-        peaks = self.scorer.backtrace(run.pointers, last)
         absolute = tuple(window_start + p for p in peaks)
-        posteriors = self.scorer.peak_posteriors(run.log_q, peaks)
+        posteriors = self.scorer.peak_posteriors(log_q, peaks)
         if not self.policy.duration_allowed(*self._span(absolute)):
             return None
-        return Candidate(frame, float(math.exp(score)), absolute, posteriors)
+        return Candidate(frame, float(math.exp(score)), absolute, posteriors, float(math.exp(log_strength)))
+
+    def _strongest(
+        self,
+        history: History,
+        window_start: int,
+        last: int,
+        score: float,
+        pointers: list[tuple[np.ndarray, ...]],
+        log_q: np.ndarray,
+    ) -> tuple[float, float, list[int], np.ndarray]:
+        """The highest-ranked match ending at offset ``last`` from ``window_start``, from the
+        most confident one (log ``score``, its run's ``pointers`` and terms ``log_q``): its log
+        strength, log confidence, peaks (offsets) and the terms it was found in.
+
+        The recurrence finds the most confident match, not the strongest. If the most confident
+        one is as strong as it is confident, nothing is stronger (a strength is at most a
+        confidence). Otherwise its weakest character limits it: every match with a character
+        that weak or weaker is no stronger, so they are dropped (the characters' terms at or
+        below its weakest one) and the most confident of the rest is looked at in turn, until
+        one is as strong as it is confident or none is more confident than the strongest so far.
+        """
+        peaks = self.scorer.backtrace(pointers, last)
+        weakest = min(float(log_q[p, i]) for i, p in enumerate(peaks))
+        log_strength = self.scorer.log_strength(score, weakest)
+        best = (log_strength, score, peaks, log_q)
+        gap_and_dips: Terms | None = None
+        no_match = self.scorer.no_match()[None]
+        while log_strength < score:
+            log_q = np.where(log_q > weakest, log_q, NEG_INF)
+            if not (np.isfinite(log_q).any(axis=0).all() and np.isfinite(log_q[last, -1])):
+                break  # some character is never stronger (often: its weakest was its best)
+            if gap_and_dips is None:  # the same for every floor: computed once
+                values, _ = history.rows(window_start, window_start + last + 1)
+                gap_and_dips = self.scorer.terms(values[None])
+            terms = Terms(log_q[None], gap_and_dips.gap, gap_and_dips.dips)
+            # Scores alone first: usually nothing left is more confident than the strongest so
+            # far is strong, and then no back-pointers are needed.
+            score = float(self.scorer.run(terms, no_match, no_match).scores[0, last])
+            if score <= best[0]:
+                break
+            passed = self.scorer.run(terms, no_match, no_match, backtrace=True)
+            peaks = self.scorer.backtrace([tuple(a[0] for a in entry) for entry in passed.pointers], last)
+            weakest = min(float(log_q[p, i]) for i, p in enumerate(peaks))
+            log_strength = self.scorer.log_strength(score, weakest)
+            # Stronger than the last: its weakest character is above the last one's, and its
+            # confidence above the last one's strength.
+            best = (log_strength, score, peaks, log_q)
+        return best
 
     def _span(self, peak_frames: tuple[int, ...]) -> tuple[float, float]:
         return keyword_span(peak_frames, self.frame_seconds, self.frame_center_seconds)

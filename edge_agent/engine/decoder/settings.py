@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# After a detection its keyword is not reported again for this long, unless more confident: one
-# spoken keyword, one detection, while a keyword said again a moment later is found again.
+# After a detection its keyword is not reported again for this long, unless stronger (counting at
+# a higher threshold, see firing.py): one spoken keyword, one detection, while a keyword said
+# again a moment later is found again.
 DEFAULT_REFRACTORY_SECONDS = 1.0
 # Share of a frame between two characters that may go to outputs other than blank and those two
 # characters at no cost; beyond it the frame costs the match, so that unrelated speech between
@@ -26,11 +27,11 @@ DEFAULT_HOLD_SECONDS = 0.5
 # detected. The default stays above the pauses that the wait for a keyword whose first characters
 # a weak match borrowed needs on audio/dev, with a margin (``pause_trade_off``).
 DEFAULT_PAUSE_SECONDS = 0.35
-# A pending detection fires once no later match could be this many times as confident. What the
+# A pending detection fires once no later match could be this many times as strong. What the
 # wait is for, a weak match that borrowed the first characters of a keyword still being spoken,
 # is far weaker than that keyword. A real 小云小云 whose first 小云 was heard poorly looks like
-# one (its own second 小云 could start a match that perfect characters would make more
-# confident): a lower ratio makes such detections wait, a higher one lets borrowed matches
+# one (its own second 小云 could start a match that perfect characters would make
+# stronger): a lower ratio makes such detections wait, a higher one lets borrowed matches
 # through. The default keeps a margin on both sides (``settle_trade_off``).
 DEFAULT_SETTLE_RATIO = 2.5
 
