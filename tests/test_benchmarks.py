@@ -205,9 +205,11 @@ def test_the_pause_cuts_the_wait_without_changing_a_detection_on_the_recordings(
 def test_the_settle_ratio_releases_weak_keywords_sooner_and_changes_no_detection(  # type: ignore[no-untyped-def]
     numpy_model,
 ) -> None:
-    """Why the settle ratio is 2.5 (README, Speed), on the staggered run's continuous streams:
-    the same detections as at 2, fewer of them waiting; at 4 a weaker match is reported instead
-    of a keyword."""
+    """The settle ratio's trade-off (README, Speed), on the staggered run's continuous streams:
+    at the default 2.5 the same detections as at 2, fewer of them waiting. With matches ranked by
+    strength, the settle rule reads only rivals whose every character is that much stronger, and
+    the wider ratios tried (3, 4) change no detection on these recordings either: they release
+    more of the held ones."""
     from benchmarks.engine import continuous_streams, settle_trade_off
     from edge_agent.engine.decoder import DEFAULT_SETTLE_RATIO
 
@@ -215,9 +217,9 @@ def test_the_settle_ratio_releases_weak_keywords_sooner_and_changes_no_detection
     cautious, default = rows[2.0], rows[DEFAULT_SETTLE_RATIO]
     assert default["recordings_changed"] == 0 and default["detections"] == cautious["detections"]
     assert default["held_for_a_better_match"] < cautious["held_for_a_better_match"]
-    assert rows[3.0]["recordings_changed"] == 0
-    assert rows[4.0]["recordings_changed"] >= 1
-    assert rows[4.0]["keyword_vs_early_match_min"] < 4
+    for wider in (3.0, 4.0):
+        assert rows[wider]["recordings_changed"] == 0
+        assert rows[wider]["held_for_a_better_match"] <= default["held_for_a_better_match"]
 
 
 def test_continuous_streams_start_at_each_recording_and_wait_only_up_to_the_hold(  # type: ignore[no-untyped-def]
