@@ -269,19 +269,21 @@ def _worker_metrics(worker: dict[str, Any], muted: bool) -> list[MetricFamily]:
             "edge_agent_engine_backlog_seconds",
             "gauge",
             "Seconds of live audio waiting, per engine worker (engine.workers): how far behind it is.",
-            tuple(
-                Sample(float(w.get("queued_seconds", 0.0)), {"worker": str(w.get("worker", 0))})
-                for w in worker.get("workers", [])
-            ),
+            _per_worker(worker, "queued_seconds"),
         ),
         MetricFamily(
             "edge_agent_engine_worker_restarts",
             "counter",
             "Engine worker processes that died and were replaced, per worker.",
-            tuple(
-                Sample(float(w.get("restarts", 0)), {"worker": str(w.get("worker", 0))})
-                for w in worker.get("workers", [])
-            ),
+            _per_worker(worker, "restarts"),
         ),
         MetricFamily.single("edge_agent_muted", "gauge", "1 while detection is muted.", float(muted)),
     ]
+
+
+def _per_worker(worker: dict[str, Any], field: str) -> tuple[Sample, ...]:
+    """``field`` of each engine worker in health's ``worker.workers``, labelled by worker."""
+    return tuple(
+        Sample(float(entry.get(field, 0)), {"worker": str(entry.get("worker", 0))})
+        for entry in worker.get("workers", [])
+    )
