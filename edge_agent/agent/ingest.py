@@ -66,27 +66,20 @@ class Ingest:
                 return False
         if self._queue.put(item):
             return True
-        self._count_drop(item.stream)
-        if not isinstance(item, AudioChunk):
-            # A local source counts its own drops (and a batch replay offers the chunk again).
-            self._errors.report(
-                "queue_full",
-                "the engine is behind; audio chunk dropped",
-                topic=item.origin,
-                stream=item.stream,
-            )
+        self._dropped_for_backlog(item, "audio chunk dropped")
         return False
 
     def _evicted(self, item: AudioItem) -> None:
         """The queue dropped a waiting chunk to make room for newer audio: counted and reported
         like a refused one."""
+        self._dropped_for_backlog(item, "the oldest waiting audio chunk dropped for newer audio")
+
+    def _dropped_for_backlog(self, item: AudioItem, what: str) -> None:
         self._count_drop(item.stream)
         if not isinstance(item, AudioChunk):
+            # A local source counts its own drops (and a batch replay offers the chunk again).
             self._errors.report(
-                "queue_full",
-                "the engine is behind; the oldest waiting audio chunk dropped for newer audio",
-                topic=item.origin,
-                stream=item.stream,
+                "queue_full", f"the engine is behind; {what}", topic=item.origin, stream=item.stream
             )
 
     def forget(self, stream: str) -> None:
