@@ -16,6 +16,9 @@ audio on every stream, on one thread, and report:
 * ``burst``: every stream plays the same recording of the wake word, so that all of them finish
   the keyword in the same step (what ``benchmarks.mqtt_latency`` provokes through MQTT); the
   median step, the step in which they all fire and the largest step, in ms;
+* ``arithmetic_ceiling``: the network body's multiply-adds per stream-second and how fast this
+  machine's BLAS runs those very products, so how many streams one core could carry if it did
+  nothing else: how far the engine is from the arithmetic limit;
 Times are this process's CPU time (``time.process_time``: one thread, so it is the engine's
 own time), not wall time: on a machine shared with other work, wall time counts the waits for
 a core too. ``--clock wall`` measures wall time instead.
@@ -46,7 +49,9 @@ from benchmarks.common import dev_audio, machine, model_dir, write_result  # noq
 from benchmarks.reference import reference_rtf  # noqa: E402
 from edge_agent.audio.wav import read_wav, to_mono_16k  # noqa: E402
 from edge_agent.engine.detector import feed_many  # noqa: E402
-from edge_agent.engine.model import KeywordSpec, KwsModel  # noqa: E402
+from edge_agent.engine.features import DECIMATION, FRAME_SHIFT_SAMPLES  # noqa: E402
+from edge_agent.engine.kaldi_nnet import AffineTransform, Fsmn, LinearTransform, read_nnet  # noqa: E402
+from edge_agent.engine.model import NETWORK_FILE, KeywordSpec, KwsModel  # noqa: E402
 from edge_agent.system import tune_allocator  # noqa: E402
 
 CHUNK = 1600  # 100 ms
@@ -118,6 +123,45 @@ def burst_steps(model: KwsModel, streams: int) -> dict[str, float]:
     }
 
 
+def arithmetic_ceiling(model: KwsModel, streams: int = 256) -> dict[str, float]:
+    """How many real-time streams one core could carry if it did nothing but the network body's
+    matrix products at the speed this machine's BLAS reaches on them: the model's multiply-adds
+    per stream-second (every frame, every layer but the output layer, which the decoder computes
+    for few columns and few rows), and the products timed with the model's own weights on a
+    batch as large as a ``streams``-stream step's."""
+    components = read_nnet(model.directory / NETWORK_FILE)[:-2]
+    frames_per_second = 16000 / (FRAME_SHIFT_SAMPLES * DECIMATION)
+    rows = int(round(streams * frames_per_second / 10))  # one 100 ms step
+    products = [
+        c.weight.T.astype(np.float32) for c in components if isinstance(c, (AffineTransform, LinearTransform))
+    ]
+    macs_per_frame = sum(w.shape[0] * w.shape[1] for w in products)
+    macs_per_frame += sum(
+        c.input_dim * (c.history_frames + 1 + c.lookahead_frames) for c in components if isinstance(c, Fsmn)
+    )
+    inputs = [
+        np.random.default_rng(0).standard_normal((rows, w.shape[0]), dtype=np.float32) for w in products
+    ]
+    outputs = [np.empty((rows, w.shape[1]), dtype=np.float32) for w in products]
+    repeats, elapsed = 0, 0.0
+    while elapsed < 0.5:
+        started = time.process_time()
+        for x, w, out in zip(inputs, products, outputs, strict=True):
+            np.dot(x, w, out=out)
+        elapsed += time.process_time() - started
+        repeats += 1
+    product_macs = sum(w.shape[0] * w.shape[1] for w in products) * rows * repeats
+    gflops = 2 * product_macs / elapsed / 1e9
+    macs_per_stream_second = macs_per_frame * frames_per_second
+    return {
+        "body_macs_per_frame": macs_per_frame,
+        "frames_per_second": round(frames_per_second, 2),
+        "body_macs_per_stream_second": round(macs_per_stream_second),
+        "matmul_gflops": round(gflops, 1),
+        "ceiling_streams_per_core": round(gflops * 1e9 / (2 * macs_per_stream_second)),
+    }
+
+
 def step_percentiles(step_seconds: list[float]) -> dict[str, float]:
     milliseconds = 1000 * np.asarray(step_seconds)
     return {
@@ -178,6 +222,7 @@ def main() -> None:
             "timings": [round(b, 6) for b in baselines],
         },
         "results": results,
+        "arithmetic_ceiling": arithmetic_ceiling(model),
     }
     path = write_result(f"throughput-{args.backend}", report)
     print(
@@ -201,6 +246,12 @@ def main() -> None:
             f"{r['streams']:>8} {r['rtf']:>9.5f} {r['streams_per_core']:>13.0f} {ratio:>11.2f}x"
             f" {steps:>20} {bursts:>37}"
         )
+    ceiling = report["arithmetic_ceiling"]
+    print(
+        f"arithmetic ceiling: {ceiling['body_macs_per_stream_second'] / 1e6:.1f} M multiply-adds per "
+        f"stream-second in the network body; its products run at {ceiling['matmul_gflops']} GFLOPS "
+        f"here: at most {ceiling['ceiling_streams_per_core']} streams per core doing nothing else"
+    )
     print(f"written: {path}")
 
 

@@ -51,6 +51,10 @@ def test_throughput_latency_and_plot_produce_their_files(
         assert 0 < steps["p50"] <= steps["p95"] <= steps["p99"] <= steps["max"]
         # present only if the streams detected the wake word they all played
         assert row["burst"]["firing_step_ms"] > 0
+    ceiling = throughput["arithmetic_ceiling"]
+    # 4x (250x128 + 128x250) + 400x140 + 140x250 + 250x140 products and four 12-tap FSMN filters
+    assert ceiling["body_macs_per_frame"] == 388_144
+    assert ceiling["matmul_gflops"] > 0 and ceiling["ceiling_streams_per_core"] > 0
     latency = json.loads((tmp_path / "mqtt_latency.json").read_text(encoding="utf-8"))
     (row,) = latency["results"]
     assert row["detections_expected"] > 0
