@@ -143,9 +143,36 @@ def _real_fft(library: str) -> RealFft | None:
             from scipy import fft as scipy_fft
         except ImportError:
             return None
-        # The windows are scratch arrays of ours: scipy may transform them in place.
-        return functools.partial(scipy_fft.rfft, axis=1, overwrite_x=True)
+        return _pocketfft_r2c() or functools.partial(scipy_fft.rfft, axis=1)
     raise ValueError(f"FFT library must be one of {', '.join(FFT_LIBRARIES)}, got {library!r}")
+
+
+def _pocketfft_r2c() -> RealFft | None:
+    """scipy's pocketfft transform itself, without ``scipy.fft.rfft``'s dispatch and argument
+    checks: those cost as much as transforming the few frames of a live chunk. None if this
+    scipy lays its modules out otherwise, or its answer differs from ``scipy.fft.rfft``'s.
+
+    The call is ``scipy.fft.rfft``'s own for a native float32 matrix (axis 1, no normalisation,
+    one thread, a new output array), so the spectra are the same bits.
+    """
+    try:
+        from scipy import fft as scipy_fft
+        from scipy.fft._pocketfft import pypocketfft
+    except ImportError:
+        return None
+    r2c = pypocketfft.r2c
+    axes = (1,)
+
+    def transform(windows: np.ndarray) -> np.ndarray:
+        # Positional arguments: keywords cost more than the transform of one frame.
+        return r2c(windows, axes, True, 0, None, 1)
+
+    probe = np.random.default_rng(0).standard_normal((3, FFT_SIZE)).astype(np.float32)
+    try:
+        same = np.array_equal(transform(probe), scipy_fft.rfft(probe, axis=1))
+    except (TypeError, ValueError):
+        return None
+    return transform if same else None
 
 
 def installed_ffts() -> list[str]:
