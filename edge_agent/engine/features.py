@@ -129,6 +129,7 @@ def _mel_slices() -> tuple[_MelSlice, ...]:
 #: FFT libraries :class:`KaldiFbank` can use, the faster first.
 FFT_LIBRARIES = ("scipy", "numpy")
 
+# A row-wise real FFT. It never writes its input: a stream's windows keep their zero padding.
 RealFft = Callable[[np.ndarray], np.ndarray]
 
 
@@ -301,13 +302,16 @@ class KaldiFbank:
         """Log mel energies of windowed, zero-padded frames; rows may come from many streams."""
         if windows.shape[0] == 0:
             return np.zeros((0, NUM_MEL_BINS), dtype=np.float32)
+        return self.log_mel_into(windows, np.empty((windows.shape[0], NUM_MEL_BINS), dtype=np.float32))
+
+    def log_mel_into(self, windows: np.ndarray, energies: np.ndarray) -> np.ndarray:
+        """:meth:`log_mel` written into ``energies`` (float32, a row per window, rows C-ordered)."""
         # numpy before 2.0 transforms in float64 whatever the input.
         spectrum = np.ascontiguousarray(self._rfft(windows), dtype=np.complex64)
         # Real and imaginary parts side by side, squared in place: the mel weights (repeated for
         # both) add them up in the product, with no separate power spectrum pass.
         squares = spectrum.view(np.float32)
         np.square(squares, out=squares)
-        energies = np.empty((squares.shape[0], NUM_MEL_BINS), dtype=np.float32)
         for part in _mel_slices():
             np.matmul(squares[:, part.parts], part.weights, out=energies[:, part.filters])
         np.maximum(energies, _ENERGY_FLOOR, out=energies)
@@ -366,11 +370,15 @@ class FeatureStream:
             )
         self._cmvn = cmvn
         self._fbank = fbank or KaldiFbank()
+        self._scratch: _StreamScratch | None = None
         self.reset()
 
     def reset(self) -> None:
+        # The samples after the last frame's start; in a stream fed alone, a view of the front
+        # of its scratch samples (see _StreamScratch), which then need no copy.
         self._pending_samples = np.zeros(0, dtype=np.float32)
-        # Filterbank frames kept for context: the last CONTEXT_LEFT + CONTEXT_RIGHT frames.
+        # Filterbank frames kept for context: the last CONTEXT_LEFT + CONTEXT_RIGHT frames at
+        # most (in a stream fed alone, a view of the front of its scratch rows).
         self._context = np.zeros((0, NUM_MEL_BINS), dtype=np.float32)
         self._fbank_frames_total = 0  # filterbank frames produced so far
         self._next_output_center = 0  # filterbank index of the next output frame's centre
@@ -462,12 +470,124 @@ def _accept_one(stream: FeatureStream, chunk: np.ndarray, final: bool) -> np.nda
     chunk = np.asarray(chunk)
     if chunk.ndim != 1:
         raise ValueError(f"expected mono samples as a 1-D array, got shape {chunk.shape}")
+    total = stream._pending_samples.shape[0] + chunk.shape[0]
+    if total <= _SCRATCH_MAX_SAMPLES:
+        return _accept_into_scratch(stream, chunk, total, final)
     stream._samples_total += chunk.shape[0]
     signal = np.concatenate([stream._pending_samples, chunk], dtype=np.float32)
     count = frame_count(signal.shape[0])
     log_mel = stream._fbank.frames(signal)
     stream._pending_samples = signal[count * FRAME_SHIFT_SAMPLES :].copy()
     return _splice_one(stream, log_mel, final)
+
+
+# A stream fed alone keeps its working arrays between calls that hold at most this many samples
+# (its remainder and the chunk: a live microphone's chunks, up to a second); longer calls (whole
+# recordings, in the detector's blocks) make arrays of their own, so that idle streams hold little.
+_SCRATCH_MAX_SAMPLES = SAMPLE_RATE_HZ + FRAME_LENGTH_SAMPLES
+# Rows of context a stream may keep (see _splice_frames): the left context of its next centre,
+# which lies at most CONTEXT_RIGHT frames before its last frame.
+_MAX_CONTEXT_ROWS = CONTEXT_LEFT + CONTEXT_RIGHT
+
+
+@dataclass(frozen=True)
+class _ScratchViews:
+    """Views of a :class:`_StreamScratch` for one number of frames in a call."""
+
+    runs: np.ndarray  # (frames, 399): the pre-emphasised runs of each frame (see _finish_windows)
+    firsts: np.ndarray  # (frames,): each frame's first sample
+    lasts: np.ndarray  # (frames,): each frame's last sample times -PREEMPHASIS
+    windows: np.ndarray  # (frames, FFT_SIZE)
+    window_bodies: np.ndarray  # windows[:, 1:FRAME_LENGTH_SAMPLES]
+    window_firsts: np.ndarray  # windows[:, 0]
+    window_frames: np.ndarray  # windows[:, :FRAME_LENGTH_SAMPLES]
+
+
+class _StreamScratch:
+    """The arrays a stream fed alone works in, kept from call to call: in a live microphone's
+    every chunk, writing into them and reading them through views made once per chunk size
+    costs a fraction of making new arrays. The samples hold the stream's remainder at the front,
+    the rows its context frames; the windows' zero padding is written once."""
+
+    def __init__(self, samples: int) -> None:
+        frames = frame_count(samples)
+        self.samples = np.empty(samples, dtype=np.float32)
+        self.scaled = np.empty(samples, dtype=np.float32)  # samples * -PREEMPHASIS
+        self.differences = np.empty(samples - 1, dtype=np.float32)
+        self.windows = np.zeros((frames, FFT_SIZE), dtype=np.float32)
+        self.rows = np.empty((_MAX_CONTEXT_ROWS + frames, NUM_MEL_BINS), dtype=np.float32)
+        self._views: dict[int, _ScratchViews] = {}
+
+    def views(self, frames: int) -> _ScratchViews:
+        views = self._views.get(frames)
+        if views is None:
+            step = self.differences.strides[0]
+            end = frames * FRAME_SHIFT_SAMPLES
+            last = FRAME_LENGTH_SAMPLES - 1
+            windows = self.windows[:frames]
+            views = _ScratchViews(
+                runs=sliding_view(
+                    self.differences, (frames, FRAME_LENGTH_SAMPLES - 1), (FRAME_SHIFT_SAMPLES * step, step)
+                ),
+                firsts=self.samples[0:end:FRAME_SHIFT_SAMPLES],
+                lasts=self.scaled[last : last + end : FRAME_SHIFT_SAMPLES],
+                windows=windows,
+                window_bodies=windows[:, 1:FRAME_LENGTH_SAMPLES],
+                window_firsts=windows[:, 0],
+                window_frames=windows[:, :FRAME_LENGTH_SAMPLES],
+            )
+            self._views[frames] = views
+        return views
+
+
+def _accept_into_scratch(stream: FeatureStream, chunk: np.ndarray, total: int, final: bool) -> np.ndarray:
+    """:func:`_accept_one` in the stream's scratch arrays (``total``: remainder and chunk).
+
+    The arithmetic of KaldiFbank.windows, log_mel and _splice_one, operation for operation (the
+    same bits), with one difference of form: x[s+399] * k is subtracted from the frame offsets
+    as x[s+399] * -k added, taken from the pre-emphasis products (negation is exact).
+    """
+    scratch = stream._scratch
+    pending = stream._pending_samples
+    held = pending.shape[0]
+    context = stream._context
+    if scratch is None or scratch.samples.shape[0] < total:
+        # Room for chunks a little longer than this one: chunk sizes that vary from call to call
+        # (a resampled source) settle after a few calls.
+        capacity = min(max(total + total // 4, FRAME_LENGTH_SAMPLES), _SCRATCH_MAX_SAMPLES)
+        scratch = stream._scratch = _StreamScratch(capacity)
+    samples = scratch.samples
+    if held and pending.base is not samples:
+        samples[:held] = pending
+    # As np.concatenate(..., dtype=np.float32) would: complex samples are refused.
+    np.copyto(samples[held:total], chunk, casting="same_kind")
+    stream._samples_total += chunk.shape[0]
+    rows = scratch.rows
+    held_rows = context.shape[0]
+    if held_rows and context.base is not rows:
+        rows[:held_rows] = context
+    count = frame_count(total)
+    if count:
+        scaled = scratch.scaled[:total]
+        np.multiply(samples[:total], np.float32(-PREEMPHASIS), out=scaled)
+        np.add(scaled[:-1], samples[1:total], out=scratch.differences[: total - 1])
+        views = scratch.views(count)
+        offsets = views.runs.sum(axis=-1, dtype=np.float32)
+        offsets += views.firsts
+        offsets += views.lasts
+        offsets *= np.float32(1.0 / FRAME_LENGTH_SAMPLES)
+        np.subtract(views.runs, offsets[:, None], out=views.window_bodies)
+        np.subtract(views.firsts * np.float32(1.0 - PREEMPHASIS), offsets, out=views.window_firsts)
+        np.multiply(views.window_frames, stream._fbank._window, out=views.window_frames)
+        stream._fbank.log_mel_into(views.windows, rows[held_rows : held_rows + count])
+    rest = total - count * FRAME_SHIFT_SAMPLES
+    samples[:rest] = samples[total - rest : total]
+    stream._pending_samples = samples[:rest]
+    spliced, keep_from = _splice_frames(stream, rows[: held_rows + count], count, final)
+    kept = held_rows + count - keep_from
+    rows[:kept] = rows[keep_from : held_rows + count]
+    stream._context = rows[:kept]
+    return spliced
 
 
 # Offsets of a spliced frame's filterbank frames from its centre.
@@ -478,9 +598,19 @@ def _splice_one(stream: FeatureStream, log_mel: np.ndarray, final: bool) -> np.n
     """:func:`_splice_many` for one stream (a live microphone's every chunk): the same frames,
     without the bookkeeping that lays out a batch."""
     context = stream._context
-    first_index = stream._fbank_frames_total - context.shape[0]
     frames = np.concatenate([context, log_mel]) if context.shape[0] else log_mel
-    stream._fbank_frames_total += log_mel.shape[0]
+    spliced, keep_from = _splice_frames(stream, frames, log_mel.shape[0], final)
+    stream._context = frames[keep_from:].copy()
+    return spliced
+
+
+def _splice_frames(
+    stream: FeatureStream, frames: np.ndarray, new: int, final: bool
+) -> tuple[np.ndarray, int]:
+    """The spliced, normalised frames of ``frames`` (the stream's context rows, then its ``new``
+    filterbank frames), and the first of its rows the stream keeps as context."""
+    first_index = stream._fbank_frames_total - (frames.shape[0] - new)
+    stream._fbank_frames_total += new
     total_frames = stream._fbank_frames_total
     last_center = total_frames - 1 if final else total_frames - 1 - CONTEXT_RIGHT
     first_center = stream._next_output_center
@@ -488,10 +618,9 @@ def _splice_one(stream: FeatureStream, log_mel: np.ndarray, final: bool) -> np.n
         (last_center - first_center) // DECIMATION + 1 if total_frames and last_center >= first_center else 0
     )
     stream._next_output_center = first_center + DECIMATION * emit
-    keep_from = min(max(0, stream._next_output_center - CONTEXT_LEFT), total_frames)
-    stream._context = frames[keep_from - first_index :].copy()
+    keep_from = min(max(0, stream._next_output_center - CONTEXT_LEFT), total_frames) - first_index
     if emit == 0:
-        return np.zeros((0, FEATURE_DIM), dtype=np.float32)
+        return np.zeros((0, FEATURE_DIM), dtype=np.float32), keep_from
     low = first_center - CONTEXT_LEFT - first_index
     high = first_center + DECIMATION * (emit - 1) + CONTEXT_RIGHT
     if low >= 0 and high < total_frames and frames.flags.c_contiguous:
@@ -499,11 +628,11 @@ def _splice_one(stream: FeatureStream, log_mel: np.ndarray, final: bool) -> np.n
         # the rows to splice are one strided view of them, normalised into a new matrix.
         step = frames.strides[0]
         rows = sliding_view(frames[low:], (emit, FEATURE_DIM), (DECIMATION * step, frames.strides[1]))
-        return stream._cmvn.apply_copy(rows)
+        return stream._cmvn.apply_copy(rows), keep_from
     centers = np.arange(first_center, first_center + DECIMATION * emit, DECIMATION)[:, None]
     absolute = np.minimum(np.maximum(centers + _SPLICE_OFFSETS, 0), total_frames - 1)
     spliced = frames[absolute - first_index].reshape(emit, FEATURE_DIM)
-    return stream._cmvn.apply_in_place(spliced)
+    return stream._cmvn.apply_in_place(spliced), keep_from
 
 
 def _splice_many(

@@ -226,3 +226,52 @@ def test_the_direct_pocketfft_call_gives_scipy_rffts_bits() -> None:
 
 def noise_samples(count: int) -> np.ndarray:
     return np.random.default_rng(8).integers(-8000, 8000, size=count).astype(np.int16)
+
+
+def fed_alone_and_in_batches(
+    streams: list[FeatureStream], samples: list[np.ndarray], sizes: list[int]
+) -> list[np.ndarray]:
+    """Every stream's frames when fed chunks of ``sizes`` in turn, step by step: on even steps
+    each stream alone, on odd steps all of them in one batch; then finished."""
+    from edge_agent.engine.features import accept_many
+
+    out: list[list[np.ndarray]] = [[] for _ in streams]
+    offsets = [0] * len(streams)
+    step = 0
+    while any(offset < signal.shape[0] for offset, signal in zip(offsets, samples, strict=True)):
+        chunks = []
+        for index, signal in enumerate(samples):
+            size = sizes[(step + index) % len(sizes)]
+            chunks.append(signal[offsets[index] : offsets[index] + size])
+            offsets[index] += size
+        if step % 2:
+            results = accept_many(streams, chunks)
+        else:
+            results = [stream.accept(chunk) for stream, chunk in zip(streams, chunks, strict=True)]
+        for frames, result in zip(out, results, strict=True):
+            frames.append(result)
+        step += 1
+    return [np.concatenate([*frames, stream.finish()]) for frames, stream in zip(out, streams, strict=True)]
+
+
+@pytest.mark.parametrize(
+    "sizes", [[160], [320], [1600], [16000], [16000 + 400], [7, 401, 3, 999, 160 * 3 + 1], [1600, 4000, 160]]
+)
+def test_a_stream_fed_alone_computes_the_same_bits_in_its_scratch_arrays(
+    sizes: list[int], numpy_model, example_wav: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream fed alone works in arrays it keeps (_StreamScratch); with new arrays for every
+    call (as for long inputs) each of its frames is the same, bit for bit, also when the stream
+    goes from being fed alone to being fed in a batch and back, and at every chunk size."""
+    samples = [read_samples(example_wav), noise_samples(16000 * 3 + 123), np.zeros(5000, np.int16)]
+
+    def frames() -> list[np.ndarray]:
+        streams = [FeatureStream(numpy_model.cmvn) for _ in samples]
+        return fed_alone_and_in_batches(streams, samples, sizes)
+
+    in_scratch = frames()
+    monkeypatch.setattr(features, "_SCRATCH_MAX_SAMPLES", 0)
+    in_new_arrays = frames()
+    for kept, new in zip(in_scratch, in_new_arrays, strict=True):
+        assert kept.shape[0] > 0
+        np.testing.assert_array_equal(kept, new)
