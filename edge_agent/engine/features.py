@@ -354,6 +354,18 @@ class Cmvn:
         features *= self.scale
         return features
 
+    @functools.cached_property
+    def per_frame(self) -> Cmvn | None:
+        """The same normalisation for one filterbank frame, if every spliced frame's five
+        filterbank frames are normalised alike (``kwsr.mvn`` repeats one 80-dimensional shift
+        and scale): a batch then normalises each filterbank frame once, before splicing,
+        instead of each of its copies after. None otherwise."""
+        parts = (CONTEXT_LEFT + 1 + CONTEXT_RIGHT, -1)
+        shifts, scales = self.shift.reshape(parts), self.scale.reshape(parts)
+        if not ((shifts == shifts[0]).all() and (scales == scales[0]).all()):
+            return None
+        return Cmvn(shifts[0].copy(), scales[0].copy())
+
 
 class FeatureStream:
     """Turns one audio stream, chunk by chunk, into normalised network input frames.
@@ -408,7 +420,7 @@ class FeatureStream:
 
     def finish(self) -> np.ndarray:
         """Flush the end of the stream and reset; returns the last frames (maybe none)."""
-        (frames,) = _splice_many([self], np.zeros((0, NUM_MEL_BINS), dtype=np.float32), [0], final=True)
+        frames = _splice_one(self, np.zeros((0, NUM_MEL_BINS), dtype=np.float32), final=True)
         self.reset()
         return frames
 
@@ -424,11 +436,12 @@ def accept_many(
     if len(streams) == 1:
         return [_accept_one(streams[0], samples[0], final)]
     fbank = streams[0]._fbank
+    chunks = [np.asarray(chunk) for chunk in samples]
     lengths: list[int] = []
-    for stream, chunk in zip(streams, samples, strict=True):
-        if np.ndim(chunk) != 1:
-            raise ValueError(f"expected mono samples as a 1-D array, got shape {np.shape(chunk)}")
-        lengths.append(stream._pending_samples.shape[0] + np.shape(chunk)[0])
+    for stream, chunk in zip(streams, chunks, strict=True):
+        if chunk.ndim != 1:
+            raise ValueError(f"expected mono samples as a 1-D array, got shape {chunk.shape}")
+        lengths.append(stream._pending_samples.shape[0] + chunk.shape[0])
     # Streams with as many samples side by side (streams fed in step: all, or a few runs), so
     # that each run's frames are one strided view (see KaldiFbank.windows_of_runs); a stable
     # order, undone at the end.
@@ -436,8 +449,8 @@ def accept_many(
     streams = [streams[i] for i in order]
     pieces: list[np.ndarray] = []
     for i, stream in zip(order, streams, strict=True):
-        chunk = samples[i]
-        stream._samples_total += np.shape(chunk)[0]
+        chunk = chunks[i]
+        stream._samples_total += chunk.shape[0]
         pieces += (stream._pending_samples, chunk)
     # Every stream's remainder and new samples back to back, in float32 (which holds 16-bit
     # samples exactly, and is what Kaldi computes in), in one copy.
@@ -456,8 +469,19 @@ def accept_many(
         for position, remainder in enumerate(remainders, start=len(counts) - members):
             streams[position]._pending_samples = remainder
         first += members * length
-    log_mel = fbank.log_mel(fbank.windows_of_runs(signal, runs))
-    spliced = _splice_many(streams, log_mel, counts, final=final)
+    windows = fbank.windows_of_runs(signal, runs)
+    # The streams' context rows, then their new frames' log mel energies, written in place
+    # below them: the rows the splicing reads, with no copy of the new frames.
+    contexts = [stream._context for stream in streams]
+    held = [context.shape[0] for context in contexts]
+    held_total = sum(held)
+    source = np.empty((held_total + windows.shape[0], NUM_MEL_BINS), dtype=np.float32)
+    if held_total:
+        np.concatenate(contexts, out=source[:held_total])
+    if windows.shape[0]:
+        fbank.log_mel_into(windows, source[held_total:])
+    del windows  # freed before the splicing's arrays are made: the next batch reuses its memory
+    spliced = _splice_many(streams, source, held, counts, final=final)
     results: list[np.ndarray] = [spliced[0]] * len(streams)
     for position, stream in enumerate(order):
         results[stream] = spliced[position]
@@ -636,20 +660,19 @@ def _splice_frames(
 
 
 def _splice_many(
-    streams: list[FeatureStream], log_mel: np.ndarray, counts: list[int], final: bool
+    streams: list[FeatureStream], source: np.ndarray, held_counts: list[int], counts: list[int], final: bool
 ) -> list[np.ndarray]:
     """Splice each stream's new filterbank frames with +-2 frames of context (repeating a
     stream's first and last frame at its edges) and keep every third, for all streams at once:
     the streams' positions are computed as arrays and the rows of every stream are gathered
-    in one pass, from every stream's context rows followed by the new rows."""
-    if len(streams) == 1:
-        return [_splice_one(streams[0], log_mel, final)]
+    in one pass from ``source``: every stream's context rows (``held_counts`` of them), then
+    every stream's new rows (``counts``). ``source`` is the caller's scratch: it is normalised
+    in place when the CMVN allows (see Cmvn.per_frame)."""
     count = len(streams)
-    contexts = [stream._context for stream in streams]
-    held = np.fromiter((context.shape[0] for context in contexts), np.int64, count)
-    before = np.fromiter((stream._fbank_frames_total for stream in streams), np.int64, count)
-    centers = np.fromiter((stream._next_output_center for stream in streams), np.int64, count)
-    new = np.asarray(counts, dtype=np.int64)
+    held = np.array(held_counts, dtype=np.int64)
+    before = np.array([stream._fbank_frames_total for stream in streams], dtype=np.int64)
+    centers = np.array([stream._next_output_center for stream in streams], dtype=np.int64)
+    new = np.array(counts, dtype=np.int64)
     # Absolute filterbank frames: a stream's context rows are frames [before - held, before),
     # its new rows [before, total).
     total = before + new
@@ -658,10 +681,8 @@ def _splice_many(
     emit = np.where((total > 0) & (last_center >= centers), (last_center - centers) // DECIMATION + 1, 0)
     next_centers = centers + DECIMATION * emit
     keep_from = np.minimum(np.maximum(0, next_centers - CONTEXT_LEFT), total)
-    # Rows of ``source``: every stream's context rows, then ``log_mel`` (every stream's new rows).
-    source = np.concatenate([*contexts, log_mel]) if held.any() else log_mel
     context_start = np.cumsum(held) - held
-    new_start = int(held.sum()) + np.cumsum(new) - new
+    new_start = sum(held_counts) + np.cumsum(new) - new
 
     def rows_of(stream: np.ndarray, absolute: np.ndarray) -> np.ndarray:
         """Rows of ``source`` holding absolute frames of the given streams (index arrays)."""
@@ -697,11 +718,17 @@ def _splice_many(
     within = np.arange(emitted_total) - np.repeat(firsts, counts_array)
     emitting = np.repeat(np.arange(count), counts_array)
     centers_emitted = centers[emitting] + DECIMATION * within
-    # Clamping to [0, last] repeats the first and last frame at a stream's edges.
-    absolute = np.minimum(
-        np.maximum(centers_emitted[:, None] + _SPLICE_OFFSETS, 0), total[emitting][:, None] - 1
-    )
+    absolute = centers_emitted[:, None] + _SPLICE_OFFSETS
+    if final or int(centers.min()) < CONTEXT_LEFT:
+        # Clamping to [0, last] repeats the first and last frame at a stream's edges.
+        absolute = np.minimum(np.maximum(absolute, 0), total[emitting][:, None] - 1)
+    cmvn = streams[0]._cmvn
+    per_frame = cmvn.per_frame
+    if per_frame is not None:
+        # After the kept rows are taken (a stream keeps its context as computed): the same
+        # operations on the same numbers as normalising every spliced frame, a third as many.
+        per_frame.apply_in_place(source)
     spliced = source[rows_of(emitting[:, None], absolute)].reshape(emitted_total, FEATURE_DIM)
-    normalised = streams[0]._cmvn.apply_in_place(spliced)
+    normalised = spliced if per_frame is not None else cmvn.apply_in_place(spliced)
     bounds = np.cumsum([0, *counts_array.tolist()]).tolist()
     return [normalised[low:high] for low, high in itertools.pairwise(bounds)]
