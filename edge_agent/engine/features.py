@@ -89,6 +89,10 @@ def _hamming(length: int) -> np.ndarray:
 # The mel product in this many slices: a triangular filter covers few FFT bins, so each group
 # of consecutive filters multiplies only the bins under it (a quarter of the arithmetic).
 _MEL_GROUPS = 4
+# Up to this many frames (a live chunk of up to 80 ms), one product with the whole mel matrix
+# instead: with so few rows a product costs its call more than its arithmetic. The two sum
+# in different orders, so their energies differ in the last bits (a test bounds it).
+_WHOLE_MEL_MAX_ROWS = 8
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,15 @@ def _fbank_constants() -> tuple[np.ndarray, np.ndarray]:
     window.setflags(write=False)
     banks.setflags(write=False)
     return window, banks
+
+
+@functools.lru_cache(maxsize=1)
+def _whole_mel_weights() -> np.ndarray:
+    """The mel matrix over the spectrum's real and imaginary parts side by side (see _MelSlice)."""
+    _, banks = _fbank_constants()
+    weights = np.repeat(banks, 2, axis=0)
+    weights.setflags(write=False)
+    return weights
 
 
 @functools.lru_cache(maxsize=1)
@@ -312,8 +325,11 @@ class KaldiFbank:
         # both) add them up in the product, with no separate power spectrum pass.
         squares = spectrum.view(np.float32)
         np.square(squares, out=squares)
-        for part in _mel_slices():
-            np.matmul(squares[:, part.parts], part.weights, out=energies[:, part.filters])
+        if squares.shape[0] <= _WHOLE_MEL_MAX_ROWS:
+            np.matmul(squares, _whole_mel_weights(), out=energies)
+        else:
+            for part in _mel_slices():
+                np.matmul(squares[:, part.parts], part.weights, out=energies[:, part.filters])
         np.maximum(energies, _ENERGY_FLOOR, out=energies)
         return np.log(energies, out=energies)
 

@@ -335,3 +335,28 @@ def test_a_cmvn_that_differs_across_the_context_is_applied_per_spliced_dimension
         raw = FeatureStream(identity_cmvn()).accept(signal)
         np.testing.assert_allclose(have, (raw + cmvn.shift) * cmvn.scale, rtol=1e-5, atol=1e-4)
         assert stream.finish().shape[1] == FEATURE_DIM
+
+
+def test_a_few_frames_take_one_whole_mel_product_within_float32_rounding_of_the_slices(
+    example_wav: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Up to _WHOLE_MEL_MAX_ROWS frames (a live chunk's) go through one product with the whole
+    mel matrix, more through its slices: the sums differ in order only, so the log energies
+    agree to float32 rounding, and both stay as close to Kaldi as the tests above hold."""
+    samples = read_samples(example_wav)
+    fbank = KaldiFbank()
+    windows = fbank.windows(samples)
+    rows = features._WHOLE_MEL_MAX_ROWS
+    starts = range(0, windows.shape[0] - rows, 37)
+    whole = [
+        fbank.log_mel(windows[start : start + count]) for start in starts for count in range(1, rows + 1)
+    ]
+    monkeypatch.setattr(features, "_WHOLE_MEL_MAX_ROWS", 0)
+    sliced = [
+        fbank.log_mel(windows[start : start + count]) for start in starts for count in range(1, rows + 1)
+    ]
+    worst = max(float(np.abs(a - b).max()) for a, b in zip(whole, sliced, strict=True))
+    assert worst < 1e-5
+    reference = kaldi_fbank(samples)
+    for start, block in zip(starts, whole[rows - 1 :: rows], strict=True):
+        assert np.abs(block - reference[start : start + rows]).max() < 5e-4
