@@ -18,6 +18,13 @@ with each). The two agree to float32 rounding (the tests hold both to kaldi-nati
 Streaming: :class:`FeatureStream` accepts audio in chunks of any size and yields exactly the
 frames one call on the whole signal would, because every stage carries its remainder: samples
 of an unfinished window, spliced frames still waiting for right context, the decimation phase.
+
+A live chunk is a few frames (100 ms: ten), so what it costs is mostly the number of numpy calls
+made for it, a microsecond or two each, not their arithmetic. Hence: a stream fed alone works in
+arrays it keeps from chunk to chunk, read through views made once per chunk size
+(``_StreamScratch``), instead of concatenating its remainder and context anew; scipy's FFT is
+called without ``scipy.fft``'s dispatch layer; a few frames take one mel product instead of one
+per slice. Many streams fed together (:func:`accept_many`) share every operation instead.
 """
 
 from __future__ import annotations

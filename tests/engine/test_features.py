@@ -257,7 +257,7 @@ def fed_alone_and_in_batches(
 @pytest.mark.parametrize(
     "sizes", [[160], [320], [1600], [16000], [16000 + 400], [7, 401, 3, 999, 160 * 3 + 1], [1600, 4000, 160]]
 )
-def test_a_stream_fed_alone_computes_the_same_bits_in_its_scratch_arrays(
+def test_a_stream_fed_alone_computes_the_same_bits_in_its_scratch_arrays(  # type: ignore[no-untyped-def]
     sizes: list[int], numpy_model, example_wav: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A stream fed alone works in arrays it keeps (_StreamScratch); with new arrays for every
@@ -298,7 +298,7 @@ def fed_in_batches(
     return [np.concatenate([*frames, stream.finish()]) for frames, stream in zip(out, streams, strict=True)]
 
 
-def test_a_batch_normalises_each_filterbank_frame_once_with_the_same_bits(
+def test_a_batch_normalises_each_filterbank_frame_once_with_the_same_bits(  # type: ignore[no-untyped-def]
     numpy_model, example_wav: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """kwsr.mvn repeats one 80-dimensional shift and scale for the five frames of a spliced
