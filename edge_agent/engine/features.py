@@ -436,7 +436,7 @@ class FeatureStream:
         ``final=True``: these are the stream's last samples; the same as ``accept`` then
         :meth:`finish` (all remaining frames, then a reset), in one pass.
         """
-        (frames,) = accept_many([self], [samples], final=final)
+        frames = _accept_one(self, samples, final)
         if final:
             self.reset()
         return frames
@@ -535,6 +535,10 @@ _SCRATCH_MAX_SAMPLES = SAMPLE_RATE_HZ + FRAME_LENGTH_SAMPLES
 # Rows of context a stream may keep (see _splice_frames): the left context of its next centre,
 # which lies at most CONTEXT_RIGHT frames before its last frame.
 _MAX_CONTEXT_ROWS = CONTEXT_LEFT + CONTEXT_RIGHT
+# The float32 factors of _finish_windows, made once: a live chunk's every call would make them.
+_MINUS_PREEMPHASIS = np.float32(-PREEMPHASIS)
+_ONE_MINUS_PREEMPHASIS = np.float32(1.0 - PREEMPHASIS)
+_MEAN_FACTOR = np.float32(1.0 / FRAME_LENGTH_SAMPLES)
 
 
 @dataclass(frozen=True)
@@ -616,15 +620,15 @@ def _accept_into_scratch(stream: FeatureStream, chunk: np.ndarray, total: int, f
     count = frame_count(total)
     if count:
         scaled = scratch.scaled[:total]
-        np.multiply(samples[:total], np.float32(-PREEMPHASIS), out=scaled)
+        np.multiply(samples[:total], _MINUS_PREEMPHASIS, out=scaled)
         np.add(scaled[:-1], samples[1:total], out=scratch.differences[: total - 1])
         views = scratch.views(count)
         offsets = views.runs.sum(axis=-1, dtype=np.float32)
         offsets += views.firsts
         offsets += views.lasts
-        offsets *= np.float32(1.0 / FRAME_LENGTH_SAMPLES)
+        offsets *= _MEAN_FACTOR
         np.subtract(views.runs, offsets[:, None], out=views.window_bodies)
-        np.subtract(views.firsts * np.float32(1.0 - PREEMPHASIS), offsets, out=views.window_firsts)
+        np.subtract(views.firsts * _ONE_MINUS_PREEMPHASIS, offsets, out=views.window_firsts)
         np.multiply(views.window_frames, stream._fbank._window, out=views.window_frames)
         stream._fbank.log_mel_into(views.windows, rows[held_rows : held_rows + count])
     rest = total - count * FRAME_SHIFT_SAMPLES
