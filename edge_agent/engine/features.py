@@ -21,10 +21,10 @@ of an unfinished window, spliced frames still waiting for right context, the dec
 
 A live chunk is a few frames (100 ms: ten), so what it costs is mostly the number of numpy calls
 made for it, a microsecond or two each, not their arithmetic. Hence: a stream fed alone works in
-arrays it keeps from chunk to chunk, read through views made once per chunk size
-(``_StreamScratch``), instead of concatenating its remainder and context anew; scipy's FFT is
-called without ``scipy.fft``'s dispatch layer; a few frames take one mel product instead of one
-per slice. Many streams fed together (:func:`accept_many`) share every operation instead.
+arrays kept from chunk to chunk (one set per thread, ``_Scratch``), read through views made once
+per chunk size, instead of concatenating its remainder and context anew; scipy's FFT is called
+without ``scipy.fft``'s dispatch layer; a few frames take one mel product instead of one per
+slice. Many streams fed together (:func:`accept_many`) share every operation instead.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -405,12 +407,11 @@ class FeatureStream:
             )
         self._cmvn = cmvn
         self._fbank = fbank or KaldiFbank()
-        self._scratch: _StreamScratch | None = None
         self.reset()
 
     def reset(self) -> None:
         # The samples after the last frame's start; in a stream fed alone, a view of the front
-        # of its scratch samples (see _StreamScratch), which then need no copy.
+        # of its thread's scratch samples (see _Scratch), which then need no copy.
         self._pending_samples = np.zeros(0, dtype=np.float32)
         # Filterbank frames kept for context: the last CONTEXT_LEFT + CONTEXT_RIGHT frames at
         # most (in a stream fed alone, a view of the front of its scratch rows).
@@ -528,9 +529,9 @@ def _accept_one(stream: FeatureStream, chunk: np.ndarray, final: bool) -> np.nda
     return _splice_one(stream, log_mel, final)
 
 
-# A stream fed alone keeps its working arrays between calls that hold at most this many samples
-# (its remainder and the chunk: a live microphone's chunks, up to a second); longer calls (whole
-# recordings, in the detector's blocks) make arrays of their own, so that idle streams hold little.
+# A stream fed alone works in its thread's scratch arrays in calls that hold at most this many
+# samples (its remainder and the chunk: a live microphone's chunks, up to a second); longer calls
+# (whole recordings, in the detector's blocks) make arrays of their own.
 _SCRATCH_MAX_SAMPLES = SAMPLE_RATE_HZ + FRAME_LENGTH_SAMPLES
 # Rows of context a stream may keep (see _splice_frames): the left context of its next centre,
 # which lies at most CONTEXT_RIGHT frames before its last frame.
@@ -543,7 +544,7 @@ _MEAN_FACTOR = np.float32(1.0 / FRAME_LENGTH_SAMPLES)
 
 @dataclass(frozen=True)
 class _ScratchViews:
-    """Views of a :class:`_StreamScratch` for one number of frames in a call."""
+    """Views of a :class:`_Scratch` for one number of frames in a call."""
 
     runs: np.ndarray  # (frames, 399): the pre-emphasised runs of each frame (see _finish_windows)
     firsts: np.ndarray  # (frames,): each frame's first sample
@@ -554,11 +555,16 @@ class _ScratchViews:
     window_frames: np.ndarray  # windows[:, :FRAME_LENGTH_SAMPLES]
 
 
-class _StreamScratch:
-    """The arrays a stream fed alone works in, kept from call to call: in a live microphone's
-    every chunk, writing into them and reading them through views made once per chunk size
-    costs a fraction of making new arrays. The samples hold the stream's remainder at the front,
-    the rows its context frames; the windows' zero padding is written once."""
+class _Scratch:
+    """The arrays streams fed alone work in, kept from call to call, one set per thread: in a
+    live microphone's every chunk, writing into them and reading them through views made once
+    per chunk size costs a fraction of making new arrays. The samples hold the remainder of the
+    stream that used them last (their owner) at the front, the rows its context frames, and the
+    owner's remainder and context are views of them; the windows' zero padding is written once.
+
+    One set per thread rather than per stream: an agent's many streams, each fed alone now and
+    then, hold no more memory for it than one.
+    """
 
     def __init__(self, samples: int) -> None:
         frames = frame_count(samples)
@@ -568,6 +574,25 @@ class _StreamScratch:
         self.windows = np.zeros((frames, FFT_SIZE), dtype=np.float32)
         self.rows = np.empty((_MAX_CONTEXT_ROWS + frames, NUM_MEL_BINS), dtype=np.float32)
         self._views: dict[int, _ScratchViews] = {}
+        self._owner: weakref.ref[FeatureStream] | None = None
+
+    def take(self, stream: FeatureStream) -> None:
+        """Make ``stream`` the owner (its remainder and context are copied in by the caller)."""
+        if self._owner is not None and self._owner() is stream:
+            return
+        self.release()
+        self._owner = weakref.ref(stream)
+
+    def release(self) -> None:
+        """Give the owner copies of its remainder and context, which are views of these arrays."""
+        owner = self._owner() if self._owner is not None else None
+        self._owner = None
+        if owner is None:
+            return
+        if owner._pending_samples.base is self.samples:
+            owner._pending_samples = owner._pending_samples.copy()
+        if owner._context.base is self.rows:
+            owner._context = owner._context.copy()
 
     def views(self, frames: int) -> _ScratchViews:
         views = self._views.get(frames)
@@ -591,22 +616,35 @@ class _StreamScratch:
         return views
 
 
+# Each thread's _Scratch (threads feed streams of their own: the agent's engine workers).
+_thread_scratch = threading.local()
+
+
+def _scratch_for(stream: FeatureStream, samples: int) -> _Scratch:
+    """This thread's scratch arrays, with room for ``samples``, owned by ``stream``."""
+    scratch: _Scratch | None = getattr(_thread_scratch, "scratch", None)
+    if scratch is None or scratch.samples.shape[0] < samples:
+        if scratch is not None:
+            scratch.release()
+        # Room for chunks a little longer than this one: chunk sizes that vary from call to call
+        # (a resampled source) settle after a few calls.
+        capacity = min(max(samples + samples // 4, FRAME_LENGTH_SAMPLES), _SCRATCH_MAX_SAMPLES)
+        scratch = _thread_scratch.scratch = _Scratch(capacity)
+    scratch.take(stream)
+    return scratch
+
+
 def _accept_into_scratch(stream: FeatureStream, chunk: np.ndarray, total: int, final: bool) -> np.ndarray:
-    """:func:`_accept_one` in the stream's scratch arrays (``total``: remainder and chunk).
+    """:func:`_accept_one` in this thread's scratch arrays (``total``: remainder and chunk).
 
     The arithmetic of KaldiFbank.windows, log_mel and _splice_one, operation for operation (the
     same bits), with one difference of form: x[s+399] * k is subtracted from the frame offsets
     as x[s+399] * -k added, taken from the pre-emphasis products (negation is exact).
     """
-    scratch = stream._scratch
+    scratch = _scratch_for(stream, total)
     pending = stream._pending_samples
     held = pending.shape[0]
     context = stream._context
-    if scratch is None or scratch.samples.shape[0] < total:
-        # Room for chunks a little longer than this one: chunk sizes that vary from call to call
-        # (a resampled source) settle after a few calls.
-        capacity = min(max(total + total // 4, FRAME_LENGTH_SAMPLES), _SCRATCH_MAX_SAMPLES)
-        scratch = stream._scratch = _StreamScratch(capacity)
     samples = scratch.samples
     if held and pending.base is not samples:
         samples[:held] = pending

@@ -260,7 +260,7 @@ def fed_alone_and_in_batches(
 def test_a_stream_fed_alone_computes_the_same_bits_in_its_scratch_arrays(  # type: ignore[no-untyped-def]
     sizes: list[int], numpy_model, example_wav: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A stream fed alone works in arrays it keeps (_StreamScratch); with new arrays for every
+    """A stream fed alone works in its thread's scratch arrays (_Scratch); with new arrays for every
     call (as for long inputs) each of its frames is the same, bit for bit, also when the stream
     goes from being fed alone to being fed in a batch and back, and at every chunk size."""
     samples = [read_samples(example_wav), noise_samples(16000 * 3 + 123), np.zeros(5000, np.int16)]
@@ -360,3 +360,42 @@ def test_a_few_frames_take_one_whole_mel_product_within_float32_rounding_of_the_
     reference = kaldi_fbank(samples)
     for start, block in zip(starts, whole[rows - 1 :: rows], strict=True):
         assert np.abs(block - reference[start : start + rows]).max() < 5e-4
+
+
+def test_streams_fed_alone_on_several_threads_get_the_bits_of_new_arrays(  # type: ignore[no-untyped-def]
+    numpy_model, example_wav: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each thread has its own scratch arrays, handed from stream to stream: two threads, each
+    feeding two streams alone in turn at once, get every frame of new arrays."""
+    import threading
+
+    wav = read_samples(example_wav)
+    pairs = [[wav, noise_samples(40000)], [noise_samples(30000), wav[::-1].copy()]]
+
+    def alone_in_turn(samples: list[np.ndarray], start: threading.Barrier | None) -> list[np.ndarray]:
+        streams = [FeatureStream(numpy_model.cmvn) for _ in samples]
+        if start is not None:
+            start.wait(timeout=30)
+        out: list[list[np.ndarray]] = [[] for _ in samples]
+        for offset in range(0, max(signal.shape[0] for signal in samples), 1600):
+            for stream, signal, frames in zip(streams, samples, out, strict=True):
+                frames.append(stream.accept(signal[offset : offset + 1600]))
+        return [
+            np.concatenate([*frames, stream.finish()]) for frames, stream in zip(out, streams, strict=True)
+        ]
+
+    start = threading.Barrier(len(pairs))
+    results: dict[int, list[np.ndarray]] = {}
+    threads = [
+        threading.Thread(target=lambda i=i: results.__setitem__(i, alone_in_turn(pairs[i], start)))
+        for i in range(len(pairs))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(results) == [0, 1]
+    monkeypatch.setattr(features, "_SCRATCH_MAX_SAMPLES", 0)
+    for index, samples in enumerate(pairs):
+        for got, expected in zip(results[index], alone_in_turn(samples, None), strict=True):
+            np.testing.assert_array_equal(got, expected)
