@@ -26,6 +26,7 @@ import argparse
 import importlib.util
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,6 +61,16 @@ def front_end_of(checkout: Path) -> ModuleType:
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def commit_of(checkout: Path) -> str:
+    """The commit a checkout is at (short), or "" when git cannot say."""
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=checkout, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def single_stream(module: ModuleType, cmvn: object, audio: np.ndarray, chunk_ms: int) -> float:
@@ -133,6 +144,7 @@ def main() -> None:
         "rounds": args.rounds,
         "clock": "process CPU time, one thread",
         "against": str(args.against) if args.against else None,
+        "against_commit": commit_of(args.against) if args.against else None,
         "front_end": rows,
     }
     path = write_result("frontend", result)
