@@ -379,18 +379,6 @@ class Cmvn:
         features *= self.scale
         return features
 
-    @functools.cached_property
-    def per_frame(self) -> Cmvn | None:
-        """The same normalisation for one filterbank frame, if every spliced frame's five
-        filterbank frames are normalised alike (``kwsr.mvn`` repeats one 80-dimensional shift
-        and scale): a batch then normalises each filterbank frame once, before splicing,
-        instead of each of its copies after. None otherwise."""
-        parts = (CONTEXT_LEFT + 1 + CONTEXT_RIGHT, -1)
-        shifts, scales = self.shift.reshape(parts), self.scale.reshape(parts)
-        if not ((shifts == shifts[0]).all() and (scales == scales[0]).all()):
-            return None
-        return Cmvn(shifts[0].copy(), scales[0].copy())
-
 
 class FeatureStream:
     """Turns one audio stream, chunk by chunk, into normalised network input frames.
@@ -731,8 +719,7 @@ def _splice_many(
     stream's first and last frame at its edges) and keep every third, for all streams at once:
     the streams' positions are computed as arrays and the rows of every stream are gathered
     in one pass from ``source``: every stream's context rows (``held_counts`` of them), then
-    every stream's new rows (``counts``). ``source`` is the caller's scratch: it is normalised
-    in place when the CMVN allows (see Cmvn.per_frame)."""
+    every stream's new rows (``counts``)."""
     count = len(streams)
     held = np.array(held_counts, dtype=np.int64)
     before = np.array([stream._fbank_frames_total for stream in streams], dtype=np.int64)
@@ -787,13 +774,7 @@ def _splice_many(
     if final or int(centers.min()) < CONTEXT_LEFT:
         # Clamping to [0, last] repeats the first and last frame at a stream's edges.
         absolute = np.minimum(np.maximum(absolute, 0), total[emitting][:, None] - 1)
-    cmvn = streams[0]._cmvn
-    per_frame = cmvn.per_frame
-    if per_frame is not None:
-        # After the kept rows are taken (a stream keeps its context as computed): the same
-        # operations on the same numbers as normalising every spliced frame, a third as many.
-        per_frame.apply_in_place(source)
     spliced = source[rows_of(emitting[:, None], absolute)].reshape(emitted_total, FEATURE_DIM)
-    normalised = spliced if per_frame is not None else cmvn.apply_in_place(spliced)
+    normalised = streams[0]._cmvn.apply_in_place(spliced)
     bounds = np.cumsum([0, *counts_array.tolist()]).tolist()
     return [normalised[low:high] for low, high in itertools.pairwise(bounds)]

@@ -277,57 +277,13 @@ def test_a_stream_fed_alone_computes_the_same_bits_in_its_scratch_arrays(  # typ
         np.testing.assert_array_equal(kept, new)
 
 
-def fed_in_batches(
-    streams: list[FeatureStream], samples: list[np.ndarray], sizes: list[int]
-) -> list[np.ndarray]:
-    """Every stream's frames when all are fed in one batch per step, chunks of ``sizes`` in turn."""
-    from edge_agent.engine.features import accept_many
-
-    out: list[list[np.ndarray]] = [[] for _ in streams]
-    offsets = [0] * len(streams)
-    step = 0
-    while any(offset < signal.shape[0] for offset, signal in zip(offsets, samples, strict=True)):
-        chunks = []
-        for index, signal in enumerate(samples):
-            size = sizes[(step + index) % len(sizes)]
-            chunks.append(signal[offsets[index] : offsets[index] + size])
-            offsets[index] += size
-        for frames, result in zip(out, accept_many(streams, chunks), strict=True):
-            frames.append(result)
-        step += 1
-    return [np.concatenate([*frames, stream.finish()]) for frames, stream in zip(out, streams, strict=True)]
-
-
-def test_a_batch_normalises_each_filterbank_frame_once_with_the_same_bits(  # type: ignore[no-untyped-def]
-    numpy_model, example_wav: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """kwsr.mvn repeats one 80-dimensional shift and scale for the five frames of a spliced
-    frame, so a batch normalises each filterbank frame once before splicing (Cmvn.per_frame):
-    the same bits as normalising every spliced frame."""
-    mvn = numpy_model.cmvn
-    assert mvn.per_frame is not None
-    samples = [read_samples(example_wav), noise_samples(16000 * 2 + 77), read_samples(example_wav)[:9000]]
-
-    def frames() -> list[np.ndarray]:
-        streams = [FeatureStream(Cmvn(mvn.shift, mvn.scale)) for _ in samples]
-        return fed_in_batches(streams, samples, [1600, 320, 160 * 3 + 1, 16000])
-
-    once_per_frame = frames()
-    monkeypatch.setattr(Cmvn, "per_frame", property(lambda self: None))
-    per_spliced_frame = frames()
-    for fused, apart in zip(once_per_frame, per_spliced_frame, strict=True):
-        assert fused.shape[0] > 0
-        np.testing.assert_array_equal(fused, apart)
-
-
-def test_a_cmvn_that_differs_across_the_context_is_applied_per_spliced_dimension() -> None:
+def test_a_batch_applies_the_cmvn_of_each_spliced_dimension() -> None:
     from edge_agent.engine.features import accept_many
 
     rng = np.random.default_rng(9)
     cmvn = Cmvn(
         rng.normal(size=FEATURE_DIM).astype(np.float32), rng.uniform(0.5, 2, FEATURE_DIM).astype(np.float32)
     )
-    assert cmvn.per_frame is None
     signals = [noise_samples(8000), noise_samples(12000)[::-1].copy()]
     batched = [FeatureStream(cmvn) for _ in signals]
     got = accept_many(batched, signals)
