@@ -304,17 +304,17 @@ def test_a_few_frames_take_one_whole_mel_product_within_float32_rounding_of_the_
     windows = fbank.windows(samples)
     rows = features._WHOLE_MEL_MAX_ROWS
     starts = range(0, windows.shape[0] - rows, 37)
-    whole = [
+    in_one_product = [
         fbank.log_mel(windows[start : start + count]) for start in starts for count in range(1, rows + 1)
     ]
     monkeypatch.setattr(features, "_WHOLE_MEL_MAX_ROWS", 0)
     sliced = [
         fbank.log_mel(windows[start : start + count]) for start in starts for count in range(1, rows + 1)
     ]
-    worst = max(float(np.abs(a - b).max()) for a, b in zip(whole, sliced, strict=True))
+    worst = max(float(np.abs(a - b).max()) for a, b in zip(in_one_product, sliced, strict=True))
     assert worst < 1e-5
     reference = kaldi_fbank(samples)
-    for start, block in zip(starts, whole[rows - 1 :: rows], strict=True):
+    for start, block in zip(starts, in_one_product[rows - 1 :: rows], strict=True):
         assert np.abs(block - reference[start : start + rows]).max() < 5e-4
 
 
