@@ -18,6 +18,13 @@ with each). The two agree to float32 rounding (the tests hold both to kaldi-nati
 Streaming: :class:`FeatureStream` accepts audio in chunks of any size and yields exactly the
 frames one call on the whole signal would, because every stage carries its remainder: samples
 of an unfinished window, spliced frames still waiting for right context, the decimation phase.
+
+A live chunk is a few frames (100 ms: ten), so what it costs is mostly the number of numpy calls
+made for it, a microsecond or two each, not their arithmetic. Hence: a stream fed alone works in
+arrays kept from chunk to chunk (one set per thread, ``_Scratch``), read through views made once
+per chunk size, instead of concatenating its remainder and context anew; scipy's FFT is called
+without ``scipy.fft``'s dispatch layer; a few frames take one mel product instead of one per
+slice. Many streams fed together (:func:`accept_many`) share every operation instead.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -89,6 +98,10 @@ def _hamming(length: int) -> np.ndarray:
 # The mel product in this many slices: a triangular filter covers few FFT bins, so each group
 # of consecutive filters multiplies only the bins under it (a quarter of the arithmetic).
 _MEL_GROUPS = 4
+# Up to this many frames (a live chunk of up to 80 ms), one product with the whole mel matrix
+# instead: with so few rows a product costs its call more than its arithmetic. The two sum
+# in different orders, so their energies differ in the last bits (a test bounds it).
+_WHOLE_MEL_MAX_ROWS = 8
 
 
 @dataclass(frozen=True)
@@ -113,6 +126,15 @@ def _fbank_constants() -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.lru_cache(maxsize=1)
+def _whole_mel_weights() -> np.ndarray:
+    """The mel matrix over the spectrum's real and imaginary parts side by side (see _MelSlice)."""
+    _, banks = _fbank_constants()
+    weights = np.repeat(banks, 2, axis=0)
+    weights.setflags(write=False)
+    return weights
+
+
+@functools.lru_cache(maxsize=1)
 def _mel_slices() -> tuple[_MelSlice, ...]:
     _, banks = _fbank_constants()
     bounds = np.linspace(0, NUM_MEL_BINS, _MEL_GROUPS + 1).astype(int)
@@ -129,6 +151,7 @@ def _mel_slices() -> tuple[_MelSlice, ...]:
 #: FFT libraries :class:`KaldiFbank` can use, the faster first.
 FFT_LIBRARIES = ("scipy", "numpy")
 
+# A row-wise real FFT. It never writes its input: a stream's windows keep their zero padding.
 RealFft = Callable[[np.ndarray], np.ndarray]
 
 
@@ -143,9 +166,36 @@ def _real_fft(library: str) -> RealFft | None:
             from scipy import fft as scipy_fft
         except ImportError:
             return None
-        # The windows are scratch arrays of ours: scipy may transform them in place.
-        return functools.partial(scipy_fft.rfft, axis=1, overwrite_x=True)
+        return _pocketfft_r2c() or functools.partial(scipy_fft.rfft, axis=1)
     raise ValueError(f"FFT library must be one of {', '.join(FFT_LIBRARIES)}, got {library!r}")
+
+
+def _pocketfft_r2c() -> RealFft | None:
+    """scipy's pocketfft transform itself, without ``scipy.fft.rfft``'s dispatch and argument
+    checks: those cost as much as transforming the few frames of a live chunk. None if this
+    scipy lays its modules out otherwise, or its answer differs from ``scipy.fft.rfft``'s.
+
+    The call is ``scipy.fft.rfft``'s own for a native float32 matrix (axis 1, no normalisation,
+    one thread, a new output array), so the spectra are the same bits.
+    """
+    try:
+        from scipy import fft as scipy_fft
+        from scipy.fft._pocketfft import pypocketfft
+    except ImportError:
+        return None
+    r2c = pypocketfft.r2c
+    axes = (1,)
+
+    def transform(windows: np.ndarray) -> np.ndarray:
+        # Positional arguments: keywords cost more than the transform of one frame.
+        return r2c(windows, axes, True, 0, None, 1)
+
+    probe = np.random.default_rng(0).standard_normal((3, FFT_SIZE)).astype(np.float32)
+    try:
+        same = np.array_equal(transform(probe), scipy_fft.rfft(probe, axis=1))
+    except (TypeError, ValueError):
+        return None
+    return transform if same else None
 
 
 def installed_ffts() -> list[str]:
@@ -274,15 +324,21 @@ class KaldiFbank:
         """Log mel energies of windowed, zero-padded frames; rows may come from many streams."""
         if windows.shape[0] == 0:
             return np.zeros((0, NUM_MEL_BINS), dtype=np.float32)
+        return self.log_mel_into(windows, np.empty((windows.shape[0], NUM_MEL_BINS), dtype=np.float32))
+
+    def log_mel_into(self, windows: np.ndarray, energies: np.ndarray) -> np.ndarray:
+        """:meth:`log_mel` written into ``energies`` (float32, a row per window, rows C-ordered)."""
         # numpy before 2.0 transforms in float64 whatever the input.
         spectrum = np.ascontiguousarray(self._rfft(windows), dtype=np.complex64)
         # Real and imaginary parts side by side, squared in place: the mel weights (repeated for
         # both) add them up in the product, with no separate power spectrum pass.
         squares = spectrum.view(np.float32)
         np.square(squares, out=squares)
-        energies = np.empty((squares.shape[0], NUM_MEL_BINS), dtype=np.float32)
-        for part in _mel_slices():
-            np.matmul(squares[:, part.parts], part.weights, out=energies[:, part.filters])
+        if squares.shape[0] <= _WHOLE_MEL_MAX_ROWS:
+            np.matmul(squares, _whole_mel_weights(), out=energies)
+        else:
+            for part in _mel_slices():
+                np.matmul(squares[:, part.parts], part.weights, out=energies[:, part.filters])
         np.maximum(energies, _ENERGY_FLOOR, out=energies)
         return np.log(energies, out=energies)
 
@@ -342,8 +398,11 @@ class FeatureStream:
         self.reset()
 
     def reset(self) -> None:
+        # The samples after the last frame's start; in a stream fed alone, a view of the front
+        # of its thread's scratch samples (see _Scratch), which then need no copy.
         self._pending_samples = np.zeros(0, dtype=np.float32)
-        # Filterbank frames kept for context: the last CONTEXT_LEFT + CONTEXT_RIGHT frames.
+        # Filterbank frames kept for context: the last CONTEXT_LEFT + CONTEXT_RIGHT frames at
+        # most (in a stream fed alone, a view of the front of its scratch rows).
         self._context = np.zeros((0, NUM_MEL_BINS), dtype=np.float32)
         self._fbank_frames_total = 0  # filterbank frames produced so far
         self._next_output_center = 0  # filterbank index of the next output frame's centre
@@ -366,14 +425,14 @@ class FeatureStream:
         ``final=True``: these are the stream's last samples; the same as ``accept`` then
         :meth:`finish` (all remaining frames, then a reset), in one pass.
         """
-        (frames,) = accept_many([self], [samples], final=final)
+        frames = _accept_one(self, samples, final)
         if final:
             self.reset()
         return frames
 
     def finish(self) -> np.ndarray:
         """Flush the end of the stream and reset; returns the last frames (maybe none)."""
-        (frames,) = _splice_many([self], np.zeros((0, NUM_MEL_BINS), dtype=np.float32), [0], final=True)
+        frames = _splice_one(self, np.zeros((0, NUM_MEL_BINS), dtype=np.float32), final=True)
         self.reset()
         return frames
 
@@ -389,11 +448,12 @@ def accept_many(
     if len(streams) == 1:
         return [_accept_one(streams[0], samples[0], final)]
     fbank = streams[0]._fbank
+    chunks = [np.asarray(chunk) for chunk in samples]
     lengths: list[int] = []
-    for stream, chunk in zip(streams, samples, strict=True):
-        if np.ndim(chunk) != 1:
-            raise ValueError(f"expected mono samples as a 1-D array, got shape {np.shape(chunk)}")
-        lengths.append(stream._pending_samples.shape[0] + np.shape(chunk)[0])
+    for stream, chunk in zip(streams, chunks, strict=True):
+        if chunk.ndim != 1:
+            raise ValueError(f"expected mono samples as a 1-D array, got shape {chunk.shape}")
+        lengths.append(stream._pending_samples.shape[0] + chunk.shape[0])
     # Streams with as many samples side by side (streams fed in step: all, or a few runs), so
     # that each run's frames are one strided view (see KaldiFbank.windows_of_runs); a stable
     # order, undone at the end.
@@ -401,8 +461,8 @@ def accept_many(
     streams = [streams[i] for i in order]
     pieces: list[np.ndarray] = []
     for i, stream in zip(order, streams, strict=True):
-        chunk = samples[i]
-        stream._samples_total += np.shape(chunk)[0]
+        chunk = chunks[i]
+        stream._samples_total += chunk.shape[0]
         pieces += (stream._pending_samples, chunk)
     # Every stream's remainder and new samples back to back, in float32 (which holds 16-bit
     # samples exactly, and is what Kaldi computes in), in one copy.
@@ -421,8 +481,19 @@ def accept_many(
         for position, remainder in enumerate(remainders, start=len(counts) - members):
             streams[position]._pending_samples = remainder
         first += members * length
-    log_mel = fbank.log_mel(fbank.windows_of_runs(signal, runs))
-    spliced = _splice_many(streams, log_mel, counts, final=final)
+    windows = fbank.windows_of_runs(signal, runs)
+    # The streams' context rows, then their new frames' log mel energies, written in place
+    # below them: the rows the splicing reads, with no copy of the new frames.
+    contexts = [stream._context for stream in streams]
+    held = [context.shape[0] for context in contexts]
+    held_total = sum(held)
+    source = np.empty((held_total + windows.shape[0], NUM_MEL_BINS), dtype=np.float32)
+    if held_total:
+        np.concatenate(contexts, out=source[:held_total])
+    if windows.shape[0]:
+        fbank.log_mel_into(windows, source[held_total:])
+    del windows  # freed before the splicing's arrays are made: the next batch reuses its memory
+    spliced = _splice_many(streams, source, held, counts, final=final)
     results: list[np.ndarray] = [spliced[0]] * len(streams)
     for position, stream in enumerate(order):
         results[stream] = spliced[position]
@@ -435,12 +506,165 @@ def _accept_one(stream: FeatureStream, chunk: np.ndarray, final: bool) -> np.nda
     chunk = np.asarray(chunk)
     if chunk.ndim != 1:
         raise ValueError(f"expected mono samples as a 1-D array, got shape {chunk.shape}")
+    total = stream._pending_samples.shape[0] + chunk.shape[0]
+    if total <= _SCRATCH_MAX_SAMPLES:
+        return _accept_into_scratch(stream, chunk, total, final)
     stream._samples_total += chunk.shape[0]
     signal = np.concatenate([stream._pending_samples, chunk], dtype=np.float32)
     count = frame_count(signal.shape[0])
     log_mel = stream._fbank.frames(signal)
     stream._pending_samples = signal[count * FRAME_SHIFT_SAMPLES :].copy()
     return _splice_one(stream, log_mel, final)
+
+
+# A stream fed alone works in its thread's scratch arrays in calls that hold at most this many
+# samples (its remainder and the chunk: a live microphone's chunks, up to a second); longer calls
+# (whole recordings, in the detector's blocks) make arrays of their own.
+_SCRATCH_MAX_SAMPLES = SAMPLE_RATE_HZ + FRAME_LENGTH_SAMPLES
+# Rows of context a stream may keep (see _splice_frames): the left context of its next centre,
+# which lies at most CONTEXT_RIGHT frames before its last frame.
+_MAX_CONTEXT_ROWS = CONTEXT_LEFT + CONTEXT_RIGHT
+# The float32 factors of _finish_windows, made once: a live chunk's every call would make them.
+_MINUS_PREEMPHASIS = np.float32(-PREEMPHASIS)
+_ONE_MINUS_PREEMPHASIS = np.float32(1.0 - PREEMPHASIS)
+_MEAN_FACTOR = np.float32(1.0 / FRAME_LENGTH_SAMPLES)
+
+
+@dataclass(frozen=True)
+class _ScratchViews:
+    """Views of a :class:`_Scratch` for one number of frames in a call."""
+
+    runs: np.ndarray  # (frames, 399): the pre-emphasised runs of each frame (see _finish_windows)
+    firsts: np.ndarray  # (frames,): each frame's first sample
+    lasts: np.ndarray  # (frames,): each frame's last sample times -PREEMPHASIS
+    windows: np.ndarray  # (frames, FFT_SIZE)
+    window_bodies: np.ndarray  # windows[:, 1:FRAME_LENGTH_SAMPLES]
+    window_firsts: np.ndarray  # windows[:, 0]
+    window_frames: np.ndarray  # windows[:, :FRAME_LENGTH_SAMPLES]
+
+
+class _Scratch:
+    """The arrays streams fed alone work in, kept from call to call, one set per thread: in a
+    live microphone's every chunk, writing into them and reading them through views made once
+    per chunk size costs a fraction of making new arrays. The samples hold the remainder of the
+    stream that used them last (their owner) at the front, the rows its context frames, and the
+    owner's remainder and context are views of them; the windows' zero padding is written once.
+
+    One set per thread rather than per stream: an agent's many streams, each fed alone now and
+    then, hold no more memory for it than one.
+    """
+
+    def __init__(self, samples: int) -> None:
+        frames = frame_count(samples)
+        self.samples = np.empty(samples, dtype=np.float32)
+        self.scaled = np.empty(samples, dtype=np.float32)  # samples * -PREEMPHASIS
+        self.differences = np.empty(samples - 1, dtype=np.float32)
+        self.windows = np.zeros((frames, FFT_SIZE), dtype=np.float32)
+        self.rows = np.empty((_MAX_CONTEXT_ROWS + frames, NUM_MEL_BINS), dtype=np.float32)
+        self._views: dict[int, _ScratchViews] = {}
+        self._owner: weakref.ref[FeatureStream] | None = None
+
+    def take(self, stream: FeatureStream) -> None:
+        """Make ``stream`` the owner (its remainder and context are copied in by the caller)."""
+        if self._owner is not None and self._owner() is stream:
+            return
+        self.release()
+        self._owner = weakref.ref(stream)
+
+    def release(self) -> None:
+        """Give the owner copies of its remainder and context, which are views of these arrays."""
+        owner = self._owner() if self._owner is not None else None
+        self._owner = None
+        if owner is None:
+            return
+        if owner._pending_samples.base is self.samples:
+            owner._pending_samples = owner._pending_samples.copy()
+        if owner._context.base is self.rows:
+            owner._context = owner._context.copy()
+
+    def views(self, frames: int) -> _ScratchViews:
+        views = self._views.get(frames)
+        if views is None:
+            step = self.differences.strides[0]
+            end = frames * FRAME_SHIFT_SAMPLES
+            last = FRAME_LENGTH_SAMPLES - 1
+            windows = self.windows[:frames]
+            views = _ScratchViews(
+                runs=sliding_view(
+                    self.differences, (frames, FRAME_LENGTH_SAMPLES - 1), (FRAME_SHIFT_SAMPLES * step, step)
+                ),
+                firsts=self.samples[0:end:FRAME_SHIFT_SAMPLES],
+                lasts=self.scaled[last : last + end : FRAME_SHIFT_SAMPLES],
+                windows=windows,
+                window_bodies=windows[:, 1:FRAME_LENGTH_SAMPLES],
+                window_firsts=windows[:, 0],
+                window_frames=windows[:, :FRAME_LENGTH_SAMPLES],
+            )
+            self._views[frames] = views
+        return views
+
+
+# Each thread's _Scratch (threads feed streams of their own: the agent's engine workers).
+_thread_scratch = threading.local()
+
+
+def _scratch_for(stream: FeatureStream, samples: int) -> _Scratch:
+    """This thread's scratch arrays, with room for ``samples``, owned by ``stream``."""
+    scratch: _Scratch | None = getattr(_thread_scratch, "scratch", None)
+    if scratch is None or scratch.samples.shape[0] < samples:
+        if scratch is not None:
+            scratch.release()
+        # Room for chunks a little longer than this one: chunk sizes that vary from call to call
+        # (a resampled source) settle after a few calls.
+        capacity = min(max(samples + samples // 4, FRAME_LENGTH_SAMPLES), _SCRATCH_MAX_SAMPLES)
+        scratch = _thread_scratch.scratch = _Scratch(capacity)
+    scratch.take(stream)
+    return scratch
+
+
+def _accept_into_scratch(stream: FeatureStream, chunk: np.ndarray, total: int, final: bool) -> np.ndarray:
+    """:func:`_accept_one` in this thread's scratch arrays (``total``: remainder and chunk).
+
+    The arithmetic of KaldiFbank.windows, log_mel and _splice_one, operation for operation (the
+    same bits), with one difference of form: x[s+399] * k is subtracted from the frame offsets
+    as x[s+399] * -k added, taken from the pre-emphasis products (negation is exact).
+    """
+    scratch = _scratch_for(stream, total)
+    pending = stream._pending_samples
+    held = pending.shape[0]
+    context = stream._context
+    samples = scratch.samples
+    if held and pending.base is not samples:
+        samples[:held] = pending
+    # As np.concatenate(..., dtype=np.float32) would: complex samples are refused.
+    np.copyto(samples[held:total], chunk, casting="same_kind")
+    stream._samples_total += chunk.shape[0]
+    rows = scratch.rows
+    held_rows = context.shape[0]
+    if held_rows and context.base is not rows:
+        rows[:held_rows] = context
+    count = frame_count(total)
+    if count:
+        scaled = scratch.scaled[:total]
+        np.multiply(samples[:total], _MINUS_PREEMPHASIS, out=scaled)
+        np.add(scaled[:-1], samples[1:total], out=scratch.differences[: total - 1])
+        views = scratch.views(count)
+        offsets = views.runs.sum(axis=-1, dtype=np.float32)
+        offsets += views.firsts
+        offsets += views.lasts
+        offsets *= _MEAN_FACTOR
+        np.subtract(views.runs, offsets[:, None], out=views.window_bodies)
+        np.subtract(views.firsts * _ONE_MINUS_PREEMPHASIS, offsets, out=views.window_firsts)
+        np.multiply(views.window_frames, stream._fbank._window, out=views.window_frames)
+        stream._fbank.log_mel_into(views.windows, rows[held_rows : held_rows + count])
+    rest = total - count * FRAME_SHIFT_SAMPLES
+    samples[:rest] = samples[total - rest : total]
+    stream._pending_samples = samples[:rest]
+    spliced, keep_from = _splice_frames(stream, rows[: held_rows + count], count, final)
+    kept = held_rows + count - keep_from
+    rows[:kept] = rows[keep_from : held_rows + count]
+    stream._context = rows[:kept]
+    return spliced
 
 
 # Offsets of a spliced frame's filterbank frames from its centre.
@@ -451,9 +675,19 @@ def _splice_one(stream: FeatureStream, log_mel: np.ndarray, final: bool) -> np.n
     """:func:`_splice_many` for one stream (a live microphone's every chunk): the same frames,
     without the bookkeeping that lays out a batch."""
     context = stream._context
-    first_index = stream._fbank_frames_total - context.shape[0]
     frames = np.concatenate([context, log_mel]) if context.shape[0] else log_mel
-    stream._fbank_frames_total += log_mel.shape[0]
+    spliced, keep_from = _splice_frames(stream, frames, log_mel.shape[0], final)
+    stream._context = frames[keep_from:].copy()
+    return spliced
+
+
+def _splice_frames(
+    stream: FeatureStream, frames: np.ndarray, new: int, final: bool
+) -> tuple[np.ndarray, int]:
+    """The spliced, normalised frames of ``frames`` (the stream's context rows, then its ``new``
+    filterbank frames), and the first of its rows the stream keeps as context."""
+    first_index = stream._fbank_frames_total - (frames.shape[0] - new)
+    stream._fbank_frames_total += new
     total_frames = stream._fbank_frames_total
     last_center = total_frames - 1 if final else total_frames - 1 - CONTEXT_RIGHT
     first_center = stream._next_output_center
@@ -461,10 +695,9 @@ def _splice_one(stream: FeatureStream, log_mel: np.ndarray, final: bool) -> np.n
         (last_center - first_center) // DECIMATION + 1 if total_frames and last_center >= first_center else 0
     )
     stream._next_output_center = first_center + DECIMATION * emit
-    keep_from = min(max(0, stream._next_output_center - CONTEXT_LEFT), total_frames)
-    stream._context = frames[keep_from - first_index :].copy()
+    keep_from = min(max(0, stream._next_output_center - CONTEXT_LEFT), total_frames) - first_index
     if emit == 0:
-        return np.zeros((0, FEATURE_DIM), dtype=np.float32)
+        return np.zeros((0, FEATURE_DIM), dtype=np.float32), keep_from
     low = first_center - CONTEXT_LEFT - first_index
     high = first_center + DECIMATION * (emit - 1) + CONTEXT_RIGHT
     if low >= 0 and high < total_frames and frames.flags.c_contiguous:
@@ -472,28 +705,26 @@ def _splice_one(stream: FeatureStream, log_mel: np.ndarray, final: bool) -> np.n
         # the rows to splice are one strided view of them, normalised into a new matrix.
         step = frames.strides[0]
         rows = sliding_view(frames[low:], (emit, FEATURE_DIM), (DECIMATION * step, frames.strides[1]))
-        return stream._cmvn.apply_copy(rows)
+        return stream._cmvn.apply_copy(rows), keep_from
     centers = np.arange(first_center, first_center + DECIMATION * emit, DECIMATION)[:, None]
     absolute = np.minimum(np.maximum(centers + _SPLICE_OFFSETS, 0), total_frames - 1)
     spliced = frames[absolute - first_index].reshape(emit, FEATURE_DIM)
-    return stream._cmvn.apply_in_place(spliced)
+    return stream._cmvn.apply_in_place(spliced), keep_from
 
 
 def _splice_many(
-    streams: list[FeatureStream], log_mel: np.ndarray, counts: list[int], final: bool
+    streams: list[FeatureStream], source: np.ndarray, held_counts: list[int], counts: list[int], final: bool
 ) -> list[np.ndarray]:
     """Splice each stream's new filterbank frames with +-2 frames of context (repeating a
     stream's first and last frame at its edges) and keep every third, for all streams at once:
     the streams' positions are computed as arrays and the rows of every stream are gathered
-    in one pass, from every stream's context rows followed by the new rows."""
-    if len(streams) == 1:
-        return [_splice_one(streams[0], log_mel, final)]
+    in one pass from ``source``: every stream's context rows (``held_counts`` of them), then
+    every stream's new rows (``counts``)."""
     count = len(streams)
-    contexts = [stream._context for stream in streams]
-    held = np.fromiter((context.shape[0] for context in contexts), np.int64, count)
-    before = np.fromiter((stream._fbank_frames_total for stream in streams), np.int64, count)
-    centers = np.fromiter((stream._next_output_center for stream in streams), np.int64, count)
-    new = np.asarray(counts, dtype=np.int64)
+    held = np.array(held_counts, dtype=np.int64)
+    before = np.array([stream._fbank_frames_total for stream in streams], dtype=np.int64)
+    centers = np.array([stream._next_output_center for stream in streams], dtype=np.int64)
+    new = np.array(counts, dtype=np.int64)
     # Absolute filterbank frames: a stream's context rows are frames [before - held, before),
     # its new rows [before, total).
     total = before + new
@@ -502,10 +733,8 @@ def _splice_many(
     emit = np.where((total > 0) & (last_center >= centers), (last_center - centers) // DECIMATION + 1, 0)
     next_centers = centers + DECIMATION * emit
     keep_from = np.minimum(np.maximum(0, next_centers - CONTEXT_LEFT), total)
-    # Rows of ``source``: every stream's context rows, then ``log_mel`` (every stream's new rows).
-    source = np.concatenate([*contexts, log_mel]) if held.any() else log_mel
     context_start = np.cumsum(held) - held
-    new_start = int(held.sum()) + np.cumsum(new) - new
+    new_start = sum(held_counts) + np.cumsum(new) - new
 
     def rows_of(stream: np.ndarray, absolute: np.ndarray) -> np.ndarray:
         """Rows of ``source`` holding absolute frames of the given streams (index arrays)."""
@@ -541,10 +770,10 @@ def _splice_many(
     within = np.arange(emitted_total) - np.repeat(firsts, counts_array)
     emitting = np.repeat(np.arange(count), counts_array)
     centers_emitted = centers[emitting] + DECIMATION * within
-    # Clamping to [0, last] repeats the first and last frame at a stream's edges.
-    absolute = np.minimum(
-        np.maximum(centers_emitted[:, None] + _SPLICE_OFFSETS, 0), total[emitting][:, None] - 1
-    )
+    absolute = centers_emitted[:, None] + _SPLICE_OFFSETS
+    if final or int(centers.min()) < CONTEXT_LEFT:
+        # Clamping to [0, last] repeats the first and last frame at a stream's edges.
+        absolute = np.minimum(np.maximum(absolute, 0), total[emitting][:, None] - 1)
     spliced = source[rows_of(emitting[:, None], absolute)].reshape(emitted_total, FEATURE_DIM)
     normalised = streams[0]._cmvn.apply_in_place(spliced)
     bounds = np.cumsum([0, *counts_array.tolist()]).tolist()

@@ -213,3 +213,145 @@ def test_accepting_the_last_samples_equals_accept_then_finish() -> None:
     in_one_pass = np.concatenate([head, stream.accept(samples[5000:], final=True)])
     np.testing.assert_array_equal(in_one_pass, stepwise)
     np.testing.assert_array_equal(whole(stream, samples), whole(FeatureStream(identity_cmvn()), samples))
+
+
+def test_the_direct_pocketfft_call_gives_scipy_rffts_bits() -> None:
+    """The scipy front-end calls pocketfft without ``scipy.fft.rfft``'s dispatch: same spectra."""
+    scipy_fft = require_module("scipy.fft")
+    transform = features._pocketfft_r2c()
+    assert transform is not None, "this scipy no longer has scipy.fft._pocketfft.pypocketfft.r2c"
+    windows = KaldiFbank("scipy").windows(noise_samples(16000))
+    np.testing.assert_array_equal(transform(windows), scipy_fft.rfft(windows, axis=1))
+
+
+def noise_samples(count: int) -> np.ndarray:
+    return np.random.default_rng(8).integers(-8000, 8000, size=count).astype(np.int16)
+
+
+def fed_alone_and_in_batches(
+    streams: list[FeatureStream], samples: list[np.ndarray], sizes: list[int]
+) -> list[np.ndarray]:
+    """Every stream's frames when fed chunks of ``sizes`` in turn, step by step: on even steps
+    each stream alone, on odd steps all of them in one batch; then finished."""
+    from edge_agent.engine.features import accept_many
+
+    out: list[list[np.ndarray]] = [[] for _ in streams]
+    offsets = [0] * len(streams)
+    step = 0
+    while any(offset < signal.shape[0] for offset, signal in zip(offsets, samples, strict=True)):
+        chunks = []
+        for index, signal in enumerate(samples):
+            size = sizes[(step + index) % len(sizes)]
+            chunks.append(signal[offsets[index] : offsets[index] + size])
+            offsets[index] += size
+        if step % 2:
+            results = accept_many(streams, chunks)
+        else:
+            results = [stream.accept(chunk) for stream, chunk in zip(streams, chunks, strict=True)]
+        for frames, result in zip(out, results, strict=True):
+            frames.append(result)
+        step += 1
+    return [np.concatenate([*frames, stream.finish()]) for frames, stream in zip(out, streams, strict=True)]
+
+
+@pytest.mark.parametrize(
+    "sizes", [[160], [320], [1600], [16000], [16000 + 400], [7, 401, 3, 999, 160 * 3 + 1], [1600, 4000, 160]]
+)
+def test_a_stream_fed_alone_computes_the_same_bits_in_its_scratch_arrays(  # type: ignore[no-untyped-def]
+    sizes: list[int], numpy_model, example_wav: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream fed alone works in its thread's scratch arrays (_Scratch); with new arrays for every
+    call (as for long inputs) each of its frames is the same, bit for bit, also when the stream
+    goes from being fed alone to being fed in a batch and back, and at every chunk size."""
+    samples = [read_samples(example_wav), noise_samples(16000 * 3 + 123), np.zeros(5000, np.int16)]
+
+    def frames() -> list[np.ndarray]:
+        streams = [FeatureStream(numpy_model.cmvn) for _ in samples]
+        return fed_alone_and_in_batches(streams, samples, sizes)
+
+    in_scratch = frames()
+    monkeypatch.setattr(features, "_SCRATCH_MAX_SAMPLES", 0)
+    in_new_arrays = frames()
+    for kept, new in zip(in_scratch, in_new_arrays, strict=True):
+        assert kept.shape[0] > 0
+        np.testing.assert_array_equal(kept, new)
+
+
+def test_a_batch_applies_the_cmvn_of_each_spliced_dimension() -> None:
+    from edge_agent.engine.features import accept_many
+
+    rng = np.random.default_rng(9)
+    cmvn = Cmvn(
+        rng.normal(size=FEATURE_DIM).astype(np.float32), rng.uniform(0.5, 2, FEATURE_DIM).astype(np.float32)
+    )
+    signals = [noise_samples(8000), noise_samples(12000)[::-1].copy()]
+    batched = [FeatureStream(cmvn) for _ in signals]
+    got = accept_many(batched, signals)
+    for stream, signal, have in zip(batched, signals, got, strict=True):
+        raw = FeatureStream(identity_cmvn()).accept(signal)
+        np.testing.assert_allclose(have, (raw + cmvn.shift) * cmvn.scale, rtol=1e-5, atol=1e-4)
+        assert stream.finish().shape[1] == FEATURE_DIM
+
+
+def test_a_few_frames_take_one_whole_mel_product_within_float32_rounding_of_the_slices(
+    example_wav: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Up to _WHOLE_MEL_MAX_ROWS frames (a live chunk's) go through one product with the whole
+    mel matrix, more through its slices: the sums differ in order only, so the log energies
+    agree to float32 rounding, and both stay as close to Kaldi as the tests above hold."""
+    samples = read_samples(example_wav)
+    fbank = KaldiFbank()
+    windows = fbank.windows(samples)
+    rows = features._WHOLE_MEL_MAX_ROWS
+    starts = range(0, windows.shape[0] - rows, 37)
+    in_one_product = [
+        fbank.log_mel(windows[start : start + count]) for start in starts for count in range(1, rows + 1)
+    ]
+    monkeypatch.setattr(features, "_WHOLE_MEL_MAX_ROWS", 0)
+    sliced = [
+        fbank.log_mel(windows[start : start + count]) for start in starts for count in range(1, rows + 1)
+    ]
+    worst = max(float(np.abs(a - b).max()) for a, b in zip(in_one_product, sliced, strict=True))
+    assert worst < 1e-5
+    reference = kaldi_fbank(samples)
+    for start, block in zip(starts, in_one_product[rows - 1 :: rows], strict=True):
+        assert np.abs(block - reference[start : start + rows]).max() < 5e-4
+
+
+def test_streams_fed_alone_on_several_threads_get_the_bits_of_new_arrays(  # type: ignore[no-untyped-def]
+    numpy_model, example_wav: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each thread has its own scratch arrays, handed from stream to stream: two threads, each
+    feeding two streams alone in turn at once, get every frame of new arrays."""
+    import threading
+
+    wav = read_samples(example_wav)
+    pairs = [[wav, noise_samples(40000)], [noise_samples(30000), wav[::-1].copy()]]
+
+    def alone_in_turn(samples: list[np.ndarray], start: threading.Barrier | None) -> list[np.ndarray]:
+        streams = [FeatureStream(numpy_model.cmvn) for _ in samples]
+        if start is not None:
+            start.wait(timeout=30)
+        out: list[list[np.ndarray]] = [[] for _ in samples]
+        for offset in range(0, max(signal.shape[0] for signal in samples), 1600):
+            for stream, signal, frames in zip(streams, samples, out, strict=True):
+                frames.append(stream.accept(signal[offset : offset + 1600]))
+        return [
+            np.concatenate([*frames, stream.finish()]) for frames, stream in zip(out, streams, strict=True)
+        ]
+
+    start = threading.Barrier(len(pairs))
+    results: dict[int, list[np.ndarray]] = {}
+    threads = [
+        threading.Thread(target=lambda i=i: results.__setitem__(i, alone_in_turn(pairs[i], start)))
+        for i in range(len(pairs))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(results) == [0, 1]
+    monkeypatch.setattr(features, "_SCRATCH_MAX_SAMPLES", 0)
+    for index, samples in enumerate(pairs):
+        for got, expected in zip(results[index], alone_in_turn(samples, None), strict=True):
+            np.testing.assert_array_equal(got, expected)
