@@ -22,9 +22,10 @@ of an unfinished window, spliced frames still waiting for right context, the dec
 A live chunk is a few frames (100 ms: ten), so what it costs is mostly the number of numpy calls
 made for it, a microsecond or two each, not their arithmetic. Hence: a stream fed alone works in
 arrays kept from chunk to chunk (one set per thread, ``_Scratch``), read through views made once
-per chunk size, instead of concatenating its remainder and context anew; scipy's FFT is called
-without ``scipy.fft``'s dispatch layer; a few frames take one mel product instead of one per
-slice. Many streams fed together (:func:`accept_many`) share every operation instead.
+per chunk size, instead of concatenating its remainder and context anew, and a few frames take
+one mel product instead of one per slice. (Calling scipy's pocketfft below ``scipy.fft``'s
+dispatch would save a few more microseconds a chunk, but through a private module: not done.)
+Many streams fed together (:func:`accept_many`) share every operation instead.
 """
 
 from __future__ import annotations
@@ -166,36 +167,8 @@ def _real_fft(library: str) -> RealFft | None:
             from scipy import fft as scipy_fft
         except ImportError:
             return None
-        return _pocketfft_r2c() or functools.partial(scipy_fft.rfft, axis=1)
+        return functools.partial(scipy_fft.rfft, axis=1)
     raise ValueError(f"FFT library must be one of {', '.join(FFT_LIBRARIES)}, got {library!r}")
-
-
-def _pocketfft_r2c() -> RealFft | None:
-    """scipy's pocketfft transform itself, without ``scipy.fft.rfft``'s dispatch and argument
-    checks: those cost as much as transforming the few frames of a live chunk. None if this
-    scipy lays its modules out otherwise, or its answer differs from ``scipy.fft.rfft``'s.
-
-    The call is ``scipy.fft.rfft``'s own for a native float32 matrix (axis 1, no normalisation,
-    one thread, a new output array), so the spectra are the same bits.
-    """
-    try:
-        from scipy import fft as scipy_fft
-        from scipy.fft._pocketfft import pypocketfft
-    except ImportError:
-        return None
-    r2c = pypocketfft.r2c
-    axes = (1,)
-
-    def transform(windows: np.ndarray) -> np.ndarray:
-        # Positional arguments: keywords cost more than the transform of one frame.
-        return r2c(windows, axes, True, 0, None, 1)
-
-    probe = np.random.default_rng(0).standard_normal((3, FFT_SIZE)).astype(np.float32)
-    try:
-        same = np.array_equal(transform(probe), scipy_fft.rfft(probe, axis=1))
-    except (TypeError, ValueError):
-        return None
-    return transform if same else None
 
 
 def installed_ffts() -> list[str]:

@@ -215,15 +215,6 @@ def test_accepting_the_last_samples_equals_accept_then_finish() -> None:
     np.testing.assert_array_equal(whole(stream, samples), whole(FeatureStream(identity_cmvn()), samples))
 
 
-def test_the_direct_pocketfft_call_gives_scipy_rffts_bits() -> None:
-    """The scipy front-end calls pocketfft without ``scipy.fft.rfft``'s dispatch: same spectra."""
-    scipy_fft = require_module("scipy.fft")
-    transform = features._pocketfft_r2c()
-    assert transform is not None, "this scipy no longer has scipy.fft._pocketfft.pypocketfft.r2c"
-    windows = KaldiFbank("scipy").windows(noise_samples(16000))
-    np.testing.assert_array_equal(transform(windows), scipy_fft.rfft(windows, axis=1))
-
-
 def noise_samples(count: int) -> np.ndarray:
     return np.random.default_rng(8).integers(-8000, 8000, size=count).astype(np.int16)
 
