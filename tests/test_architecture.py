@@ -55,3 +55,24 @@ def test_every_function_named_exists(row: tuple[int, str, str, str]) -> None:
     _, cls, method, _ = row
     module = importlib.import_module(MODULES[cls])
     assert callable(getattr(getattr(module, cls), method))
+
+
+# ``import a._b`` / ``from a._b import c`` / ``from a import _b`` of another package.
+_PRIVATE_IMPORT = re.compile(
+    r"^\s*(?:import\s+(?P<a>[\w.]*\._\w+[\w.]*)|from\s+(?P<b>[\w.]*\._\w+[\w.]*)\s+import|from\s+(?P<c>[\w.]+)\s+import\s+\(?\s*_\w+)",
+    re.MULTILINE,
+)
+
+
+def test_no_library_is_reached_through_its_private_modules() -> None:
+    """The engine and the agent use the libraries' public APIs only: a private module (numpy's
+    ``_core``, scipy's ``_pocketfft``, ...) may change in any release, and on some platforms
+    not exist."""
+    root = Path(__file__).resolve().parents[1]
+    found = []
+    for path in sorted([*(root / "edge_agent").rglob("*.py"), *(root / "benchmarks").rglob("*.py")]):
+        for match in _PRIVATE_IMPORT.finditer(path.read_text(encoding="utf-8")):
+            module = next(group for group in match.groups() if group)
+            if not module.startswith(("edge_agent", "benchmarks", ".")):
+                found.append(f"{path.relative_to(root)}: {match.group(0).strip()}")
+    assert found == []
