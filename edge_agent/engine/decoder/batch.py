@@ -118,10 +118,10 @@ def _stack_fresh(
     return stacked, exact, frames, padding
 
 
-def _search_key(decoder: KeywordDecoder, search: KeywordSearch) -> tuple[object, ...]:
+def _search_key(decoder: KeywordDecoder, search: KeywordSearch) -> tuple[int, int]:
     """Searches with equal keys share one vectorised recurrence: the same keyword settings in
     decoders reading the same outputs."""
-    return (decoder.signature, decoder.searches.index(search))
+    return (decoder.group, decoder.searches.index(search))
 
 
 def _pad(terms: Terms, padding: np.ndarray) -> None:
@@ -133,19 +133,25 @@ def _pad(terms: Terms, padding: np.ndarray) -> None:
     terms.dips[padding] = False
 
 
-def _resolve(decoders: Sequence[KeywordDecoder], wanted: list[np.ndarray], resolve: Resolver) -> None:
-    """One ``resolve`` call for every decoder's wanted frames (none if nobody wants any)."""
-    if not any(frames.size for frames in wanted):
+def _resolve(decoders: Sequence[KeywordDecoder], wanted: dict[int, np.ndarray], resolve: Resolver) -> None:
+    """One ``resolve`` call for the wanted frames of every decoder (by index; none if nobody
+    wants any)."""
+    asking = [i for i, frames in wanted.items() if frames.size]
+    if not asking:
         return
-    for decoder, frames, exact in zip(decoders, wanted, resolve(wanted), strict=True):
-        if frames.size:
-            decoder.history.fill(frames, np.asarray(exact, dtype=np.float64))
+    nothing = np.zeros(0, dtype=np.int64)
+    requests = [nothing] * len(decoders)
+    for i in asking:
+        requests[i] = wanted[i]
+    answers = resolve(requests)
+    for i in asking:
+        decoders[i].history.fill(wanted[i], np.asarray(answers[i], dtype=np.float64))
 
 
 def prime_exact_runs(
     decoders: Sequence[KeywordDecoder],
     first_frames: Sequence[int | None],
-    exact_work: list[list[tuple[KeywordSearch, Filtered]]],
+    exact_work: dict[int, list[tuple[KeywordSearch, Filtered]]],
 ) -> int:
     """The exact runs that the searches with a candidate or a pending match are about to
     compute or extend one by one, computed together: one recurrence over (streams, frames) per
@@ -155,9 +161,9 @@ def prime_exact_runs(
     devices hearing one speaker) this is most of the chunk's decoding work. Returns how many
     runs were computed."""
     computed = 0
-    groups: dict[tuple[object, ...], list[tuple[int, KeywordSearch, int, int, int]]] = {}
-    for i, work in enumerate(exact_work):
-        for search, filtered in work:
+    groups: dict[tuple[int, int], list[tuple[int, KeywordSearch, int, int, int]]] = {}
+    for i in sorted(exact_work):
+        for search, filtered in exact_work[i]:
             span = search.run_to_prime(filtered, first_frames[i], decoders[i].history)  # type: ignore[arg-type]
             if span is not None:
                 groups.setdefault(_search_key(decoders[i], search), []).append((i, search, *span))
@@ -215,23 +221,25 @@ def process_many(
         return [process_one(decoders[0], posteriors[0], resolve)]
     results: list[list[Detection]] = [[] for _ in decoders]
     exact_input = resolve is None
-    first_frames: list[int | None] = []
-    for decoder, frames in zip(decoders, posteriors, strict=True):
-        first_frames.append(decoder.append(frames, exact_input) if frames.shape[0] else None)
-    active = [i for i, first in enumerate(first_frames) if first is not None]
-    # Per stream: the searches with a candidate or a pending detection, decoded exactly below,
-    # and the frames their exact decoding will read.
-    exact_work: list[list[tuple[KeywordSearch, Filtered]]] = [[] for _ in decoders]
-    wanted: list[list[tuple[int, int]]] = [[] for _ in decoders]
+    first_frames: list[int | None] = [
+        decoder.append(frames, exact_input) if frames.shape[0] else None
+        for decoder, frames in zip(decoders, posteriors, strict=True)
+    ]
+    # Per stream with something going on (most have nothing: these are filled sparsely): the
+    # searches with a candidate or a pending detection, decoded exactly below, and the frames
+    # their exact decoding will read.
+    exact_work: dict[int, list[tuple[KeywordSearch, Filtered]]] = {}
+    wanted: dict[int, list[tuple[int, int]]] = {}
     # Matches under way in real-time audio: frames to resolve ahead of need, a few per step.
-    early: list[list[tuple[int, int]]] = [[] for _ in decoders]
-    early_limit = [0] * len(decoders)
+    early: dict[int, list[tuple[int, int]]] = {}
+    early_limit: dict[int, int] = {}
     # Worth it for many streams only: a few streams' windows resolved at once are a small
     # product, while resolving ahead reads about twice as many frames.
     early_resolution = resolve is not None and len(decoders) >= EARLY_RESOLUTION_MIN_STREAMS
-    groups: dict[tuple[object, ...], list[int]] = {}
-    for i in active:
-        groups.setdefault(decoders[i].signature, []).append(i)
+    groups: dict[int, list[int]] = {}
+    for i, first in enumerate(first_frames):
+        if first is not None:
+            groups.setdefault(decoders[i].group, []).append(i)
     for members in groups.values():
         columns = decoders[members[0]].columns.shape[0]
         appended = [posteriors[i] for i in members]
@@ -245,6 +253,8 @@ def process_many(
             [decoders[i] for i in members], [first_frames[i] for i in members], fresh=fresh
         )  # type: ignore[misc]
         lengths = (~padding).sum(axis=1)
+        # Where each stream's span ends (absolute frame after its last).
+        span_ends = (frames[:, 0] + lengths).tolist()
         per_stream = [decoders[i].searches for i in members]
         for slot in range(len(per_stream[0])):
             searches = [stream_searches[slot] for stream_searches in per_stream]
@@ -253,19 +263,21 @@ def process_many(
                 # One stream (a live microphone) with nothing going on: what the general path
                 # below would find too (no frame where a match may begin, nothing busy), without
                 # its batch bookkeeping.
-                template.expire(int(frames[0, 0]) + int(lengths[0]))
+                template.expire(span_ends[0])
                 continue
             # Where a match may begin; the last such frame before this span, per stream.
             begins = template.scorer.first_said(stacked) & ~padding
             before = np.array([s.last_start for s in searches], dtype=np.int64)
             for row in np.flatnonzero(begins.any(axis=1)).tolist():
                 searches[row].note_starts(frames[row, begins[row]], decoders[members[row]].history)
-            pending = np.array([s.pending is not None for s in searches])
+            pending = np.array([s.firing.pending is not None for s in searches])
             # A span where no character may reach its floor can neither start nor complete a
             # match: its partial matches carry over (an over-estimate: the filter may keep them).
             busy = pending | (template.scorer.said(stacked) & ~padding).any(axis=1)
             for row in np.flatnonzero(~busy).tolist():
-                searches[row].expire(int(frames[row, 0]) + int(lengths[row]))
+                search = searches[row]
+                if search.alive:  # expire() changes nothing in a search with no partial match
+                    search.expire(span_ends[row])
             rows = np.flatnonzero(busy)
             if rows.size == 0:
                 continue
@@ -296,8 +308,8 @@ def process_many(
                         # (in the worst case for every stream at the same instant, delaying
                         # every detection). More frames in all; the detections are the same.
                         last = int(frames[row, lengths[row] - 1])
-                        early[members[row]] += search.frames_read(
-                            np.array([last]), decoders[members[row]].history
+                        early.setdefault(members[row], []).extend(
+                            search.frames_read(np.array([last]), decoders[members[row]].history)
                         )
                         early_limit[members[row]] = int(lengths[row]) + EARLY_RESOLUTION_BACKLOG_FRAMES
                     continue
@@ -306,32 +318,26 @@ def process_many(
                 filtered = Filtered(
                     scores[position, : lengths[row]], new_carry[position], new_carry_pre[position]
                 )
-                exact_work[index].append((search, filtered))
+                exact_work.setdefault(index, []).append((search, filtered))
                 if search.pending is not None:
                     found = np.concatenate([[search.pending.frame], found])
-                wanted[index] += search.frames_read(found, decoders[index].history)
+                wanted.setdefault(index, []).extend(search.frames_read(found, decoders[index].history))
     if resolve is not None:
         # Everything the exact decoding below will read, for every stream, in one call.
-        nothing = np.zeros(0, dtype=np.int64)
-        frames_wanted = [
-            decoders[i].history.unresolved(spans) if spans else nothing for i, spans in enumerate(wanted)
-        ]
-        for i, spans in enumerate(early):
+        frames_wanted = {i: decoders[i].history.unresolved(spans) for i, spans in wanted.items() if spans}
+        for i, spans in early.items():
             if spans:  # the oldest first: the backlog shrinks at every step
                 ahead = decoders[i].history.unresolved(spans)[: early_limit[i]]
-                frames_wanted[i] = np.union1d(frames_wanted[i], ahead)
+                frames_wanted[i] = np.union1d(frames_wanted[i], ahead) if i in frames_wanted else ahead
         _resolve(decoders, frames_wanted, resolve)
     prime_exact_runs(decoders, first_frames, exact_work)
-    for i, searches in enumerate(exact_work):
-        if not searches:
-            continue
+    for i in sorted(exact_work):
         decoder = decoders[i]
         # Resolved above; on demand is a safety net, for spans the filter did not foresee.
         ensure = already_exact if resolve is None else decoder.history.on_demand(resolve, i, len(decoders))
-        for search, filtered in searches:
+        for search, filtered in exact_work[i]:
             results[i].extend(search.process(decoder.history, first_frames[i], ensure, filtered))  # type: ignore[arg-type]
-    for found in results:
-        found.sort(key=lambda d: (d.end, d.keyword))
+        results[i].sort(key=lambda d: (d.end, d.keyword))
     return results
 
 
@@ -394,7 +400,7 @@ def process_one(
         ensure = already_exact
     else:
         # Everything the exact decoding below will read, in one call.
-        _resolve([decoder], [history.unresolved(wanted)], resolve)
+        _resolve([decoder], {0: history.unresolved(wanted)}, resolve)
         ensure = history.on_demand(resolve, 0, 1)
     results: list[Detection] = []
     for search, filtered in exact_work:

@@ -8,6 +8,7 @@ single stream: one path, whatever the number of streams.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -88,6 +89,7 @@ class KeywordDecoder:
             )
             for s in self._searches
         )
+        self._group = _group_of(self._signature)
         self.reset(first_frame)
 
     @property
@@ -104,7 +106,11 @@ class KeywordDecoder:
     def idle(self) -> bool:
         """No detection pending and no partial match that could still reach its threshold: no
         keyword is under way in the frames decoded so far."""
-        return all(s.pending is None and not s.alive for s in self._searches)
+        # A loop, not all() over a generator: the batched step asks every stream at every step.
+        for search in self._searches:  # noqa: SIM110
+            if search.alive or search.firing.pending is not None:
+                return False
+        return True
 
     @property
     def frames_seen(self) -> int:
@@ -156,3 +162,22 @@ class KeywordDecoder:
     def signature(self) -> tuple[object, ...]:
         """Decoders with equal signatures can share one vectorised recurrence."""
         return self._signature
+
+    @property
+    def group(self) -> int:
+        """A number for :attr:`signature`, equal for equal signatures: what the batched step
+        groups streams by, without hashing a signature (its keywords and settings) per stream
+        and step."""
+        return self._group
+
+
+# Every signature seen, and its number. A number is never reused (``next`` on a count is atomic,
+# decoders may be made on several threads); the table grows by one small entry per keyword
+# configuration.
+_GROUPS: dict[tuple[object, ...], int] = {}
+_GROUP_NUMBERS = itertools.count()
+
+
+def _group_of(signature: tuple[object, ...]) -> int:
+    found = _GROUPS.get(signature)
+    return _GROUPS.setdefault(signature, next(_GROUP_NUMBERS)) if found is None else found
