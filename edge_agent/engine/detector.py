@@ -350,7 +350,7 @@ class _HiddenRows:
     """
 
     # Spare rows beyond what an append needs, when the buffer is (re)allocated.
-    _SPARE_ROWS = 16
+    _SPARE_ROWS = 48
 
     def __init__(self, width: int) -> None:
         self._buffer = np.zeros((0, width), dtype=np.float32)
@@ -363,23 +363,27 @@ class _HiddenRows:
         count = rows.shape[0]
         if count == 0:
             return  # the decoder skips empty spans too, keeping everything it holds
-        kept_from = max(self._start, self._end - keep)
-        self._first += kept_from - self._start
-        self._start = kept_from
+        end = self._end
+        if end - self._start > keep:
+            self._first += end - keep - self._start
+            self._start = end - keep
+        if end + count <= self._buffer.shape[0]:  # room to spare: most steps
+            # Always a copy: ``rows`` is a view of the whole batch's hidden matrix.
+            self._buffer[end : end + count] = rows
+            self._end = end + count
+            return
         held = self._end - self._start
-        if self._end + count > self._buffer.shape[0]:
-            # Out of room: the rows held go to the front of a buffer sized for them, the new
-            # rows and some spare (a new one if this one is too small).
-            needed = held + count
-            if needed + self._SPARE_ROWS // 2 > self._buffer.shape[0]:
-                buffer = np.empty((needed + self._SPARE_ROWS, self._buffer.shape[1]), dtype=np.float32)
-            else:
-                buffer = self._buffer
-            buffer[:held] = self._buffer[self._start : self._end]  # may overlap: numpy copies safely
-            self._buffer, self._start, self._end = buffer, 0, held
-        # Always a copy: ``rows`` is a view of the whole batch's hidden matrix.
-        self._buffer[self._end : self._end + count] = rows
-        self._end += count
+        # Out of room: the rows held go to the front of a buffer sized for them, the new
+        # rows and some spare (a new one if this one is too small).
+        needed = held + count
+        if needed + self._SPARE_ROWS // 2 > self._buffer.shape[0]:
+            buffer = np.empty((needed + self._SPARE_ROWS, self._buffer.shape[1]), dtype=np.float32)
+        else:
+            buffer = self._buffer
+        buffer[:held] = self._buffer[self._start : self._end]  # may overlap: numpy copies safely
+        self._buffer, self._start, self._end = buffer, 0, held
+        self._buffer[held : held + count] = rows
+        self._end = held + count
 
     def rows(self, frames: np.ndarray) -> np.ndarray:
         index = frames - (self._first - self._start)

@@ -29,7 +29,7 @@ import numpy as np
 from edge_agent.engine.decoder.exact import ExactRun, Resolver, already_exact
 from edge_agent.engine.decoder.keywords import Detection
 from edge_agent.engine.decoder.recurrence import BOUND_SAFETY, NEG_INF, Terms
-from edge_agent.engine.decoder.search import NEVER, Filtered, KeywordSearch
+from edge_agent.engine.decoder.search import NEVER, Filtered, KeywordSearch, drop_hopeless, under_way_rows
 
 if TYPE_CHECKING:
     from edge_agent.engine.decoder.stream import KeywordDecoder
@@ -292,16 +292,15 @@ def process_many(
             scores, new_carry, new_carry_pre, _, _, _ = template.scorer.run(terms, carry, carry_pre)
             candidates = scores >= template.log_threshold
             proposing = candidates.any(axis=1).tolist()
+            # What keep_carries does, for every busy stream at once (the searches with exact
+            # work below do it again at the end of their span: the same carries).
+            alive = drop_hopeless(new_carry, new_carry_pre, template.log_threshold)
+            under_way = under_way_rows(new_carry, template) if early_resolution else []
             for position, row in enumerate(rows.tolist()):
                 search = searches[row]
-                found = (
-                    frames[row, np.flatnonzero(candidates[position])]
-                    if proposing[position]
-                    else frames[row, :0]
-                )
-                if search.pending is None and found.size == 0:
-                    search.keep_carries(new_carry[position], new_carry_pre[position])
-                    if early_resolution and lengths[row] <= EARLY_RESOLUTION_FRAMES and search.under_way():
+                if search.firing.pending is None and not proposing[position]:
+                    search.keep_carries(new_carry[position], new_carry_pre[position], alive[position])
+                    if early_resolution and lengths[row] <= EARLY_RESOLUTION_FRAMES and under_way[position]:
                         # Audio in real time, and two or more characters may have been said:
                         # resolve the window so far a few frames per step, and each new frame
                         # as it comes, rather than all of it when the last character arrives
@@ -314,6 +313,7 @@ def process_many(
                         early_limit[members[row]] = int(lengths[row]) + EARLY_RESOLUTION_BACKLOG_FRAMES
                     continue
                 index = members[row]
+                found = frames[row, np.flatnonzero(candidates[position])]
                 # Its scores propose the frames to re-score; all of them are resolved below.
                 filtered = Filtered(
                     scores[position, : lengths[row]], new_carry[position], new_carry_pre[position]

@@ -99,25 +99,30 @@ class History:
         """Keep the last ``keep`` rows of this history, then add the new ``gathered`` rows (all
         exact or all bounds), in place."""
         count = gathered.shape[0]
-        kept_from = max(self._start, self._end - keep)
-        self._first += kept_from - self._start
-        self._start = kept_from
-        if self._end + count > self._values.shape[0]:
-            # Out of room: the rows held go to the front of a buffer sized for them, the new
-            # rows and some spare (a new one if this one is too small).
-            held = self._end - self._start
-            needed = held + count
-            if needed + self._SPARE_ROWS // 2 > self._values.shape[0]:
-                values = np.empty((needed + self._SPARE_ROWS, self._values.shape[1]), dtype=np.float64)
-                flags = np.empty(needed + self._SPARE_ROWS, dtype=bool)
-            else:
-                values, flags = self._values, self._exact
-            values[:held] = self._values[self._start : self._end]  # may overlap: numpy copies safely
-            flags[:held] = self._exact[self._start : self._end]
-            self._values, self._exact, self._start, self._end = values, flags, 0, held
-        self._values[self._end : self._end + count] = gathered
-        self._exact[self._end : self._end + count] = exact
-        self._end += count
+        end = self._end
+        if end - self._start > keep:
+            self._first += end - keep - self._start
+            self._start = end - keep
+        if end + count <= self._values.shape[0]:  # room to spare: most steps
+            self._values[end : end + count] = gathered
+            self._exact[end : end + count] = exact
+            self._end = end + count
+            return
+        # Out of room: the rows held go to the front of a buffer sized for them, the new
+        # rows and some spare (a new one if this one is too small).
+        held = self._end - self._start
+        needed = held + count
+        if needed + self._SPARE_ROWS // 2 > self._values.shape[0]:
+            values = np.empty((needed + self._SPARE_ROWS, self._values.shape[1]), dtype=np.float64)
+            flags = np.empty(needed + self._SPARE_ROWS, dtype=bool)
+        else:
+            values, flags = self._values, self._exact
+        values[:held] = self._values[self._start : self._end]  # may overlap: numpy copies safely
+        flags[:held] = self._exact[self._start : self._end]
+        self._values, self._exact, self._start, self._end = values, flags, 0, held
+        self._values[held : held + count] = gathered
+        self._exact[held : held + count] = exact
+        self._end = held + count
 
     def extended(self, gathered: np.ndarray, exact: bool, keep: int) -> History:
         """A new history: the last ``keep`` rows of this one, then the new ``gathered`` rows (all
@@ -130,6 +135,10 @@ class History:
         """Frames in any of the [start, stop) ``spans`` that are not exact yet."""
         if not spans:
             return np.zeros(0, dtype=np.int64)
+        offset = self._start - self._first
+        if len(spans) == 1:  # one window (a match under way): no mask to build
+            start, stop = spans[0]
+            return np.flatnonzero(~self._exact[start + offset : min(stop + offset, self._end)]) + start
         values = self.values
         wanted = np.zeros(values.shape[0], dtype=bool)
         for start, stop in spans:

@@ -41,6 +41,25 @@ NEVER = -(10**12)
 BOUND_TOLERANCE = 1e-9
 
 
+def drop_hopeless(carry: np.ndarray, carry_pre: np.ndarray, log_threshold: float) -> list[bool]:
+    """Drop the partial matches below the threshold from many streams' carries (streams, n), in
+    place, as :meth:`KeywordSearch.keep_carries` does for one; returns, per stream, whether any
+    partial match is left."""
+    carry[carry < log_threshold] = NEG_INF
+    carry_pre[carry_pre < log_threshold] = NEG_INF
+    # What is left is at or above the threshold: finite.
+    return ((carry.max(axis=1) > NEG_INF) | (carry_pre.max(axis=1) > NEG_INF)).tolist()
+
+
+def under_way_rows(carry: np.ndarray, search: KeywordSearch) -> list[bool]:
+    """Per stream, from carries (streams, n) of ``search``'s keyword kept as
+    :meth:`KeywordSearch.keep_carries` keeps them: whether a partial match of two or more
+    characters (but not all) may be alive."""
+    if search.n <= 2:
+        return [False] * carry.shape[0]
+    return (carry[:, 1 : search.n - 1] >= search.log_threshold).any(axis=1).tolist()
+
+
 @dataclass
 class Filtered:
     """A filtering pass over a search's new frames: per frame, an upper bound of the best
@@ -123,25 +142,24 @@ class KeywordSearch:
         self.starts = np.concatenate([kept, found])
         self.last_start = int(found[-1])
 
-    def under_way(self) -> bool:
-        """A partial match of two or more characters (but not all) may be alive."""
-        return self.n > 2 and bool((self.carry[1 : self.n - 1] >= self.log_threshold).any())
-
     def idle_over(self, values: np.ndarray) -> bool:
         """Nothing to do in these rows (t, c) but :meth:`expire`: no detection is pending and no
         character may reach its floor in any of them (so no match may begin there either)."""
         return self.firing.pending is None and not self.scorer.said(values).any()
 
-    def keep_carries(self, carry: np.ndarray, carry_pre: np.ndarray) -> None:
+    def keep_carries(self, carry: np.ndarray, carry_pre: np.ndarray, alive: bool | None = None) -> None:
         """End of a span with nothing to report: keep the partial matches that can still win.
 
         A partial match below the threshold can only lose score from here (each further
         character adds log q <= 0): it is dropped, so that quiet audio returns to the idle path.
+        ``alive``: whether any is left, if the caller has dropped them already (for many
+        streams at once: :func:`drop_hopeless`).
         """
-        carry[carry < self.log_threshold] = NEG_INF
-        carry_pre[carry_pre < self.log_threshold] = NEG_INF
-        self.carry, self.carry_pre = carry, carry_pre
-        self.alive = bool(np.isfinite(carry).any() or np.isfinite(carry_pre).any())
+        if alive is None:
+            carry[carry < self.log_threshold] = NEG_INF
+            carry_pre[carry_pre < self.log_threshold] = NEG_INF
+            alive = bool(carry.max() > NEG_INF or carry_pre.max() > NEG_INF)  # left: finite
+        self.carry, self.carry_pre, self.alive = carry, carry_pre, alive
 
     def expire(self, end_frame: int) -> None:
         """A span where no character was said: partial matches carry over as if its frames

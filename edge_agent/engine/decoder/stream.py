@@ -144,12 +144,11 @@ class KeywordDecoder:
 
         The history keeps ``history_frames`` rows from before this call and every new row, so
         that a long chunk is decoded whole."""
-        if posteriors.shape[1] == self.columns.shape[0]:
-            gathered = posteriors.astype(np.float64, copy=False)
-        else:
-            gathered = posteriors[:, self.columns].astype(np.float64)
+        if posteriors.shape[1] != self.columns.shape[0]:
+            posteriors = posteriors[:, self.columns]
+        gathered = posteriors if posteriors.dtype == np.float64 else posteriors.astype(np.float64)
         first_frame = self._frames_seen
-        self._frames_seen += gathered.shape[0]
+        self._frames_seen = first_frame + gathered.shape[0]
         self._history.append(gathered, exact, self.history_frames)
         return first_frame
 
