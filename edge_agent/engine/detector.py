@@ -191,18 +191,19 @@ class KeywordDetector:
     def _defers(self, samples: np.ndarray) -> np.ndarray | None:
         """None if ``samples`` are set aside for the next call (see :func:`feed_many`), else the
         samples to run now: those set aside, then these."""
-        waiting = self._deferred.shape[0] + samples.shape[0]
+        deferred = self._deferred
+        waiting = deferred.shape[0] + samples.shape[0]
         # Idle, a short wait delays no detection (deferrable_samples). Whatever the decoder's
         # state, audio that completes no network frame would change nothing past the front-end
         # (a third of 20 ms chunks): it waits too, and the front-end runs once for both.
         if (waiting < self._defer_limit and self._decoder.idle) or self._features.frames_after(waiting) == 0:
-            self._deferred = np.concatenate([self._deferred, samples.astype(np.float32, copy=False)])
+            # A copy in float32 (what astype would give), made by the concatenation itself.
+            self._deferred = np.concatenate((deferred, samples), dtype=np.float32, casting="unsafe")
             return None
-        if self._deferred.size == 0:
+        if deferred.shape[0] == 0:
             return samples
-        combined = np.concatenate([self._deferred, samples.astype(np.float32, copy=False)])
-        self._deferred = self._deferred[:0]
-        return combined
+        self._deferred = deferred[:0]
+        return np.concatenate((deferred, samples), dtype=np.float32, casting="unsafe")
 
 
 def deferrable_samples(keywords: Sequence[CompiledKeyword]) -> int:
@@ -284,8 +285,11 @@ def _decode(detectors: Sequence[KeywordDetector], hidden: Sequence[np.ndarray]) 
     counts = [rows.shape[0] for rows in hidden]
     every = np.concatenate(hidden) if len(hidden) > 1 else hidden[0]
     bounds = output.bounds(every, columns).astype(np.float64)  # once, not per decoder
-    edges = np.cumsum([0, *counts])
-    per_stream = [bounds[edges[i] : edges[i + 1]] for i in range(len(counts))]
+    if min(counts) == max(counts):  # streams fed in step: one reshape gives each its rows
+        per_stream = list(bounds.reshape(len(counts), counts[0], bounds.shape[1]))
+    else:
+        edges = np.cumsum([0, *counts]).tolist()
+        per_stream = [bounds[edges[i] : edges[i + 1]] for i in range(len(counts))]
 
     def resolver(owners: Sequence[KeywordDetector]) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
         def resolve(frames: list[np.ndarray]) -> list[np.ndarray]:
