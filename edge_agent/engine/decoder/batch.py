@@ -306,10 +306,12 @@ def process_many(
                         # as it comes, rather than all of it when the last character arrives
                         # (in the worst case for every stream at the same instant, delaying
                         # every detection). More frames in all; the detections are the same.
-                        last = int(frames[row, lengths[row] - 1])
-                        early.setdefault(members[row], []).extend(
-                            search.frames_read(np.array([last]), decoders[members[row]].history)
-                        )
+                        # (search.frames_read of the span's last frame: its window, up to the
+                        # newest frame held.)
+                        history = decoders[members[row]].history
+                        start = search.first_start(span_ends[row] - 1, history)
+                        if start is not None:
+                            early.setdefault(members[row], []).append((start, history.end))
                         early_limit[members[row]] = int(lengths[row]) + EARLY_RESOLUTION_BACKLOG_FRAMES
                     continue
                 index = members[row]
@@ -351,13 +353,14 @@ def process_one(
         return []
     first = decoder.append(posteriors, resolve is None)
     searches = decoder.searches
-    if posteriors.shape[1] == decoder.columns.shape[0] and _nothing_said(searches, posteriors):
+    if posteriors.shape[1] == decoder.columns.shape[0] and _nothing_said(decoder, posteriors):
         # No character of any keyword may reach its floor in these rows and nothing is pending
         # (most of a microphone's chunks, in speech as in silence): what the loop below does for
         # each search, decided from one maximum instead of each keyword's gathers.
         end = first + posteriors.shape[0]
         for search in searches:
-            search.expire(end)
+            if search.alive:  # expire() changes nothing in a search with no partial match
+                search.expire(end)
         return []
     history = decoder.history
     values, exact = history.rows(first)
@@ -409,17 +412,14 @@ def process_one(
     return results
 
 
-def _nothing_said(searches: Sequence[KeywordSearch], gathered: np.ndarray) -> bool:
-    """No search has a pending detection and no character may reach its floor in these rows of
-    gathered columns (blank first): every column but blank is below the lowest floor, and a
-    character is one column, or the sum of a few (then all columns together are below it)."""
-    floor = np.inf
-    single = True
-    for search in searches:
-        if search.pending is not None:
+def _nothing_said(decoder: KeywordDecoder, gathered: np.ndarray) -> bool:
+    """No search of ``decoder`` has a pending detection and no character may reach its floor in
+    these rows of gathered columns (blank first): every column but blank is below the lowest
+    floor, and a character is one column, or the sum of a few (then all columns together are
+    below it)."""
+    for search in decoder.searches:
+        if search.firing.pending is not None:
             return False
-        floor = min(floor, search.said_floor)
-        single = single and search.scorer.single_columns is not None
-    if single:
-        return bool(gathered[:, 1:].max() < floor)
-    return bool(gathered[:, 1:].sum(axis=1).max() < floor)
+    if decoder.single_column_characters:
+        return bool(gathered[:, 1:].max() < decoder.lowest_said_floor)
+    return bool(gathered[:, 1:].sum(axis=1).max() < decoder.lowest_said_floor)

@@ -90,6 +90,10 @@ class KeywordDecoder:
             for s in self._searches
         )
         self._group = _group_of(self._signature)
+        #: the lowest bound a character must reach to be said (``KeywordSearch.said_floor``) and
+        #: whether every character is one column: a chunk with no column above it is quiet
+        self.lowest_said_floor = min(s.said_floor for s in self._searches)
+        self.single_column_characters = all(s.scorer.single_columns is not None for s in self._searches)
         self.reset(first_frame)
 
     @property
