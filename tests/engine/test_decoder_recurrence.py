@@ -114,3 +114,25 @@ def test_the_optimistic_terms_are_never_below_the_exact_ones() -> None:
     assert (optimistic.log_q >= true.log_q).all()
     assert (optimistic.gap >= true.gap).all()
     assert (optimistic.dips >= true.dips).all()
+
+
+def test_optimistic_terms_of_bounds_alone_are_those_of_rows_that_are_not_exact() -> None:
+    """Rows of bounds only (no exact row among them: the filtering pass over new rows) get the
+    terms that the general rule gives rows that are not exact (most favourable gap and dip),
+    killed rows included, for keywords with and without a repeated character."""
+    rng = np.random.default_rng(6)
+    for groups in [((1,), (2,), (3,), (4,)), ((1,), (1,), (2,)), ((1, 5), (2,))]:
+        keyword = scorer(*groups)
+        for _ in range(50):
+            values = rng.dirichlet(np.full(6, 0.3), size=(3, 7))
+            killed = rng.random((3, 7)) < 0.2
+            alone = keyword.optimistic_terms(values, np.zeros((3, 7), dtype=bool), killed)
+            # With one exact row in another stream, the general rule runs on these rows too.
+            exact = np.zeros((4, 7), dtype=bool)
+            exact[3, 0] = True
+            mixed = keyword.optimistic_terms(
+                np.concatenate([values, values[:1]]), exact, np.concatenate([killed, killed[:1]])
+            )
+            for got, want in zip(alone, mixed, strict=True):
+                assert got.dtype == want.dtype
+                np.testing.assert_array_equal(got, want[:3])

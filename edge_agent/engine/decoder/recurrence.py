@@ -152,12 +152,18 @@ class KeywordScorer:
         if self.n == 1:
             empty = np.zeros((*q.shape[:-1], 0))
             return Terms(log_q, empty, empty.astype(bool))
-        blank = values[..., 0]
-        consistent = blank[..., None] + q[..., :-1] + np.where(self.repeated, 0.0, q[..., 1:])
-        gap = np.log(np.minimum(np.maximum(consistent * self.gap_scale, POSTERIOR_FLOOR), 1.0))
-        dips = blank[..., None] > q[..., :-1]
-        gap[~exact] = 0.0
-        dips[~exact] = True
+        if not exact.any():
+            # Bounds only (rows just computed, the usual case): the most favourable gap and dip
+            # everywhere, as below, without the exact terms that would be overwritten.
+            gap = np.zeros((*q.shape[:-1], self.n - 1))
+            dips = np.ones((*q.shape[:-1], self.n - 1), dtype=bool)
+        else:
+            blank = values[..., 0]
+            consistent = blank[..., None] + q[..., :-1] + np.where(self.repeated, 0.0, q[..., 1:])
+            gap = np.log(np.minimum(np.maximum(consistent * self.gap_scale, POSTERIOR_FLOOR), 1.0))
+            dips = blank[..., None] > q[..., :-1]
+            gap[~exact] = 0.0
+            dips[~exact] = True
         gap[killed] = KILL
         return Terms(log_q, gap, dips)
 
