@@ -132,18 +132,24 @@ class History:
         return History(values, flags, self.end + gathered.shape[0] - values.shape[0])
 
     def unresolved(self, spans: list[tuple[int, int]]) -> np.ndarray:
-        """Frames in any of the [start, stop) ``spans`` that are not exact yet."""
-        if not spans:
+        """Frames in any of the [start, stop) ``spans`` that are not exact yet, in order."""
+        # The spans of one stream overlap (candidates a few frames apart share their window's
+        # start): merged first, each merged span is read as a slice, with no mask to build.
+        merged: list[list[int]] = []
+        for start, stop in sorted(spans):
+            start, stop = max(start, self._first), min(stop, self.end)
+            if stop <= start:
+                continue
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], stop)
+            else:
+                merged.append([start, stop])
+        if not merged:
             return np.zeros(0, dtype=np.int64)
         offset = self._start - self._first
-        if len(spans) == 1:  # one window (a match under way): no mask to build
-            start, stop = spans[0]
-            return np.flatnonzero(~self._exact[start + offset : min(stop + offset, self._end)]) + start
-        values = self.values
-        wanted = np.zeros(values.shape[0], dtype=bool)
-        for start, stop in spans:
-            wanted[start - self._first : stop - self._first] = True
-        return np.flatnonzero(wanted & ~self.exact) + self._first
+        exact = self._exact
+        found = [np.flatnonzero(~exact[start + offset : stop + offset]) + start for start, stop in merged]
+        return found[0] if len(found) == 1 else np.concatenate(found)
 
     def fill(self, frames: np.ndarray, posteriors: np.ndarray) -> None:
         """Store exact posteriors (gathered columns) for absolute ``frames``."""
