@@ -46,7 +46,8 @@ class History:
 
     The rows live in a buffer with room to spare: :meth:`append` writes a step's few rows in
     place, and the rows still held move to the front only when the room runs out, instead of
-    two new arrays per stream at every step.
+    two new arrays per stream at every step. The flags past the newest row are kept False, so
+    that appending bounds (every step of a decoder with a resolver) writes no flag.
     """
 
     # Spare rows beyond what an append needs, when the buffer is (re)allocated.
@@ -105,7 +106,8 @@ class History:
             self._start = end - keep
         if end + count <= self._values.shape[0]:  # room to spare: most steps
             self._values[end : end + count] = gathered
-            self._exact[end : end + count] = exact
+            if exact:
+                self._exact[end : end + count] = True
             self._end = end + count
             return
         # Out of room: the rows held go to the front of a buffer sized for them, the new
@@ -114,14 +116,16 @@ class History:
         needed = held + count
         if needed + self._SPARE_ROWS // 2 > self._values.shape[0]:
             values = np.empty((needed + self._SPARE_ROWS, self._values.shape[1]), dtype=np.float64)
-            flags = np.empty(needed + self._SPARE_ROWS, dtype=bool)
+            flags = np.zeros(needed + self._SPARE_ROWS, dtype=bool)
+            flags[:held] = self._exact[self._start : self._end]
         else:
             values, flags = self._values, self._exact
-        values[:held] = self._values[self._start : self._end]  # may overlap: numpy copies safely
-        flags[:held] = self._exact[self._start : self._end]
+            flags[:held] = self._exact[self._start : self._end]  # may overlap: numpy copies safely
+            flags[held:] = False
+        values[:held] = self._values[self._start : self._end]  # may overlap too
         self._values, self._exact, self._start, self._end = values, flags, 0, held
-        self._values[held : held + count] = gathered
-        self._exact[held : held + count] = exact
+        values[held : held + count] = gathered
+        flags[held : held + count] = exact
         self._end = held + count
 
     def extended(self, gathered: np.ndarray, exact: bool, keep: int) -> History:
