@@ -253,6 +253,7 @@ def process_many(
             [decoders[i] for i in members], [first_frames[i] for i in members], fresh=fresh
         )  # type: ignore[misc]
         lengths = (~padding).sum(axis=1)
+        padded = bool(padding.any())  # not when streams are fed in step
         # Where each stream's span ends (absolute frame after its last).
         span_ends = (frames[:, 0] + lengths).tolist()
         per_stream = [decoders[i].searches for i in members]
@@ -265,15 +266,21 @@ def process_many(
                 # its batch bookkeeping.
                 template.expire(span_ends[0])
                 continue
+            scorer = template.scorer
+            characters = scorer.characters(stacked)
+            # Where each character may reach its floor (scorer.said, scorer.first_said).
+            reach = characters >= template.said_floor
+            if padded:
+                reach &= ~padding[..., None]
             # Where a match may begin; the last such frame before this span, per stream.
-            begins = template.scorer.first_said(stacked) & ~padding
+            begins = reach[..., 0]
             before = np.array([s.last_start for s in searches], dtype=np.int64)
             for row in np.flatnonzero(begins.any(axis=1)).tolist():
                 searches[row].note_starts(frames[row, begins[row]], decoders[members[row]].history)
             pending = np.array([s.firing.pending is not None for s in searches])
             # A span where no character may reach its floor can neither start nor complete a
             # match: its partial matches carry over (an over-estimate: the filter may keep them).
-            busy = pending | (template.scorer.said(stacked) & ~padding).any(axis=1)
+            busy = pending | reach.any(axis=(1, 2))
             for row in np.flatnonzero(~busy).tolist():
                 search = searches[row]
                 if search.alive:  # expire() changes nothing in a search with no partial match
@@ -284,9 +291,12 @@ def process_many(
             # No match passes a frame a whole window after the last frame where one may begin.
             latest = np.maximum.accumulate(np.where(begins[rows], frames[rows], NEVER), axis=1)
             latest = np.maximum(latest, before[rows, None])
-            killed = (frames[rows] - latest >= template.window_frames) & ~padding[rows]
-            terms = template.scorer.optimistic_terms(stacked[rows], exact[rows], killed)
-            _pad(terms, padding[rows])
+            killed = frames[rows] - latest >= template.window_frames
+            if padded:
+                killed &= ~padding[rows]
+            terms = scorer.optimistic_terms(stacked[rows], exact[rows], killed, characters[rows])
+            if padded:
+                _pad(terms, padding[rows])
             carry = np.stack([searches[r].carry for r in rows])
             carry_pre = np.stack([searches[r].carry_pre for r in rows])
             scores, new_carry, new_carry_pre, _, _, _ = template.scorer.run(terms, carry, carry_pre)
