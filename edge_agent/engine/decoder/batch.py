@@ -39,6 +39,10 @@ if TYPE_CHECKING:
 # step would make that step longer than a chunk. Smaller batches resolve a window when a
 # candidate comes, which reads about half as many frames.
 EARLY_RESOLUTION_MIN_STREAMS = 128
+# One stream's filtering pass over at most this many rows of bounds (a live microphone's chunk)
+# is computed on Python floats (KeywordScorer.filter_bounds): on a few numbers numpy's per-call
+# costs exceed the arithmetic; on longer spans numpy wins.
+PYTHON_FILTER_MAX_FRAMES = 16
 # Spans of at most this many frames (1 s: audio arriving in real time, not whole recordings)
 # resolve a match under way as it goes.
 EARLY_RESOLUTION_FRAMES = 34
@@ -375,6 +379,7 @@ def process_one(
     history = decoder.history
     values, exact = history.rows(first)
     length = values.shape[0]
+    bounds_only = resolve is not None  # the rows just appended are bounds
     frames = np.arange(first, first + length)
     exact_work: list[tuple[KeywordSearch, Filtered]] = []
     wanted: list[tuple[int, int]] = []
@@ -395,15 +400,19 @@ def process_one(
         # No match passes a frame a whole window after the last frame where one may begin.
         latest = np.maximum(np.maximum.accumulate(np.where(begins, frames, NEVER)), before)
         killed = frames - latest >= search.window_frames
-        terms = scorer.optimistic_terms(values[None], exact[None], killed[None], characters[None])
-        scores, new_carry, new_carry_pre, _, _, _ = scorer.run(
-            terms, search.carry[None], search.carry_pre[None]
-        )
-        found = frames[scores[0] >= search.log_threshold]
+        if bounds_only and length <= PYTHON_FILTER_MAX_FRAMES:
+            scores, new_carry, new_carry_pre = scorer.filter_bounds(
+                characters, killed, search.carry, search.carry_pre
+            )
+        else:
+            terms = scorer.optimistic_terms(values[None], exact[None], killed[None], characters[None])
+            passed = scorer.run(terms, search.carry[None], search.carry_pre[None])
+            scores, new_carry, new_carry_pre = passed.scores[0], passed.carry[0], passed.carry_pre[0]
+        found = frames[scores >= search.log_threshold]
         if search.pending is None and found.size == 0:
-            search.keep_carries(new_carry[0], new_carry_pre[0])
+            search.keep_carries(new_carry, new_carry_pre)
             continue
-        exact_work.append((search, Filtered(scores[0], new_carry[0], new_carry_pre[0])))
+        exact_work.append((search, Filtered(scores, new_carry, new_carry_pre)))
         if search.pending is not None:
             found = np.concatenate([[search.pending.frame], found])
         wanted += search.frames_read(found, history)

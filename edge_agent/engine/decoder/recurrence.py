@@ -31,6 +31,7 @@ timings (:meth:`KeywordScorer.backtrace`).
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import NamedTuple
 
@@ -166,6 +167,55 @@ class KeywordScorer:
             dips[~exact] = True
         gap[killed] = KILL
         return Terms(log_q, gap, dips)
+
+    def filter_bounds(
+        self, characters: np.ndarray, killed: np.ndarray, carry: np.ndarray, carry_pre: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The filtering pass over a few rows of one stream that are all bounds: what
+        :meth:`optimistic_terms` then :meth:`run` give (scores (t,), carry (n,), carry_pre
+        (n,)), from the characters' bounds (t, n), the ``killed`` rows (t,) and the carries (n,).
+
+        The logs come from numpy and the rest is the same additions, subtractions and maxima in
+        the same order on Python floats, so the results are the same to the last bit; a live
+        microphone's chunk is a dozen numbers, for which forty numpy calls cost more than the
+        arithmetic."""
+        n = self.n
+        with np.errstate(divide="ignore"):
+            log_q = np.log(characters) / n
+        log_q[characters < self.char_floor * BOUND_SAFETY] = NEG_INF
+        log_q[killed] = NEG_INF
+        terms = log_q.tolist()
+        frames = len(terms)
+        # Bounds: no gap penalty (the most favourable) but on killed rows, and a blank dip
+        # everywhere; the same for every pair of characters.
+        gaps = [KILL if kill else 0.0 for kill in killed.tolist()]
+        cumulative = list(itertools.accumulate(gaps))
+        carries = carry.tolist()
+        carries_pre = carry_pre.tolist()
+        new_carry = [NEG_INF] * n
+        new_carry_pre = [NEG_INF] * n
+        value = [row[0] for row in terms]
+        for i in range(n - 1):
+            if self.repeated[i]:
+                best = carries_pre[i]
+                a_pre = []
+                for f in range(frames):
+                    best = max(best, value[f] - cumulative[f])
+                    a_pre.append(best + cumulative[f])
+                previous_pre = [carries_pre[i], *a_pre[:-1]]
+                entries = [previous_pre[f] + gaps[f] - cumulative[f] for f in range(frames)]
+                new_carry_pre[i] = a_pre[-1]
+            else:
+                entries = [value[f] - cumulative[f] for f in range(frames)]
+            best = carries[i]
+            a_i = []
+            for f in range(frames):
+                best = max(best, entries[f])
+                a_i.append(best + cumulative[f])
+            new_carry[i] = a_i[-1]
+            previous = [carries[i], *a_i[:-1]]
+            value = [terms[f][i + 1] + previous[f] for f in range(frames)]
+        return np.array(value), np.array(new_carry), np.array(new_carry_pre)
 
     # --- the recurrence ------------------------------------------------------------------
     def run(
