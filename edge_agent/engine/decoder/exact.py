@@ -243,7 +243,7 @@ class ExactRuns:
         """What a run from ``start`` carries into frame ``begin``: nothing at its start, the
         partial matches of the latest run when it is extended."""
         if begin == start:
-            return self.scorer.no_match(), self.scorer.no_match()
+            return self.scorer.no_match_shared, self.scorer.no_match_shared
         run = self.latest
         assert run is not None and run.start == start and run.stop == begin
         return run.carry, run.carry_pre

@@ -101,9 +101,12 @@ class KeywordScorer:
         self.repeated = [
             set(keyword.token_groups[i]) == set(keyword.token_groups[i + 1]) for i in range(self.n - 1)
         ]
+        #: :meth:`no_match`, read-only and shared: for the exact runs that start afresh
+        self.no_match_shared = self.no_match()
+        self.no_match_shared.flags.writeable = False
 
     def no_match(self) -> np.ndarray:
-        """Carries of no partial match at all."""
+        """Carries of no partial match at all (a new array: the caller may change it)."""
         return np.full(self.n, NEG_INF)
 
     # --- per-frame terms ------------------------------------------------------------------

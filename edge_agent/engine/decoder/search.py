@@ -307,7 +307,7 @@ class KeywordSearch:
             return start, np.full(bound.shape, NEG_INF)
         values, _ = history.rows(start, run.stop)
         terms = self.scorer.terms(values[None])
-        no_match = self.scorer.no_match()[None]
+        no_match = self.scorer.no_match_shared[None]
         terms = Terms(log_q[None], terms.gap, terms.dips)
         passed = self.scorer.run(terms, no_match, no_match, backtrace=True)
         return start, self.policy.rivals_still_spoken(passed.prefix[0], passed.ends[0])
@@ -422,7 +422,7 @@ class KeywordSearch:
         log_strength = self.scorer.log_strength(score, weakest)
         best = (log_strength, score, peaks, log_q)
         gap_and_dips: Terms | None = None
-        no_match = self.scorer.no_match()[None]
+        no_match = self.scorer.no_match_shared[None]
         while log_strength < score:
             log_q = np.where(log_q > weakest, log_q, NEG_INF)
             if not (np.isfinite(log_q).any(axis=0).all() and np.isfinite(log_q[last, -1])):
