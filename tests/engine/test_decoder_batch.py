@@ -8,7 +8,16 @@ import pytest
 
 from edge_agent.engine.decoder import CompiledKeyword, KeywordDecoder, batch, process_many
 from edge_agent.engine.decoder.search import NEG_INF, drop_hopeless, under_way_rows
-from tests.engine.decoder_signals import ABCD, A, B, decode_lazily, posteriors, same_detections, spoken
+from tests.engine.decoder_signals import (
+    ABCD,
+    A,
+    B,
+    CountingResolver,
+    decode_lazily,
+    posteriors,
+    same_detections,
+    spoken,
+)
 
 
 @pytest.mark.parametrize("in_step", [False, True])
@@ -143,7 +152,7 @@ def test_a_keyword_begun_in_the_refractory_period_and_ended_after_it_is_found_in
 
 def test_hopeless_partial_matches_are_dropped_for_many_streams_as_for_one() -> None:
     """drop_hopeless and under_way_rows over (streams, n) carries give, row by row, what
-    keep_carries and the per-search test give for one stream, partial matches at the threshold
+    keep_carries and the on-track rule give for one stream, partial matches at the threshold
     and none at all included."""
     rng = np.random.default_rng(4)
     decoder = KeywordDecoder([ABCD], frame_seconds=0.03)
@@ -162,7 +171,9 @@ def test_hopeless_partial_matches_are_dropped_for_many_streams_as_for_one() -> N
         np.testing.assert_array_equal(many[row], search.carry)
         np.testing.assert_array_equal(many_pre[row], search.carry_pre)
         assert alive[row] == search.alive
-        assert under_way[row] == bool((search.carry[1 : search.n - 1] >= threshold).any())
+        # On track: k characters of n with a log score of at least k / n of the threshold's.
+        on_track = [search.carry[k - 1] >= threshold * k / search.n for k in range(2, search.n)]
+        assert under_way[row] == any(on_track)
     assert 0 < sum(alive) < len(alive) and 0 < sum(under_way) < len(under_way)
 
 
@@ -182,3 +193,24 @@ def test_decoders_of_one_keyword_configuration_share_a_group() -> None:
     other_hold = KeywordDecoder([ABCD], frame_seconds=0.03, hold_seconds=0.9)
     assert first.group == same.group
     assert len({first.group, other_threshold.group, other_hold.group}) == 3
+
+
+@pytest.mark.parametrize(("probability", "resolved_ahead"), [(0.9, True), (0.15, False)])
+def test_only_partial_matches_on_track_are_resolved_ahead(probability: float, resolved_ahead: bool) -> None:
+    """A large batch resolves ahead the window of a match whose first characters are said as
+    clearly as the keyword must be (their geometric mean reaches the threshold, 0.3), and not
+    that of two weak characters (0.15 each: a partial match above the threshold, but one that
+    the rest of the keyword would have to lift), the common case in speech."""
+    begun = {150: {A: probability}, 158: {B: probability}}
+    exact = [posteriors(300, begun)[:, [0, A, B, 3, 4]] for _ in range(10)]
+    decoders = [KeywordDecoder([ABCD], frame_seconds=0.03) for _ in exact]
+    resolver = CountingResolver(exact)
+    original = batch.EARLY_RESOLUTION_MIN_STREAMS
+    try:
+        batch.EARLY_RESOLUTION_MIN_STREAMS = 10
+        for start in range(0, 300, 3):
+            # The exact posteriors as bounds: what the filter sees is what was said.
+            assert process_many(decoders, [e[start : start + 3] for e in exact], resolver) == [[]] * 10
+    finally:
+        batch.EARLY_RESOLUTION_MIN_STREAMS = original
+    assert (sum(resolver.asked) > 0) == resolved_ahead

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 # Batches of at least this many streams (audio arriving in real time) resolve a match under way
 # as it goes: when they all finish a keyword at the same instant, resolving every window in one
 # step would make that step longer than a chunk. Smaller batches resolve a window when a
-# candidate comes, which reads about half as many frames.
+# candidate comes, which reads fewer frames.
 EARLY_RESOLUTION_MIN_STREAMS = 128
 # One stream's filtering pass over at most this many rows of bounds (a live microphone's chunk)
 # is computed on Python floats (KeywordScorer.filter_bounds): on a few numbers numpy's per-call
@@ -238,7 +238,7 @@ def process_many(
     early: dict[int, list[tuple[int, int]]] = {}
     early_limit: dict[int, int] = {}
     # Worth it for many streams only: a few streams' windows resolved at once are a small
-    # product, while resolving ahead reads about twice as many frames.
+    # product, while resolving ahead reads more frames.
     early_resolution = resolve is not None and len(decoders) >= EARLY_RESOLUTION_MIN_STREAMS
     groups: dict[int, list[int]] = {}
     for i, first in enumerate(first_frames):
@@ -315,7 +315,8 @@ def process_many(
                 if search.firing.pending is None and not proposing[position]:
                     search.keep_carries(new_carry[position], new_carry_pre[position], alive[position])
                     if early_resolution and lengths[row] <= EARLY_RESOLUTION_FRAMES and under_way[position]:
-                        # Audio in real time, and two or more characters may have been said:
+                        # Audio in real time, and two or more characters may have been said,
+                        # as clearly as the keyword must be (on track, see under_way_rows):
                         # resolve the window so far a few frames per step, and each new frame
                         # as it comes, rather than all of it when the last character arrives
                         # (in the worst case for every stream at the same instant, delaying

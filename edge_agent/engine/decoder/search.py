@@ -54,10 +54,16 @@ def drop_hopeless(carry: np.ndarray, carry_pre: np.ndarray, log_threshold: float
 def under_way_rows(carry: np.ndarray, search: KeywordSearch) -> list[bool]:
     """Per stream, from carries (streams, n) of ``search``'s keyword kept as
     :meth:`KeywordSearch.keep_carries` keeps them: whether a partial match of two or more
-    characters (but not all) may be alive."""
+    characters (but not all) may be on track, its characters' geometric mean so far reaching
+    the threshold.
+
+    What early resolution (``batch.py``) waits for. A keyword being said is on track at every
+    character; speech whose bounds let two characters through only just above the threshold,
+    far more common, is not, and resolving its window ahead of need would be wasted. Which
+    frames are resolved when never changes a detection."""
     if search.n <= 2:
         return [False] * carry.shape[0]
-    return (carry[:, 1 : search.n - 1] >= search.log_threshold).any(axis=1).tolist()
+    return (carry[:, 1 : search.n - 1] >= search.on_track).any(axis=1).tolist()
 
 
 @dataclass
@@ -106,6 +112,9 @@ class KeywordSearch:
         # score of the same match. Whether a match counts is decided on its exact score.
         self.log_threshold = self.policy.log_threshold - BOUND_TOLERANCE
         self.window_frames = int(math.ceil(keyword.max_duration / frame_seconds)) + 1
+        # A partial match of k characters is on track while its characters' geometric mean so
+        # far reaches the threshold: its log score at least k / n of the threshold's (k = 2..n-1).
+        self.on_track = self.log_threshold * np.arange(2, self.n) / self.n
         #: a character's bound below this cannot reach the floor (``KeywordScorer.said``)
         self.said_floor = self.scorer.char_floor * BOUND_SAFETY
         self.reset()
