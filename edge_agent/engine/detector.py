@@ -191,18 +191,19 @@ class KeywordDetector:
     def _defers(self, samples: np.ndarray) -> np.ndarray | None:
         """None if ``samples`` are set aside for the next call (see :func:`feed_many`), else the
         samples to run now: those set aside, then these."""
-        waiting = self._deferred.shape[0] + samples.shape[0]
+        deferred = self._deferred
+        waiting = deferred.shape[0] + samples.shape[0]
         # Idle, a short wait delays no detection (deferrable_samples). Whatever the decoder's
         # state, audio that completes no network frame would change nothing past the front-end
         # (a third of 20 ms chunks): it waits too, and the front-end runs once for both.
         if (waiting < self._defer_limit and self._decoder.idle) or self._features.frames_after(waiting) == 0:
-            self._deferred = np.concatenate([self._deferred, samples.astype(np.float32, copy=False)])
+            # A copy in float32 (what astype would give), made by the concatenation itself.
+            self._deferred = np.concatenate((deferred, samples), dtype=np.float32, casting="unsafe")
             return None
-        if self._deferred.size == 0:
+        if deferred.shape[0] == 0:
             return samples
-        combined = np.concatenate([self._deferred, samples.astype(np.float32, copy=False)])
-        self._deferred = self._deferred[:0]
-        return combined
+        self._deferred = deferred[:0]
+        return np.concatenate((deferred, samples), dtype=np.float32, casting="unsafe")
 
 
 def deferrable_samples(keywords: Sequence[CompiledKeyword]) -> int:
@@ -284,8 +285,11 @@ def _decode(detectors: Sequence[KeywordDetector], hidden: Sequence[np.ndarray]) 
     counts = [rows.shape[0] for rows in hidden]
     every = np.concatenate(hidden) if len(hidden) > 1 else hidden[0]
     bounds = output.bounds(every, columns).astype(np.float64)  # once, not per decoder
-    edges = np.cumsum([0, *counts])
-    per_stream = [bounds[edges[i] : edges[i + 1]] for i in range(len(counts))]
+    if min(counts) == max(counts):  # streams fed in step: one reshape gives each its rows
+        per_stream = list(bounds.reshape(len(counts), counts[0], bounds.shape[1]))
+    else:
+        edges = np.cumsum([0, *counts]).tolist()
+        per_stream = [bounds[edges[i] : edges[i + 1]] for i in range(len(counts))]
 
     def resolver(owners: Sequence[KeywordDetector]) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
         def resolve(frames: list[np.ndarray]) -> list[np.ndarray]:
@@ -350,7 +354,7 @@ class _HiddenRows:
     """
 
     # Spare rows beyond what an append needs, when the buffer is (re)allocated.
-    _SPARE_ROWS = 16
+    _SPARE_ROWS = 48
 
     def __init__(self, width: int) -> None:
         self._buffer = np.zeros((0, width), dtype=np.float32)
@@ -363,23 +367,27 @@ class _HiddenRows:
         count = rows.shape[0]
         if count == 0:
             return  # the decoder skips empty spans too, keeping everything it holds
-        kept_from = max(self._start, self._end - keep)
-        self._first += kept_from - self._start
-        self._start = kept_from
+        end = self._end
+        if end - self._start > keep:
+            self._first += end - keep - self._start
+            self._start = end - keep
+        if end + count <= self._buffer.shape[0]:  # room to spare: most steps
+            # Always a copy: ``rows`` is a view of the whole batch's hidden matrix.
+            self._buffer[end : end + count] = rows
+            self._end = end + count
+            return
         held = self._end - self._start
-        if self._end + count > self._buffer.shape[0]:
-            # Out of room: the rows held go to the front of a buffer sized for them, the new
-            # rows and some spare (a new one if this one is too small).
-            needed = held + count
-            if needed + self._SPARE_ROWS // 2 > self._buffer.shape[0]:
-                buffer = np.empty((needed + self._SPARE_ROWS, self._buffer.shape[1]), dtype=np.float32)
-            else:
-                buffer = self._buffer
-            buffer[:held] = self._buffer[self._start : self._end]  # may overlap: numpy copies safely
-            self._buffer, self._start, self._end = buffer, 0, held
-        # Always a copy: ``rows`` is a view of the whole batch's hidden matrix.
-        self._buffer[self._end : self._end + count] = rows
-        self._end += count
+        # Out of room: the rows held go to the front of a buffer sized for them, the new
+        # rows and some spare (a new one if this one is too small).
+        needed = held + count
+        if needed + self._SPARE_ROWS // 2 > self._buffer.shape[0]:
+            buffer = np.empty((needed + self._SPARE_ROWS, self._buffer.shape[1]), dtype=np.float32)
+        else:
+            buffer = self._buffer
+        buffer[:held] = self._buffer[self._start : self._end]  # may overlap: numpy copies safely
+        self._buffer, self._start, self._end = buffer, 0, held
+        self._buffer[held : held + count] = rows
+        self._end = held + count
 
     def rows(self, frames: np.ndarray) -> np.ndarray:
         index = frames - (self._first - self._start)

@@ -48,6 +48,31 @@ def test_feed_many_equals_feed_per_stream_on_real_audio(numpy_model, recordings)
     assert sum(len(e) for e in expected) >= 8
 
 
+def test_streams_fed_in_step_find_what_each_finds_alone(numpy_model, recordings) -> None:  # type: ignore[no-untyped-def]
+    """Every stream brings 100 ms at every step, as the agent's worker feeds live streams (their
+    bounds are then split with one reshape); a stream that is idle sets its chunk aside, so the
+    batch changes from step to step. The detections are those of each stream fed alone."""
+    specs = [KeywordSpec("小云小云")]
+    alone = [numpy_model.detector(specs) for _ in recordings]
+    together = [numpy_model.detector(specs) for _ in recordings]
+    expected: list[list] = [[] for _ in recordings]
+    got: list[list] = [[] for _ in recordings]
+    longest = max(r.shape[0] for r in recordings)
+    for offset in range(0, longest, 1600):
+        chunks = [samples[offset : offset + 1600] for samples in recordings]
+        for i, chunk in enumerate(chunks):
+            expected[i] += alone[i].feed(chunk)
+        for i, found in enumerate(feed_many(together, chunks)):
+            got[i] += found
+    for i in range(len(recordings)):
+        expected[i] += alone[i].finish()
+        got[i] += together[i].finish()
+    assert [[(d.start, d.end, round(d.confidence, 6)) for d in e] for e in got] == [
+        [(d.start, d.end, round(d.confidence, 6)) for d in e] for e in expected
+    ]
+    assert sum(len(e) for e in expected) >= 8
+
+
 def exact_detections(model, specs: list[KeywordSpec], samples: np.ndarray):  # type: ignore[no-untyped-def]
     """The reference: exact posteriors of every frame (the whole output layer), then the decoder."""
     decoder = model.decoder([model.compile(spec) for spec in specs])

@@ -7,7 +7,17 @@ import numpy as np
 import pytest
 
 from edge_agent.engine.decoder import CompiledKeyword, KeywordDecoder, batch, process_many
-from tests.engine.decoder_signals import ABCD, A, B, decode_lazily, posteriors, same_detections, spoken
+from edge_agent.engine.decoder.search import NEG_INF, drop_hopeless, under_way_rows
+from tests.engine.decoder_signals import (
+    ABCD,
+    A,
+    B,
+    CountingResolver,
+    decode_lazily,
+    posteriors,
+    same_detections,
+    spoken,
+)
 
 
 @pytest.mark.parametrize("in_step", [False, True])
@@ -138,3 +148,69 @@ def test_a_keyword_begun_in_the_refractory_period_and_ended_after_it_is_found_in
         alone.append(decoder.process(signal) + decoder.finish())
     assert same_detections(together, alone)
     assert all(len(found) == 2 for found in together)
+
+
+def test_hopeless_partial_matches_are_dropped_for_many_streams_as_for_one() -> None:
+    """drop_hopeless and under_way_rows over (streams, n) carries give, row by row, what
+    keep_carries and the on-track rule give for one stream, partial matches at the threshold
+    and none at all included."""
+    rng = np.random.default_rng(4)
+    decoder = KeywordDecoder([ABCD], frame_seconds=0.03)
+    search = decoder.searches[0]
+    threshold = search.log_threshold
+    levels = np.array([NEG_INF, threshold - 1.0, threshold - 1e-12, threshold, threshold + 1e-12, -0.1, 0.0])
+    carry = rng.choice(levels, size=(200, search.n))
+    carry_pre = rng.choice(levels, size=(200, search.n))
+    carry[:20] = NEG_INF  # no partial match at all
+    carry_pre[:20] = NEG_INF
+    many, many_pre = carry.copy(), carry_pre.copy()
+    alive = drop_hopeless(many, many_pre, threshold)
+    under_way = under_way_rows(many, search)
+    for row in range(carry.shape[0]):
+        search.keep_carries(carry[row].copy(), carry_pre[row].copy())
+        np.testing.assert_array_equal(many[row], search.carry)
+        np.testing.assert_array_equal(many_pre[row], search.carry_pre)
+        assert alive[row] == search.alive
+        # On track: k characters of n with a log score of at least k / n of the threshold's.
+        on_track = [search.carry[k - 1] >= threshold * k / search.n for k in range(2, search.n)]
+        assert under_way[row] == any(on_track)
+    assert 0 < sum(alive) < len(alive) and 0 < sum(under_way) < len(under_way)
+
+
+def test_decoders_of_one_keyword_configuration_share_a_group() -> None:
+    """process_many groups streams by a number given once per configuration: equal for equal
+    keywords and settings, whoever made the decoder, different otherwise."""
+    first = KeywordDecoder([ABCD], frame_seconds=0.03)
+    same = KeywordDecoder([ABCD], frame_seconds=0.03)
+    other_threshold = KeywordDecoder(
+        [
+            CompiledKeyword(
+                "abcd", ABCD.token_groups, ABCD.threshold / 2, ABCD.min_duration, ABCD.max_duration
+            )
+        ],
+        frame_seconds=0.03,
+    )
+    other_hold = KeywordDecoder([ABCD], frame_seconds=0.03, hold_seconds=0.9)
+    assert first.group == same.group
+    assert len({first.group, other_threshold.group, other_hold.group}) == 3
+
+
+@pytest.mark.parametrize(("probability", "resolved_ahead"), [(0.9, True), (0.15, False)])
+def test_only_partial_matches_on_track_are_resolved_ahead(probability: float, resolved_ahead: bool) -> None:
+    """A large batch resolves ahead the window of a match whose first characters are said as
+    clearly as the keyword must be (their geometric mean reaches the threshold, 0.3), and not
+    that of two weak characters (0.15 each: a partial match above the threshold, but one that
+    the rest of the keyword would have to lift), the common case in speech."""
+    begun = {150: {A: probability}, 158: {B: probability}}
+    exact = [posteriors(300, begun)[:, [0, A, B, 3, 4]] for _ in range(10)]
+    decoders = [KeywordDecoder([ABCD], frame_seconds=0.03) for _ in exact]
+    resolver = CountingResolver(exact)
+    original = batch.EARLY_RESOLUTION_MIN_STREAMS
+    try:
+        batch.EARLY_RESOLUTION_MIN_STREAMS = 10
+        for start in range(0, 300, 3):
+            # The exact posteriors as bounds: what the filter sees is what was said.
+            assert process_many(decoders, [e[start : start + 3] for e in exact], resolver) == [[]] * 10
+    finally:
+        batch.EARLY_RESOLUTION_MIN_STREAMS = original
+    assert (sum(resolver.asked) > 0) == resolved_ahead

@@ -116,6 +116,23 @@ def test_unresolved_frames_are_those_of_the_spans_not_filled_yet() -> None:
     assert history.unresolved([]).size == 0
 
 
+def test_unresolved_frames_of_one_span_are_read_from_it_alone() -> None:
+    """One span (a match under way, resolved ahead) against the plain definition, up to the
+    newest frame, with fills and the buffer's moves in between."""
+    rng = np.random.default_rng(8)
+    history = History.empty(2, first=5)
+    for _ in range(60):
+        history.append(rng.random((int(rng.choice([1, 3, 4, 30])), 2)), exact=False, keep=40)
+        frames = np.arange(history.first, history.end)
+        filled = rng.choice(frames, size=min(5, frames.size), replace=False)
+        history.fill(np.sort(filled), np.ones((filled.size, 2)))
+        start = int(rng.integers(history.first, history.end))
+        stop = int(rng.integers(start, history.end + 1))
+        plain = [f for f in range(start, stop) if not history.exact[f - history.first]]
+        np.testing.assert_array_equal(history.unresolved([(start, stop)]), plain)
+        np.testing.assert_array_equal(history.unresolved([(start, stop), (start, start)]), plain)
+
+
 def test_on_demand_resolution_asks_for_the_missing_frames_only_in_its_own_slot() -> None:
     history = History.empty(2, first=0).extended(np.zeros((6, 2)), exact=False, keep=0)
     history.fill(np.array([2]), np.ones((1, 2)))

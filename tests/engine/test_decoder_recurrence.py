@@ -114,3 +114,60 @@ def test_the_optimistic_terms_are_never_below_the_exact_ones() -> None:
     assert (optimistic.log_q >= true.log_q).all()
     assert (optimistic.gap >= true.gap).all()
     assert (optimistic.dips >= true.dips).all()
+
+
+def test_optimistic_terms_of_bounds_alone_are_those_of_rows_that_are_not_exact() -> None:
+    """Rows of bounds only (no exact row among them: the filtering pass over new rows) get the
+    terms that the general rule gives rows that are not exact (most favourable gap and dip),
+    killed rows included, for keywords with and without a repeated character."""
+    rng = np.random.default_rng(6)
+    for groups in [((1,), (2,), (3,), (4,)), ((1,), (1,), (2,)), ((1, 5), (2,))]:
+        keyword = scorer(*groups)
+        for _ in range(50):
+            values = rng.dirichlet(np.full(6, 0.3), size=(3, 7))
+            killed = rng.random((3, 7)) < 0.2
+            alone = keyword.optimistic_terms(values, np.zeros((3, 7), dtype=bool), killed)
+            # With one exact row in another stream, the general rule runs on these rows too.
+            exact = np.zeros((4, 7), dtype=bool)
+            exact[3, 0] = True
+            mixed = keyword.optimistic_terms(
+                np.concatenate([values, values[:1]]), exact, np.concatenate([killed, killed[:1]])
+            )
+            for got, want in zip(alone, mixed, strict=True):
+                assert got.dtype == want.dtype
+                np.testing.assert_array_equal(got, want[:3])
+
+
+def test_the_filtering_pass_on_python_floats_is_the_numpy_pass_to_the_last_bit() -> None:
+    """filter_bounds (one stream's few rows of bounds, on Python floats) gives the scores and
+    carries of optimistic_terms then run, bit for bit: characters below the floor, killed rows,
+    repeated characters, carries with and without partial matches."""
+    rng = np.random.default_rng(9)
+    levels = np.array([NEG_INF, 0.0, -0.1, -1.0, -2.5, -3.0])
+    cases = 0
+    for groups in [((1,), (2,), (1,), (2,)), ((1,), (1,), (2,)), ((1, 5), (2,)), ((1,),), ((3,), (3,), (3,))]:
+        for threshold in (0.002, 0.05, 0.3):
+            keyword = scorer(*groups, threshold=threshold)
+            for trial in range(60):
+                frames = int(rng.integers(1, 12))
+                values = rng.dirichlet(np.full(6, 0.2), size=frames)
+                if trial % 4 == 0:  # exact zeros, values near and far from the floors
+                    values[:, 1:] = rng.choice([0.0, 1e-5, 0.5], size=(frames, 5))
+                killed = rng.random(frames) < 0.2
+                carry = rng.choice(levels, size=keyword.n)
+                carry_pre = rng.choice(levels, size=keyword.n)
+                characters = keyword.characters(values)
+                terms = keyword.optimistic_terms(
+                    values[None], np.zeros((1, frames), dtype=bool), killed[None], characters[None]
+                )
+                passed = keyword.run(terms, carry[None], carry_pre[None])
+                got = keyword.filter_bounds(characters, killed, carry, carry_pre)
+                for python, numpy in zip(
+                    got, (passed.scores[0], passed.carry[0], passed.carry_pre[0]), strict=True
+                ):
+                    assert python.shape == numpy.shape
+                    assert np.array_equal(python, numpy) and np.array_equal(
+                        np.signbit(python), np.signbit(numpy)
+                    )
+                cases += 1
+    assert cases == 900

@@ -82,3 +82,24 @@ def test_an_idle_stream_sets_short_chunks_aside_without_delaying_any_detection(
     assert len([d for d in expected if d[0] >= 0]) >= 2
     assert _chunks_and_detections(deferring, samples, chunk) == expected
     assert set_aside > 10
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.float64])
+def test_audio_set_aside_is_a_float32_copy_of_what_was_fed(dtype, numpy_model) -> None:  # type: ignore[no-untyped-def]
+    """An idle stream sets its chunk aside as float32, as the front-end takes it, whatever the
+    caller's type; a copy: the caller may reuse its buffer. The next chunk runs both."""
+    from edge_agent.engine.model import KeywordSpec
+
+    detector = numpy_model.detector([KeywordSpec("小云小云")])
+    rng = np.random.default_rng(2)
+    first = (rng.standard_normal(1600) * 300).astype(dtype)
+    second = (rng.standard_normal(1600) * 300).astype(dtype)
+    assert detector._defers(first) is None
+    expected = first.astype(np.float32)
+    first[:] = 0
+    np.testing.assert_array_equal(detector._deferred, expected)
+    assert detector._deferred.dtype == np.float32
+    ready = detector._defers(second)
+    assert ready is not None and ready.dtype == np.float32
+    np.testing.assert_array_equal(ready, np.concatenate([expected, second.astype(np.float32)]))
+    assert detector._deferred.size == 0

@@ -29,7 +29,7 @@ import numpy as np
 from edge_agent.engine.decoder.exact import ExactRun, Resolver, already_exact
 from edge_agent.engine.decoder.keywords import Detection
 from edge_agent.engine.decoder.recurrence import BOUND_SAFETY, NEG_INF, Terms
-from edge_agent.engine.decoder.search import NEVER, Filtered, KeywordSearch
+from edge_agent.engine.decoder.search import NEVER, Filtered, KeywordSearch, drop_hopeless, under_way_rows
 
 if TYPE_CHECKING:
     from edge_agent.engine.decoder.stream import KeywordDecoder
@@ -37,8 +37,12 @@ if TYPE_CHECKING:
 # Batches of at least this many streams (audio arriving in real time) resolve a match under way
 # as it goes: when they all finish a keyword at the same instant, resolving every window in one
 # step would make that step longer than a chunk. Smaller batches resolve a window when a
-# candidate comes, which reads about half as many frames.
+# candidate comes, which reads fewer frames.
 EARLY_RESOLUTION_MIN_STREAMS = 128
+# One stream's filtering pass over at most this many rows of bounds (a live microphone's chunk)
+# is computed on Python floats (KeywordScorer.filter_bounds): on a few numbers numpy's per-call
+# costs exceed the arithmetic; on longer spans numpy wins.
+PYTHON_FILTER_MAX_FRAMES = 16
 # Spans of at most this many frames (1 s: audio arriving in real time, not whole recordings)
 # resolve a match under way as it goes.
 EARLY_RESOLUTION_FRAMES = 34
@@ -118,10 +122,10 @@ def _stack_fresh(
     return stacked, exact, frames, padding
 
 
-def _search_key(decoder: KeywordDecoder, search: KeywordSearch) -> tuple[object, ...]:
+def _search_key(decoder: KeywordDecoder, search: KeywordSearch) -> tuple[int, int]:
     """Searches with equal keys share one vectorised recurrence: the same keyword settings in
     decoders reading the same outputs."""
-    return (decoder.signature, decoder.searches.index(search))
+    return (decoder.group, decoder.searches.index(search))
 
 
 def _pad(terms: Terms, padding: np.ndarray) -> None:
@@ -133,19 +137,25 @@ def _pad(terms: Terms, padding: np.ndarray) -> None:
     terms.dips[padding] = False
 
 
-def _resolve(decoders: Sequence[KeywordDecoder], wanted: list[np.ndarray], resolve: Resolver) -> None:
-    """One ``resolve`` call for every decoder's wanted frames (none if nobody wants any)."""
-    if not any(frames.size for frames in wanted):
+def _resolve(decoders: Sequence[KeywordDecoder], wanted: dict[int, np.ndarray], resolve: Resolver) -> None:
+    """One ``resolve`` call for the wanted frames of every decoder (by index; none if nobody
+    wants any)."""
+    asking = [i for i, frames in wanted.items() if frames.size]
+    if not asking:
         return
-    for decoder, frames, exact in zip(decoders, wanted, resolve(wanted), strict=True):
-        if frames.size:
-            decoder.history.fill(frames, np.asarray(exact, dtype=np.float64))
+    nothing = np.zeros(0, dtype=np.int64)
+    requests = [nothing] * len(decoders)
+    for i in asking:
+        requests[i] = wanted[i]
+    answers = resolve(requests)
+    for i in asking:
+        decoders[i].history.fill(wanted[i], np.asarray(answers[i], dtype=np.float64))
 
 
 def prime_exact_runs(
     decoders: Sequence[KeywordDecoder],
     first_frames: Sequence[int | None],
-    exact_work: list[list[tuple[KeywordSearch, Filtered]]],
+    exact_work: dict[int, list[tuple[KeywordSearch, Filtered]]],
 ) -> int:
     """The exact runs that the searches with a candidate or a pending match are about to
     compute or extend one by one, computed together: one recurrence over (streams, frames) per
@@ -155,9 +165,9 @@ def prime_exact_runs(
     devices hearing one speaker) this is most of the chunk's decoding work. Returns how many
     runs were computed."""
     computed = 0
-    groups: dict[tuple[object, ...], list[tuple[int, KeywordSearch, int, int, int]]] = {}
-    for i, work in enumerate(exact_work):
-        for search, filtered in work:
+    groups: dict[tuple[int, int], list[tuple[int, KeywordSearch, int, int, int]]] = {}
+    for i in sorted(exact_work):
+        for search, filtered in exact_work[i]:
             span = search.run_to_prime(filtered, first_frames[i], decoders[i].history)  # type: ignore[arg-type]
             if span is not None:
                 groups.setdefault(_search_key(decoders[i], search), []).append((i, search, *span))
@@ -215,23 +225,25 @@ def process_many(
         return [process_one(decoders[0], posteriors[0], resolve)]
     results: list[list[Detection]] = [[] for _ in decoders]
     exact_input = resolve is None
-    first_frames: list[int | None] = []
-    for decoder, frames in zip(decoders, posteriors, strict=True):
-        first_frames.append(decoder.append(frames, exact_input) if frames.shape[0] else None)
-    active = [i for i, first in enumerate(first_frames) if first is not None]
-    # Per stream: the searches with a candidate or a pending detection, decoded exactly below,
-    # and the frames their exact decoding will read.
-    exact_work: list[list[tuple[KeywordSearch, Filtered]]] = [[] for _ in decoders]
-    wanted: list[list[tuple[int, int]]] = [[] for _ in decoders]
+    first_frames: list[int | None] = [
+        decoder.append(frames, exact_input) if frames.shape[0] else None
+        for decoder, frames in zip(decoders, posteriors, strict=True)
+    ]
+    # Per stream with something going on (most have nothing: these are filled sparsely): the
+    # searches with a candidate or a pending detection, decoded exactly below, and the frames
+    # their exact decoding will read.
+    exact_work: dict[int, list[tuple[KeywordSearch, Filtered]]] = {}
+    wanted: dict[int, list[tuple[int, int]]] = {}
     # Matches under way in real-time audio: frames to resolve ahead of need, a few per step.
-    early: list[list[tuple[int, int]]] = [[] for _ in decoders]
-    early_limit = [0] * len(decoders)
+    early: dict[int, list[tuple[int, int]]] = {}
+    early_limit: dict[int, int] = {}
     # Worth it for many streams only: a few streams' windows resolved at once are a small
-    # product, while resolving ahead reads about twice as many frames.
+    # product, while resolving ahead reads more frames.
     early_resolution = resolve is not None and len(decoders) >= EARLY_RESOLUTION_MIN_STREAMS
-    groups: dict[tuple[object, ...], list[int]] = {}
-    for i in active:
-        groups.setdefault(decoders[i].signature, []).append(i)
+    groups: dict[int, list[int]] = {}
+    for i, first in enumerate(first_frames):
+        if first is not None:
+            groups.setdefault(decoders[i].group, []).append(i)
     for members in groups.values():
         columns = decoders[members[0]].columns.shape[0]
         appended = [posteriors[i] for i in members]
@@ -245,6 +257,9 @@ def process_many(
             [decoders[i] for i in members], [first_frames[i] for i in members], fresh=fresh
         )  # type: ignore[misc]
         lengths = (~padding).sum(axis=1)
+        padded = bool(padding.any())  # not when streams are fed in step
+        # Where each stream's span ends (absolute frame after its last).
+        span_ends = (frames[:, 0] + lengths).tolist()
         per_stream = [decoders[i].searches for i in members]
         for slot in range(len(per_stream[0])):
             searches = [stream_searches[slot] for stream_searches in per_stream]
@@ -253,85 +268,93 @@ def process_many(
                 # One stream (a live microphone) with nothing going on: what the general path
                 # below would find too (no frame where a match may begin, nothing busy), without
                 # its batch bookkeeping.
-                template.expire(int(frames[0, 0]) + int(lengths[0]))
+                template.expire(span_ends[0])
                 continue
+            scorer = template.scorer
+            characters = scorer.characters(stacked)
+            # Where each character may reach its floor (scorer.said, scorer.first_said).
+            reach = characters >= template.said_floor
+            if padded:
+                reach &= ~padding[..., None]
             # Where a match may begin; the last such frame before this span, per stream.
-            begins = template.scorer.first_said(stacked) & ~padding
+            begins = reach[..., 0]
             before = np.array([s.last_start for s in searches], dtype=np.int64)
             for row in np.flatnonzero(begins.any(axis=1)).tolist():
                 searches[row].note_starts(frames[row, begins[row]], decoders[members[row]].history)
-            pending = np.array([s.pending is not None for s in searches])
+            pending = np.array([s.firing.pending is not None for s in searches])
             # A span where no character may reach its floor can neither start nor complete a
             # match: its partial matches carry over (an over-estimate: the filter may keep them).
-            busy = pending | (template.scorer.said(stacked) & ~padding).any(axis=1)
+            busy = pending | reach.any(axis=(1, 2))
             for row in np.flatnonzero(~busy).tolist():
-                searches[row].expire(int(frames[row, 0]) + int(lengths[row]))
+                search = searches[row]
+                if search.alive:  # expire() changes nothing in a search with no partial match
+                    search.expire(span_ends[row])
             rows = np.flatnonzero(busy)
             if rows.size == 0:
                 continue
             # No match passes a frame a whole window after the last frame where one may begin.
             latest = np.maximum.accumulate(np.where(begins[rows], frames[rows], NEVER), axis=1)
             latest = np.maximum(latest, before[rows, None])
-            killed = (frames[rows] - latest >= template.window_frames) & ~padding[rows]
-            terms = template.scorer.optimistic_terms(stacked[rows], exact[rows], killed)
-            _pad(terms, padding[rows])
+            killed = frames[rows] - latest >= template.window_frames
+            if padded:
+                killed &= ~padding[rows]
+            terms = scorer.optimistic_terms(stacked[rows], exact[rows], killed, characters[rows])
+            if padded:
+                _pad(terms, padding[rows])
             carry = np.stack([searches[r].carry for r in rows])
             carry_pre = np.stack([searches[r].carry_pre for r in rows])
             scores, new_carry, new_carry_pre, _, _, _ = template.scorer.run(terms, carry, carry_pre)
             candidates = scores >= template.log_threshold
             proposing = candidates.any(axis=1).tolist()
+            # What keep_carries does, for every busy stream at once (the searches with exact
+            # work below do it again at the end of their span: the same carries).
+            alive = drop_hopeless(new_carry, new_carry_pre, template.log_threshold)
+            under_way = under_way_rows(new_carry, template) if early_resolution else []
             for position, row in enumerate(rows.tolist()):
                 search = searches[row]
-                found = (
-                    frames[row, np.flatnonzero(candidates[position])]
-                    if proposing[position]
-                    else frames[row, :0]
-                )
-                if search.pending is None and found.size == 0:
-                    search.keep_carries(new_carry[position], new_carry_pre[position])
-                    if early_resolution and lengths[row] <= EARLY_RESOLUTION_FRAMES and search.under_way():
-                        # Audio in real time, and two or more characters may have been said:
+                if search.firing.pending is None and not proposing[position]:
+                    search.keep_carries(new_carry[position], new_carry_pre[position], alive[position])
+                    if early_resolution and lengths[row] <= EARLY_RESOLUTION_FRAMES and under_way[position]:
+                        # Audio in real time, and two or more characters may have been said,
+                        # as clearly as the keyword must be (on track, see under_way_rows):
                         # resolve the window so far a few frames per step, and each new frame
                         # as it comes, rather than all of it when the last character arrives
                         # (in the worst case for every stream at the same instant, delaying
                         # every detection). More frames in all; the detections are the same.
-                        last = int(frames[row, lengths[row] - 1])
-                        early[members[row]] += search.frames_read(
-                            np.array([last]), decoders[members[row]].history
-                        )
+                        # (search.frames_read of the span's last frame: its window, up to the
+                        # newest frame held.)
+                        history = decoders[members[row]].history
+                        start = search.first_start(span_ends[row] - 1, history)
+                        if start is not None:
+                            early.setdefault(members[row], []).append((start, history.end))
                         early_limit[members[row]] = int(lengths[row]) + EARLY_RESOLUTION_BACKLOG_FRAMES
                     continue
                 index = members[row]
+                found = frames[row, np.flatnonzero(candidates[position])]
                 # Its scores propose the frames to re-score; all of them are resolved below.
                 filtered = Filtered(
                     scores[position, : lengths[row]], new_carry[position], new_carry_pre[position]
                 )
-                exact_work[index].append((search, filtered))
+                exact_work.setdefault(index, []).append((search, filtered))
                 if search.pending is not None:
                     found = np.concatenate([[search.pending.frame], found])
-                wanted[index] += search.frames_read(found, decoders[index].history)
+                wanted.setdefault(index, []).extend(search.frames_read(found, decoders[index].history))
     if resolve is not None:
         # Everything the exact decoding below will read, for every stream, in one call.
-        nothing = np.zeros(0, dtype=np.int64)
-        frames_wanted = [
-            decoders[i].history.unresolved(spans) if spans else nothing for i, spans in enumerate(wanted)
-        ]
-        for i, spans in enumerate(early):
+        frames_wanted = {i: decoders[i].history.unresolved(spans) for i, spans in wanted.items() if spans}
+        for i, spans in early.items():
             if spans:  # the oldest first: the backlog shrinks at every step
                 ahead = decoders[i].history.unresolved(spans)[: early_limit[i]]
-                frames_wanted[i] = np.union1d(frames_wanted[i], ahead)
+                frames_wanted[i] = np.union1d(frames_wanted[i], ahead) if i in frames_wanted else ahead
         _resolve(decoders, frames_wanted, resolve)
     prime_exact_runs(decoders, first_frames, exact_work)
-    for i, searches in enumerate(exact_work):
-        if not searches:
-            continue
+    for i in sorted(exact_work):
         decoder = decoders[i]
         # Resolved above; on demand is a safety net, for spans the filter did not foresee.
         ensure = already_exact if resolve is None else decoder.history.on_demand(resolve, i, len(decoders))
-        for search, filtered in searches:
+        for search, filtered in exact_work[i]:
             results[i].extend(search.process(decoder.history, first_frames[i], ensure, filtered))  # type: ignore[arg-type]
-    for found in results:
-        found.sort(key=lambda d: (d.end, d.keyword))
+        results[i].sort(key=lambda d: (d.end, d.keyword))
     return results
 
 
@@ -345,17 +368,19 @@ def process_one(
         return []
     first = decoder.append(posteriors, resolve is None)
     searches = decoder.searches
-    if posteriors.shape[1] == decoder.columns.shape[0] and _nothing_said(searches, posteriors):
+    if posteriors.shape[1] == decoder.columns.shape[0] and _nothing_said(decoder, posteriors):
         # No character of any keyword may reach its floor in these rows and nothing is pending
         # (most of a microphone's chunks, in speech as in silence): what the loop below does for
         # each search, decided from one maximum instead of each keyword's gathers.
         end = first + posteriors.shape[0]
         for search in searches:
-            search.expire(end)
+            if search.alive:  # expire() changes nothing in a search with no partial match
+                search.expire(end)
         return []
     history = decoder.history
     values, exact = history.rows(first)
     length = values.shape[0]
+    bounds_only = resolve is not None  # the rows just appended are bounds
     frames = np.arange(first, first + length)
     exact_work: list[tuple[KeywordSearch, Filtered]] = []
     wanted: list[tuple[int, int]] = []
@@ -376,15 +401,19 @@ def process_one(
         # No match passes a frame a whole window after the last frame where one may begin.
         latest = np.maximum(np.maximum.accumulate(np.where(begins, frames, NEVER)), before)
         killed = frames - latest >= search.window_frames
-        terms = scorer.optimistic_terms(values[None], exact[None], killed[None], characters[None])
-        scores, new_carry, new_carry_pre, _, _, _ = scorer.run(
-            terms, search.carry[None], search.carry_pre[None]
-        )
-        found = frames[scores[0] >= search.log_threshold]
+        if bounds_only and length <= PYTHON_FILTER_MAX_FRAMES:
+            scores, new_carry, new_carry_pre = scorer.filter_bounds(
+                characters, killed, search.carry, search.carry_pre
+            )
+        else:
+            terms = scorer.optimistic_terms(values[None], exact[None], killed[None], characters[None])
+            passed = scorer.run(terms, search.carry[None], search.carry_pre[None])
+            scores, new_carry, new_carry_pre = passed.scores[0], passed.carry[0], passed.carry_pre[0]
+        found = frames[scores >= search.log_threshold]
         if search.pending is None and found.size == 0:
-            search.keep_carries(new_carry[0], new_carry_pre[0])
+            search.keep_carries(new_carry, new_carry_pre)
             continue
-        exact_work.append((search, Filtered(scores[0], new_carry[0], new_carry_pre[0])))
+        exact_work.append((search, Filtered(scores, new_carry, new_carry_pre)))
         if search.pending is not None:
             found = np.concatenate([[search.pending.frame], found])
         wanted += search.frames_read(found, history)
@@ -394,7 +423,7 @@ def process_one(
         ensure = already_exact
     else:
         # Everything the exact decoding below will read, in one call.
-        _resolve([decoder], [history.unresolved(wanted)], resolve)
+        _resolve([decoder], {0: history.unresolved(wanted)}, resolve)
         ensure = history.on_demand(resolve, 0, 1)
     results: list[Detection] = []
     for search, filtered in exact_work:
@@ -403,17 +432,14 @@ def process_one(
     return results
 
 
-def _nothing_said(searches: Sequence[KeywordSearch], gathered: np.ndarray) -> bool:
-    """No search has a pending detection and no character may reach its floor in these rows of
-    gathered columns (blank first): every column but blank is below the lowest floor, and a
-    character is one column, or the sum of a few (then all columns together are below it)."""
-    floor = np.inf
-    single = True
-    for search in searches:
-        if search.pending is not None:
+def _nothing_said(decoder: KeywordDecoder, gathered: np.ndarray) -> bool:
+    """No search of ``decoder`` has a pending detection and no character may reach its floor in
+    these rows of gathered columns (blank first): every column but blank is below the lowest
+    floor, and a character is one column, or the sum of a few (then all columns together are
+    below it)."""
+    for search in decoder.searches:
+        if search.firing.pending is not None:
             return False
-        floor = min(floor, search.said_floor)
-        single = single and search.scorer.single_columns is not None
-    if single:
-        return bool(gathered[:, 1:].max() < floor)
-    return bool(gathered[:, 1:].sum(axis=1).max() < floor)
+    if decoder.single_column_characters:
+        return bool(gathered[:, 1:].max() < decoder.lowest_said_floor)
+    return bool(gathered[:, 1:].sum(axis=1).max() < decoder.lowest_said_floor)

@@ -46,7 +46,8 @@ class History:
 
     The rows live in a buffer with room to spare: :meth:`append` writes a step's few rows in
     place, and the rows still held move to the front only when the room runs out, instead of
-    two new arrays per stream at every step.
+    two new arrays per stream at every step. The flags past the newest row are kept False, so
+    that appending bounds (every step of a decoder with a resolver) writes no flag.
     """
 
     # Spare rows beyond what an append needs, when the buffer is (re)allocated.
@@ -99,25 +100,33 @@ class History:
         """Keep the last ``keep`` rows of this history, then add the new ``gathered`` rows (all
         exact or all bounds), in place."""
         count = gathered.shape[0]
-        kept_from = max(self._start, self._end - keep)
-        self._first += kept_from - self._start
-        self._start = kept_from
-        if self._end + count > self._values.shape[0]:
-            # Out of room: the rows held go to the front of a buffer sized for them, the new
-            # rows and some spare (a new one if this one is too small).
-            held = self._end - self._start
-            needed = held + count
-            if needed + self._SPARE_ROWS // 2 > self._values.shape[0]:
-                values = np.empty((needed + self._SPARE_ROWS, self._values.shape[1]), dtype=np.float64)
-                flags = np.empty(needed + self._SPARE_ROWS, dtype=bool)
-            else:
-                values, flags = self._values, self._exact
-            values[:held] = self._values[self._start : self._end]  # may overlap: numpy copies safely
+        end = self._end
+        if end - self._start > keep:
+            self._first += end - keep - self._start
+            self._start = end - keep
+        if end + count <= self._values.shape[0]:  # room to spare: most steps
+            self._values[end : end + count] = gathered
+            if exact:
+                self._exact[end : end + count] = True
+            self._end = end + count
+            return
+        # Out of room: the rows held go to the front of a buffer sized for them, the new
+        # rows and some spare (a new one if this one is too small).
+        held = self._end - self._start
+        needed = held + count
+        if needed + self._SPARE_ROWS // 2 > self._values.shape[0]:
+            values = np.empty((needed + self._SPARE_ROWS, self._values.shape[1]), dtype=np.float64)
+            flags = np.zeros(needed + self._SPARE_ROWS, dtype=bool)
             flags[:held] = self._exact[self._start : self._end]
-            self._values, self._exact, self._start, self._end = values, flags, 0, held
-        self._values[self._end : self._end + count] = gathered
-        self._exact[self._end : self._end + count] = exact
-        self._end += count
+        else:
+            values, flags = self._values, self._exact
+            flags[:held] = self._exact[self._start : self._end]  # may overlap: numpy copies safely
+            flags[held:] = False
+        values[:held] = self._values[self._start : self._end]  # may overlap too
+        self._values, self._exact, self._start, self._end = values, flags, 0, held
+        values[held : held + count] = gathered
+        flags[held : held + count] = exact
+        self._end = held + count
 
     def extended(self, gathered: np.ndarray, exact: bool, keep: int) -> History:
         """A new history: the last ``keep`` rows of this one, then the new ``gathered`` rows (all
@@ -127,14 +136,24 @@ class History:
         return History(values, flags, self.end + gathered.shape[0] - values.shape[0])
 
     def unresolved(self, spans: list[tuple[int, int]]) -> np.ndarray:
-        """Frames in any of the [start, stop) ``spans`` that are not exact yet."""
-        if not spans:
+        """Frames in any of the [start, stop) ``spans`` that are not exact yet, in order."""
+        # The spans of one stream overlap (candidates a few frames apart share their window's
+        # start): merged first, each merged span is read as a slice, with no mask to build.
+        merged: list[list[int]] = []
+        for start, stop in sorted(spans):
+            start, stop = max(start, self._first), min(stop, self.end)
+            if stop <= start:
+                continue
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], stop)
+            else:
+                merged.append([start, stop])
+        if not merged:
             return np.zeros(0, dtype=np.int64)
-        values = self.values
-        wanted = np.zeros(values.shape[0], dtype=bool)
-        for start, stop in spans:
-            wanted[start - self._first : stop - self._first] = True
-        return np.flatnonzero(wanted & ~self.exact) + self._first
+        offset = self._start - self._first
+        exact = self._exact
+        found = [np.flatnonzero(~exact[start + offset : stop + offset]) + start for start, stop in merged]
+        return found[0] if len(found) == 1 else np.concatenate(found)
 
     def fill(self, frames: np.ndarray, posteriors: np.ndarray) -> None:
         """Store exact posteriors (gathered columns) for absolute ``frames``."""
@@ -224,7 +243,7 @@ class ExactRuns:
         """What a run from ``start`` carries into frame ``begin``: nothing at its start, the
         partial matches of the latest run when it is extended."""
         if begin == start:
-            return self.scorer.no_match(), self.scorer.no_match()
+            return self.scorer.no_match_shared, self.scorer.no_match_shared
         run = self.latest
         assert run is not None and run.start == start and run.stop == begin
         return run.carry, run.carry_pre

@@ -158,8 +158,11 @@ class FiringPolicy:
         within a pause bounds the others from above (as the prefix does, whatever their age);
         the lower of the two counts."""
         padded = np.concatenate([np.full(self.pause_frames - 1, -np.inf), ends])
-        recent = np.lib.stride_tricks.sliding_window_view(padded, self.pause_frames).max(axis=1)
-        return np.minimum(prefix, recent)
+        # Each frame's last pause of ``ends``: a view of overlapping windows, only read (what
+        # sliding_window_view gives, without its checks: a pending match reads it every step).
+        step = padded.strides[0]
+        windows = np.ndarray((ends.shape[0], self.pause_frames), padded.dtype, padded, 0, (step, step))
+        return np.minimum(prefix, windows.max(axis=1))
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ timings (:meth:`KeywordScorer.backtrace`).
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import NamedTuple
 
@@ -100,9 +101,12 @@ class KeywordScorer:
         self.repeated = [
             set(keyword.token_groups[i]) == set(keyword.token_groups[i + 1]) for i in range(self.n - 1)
         ]
+        #: :meth:`no_match`, read-only and shared: for the exact runs that start afresh
+        self.no_match_shared = self.no_match()
+        self.no_match_shared.flags.writeable = False
 
     def no_match(self) -> np.ndarray:
-        """Carries of no partial match at all."""
+        """Carries of no partial match at all (a new array: the caller may change it)."""
         return np.full(self.n, NEG_INF)
 
     # --- per-frame terms ------------------------------------------------------------------
@@ -152,14 +156,69 @@ class KeywordScorer:
         if self.n == 1:
             empty = np.zeros((*q.shape[:-1], 0))
             return Terms(log_q, empty, empty.astype(bool))
-        blank = values[..., 0]
-        consistent = blank[..., None] + q[..., :-1] + np.where(self.repeated, 0.0, q[..., 1:])
-        gap = np.log(np.minimum(np.maximum(consistent * self.gap_scale, POSTERIOR_FLOOR), 1.0))
-        dips = blank[..., None] > q[..., :-1]
-        gap[~exact] = 0.0
-        dips[~exact] = True
+        if not exact.any():
+            # Bounds only (rows just computed, the usual case): the most favourable gap and dip
+            # everywhere, as below, without the exact terms that would be overwritten.
+            gap = np.zeros((*q.shape[:-1], self.n - 1))
+            dips = np.ones((*q.shape[:-1], self.n - 1), dtype=bool)
+        else:
+            blank = values[..., 0]
+            consistent = blank[..., None] + q[..., :-1] + np.where(self.repeated, 0.0, q[..., 1:])
+            gap = np.log(np.minimum(np.maximum(consistent * self.gap_scale, POSTERIOR_FLOOR), 1.0))
+            dips = blank[..., None] > q[..., :-1]
+            gap[~exact] = 0.0
+            dips[~exact] = True
         gap[killed] = KILL
         return Terms(log_q, gap, dips)
+
+    def filter_bounds(
+        self, characters: np.ndarray, killed: np.ndarray, carry: np.ndarray, carry_pre: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The filtering pass over a few rows of one stream that are all bounds: what
+        :meth:`optimistic_terms` then :meth:`run` give (scores (t,), carry (n,), carry_pre
+        (n,)), from the characters' bounds (t, n), the ``killed`` rows (t,) and the carries (n,).
+
+        The logs come from numpy and the rest is the same additions, subtractions and maxima in
+        the same order on Python floats, so the results are the same to the last bit; a live
+        microphone's chunk is a dozen numbers, for which forty numpy calls cost more than the
+        arithmetic."""
+        n = self.n
+        with np.errstate(divide="ignore"):
+            log_q = np.log(characters) / n
+        log_q[characters < self.char_floor * BOUND_SAFETY] = NEG_INF
+        log_q[killed] = NEG_INF
+        terms = log_q.tolist()
+        frames = len(terms)
+        # Bounds: no gap penalty (the most favourable) but on killed rows, and a blank dip
+        # everywhere; the same for every pair of characters.
+        gaps = [KILL if kill else 0.0 for kill in killed.tolist()]
+        cumulative = list(itertools.accumulate(gaps))
+        carries = carry.tolist()
+        carries_pre = carry_pre.tolist()
+        new_carry = [NEG_INF] * n
+        new_carry_pre = [NEG_INF] * n
+        value = [row[0] for row in terms]
+        for i in range(n - 1):
+            if self.repeated[i]:
+                best = carries_pre[i]
+                a_pre = []
+                for f in range(frames):
+                    best = max(best, value[f] - cumulative[f])
+                    a_pre.append(best + cumulative[f])
+                previous_pre = [carries_pre[i], *a_pre[:-1]]
+                entries = [previous_pre[f] + gaps[f] - cumulative[f] for f in range(frames)]
+                new_carry_pre[i] = a_pre[-1]
+            else:
+                entries = [value[f] - cumulative[f] for f in range(frames)]
+            best = carries[i]
+            a_i = []
+            for f in range(frames):
+                best = max(best, entries[f])
+                a_i.append(best + cumulative[f])
+            new_carry[i] = a_i[-1]
+            previous = [carries[i], *a_i[:-1]]
+            value = [terms[f][i + 1] + previous[f] for f in range(frames)]
+        return np.array(value), np.array(new_carry), np.array(new_carry_pre)
 
     # --- the recurrence ------------------------------------------------------------------
     def run(

@@ -41,6 +41,31 @@ NEVER = -(10**12)
 BOUND_TOLERANCE = 1e-9
 
 
+def drop_hopeless(carry: np.ndarray, carry_pre: np.ndarray, log_threshold: float) -> list[bool]:
+    """Drop the partial matches below the threshold from many streams' carries (streams, n), in
+    place, as :meth:`KeywordSearch.keep_carries` does for one; returns, per stream, whether any
+    partial match is left."""
+    carry[carry < log_threshold] = NEG_INF
+    carry_pre[carry_pre < log_threshold] = NEG_INF
+    # What is left is at or above the threshold: finite.
+    return ((carry.max(axis=1) > NEG_INF) | (carry_pre.max(axis=1) > NEG_INF)).tolist()
+
+
+def under_way_rows(carry: np.ndarray, search: KeywordSearch) -> list[bool]:
+    """Per stream, from carries (streams, n) of ``search``'s keyword kept as
+    :meth:`KeywordSearch.keep_carries` keeps them: whether a partial match of two or more
+    characters (but not all) may be on track, its characters' geometric mean so far reaching
+    the threshold.
+
+    What early resolution (``batch.py``) waits for. A keyword being said is on track at every
+    character; speech whose bounds let two characters through only just above the threshold,
+    far more common, is not, and resolving its window ahead of need would be wasted. Which
+    frames are resolved when never changes a detection."""
+    if search.n <= 2:
+        return [False] * carry.shape[0]
+    return (carry[:, 1 : search.n - 1] >= search.on_track).any(axis=1).tolist()
+
+
 @dataclass
 class Filtered:
     """A filtering pass over a search's new frames: per frame, an upper bound of the best
@@ -87,6 +112,9 @@ class KeywordSearch:
         # score of the same match. Whether a match counts is decided on its exact score.
         self.log_threshold = self.policy.log_threshold - BOUND_TOLERANCE
         self.window_frames = int(math.ceil(keyword.max_duration / frame_seconds)) + 1
+        # A partial match of k characters is on track while its characters' geometric mean so
+        # far reaches the threshold: its log score at least k / n of the threshold's (k = 2..n-1).
+        self.on_track = self.log_threshold * np.arange(2, self.n) / self.n
         #: a character's bound below this cannot reach the floor (``KeywordScorer.said``)
         self.said_floor = self.scorer.char_floor * BOUND_SAFETY
         self.reset()
@@ -123,25 +151,24 @@ class KeywordSearch:
         self.starts = np.concatenate([kept, found])
         self.last_start = int(found[-1])
 
-    def under_way(self) -> bool:
-        """A partial match of two or more characters (but not all) may be alive."""
-        return self.n > 2 and bool((self.carry[1 : self.n - 1] >= self.log_threshold).any())
-
     def idle_over(self, values: np.ndarray) -> bool:
         """Nothing to do in these rows (t, c) but :meth:`expire`: no detection is pending and no
         character may reach its floor in any of them (so no match may begin there either)."""
         return self.firing.pending is None and not self.scorer.said(values).any()
 
-    def keep_carries(self, carry: np.ndarray, carry_pre: np.ndarray) -> None:
+    def keep_carries(self, carry: np.ndarray, carry_pre: np.ndarray, alive: bool | None = None) -> None:
         """End of a span with nothing to report: keep the partial matches that can still win.
 
         A partial match below the threshold can only lose score from here (each further
         character adds log q <= 0): it is dropped, so that quiet audio returns to the idle path.
+        ``alive``: whether any is left, if the caller has dropped them already (for many
+        streams at once: :func:`drop_hopeless`).
         """
-        carry[carry < self.log_threshold] = NEG_INF
-        carry_pre[carry_pre < self.log_threshold] = NEG_INF
-        self.carry, self.carry_pre = carry, carry_pre
-        self.alive = bool(np.isfinite(carry).any() or np.isfinite(carry_pre).any())
+        if alive is None:
+            carry[carry < self.log_threshold] = NEG_INF
+            carry_pre[carry_pre < self.log_threshold] = NEG_INF
+            alive = bool(carry.max() > NEG_INF or carry_pre.max() > NEG_INF)  # left: finite
+        self.carry, self.carry_pre, self.alive = carry, carry_pre, alive
 
     def expire(self, end_frame: int) -> None:
         """A span where no character was said: partial matches carry over as if its frames
@@ -289,7 +316,7 @@ class KeywordSearch:
             return start, np.full(bound.shape, NEG_INF)
         values, _ = history.rows(start, run.stop)
         terms = self.scorer.terms(values[None])
-        no_match = self.scorer.no_match()[None]
+        no_match = self.scorer.no_match_shared[None]
         terms = Terms(log_q[None], terms.gap, terms.dips)
         passed = self.scorer.run(terms, no_match, no_match, backtrace=True)
         return start, self.policy.rivals_still_spoken(passed.prefix[0], passed.ends[0])
@@ -404,7 +431,7 @@ class KeywordSearch:
         log_strength = self.scorer.log_strength(score, weakest)
         best = (log_strength, score, peaks, log_q)
         gap_and_dips: Terms | None = None
-        no_match = self.scorer.no_match()[None]
+        no_match = self.scorer.no_match_shared[None]
         while log_strength < score:
             log_q = np.where(log_q > weakest, log_q, NEG_INF)
             if not (np.isfinite(log_q).any(axis=0).all() and np.isfinite(log_q[last, -1])):

@@ -8,6 +8,7 @@ single stream: one path, whatever the number of streams.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -88,6 +89,11 @@ class KeywordDecoder:
             )
             for s in self._searches
         )
+        self._group = _group_of(self._signature)
+        #: the lowest bound a character must reach to be said (``KeywordSearch.said_floor``) and
+        #: whether every character is one column: a chunk with no column above it is quiet
+        self.lowest_said_floor = min(s.said_floor for s in self._searches)
+        self.single_column_characters = all(s.scorer.single_columns is not None for s in self._searches)
         self.reset(first_frame)
 
     @property
@@ -104,7 +110,11 @@ class KeywordDecoder:
     def idle(self) -> bool:
         """No detection pending and no partial match that could still reach its threshold: no
         keyword is under way in the frames decoded so far."""
-        return all(s.pending is None and not s.alive for s in self._searches)
+        # A loop, not all() over a generator: the batched step asks every stream at every step.
+        for search in self._searches:  # noqa: SIM110
+            if search.alive or search.firing.pending is not None:
+                return False
+        return True
 
     @property
     def frames_seen(self) -> int:
@@ -138,12 +148,11 @@ class KeywordDecoder:
 
         The history keeps ``history_frames`` rows from before this call and every new row, so
         that a long chunk is decoded whole."""
-        if posteriors.shape[1] == self.columns.shape[0]:
-            gathered = posteriors.astype(np.float64, copy=False)
-        else:
-            gathered = posteriors[:, self.columns].astype(np.float64)
+        if posteriors.shape[1] != self.columns.shape[0]:
+            posteriors = posteriors[:, self.columns]
+        gathered = posteriors if posteriors.dtype == np.float64 else posteriors.astype(np.float64)
         first_frame = self._frames_seen
-        self._frames_seen += gathered.shape[0]
+        self._frames_seen = first_frame + gathered.shape[0]
         self._history.append(gathered, exact, self.history_frames)
         return first_frame
 
@@ -156,3 +165,22 @@ class KeywordDecoder:
     def signature(self) -> tuple[object, ...]:
         """Decoders with equal signatures can share one vectorised recurrence."""
         return self._signature
+
+    @property
+    def group(self) -> int:
+        """A number for :attr:`signature`, equal for equal signatures: what the batched step
+        groups streams by, without hashing a signature (its keywords and settings) per stream
+        and step."""
+        return self._group
+
+
+# Every signature seen, and its number. A number is never reused (``next`` on a count is atomic,
+# decoders may be made on several threads); the table grows by one small entry per keyword
+# configuration.
+_GROUPS: dict[tuple[object, ...], int] = {}
+_GROUP_NUMBERS = itertools.count()
+
+
+def _group_of(signature: tuple[object, ...]) -> int:
+    found = _GROUPS.get(signature)
+    return _GROUPS.setdefault(signature, next(_GROUP_NUMBERS)) if found is None else found
