@@ -246,8 +246,8 @@ class WorkerProcess:
 
     def _handle_batch(self, entries: tuple[Any, ...]) -> bool:
         """A batch from the agent's sender, in order: runs of items (raw PCM chunks come as
-        plain tuples, see :func:`_to_wire`) are queued at once, once the worker has less than
-        the read-ahead waiting; False after ``stop``."""
+        plain tuples, see :func:`_to_wire`) are queued a read-ahead's worth at a time; False
+        after ``stop``."""
         items: list[Any] = []
         for entry in entries:
             if type(entry) is tuple:
@@ -263,9 +263,20 @@ class WorkerProcess:
         return True
 
     def _queue_items(self, items: list[Any]) -> None:
-        if items:
-            self._inbox.wait_below(self._read_ahead)
-            self._inbox.extend(items)
+        """Queue ``items`` for the worker, never more than the read-ahead at a time: what the
+        worker has not taken yet stays in the agent, where the oldest audio can be dropped."""
+        inbox, limit = self._inbox, self._read_ahead
+        start = 0
+        while start < len(items):
+            inbox.wait_below(limit)
+            room = limit - inbox.queued_bytes
+            end = start + 1
+            room -= _item_bytes(items[start])
+            while end < len(items) and room > 0:
+                room -= _item_bytes(items[end])
+                end += 1
+            inbox.extend(items[start:end])
+            start = end
 
     def _handle(self, message: _Message) -> bool:
         """One item or command from the agent, in order; False after ``stop``."""
