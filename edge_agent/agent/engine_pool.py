@@ -41,6 +41,7 @@ from edge_agent.agent.errors import ErrorReporter
 from edge_agent.agent.items import (
     Detected,
     EngineSettings,
+    PcmChunk,
     RecordingRequest,
     StreamClosed,
     StreamEnd,
@@ -168,11 +169,11 @@ class _ReadAheadQueue(WorkQueue):
         self.handled_seconds = 0.0
         self._room = threading.Condition()
 
-    def release(self, item: Any) -> None:
-        super().release(item)
+    def release_amount(self, size: int, seconds: float) -> None:
+        super().release_amount(size, seconds)
         with self._room:
-            self.handled_bytes += _item_bytes(item)
-            self.handled_seconds += _item_seconds(item)
+            self.handled_bytes += size
+            self.handled_seconds += seconds
             self._room.notify_all()
 
     def wait_below(self, limit: int) -> None:
@@ -236,22 +237,52 @@ class WorkerProcess:
         try:
             while True:
                 batch: _Message = self._conn.recv()
-                for message in batch.args:
-                    if not self._handle(message):
-                        return
+                if not self._handle_batch(batch.args):
+                    return
         except (EOFError, OSError):
             return  # the agent went away
         finally:
             self._stopped.set()
 
+    def _handle_batch(self, entries: tuple[Any, ...]) -> bool:
+        """A batch from the agent's sender, in order: runs of items (raw PCM chunks come as
+        plain tuples, see :func:`_to_wire`) are queued a read-ahead's worth at a time; False
+        after ``stop``."""
+        items: list[Any] = []
+        for entry in entries:
+            if type(entry) is tuple:
+                items.append(PcmChunk(*entry))
+            elif entry.kind == "item":
+                items.append(entry.args[0])
+            else:
+                self._queue_items(items)
+                items = []
+                if not self._handle(entry):
+                    return False
+        self._queue_items(items)
+        return True
+
+    def _queue_items(self, items: list[Any]) -> None:
+        """Queue ``items`` for the worker, never more than the read-ahead at a time: what the
+        worker has not taken yet stays in the agent, where the oldest audio can be dropped."""
+        inbox, limit = self._inbox, self._read_ahead
+        start = 0
+        while start < len(items):
+            inbox.wait_below(limit)
+            room = limit - inbox.queued_bytes
+            end = start + 1
+            room -= _item_bytes(items[start])
+            while end < len(items) and room > 0:
+                room -= _item_bytes(items[end])
+                end += 1
+            inbox.extend(items[start:end])
+            start = end
+
     def _handle(self, message: _Message) -> bool:
         """One item or command from the agent, in order; False after ``stop``."""
         worker, inbox, out = self._worker, self._inbox, self._out
         kind, args = message.kind, message.args
-        if kind == "item":
-            inbox.wait_below(self._read_ahead)
-            inbox.put(args[0])
-        elif kind == "recording":
+        if kind == "recording":
             token, wav, source, keywords, decoder = args
             inbox.put(RecordingRequest(wav, source, _reply_over(out, token), keywords, decoder))
         elif kind == "apply":
@@ -301,11 +332,13 @@ class PartitionQueue:
         self._handled_bytes = 0
         self._handled_seconds = 0.0
 
-    def sent(self, item: Any) -> None:
-        """``item`` left for the worker process: it stays counted until the worker handled it."""
+    def sent(self, items: list[Any]) -> None:
+        """``items`` left for the worker process: they stay counted until the worker handled them."""
+        size = sum(_item_bytes(item) for item in items)
+        seconds = sum(_item_seconds(item) for item in items)
         with self._lock:
-            self._sent_bytes += _item_bytes(item)
-            self._sent_seconds += _item_seconds(item)
+            self._sent_bytes += size
+            self._sent_seconds += seconds
 
     def handled(self, total_bytes: int, total_seconds: float) -> None:
         """The worker process handled this much in all (since it started)."""
@@ -376,9 +409,8 @@ class Partition:
             items = [item for item in batch if item is not None]
             if items:
                 # Everything waiting in one message: one pickling and one write for many chunks.
-                self._deliver(_Message("batch", tuple(_to_message(item) for item in items)))
-                for item in items:
-                    self.queue.sent(item)
+                self._deliver(_Message("batch", tuple([_to_wire(item) for item in items])))
+                self.queue.sent(items)
             if len(items) < len(batch):
                 return  # closed
 
@@ -481,7 +513,11 @@ class Partition:
         )
 
 
-def _to_message(item: Any) -> _Message:
+def _to_wire(item: Any) -> _Message | tuple[Any, ...]:
+    """An item as it crosses the pipe: a raw PCM chunk (thousands a second) as a plain tuple of
+    its fields, which pickles without a class lookup per object; anything else as a message."""
+    if type(item) is PcmChunk:
+        return (item.stream, item.kind, item.data, item.fmt, item.received_at, item.origin)
     if isinstance(item, _Control):
         return _Message(item.kind, item.args)
     if isinstance(item, _Recording):

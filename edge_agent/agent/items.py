@@ -13,9 +13,8 @@ worker keeps one detector per stream id, and limits the streams of each network 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from edge_agent.audio.pcm import DEFAULT_PCM, ENGINE_RATE_HZ, MIN_RATE_HZ, PcmFormat
@@ -39,7 +38,7 @@ def is_network_kind(kind: str) -> bool:
 # --- audio into the worker ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PcmChunk:
     """Raw PCM bytes of a network stream (MQTT audio, Wyoming chunks). ``fmt`` when the chunk
     declares its format; otherwise the stream's own (declared when it started, or 16 kHz mono
@@ -51,25 +50,26 @@ class PcmChunk:
     fmt: PcmFormat | None
     received_at: float  # time.time() when the chunk arrived: the wall time of its last sample
     origin: str  # where it came from (a topic, a peer): named in error reports
+    # Worked out once, when it is made: the rate limit, the queue's accounting (in and out) and
+    # health all ask, for every chunk of every stream. Slots: thousands wait at a time.
+    seconds: float = field(init=False, repr=False, compare=False)
+    nbytes: int = field(init=False, repr=False, compare=False)
 
-    # Cached: the rate limit, the queue's accounting (in and out) and health all ask, for every
-    # chunk of every stream.
-    @functools.cached_property
-    def seconds(self) -> float:
-        """Its length in the declared format, or the default one (a stream's own declared
-        format is known only to the worker)."""
-        return len(self.data) / (self.fmt or DEFAULT_PCM).bytes_per_second
+    def __post_init__(self) -> None:
+        size = len(self.data)
+        fmt = self.fmt
+        # Its length in the declared format, or the default one (a stream's own declared format
+        # is known only to the worker).
+        object.__setattr__(self, "seconds", size / (fmt or DEFAULT_PCM).bytes_per_second)
+        # What it may take in memory once converted (the raw bytes with their samples).
+        longest = size / (fmt.bytes_per_second if fmt is not None else MIN_PCM_BYTES_PER_SECOND)
+        object.__setattr__(self, "nbytes", size + int(longest * DECODED_BYTES_PER_SECOND))
 
     @property
     def longest_seconds(self) -> float:
         """Its length in the declared format, or at most (the stream's own format unknown here)."""
         per_second = self.fmt.bytes_per_second if self.fmt is not None else MIN_PCM_BYTES_PER_SECOND
         return len(self.data) / per_second
-
-    @functools.cached_property
-    def nbytes(self) -> int:
-        """What it may take in memory once converted (the raw bytes with their samples)."""
-        return len(self.data) + int(self.longest_seconds * DECODED_BYTES_PER_SECOND)
 
 
 @dataclass(frozen=True)

@@ -145,6 +145,9 @@ class MqttInbound:
         self._requests = requests
         self._errors = errors
         self._prefix = live.config.mqtt.topic_prefix
+        # The audio topics' common start: a stream's id is what follows (no regex per chunk).
+        audio_filter = AudioTopic.TOPIC.filter(prefix=self._prefix, device=device_id)
+        self._audio_topic_start = audio_filter.removesuffix("+")
 
     def subscribe(self) -> None:
         prefix, device = self._prefix, self._device_id
@@ -164,10 +167,13 @@ class MqttInbound:
 
     # --- network thread ----------------------------------------------------------------------
     def on_audio(self, message: InboundMessage) -> None:
-        parts = AudioTopic.TOPIC.match(message.topic, self._prefix)
-        if parts is None:
-            return
-        stream = parts["stream"]
+        topic, start = message.topic, self._audio_topic_start
+        stream = topic[len(start) :] if topic.startswith(start) else ""
+        if not stream or "/" in stream or "+" in stream or "#" in stream:
+            parts = AudioTopic.TOPIC.match(topic, self._prefix)
+            if parts is None:
+                return
+            stream = parts["stream"]
         try:
             chunk = pcm_chunk(message, stream, MQTT_KIND, self._live.config.mqtt.max_payload_bytes)
         except Refused as refused:

@@ -105,6 +105,7 @@ class WorkQueue:
         self._items: deque[_Item | None] = deque()
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)
+        self._taker_waits = False  # the worker sleeps in take(): only then is it woken
         self._bytes = 0  # queued and taken but not yet handled
         self._seconds = 0.0
         self._waiting_audio_bytes = 0  # audio still queued (what may be dropped)
@@ -119,22 +120,54 @@ class WorkQueue:
     def put(self, item: _Item) -> bool:
         """Queue ``item``, dropping the oldest queued audio if its audio would overflow the
         bound; False (refused) when even that is not enough. Never blocks."""
-        size = _item_bytes(item)
+        audio = type(item) in _AUDIO_TYPES or _is_audio(item)
+        if audio:
+            size: int = item.nbytes  # type: ignore[union-attr]
+            seconds: float = item.seconds  # type: ignore[union-attr]
+        else:
+            size, seconds = _item_bytes(item), 0.0
         dropped: list[AudioItem] = []
         with self._lock:
             if size and self._bytes + size > self.max_bytes:
                 # Only audio still waiting can go (what the worker took is being scored).
-                if not _is_audio(item) or self._bytes - self._waiting_audio_bytes + size > self.max_bytes:
+                if not audio or self._bytes - self._waiting_audio_bytes + size > self.max_bytes:
                     self.refused += 1
                     return False
                 dropped = self._make_room(size)
             self._items.append(item)
-            self._count(item, +1)
-            self.high_water = max(self.high_water, self._bytes)
-            self._ready.notify()
+            self._bytes += size
+            self._seconds += seconds
+            if audio:
+                self._waiting_audio_bytes += size
+            if self._bytes > self.high_water:
+                self.high_water = self._bytes
+            if self._taker_waits:
+                self._ready.notify()
         for chunk in dropped:
             self._evicted(chunk)
         return True
+
+    def extend(self, items: list[_Item]) -> None:
+        """Queue ``items`` whose bound is kept elsewhere (a worker process's read-ahead: the
+        agent counts them until they are handled): nothing is dropped or refused."""
+        size = seconds = audio_bytes = 0
+        for item in items:
+            if type(item) in _AUDIO_TYPES or _is_audio(item):
+                nbytes = item.nbytes  # type: ignore[union-attr]
+                size += nbytes
+                audio_bytes += nbytes
+                seconds += item.seconds  # type: ignore[union-attr]
+            else:
+                size += _item_bytes(item)
+        with self._lock:
+            self._items.extend(items)
+            self._bytes += size
+            self._seconds += seconds
+            self._waiting_audio_bytes += audio_bytes
+            if self._bytes > self.high_water:
+                self.high_water = self._bytes
+            if self._taker_waits:
+                self._ready.notify()
 
     def _make_room(self, size: int) -> list[AudioItem]:
         """Take the oldest waiting audio chunks out until ``size`` fits (lock held)."""
@@ -167,13 +200,23 @@ class WorkQueue:
         """Everything waiting (at least one item, or none after ``timeout``)."""
         with self._lock:
             if not self._items and timeout > 0:
-                self._ready.wait(timeout)
-            batch: list[_Item | None] = []
-            while self._items and len(batch) < _MAX_BATCH_ITEMS:
-                item = self._items.popleft()
-                if _is_audio(item):
-                    self._waiting_audio_bytes -= _item_bytes(item)
-                batch.append(item)
+                self._taker_waits = True
+                try:
+                    self._ready.wait(timeout)
+                finally:
+                    self._taker_waits = False
+            items = self._items
+            if len(items) <= _MAX_BATCH_ITEMS:
+                batch = list(items)
+                items.clear()
+            else:
+                batch = [items.popleft() for _ in range(_MAX_BATCH_ITEMS)]
+            if self._waiting_audio_bytes:
+                taken = 0
+                for item in batch:
+                    if type(item) in _AUDIO_TYPES or _is_audio(item):
+                        taken += item.nbytes  # type: ignore[union-attr]
+                self._waiting_audio_bytes -= taken
             return batch
 
     def release(self, item: _Item) -> None:
@@ -204,6 +247,11 @@ class WorkQueue:
 
 def _is_audio(item: object) -> bool:
     return isinstance(item, (PcmChunk, WavChunk, AudioChunk))
+
+
+# The audio item types themselves (a type check per item is the cheapest on hot paths; a
+# subclass, should there be one, is found by _is_audio).
+_AUDIO_TYPES = frozenset({PcmChunk, WavChunk, AudioChunk})
 
 
 def _item_seconds(item: object) -> float:
@@ -365,6 +413,8 @@ class EngineWorker:
             self._settings = replace(self._settings, keywords=tuple(keywords))
             for stream in self._stream_list():
                 stream.detector = model.detector(self._settings.keywords, self._settings.decoder)
+                if self._settings.near_misses:
+                    stream.detector.take_near_misses()  # starts the near-miss pass
                 stream.restart(stream.format)
 
         return self.call(apply, timeout)
@@ -421,11 +471,19 @@ class EngineWorker:
         waiting: dict[str, StreamState] = {}
         found: list[Detected | StreamClosed] = []
         try:
+            # The batch was taken: its audio no longer counts against the queue's bound (one
+            # release for the batch; what fails below is reported, not retried).
+            size, seconds = 0, 0.0
+            for item in batch:
+                if item is not None:
+                    size += _item_bytes(item)
+                    seconds += _item_seconds(item)
+            if size:
+                self._inbox.release_amount(size, seconds)
             for item in batch:
                 if item is None:
                     self._run_audio(waiting, found)
                     return False
-                self._inbox.release(item)
                 self.stats.items += 1
                 try:
                     if isinstance(item, (PcmChunk, WavChunk, AudioChunk)):
@@ -573,7 +631,12 @@ class EngineWorker:
                 stream=stream_id,
             )
         settings = self._settings
-        stream = StreamState(stream_id, kind, self._model.detector(settings.keywords, settings.decoder), fmt)
+        detector = self._model.detector(settings.keywords, settings.decoder)
+        if settings.near_misses:
+            # The near-miss pass starts at the first call: from the first audio on, then, even
+            # when a whole utterance arrives in the stream's first batch.
+            detector.take_near_misses()
+        stream = StreamState(stream_id, kind, detector, fmt)
         with self._streams_lock:
             self._streams[stream_id] = stream
         self.stats.streams_opened += 1
@@ -661,6 +724,9 @@ class EngineWorker:
         if old.near_misses and not settings.near_misses:
             for stream in self._stream_list():
                 stream.detector.stop_near_misses()
+        if settings.near_misses and not old.near_misses:
+            for stream in self._stream_list():
+                stream.detector.take_near_misses()  # starts the near-miss pass
         if old.muted and not settings.muted:
             # Audio was skipped while muted: every stream starts afresh.
             for stream in self._stream_list():

@@ -575,7 +575,9 @@ class MqttTransport:
             return None
         sock = self._client.socket()
         _send_without_delay(sock)
-        reader = _install_read_buffer(self._client) if self._read_buffer else None
+        reader = None
+        if self._read_buffer:
+            reader = _install_read_buffer(self._client, self._on_plain_publish, self._mqtt5)
         return _Session(reader, _QuickAck(sock) if self._quick_ack else None)
 
     def _serve(self, session: _Session, wakeup: Wakeup) -> int:
@@ -752,24 +754,32 @@ class MqttTransport:
         self._acknowledged.append(mid)
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        self._dispatch(inbound_message(message))
+
+    def _on_plain_publish(self, topic: str, payload: bytes, retain: bool) -> None:
+        """A QoS 0 PUBLISH without properties that the read buffer took apart itself
+        (:class:`_ReadBuffer`): handled exactly as one that paho decoded."""
+        self._dispatch(InboundMessage(topic, payload, 0, retain, {}, None, None, time.time()))
+
+    def _dispatch(self, inbound: InboundMessage) -> None:
+        topic = inbound.topic
         self.stats.messages_in += 1
-        self.stats.bytes_in += len(message.payload)
-        inbound = inbound_message(message)
-        with self._lock:
-            handlers = self._handler_cache.get(message.topic)
-            if handlers is None:
+        self.stats.bytes_in += len(inbound.payload)
+        handlers = self._handler_cache.get(topic)
+        if handlers is None:
+            with self._lock:
                 # Audio streams reuse a few topics thousands of times: match each topic once.
-                levels = message.topic.split("/")
+                levels = topic.split("/")
                 handlers = [h for f, h in self._matchers if f.matches_levels(levels)]
                 if len(self._handler_cache) > 10_000:
                     self._handler_cache.clear()
-                self._handler_cache[message.topic] = handlers
+                self._handler_cache[topic] = handlers
         for handler in handlers:
             try:
                 handler(inbound)
             except Exception:
                 self.stats.handler_errors += 1
-                log.exception("handler for %s failed", message.topic)
+                log.exception("handler for %s failed", topic)
 
 
 class _Dropped(Exception):
@@ -912,7 +922,9 @@ def _paho_version() -> str:
     return str(getattr(paho_package, "__version__", ""))
 
 
-def _install_read_buffer(client: Any) -> _ReadBuffer | None:
+def _install_read_buffer(
+    client: Any, on_plain_publish: PlainPublish | None = None, mqtt5: bool = True
+) -> _ReadBuffer | None:
     """Put a :class:`_ReadBuffer` in front of the client's fresh socket; None (plain paho) on a
     paho version not in ``_READ_BUFFER_VERIFIED`` or a client without the expected attribute."""
     version = _paho_version()
@@ -922,9 +934,15 @@ def _install_read_buffer(client: Any) -> _ReadBuffer | None:
     sock = getattr(client, "_sock", None)
     if sock is None or isinstance(sock, _ReadBuffer) or sock is not client.socket():
         return None
-    reader = _ReadBuffer(sock)
+    reader = _ReadBuffer(sock, on_plain_publish, mqtt5)
     client._sock = reader
     return reader
+
+
+# A QoS 0 PUBLISH taken apart by the read buffer: (topic, payload, retain).
+PlainPublish = Callable[[str, bytes, bool], None]
+# The first byte of a QoS 0 PUBLISH, without and with the retain flag (DUP is 0 at QoS 0).
+_PUBLISH_QOS0 = (0x30, 0x31)
 
 
 class _ReadBuffer:
@@ -935,28 +953,105 @@ class _ReadBuffer:
     second. One large read per burst, with the whole packets in it parsed without another
     ``select()``, spares the network thread most of that work (benchmarks.mqtt_latency reports
     the agent's CPU). Everything else (select, send, TLS state) goes to the real socket.
+
+    With ``on_plain_publish``, the bytes read are split into whole packets here, and a QoS 0
+    PUBLISH without properties (what audio devices send, thousands a second) is handed to it
+    directly: paho would build a message, a properties object and a callback chain for each.
+    Every other packet (CONNACK, SUBACK, PUBACK, PINGRESP, PUBLISH at QoS 1 and 2 or with
+    properties) goes to paho whole, and nothing after it is taken before paho has read it, so
+    messages keep the order they arrived in. (paho's keepalive still sees the broker: its
+    PINGREQ's answer is one of those packets.)
     """
 
     READ_SIZE = 65536
 
-    def __init__(self, sock: Any) -> None:
+    def __init__(self, sock: Any, on_plain_publish: PlainPublish | None = None, mqtt5: bool = True) -> None:
         self._sock = sock
-        self._data = b""
+        self._data = b""  # what paho reads next
         self._offset = 0
+        self._on_plain_publish = on_plain_publish
+        self._mqtt5 = mqtt5
+        self._raw = b""  # with on_plain_publish: read, not yet split into packets
+        self._raw_offset = 0
 
     def recv(self, size: int) -> bytes:
         if self._offset >= len(self._data):
-            # May raise BlockingIOError or ssl.SSLWantReadError, exactly as paho expects.
-            self._data = self._sock.recv(self.READ_SIZE)
-            self._offset = 0
-            if not self._data:
-                return b""  # the broker closed the connection
+            if self._on_plain_publish is not None:
+                if not self._split():
+                    return b""  # the broker closed the connection
+            else:
+                # May raise BlockingIOError or ssl.SSLWantReadError, exactly as paho expects.
+                self._data = self._sock.recv(self.READ_SIZE)
+                self._offset = 0
+                if not self._data:
+                    return b""  # the broker closed the connection
         chunk = self._data[self._offset : self._offset + size]
         self._offset += len(chunk)
         return chunk
 
+    def _split(self) -> bool:
+        """Hand on the plain QoS 0 publishes read so far, up to the next packet for paho, which
+        then waits in ``_data``; reads the socket once if nothing is left. False: closed. Raises
+        BlockingIOError (or the TLS socket's want-read) when there is nothing for paho yet."""
+        read = False
+        while True:
+            if self._take_packets():
+                return True
+            if read:
+                raise BlockingIOError  # what arrived was all handed on: paho has nothing to read
+            # May raise BlockingIOError or ssl.SSLWantReadError, exactly as paho expects.
+            more = self._sock.recv(self.READ_SIZE)
+            if not more:
+                return False
+            read = True
+            self._raw = self._raw[self._raw_offset :] + more if self._raw_offset < len(self._raw) else more
+            self._raw_offset = 0
+
+    def _take_packets(self) -> bool:
+        """Whole packets from the raw bytes, in order: plain QoS 0 publishes handed on, until one
+        for paho, which is put in ``_data`` (True). False when only part of a packet is left."""
+        raw, position, mqtt5 = self._raw, self._raw_offset, self._mqtt5
+        on_publish = self._on_plain_publish
+        assert on_publish is not None
+        end_of_raw = len(raw)
+        while position < end_of_raw:
+            bounds = _packet_bounds(raw, position)
+            if bounds is None:
+                break  # the rest has not arrived yet
+            body, end = bounds
+            if body < 0:
+                # A length no MQTT packet has: paho gets the rest as it is and fails it.
+                self._on_plain_publish = None
+                self._data, self._offset = raw[position:], 0
+                self._raw, self._raw_offset = b"", 0
+                return True
+            first = raw[position]
+            if first in _PUBLISH_QOS0 and end - body >= 2:
+                topic_end = body + 2 + (raw[body] << 8 | raw[body + 1])
+                # MQTT 5 puts the properties' length after the topic: 0, no properties.
+                payload_start = topic_end + 1 if mqtt5 else topic_end
+                if body + 2 < topic_end and payload_start <= end and (not mqtt5 or raw[topic_end] == 0):
+                    try:
+                        topic = raw[body + 2 : topic_end].decode("utf-8")
+                    except UnicodeDecodeError:
+                        topic = ""  # paho's to refuse
+                    if topic:
+                        self._raw_offset = end
+                        on_publish(topic, raw[payload_start:end], first == 0x31)
+                        position = end
+                        continue
+            self._data, self._offset = raw[position:end], 0
+            self._raw_offset = end
+            return True
+        self._raw_offset = position
+        return False
+
     def buffered(self) -> int:
-        return len(self._data) - self._offset
+        """Bytes paho can read now, or that hold a whole packet still to be taken apart."""
+        waiting = len(self._data) - self._offset
+        if self._on_plain_publish is not None and _packet_bounds(self._raw, self._raw_offset) is not None:
+            waiting += len(self._raw) - self._raw_offset
+        return waiting
 
     def pending(self) -> int:
         """Bytes readable without waiting: paho skips select()'s wait when this is not zero."""
@@ -965,6 +1060,26 @@ class _ReadBuffer:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
+
+
+def _packet_bounds(data: bytes, position: int) -> tuple[int, int] | None:
+    """Where the body of the packet starting at ``position`` begins and where the packet ends;
+    None when it is not all there yet; (-1, -1) for a length no packet has (over 4 bytes)."""
+    index = position + 1
+    length = shift = 0
+    while True:
+        if index >= len(data):
+            return None
+        byte = data[index]
+        index += 1
+        length |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            break
+        shift += 7
+        if shift > 21:
+            return -1, -1
+    end = index + length
+    return (index, end) if end <= len(data) else None
 
 
 def inbound_message(message: paho.MQTTMessage) -> InboundMessage:

@@ -159,3 +159,37 @@ def test_health_reads_the_workers_false_alarm_windows_as_one(  # type: ignore[no
     assert engine.drain(60)  # each worker's state, sent after its results, is in
     assert engine.false_alarms.detections_per_hour() == pytest.approx(2 * 60.0)  # 2 in the first minute
     assert engine.false_alarms.near_misses() == {}  # heard clearly: nothing came close
+
+
+def test_a_worker_process_reads_no_more_than_its_read_ahead_and_keeps_the_order() -> None:
+    """A batch from the agent (raw PCM chunks as tuples, items, in order) is queued a
+    read-ahead's worth at a time: what the worker has not taken stays with the agent, where the
+    oldest audio can be dropped."""
+    from edge_agent.agent import engine_pool
+
+    chunk = PcmChunk("s", "mqtt", bytes(3200), None, 0.0, "t")
+    read_ahead = 5 * chunk.nbytes
+    process = engine_pool.WorkerProcess.__new__(engine_pool.WorkerProcess)
+    process._inbox = inbox = engine_pool._ReadAheadQueue()
+    process._read_ahead = read_ahead
+    wire = engine_pool._to_wire
+    chunks = [wire(PcmChunk(f"s{n % 3}", "mqtt", bytes([n]) * 3200, None, float(n), "t")) for n in range(40)]
+    entries = (*chunks, wire(StreamEnd("s0", "mqtt", "t")))
+    reader = threading.Thread(target=process._handle_batch, args=(entries,))
+    reader.start()
+    taken: list[object] = []
+    most = 0
+    while len(taken) < len(entries):
+        most = max(most, inbox.queued_bytes)
+        batch = inbox.take(10.0)
+        assert batch, "the reader stopped queueing"
+        taken += batch
+        inbox.release_amount(
+            sum(getattr(i, "nbytes", 0) for i in batch), sum(getattr(i, "seconds", 0) for i in batch)
+        )
+    reader.join(10)
+    assert most <= read_ahead + chunk.nbytes
+    assert [(i.stream, i.data[:1]) for i in taken[:-1]] == [(f"s{n % 3}", bytes([n])) for n in range(40)]
+    assert [i.received_at for i in taken[:-1]] == [float(n) for n in range(40)]
+    assert taken[-1] == StreamEnd("s0", "mqtt", "t")
+    assert inbox.handled_bytes == 40 * chunk.nbytes

@@ -340,3 +340,27 @@ def test_the_slot_of_a_stream_that_never_sent_audio_goes_to_a_real_one(parts) ->
     assert worker.drain(10)
     assert sorted(worker.stream_ids()) == ["idle2", "real"]
     assert [(r.code, r.stream) for r in refusals] == [("stream_reclaimed", "idle1")]
+
+
+def test_a_near_miss_in_a_streams_first_batch_is_not_lost(numpy_model, dev_audio: Path) -> None:  # type: ignore[no-untyped-def]
+    """The near-miss pass runs from a stream's first audio: a whole utterance queued before the
+    worker takes anything (one pass) still leaves its near miss for health."""
+    samples = to_mono_16k(read_wav(sorted(dev_audio.glob("pos/*.wav"))[1]))  # scores 0.934
+    pcm = np.clip(np.round(samples), -32768, 32767).astype("<i2").tobytes()
+    queue = WorkQueue(64 * 1024 * 1024)
+    for offset in range(0, len(pcm), CHUNK * 2):
+        assert queue.put(PcmChunk("near", "mqtt", pcm[offset : offset + CHUNK * 2], None, 0.0, "t"))
+    queue.put(StreamEnd("near", "mqtt", "t"))
+    results = Results()
+    keywords = (numpy_model.compile(KeywordSpec("小云小云", threshold=0.95)),)
+    settings = EngineSettings(
+        keywords, DecoderSettings(), muted=False, max_streams=2, idle_timeout=30.0, near_misses=True
+    )
+    worker = EngineWorker(numpy_model, settings, queue, results, ErrorReporter())
+    worker.start()
+    try:
+        results.wait_for(lambda items: any(isinstance(i, StreamClosed) for i in items))
+    finally:
+        worker.stop()
+    assert results.detected() == []
+    assert 0.9 < worker.false_alarms.near_misses()["小云小云"] < 0.95

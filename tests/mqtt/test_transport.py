@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import signal
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -528,3 +530,171 @@ def test_publishes_from_many_threads_reach_the_broker_whole_through_a_tight_sock
         transport.stop()
         watcher.close()
         broker.stop()
+
+
+def _publish_packet(
+    topic: str | bytes, payload: bytes, first: int = 0x30, properties: bytes = b"\x00"
+) -> bytes:
+    """A PUBLISH as the broker writes it (MQTT 5: ``properties`` with their length; QoS 1 and 2
+    carry a packet id after the topic)."""
+    name = topic.encode() if isinstance(topic, str) else topic
+    packet_id = b"\x00\x07" if first & 0x06 else b""
+    body = len(name).to_bytes(2, "big") + name + packet_id + properties + payload
+    length, encoded = len(body), b""
+    while True:
+        digit, length = length % 128, length // 128
+        encoded += bytes([digit | (0x80 if length else 0)])
+        if not length:
+            return bytes([first]) + encoded + body
+
+
+def _read_packets_as_paho_does(reader: Any, record: Callable[[bytes], None]) -> None:
+    """Whole packets read the way paho reads them (type, length a byte at a time, then the
+    body in pieces), each given to ``record`` as it is read, until the reader has nothing more."""
+    while True:
+        try:
+            first = reader.recv(1)
+        except BlockingIOError:
+            return
+        if not first:
+            return
+        length_bytes, length, shift = b"", 0, 0
+        while True:
+            byte = reader.recv(1)
+            length_bytes += byte
+            length |= (byte[0] & 0x7F) << shift
+            shift += 7
+            if not byte[0] & 0x80:
+                break
+        body = b""
+        while len(body) < length:
+            body += reader.recv(min(5, length - len(body)))
+        record(first + length_bytes + body)
+
+
+def _tagged(seen: list[tuple[str, Any]], kind: str, what: Any) -> None:
+    seen.append((kind, what))
+
+
+def _plain_tagged(seen: list[tuple[str, Any]], topic: str, payload: bytes, retain: bool) -> None:
+    seen.append(("plain", (topic, payload, retain)))
+
+
+def test_the_read_buffer_hands_plain_qos0_publishes_on_itself_and_keeps_the_order() -> None:
+    """QoS 0 publishes without properties go straight to the handler; everything else (QoS 1,
+    properties, other packets, a topic that is not UTF-8) to paho, whole, and nothing behind it
+    before paho read it: however the socket cuts the bytes."""
+    from edge_agent.mqtt.transport import _ReadBuffer
+
+    big = bytes(range(256)) * 40  # a length of two bytes
+    stream = [
+        ("plain", _publish_packet("a/audio/s1", b"one")),
+        ("paho", _publish_packet("a/audio/s1/control", b'{"action":"start"}', first=0x32)),  # QoS 1
+        ("plain", _publish_packet("a/audio/s1", big)),
+        ("paho", _publish_packet("a/audio/s2", b"declared", properties=b"\x0a\x26\x00\x04rate\x00\x0248")),
+        ("plain", _publish_packet("a/audio/s2", b"retained", first=0x31)),
+        ("paho", b"\xd0\x00"),  # PINGRESP
+        ("paho", _publish_packet(b"a/\xff\xfe", b"bad topic")),
+        ("plain", _publish_packet("a/audio/s3", b"last")),
+    ]
+    wire = b"".join(packet for _, packet in stream)
+    for cut in (1, 7, 64, len(wire)):
+        left, right = socket.socketpair()
+        left.setblocking(False)
+        seen: list[tuple[str, Any]] = []
+        to_paho = functools.partial(_tagged, seen, "paho")
+        try:
+            plain = functools.partial(_plain_tagged, seen)
+            reader = _ReadBuffer(left, plain, mqtt5=True)
+            for start in range(0, len(wire), cut):
+                right.sendall(wire[start : start + cut])
+                _read_packets_as_paho_does(reader, to_paho)
+            _read_packets_as_paho_does(reader, to_paho)
+            assert reader.buffered() == 0
+        finally:
+            left.close()
+            right.close()
+        assert [kind for kind, _ in seen] == [kind for kind, _ in stream], cut
+        for (kind, got), (_, packet) in zip(seen, stream, strict=True):
+            if kind == "paho":
+                assert got == packet
+        assert [got for kind, got in seen if kind == "plain"] == [
+            ("a/audio/s1", b"one", False),
+            ("a/audio/s1", big, False),
+            ("a/audio/s2", b"retained", True),
+            ("a/audio/s3", b"last", False),
+        ]
+
+
+def test_the_read_buffer_takes_plain_publishes_of_mqtt_311_too() -> None:
+    from edge_agent.mqtt.transport import _ReadBuffer
+
+    left, right = socket.socketpair()
+    left.setblocking(False)
+    seen: list[tuple[str, bytes, bool]] = []
+    try:
+        reader = _ReadBuffer(left, lambda t, p, r: seen.append((t, p, r)), mqtt5=False)
+        right.sendall(_publish_packet("x/y", b"pcm", properties=b"") + b"\xd0\x00")
+        to_paho: list[bytes] = []
+        _read_packets_as_paho_does(reader, to_paho.append)
+        assert to_paho == [b"\xd0\x00"]
+        assert seen == [("x/y", b"pcm", False)]
+        right.close()
+        assert reader.recv(1) == b""  # the peer closed
+    finally:
+        left.close()
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_plain_and_decoded_messages_reach_the_handlers_alike_and_in_order(
+    protocol: str, tmp_path: Path
+) -> None:
+    """Through a real broker: QoS 0 audio-like messages with and without user properties, and
+    a retained one, arrive in the order sent, with their properties and flags."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from edge_agent.mqtt import transport as module
+
+    broker = Broker(tmp_path).start()
+    config = agent_config(broker.port, tmp_path, mqtt={"protocol": protocol}).mqtt
+    transport = MqttTransport(config, "plain-and-decoded")
+    received: list[module.InboundMessage] = []
+    all_in = threading.Event()
+    count = 300
+
+    def handler(message: module.InboundMessage) -> None:
+        received.append(message)
+        if len(received) == count + 1:
+            all_in.set()
+
+    sender = Client(broker.port, protocol=paho.MQTTv5 if protocol == "5" else paho.MQTTv311).connect()
+    sender.client.publish("in/kept", b"retained", qos=0, retain=True).wait_for_publish(5)
+    transport.subscribe("in/#", handler)
+    subscribed = threading.Event()
+    transport.on_connected(subscribed.set)
+    try:
+        transport.start()
+        assert transport.wait_connected(10) and subscribed.wait(10)
+        assert transport.wait_subscribed(10)
+        for index in range(count):
+            properties = None
+            if protocol == "5" and index % 3 == 0:
+                properties = Properties(PacketTypes.PUBLISH)
+                properties.UserProperty = [("rate", str(index))]
+            sender.client.publish(f"in/{index % 5}", str(index).encode() * 40, qos=0, properties=properties)
+        assert all_in.wait(20), f"{len(received)} of {count + 1} arrived"
+    finally:
+        transport.stop()
+        sender.close()
+        broker.stop()
+    assert isinstance(transport._client.socket(), type(None))
+    kept, live = received[0], received[1:]
+    assert (kept.topic, kept.payload, kept.retain) == ("in/kept", b"retained", True)
+    assert [m.payload for m in live] == [str(index).encode() * 40 for index in range(count)]
+    assert [m.topic for m in live] == [f"in/{index % 5}" for index in range(count)]
+    for index, message in enumerate(live):
+        declared = protocol == "5" and index % 3 == 0
+        assert message.user_properties == ({"rate": str(index)} if declared else {})
+        assert not message.retain and message.qos == 0 and message.received_at > 0
+    assert transport.stats.messages_in == count + 1
