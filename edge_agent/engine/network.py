@@ -45,6 +45,13 @@ from edge_agent.engine.kaldi_nnet import (
     Splice,
 )
 
+try:
+    # einsum's C function itself: np.einsum's Python wrapper around it costs as much again on
+    # the FSMN filter of a few frames, which a live stream's chunk runs once per layer.
+    from numpy._core.multiarray import c_einsum as _einsum
+except ImportError:  # numpy < 2
+    _einsum = np.einsum
+
 
 class NetworkState(Protocol):
     """Opaque per-stream state of a backend."""
@@ -250,12 +257,14 @@ class _FsmnBuffer:
         """New rows that fit after the rows held, once they are at the front of the store."""
         return self._store.shape[0] - self._held
 
-    def reserve(self, count: int, zeros: int) -> np.ndarray:
+    def reserve(self, count: int, zeros: int, spare: int = 0) -> np.ndarray:
         """The store's rows for ``count`` new rows, to be written there by the caller, followed by
-        ``zeros`` rows of zeros (``room()`` must allow); all of them count as held."""
+        ``zeros`` rows of zeros (``room()`` must allow); all of them count as held. With
+        ``spare`` (and no ``zeros``), the view has that many more rows after them, which the
+        caller may fill with anything: they are not held, and the next chunk writes over them."""
         start, held = self._start, self._held
         end = start + held + count + zeros
-        if end > self._store.shape[0]:
+        if end + spare > self._store.shape[0]:
             # Out of room: the rows held go to the front (numpy copies overlapping rows safely).
             self._store[:held] = self._store[start : start + held]
             self._start = start = 0
@@ -263,14 +272,21 @@ class _FsmnBuffer:
         if zeros:
             self._store[end - zeros : end] = 0.0
         self._held = end - start
-        return self._store[end - count - zeros : end - zeros]
+        return self._store[end - count - zeros : end - zeros + spare]
 
-    def filter_held(self, taps: np.ndarray) -> np.ndarray:
-        """The outputs of every window whose look-ahead is held; the rows only they needed are let go."""
+    def filter_held(self, taps: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The outputs of every window whose look-ahead is held; the rows only they needed are let
+        go. With ``out`` (rows enough for them), they are written to its first rows, which are
+        returned."""
         ready = self._held - (self._taps - 1)
         if ready <= 0:
             return np.zeros((0, self._store.shape[1]), dtype=np.float32)
-        outputs = np.einsum("tkd,kd->td", self.windows[self._start : self._start + ready], taps)
+        windows = self.windows[self._start : self._start + ready]
+        outputs = (
+            _einsum("tkd,kd->td", windows, taps)
+            if out is None
+            else _einsum("tkd,kd->td", windows, taps, out=out[:ready])
+        )
         self._start += ready
         self._held -= ready
         return outputs
@@ -323,13 +339,28 @@ class _SlotPool:
 
 
 class NumpyState:
-    __slots__ = ("__weakref__", "buffers", "finished", "slot")
+    __slots__ = ("__weakref__", "buffers", "finished", "scratch", "slot")
 
     def __init__(self, buffers: list[_FsmnBuffer], slot: int | None = None) -> None:
         self.buffers = buffers
         self.finished = False
         #: this stream's slot in its network's :class:`_SlotPool`, if any
         self.slot = slot
+        #: per step of the plan, rows the stream's short chunks are computed in (made when first
+        #: needed: streams fed only in batches never need them)
+        self.scratch: list[np.ndarray] | None = None
+
+
+# Chunks of up to this many frames (a live stream's) go through the network in a stream's own
+# scratch rows (:attr:`NumpyState.scratch`) instead of new arrays at every step.
+_SHORT_CHUNK_FRAMES = 8
+
+
+def _product_rows(rows: int) -> int:
+    """Rows to multiply for ``rows`` rows: one more when odd (but for a single row): OpenBLAS
+    multiplies an even number of rows of these small matrices faster than one row fewer, and the
+    extra row, whatever it holds, changes no other row of a product."""
+    return rows + (rows & 1) if rows > 1 else rows
 
 
 def fsmn_taps(layer: Fsmn) -> np.ndarray:
@@ -363,7 +394,7 @@ def fsmn_outputs(taps: np.ndarray, inputs: np.ndarray, count: int) -> np.ndarray
     inputs[t : t + taps], its current frame at t + history. One einsum for every tap."""
     if count <= 0:
         return np.zeros((0, inputs.shape[1]), dtype=np.float32)
-    return np.einsum("tkd,kd->td", _windows(inputs, taps.shape[0], count), taps)
+    return _einsum("tkd,kd->td", _windows(inputs, taps.shape[0], count), taps)
 
 
 # The kinds of steps of NumpyNetwork's plan.
@@ -455,6 +486,8 @@ class NumpyNetwork:
         if state.finished:
             raise RuntimeError("this stream's network state was finished; create a new one")
         x = self._check(features)
+        if not final and x.shape[0] <= _SHORT_CHUNK_FRAMES:
+            return self._hidden_short(state, x)
         buffers = iter(state.buffers)
         for kind, weights, bias, taps, lookahead in self._plan:
             if kind in (_FSMN, _LINEAR_FSMN):
@@ -482,6 +515,62 @@ class NumpyNetwork:
         if final:
             state.finished = True
         return x
+
+    def _hidden_short(self, state: NumpyState, x: np.ndarray) -> np.ndarray:
+        """:meth:`hidden` for a short chunk (not the last): every step writes into the stream's
+        scratch rows, and each product multiplies :func:`_product_rows` rows, of which the first
+        ``count`` are the chunk's (the others are left over from earlier chunks, or zeros)."""
+        scratch = state.scratch
+        if scratch is None:
+            scratch = state.scratch = self._new_scratch()
+        count = x.shape[0]
+        rows = _product_rows(count)
+        if rows != count:
+            padded = scratch[0][:rows]
+            padded[:count] = x
+            x = padded
+        buffers = iter(state.buffers)
+        last = len(self._plan) - 1
+        for step, (kind, weights, bias, taps, lookahead) in enumerate(self._plan):
+            out = scratch[step + 1]
+            if kind in (_LINEAR_FSMN, _FSMN):
+                buffer = next(buffers)
+                if rows <= buffer.room():
+                    held = buffer.reserve(count, 0, rows - count)
+                    if kind == _LINEAR_FSMN:
+                        np.dot(x, weights, out=held)  # the product ``x @ weights``, in place
+                    else:
+                        held[...] = x
+                    count = buffer.filter_held(taps, out).shape[0]  # type: ignore[arg-type]
+                else:
+                    new = x[:count].dot(weights) if kind == _LINEAR_FSMN else x[:count]
+                    filtered = self._fsmn_long(taps, lookahead, buffer, new, False)  # type: ignore[arg-type]
+                    count = filtered.shape[0]
+                    out[:count] = filtered
+                rows = _product_rows(count)
+                x = out[:rows]
+                continue
+            if kind != _RELU:
+                # The last step's rows are a new array: the caller keeps them.
+                x = x.dot(weights) if step == last else np.dot(x, weights, out=out[:rows])
+                if bias is not None:
+                    x += bias
+            if kind != _AFFINE and kind != _LINEAR:
+                np.maximum(x, 0.0, out=x)
+        return x[:count] if rows != count else x
+
+    def _new_scratch(self) -> list[np.ndarray]:
+        """Zeros for a stream's short chunks: the features, then the output of each step."""
+        widths = [self.input_dim]
+        for kind, weights, _bias, taps, _lookahead in self._plan:
+            if kind in (_FSMN, _LINEAR_FSMN):
+                widths.append(taps.shape[1])  # type: ignore[union-attr]
+            elif kind == _RELU:
+                widths.append(widths[-1])
+            else:
+                widths.append(weights.shape[1])  # type: ignore[union-attr]
+        rows = _product_rows(_SHORT_CHUNK_FRAMES)
+        return [np.zeros((rows, width), dtype=np.float32) for width in widths]
 
     def hidden_many(  # type: ignore[override]
         self, states: Sequence[NumpyState], features: Sequence[np.ndarray]
@@ -608,7 +697,7 @@ class NumpyNetwork:
                     for block in np.unique(in_blocks).tolist():
                         mine = in_blocks == block
                         inputs[mine, :held] = self._slots.blocks[block][layer_index][where[mine], :held]
-                outputs = np.einsum("srkd,kd->srd", _stream_windows(inputs, taps.shape[0]), taps)
+                outputs = _einsum("srkd,kd->srd", _stream_windows(inputs, taps.shape[0]), taps)
                 filtered.append(outputs.reshape(streams * count, width))
                 if one_block:
                     self._slots.blocks[first_block][layer_index][where, :held] = inputs[:, count:]
@@ -653,7 +742,7 @@ class NumpyNetwork:
             windows = length - taps_count + 1
             if windows > 0:
                 rows = inputs[row : row + streams * length].reshape(streams, length, width)
-                outputs = np.einsum("srkd,kd->srd", _stream_windows(rows, taps_count), taps)
+                outputs = _einsum("srkd,kd->srd", _stream_windows(rows, taps_count), taps)
                 filtered.append(outputs.reshape(streams * windows, width))
             ready += [max(0, windows)] * streams
             row += streams * length
@@ -691,7 +780,7 @@ class NumpyNetwork:
             buffer.frames = tail
         if windows == 0:
             return np.zeros((0, output_dim), dtype=np.float32), [0] * streams
-        outputs = np.einsum("srkd,kd->srd", _stream_windows(inputs, taps.shape[0]), taps)
+        outputs = _einsum("srkd,kd->srd", _stream_windows(inputs, taps.shape[0]), taps)
         return outputs.reshape(streams * windows, width), [windows] * streams
 
 
