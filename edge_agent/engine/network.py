@@ -28,7 +28,7 @@ import itertools
 import threading
 import weakref
 from collections.abc import Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -338,8 +338,19 @@ class _SlotPool:
         self._free += range(first + size - 1, first - 1, -1)
 
 
+class _SlotRun(NamedTuple):
+    """``streams`` neighbouring streams of a batch bringing ``count`` new frames each, their
+    rows from ``row`` of the batch's matrix on; ``parts``: per pool block, the streams' positions
+    in the run, the block, and their slots' indices in the block."""
+
+    count: int
+    row: int
+    streams: int
+    parts: list[tuple[slice, int, slice | np.ndarray]]
+
+
 class NumpyState:
-    __slots__ = ("__weakref__", "buffers", "finished", "scratch", "slot")
+    __slots__ = ("__weakref__", "buffers", "finished", "scratch", "slot", "slotted")
 
     def __init__(self, buffers: list[_FsmnBuffer], slot: int | None = None) -> None:
         self.buffers = buffers
@@ -349,6 +360,8 @@ class NumpyState:
         #: per step of the plan, rows the stream's short chunks are computed in (made when first
         #: needed: streams fed only in batches never need them)
         self.scratch: list[np.ndarray] | None = None
+        #: every FSMN buffer is the stream's slot, as a batch leaves it (:meth:`NumpyNetwork._in_slots`)
+        self.slotted = False
 
 
 # Chunks of up to this many frames (a live stream's) go through the network in a stream's own
@@ -396,6 +409,9 @@ def fsmn_outputs(taps: np.ndarray, inputs: np.ndarray, count: int) -> np.ndarray
         return np.zeros((0, inputs.shape[1]), dtype=np.float32)
     return _einsum("tkd,kd->td", _windows(inputs, taps.shape[0], count), taps)
 
+
+# Streams whose FSMN inputs are filtered at a time in a batch.
+_FILTER_STREAMS = 64
 
 # The kinds of steps of NumpyNetwork's plan.
 _AFFINE, _AFFINE_RELU, _LINEAR, _LINEAR_RELU, _RELU, _FSMN, _LINEAR_FSMN = range(7)
@@ -485,6 +501,7 @@ class NumpyNetwork:
     def hidden(self, state: NumpyState, features: np.ndarray, final: bool = False) -> np.ndarray:  # type: ignore[override]
         if state.finished:
             raise RuntimeError("this stream's network state was finished; create a new one")
+        state.slotted = False
         x = self._check(features)
         if not final and x.shape[0] <= _SHORT_CHUNK_FRAMES:
             return self._hidden_short(state, x)
@@ -581,25 +598,37 @@ class NumpyNetwork:
             return [self.hidden(states[0], features[0])]
         if any(state.finished for state in states):
             raise RuntimeError("a stream's network state was finished; create a new one")
+        counts_given = [len(chunk) for chunk in features]
         # Streams holding as many frames side by side, so that each FSMN layer filters them as
-        # one matrix (see _fsmn_many); a stable order, undone at the end.
+        # one matrix (see _fsmn_many), and among those in the order of their slots, so that the
+        # streams of a pool block are neighbours (see _fsmn_slotted); undone at the end.
         first_held = [state.buffers[0]._held if state.buffers else 0 for state in states]
-        order = sorted(range(len(states)), key=lambda i: first_held[i] + int(np.shape(features[i])[0]))
+        slots = [-1 if state.slot is None else state.slot for state in states]
+        order = np.lexsort((slots, np.add(first_held, counts_given))).tolist()
         states = [states[i] for i in order]
-        counts = [int(np.shape(features[i])[0]) for i in order]
-        x = self._check(np.concatenate([np.asarray(features[i], dtype=np.float32) for i in order]))
-        slots = self._slot_layout(states)
+        counts = [counts_given[i] for i in order]
+        x = self._check(np.concatenate([features[i] for i in order], dtype=np.float32))
+        layout = self._slot_layout(states)
+        # Every stream left in its slots by the previous batch is still there (see _in_slots).
+        steady = layout is not None and all(state.slotted for state in states)
+        runs = None if layout is None else self._slot_runs(layout, counts)
+        slotted = True
         fsmn_index = 0
         for component in self._body:
             if isinstance(component, Fsmn):
-                if slots is not None and self._in_slots(component, fsmn_index, states):
-                    x = self._fsmn_slotted(component, fsmn_index, slots, x, counts)
+                if runs is not None and (steady or self._in_slots(component, fsmn_index, states)):
+                    x = self._fsmn_slotted(component, fsmn_index, runs, x)
                 else:
                     buffers = [state.buffers[fsmn_index] for state in states]
                     x, counts = self._fsmn_many(component, buffers, x, counts)
+                    slotted = False
+                    if runs is not None:
+                        runs = self._slot_runs(layout, counts)  # type: ignore[arg-type]
                 fsmn_index += 1
             else:
                 x = self._frame_wise(component, x)
+        for state in states:
+            state.slotted = slotted
         bounds = np.cumsum([0, *counts]).tolist()
         results: list[np.ndarray] = [x[:0]] * len(states)
         for position, stream in enumerate(order):
@@ -652,6 +681,44 @@ class NumpyNetwork:
         blocks = np.searchsorted(starts, numbers, side="right") - 1
         return blocks, numbers - starts[blocks]
 
+    @staticmethod
+    def _slot_runs(layout: tuple[np.ndarray, np.ndarray], counts: list[int]) -> list[_SlotRun]:
+        """The batch's runs of streams bringing as many frames (in batch order), each with its
+        streams' slots per pool block: the same for every FSMN layer of a batch."""
+        blocks, indices = layout
+        runs: list[_SlotRun] = []
+        row = stream = 0
+        for count, run in itertools.groupby(counts):
+            streams = len(list(run))
+            # At most _FILTER_STREAMS streams at a time: their inputs stay in the core's cache
+            # between the reads from the slots, the filter and the writes back.
+            for first in range(stream, stream + streams, _FILTER_STREAMS):
+                part = min(_FILTER_STREAMS, stream + streams - first)
+                if count:
+                    runs.append(NumpyNetwork._slot_run(blocks, indices, count, row, first, part))
+                row += part * count
+            stream += streams
+        return runs
+
+    @staticmethod
+    def _slot_run(
+        blocks: np.ndarray, indices: np.ndarray, count: int, row: int, stream: int, streams: int
+    ) -> _SlotRun:
+        """The run of ``streams`` streams from ``stream`` on (batch order), bringing ``count``
+        frames each, with their slots per pool block."""
+        in_blocks = blocks[stream : stream + streams]
+        where = indices[stream : stream + streams]
+        # Streams are ordered by slot within a run: a block's streams are neighbours.
+        edges = (np.flatnonzero(in_blocks[1:] != in_blocks[:-1]) + 1).tolist()
+        parts: list[tuple[slice, int, slice | np.ndarray]] = []
+        for low, high in zip([0, *edges], [*edges, streams], strict=True):
+            mine = where[low:high]
+            # Consecutive slots (streams started together) are read as one slice.
+            consecutive = high - low == 1 or bool((np.diff(mine) == 1).all())
+            slots = slice(int(mine[0]), int(mine[-1]) + 1) if consecutive else mine
+            parts.append((slice(low, high), int(in_blocks[low]), slots))
+        return _SlotRun(count, row, streams, parts)
+
     def _in_slots(self, layer: Fsmn, index: int, states: Sequence[NumpyState]) -> bool:
         """Every stream's buffer for this layer (its ``index``-th) is its slot and holds one
         window's inputs but the newest (the steady state: every stream past its first chunk,
@@ -664,12 +731,7 @@ class NumpyNetwork:
         return True
 
     def _fsmn_slotted(
-        self,
-        layer: Fsmn,
-        layer_index: int,
-        slots: tuple[np.ndarray, np.ndarray],
-        new: np.ndarray,
-        counts: list[int],
+        self, layer: Fsmn, layer_index: int, runs: list[_SlotRun], new: np.ndarray
     ) -> np.ndarray:
         """:meth:`_fsmn_many` for streams whose buffers are slots (:meth:`_in_slots`), with the
         same arithmetic: each run of streams bringing as many new frames is one (streams,
@@ -679,37 +741,18 @@ class NumpyNetwork:
         taps = self._taps[id(layer)]
         held = taps.shape[0] - 1
         width = layer.input_dim
-        blocks, indices = slots
-        filtered: list[np.ndarray] = []
-        row = stream = 0
-        for count, run in itertools.groupby(counts):
-            streams = len(list(run))
-            if count:
-                in_blocks = blocks[stream : stream + streams]
-                where = indices[stream : stream + streams]
-                inputs = np.empty((streams, held + count, width), dtype=np.float32)
-                inputs[:, held:] = new[row : row + streams * count].reshape(streams, count, width)
-                first_block = int(in_blocks[0])
-                one_block = bool((in_blocks == first_block).all())
-                if one_block:
-                    inputs[:, :held] = self._slots.blocks[first_block][layer_index][where, :held]
-                else:
-                    for block in np.unique(in_blocks).tolist():
-                        mine = in_blocks == block
-                        inputs[mine, :held] = self._slots.blocks[block][layer_index][where[mine], :held]
-                outputs = _einsum("srkd,kd->srd", _stream_windows(inputs, taps.shape[0]), taps)
-                filtered.append(outputs.reshape(streams * count, width))
-                if one_block:
-                    self._slots.blocks[first_block][layer_index][where, :held] = inputs[:, count:]
-                else:
-                    for block in np.unique(in_blocks).tolist():
-                        mine = in_blocks == block
-                        self._slots.blocks[block][layer_index][where[mine], :held] = inputs[mine, count:]
-                row += streams * count
-            stream += streams
-        if not filtered:
-            return np.zeros((0, layer.output_dim), dtype=np.float32)
-        return filtered[0] if len(filtered) == 1 else np.concatenate(filtered)
+        pool = self._slots.blocks
+        filtered = np.empty((new.shape[0], width), dtype=np.float32)
+        for count, row, streams, parts in runs:
+            inputs = np.empty((streams, held + count, width), dtype=np.float32)
+            inputs[:, held:] = new[row : row + streams * count].reshape(streams, count, width)
+            for mine, block, slots in parts:
+                inputs[mine, :held] = pool[block][layer_index][slots, :held]
+            outputs = filtered[row : row + streams * count].reshape(streams, count, width)
+            _einsum("srkd,kd->srd", _stream_windows(inputs, taps.shape[0]), taps, out=outputs)
+            for mine, block, slots in parts:
+                pool[block][layer_index][slots, :held] = inputs[mine, count:]
+        return filtered
 
     def _fsmn_many(
         self, layer: Fsmn, buffers: list[_FsmnBuffer], new: np.ndarray, counts: list[int]
