@@ -410,6 +410,22 @@ def fsmn_outputs(taps: np.ndarray, inputs: np.ndarray, count: int) -> np.ndarray
     return _einsum("tkd,kd->td", _windows(inputs, taps.shape[0], count), taps)
 
 
+# Rows of zeros kept per ReLU width (see NumpyNetwork._relu).
+_RELU_BLOCK_ROWS = 1024
+
+
+def _relu_in_place(x: np.ndarray, zeros: np.ndarray) -> None:
+    """``max(x, 0)`` in place, against ``zeros`` (rows of zeros as wide as ``x``): numpy's
+    maximum against a scalar takes a loop several times slower than against an array."""
+    rows = x.shape[0]
+    if rows <= zeros.shape[0]:
+        np.maximum(x, zeros[:rows], out=x)
+        return
+    for start in range(0, rows, zeros.shape[0]):
+        block = x[start : start + zeros.shape[0]]
+        np.maximum(block, zeros[: block.shape[0]], out=block)
+
+
 # Streams whose FSMN inputs are filtered at a time in a batch.
 _FILTER_STREAMS = 64
 
@@ -442,6 +458,11 @@ class NumpyNetwork:
         }
         self._taps = {id(layer): fsmn_taps(layer) for layer in self._fsmn_layers}
         self._plan = self._compile_plan()
+        widths = {c.output_dim for c in self._body if isinstance(c, RectifiedLinear)}
+        #: per ReLU width, rows of zeros (read only)
+        self._zeros = {width: np.zeros((_RELU_BLOCK_ROWS, width), dtype=np.float32) for width in widths}
+        for zeros in self._zeros.values():
+            zeros.flags.writeable = False
         self._slots = _SlotPool(
             [(layer.history_frames + _FsmnBuffer._ROOM, layer.input_dim) for layer in self._fsmn_layers]
         )
@@ -528,7 +549,7 @@ class NumpyNetwork:
                 if bias is not None:
                     x += bias
             if kind != _AFFINE and kind != _LINEAR:
-                np.maximum(x, 0.0, out=x)
+                _relu_in_place(x, self._zeros[x.shape[1]])
         if final:
             state.finished = True
         return x
@@ -573,7 +594,7 @@ class NumpyNetwork:
                 if bias is not None:
                     x += bias
             if kind != _AFFINE and kind != _LINEAR:
-                np.maximum(x, 0.0, out=x)
+                np.maximum(x, self._zeros[x.shape[1]][:rows], out=x)  # _relu_in_place, inline
         return x[:count] if rows != count else x
 
     def _new_scratch(self) -> list[np.ndarray]:
@@ -648,7 +669,7 @@ class NumpyNetwork:
         elif isinstance(component, LinearTransform):
             x = x @ self._weights_t[id(component)]
         elif isinstance(component, RectifiedLinear):
-            np.maximum(x, 0.0, out=x)
+            _relu_in_place(x, self._zeros[x.shape[1]])
         return x
 
     @staticmethod
