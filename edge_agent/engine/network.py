@@ -463,6 +463,12 @@ class NumpyNetwork:
         self._zeros = {width: np.zeros((_RELU_BLOCK_ROWS, width), dtype=np.float32) for width in widths}
         for zeros in self._zeros.values():
             zeros.flags.writeable = False
+        # The plan for short chunks (_hidden_short): each bias as rows, for the same reason.
+        rows = _product_rows(_SHORT_CHUNK_FRAMES)
+        self._short_plan = [
+            (kind, weights, None if bias is None else np.tile(bias, (rows, 1)), taps, lookahead)
+            for kind, weights, bias, taps, lookahead in self._plan
+        ]
         self._slots = _SlotPool(
             [(layer.history_frames + _FsmnBuffer._ROOM, layer.input_dim) for layer in self._fsmn_layers]
         )
@@ -569,7 +575,7 @@ class NumpyNetwork:
             x = padded
         buffers = iter(state.buffers)
         last = len(self._plan) - 1
-        for step, (kind, weights, bias, taps, lookahead) in enumerate(self._plan):
+        for step, (kind, weights, bias, taps, lookahead) in enumerate(self._short_plan):
             out = scratch[step + 1]
             if kind in (_LINEAR_FSMN, _FSMN):
                 buffer = next(buffers)
@@ -592,7 +598,7 @@ class NumpyNetwork:
                 # The last step's rows are a new array: the caller keeps them.
                 x = x.dot(weights) if step == last else np.dot(x, weights, out=out[:rows])
                 if bias is not None:
-                    x += bias
+                    np.add(x, bias[:rows], out=x)
             if kind != _AFFINE and kind != _LINEAR:
                 np.maximum(x, self._zeros[x.shape[1]][:rows], out=x)  # _relu_in_place, inline
         return x[:count] if rows != count else x
