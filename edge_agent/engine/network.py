@@ -109,6 +109,24 @@ def validate_structure(components: Sequence[Component], source: str) -> None:
         raise ValueError(f"{source}: the network must end with an AffineTransform followed by a Softmax")
 
 
+# Bounds needing at most this many differences of logits (rows x columns x columns) come from
+# them, others from a softmax of the logits: the differences take columns times the arithmetic,
+# which costs more than the numpy calls they save once there are more than a few rows.
+_PAIRWISE_BOUND_VALUES = 288
+# exp(80) times 16 (the most columns a bound by differences has) is finite in float32.
+_DIFFERENCE_CAP = np.float32(80.0)
+
+
+class _Subset(NamedTuple):
+    """The output layer's weights and bias for some columns, and for the differences of their
+    logits (:meth:`OutputLayer.bounds`)."""
+
+    weights: np.ndarray
+    bias: np.ndarray
+    differences: np.ndarray
+    difference_bias: np.ndarray
+
+
 # Rows of exact posteriors computed at a time (their logits: 2.7 MB).
 _OUTPUT_BLOCK_ROWS = 256
 
@@ -137,25 +155,51 @@ class OutputLayer:
         self.rows_bounded = 0
         self.rows_exact = 0
 
-    def _subset(self, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _subset(self, columns: np.ndarray) -> _Subset:
         key = columns.tobytes()
         found = self._subsets.get(key)
         if found is None:
-            found = (np.ascontiguousarray(self._weights[:, columns]), self._bias[columns].copy())
+            weights = np.ascontiguousarray(self._weights[:, columns])
+            bias = self._bias[columns].copy()
+            count = columns.shape[0]
+            # Column j * count + i: the logit of column i minus that of column j.
+            differences = np.ascontiguousarray(
+                (weights[:, None, :] - weights[:, :, None]).reshape(self.input_dim, count * count)
+            )
+            # The bias of the differences as rows (numpy adds arrays of one shape faster).
+            difference_bias = (bias[None, :] - bias[:, None]).reshape(1, count * count)
+            rows = _PAIRWISE_BOUND_VALUES // (count * count)
+            found = _Subset(weights, bias, differences, np.repeat(difference_bias, max(rows, 1), axis=0))
             self._subsets[key] = found
         return found
 
     def logits(self, hidden: np.ndarray, columns: np.ndarray) -> np.ndarray:
         """The logits of ``columns`` only."""
-        weights, bias = self._subset(np.asarray(columns, dtype=np.int64))
-        logits = np.asarray(hidden, dtype=np.float32) @ weights
-        logits += bias
+        subset = self._subset(np.asarray(columns, dtype=np.int64))
+        logits = np.asarray(hidden, dtype=np.float32).dot(subset.weights)
+        logits += subset.bias
         return logits
 
     def bounds(self, hidden: np.ndarray, columns: np.ndarray) -> np.ndarray:
         """Upper bounds of the posteriors of ``columns`` (softmax over those columns alone)."""
-        self.rows_bounded += int(np.shape(hidden)[0])
-        return softmax(self.logits(hidden, columns))
+        hidden = np.asarray(hidden, dtype=np.float32)
+        rows = hidden.shape[0]
+        self.rows_bounded += rows
+        subset = self._subset(np.asarray(columns, dtype=np.int64))
+        count = subset.bias.shape[0]
+        if rows * count * count > _PAIRWISE_BOUND_VALUES:
+            logits = hidden.dot(subset.weights)
+            logits += subset.bias
+            return softmax(logits)
+        # Few rows: the same softmax in fewer numpy calls, as 1 / sum_i exp(logit_i - logit_j),
+        # one product giving every difference. Capping them keeps exp finite (and the sum of at
+        # most 16 of them); a cap only lowers a term, so the bound can only rise.
+        differences = hidden.dot(subset.differences)
+        np.add(differences, subset.difference_bias[:rows], out=differences)
+        np.minimum(differences, _DIFFERENCE_CAP, out=differences)
+        np.exp(differences, out=differences)
+        sums = np.add.reduce(differences.reshape(rows, count, count), axis=2)
+        return np.reciprocal(sums, out=sums)
 
     def posteriors(self, hidden: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
         """Exact posteriors of every output, or of ``columns`` (normalised over all outputs)."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from edge_agent.engine.decoder.recurrence import BOUND_SAFETY
 from edge_agent.engine.kaldi_nnet import parse_nnet
 from edge_agent.engine.network import NumpyNetwork
 from tests.conftest import require_module
@@ -133,6 +134,22 @@ def test_output_layer_bounds_are_upper_bounds_and_posteriors_exact() -> None:
     bounds = network.output.bounds(hidden, columns)
     assert (bounds >= full[:, columns] - 1e-7).all()
     np.testing.assert_allclose(bounds.sum(axis=1), 1.0, atol=1e-6)  # a softmax over the subset
+
+
+def test_bounds_of_a_few_rows_and_of_many_agree_and_stay_upper_bounds() -> None:
+    """A few rows' bounds come from differences of logits, many rows' from a softmax of the
+    logits: the same values within float32 rounding, and still upper bounds when logits lie
+    hundreds apart (the differences are capped, which can only raise a bound)."""
+    layers, network = small_network()
+    rng = np.random.default_rng(8)
+    hidden = (rng.normal(size=(600, 3)) * np.repeat([3.0, 300.0], 300)[:, None]).astype(np.float32)
+    exact = reference_forward(layers[-2:], hidden)
+    for columns in (np.array([0, 2]), np.array([1]), np.array([3, 0, 1])):
+        many = network.output.bounds(hidden, columns)
+        few = np.concatenate([network.output.bounds(hidden[i : i + 3], columns) for i in range(0, 600, 3)])
+        # Upper bounds but for float32 rounding, which the decoder allows for (BOUND_SAFETY).
+        assert np.isfinite(few).all() and (few >= exact[:, columns] * BOUND_SAFETY - 1e-7).all()
+        np.testing.assert_allclose(few, many, rtol=1e-5, atol=1e-7)
 
 
 def test_output_layer_survives_a_logit_far_above_the_selected_ones() -> None:
