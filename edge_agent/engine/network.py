@@ -127,6 +127,9 @@ class _Subset(NamedTuple):
     difference_bias: np.ndarray
 
 
+# Exact posteriors of up to this many rows are computed two rows at a time (see _selected).
+_PAIRED_OUTPUT_ROWS = 6
+
 # Rows of exact posteriors computed at a time (their logits: 2.7 MB).
 _OUTPUT_BLOCK_ROWS = 256
 
@@ -235,7 +238,14 @@ class OutputLayer:
         augmented[:, : self.input_dim] = hidden
         augmented[:, self.input_dim] = 1.0
         np.negative(shift, out=augmented[:, self.input_dim + 1])
-        shifted = augmented @ self._augmented
+        if rows <= _PAIRED_OUTPUT_ROWS:
+            # OpenBLAS multiplies one or two rows by this wide matrix in a path of its own,
+            # without first copying the whole matrix as it does for a few rows more.
+            shifted = np.empty((rows, self.output_dim), dtype=np.float32)
+            for start in range(0, rows, 2):
+                np.dot(augmented[start : start + 2], self._augmented, out=shifted[start : start + 2])
+        else:
+            shifted = augmented.dot(self._augmented)
         with np.errstate(over="ignore"):
             np.exp(shifted, out=shifted)
         totals = shifted.sum(axis=1)
