@@ -311,14 +311,12 @@ class _FsmnBuffer:
         """New rows that fit after the rows held, once they are at the front of the store."""
         return self._store.shape[0] - self._held
 
-    def reserve(self, count: int, zeros: int, spare: int = 0) -> np.ndarray:
+    def reserve(self, count: int, zeros: int) -> np.ndarray:
         """The store's rows for ``count`` new rows, to be written there by the caller, followed by
-        ``zeros`` rows of zeros (``room()`` must allow); all of them count as held. With
-        ``spare`` (and no ``zeros``), the view has that many more rows after them, which the
-        caller may fill with anything: they are not held, and the next chunk writes over them."""
+        ``zeros`` rows of zeros (``room()`` must allow); all of them count as held."""
         start, held = self._start, self._held
         end = start + held + count + zeros
-        if end + spare > self._store.shape[0]:
+        if end > self._store.shape[0]:
             # Out of room: the rows held go to the front (numpy copies overlapping rows safely).
             self._store[:held] = self._store[start : start + held]
             self._start = start = 0
@@ -326,24 +324,50 @@ class _FsmnBuffer:
         if zeros:
             self._store[end - zeros : end] = 0.0
         self._held = end - start
-        return self._store[end - count - zeros : end - zeros + spare]
+        return self._store[end - count - zeros : end - zeros]
 
-    def filter_held(self, taps: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """The outputs of every window whose look-ahead is held; the rows only they needed are let
-        go. With ``out`` (rows enough for them), they are written to its first rows, which are
-        returned."""
+    def filter_held(self, taps: np.ndarray) -> np.ndarray:
+        """The outputs of every window whose look-ahead is held; the rows only they needed are let go."""
         ready = self._held - (self._taps - 1)
         if ready <= 0:
             return np.zeros((0, self._store.shape[1]), dtype=np.float32)
-        windows = self.windows[self._start : self._start + ready]
-        outputs = (
-            _einsum("tkd,kd->td", windows, taps)
-            if out is None
-            else _einsum("tkd,kd->td", windows, taps, out=out[:ready])
-        )
+        outputs = _einsum("tkd,kd->td", self.windows[self._start : self._start + ready], taps)
         self._start += ready
         self._held -= ready
         return outputs
+
+    def filter_chunk(
+        self, x: np.ndarray, count: int, weights: np.ndarray | None, taps: np.ndarray, out: np.ndarray
+    ) -> int:
+        """:meth:`reserve` and :meth:`filter_held` for a live stream's short chunk, in one call
+        (see NumpyNetwork._hidden_short): ``x @ weights`` (or ``x``) is written after the rows
+        held, of which its first ``count`` rows are new ones and the others not held (the next
+        chunk writes over them); the windows ready are filtered into the first rows of ``out``.
+        Returns their number, or -1 (and does nothing) if the store has no room for ``x``."""
+        store = self._store
+        start, held = self._start, self._held
+        end = start + held
+        rows = x.shape[0]
+        if end + rows > store.shape[0]:
+            if held + rows > store.shape[0]:
+                return -1
+            # Out of room: the rows held go to the front (numpy copies overlapping rows safely).
+            store[:held] = store[start:end]
+            start, end = 0, held
+        if weights is None:
+            store[end : end + rows] = x
+        else:
+            np.dot(x, weights, out=store[end : end + rows])  # the product ``x @ weights``, in place
+        held += count
+        ready = held - (self._taps - 1)
+        if ready > 0:
+            _einsum("tkd,kd->td", self.windows[start : start + ready], taps, out=out[:ready])
+            start += ready
+            held -= ready
+        else:
+            ready = 0
+        self._start, self._held = start, held
+        return ready
 
 
 class _SlotPool:
@@ -633,13 +657,9 @@ class NumpyNetwork:
             out = scratch[step + 1]
             if kind in (_LINEAR_FSMN, _FSMN):
                 buffer = next(buffers)
-                if rows <= buffer.room():
-                    held = buffer.reserve(count, 0, rows - count)
-                    if kind == _LINEAR_FSMN:
-                        np.dot(x, weights, out=held)  # the product ``x @ weights``, in place
-                    else:
-                        held[...] = x
-                    count = buffer.filter_held(taps, out).shape[0]  # type: ignore[arg-type]
+                ready = buffer.filter_chunk(x, count, weights, taps, out)  # type: ignore[arg-type]
+                if ready >= 0:
+                    count = ready
                 else:
                     new = x[:count].dot(weights) if kind == _LINEAR_FSMN else x[:count]
                     filtered = self._fsmn_long(taps, lookahead, buffer, new, False)  # type: ignore[arg-type]

@@ -42,9 +42,15 @@ def test_chunked_equals_whole_on_a_small_network(sizes: list[int]) -> None:
     np.testing.assert_allclose(run_chunked(network, features, sizes), expected, atol=1e-5)
 
 
-def test_short_chunks_of_every_size_equal_whole() -> None:
+@pytest.mark.parametrize("room", [None, 2])
+def test_short_chunks_of_every_size_equal_whole(room: int | None, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """A live stream's short chunks go through the stream's scratch rows, an odd number of
-    frames multiplied with one row more: rows handed back stay as they were after later chunks."""
+    frames multiplied with one row more: rows handed back stay as they were after later chunks.
+    With little room in the FSMN stores, chunks that do not fit take the long chunks' path."""
+    from edge_agent.engine import network as network_module
+
+    if room is not None:
+        monkeypatch.setattr(network_module._FsmnBuffer, "_ROOM", room)
     layers, network = small_network()
     features = np.random.default_rng(6).normal(size=(120, 6)).astype(np.float32)
     expected = reference_forward(layers, features)
