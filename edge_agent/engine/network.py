@@ -337,13 +337,14 @@ class _FsmnBuffer:
         return outputs
 
     def filter_chunk(
-        self, x: np.ndarray, count: int, weights: np.ndarray | None, taps: np.ndarray, out: np.ndarray
+        self, x: np.ndarray, count: int, weights: np.ndarray | None, taps: np.ndarray, outs: list[np.ndarray]
     ) -> int:
         """:meth:`reserve` and :meth:`filter_held` for a live stream's short chunk, in one call
         (see NumpyNetwork._hidden_short): ``x @ weights`` (or ``x``) is written after the rows
         held, of which its first ``count`` rows are new ones and the others not held (the next
-        chunk writes over them); the windows ready are filtered into the first rows of ``out``.
-        Returns their number, or -1 (and does nothing) if the store has no room for ``x``."""
+        chunk writes over them); the windows ready are filtered into ``outs[ready]`` (views of
+        the first rows of one array, by number of rows). Returns their number, or -1 (and does
+        nothing) if the store has no room for ``x``."""
         store = self._store
         start, held = self._start, self._held
         end = start + held
@@ -361,7 +362,7 @@ class _FsmnBuffer:
         held += count
         ready = held - (self._taps - 1)
         if ready > 0:
-            _einsum("tkd,kd->td", self.windows[start : start + ready], taps, out=out[:ready])
+            _einsum("tkd,kd->td", self.windows[start : start + ready], taps, out=outs[ready])
             start += ready
             held -= ready
         else:
@@ -427,6 +428,18 @@ class _SlotRun(NamedTuple):
     parts: list[tuple[slice, int, slice | np.ndarray]]
 
 
+class _ShortStep(NamedTuple):
+    """A step of :meth:`NumpyNetwork._hidden_short`'s plan: as in the plan, with the bias and
+    the ReLU's zeros (if any) as views of every number of rows."""
+
+    kind: int
+    weights: np.ndarray | None
+    biases: list[np.ndarray] | None
+    zeros: list[np.ndarray] | None
+    taps: np.ndarray | None
+    lookahead: int
+
+
 class NumpyState:
     __slots__ = ("__weakref__", "buffers", "finished", "scratch", "slot", "slotted")
 
@@ -437,7 +450,7 @@ class NumpyState:
         self.slot = slot
         #: per step of the plan, rows the stream's short chunks are computed in (made when first
         #: needed: streams fed only in batches never need them)
-        self.scratch: list[np.ndarray] | None = None
+        self.scratch: list[list[np.ndarray]] | None = None
         #: every FSMN buffer is the stream's slot, as a batch leaves it (:meth:`NumpyNetwork._in_slots`)
         self.slotted = False
 
@@ -541,12 +554,7 @@ class NumpyNetwork:
         self._zeros = {width: np.zeros((_RELU_BLOCK_ROWS, width), dtype=np.float32) for width in widths}
         for zeros in self._zeros.values():
             zeros.flags.writeable = False
-        # The plan for short chunks (_hidden_short): each bias as rows, for the same reason.
-        rows = _product_rows(_SHORT_CHUNK_FRAMES)
-        self._short_plan = [
-            (kind, weights, None if bias is None else np.tile(bias, (rows, 1)), taps, lookahead)
-            for kind, weights, bias, taps, lookahead in self._plan
-        ]
+        self._short_plan = self._compile_short_plan()
         self._slots = _SlotPool(
             [(layer.history_frames + _FsmnBuffer._ROOM, layer.input_dim) for layer in self._fsmn_layers]
         )
@@ -577,6 +585,28 @@ class NumpyNetwork:
                 else:
                     plan.append((_FSMN, None, None, taps, lookahead))
         return plan
+
+    def _compile_short_plan(self) -> list[_ShortStep]:
+        """The plan for short chunks (:meth:`_hidden_short`): each bias tiled as rows (numpy
+        adds two arrays of one shape faster than it broadcasts a row), and the views of the
+        bias and of the ReLU's zeros for every number of rows, made once."""
+        rows = _product_rows(_SHORT_CHUNK_FRAMES)
+        steps = []
+        width = self.input_dim
+        for kind, weights, bias, taps, lookahead in self._plan:
+            if kind in (_FSMN, _LINEAR_FSMN):
+                width = taps.shape[1]  # type: ignore[union-attr]
+            elif kind != _RELU:
+                width = weights.shape[1]  # type: ignore[union-attr]
+            biases = None
+            if bias is not None:
+                tiled = np.tile(bias, (rows, 1))
+                biases = [tiled[:count] for count in range(rows + 1)]
+            zeros = None
+            if kind in (_AFFINE_RELU, _LINEAR_RELU, _RELU):
+                zeros = [self._zeros[width][:count] for count in range(rows + 1)]
+            steps.append(_ShortStep(kind, weights, biases, zeros, taps, lookahead))
+        return steps
 
     def new_state(self) -> NumpyState:
         slot = self._slots.take()
@@ -641,44 +671,47 @@ class NumpyNetwork:
     def _hidden_short(self, state: NumpyState, x: np.ndarray) -> np.ndarray:
         """:meth:`hidden` for a short chunk (not the last): every step writes into the stream's
         scratch rows, and each product multiplies :func:`_product_rows` rows, of which the first
-        ``count`` are the chunk's (the others are left over from earlier chunks, or zeros)."""
+        ``count`` are the chunk's (the others are left over from earlier chunks, or zeros).
+        Every view of a few rows it needs is made once (views cost as much as small ufuncs)."""
         scratch = state.scratch
         if scratch is None:
             scratch = state.scratch = self._new_scratch()
         count = x.shape[0]
         rows = _product_rows(count)
         if rows != count:
-            padded = scratch[0][:rows]
+            padded = scratch[0][rows]
             padded[:count] = x
             x = padded
         buffers = iter(state.buffers)
-        last = len(self._plan) - 1
-        for step, (kind, weights, bias, taps, lookahead) in enumerate(self._short_plan):
-            out = scratch[step + 1]
+        last = len(self._short_plan) - 1
+        for step, (kind, weights, biases, zeros, taps, lookahead) in enumerate(self._short_plan):
+            outs = scratch[step + 1]
             if kind in (_LINEAR_FSMN, _FSMN):
                 buffer = next(buffers)
-                ready = buffer.filter_chunk(x, count, weights, taps, out)  # type: ignore[arg-type]
+                ready = buffer.filter_chunk(x, count, weights, taps, outs)  # type: ignore[arg-type]
                 if ready >= 0:
                     count = ready
                 else:
                     new = x[:count].dot(weights) if kind == _LINEAR_FSMN else x[:count]
                     filtered = self._fsmn_long(taps, lookahead, buffer, new, False)  # type: ignore[arg-type]
                     count = filtered.shape[0]
-                    out[:count] = filtered
+                    outs[count][...] = filtered
                 rows = _product_rows(count)
-                x = out[:rows]
+                x = outs[rows]
                 continue
             if kind != _RELU:
                 # The last step's rows are a new array: the caller keeps them.
-                x = x.dot(weights) if step == last else np.dot(x, weights, out=out[:rows])
-                if bias is not None:
-                    np.add(x, bias[:rows], out=x)
-            if kind != _AFFINE and kind != _LINEAR:
-                np.maximum(x, self._zeros[x.shape[1]][:rows], out=x)  # _relu_in_place, inline
+                x = x.dot(weights) if step == last else np.dot(x, weights, out=outs[rows])
+                if biases is not None:
+                    np.add(x, biases[rows], out=x)
+            if zeros is not None:
+                np.maximum(x, zeros[rows], out=x)  # _relu_in_place, inline
         return x[:count] if rows != count else x
 
-    def _new_scratch(self) -> list[np.ndarray]:
-        """Zeros for a stream's short chunks: the features, then the output of each step."""
+    def _new_scratch(self) -> list[list[np.ndarray]]:
+        """A stream's rows for short chunks: for the features, then for the output of each step,
+        zeros and their views of every number of rows."""
+        rows = _product_rows(_SHORT_CHUNK_FRAMES)
         widths = [self.input_dim]
         for kind, weights, _bias, taps, _lookahead in self._plan:
             if kind in (_FSMN, _LINEAR_FSMN):
@@ -687,8 +720,11 @@ class NumpyNetwork:
                 widths.append(widths[-1])
             else:
                 widths.append(weights.shape[1])  # type: ignore[union-attr]
-        rows = _product_rows(_SHORT_CHUNK_FRAMES)
-        return [np.zeros((rows, width), dtype=np.float32) for width in widths]
+        scratch = []
+        for width in widths:
+            block = np.zeros((rows, width), dtype=np.float32)
+            scratch.append([block[:count] for count in range(rows + 1)])
+        return scratch
 
     def hidden_many(  # type: ignore[override]
         self, states: Sequence[NumpyState], features: Sequence[np.ndarray]
