@@ -847,12 +847,17 @@ class NumpyNetwork:
         where = indices[stream : stream + streams]
         # Streams are ordered by slot within a run: a block's streams are neighbours.
         edges = (np.flatnonzero(in_blocks[1:] != in_blocks[:-1]) + 1).tolist()
+        # gaps[i]: how many of the streams up to i have a slot not right after the previous one's.
+        gaps = np.zeros(streams, dtype=np.intp)
+        np.cumsum(where[1:] != where[:-1] + 1, out=gaps[1:])
+        gap_counts = gaps.tolist()
         parts: list[tuple[slice, int, slice | np.ndarray]] = []
         for low, high in zip([0, *edges], [*edges, streams], strict=True):
-            mine = where[low:high]
             # Consecutive slots (streams started together) are read as one slice.
-            consecutive = high - low == 1 or bool((np.diff(mine) == 1).all())
-            slots = slice(int(mine[0]), int(mine[-1]) + 1) if consecutive else mine
+            if gap_counts[high - 1] == gap_counts[low]:
+                slots: slice | np.ndarray = slice(int(where[low]), int(where[high - 1]) + 1)
+            else:
+                slots = where[low:high]
             parts.append((slice(low, high), int(in_blocks[low]), slots))
         return _SlotRun(count, row, streams, parts)
 
