@@ -146,6 +146,9 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--against", type=Path, help="another checkout, measured in turn with this one")
+    parser.add_argument(
+        "--note", default="", help="what the figures should be read with (e.g. a shared machine)"
+    )
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
@@ -166,6 +169,7 @@ def main() -> None:
         "benchmark": "network_calls",
         "machine": machine(),
         "rounds": args.rounds,
+        "note": args.note,
         "this": best["this"],
     }
     if args.against:

@@ -501,7 +501,7 @@ def fsmn_outputs(taps: np.ndarray, inputs: np.ndarray, count: int) -> np.ndarray
     return _einsum("tkd,kd->td", _windows(inputs, taps.shape[0], count), taps)
 
 
-# Rows of zeros kept per ReLU width (see NumpyNetwork._relu).
+# Rows of zeros kept per ReLU width (see _relu_in_place).
 _RELU_BLOCK_ROWS = 1024
 
 
