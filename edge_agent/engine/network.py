@@ -441,22 +441,19 @@ class _ShortStep(NamedTuple):
 
 
 class NumpyState:
-    __slots__ = ("__weakref__", "buffers", "finished", "scratch", "slot", "slotted")
+    __slots__ = ("__weakref__", "buffers", "finished", "slot", "slotted")
 
     def __init__(self, buffers: list[_FsmnBuffer], slot: int | None = None) -> None:
         self.buffers = buffers
         self.finished = False
         #: this stream's slot in its network's :class:`_SlotPool`, if any
         self.slot = slot
-        #: per step of the plan, rows the stream's short chunks are computed in (made when first
-        #: needed: streams fed only in batches never need them)
-        self.scratch: list[list[np.ndarray]] | None = None
         #: every FSMN buffer is the stream's slot, as a batch leaves it (:meth:`NumpyNetwork._in_slots`)
         self.slotted = False
 
 
-# Chunks of up to this many frames (a live stream's) go through the network in a stream's own
-# scratch rows (:attr:`NumpyState.scratch`) instead of new arrays at every step.
+# Chunks of up to this many frames (a live stream's) go through the network in scratch rows
+# (one set per thread: NumpyNetwork._new_scratch) instead of new arrays at every step.
 _SHORT_CHUNK_FRAMES = 8
 
 
@@ -555,6 +552,9 @@ class NumpyNetwork:
         for zeros in self._zeros.values():
             zeros.flags.writeable = False
         self._short_plan = self._compile_short_plan()
+        # Each thread's scratch rows for short chunks (_hidden_short): they hold nothing from
+        # one call to the next, so every stream a thread feeds can share them.
+        self._threads = threading.local()
         self._slots = _SlotPool(
             [(layer.history_frames + _FsmnBuffer._ROOM, layer.input_dim) for layer in self._fsmn_layers]
         )
@@ -669,13 +669,13 @@ class NumpyNetwork:
         return x
 
     def _hidden_short(self, state: NumpyState, x: np.ndarray) -> np.ndarray:
-        """:meth:`hidden` for a short chunk (not the last): every step writes into the stream's
+        """:meth:`hidden` for a short chunk (not the last): every step writes into the thread's
         scratch rows, and each product multiplies :func:`_product_rows` rows, of which the first
         ``count`` are the chunk's (the others are left over from earlier chunks, or zeros).
         Every view of a few rows it needs is made once (views cost as much as small ufuncs)."""
-        scratch = state.scratch
+        scratch = getattr(self._threads, "scratch", None)
         if scratch is None:
-            scratch = state.scratch = self._new_scratch()
+            scratch = self._threads.scratch = self._new_scratch()
         count = x.shape[0]
         rows = _product_rows(count)
         if rows != count:
@@ -706,10 +706,12 @@ class NumpyNetwork:
                     np.add(x, biases[rows], out=x)
             if zeros is not None:
                 np.maximum(x, zeros[rows], out=x)  # _relu_in_place, inline
+        if self._short_plan[-1].kind in (_RELU, _FSMN, _LINEAR_FSMN):
+            return x[:count].copy()  # scratch rows: the caller keeps them
         return x[:count] if rows != count else x
 
     def _new_scratch(self) -> list[list[np.ndarray]]:
-        """A stream's rows for short chunks: for the features, then for the output of each step,
+        """A thread's rows for short chunks: for the features, then for the output of each step,
         zeros and their views of every number of rows."""
         rows = _product_rows(_SHORT_CHUNK_FRAMES)
         widths = [self.input_dim]

@@ -59,6 +59,24 @@ def test_short_chunks_of_every_size_equal_whole(room: int | None, monkeypatch) -
     )
 
 
+def test_rows_handed_back_stay_while_other_streams_run() -> None:
+    """Short chunks of every stream a thread feeds share scratch rows: what ``hidden`` hands
+    back is the caller's (the small network's body ends with an FSMN layer, whose rows would
+    otherwise be scratch)."""
+    _, network = small_network()
+    rng = np.random.default_rng(9)
+    features = [rng.normal(size=(40, 6)).astype(np.float32) for _ in range(3)]
+    states = [network.new_state() for _ in features]
+    kept: list[list[np.ndarray]] = [[] for _ in features]
+    for offset in range(0, 40, 4):
+        for stream, state in enumerate(states):
+            kept[stream].append(network.hidden(state, features[stream][offset : offset + 4]))
+    for stream, state in enumerate(states):
+        kept[stream].append(network.hidden(state, features[stream][:0], final=True))
+        whole = network.hidden(network.new_state(), features[stream], final=True)
+        np.testing.assert_allclose(np.concatenate(kept[stream]), whole, atol=1e-5)
+
+
 def test_outputs_wait_for_lookahead_then_flush() -> None:
     _, network = small_network()
     state = network.new_state()
