@@ -77,6 +77,33 @@ def test_rows_handed_back_stay_while_other_streams_run() -> None:
         np.testing.assert_allclose(np.concatenate(kept[stream]), whole, atol=1e-5)
 
 
+def test_streams_fed_on_several_threads_at_once_get_their_own_rows() -> None:
+    """Each thread computes short chunks in scratch rows of its own: streams fed on several
+    threads at the same time give the rows each gives alone."""
+    import threading
+
+    _, network = small_network()
+    rng = np.random.default_rng(10)
+    features = [rng.normal(size=(600, 6)).astype(np.float32) for _ in range(4)]
+    expected = [network.hidden(network.new_state(), f, final=True) for f in features]
+    got: list[np.ndarray | None] = [None] * len(features)
+    start = threading.Barrier(len(features))
+
+    def feed(stream: int) -> None:
+        state = network.new_state()
+        start.wait()
+        rows = [network.hidden(state, features[stream][o : o + 3]) for o in range(0, 600, 3)]
+        got[stream] = np.concatenate([*rows, network.hidden(state, features[stream][:0], final=True)])
+
+    threads = [threading.Thread(target=feed, args=(stream,)) for stream in range(len(features))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for want, have in zip(expected, got, strict=True):
+        np.testing.assert_allclose(have, want, atol=1e-5)  # type: ignore[arg-type]
+
+
 def test_outputs_wait_for_lookahead_then_flush() -> None:
     _, network = small_network()
     state = network.new_state()
