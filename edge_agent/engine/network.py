@@ -245,7 +245,7 @@ class OutputLayer:
             for start in range(0, rows, 2):
                 np.dot(augmented[start : start + 2], self._augmented, out=shifted[start : start + 2])
         else:
-            shifted = augmented.dot(self._augmented)
+            shifted = augmented @ self._augmented
         with np.errstate(over="ignore"):
             np.exp(shifted, out=shifted)
         totals = shifted.sum(axis=1)
