@@ -238,7 +238,7 @@ class OutputLayer:
         augmented[:, : self.input_dim] = hidden
         augmented[:, self.input_dim] = 1.0
         np.negative(shift, out=augmented[:, self.input_dim + 1])
-        if rows <= _PAIRED_OUTPUT_ROWS:
+        if 2 < rows <= _PAIRED_OUTPUT_ROWS:
             # OpenBLAS multiplies one or two rows by this wide matrix in a path of its own,
             # without first copying the whole matrix as it does for a few rows more.
             shifted = np.empty((rows, self.output_dim), dtype=np.float32)
