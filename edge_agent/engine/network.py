@@ -499,7 +499,7 @@ def fsmn_outputs(taps: np.ndarray, inputs: np.ndarray, count: int) -> np.ndarray
 
 
 # Rows of zeros kept per ReLU width (see _relu_in_place).
-_RELU_BLOCK_ROWS = 1024
+_RELU_BLOCK_ROWS = 256
 
 
 def _relu_in_place(x: np.ndarray, zeros: np.ndarray) -> None:
