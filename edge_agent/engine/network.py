@@ -28,7 +28,7 @@ import itertools
 import threading
 import weakref
 from collections.abc import Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -44,6 +44,13 @@ from edge_agent.engine.kaldi_nnet import (
     Softmax,
     Splice,
 )
+
+try:
+    # einsum's C function itself: np.einsum's Python wrapper around it costs as much again on
+    # the FSMN filter of a few frames, which a live stream's chunk runs once per layer.
+    from numpy._core.multiarray import c_einsum as _einsum
+except ImportError:  # numpy < 2
+    _einsum = np.einsum
 
 
 class NetworkState(Protocol):
@@ -102,6 +109,27 @@ def validate_structure(components: Sequence[Component], source: str) -> None:
         raise ValueError(f"{source}: the network must end with an AffineTransform followed by a Softmax")
 
 
+# Bounds needing at most this many differences of logits (rows x columns x columns) come from
+# them, others from a softmax of the logits: the differences take columns times the arithmetic,
+# which costs more than the numpy calls they save once there are more than a few rows.
+_PAIRWISE_BOUND_VALUES = 288
+# exp(80) times 16 (the most columns a bound by differences has) is finite in float32.
+_DIFFERENCE_CAP = np.float32(80.0)
+
+
+class _Subset(NamedTuple):
+    """The output layer's weights and bias for some columns, and for the differences of their
+    logits (:meth:`OutputLayer.bounds`)."""
+
+    weights: np.ndarray
+    bias: np.ndarray
+    differences: np.ndarray
+    difference_bias: np.ndarray
+
+
+# Exact posteriors of up to this many rows are computed two rows at a time (see _selected).
+_PAIRED_OUTPUT_ROWS = 6
+
 # Rows of exact posteriors computed at a time (their logits: 2.7 MB).
 _OUTPUT_BLOCK_ROWS = 256
 
@@ -130,25 +158,51 @@ class OutputLayer:
         self.rows_bounded = 0
         self.rows_exact = 0
 
-    def _subset(self, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _subset(self, columns: np.ndarray) -> _Subset:
         key = columns.tobytes()
         found = self._subsets.get(key)
         if found is None:
-            found = (np.ascontiguousarray(self._weights[:, columns]), self._bias[columns].copy())
+            weights = np.ascontiguousarray(self._weights[:, columns])
+            bias = self._bias[columns].copy()
+            count = columns.shape[0]
+            # Column j * count + i: the logit of column i minus that of column j.
+            differences = np.ascontiguousarray(
+                (weights[:, None, :] - weights[:, :, None]).reshape(self.input_dim, count * count)
+            )
+            # The bias of the differences as rows (numpy adds arrays of one shape faster).
+            difference_bias = (bias[None, :] - bias[:, None]).reshape(1, count * count)
+            rows = _PAIRWISE_BOUND_VALUES // (count * count)
+            found = _Subset(weights, bias, differences, np.repeat(difference_bias, max(rows, 1), axis=0))
             self._subsets[key] = found
         return found
 
     def logits(self, hidden: np.ndarray, columns: np.ndarray) -> np.ndarray:
         """The logits of ``columns`` only."""
-        weights, bias = self._subset(np.asarray(columns, dtype=np.int64))
-        logits = np.asarray(hidden, dtype=np.float32) @ weights
-        logits += bias
+        subset = self._subset(np.asarray(columns, dtype=np.int64))
+        logits = np.asarray(hidden, dtype=np.float32).dot(subset.weights)
+        logits += subset.bias
         return logits
 
     def bounds(self, hidden: np.ndarray, columns: np.ndarray) -> np.ndarray:
         """Upper bounds of the posteriors of ``columns`` (softmax over those columns alone)."""
-        self.rows_bounded += int(np.shape(hidden)[0])
-        return softmax(self.logits(hidden, columns))
+        hidden = np.asarray(hidden, dtype=np.float32)
+        rows = hidden.shape[0]
+        self.rows_bounded += rows
+        subset = self._subset(np.asarray(columns, dtype=np.int64))
+        count = subset.bias.shape[0]
+        if rows * count * count > _PAIRWISE_BOUND_VALUES:
+            logits = hidden.dot(subset.weights)
+            logits += subset.bias
+            return softmax(logits)
+        # Few rows: the same softmax in fewer numpy calls, as 1 / sum_i exp(logit_i - logit_j),
+        # one product giving every difference. Capping them keeps exp finite (and the sum of at
+        # most 16 of them); a cap only lowers a term, so the bound can only rise.
+        differences = hidden.dot(subset.differences)
+        np.add(differences, subset.difference_bias[:rows], out=differences)
+        np.minimum(differences, _DIFFERENCE_CAP, out=differences)
+        np.exp(differences, out=differences)
+        sums = np.add.reduce(differences.reshape(rows, count, count), axis=2)
+        return np.reciprocal(sums, out=sums)
 
     def posteriors(self, hidden: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
         """Exact posteriors of every output, or of ``columns`` (normalised over all outputs)."""
@@ -184,7 +238,14 @@ class OutputLayer:
         augmented[:, : self.input_dim] = hidden
         augmented[:, self.input_dim] = 1.0
         np.negative(shift, out=augmented[:, self.input_dim + 1])
-        shifted = augmented @ self._augmented
+        if 2 < rows <= _PAIRED_OUTPUT_ROWS:
+            # OpenBLAS multiplies one or two rows by this wide matrix in a path of its own,
+            # without first copying the whole matrix as it does for a few rows more.
+            shifted = np.empty((rows, self.output_dim), dtype=np.float32)
+            for start in range(0, rows, 2):
+                np.dot(augmented[start : start + 2], self._augmented, out=shifted[start : start + 2])
+        else:
+            shifted = augmented @ self._augmented
         with np.errstate(over="ignore"):
             np.exp(shifted, out=shifted)
         totals = shifted.sum(axis=1)
@@ -270,10 +331,44 @@ class _FsmnBuffer:
         ready = self._held - (self._taps - 1)
         if ready <= 0:
             return np.zeros((0, self._store.shape[1]), dtype=np.float32)
-        outputs = np.einsum("tkd,kd->td", self.windows[self._start : self._start + ready], taps)
+        outputs = _einsum("tkd,kd->td", self.windows[self._start : self._start + ready], taps)
         self._start += ready
         self._held -= ready
         return outputs
+
+    def filter_chunk(
+        self, x: np.ndarray, count: int, weights: np.ndarray | None, taps: np.ndarray, outs: list[np.ndarray]
+    ) -> int:
+        """:meth:`reserve` and :meth:`filter_held` for a live stream's short chunk, in one call
+        (see NumpyNetwork._hidden_short): ``x @ weights`` (or ``x``) is written after the rows
+        held, of which its first ``count`` rows are new ones and the others not held (the next
+        chunk writes over them); the windows ready are filtered into ``outs[ready]`` (views of
+        the first rows of one array, by number of rows). Returns their number, or -1 (and does
+        nothing) if the store has no room for ``x``."""
+        store = self._store
+        start, held = self._start, self._held
+        end = start + held
+        rows = x.shape[0]
+        if end + rows > store.shape[0]:
+            if held + rows > store.shape[0]:
+                return -1
+            # Out of room: the rows held go to the front (numpy copies overlapping rows safely).
+            store[:held] = store[start:end]
+            start, end = 0, held
+        if weights is None:
+            store[end : end + rows] = x
+        else:
+            np.dot(x, weights, out=store[end : end + rows])  # the product ``x @ weights``, in place
+        held += count
+        ready = held - (self._taps - 1)
+        if ready > 0:
+            _einsum("tkd,kd->td", self.windows[start : start + ready], taps, out=outs[ready])
+            start += ready
+            held -= ready
+        else:
+            ready = 0
+        self._start, self._held = start, held
+        return ready
 
 
 class _SlotPool:
@@ -322,14 +417,51 @@ class _SlotPool:
         self._free += range(first + size - 1, first - 1, -1)
 
 
+class _SlotRun(NamedTuple):
+    """``streams`` neighbouring streams of a batch bringing ``count`` new frames each, their
+    rows from ``row`` of the batch's matrix on; ``parts``: per pool block, the streams' positions
+    in the run, the block, and their slots' indices in the block."""
+
+    count: int
+    row: int
+    streams: int
+    parts: list[tuple[slice, int, slice | np.ndarray]]
+
+
+class _ShortStep(NamedTuple):
+    """A step of :meth:`NumpyNetwork._hidden_short`'s plan: as in the plan, with the bias and
+    the ReLU's zeros (if any) as views of every number of rows."""
+
+    kind: int
+    weights: np.ndarray | None
+    biases: list[np.ndarray] | None
+    zeros: list[np.ndarray] | None
+    taps: np.ndarray | None
+    lookahead: int
+
+
 class NumpyState:
-    __slots__ = ("__weakref__", "buffers", "finished", "slot")
+    __slots__ = ("__weakref__", "buffers", "finished", "slot", "slotted")
 
     def __init__(self, buffers: list[_FsmnBuffer], slot: int | None = None) -> None:
         self.buffers = buffers
         self.finished = False
         #: this stream's slot in its network's :class:`_SlotPool`, if any
         self.slot = slot
+        #: every FSMN buffer is the stream's slot, as a batch leaves it (:meth:`NumpyNetwork._in_slots`)
+        self.slotted = False
+
+
+# Chunks of up to this many frames (a live stream's) go through the network in scratch rows
+# (one set per thread: NumpyNetwork._new_scratch) instead of new arrays at every step.
+_SHORT_CHUNK_FRAMES = 8
+
+
+def _product_rows(rows: int) -> int:
+    """Rows to multiply for ``rows`` rows: one more when odd (but for a single row): OpenBLAS
+    multiplies an even number of rows of these small matrices faster than one row fewer, and the
+    extra row, whatever it holds, changes no other row of a product."""
+    return rows + (rows & 1) if rows > 1 else rows
 
 
 def fsmn_taps(layer: Fsmn) -> np.ndarray:
@@ -363,8 +495,27 @@ def fsmn_outputs(taps: np.ndarray, inputs: np.ndarray, count: int) -> np.ndarray
     inputs[t : t + taps], its current frame at t + history. One einsum for every tap."""
     if count <= 0:
         return np.zeros((0, inputs.shape[1]), dtype=np.float32)
-    return np.einsum("tkd,kd->td", _windows(inputs, taps.shape[0], count), taps)
+    return _einsum("tkd,kd->td", _windows(inputs, taps.shape[0], count), taps)
 
+
+# Rows of zeros kept per ReLU width (see _relu_in_place).
+_RELU_BLOCK_ROWS = 256
+
+
+def _relu_in_place(x: np.ndarray, zeros: np.ndarray) -> None:
+    """``max(x, 0)`` in place, against ``zeros`` (rows of zeros as wide as ``x``): numpy's
+    maximum against a scalar takes a loop several times slower than against an array."""
+    rows = x.shape[0]
+    if rows <= zeros.shape[0]:
+        np.maximum(x, zeros[:rows], out=x)
+        return
+    for start in range(0, rows, zeros.shape[0]):
+        block = x[start : start + zeros.shape[0]]
+        np.maximum(block, zeros[: block.shape[0]], out=block)
+
+
+# Streams whose FSMN inputs are filtered at a time in a batch.
+_FILTER_STREAMS = 64
 
 # The kinds of steps of NumpyNetwork's plan.
 _AFFINE, _AFFINE_RELU, _LINEAR, _LINEAR_RELU, _RELU, _FSMN, _LINEAR_FSMN = range(7)
@@ -395,6 +546,15 @@ class NumpyNetwork:
         }
         self._taps = {id(layer): fsmn_taps(layer) for layer in self._fsmn_layers}
         self._plan = self._compile_plan()
+        widths = {c.output_dim for c in self._body if isinstance(c, RectifiedLinear)}
+        #: per ReLU width, rows of zeros (read only)
+        self._zeros = {width: np.zeros((_RELU_BLOCK_ROWS, width), dtype=np.float32) for width in widths}
+        for zeros in self._zeros.values():
+            zeros.flags.writeable = False
+        self._short_plan = self._compile_short_plan()
+        # Each thread's scratch rows for short chunks (_hidden_short): they hold nothing from
+        # one call to the next, so every stream a thread feeds can share them.
+        self._threads = threading.local()
         self._slots = _SlotPool(
             [(layer.history_frames + _FsmnBuffer._ROOM, layer.input_dim) for layer in self._fsmn_layers]
         )
@@ -426,6 +586,28 @@ class NumpyNetwork:
                     plan.append((_FSMN, None, None, taps, lookahead))
         return plan
 
+    def _compile_short_plan(self) -> list[_ShortStep]:
+        """The plan for short chunks (:meth:`_hidden_short`): each bias tiled as rows (numpy
+        adds two arrays of one shape faster than it broadcasts a row), and the views of the
+        bias and of the ReLU's zeros for every number of rows, made once."""
+        rows = _product_rows(_SHORT_CHUNK_FRAMES)
+        steps = []
+        width = self.input_dim
+        for kind, weights, bias, taps, lookahead in self._plan:
+            if kind in (_FSMN, _LINEAR_FSMN):
+                width = taps.shape[1]  # type: ignore[union-attr]
+            elif kind != _RELU:
+                width = weights.shape[1]  # type: ignore[union-attr]
+            biases = None
+            if bias is not None:
+                tiled = np.tile(bias, (rows, 1))
+                biases = [tiled[:count] for count in range(rows + 1)]
+            zeros = None
+            if kind in (_AFFINE_RELU, _LINEAR_RELU, _RELU):
+                zeros = [self._zeros[width][:count] for count in range(rows + 1)]
+            steps.append(_ShortStep(kind, weights, biases, zeros, taps, lookahead))
+        return steps
+
     def new_state(self) -> NumpyState:
         slot = self._slots.take()
         state = NumpyState(
@@ -454,7 +636,10 @@ class NumpyNetwork:
     def hidden(self, state: NumpyState, features: np.ndarray, final: bool = False) -> np.ndarray:  # type: ignore[override]
         if state.finished:
             raise RuntimeError("this stream's network state was finished; create a new one")
+        state.slotted = False
         x = self._check(features)
+        if not final and x.shape[0] <= _SHORT_CHUNK_FRAMES:
+            return self._hidden_short(state, x)
         buffers = iter(state.buffers)
         for kind, weights, bias, taps, lookahead in self._plan:
             if kind in (_FSMN, _LINEAR_FSMN):
@@ -478,10 +663,70 @@ class NumpyNetwork:
                 if bias is not None:
                     x += bias
             if kind != _AFFINE and kind != _LINEAR:
-                np.maximum(x, 0.0, out=x)
+                _relu_in_place(x, self._zeros[x.shape[1]])
         if final:
             state.finished = True
         return x
+
+    def _hidden_short(self, state: NumpyState, x: np.ndarray) -> np.ndarray:
+        """:meth:`hidden` for a short chunk (not the last): every step writes into the thread's
+        scratch rows, and each product multiplies :func:`_product_rows` rows, of which the first
+        ``count`` are the chunk's (the others are left over from earlier chunks, or zeros).
+        Every view of a few rows it needs is made once (views cost as much as small ufuncs)."""
+        scratch = getattr(self._threads, "scratch", None)
+        if scratch is None:
+            scratch = self._threads.scratch = self._new_scratch()
+        count = x.shape[0]
+        rows = _product_rows(count)
+        if rows != count:
+            padded = scratch[0][rows]
+            padded[:count] = x
+            x = padded
+        buffers = iter(state.buffers)
+        last = len(self._short_plan) - 1
+        for step, (kind, weights, biases, zeros, taps, lookahead) in enumerate(self._short_plan):
+            outs = scratch[step + 1]
+            if kind in (_LINEAR_FSMN, _FSMN):
+                buffer = next(buffers)
+                ready = buffer.filter_chunk(x, count, weights, taps, outs)  # type: ignore[arg-type]
+                if ready >= 0:
+                    count = ready
+                else:
+                    new = x[:count].dot(weights) if kind == _LINEAR_FSMN else x[:count]
+                    filtered = self._fsmn_long(taps, lookahead, buffer, new, False)  # type: ignore[arg-type]
+                    count = filtered.shape[0]
+                    outs[count][...] = filtered
+                rows = _product_rows(count)
+                x = outs[rows]
+                continue
+            if kind != _RELU:
+                # The last step's rows are a new array: the caller keeps them.
+                x = x.dot(weights) if step == last else np.dot(x, weights, out=outs[rows])
+                if biases is not None:
+                    np.add(x, biases[rows], out=x)
+            if zeros is not None:
+                np.maximum(x, zeros[rows], out=x)  # _relu_in_place, inline
+        if self._short_plan[-1].kind in (_RELU, _FSMN, _LINEAR_FSMN):
+            return x[:count].copy()  # scratch rows: the caller keeps them
+        return x[:count] if rows != count else x
+
+    def _new_scratch(self) -> list[list[np.ndarray]]:
+        """A thread's rows for short chunks: for the features, then for the output of each step,
+        zeros and their views of every number of rows."""
+        rows = _product_rows(_SHORT_CHUNK_FRAMES)
+        widths = [self.input_dim]
+        for kind, weights, _bias, taps, _lookahead in self._plan:
+            if kind in (_FSMN, _LINEAR_FSMN):
+                widths.append(taps.shape[1])  # type: ignore[union-attr]
+            elif kind == _RELU:
+                widths.append(widths[-1])
+            else:
+                widths.append(weights.shape[1])  # type: ignore[union-attr]
+        scratch = []
+        for width in widths:
+            block = np.zeros((rows, width), dtype=np.float32)
+            scratch.append([block[:count] for count in range(rows + 1)])
+        return scratch
 
     def hidden_many(  # type: ignore[override]
         self, states: Sequence[NumpyState], features: Sequence[np.ndarray]
@@ -492,25 +737,37 @@ class NumpyNetwork:
             return [self.hidden(states[0], features[0])]
         if any(state.finished for state in states):
             raise RuntimeError("a stream's network state was finished; create a new one")
+        counts_given = [len(chunk) for chunk in features]
         # Streams holding as many frames side by side, so that each FSMN layer filters them as
-        # one matrix (see _fsmn_many); a stable order, undone at the end.
+        # one matrix (see _fsmn_many), and among those in the order of their slots, so that the
+        # streams of a pool block are neighbours (see _fsmn_slotted); undone at the end.
         first_held = [state.buffers[0]._held if state.buffers else 0 for state in states]
-        order = sorted(range(len(states)), key=lambda i: first_held[i] + int(np.shape(features[i])[0]))
+        slots = [-1 if state.slot is None else state.slot for state in states]
+        order = np.lexsort((slots, np.add(first_held, counts_given))).tolist()
         states = [states[i] for i in order]
-        counts = [int(np.shape(features[i])[0]) for i in order]
-        x = self._check(np.concatenate([np.asarray(features[i], dtype=np.float32) for i in order]))
-        slots = self._slot_layout(states)
+        counts = [counts_given[i] for i in order]
+        x = self._check(np.concatenate([features[i] for i in order], dtype=np.float32))
+        layout = self._slot_layout(states)
+        # Every stream left in its slots by the previous batch is still there (see _in_slots).
+        steady = layout is not None and all(state.slotted for state in states)
+        runs = None if layout is None else self._slot_runs(layout, counts)
+        slotted = True
         fsmn_index = 0
         for component in self._body:
             if isinstance(component, Fsmn):
-                if slots is not None and self._in_slots(component, fsmn_index, states):
-                    x = self._fsmn_slotted(component, fsmn_index, slots, x, counts)
+                if runs is not None and (steady or self._in_slots(component, fsmn_index, states)):
+                    x = self._fsmn_slotted(component, fsmn_index, runs, x)
                 else:
                     buffers = [state.buffers[fsmn_index] for state in states]
                     x, counts = self._fsmn_many(component, buffers, x, counts)
+                    slotted = False
+                    if runs is not None:
+                        runs = self._slot_runs(layout, counts)  # type: ignore[arg-type]
                 fsmn_index += 1
             else:
                 x = self._frame_wise(component, x)
+        for state in states:
+            state.slotted = slotted
         bounds = np.cumsum([0, *counts]).tolist()
         results: list[np.ndarray] = [x[:0]] * len(states)
         for position, stream in enumerate(order):
@@ -530,7 +787,7 @@ class NumpyNetwork:
         elif isinstance(component, LinearTransform):
             x = x @ self._weights_t[id(component)]
         elif isinstance(component, RectifiedLinear):
-            np.maximum(x, 0.0, out=x)
+            _relu_in_place(x, self._zeros[x.shape[1]])
         return x
 
     @staticmethod
@@ -563,6 +820,49 @@ class NumpyNetwork:
         blocks = np.searchsorted(starts, numbers, side="right") - 1
         return blocks, numbers - starts[blocks]
 
+    @staticmethod
+    def _slot_runs(layout: tuple[np.ndarray, np.ndarray], counts: list[int]) -> list[_SlotRun]:
+        """The batch's runs of streams bringing as many frames (in batch order), each with its
+        streams' slots per pool block: the same for every FSMN layer of a batch."""
+        blocks, indices = layout
+        runs: list[_SlotRun] = []
+        row = stream = 0
+        for count, run in itertools.groupby(counts):
+            streams = len(list(run))
+            # At most _FILTER_STREAMS streams at a time: their inputs stay in the core's cache
+            # between the reads from the slots, the filter and the writes back.
+            for first in range(stream, stream + streams, _FILTER_STREAMS):
+                part = min(_FILTER_STREAMS, stream + streams - first)
+                if count:
+                    runs.append(NumpyNetwork._slot_run(blocks, indices, count, row, first, part))
+                row += part * count
+            stream += streams
+        return runs
+
+    @staticmethod
+    def _slot_run(
+        blocks: np.ndarray, indices: np.ndarray, count: int, row: int, stream: int, streams: int
+    ) -> _SlotRun:
+        """The run of ``streams`` streams from ``stream`` on (batch order), bringing ``count``
+        frames each, with their slots per pool block."""
+        in_blocks = blocks[stream : stream + streams]
+        where = indices[stream : stream + streams]
+        # Streams are ordered by slot within a run: a block's streams are neighbours.
+        edges = (np.flatnonzero(in_blocks[1:] != in_blocks[:-1]) + 1).tolist()
+        # gaps[i]: how many of the streams up to i have a slot not right after the previous one's.
+        gaps = np.zeros(streams, dtype=np.intp)
+        np.cumsum(where[1:] != where[:-1] + 1, out=gaps[1:])
+        gap_counts = gaps.tolist()
+        parts: list[tuple[slice, int, slice | np.ndarray]] = []
+        for low, high in zip([0, *edges], [*edges, streams], strict=True):
+            # Consecutive slots (streams started together) are read as one slice.
+            if gap_counts[high - 1] == gap_counts[low]:
+                slots: slice | np.ndarray = slice(int(where[low]), int(where[high - 1]) + 1)
+            else:
+                slots = where[low:high]
+            parts.append((slice(low, high), int(in_blocks[low]), slots))
+        return _SlotRun(count, row, streams, parts)
+
     def _in_slots(self, layer: Fsmn, index: int, states: Sequence[NumpyState]) -> bool:
         """Every stream's buffer for this layer (its ``index``-th) is its slot and holds one
         window's inputs but the newest (the steady state: every stream past its first chunk,
@@ -575,12 +875,7 @@ class NumpyNetwork:
         return True
 
     def _fsmn_slotted(
-        self,
-        layer: Fsmn,
-        layer_index: int,
-        slots: tuple[np.ndarray, np.ndarray],
-        new: np.ndarray,
-        counts: list[int],
+        self, layer: Fsmn, layer_index: int, runs: list[_SlotRun], new: np.ndarray
     ) -> np.ndarray:
         """:meth:`_fsmn_many` for streams whose buffers are slots (:meth:`_in_slots`), with the
         same arithmetic: each run of streams bringing as many new frames is one (streams,
@@ -590,37 +885,18 @@ class NumpyNetwork:
         taps = self._taps[id(layer)]
         held = taps.shape[0] - 1
         width = layer.input_dim
-        blocks, indices = slots
-        filtered: list[np.ndarray] = []
-        row = stream = 0
-        for count, run in itertools.groupby(counts):
-            streams = len(list(run))
-            if count:
-                in_blocks = blocks[stream : stream + streams]
-                where = indices[stream : stream + streams]
-                inputs = np.empty((streams, held + count, width), dtype=np.float32)
-                inputs[:, held:] = new[row : row + streams * count].reshape(streams, count, width)
-                first_block = int(in_blocks[0])
-                one_block = bool((in_blocks == first_block).all())
-                if one_block:
-                    inputs[:, :held] = self._slots.blocks[first_block][layer_index][where, :held]
-                else:
-                    for block in np.unique(in_blocks).tolist():
-                        mine = in_blocks == block
-                        inputs[mine, :held] = self._slots.blocks[block][layer_index][where[mine], :held]
-                outputs = np.einsum("srkd,kd->srd", _stream_windows(inputs, taps.shape[0]), taps)
-                filtered.append(outputs.reshape(streams * count, width))
-                if one_block:
-                    self._slots.blocks[first_block][layer_index][where, :held] = inputs[:, count:]
-                else:
-                    for block in np.unique(in_blocks).tolist():
-                        mine = in_blocks == block
-                        self._slots.blocks[block][layer_index][where[mine], :held] = inputs[mine, count:]
-                row += streams * count
-            stream += streams
-        if not filtered:
-            return np.zeros((0, layer.output_dim), dtype=np.float32)
-        return filtered[0] if len(filtered) == 1 else np.concatenate(filtered)
+        pool = self._slots.blocks
+        filtered = np.empty((new.shape[0], width), dtype=np.float32)
+        for count, row, streams, parts in runs:
+            inputs = np.empty((streams, held + count, width), dtype=np.float32)
+            inputs[:, held:] = new[row : row + streams * count].reshape(streams, count, width)
+            for mine, block, slots in parts:
+                inputs[mine, :held] = pool[block][layer_index][slots, :held]
+            outputs = filtered[row : row + streams * count].reshape(streams, count, width)
+            _einsum("srkd,kd->srd", _stream_windows(inputs, taps.shape[0]), taps, out=outputs)
+            for mine, block, slots in parts:
+                pool[block][layer_index][slots, :held] = inputs[mine, count:]
+        return filtered
 
     def _fsmn_many(
         self, layer: Fsmn, buffers: list[_FsmnBuffer], new: np.ndarray, counts: list[int]
@@ -653,7 +929,7 @@ class NumpyNetwork:
             windows = length - taps_count + 1
             if windows > 0:
                 rows = inputs[row : row + streams * length].reshape(streams, length, width)
-                outputs = np.einsum("srkd,kd->srd", _stream_windows(rows, taps_count), taps)
+                outputs = _einsum("srkd,kd->srd", _stream_windows(rows, taps_count), taps)
                 filtered.append(outputs.reshape(streams * windows, width))
             ready += [max(0, windows)] * streams
             row += streams * length
@@ -691,7 +967,7 @@ class NumpyNetwork:
             buffer.frames = tail
         if windows == 0:
             return np.zeros((0, output_dim), dtype=np.float32), [0] * streams
-        outputs = np.einsum("srkd,kd->srd", _stream_windows(inputs, taps.shape[0]), taps)
+        outputs = _einsum("srkd,kd->srd", _stream_windows(inputs, taps.shape[0]), taps)
         return outputs.reshape(streams * windows, width), [windows] * streams
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from edge_agent.engine.decoder.recurrence import BOUND_SAFETY
 from edge_agent.engine.kaldi_nnet import parse_nnet
 from edge_agent.engine.network import NumpyNetwork
 from tests.conftest import require_module
@@ -39,6 +40,68 @@ def test_chunked_equals_whole_on_a_small_network(sizes: list[int]) -> None:
     features = np.random.default_rng(1).normal(size=(31, 6)).astype(np.float32)
     expected = reference_forward(layers, features)
     np.testing.assert_allclose(run_chunked(network, features, sizes), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("room", [None, 2])
+def test_short_chunks_of_every_size_equal_whole(room: int | None, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A live stream's short chunks go through the stream's scratch rows, an odd number of
+    frames multiplied with one row more: rows handed back stay as they were after later chunks.
+    With little room in the FSMN stores, chunks that do not fit take the long chunks' path."""
+    from edge_agent.engine import network as network_module
+
+    if room is not None:
+        monkeypatch.setattr(network_module._FsmnBuffer, "_ROOM", room)
+    layers, network = small_network()
+    features = np.random.default_rng(6).normal(size=(120, 6)).astype(np.float32)
+    expected = reference_forward(layers, features)
+    np.testing.assert_allclose(
+        run_chunked(network, features, [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]), expected, atol=1e-5
+    )
+
+
+def test_rows_handed_back_stay_while_other_streams_run() -> None:
+    """Short chunks of every stream a thread feeds share scratch rows: what ``hidden`` hands
+    back is the caller's (the small network's body ends with an FSMN layer, whose rows would
+    otherwise be scratch)."""
+    _, network = small_network()
+    rng = np.random.default_rng(9)
+    features = [rng.normal(size=(40, 6)).astype(np.float32) for _ in range(3)]
+    states = [network.new_state() for _ in features]
+    kept: list[list[np.ndarray]] = [[] for _ in features]
+    for offset in range(0, 40, 4):
+        for stream, state in enumerate(states):
+            kept[stream].append(network.hidden(state, features[stream][offset : offset + 4]))
+    for stream, state in enumerate(states):
+        kept[stream].append(network.hidden(state, features[stream][:0], final=True))
+        whole = network.hidden(network.new_state(), features[stream], final=True)
+        np.testing.assert_allclose(np.concatenate(kept[stream]), whole, atol=1e-5)
+
+
+def test_streams_fed_on_several_threads_at_once_get_their_own_rows() -> None:
+    """Each thread computes short chunks in scratch rows of its own: streams fed on several
+    threads at the same time give the rows each gives alone."""
+    import threading
+
+    _, network = small_network()
+    rng = np.random.default_rng(10)
+    features = [rng.normal(size=(600, 6)).astype(np.float32) for _ in range(4)]
+    expected = [network.hidden(network.new_state(), f, final=True) for f in features]
+    got: list[np.ndarray | None] = [None] * len(features)
+    start = threading.Barrier(len(features))
+
+    def feed(stream: int) -> None:
+        state = network.new_state()
+        start.wait()
+        rows = [network.hidden(state, features[stream][o : o + 3]) for o in range(0, 600, 3)]
+        got[stream] = np.concatenate([*rows, network.hidden(state, features[stream][:0], final=True)])
+
+    threads = [threading.Thread(target=feed, args=(stream,)) for stream in range(len(features))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for want, have in zip(expected, got, strict=True):
+        np.testing.assert_allclose(have, want, atol=1e-5)  # type: ignore[arg-type]
 
 
 def test_outputs_wait_for_lookahead_then_flush() -> None:
@@ -122,6 +185,22 @@ def test_output_layer_bounds_are_upper_bounds_and_posteriors_exact() -> None:
     bounds = network.output.bounds(hidden, columns)
     assert (bounds >= full[:, columns] - 1e-7).all()
     np.testing.assert_allclose(bounds.sum(axis=1), 1.0, atol=1e-6)  # a softmax over the subset
+
+
+def test_bounds_of_a_few_rows_and_of_many_agree_and_stay_upper_bounds() -> None:
+    """A few rows' bounds come from differences of logits, many rows' from a softmax of the
+    logits: the same values within float32 rounding, and still upper bounds when logits lie
+    hundreds apart (the differences are capped, which can only raise a bound)."""
+    layers, network = small_network()
+    rng = np.random.default_rng(8)
+    hidden = (rng.normal(size=(600, 3)) * np.repeat([3.0, 300.0], 300)[:, None]).astype(np.float32)
+    exact = reference_forward(layers[-2:], hidden)
+    for columns in (np.array([0, 2]), np.array([1]), np.array([3, 0, 1])):
+        many = network.output.bounds(hidden, columns)
+        few = np.concatenate([network.output.bounds(hidden[i : i + 3], columns) for i in range(0, 600, 3)])
+        # Upper bounds but for float32 rounding, which the decoder allows for (BOUND_SAFETY).
+        assert np.isfinite(few).all() and (few >= exact[:, columns] * BOUND_SAFETY - 1e-7).all()
+        np.testing.assert_allclose(few, many, rtol=1e-5, atol=1e-7)
 
 
 def test_output_layer_survives_a_logit_far_above_the_selected_ones() -> None:
