@@ -45,13 +45,6 @@ from edge_agent.engine.kaldi_nnet import (
     Splice,
 )
 
-try:
-    # einsum's C function itself: np.einsum's Python wrapper around it costs as much again on
-    # the FSMN filter of a few frames, which a live stream's chunk runs once per layer.
-    from numpy._core.multiarray import c_einsum as _einsum
-except ImportError:  # numpy < 2
-    _einsum = np.einsum
-
 
 class NetworkState(Protocol):
     """Opaque per-stream state of a backend."""
@@ -331,7 +324,7 @@ class _FsmnBuffer:
         ready = self._held - (self._taps - 1)
         if ready <= 0:
             return np.zeros((0, self._store.shape[1]), dtype=np.float32)
-        outputs = _einsum("tkd,kd->td", self.windows[self._start : self._start + ready], taps)
+        outputs = np.einsum("tkd,kd->td", self.windows[self._start : self._start + ready], taps)
         self._start += ready
         self._held -= ready
         return outputs
@@ -362,7 +355,7 @@ class _FsmnBuffer:
         held += count
         ready = held - (self._taps - 1)
         if ready > 0:
-            _einsum("tkd,kd->td", self.windows[start : start + ready], taps, out=outs[ready])
+            np.einsum("tkd,kd->td", self.windows[start : start + ready], taps, out=outs[ready])
             start += ready
             held -= ready
         else:
@@ -495,7 +488,7 @@ def fsmn_outputs(taps: np.ndarray, inputs: np.ndarray, count: int) -> np.ndarray
     inputs[t : t + taps], its current frame at t + history. One einsum for every tap."""
     if count <= 0:
         return np.zeros((0, inputs.shape[1]), dtype=np.float32)
-    return _einsum("tkd,kd->td", _windows(inputs, taps.shape[0], count), taps)
+    return np.einsum("tkd,kd->td", _windows(inputs, taps.shape[0], count), taps)
 
 
 # Rows of zeros kept per ReLU width (see _relu_in_place).
@@ -893,7 +886,7 @@ class NumpyNetwork:
             for mine, block, slots in parts:
                 inputs[mine, :held] = pool[block][layer_index][slots, :held]
             outputs = filtered[row : row + streams * count].reshape(streams, count, width)
-            _einsum("srkd,kd->srd", _stream_windows(inputs, taps.shape[0]), taps, out=outputs)
+            np.einsum("srkd,kd->srd", _stream_windows(inputs, taps.shape[0]), taps, out=outputs)
             for mine, block, slots in parts:
                 pool[block][layer_index][slots, :held] = inputs[mine, count:]
         return filtered
@@ -929,7 +922,7 @@ class NumpyNetwork:
             windows = length - taps_count + 1
             if windows > 0:
                 rows = inputs[row : row + streams * length].reshape(streams, length, width)
-                outputs = _einsum("srkd,kd->srd", _stream_windows(rows, taps_count), taps)
+                outputs = np.einsum("srkd,kd->srd", _stream_windows(rows, taps_count), taps)
                 filtered.append(outputs.reshape(streams * windows, width))
             ready += [max(0, windows)] * streams
             row += streams * length
@@ -967,7 +960,7 @@ class NumpyNetwork:
             buffer.frames = tail
         if windows == 0:
             return np.zeros((0, output_dim), dtype=np.float32), [0] * streams
-        outputs = _einsum("srkd,kd->srd", _stream_windows(inputs, taps.shape[0]), taps)
+        outputs = np.einsum("srkd,kd->srd", _stream_windows(inputs, taps.shape[0]), taps)
         return outputs.reshape(streams * windows, width), [windows] * streams
 
 
