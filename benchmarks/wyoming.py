@@ -2,7 +2,7 @@
 
     python -m benchmarks.wyoming [--clients 1,8,32,128] [--seconds 30]
                                  [--openwakeword-python PATH] [--batch-ms 100]
-                                 [--event-loop auto|uvloop|asyncio]
+                                 [--event-loop auto|uvloop|asyncio] [--rounds 1]
 
 For each N, the agent runs as ``edge-agent wyoming`` (its own process, MQTT off, no mDNS; its
 event loop ``wyoming.event_loop``: uvloop where installed unless ``--event-loop asyncio``) and N
@@ -29,7 +29,8 @@ the same figure for a server that keeps up, higher (and ``drain_seconds`` above 
 fell behind and worked through its sockets' backlog after the window. RSS is the peak sampled.
 A row whose clients fell behind their schedule (sender lag p95 over 50 ms: the machine's other
 work starved the load generator) is marked ``clients_kept_real_time: false`` and is not to be
-quoted. Results: benchmarks/results/wyoming.json.
+quoted. With ``--rounds R`` each N is run R times, ours and theirs in turn: the row is the round
+with the median CPU ratio, next to every round's ratio. Results: benchmarks/results/wyoming.json.
 """
 
 from __future__ import annotations
@@ -339,6 +340,9 @@ def main() -> None:
         default=os.environ.get("OPENWAKEWORD_PYTHON"),
         help="Python of a venv with wyoming-openwakeword 1.8.2 (none: ours only)",
     )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="runs per client count, alternating (median ratio reported)"
+    )
     parser.add_argument("--name", default="wyoming", help="results file name (benchmarks/results/NAME.json)")
     args = parser.parse_args()
     audio, starts = positives_back_to_back()
@@ -353,23 +357,13 @@ def main() -> None:
             "load_average_1min_before": round(os.getloadavg()[0], 2),
             "detections_expected": expected_detections(audio, offsets, samples),
         }
-        port = free_port()
-        ours = start_ours(port, clients, args.batch_ms, args.event_loop)
-        try:
-            wait_serving(port, ours)
-            row["edge_agent"] = measure(ours, streams, KEYWORD, port)
-        finally:
-            stop(ours)
+        rounds = [_one_round(args, clients, streams) for _ in range(args.rounds)]
+        # The round with the median ratio (or CPU, without openWakeWord): one run on a shared VM
+        # moves by a good fraction, and one lucky round proves little.
+        ordered = sorted(rounds, key=_round_figure)
+        row.update(ordered[(len(ordered) - 1) // 2])
         if args.openwakeword_python:
-            port = free_port()
-            theirs = start_openwakeword(args.openwakeword_python, port)
-            try:
-                wait_serving(port, theirs)
-                row["openwakeword"] = measure(theirs, streams, OPENWAKEWORD_MODEL, port)
-            finally:
-                stop(theirs)
-            ours_cpu, their_cpu = row["edge_agent"]["cpu_percent"], row["openwakeword"]["cpu_percent"]
-            row["cpu_ratio"] = round(ours_cpu / their_cpu, 4) if their_cpu else None
+            row["rounds_cpu_ratio"] = [r["cpu_ratio"] for r in rounds]
         row["clients_kept_real_time"] = all(
             row[server]["sender_lag_ms_p95"] <= MAX_SENDER_LAG_MS
             for server in ("edge_agent", "openwakeword")
@@ -384,6 +378,7 @@ def main() -> None:
             "seconds": args.seconds,
             "chunk_ms": CHUNK_MS,
             "batch_ms": args.batch_ms,
+            "rounds": args.rounds,
             "event_loop": _event_loop(args.event_loop),
             "keyword": KEYWORD,
             "openwakeword": "wyoming-openwakeword 1.8.2, --preload-model ok_nabu"
@@ -393,6 +388,34 @@ def main() -> None:
         "rows": rows,
     }
     print(f"results: {write_result(args.name, report)}")
+
+
+def _one_round(args: argparse.Namespace, clients: int, streams: list[bytes]) -> dict[str, Any]:
+    """Our server, then openWakeWord's if asked, each on a fresh port with the same clients."""
+    result: dict[str, Any] = {}
+    port = free_port()
+    ours = start_ours(port, clients, args.batch_ms, args.event_loop)
+    try:
+        wait_serving(port, ours)
+        result["edge_agent"] = measure(ours, streams, KEYWORD, port)
+    finally:
+        stop(ours)
+    if args.openwakeword_python:
+        port = free_port()
+        theirs = start_openwakeword(args.openwakeword_python, port)
+        try:
+            wait_serving(port, theirs)
+            result["openwakeword"] = measure(theirs, streams, OPENWAKEWORD_MODEL, port)
+        finally:
+            stop(theirs)
+        ours_cpu, their_cpu = result["edge_agent"]["cpu_percent"], result["openwakeword"]["cpu_percent"]
+        result["cpu_ratio"] = round(ours_cpu / their_cpu, 4) if their_cpu else None
+    return result
+
+
+def _round_figure(result: dict[str, Any]) -> float:
+    ratio = result.get("cpu_ratio")
+    return float(ratio) if ratio is not None else float(result["edge_agent"]["cpu_percent"])
 
 
 def _event_loop(choice: str) -> str:

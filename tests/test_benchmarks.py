@@ -285,8 +285,9 @@ def test_the_http_keepalive_benchmark_measures_both_endpoints(tmp_path: Path, mo
 def test_the_wyoming_benchmark_streams_real_time_clients_and_counts_their_detections(
     tmp_path: Path, model_dir: Path, dev_audio: Path
 ) -> None:
-    bench("wyoming", "--clients", "2", "--seconds", "8", results=tmp_path)
+    bench("wyoming", "--clients", "2", "--seconds", "8", "--rounds", "2", results=tmp_path)
     report = json.loads((tmp_path / "wyoming.json").read_text(encoding="utf-8"))
+    assert report["settings"]["rounds"] == 2
     (row,) = report["rows"]
     assert row["clients"] == 2 and row["detections_expected"] > 0
     ours = row["edge_agent"]
