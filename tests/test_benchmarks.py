@@ -295,3 +295,35 @@ def test_the_wyoming_benchmark_streams_real_time_clients_and_counts_their_detect
     assert 0 < ours["delay_ms_p50"] <= ours["delay_ms_p95"] <= ours["delay_ms_max"]
     assert ours["describes"] > 0 and ours["cpu_percent"] > 0 and ours["peak_rss_mb"] > 0
     assert "openwakeword" not in row  # no --openwakeword-python given
+
+
+def test_the_front_end_benchmark_times_one_stream_and_batches_against_another_checkout(
+    tmp_path: Path, model_dir: Path, dev_audio: Path
+) -> None:
+    bench("frontend", "--rounds", "1", "--against", str(REPO), results=tmp_path)
+    result = json.loads((tmp_path / "frontend.json").read_text(encoding="utf-8"))
+    assert result["machine"]["cpu"]
+    rows = result["front_end"]
+    assert set(rows) == {
+        "1 stream, 10 ms",
+        "1 stream, 20 ms",
+        "1 stream, 100 ms",
+        "1 stream, 1000 ms",
+        "32 streams, 100 ms",
+        "256 streams, 100 ms",
+    }
+    assert all(row["this_median_us"] > 0 and row["against_median_us"] > 0 for row in rows.values())
+    assert all(row["ratio_median"] > 0 for row in rows.values())
+
+
+def test_the_network_call_benchmark_measures_every_figure_in_both_checkouts(
+    tmp_path: Path, model_dir: Path, dev_audio: Path
+) -> None:
+    bench("network_calls", "--rounds", "1", "--against", str(REPO), results=tmp_path)
+    report = json.loads((tmp_path / "network_calls.json").read_text(encoding="utf-8"))
+    figures = report["this"]
+    assert {"hidden µs/call", "hidden, 20 ms µs/call", "bounds µs/call"} <= set(figures)
+    assert "posteriors, 3 rows µs/call" in figures and "hidden_many, 256 streams spread µs/step" in figures
+    assert all(value > 0 for value in figures.values())
+    assert set(report["ratio_this_over_against"]) == set(figures) == set(report["against"]["figures"])
+    assert report["machine"]["cpu"]
