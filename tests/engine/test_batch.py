@@ -3,12 +3,14 @@ audio. The decoder's own batching, on synthetic posteriors: test_decoder_batch.p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from edge_agent.audio.wav import read_wav, to_mono_16k
+from edge_agent.engine.decoder import Detection
 from edge_agent.engine.detector import feed_many
 from edge_agent.engine.model import KeywordSpec
 
@@ -19,18 +21,20 @@ def recordings(dev_audio: Path) -> list[np.ndarray]:
     return [to_mono_16k(read_wav(p)) for p in files]
 
 
-def test_feed_many_equals_feed_per_stream_on_real_audio(numpy_model, recordings) -> None:  # type: ignore[no-untyped-def]
-    specs = [KeywordSpec("小云小云"), KeywordSpec("八角岭", 0.002)]
-    alone = [numpy_model.detector(specs) for _ in recordings]
-    together = [numpy_model.detector(specs) for _ in recordings]
-    rng = np.random.default_rng(3)
+def fed_alone_and_together(
+    model, recordings: list[np.ndarray], specs: list[KeywordSpec], sizes: Callable[[], list[int]]
+) -> tuple[list[list[Detection]], list[list[Detection]]]:  # type: ignore[no-untyped-def]
+    """Every recording fed to a detector of its own chunk by chunk (``sizes()``: each stream's
+    next chunk size, step by step), and the same chunks through :func:`feed_many` together:
+    (detections alone, detections together), per recording, each stream finished."""
+    alone = [model.detector(specs) for _ in recordings]
+    together = [model.detector(specs) for _ in recordings]
+    expected: list[list[Detection]] = [[] for _ in recordings]
+    got: list[list[Detection]] = [[] for _ in recordings]
     offsets = [0] * len(recordings)
-    expected: list[list] = [[] for _ in recordings]
-    got: list[list] = [[] for _ in recordings]
     while any(offset < r.shape[0] for offset, r in zip(offsets, recordings, strict=True)):
         chunks = []
-        for i, samples in enumerate(recordings):
-            size = int(rng.choice([320, 1600, 1601, 4800]))
+        for i, (samples, size) in enumerate(zip(recordings, sizes(), strict=True)):
             chunks.append(samples[offsets[i] : offsets[i] + size])
             offsets[i] += size
         for i, chunk in enumerate(chunks):
@@ -40,6 +44,15 @@ def test_feed_many_equals_feed_per_stream_on_real_audio(numpy_model, recordings)
     for i in range(len(recordings)):
         expected[i] += alone[i].finish()
         got[i] += together[i].finish()
+    return expected, got
+
+
+def test_feed_many_equals_feed_per_stream_on_real_audio(numpy_model, recordings) -> None:  # type: ignore[no-untyped-def]
+    specs = [KeywordSpec("小云小云"), KeywordSpec("八角岭", 0.002)]
+    rng = np.random.default_rng(3)
+    expected, got = fed_alone_and_together(
+        numpy_model, recordings, specs, lambda: [int(rng.choice([320, 1600, 1601, 4800])) for _ in recordings]
+    )
     assert [[(d.keyword, d.start, d.end) for d in e] for e in got] == [
         [(d.keyword, d.start, d.end) for d in e] for e in expected
     ]
@@ -52,21 +65,9 @@ def test_streams_fed_in_step_find_what_each_finds_alone(numpy_model, recordings)
     """Every stream brings 100 ms at every step, as the agent's worker feeds live streams (their
     bounds are then split with one reshape); a stream that is idle sets its chunk aside, so the
     batch changes from step to step. The detections are those of each stream fed alone."""
-    specs = [KeywordSpec("小云小云")]
-    alone = [numpy_model.detector(specs) for _ in recordings]
-    together = [numpy_model.detector(specs) for _ in recordings]
-    expected: list[list] = [[] for _ in recordings]
-    got: list[list] = [[] for _ in recordings]
-    longest = max(r.shape[0] for r in recordings)
-    for offset in range(0, longest, 1600):
-        chunks = [samples[offset : offset + 1600] for samples in recordings]
-        for i, chunk in enumerate(chunks):
-            expected[i] += alone[i].feed(chunk)
-        for i, found in enumerate(feed_many(together, chunks)):
-            got[i] += found
-    for i in range(len(recordings)):
-        expected[i] += alone[i].finish()
-        got[i] += together[i].finish()
+    expected, got = fed_alone_and_together(
+        numpy_model, recordings, [KeywordSpec("小云小云")], lambda: [1600] * len(recordings)
+    )
     assert [[(d.start, d.end, round(d.confidence, 6)) for d in e] for e in got] == [
         [(d.start, d.end, round(d.confidence, 6)) for d in e] for e in expected
     ]
