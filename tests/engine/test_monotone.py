@@ -150,23 +150,25 @@ def noisy_speech(draw: st.DrawFn) -> np.ndarray:
 
 # Derandomised: CI runs the same 300 examples every time (a known counterexample, below, must not
 # make a run fail by chance); widen the search locally with --hypothesis-seed.
-@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    p=noisy_speech(),
-    refractory=st.sampled_from([0.0, 0.3, 1.0]),
-    hold=st.sampled_from([0.06, 0.5, 1.5]),
-    pause=st.sampled_from([0.03, 0.35, 2.0]),
-    settle=st.sampled_from([1.0, 2.5, 10.0]),
+PROPERTY_SETTINGS = settings(
+    max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
 )
-def test_lowering_the_threshold_only_adds_detections_on_synthetic_posteriors(
-    p: np.ndarray, refractory: float, hold: float, pause: float, settle: float
-) -> None:
-    options = {
-        "refractory_seconds": refractory,
-        "hold_seconds": hold,
-        "pause_seconds": pause,
-        "settle_ratio": settle,
+# The decoder's timing settings, three values each, its defaults among them.
+TIMING_OPTIONS = st.fixed_dictionaries(
+    {
+        "refractory_seconds": st.sampled_from([0.0, 0.3, 1.0]),
+        "hold_seconds": st.sampled_from([0.06, 0.5, 1.5]),
+        "pause_seconds": st.sampled_from([0.03, 0.35, 2.0]),
+        "settle_ratio": st.sampled_from([1.0, 2.5, 10.0]),
     }
+)
+
+
+@PROPERTY_SETTINGS
+@given(p=noisy_speech(), options=TIMING_OPTIONS)
+def test_lowering_the_threshold_only_adds_detections_on_synthetic_posteriors(
+    p: np.ndarray, options: dict[str, float]
+) -> None:
     found = {t: decode(p, [keyword("abcd", [A, B, C, D], threshold=t)], **options) for t in GRID}
     assert_monotone(found, "abcd")
 
@@ -220,26 +222,14 @@ def speech_on_the_floors(draw: st.DrawFn) -> tuple[tuple[int, ...], np.ndarray]:
     return tokens, p
 
 
-@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    spoken=speech_on_the_floors(),
-    refractory=st.sampled_from([0.0, 0.3, 1.0]),
-    hold=st.sampled_from([0.06, 0.5, 1.5]),
-    pause=st.sampled_from([0.03, 0.35, 2.0]),
-    settle=st.sampled_from([1.0, 2.5, 10.0]),
-)
+@PROPERTY_SETTINGS
+@given(spoken=speech_on_the_floors(), options=TIMING_OPTIONS)
 def test_lowering_the_threshold_only_adds_detections_when_weak_characters_straddle_floors(
-    spoken: tuple[tuple[int, ...], np.ndarray], refractory: float, hold: float, pause: float, settle: float
+    spoken: tuple[tuple[int, ...], np.ndarray], options: dict[str, float]
 ) -> None:
     """Lowering the threshold lowers the characters' floors too: it adds matches more confident
     than some that counted before, which must still take no detection's place."""
     tokens, p = spoken
-    options = {
-        "refractory_seconds": refractory,
-        "hold_seconds": hold,
-        "pause_seconds": pause,
-        "settle_ratio": settle,
-    }
     text = "abcd"[: len(tokens)]
     found = {t: decode(p, [keyword(text, list(tokens), threshold=t)], **options) for t in GRID}
     assert_monotone(found, f"{tokens}")
