@@ -3,17 +3,22 @@ finds what exact posteriors everywhere find (decoder/exact.py); the history and 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 from edge_agent.engine.decoder import CompiledKeyword, KeywordDecoder, process_many
 from edge_agent.engine.decoder.exact import ExactRuns, History, already_exact
-from edge_agent.engine.decoder.recurrence import KeywordScorer
+from edge_agent.engine.decoder.recurrence import BOUND_SAFETY, KeywordScorer
+from edge_agent.engine.decoder.search import FEASIBLE_SLACK, KeywordSearch
 from tests.engine.decoder_signals import (
     ABCD,
     FRAME,
     A,
+    B,
     C,
+    CountingResolver,
     D,
     decode,
     decode_lazily,
@@ -175,3 +180,118 @@ def test_an_exact_run_extended_chunk_by_chunk_finds_what_one_run_over_all_its_fr
     assert matched  # the comparison covered real matches
     for frame in matched:
         assert scorer.backtrace(extended.pointers, frame) == scorer.backtrace(whole.pointers, frame)
+
+
+# --- where a candidate's window is read from -------------------------------------------------
+
+
+def _search_over(values: np.ndarray, word: CompiledKeyword) -> tuple[KeywordSearch, History]:
+    """A search of ``word`` whose history holds ``values`` (gathered, exact) from frame 0, with
+    every frame where its first character reaches the floor noted as a possible start."""
+    decoder = KeywordDecoder([word], frame_seconds=FRAME)
+    search = decoder.searches[0]
+    history = History(values, np.ones(values.shape[0], dtype=bool), first=0)
+    search.note_starts(np.flatnonzero(search.scorer.first_said(values)), history)
+    return search, history
+
+
+def _best_sum_from(log_q: np.ndarray, begin: int, first: int, last: int) -> float:
+    """Brute force: the best sum of the characters' logs at increasing frames, the first at
+    ``begin`` and the last between ``first`` and ``last`` (forwards, unlike feasible_start)."""
+    n = log_q.shape[1]
+    best = np.full(last + 1, -np.inf)
+    best[begin] = log_q[begin, 0]
+    for i in range(1, n):
+        reached = np.full(last + 1, -np.inf)
+        for frame in range(begin + 1, last + 1):
+            reached[frame] = best[:frame].max() + log_q[frame, i]
+        best = reached
+    return float(best[first:].max()) if n > 1 else float(best[max(first, begin) :].max())
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("strength", [0.2, 0.6])
+def test_the_feasible_start_is_the_first_frame_whose_best_sum_reaches_the_level(
+    seed: int, strength: float
+) -> None:
+    """The backward pass against a forward brute force: for matches ending in a range of frames
+    and as strong as a level (characters below that level's floor left out)."""
+    rng = np.random.default_rng(seed)
+    events = {int(f): {int(rng.integers(2, 5)): float(rng.uniform(0.005, 0.95))} for f in range(0, 120, 2)}
+    # First characters below the higher level's floor (but above the threshold's): windows that
+    # the keywords said later narrow at that level.
+    events.update({int(f): {A: float(rng.uniform(0.01, 0.03))} for f in range(1, 120, 4)})
+    for start in rng.integers(0, 100, size=4):
+        events.update(spoken(int(start), tuple(float(p) for p in rng.uniform(0.3, 0.95, 4)), spacing=3))
+    word = keyword("abcd", [A, B, C, D], threshold=0.2)
+    search, history = _search_over(posteriors(120, events)[:, :5], word)
+    level = math.log(strength)
+    q = search.scorer.characters(history.values)
+    floor = max(search.said_floor, strength ** (search.n - 1) * BOUND_SAFETY)
+    with np.errstate(divide="ignore"):
+        log_q = np.where(q >= floor, np.log(q), -np.inf) / search.n
+    narrowed = 0
+    for last in range(20, 120, 7):
+        first = last - 3
+        low = search.first_start(first, history)
+        feasible = search.feasible_start(history, first, last, level)
+        reaching = [
+            b for b in range(low, last + 1) if _best_sum_from(log_q, b, first, last) >= level + FEASIBLE_SLACK
+        ]
+        expected = reaching[0] if reaching else last + 1
+        assert feasible == expected
+        narrowed += low < feasible <= last
+    assert narrowed or strength < 0.5  # at 0.6, some windows narrowed and held a possible match
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("strength", [0.25, 0.5])
+def test_every_match_as_strong_as_the_level_begins_at_or_after_the_feasible_start(
+    seed: int, strength: float
+) -> None:
+    """The exact recurrence over a candidate's whole window finds no match that strong before
+    the feasible start: starting the run there loses nothing that could count."""
+    rng = np.random.default_rng(seed)
+    events = {int(f): {int(rng.integers(1, 5)): float(rng.uniform(0.01, 0.95))} for f in range(0, 200, 2)}
+    for start in rng.integers(0, 180, size=6):
+        events.update(spoken(int(start), tuple(float(p) for p in rng.uniform(0.4, 0.95, 4)), spacing=3))
+    word = keyword("abcd", [A, B, C, D], threshold=0.25)
+    search, history = _search_over(posteriors(200, events)[:, :5], word)
+    level = math.log(strength)
+    counted = 0
+    for last in range(200):
+        window = search.first_start(last, history)
+        if window is None:
+            continue
+        search.runs.reset()
+        run = search.runs.covering(history, window, last + 1, already_exact)
+        score = float(run.scores[last - window])
+        if score < level:
+            continue
+        peaks = search.scorer.backtrace(run.pointers, last - window)
+        weakest = min(float(run.log_q[p, i]) for i, p in enumerate(peaks))
+        if search.scorer.log_strength(score, weakest) >= level:
+            assert window + peaks[0] >= search.feasible_start(history, last, last, level)
+            counted += 1
+    assert counted  # the property was checked on real matches
+
+
+def test_speech_earlier_in_the_window_adds_no_exact_frames() -> None:
+    """First characters said before a keyword, too weak for any match from them to count, leave
+    its window resolved from the keyword's own first character: as many exact frames as the
+    keyword alone in silence (bounds equal to the exact values here, as tight as bounds get)."""
+    word = keyword("abcd", [A, B, C, D], threshold=0.3)
+    said = spoken(1500, (0.9, 0.5, 0.5, 0.5))
+    noisy = dict(said)
+    noisy.update({frame: {A: 0.03} for frame in range(1430, 1500, 5)})  # above A's floor, hopeless
+    asked = []
+    for events in (said, noisy):
+        decoder = KeywordDecoder([word], frame_seconds=FRAME)
+        exact = posteriors(3000, events)[:, decoder.columns]
+        resolver = CountingResolver([exact])
+        found = []
+        for start in range(0, 3000, 10):
+            found += process_many([decoder], [exact[start : start + 10]], resolver)[0]
+        assert len(found + decoder.finish()) == 1
+        asked.append(resolver.asked[0])
+    assert asked[1] == asked[0]

@@ -330,15 +330,17 @@ def process_many(
                         early_limit[members[row]] = int(lengths[row]) + EARLY_RESOLUTION_BACKLOG_FRAMES
                     continue
                 index = members[row]
-                found = frames[row, np.flatnonzero(candidates[position])]
+                proposed = np.flatnonzero(candidates[position])
                 # Its scores propose the frames to re-score; all of them are resolved below.
                 filtered = Filtered(
                     scores[position, : lengths[row]], new_carry[position], new_carry_pre[position]
                 )
                 exact_work.setdefault(index, []).append((search, filtered))
-                if search.pending is not None:
-                    found = np.concatenate([[search.pending.frame], found])
-                wanted.setdefault(index, []).extend(search.frames_read(found, decoders[index].history))
+                wanted.setdefault(index, []).extend(
+                    search.frames_read(
+                        decoders[index].history, frames[row, proposed], scores[position, proposed]
+                    )
+                )
     if resolve is not None:
         # Everything the exact decoding below will read, for every stream, in one call.
         frames_wanted = {i: decoders[i].history.unresolved(spans) for i, spans in wanted.items() if spans}
@@ -409,14 +411,13 @@ def process_one(
             terms = scorer.optimistic_terms(values[None], exact[None], killed[None], characters[None])
             passed = scorer.run(terms, search.carry[None], search.carry_pre[None])
             scores, new_carry, new_carry_pre = passed.scores[0], passed.carry[0], passed.carry_pre[0]
-        found = frames[scores >= search.log_threshold]
+        proposed = scores >= search.log_threshold
+        found = frames[proposed]
         if search.pending is None and found.size == 0:
             search.keep_carries(new_carry, new_carry_pre)
             continue
         exact_work.append((search, Filtered(scores, new_carry, new_carry_pre)))
-        if search.pending is not None:
-            found = np.concatenate([[search.pending.frame], found])
-        wanted += search.frames_read(found, history)
+        wanted += search.frames_read(history, found, scores[proposed])
     if not exact_work:
         return []
     if resolve is None:

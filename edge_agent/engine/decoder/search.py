@@ -16,6 +16,12 @@ decodes new frames in three moves:
    no stronger than itself that end in its refractory period or begin before its end, so the
    exact re-scoring finds the best match that is not silenced (:meth:`KeywordSearch._exact`).
 
+Only the frames where a counting match may begin are re-scored: before a window is resolved,
+the characters' values held (bounds where not exact) give, read backwards from the candidates, the
+first frame from which any match could still reach the threshold (:meth:`KeywordSearch.feasible_start`);
+the window of a keyword is far longer than the keyword, and what lies before that frame is left
+as bounds.
+
 Frames where no character may be said cost nothing: their partial matches carry over
 (:meth:`KeywordSearch.expire`), and a frame a whole window after the last frame where a match
 could begin ends every partial match (:meth:`KeywordSearch.killed`). Many streams' searches of
@@ -39,6 +45,10 @@ NEVER = -(10**12)
 # How far a filtering bound may fall below the exact log score of the same match: the two are
 # sums of the same terms from different first frames.
 BOUND_TOLERANCE = 1e-9
+# How far below the threshold a backward bound (:meth:`KeywordSearch.feasible_start`) may fall
+# and still keep its first frame: it sums the same logs in another order, and a bound row and the
+# exact row of the same frame come from separate float32 products (see BOUND_SAFETY).
+FEASIBLE_SLACK = math.log(BOUND_SAFETY)
 
 
 def drop_hopeless(carry: np.ndarray, carry_pre: np.ndarray, log_threshold: float) -> list[bool]:
@@ -128,6 +138,9 @@ class KeywordSearch:
         # Recent absolute frames where a match may begin (KeywordScorer.first_said), and the latest.
         self.starts = np.zeros(0, dtype=np.int64)
         self.last_start = NEVER
+        # (first, last, level, frame) of the latest feasible_start: valid for any frames
+        # inside, at that level or above.
+        self._feasible: tuple[int, int, float, int] | None = None
 
     @property
     def pending(self) -> Candidate | None:
@@ -204,15 +217,133 @@ class KeywordSearch:
         """First frame a match ending at ``frame`` may use."""
         return max(frame + 1 - self.window_frames, history.first)
 
-    def frames_read(self, frames: np.ndarray, history: History) -> list[tuple[int, int]]:
-        """The [start, stop) spans that exact decoding reads for candidates or a pending match
-        at ``frames``: from the first possible start in each one's window to its hold time."""
+    def frames_read(self, history: History, frames: np.ndarray, bounds: np.ndarray) -> list[tuple[int, int]]:
+        """The [start, stop) spans that exact decoding reads for the pending match, if any, and
+        for the candidates at ``frames`` (increasing) whose filtering ``bounds`` (log scores)
+        may count (:meth:`_may_count`), each to its hold time: from where the pending match's
+        rivals may begin (:meth:`rivals_start`), and from where a candidate's match that
+        counts may begin (:meth:`feasible_start`)."""
+        hold = self.policy.hold_frames
         spans = []
-        for frame in frames.tolist():
+        if self.pending is not None:
+            start = self.rivals_start(history)
+            stop = min(history.end, self.pending.frame + 1 + hold)
+            if start is not None and start < stop:
+                spans.append((start, stop))
+        counting = [
+            frame
+            for frame, bound in zip(frames.tolist(), bounds.tolist(), strict=True)
+            if self._may_count(bound, frame)
+        ]
+        if not counting:
+            return spans
+        feasible = self.feasible_start(history, counting[0], counting[-1], self._level(counting))
+        for frame in counting:
+            if feasible > frame:
+                break  # no match ending here or later in the range can count: nothing to read
             start = self.first_start(frame, history)
             if start is not None:
-                spans.append((start, min(history.end, frame + 1 + self.policy.hold_frames)))
+                spans.append((max(start, feasible), min(history.end, frame + 1 + hold)))
         return spans
+
+    def _level(self, frames: list[int]) -> float:
+        """The log confidence that a match ending at any of ``frames`` must reach to change
+        anything now (:meth:`_may_count`): the threshold, or the pending detection's strength or
+        a recent detection's, the lowest of them over ``frames``."""
+        pending = self.firing.pending
+        floor = min(
+            max(self.firing.silenced_below(frame), pending.strength if pending is not None else 0.0)
+            for frame in frames
+        )
+        return self.log_threshold if floor <= 0.0 else max(self.log_threshold, math.log(floor))
+
+    def feasible_start(self, history: History, first: int, last: int, level: float) -> int:
+        """The earliest frame where a match ending at one of the frames ``first`` .. ``last``
+        may begin and still reach the log score ``level`` (``last + 1`` if none may), from the
+        values held: bounds, or exact posteriors where resolved.
+
+        Read backwards, each character from the next one's best completion: a match's log score
+        is its characters' logs less gap penalties, so the best sum of the characters' logs at
+        increasing frames, leaving the penalties out, is at least the score of every match that
+        begins at a frame. Every match that could change anything (count, rank above the
+        pending detection, not be silenced: its confidence reaches ``level``) begins at or
+        after the frame found, so the exact run may start there: its best and strongest matches
+        that count are those of a run from the window's first possible start. Later rows
+        turning exact can only lower the sums: a result stays valid for any frames inside the
+        range it was computed for, at its level or above, and is kept for them.
+        """
+        cached = self._feasible
+        if cached is not None and cached[0] <= first and last <= cached[1] and cached[2] <= level:
+            return cached[3]
+        low = self.first_start(first, history)
+        found = last + 1
+        if low is not None and low <= last:
+            values, _ = history.rows(low, last + 1)
+            q = self.scorer.characters(values)
+            with np.errstate(divide="ignore"):
+                log_q = np.log(q) / self.n
+            # A match that strong has no character below its level's floor (KeywordScorer.
+            # log_strength), and ends in the range: its last character is there.
+            floor = math.exp(level * (self.n - 1)) * BOUND_SAFETY
+            log_q[q < max(floor, self.said_floor)] = NEG_INF
+            sums = log_q[:, -1].copy()
+            sums[: first - low] = NEG_INF
+            # best[u]: the best sum of the logs of characters i+1 .. n at increasing frames
+            # from u on; then the sums of character i at u and the rest after it.
+            for i in range(self.n - 2, -1, -1):
+                best = np.maximum.accumulate(sums[::-1])[::-1]
+                sums = log_q[:, i].copy()
+                sums[:-1] += best[1:]
+                sums[-1] = NEG_INF
+            begins = np.flatnonzero(sums >= level + FEASIBLE_SLACK)
+            if begins.size:
+                found = low + int(begins[0])
+        self._feasible = (first, last, level, found)
+        return found
+
+    def rivals_start(self, history: History) -> int | None:
+        """Where the exact run read by the pending match's rivals (:meth:`_rivals`) starts: the
+        first frame of its window, from its first possible start to its hold time, where the
+        first character is strong enough for a partial match to reach the rivals' level
+        (:meth:`FiringPolicy.rival_level`; a partial match's log score is at most its first
+        character's term, and the settle rule compares the rivals with that level only); the
+        latest run's start if it lies between (its rows are exact already). If no frame held
+        is, the end of what is held (no rival to read yet); None if no match may begin in the
+        window."""
+        pending = self.pending
+        assert pending is not None
+        start = self.first_start(pending.frame, history)
+        if start is None:
+            return None
+        stop = min(history.end, pending.frame + 1 + self.policy.hold_frames)
+        values, _ = history.rows(start, stop)
+        level = math.exp(self.n * (self.policy.rival_level(pending.strength) + FEASIBLE_SLACK))
+        strong = np.flatnonzero(self.scorer.characters(values)[:, 0] >= max(level, self.said_floor))
+        if strong.size == 0:
+            return stop
+        found = start + int(strong[0])
+        run = self.runs.latest
+        if run is not None and start <= run.start <= found and run.stop > run.start:
+            return run.start
+        return found
+
+    def match_start(self, frame: int, history: History, earliest: int | None = None) -> int | None:
+        """Where the exact run for a candidate match ending at ``frame`` (and beginning at
+        ``earliest`` or later) starts, None if no match that counts may end there: the latest
+        run's start if it lies between the window's first possible start and the feasible start
+        (its rows are exact already), else the first possible start from the feasible one on."""
+        start = self.first_start(frame, history, earliest)
+        if start is None:
+            return None
+        feasible = self.feasible_start(history, frame, frame, self._level([frame]))
+        if feasible <= start:
+            return start
+        if feasible > frame:
+            return None
+        run = self.runs.latest
+        if run is not None and start <= run.start <= feasible and run.stop > run.start:
+            return run.start
+        return self.first_start(frame, history, feasible)
 
     def first_start(self, frame: int, history: History, earliest: int | None = None) -> int | None:
         """The first frame, in the window of a match ending at ``frame`` (and not before
@@ -302,10 +433,12 @@ class KeywordSearch:
         :meth:`FiringPolicy.rival_level` (the others could never be ``settle_ratio`` times as
         strong, and which of them the threshold lets through must not change when the pending
         match fires); returns the first frame and the values."""
-        start = self.first_start(pending.frame, history)
-        if start is None:  # cannot happen (the pending match began in the window), but harmless
-            return pending.frame + 1, np.zeros(0)
+        start = self.rivals_start(history)
         stop = pending.frame + 1 + self.policy.hold_frames
+        if start is None or start >= min(stop, history.end):
+            # No rival up to the frames held (and none at all if the pending match's window
+            # were empty, which cannot happen): nothing to read for them.
+            return min(stop, history.end), np.zeros(0)
         run = self.runs.covering(history, start, stop, ensure)
         bound = self.policy.rivals_still_spoken(run.prefix, run.ends)
         if self.policy.settled(pending.strength, float(bound.max(initial=NEG_INF))):
@@ -341,7 +474,7 @@ class KeywordSearch:
             if not eligible:
                 return None
             anchor = eligible[0]
-        start = self.first_start(anchor, history)
+        start = self.rivals_start(history) if self.pending is not None else self.match_start(anchor, history)
         if start is None:
             return None
         last = max(anchor, int(frames[-1])) if frames.size else anchor
@@ -386,7 +519,7 @@ class KeywordSearch:
     def _best_from(self, history: History, frame: int, earliest: int, ensure: Ensure) -> Candidate | None:
         """The highest-ranked match ending at ``frame`` within the duration window that begins
         at ``earliest`` or later, if it counts."""
-        window_start = self.first_start(frame, history, earliest)
+        window_start = self.match_start(frame, history, earliest)
         if window_start is None:
             return None
         # Through the hold time after it too: if the match is pending, firing reads those
