@@ -321,10 +321,10 @@ def process_many(
                         # as it comes, rather than all of it when the last character arrives
                         # (in the worst case for every stream at the same instant, delaying
                         # every detection). More frames in all; the detections are the same.
-                        # (search.frames_read of the span's last frame: its window, up to the
-                        # newest frame held.)
+                        # From where the partial match on track may begin, up to the newest
+                        # frame held.
                         history = decoders[members[row]].history
-                        start = search.first_start(span_ends[row] - 1, history)
+                        start = search.on_track_start(history, span_ends[row] - 1)
                         if start is not None:
                             early.setdefault(members[row], []).append((start, history.end))
                         early_limit[members[row]] = int(lengths[row]) + EARLY_RESOLUTION_BACKLOG_FRAMES

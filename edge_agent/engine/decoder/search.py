@@ -301,6 +301,34 @@ class KeywordSearch:
         self._feasible = (first, last, level, found)
         return found
 
+    def on_track_start(self, history: History, end: int) -> int | None:
+        """The first frame, in the window of a match ending at frame ``end``, where a partial
+        match on track up to ``end`` (two characters or more but not all, averaging the
+        threshold: see :func:`under_way_rows`) may begin, from the values held; None if none
+        may. Where early resolution starts (``batch.py``): a keyword being said is on track from
+        its first character, and the window before it is mostly other speech. Which frames are
+        resolved early never changes a detection."""
+        low = self.first_start(end, history)
+        if low is None or self.n <= 2:
+            return None
+        values, _ = history.rows(low, end + 1)
+        q = self.scorer.characters(values)
+        with np.errstate(divide="ignore"):
+            # Each character's term less its share of the threshold: on track when they sum to 0.
+            terms = (np.log(q) - math.log(self.keyword.threshold)) / self.n
+        terms[q < self.said_floor] = NEG_INF
+        # best: the best sum of characters i .. j (for some j from 2 to n - 1) from u on.
+        best = np.maximum.accumulate(terms[::-1, self.n - 2])[::-1]
+        for i in range(self.n - 3, 0, -1):
+            sums = terms[:, i].copy()
+            sums[:-1] += np.maximum(best[1:], 0.0)
+            best = np.maximum.accumulate(sums[::-1])[::-1]
+        sums = terms[:, 0].copy()
+        sums[:-1] += best[1:]
+        sums[-1] = NEG_INF
+        begins = np.flatnonzero(sums >= FEASIBLE_SLACK)
+        return low + int(begins[0]) if begins.size else None
+
     def rivals_start(self, history: History) -> int | None:
         """Where the exact run read by the pending match's rivals (:meth:`_rivals`) starts: the
         first frame of its window, from its first possible start to its hold time, where the
