@@ -237,7 +237,7 @@ class KeywordSearch:
         ]
         if not counting:
             return spans
-        feasible = self.feasible_start(history, counting[0], counting[-1], self._level(counting))
+        feasible = self.feasible_start(history, counting[0], counting[-1], self._level(counting[-1]))
         for frame in counting:
             if feasible > frame:
                 break  # no match ending here or later in the range can count: nothing to read
@@ -246,15 +246,13 @@ class KeywordSearch:
                 spans.append((max(start, feasible), min(history.end, frame + 1 + hold)))
         return spans
 
-    def _level(self, frames: list[int]) -> float:
-        """The log confidence that a match ending at any of ``frames`` must reach to change
-        anything now (:meth:`_may_count`): the threshold, or the pending detection's strength or
-        a recent detection's, the lowest of them over ``frames``."""
+    def _level(self, last: int) -> float:
+        """The log confidence that a match ending at frame ``last`` or before (among the frames
+        being decoded) must reach to change anything now (:meth:`_may_count`): the threshold, or
+        the pending detection's strength or a recent detection's, taken at ``last`` (a recent
+        detection silences fewer matches the later they end)."""
         pending = self.firing.pending
-        floor = min(
-            max(self.firing.silenced_below(frame), pending.strength if pending is not None else 0.0)
-            for frame in frames
-        )
+        floor = max(self.firing.silenced_below(last), pending.strength if pending is not None else 0.0)
         return self.log_threshold if floor <= 0.0 else max(self.log_threshold, math.log(floor))
 
     def feasible_start(self, history: History, first: int, last: int, level: float) -> int:
@@ -363,7 +361,7 @@ class KeywordSearch:
         start = self.first_start(frame, history, earliest)
         if start is None:
             return None
-        feasible = self.feasible_start(history, frame, frame, self._level([frame]))
+        feasible = self.feasible_start(history, frame, frame, self._level(frame))
         if feasible <= start:
             return start
         if feasible > frame:
