@@ -240,7 +240,7 @@ class KeywordSearch:
         feasible = self.feasible_start(history, counting[0], counting[-1], self._level(counting[-1]))
         for frame in counting:
             if feasible > frame:
-                break  # no match ending here or later in the range can count: nothing to read
+                continue  # no match ending here can count: nothing to read for it
             start = self.first_start(frame, history)
             if start is not None:
                 spans.append((max(start, feasible), min(history.end, frame + 1 + hold)))
