@@ -132,6 +132,17 @@ def _fbank_constants() -> tuple[np.ndarray, np.ndarray]:
     return window, banks
 
 
+@functools.lru_cache(maxsize=2)
+def _window_rows(count: int) -> np.ndarray:
+    """The window as ``count`` rows of FFT_SIZE (zero after the frame), flat."""
+    window, _ = _fbank_constants()
+    rows = np.zeros((count, FFT_SIZE), dtype=np.float32)
+    rows[:, :FRAME_LENGTH_SAMPLES] = window
+    flat = rows.reshape(-1)
+    flat.setflags(write=False)
+    return flat
+
+
 @functools.lru_cache(maxsize=1)
 def _whole_mel_weights() -> np.ndarray:
     """The mel matrix over the spectrum's real and imaginary parts side by side (see _MelSlice)."""
@@ -262,6 +273,7 @@ class KaldiFbank:
         whole = total <= _WHOLE_MEL_MAX_ROWS  # as log_mel_into would decide for the batch at once
         # Reused by every block: the zero padding is written once (the FFT never writes it).
         windows = np.zeros((min(total, _BLOCK_ROWS), FFT_SIZE), dtype=np.float32)
+        window_rows = _window_rows(_BLOCK_ROWS)
         row = 0
         for (first, streams, length), count in zip(runs, counts, strict=True):
             if count == 0:
@@ -288,16 +300,27 @@ class KaldiFbank:
                         sliding_view(samples[FRAME_LENGTH_SAMPLES - 1 :], shape, strides),
                         sliding_view(differences, (*shape, FRAME_LENGTH_SAMPLES - 1), (*strides, step)),
                         block.reshape(group, frames, FFT_SIZE),
+                        apply_window=False,
                     )
+                    # The window, as one product of the block with copies of the window laid out
+                    # as its rows (zero in the padding): one long pass instead of one per row.
+                    flat = block.reshape(-1)
+                    np.multiply(flat, window_rows[: flat.shape[0]], out=flat)
                     self.log_mel_into(block, energies[row : row + group * frames], whole)
                     row += group * frames
 
     def _finish_windows(
-        self, firsts: np.ndarray, lasts: np.ndarray, runs: np.ndarray, out: np.ndarray | None = None
+        self,
+        firsts: np.ndarray,
+        lasts: np.ndarray,
+        runs: np.ndarray,
+        out: np.ndarray | None = None,
+        apply_window: bool = True,
     ) -> np.ndarray:
         """Windows from ``runs`` (row i: x[s+1:s+400] - k * x[s:s+399] for frame i starting at s),
         ``firsts`` (x[s]) and ``lasts`` (x[s+399]); any leading shape, the same for ``firsts``,
         ``lasts``, ``runs`` but its last axis, and ``out`` (whose zero padding is already written).
+        ``apply_window=False``: all but the window's product, which the caller makes.
 
         Per frame, Kaldi removes the mean m, then pre-emphasises: e[0] = (x[0] - m) * (1 - k),
         e[i] = (x[i] - m) - k * (x[i-1] - m) = run[i-1] - m * (1 - k). The offset c = m * (1 - k)
@@ -316,7 +339,8 @@ class KaldiFbank:
             windows = out
         np.subtract(runs, offsets[..., None], out=windows[..., 1:FRAME_LENGTH_SAMPLES])
         windows[..., 0] = firsts * np.float32(1.0 - PREEMPHASIS) - offsets
-        windows[..., :FRAME_LENGTH_SAMPLES] *= self._window
+        if apply_window:
+            windows[..., :FRAME_LENGTH_SAMPLES] *= self._window
         return windows
 
     def log_mel(self, windows: np.ndarray) -> np.ndarray:
