@@ -494,19 +494,23 @@ def accept_many(
         return [_accept_one(streams[0], samples[0], final)]
     fbank = streams[0]._fbank
     chunks = [np.asarray(chunk) for chunk in samples]
-    lengths: list[int] = []
-    for stream, chunk in zip(streams, chunks, strict=True):
+    for chunk in chunks:
         if chunk.ndim != 1:
             raise ValueError(f"expected mono samples as a 1-D array, got shape {chunk.shape}")
-        lengths.append(stream._pending_samples.shape[0] + chunk.shape[0])
+    lengths = [
+        stream._pending_samples.shape[0] + chunk.shape[0]
+        for stream, chunk in zip(streams, chunks, strict=True)
+    ]
     # Streams with as many samples side by side (streams fed in step: all, or a few runs), so
-    # that each run's frames are read through strided views (see KaldiFbank.log_mel_of_runs); a stable
-    # order, undone at the end.
-    order = sorted(range(len(streams)), key=lengths.__getitem__)
-    streams = [streams[i] for i in order]
+    # that each run's frames are read through strided views (see KaldiFbank.log_mel_of_runs); a
+    # stable order, undone at the end.
+    order = None if min(lengths) == max(lengths) else sorted(range(len(streams)), key=lengths.__getitem__)
+    if order is not None:
+        streams = [streams[i] for i in order]
+        chunks = [chunks[i] for i in order]
+        lengths = [lengths[i] for i in order]
     pieces: list[np.ndarray] = []
-    for i, stream in zip(order, streams, strict=True):
-        chunk = chunks[i]
+    for stream, chunk in zip(streams, chunks, strict=True):
         stream._samples_total += chunk.shape[0]
         pieces += (stream._pending_samples, chunk)
     # Every stream's remainder and new samples back to back, in float32 (which holds 16-bit
@@ -515,16 +519,16 @@ def accept_many(
     runs: list[tuple[int, int, int]] = []
     counts: list[int] = []
     first = 0
-    for length, run in itertools.groupby(lengths[i] for i in order):
+    for length, run in itertools.groupby(lengths):
         members = len(list(run))
         runs.append((first, members, length))
         count = frame_count(length)
-        counts += [count] * members
         # Each stream keeps the samples after its last frame's start (rows of one copy per run).
         block = signal[first : first + members * length].reshape(members, length)
         remainders = block[:, count * FRAME_SHIFT_SAMPLES :].copy()
-        for position, remainder in enumerate(remainders, start=len(counts) - members):
-            streams[position]._pending_samples = remainder
+        for stream, remainder in zip(streams[len(counts) : len(counts) + members], remainders, strict=True):
+            stream._pending_samples = remainder
+        counts += [count] * members
         first += members * length
     # The streams' context rows, then their new frames' log mel energies, written in place
     # below them: the rows the splicing reads, with no copy of the new frames.
@@ -536,6 +540,8 @@ def accept_many(
         np.concatenate(contexts, out=source[:held_total])
     fbank.log_mel_of_runs(signal, runs, source[held_total:])
     spliced = _splice_many(streams, source, held, counts, final=final)
+    if order is None:
+        return spliced
     results: list[np.ndarray] = [spliced[0]] * len(streams)
     for position, stream in enumerate(order):
         results[stream] = spliced[position]
