@@ -286,19 +286,26 @@ class KaldiFbank:
             for low, high in itertools.pairwise(stream_groups):
                 for start, end in itertools.pairwise(frame_pieces):
                     group, frames = high - low, end - start
-                    # The samples these frames read (a window never crosses a stream's end).
+                    # The samples these frames read, a row per stream (a window never crosses a
+                    # stream's end): whole streams, or a piece of one.
+                    span = (
+                        length
+                        if frames == count
+                        else (frames - 1) * FRAME_SHIFT_SAMPLES + FRAME_LENGTH_SAMPLES
+                    )
                     begin = first + low * length + start * FRAME_SHIFT_SAMPLES
-                    stop = begin + (group - 1) * length + (frames - 1) * FRAME_SHIFT_SAMPLES
-                    samples = signal[begin : stop + FRAME_LENGTH_SAMPLES]
+                    samples = signal[begin : begin + group * span].reshape(group, span)
                     differences = _preemphasised_differences(samples)
-                    step = samples.strides[0]
-                    shape = (group, frames)
-                    strides = (length * step, FRAME_SHIFT_SAMPLES * step)
+                    step = differences.strides[1]
                     block = windows[: group * frames]
                     self._finish_windows(
-                        sliding_view(samples, shape, strides),
-                        sliding_view(samples[FRAME_LENGTH_SAMPLES - 1 :], shape, strides),
-                        sliding_view(differences, (*shape, FRAME_LENGTH_SAMPLES - 1), (*strides, step)),
+                        samples[:, : frames * FRAME_SHIFT_SAMPLES : FRAME_SHIFT_SAMPLES],
+                        samples[:, FRAME_LENGTH_SAMPLES - 1 :: FRAME_SHIFT_SAMPLES][:, :frames],
+                        sliding_view(
+                            differences,
+                            (group, frames, FRAME_LENGTH_SAMPLES - 1),
+                            (differences.strides[0], FRAME_SHIFT_SAMPLES * step, step),
+                        ),
                         block.reshape(group, frames, FFT_SIZE),
                         apply_window=False,
                     )
@@ -328,7 +335,7 @@ class KaldiFbank:
         c = (sum(run) + x[0] - k * x[399]) / 400, one pass over the run instead of a running sum
         of the whole signal.
         """
-        offsets = runs.sum(axis=-1, dtype=np.float32)
+        offsets = np.add.reduce(runs, axis=-1, dtype=np.float32)
         offsets += firsts
         offsets -= np.float32(PREEMPHASIS) * lasts
         offsets *= np.float32(1.0 / FRAME_LENGTH_SAMPLES)
@@ -396,9 +403,9 @@ def _even_bounds(total: int, parts: int) -> list[int]:
 
 
 def _preemphasised_differences(signal: np.ndarray) -> np.ndarray:
-    """x[i] - k * x[i-1] for i >= 1, float32."""
-    differences = signal[:-1] * np.float32(-PREEMPHASIS)
-    differences += signal[1:]
+    """x[i] - k * x[i-1] for i >= 1 along the last axis, float32."""
+    differences = signal[..., :-1] * np.float32(-PREEMPHASIS)
+    differences += signal[..., 1:]
     return differences
 
 
