@@ -374,18 +374,18 @@ class KaldiFbank:
             whole = squares.shape[0] <= _WHOLE_MEL_MAX_ROWS
         if whole:
             np.matmul(squares, _whole_mel_weights(), out=energies)
-        else:
-            products = energies
-            if squares.shape[0] == 1:
-                # numpy takes a one-row product as a matrix-vector product, which sums in another
-                # order than a matrix product: the row is taken twice, so that a batch's row gets
-                # the same bits in a block of its own as in a larger one.
-                squares = np.concatenate([squares, squares])
-                products = np.empty((2, NUM_MEL_BINS), dtype=np.float32)
+        elif squares.shape[0] > 1:
             for part in _mel_slices():
-                np.matmul(squares[:, part.parts], part.weights, out=products[:, part.filters])
-            if products is not energies:
-                energies[:] = products[:1]
+                np.matmul(squares[:, part.parts], part.weights, out=energies[:, part.filters])
+        else:
+            # numpy takes a one-row product as a matrix-vector product, which sums in another
+            # order than a matrix product: the row is taken twice, so that a batch's row gets the
+            # same bits in a block of its own as in a larger one.
+            twice = np.concatenate([squares, squares])
+            products = np.empty((2, NUM_MEL_BINS), dtype=np.float32)
+            for part in _mel_slices():
+                np.matmul(twice[:, part.parts], part.weights, out=products[:, part.filters])
+            energies[:] = products[:1]
         np.maximum(energies, _ENERGY_FLOOR, out=energies)
         return np.log(energies, out=energies)
 
