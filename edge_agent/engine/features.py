@@ -810,13 +810,12 @@ def _splice_many(
     )
     # Rows of one small matrix: nothing of the batch's frames stays alive through them.
     kept = source[rows_of(kept_stream, kept_absolute)]
-    kept_bounds = np.cumsum([0, *kept_counts.tolist()]).tolist()
-    for stream, frames_total, next_center, low, high in zip(
-        streams, total.tolist(), next_centers.tolist(), kept_bounds[:-1], kept_bounds[1:], strict=True
+    for stream, frames_total, next_center, context in zip(
+        streams, total.tolist(), next_centers.tolist(), _split_rows(kept, kept_counts), strict=True
     ):
         stream._fbank_frames_total = frames_total
         stream._next_output_center = next_center
-        stream._context = kept[low:high]
+        stream._context = context
     emitted_total = int(emit.sum())
     if emitted_total == 0:
         return [np.zeros((0, FEATURE_DIM), dtype=np.float32) for _ in streams]
@@ -831,5 +830,14 @@ def _splice_many(
         absolute = np.minimum(np.maximum(absolute, 0), total[emitting][:, None] - 1)
     spliced = source[rows_of(emitting[:, None], absolute)].reshape(emitted_total, FEATURE_DIM)
     normalised = streams[0]._cmvn.apply_in_place(spliced)
-    bounds = np.cumsum([0, *counts_array.tolist()]).tolist()
-    return [normalised[low:high] for low, high in itertools.pairwise(bounds)]
+    return _split_rows(normalised, counts_array)
+
+
+def _split_rows(rows: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
+    """``rows`` as consecutive views of ``counts`` rows each (counts: an intp array)."""
+    if counts.shape[0] and counts.min() == counts.max():
+        # Streams fed in step keep and emit as many rows each: the views come from iterating
+        # over one reshaped view, without a Python slice per stream.
+        return list(rows.reshape(counts.shape[0], int(counts[0]), *rows.shape[1:]))
+    bounds = np.cumsum([0, *counts.tolist()]).tolist()
+    return [rows[low:high] for low, high in itertools.pairwise(bounds)]
