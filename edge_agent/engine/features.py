@@ -25,7 +25,9 @@ arrays kept from chunk to chunk (one set per thread, ``_Scratch``), read through
 per chunk size, instead of concatenating its remainder and context anew, and a few frames take
 one mel product instead of one per slice. (Calling scipy's pocketfft below ``scipy.fft``'s
 dispatch would save a few more microseconds a chunk, but through a private module: not done.)
-Many streams fed together (:func:`accept_many`) share every operation instead.
+Many streams fed together (:func:`accept_many`) share every operation instead, in blocks of
+frames small enough that each block goes from samples to log mel energies inside a core's cache
+(a batch's whole frames, passed over once per step, would stream through memory every time).
 """
 
 from __future__ import annotations
