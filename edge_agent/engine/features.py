@@ -266,7 +266,9 @@ class KaldiFbank:
         Row for row the arithmetic of :meth:`windows_at` then :meth:`log_mel_into` at the same
         starts, done in blocks of at most _BLOCK_ROWS frames, each from its samples to its
         energies while its windows and spectrum stay in cache: one pass over the whole batch's
-        frames for each step would take them through memory every time.
+        frames for each step would take them through memory every time. (The mel product's sums
+        may differ in the last bit from those of one product over the whole batch: a BLAS may
+        sum a large product's rows in another order than a small one's.)
         """
         counts = [frame_count(length) for _, _, length in runs]
         total = sum(streams * count for (_, streams, _), count in zip(runs, counts, strict=True))
