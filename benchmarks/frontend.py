@@ -1,6 +1,6 @@
 """The front-end's cost per call: one live stream's chunk, and one step of a batch of streams.
 
-    python -m benchmarks.frontend [--rounds 9] [--against DIR]
+    python -m benchmarks.frontend [--rounds 9] [--against DIR] [--shared]
 
 CPU time (``time.process_time``, one thread) of the front-end alone, from samples to the
 normalised network input frames, on the 120-second clip of ``benchmarks.streaming``:
@@ -110,6 +110,7 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--against", type=Path, help="another checkout whose front-end to time alongside")
+    parser.add_argument("--shared", action="store_true", help="record that other work shared the machine")
     args = parser.parse_args()
     tune_allocator()
     model = KwsModel.load(model_dir())
@@ -144,6 +145,7 @@ def main() -> None:
         "machine": machine(),
         "rounds": args.rounds,
         "clock": "process CPU time, one thread",
+        "shared_machine": args.shared,
         "against": str(args.against) if args.against else None,
         "against_commit": commit_of(args.against) if args.against else None,
         "front_end": rows,
