@@ -25,7 +25,9 @@ arrays kept from chunk to chunk (one set per thread, ``_Scratch``), read through
 per chunk size, instead of concatenating its remainder and context anew, and a few frames take
 one mel product instead of one per slice. (Calling scipy's pocketfft below ``scipy.fft``'s
 dispatch would save a few more microseconds a chunk, but through a private module: not done.)
-Many streams fed together (:func:`accept_many`) share every operation instead.
+Many streams fed together (:func:`accept_many`) share every operation instead, in blocks of
+frames small enough that each block goes from samples to log mel energies inside a core's cache
+(a batch's whole frames, passed over once per step, would stream through memory every time).
 """
 
 from __future__ import annotations
@@ -103,6 +105,12 @@ _MEL_GROUPS = 4
 # instead: with so few rows a product costs its call more than its arithmetic. The two sum
 # in different orders, so their energies differ in the last bits (a test bounds it).
 _WHOLE_MEL_MAX_ROWS = 8
+# The batched front-end's frames at a time (see KaldiFbank.log_mel_of_runs): as many as keep a
+# block's windows and spectrum (4 KB a frame together) in one core's L2 cache with room to spare;
+# fewer pay more in each block's numpy calls than the cache saves. Blocks this small also keep the
+# mel products within the sizes OpenBLAS multiplies with its small-matrix kernels, which sum every
+# row alike whatever the number of rows: a row's energies do not depend on the block it is in.
+_BLOCK_ROWS = 160
 
 
 @dataclass(frozen=True)
@@ -124,6 +132,17 @@ def _fbank_constants() -> tuple[np.ndarray, np.ndarray]:
     window.setflags(write=False)
     banks.setflags(write=False)
     return window, banks
+
+
+@functools.lru_cache(maxsize=2)
+def _window_rows(count: int) -> np.ndarray:
+    """The window as ``count`` rows of FFT_SIZE (zero after the frame), flat."""
+    window, _ = _fbank_constants()
+    rows = np.zeros((count, FFT_SIZE), dtype=np.float32)
+    rows[:, :FRAME_LENGTH_SAMPLES] = window
+    flat = rows.reshape(-1)
+    flat.setflags(write=False)
+    return flat
 
 
 @functools.lru_cache(maxsize=1)
@@ -215,7 +234,7 @@ class KaldiFbank:
             differences, (count, FRAME_LENGTH_SAMPLES - 1), (FRAME_SHIFT_SAMPLES * step, step)
         )
         starts = np.arange(count) * FRAME_SHIFT_SAMPLES
-        return self._finish_windows(signal, starts, runs)
+        return self._finish_windows(signal[starts], signal[starts + FRAME_LENGTH_SAMPLES - 1], runs)
 
     def windows_at(self, signal: np.ndarray, starts: np.ndarray) -> np.ndarray:
         """The windows starting at ``starts`` of a float32 ``signal`` (each one whole inside it).
@@ -235,45 +254,84 @@ class KaldiFbank:
             (differences.shape[0] - (FRAME_LENGTH_SAMPLES - 1) + 1, FRAME_LENGTH_SAMPLES - 1),
             (step, step),
         )
-        return self._finish_windows(signal, starts, runs[starts])
+        return self._finish_windows(signal[starts], signal[starts + FRAME_LENGTH_SAMPLES - 1], runs[starts])
 
-    def windows_of_runs(self, signal: np.ndarray, runs: list[tuple[int, int, int]]) -> np.ndarray:
-        """The windows of streams laid back to back in a float32 ``signal``, given as runs of
-        (first sample, streams, samples per stream) of streams as long as each other: every
-        complete frame of each stream, the streams in order. The same rows as
-        :meth:`windows_at` at the same starts, read through one strided view per run instead
-        of a gather."""
+    def log_mel_of_runs(
+        self, signal: np.ndarray, runs: list[tuple[int, int, int]], energies: np.ndarray
+    ) -> None:
+        """Log mel energies of streams laid back to back in a float32 ``signal``, given as runs of
+        (first sample, streams, samples per stream) of streams as long as each other, written into
+        ``energies`` (a row per frame: every complete frame of each stream, the streams in order).
+
+        Row for row the arithmetic of :meth:`windows_at` then :meth:`log_mel_into` at the same
+        starts, done in blocks of at most _BLOCK_ROWS frames, each from its samples to its
+        energies while its windows and spectrum stay in cache: one pass over the whole batch's
+        frames for each step would take them through memory every time. (The mel product's sums
+        may differ in the last bit from those of one product over the whole batch: a BLAS may
+        sum a large product's rows in another order than a small one's.)
+        """
         counts = [frame_count(length) for _, _, length in runs]
         total = sum(streams * count for (_, streams, _), count in zip(runs, counts, strict=True))
-        windows = np.empty((total, FFT_SIZE), dtype=np.float32)
         if total == 0:
-            return windows
-        differences = _preemphasised_differences(signal)
-        step = differences.strides[0]
+            return
+        whole = total <= _WHOLE_MEL_MAX_ROWS  # as log_mel_into would decide for the batch at once
+        # Reused by every block: the zero padding is written once (the FFT never writes it).
+        windows = np.zeros((min(total, _BLOCK_ROWS), FFT_SIZE), dtype=np.float32)
+        window_rows = _window_rows(_BLOCK_ROWS)
         row = 0
         for (first, streams, length), count in zip(runs, counts, strict=True):
             if count == 0:
                 continue
-            view = sliding_view(
-                differences[first:],
-                (streams, count, FRAME_LENGTH_SAMPLES - 1),
-                (length * step, FRAME_SHIFT_SAMPLES * step, step),
-            )
-            starts = (
-                first
-                + np.arange(streams, dtype=np.int64)[:, None] * length
-                + np.arange(count, dtype=np.int64) * FRAME_SHIFT_SAMPLES
-            )
-            out = windows[row : row + streams * count].reshape(streams, count, FFT_SIZE)
-            self._finish_windows(signal, starts, view, out)
-            row += streams * count
-        return windows
+            # Whole streams per block; a stream longer than a block in pieces of its frames. Blocks
+            # as even as possible: no block much smaller than the others.
+            per_block = max(1, _BLOCK_ROWS // count)
+            stream_groups = _even_bounds(streams, -(-streams // per_block))
+            frame_pieces = _even_bounds(count, -(-count // _BLOCK_ROWS))
+            for low, high in itertools.pairwise(stream_groups):
+                for start, end in itertools.pairwise(frame_pieces):
+                    group, frames = high - low, end - start
+                    # The samples these frames read, a row per stream (a window never crosses a
+                    # stream's end): whole streams, or a piece of one.
+                    span = (
+                        length
+                        if frames == count
+                        else (frames - 1) * FRAME_SHIFT_SAMPLES + FRAME_LENGTH_SAMPLES
+                    )
+                    begin = first + low * length + start * FRAME_SHIFT_SAMPLES
+                    samples = signal[begin : begin + group * span].reshape(group, span)
+                    differences = _preemphasised_differences(samples)
+                    step = differences.strides[1]
+                    block = windows[: group * frames]
+                    self._finish_windows(
+                        samples[:, : frames * FRAME_SHIFT_SAMPLES : FRAME_SHIFT_SAMPLES],
+                        samples[:, FRAME_LENGTH_SAMPLES - 1 :: FRAME_SHIFT_SAMPLES][:, :frames],
+                        sliding_view(
+                            differences,
+                            (group, frames, FRAME_LENGTH_SAMPLES - 1),
+                            (differences.strides[0], FRAME_SHIFT_SAMPLES * step, step),
+                        ),
+                        block.reshape(group, frames, FFT_SIZE),
+                        apply_window=False,
+                    )
+                    # The window, as one product of the block with copies of the window laid out
+                    # as its rows (zero in the padding): one long pass instead of one per row.
+                    flat = block.reshape(-1)
+                    np.multiply(flat, window_rows[: flat.shape[0]], out=flat)
+                    self.log_mel_into(block, energies[row : row + group * frames], whole)
+                    row += group * frames
 
     def _finish_windows(
-        self, signal: np.ndarray, starts: np.ndarray, runs: np.ndarray, out: np.ndarray | None = None
+        self,
+        firsts: np.ndarray,
+        lasts: np.ndarray,
+        runs: np.ndarray,
+        out: np.ndarray | None = None,
+        apply_window: bool = True,
     ) -> np.ndarray:
-        """Windows from ``runs`` (row i: x[s+1:s+400] - k * x[s:s+399] for s = starts[i]; any
-        leading shape, the same for ``starts``, ``runs`` but its last axis, and ``out``).
+        """Windows from ``runs`` (row i: x[s+1:s+400] - k * x[s:s+399] for frame i starting at s),
+        ``firsts`` (x[s]) and ``lasts`` (x[s+399]); any leading shape, the same for ``firsts``,
+        ``lasts``, ``runs`` but its last axis, and ``out`` (whose zero padding is already written).
+        ``apply_window=False``: all but the window's product, which the caller makes.
 
         Per frame, Kaldi removes the mean m, then pre-emphasises: e[0] = (x[0] - m) * (1 - k),
         e[i] = (x[i] - m) - k * (x[i-1] - m) = run[i-1] - m * (1 - k). The offset c = m * (1 - k)
@@ -281,16 +339,19 @@ class KaldiFbank:
         c = (sum(run) + x[0] - k * x[399]) / 400, one pass over the run instead of a running sum
         of the whole signal.
         """
-        first = signal[starts]
-        offsets = runs.sum(axis=-1, dtype=np.float32)
-        offsets += first
-        offsets -= np.float32(PREEMPHASIS) * signal[starts + FRAME_LENGTH_SAMPLES - 1]
+        offsets = np.add.reduce(runs, axis=-1, dtype=np.float32)
+        offsets += firsts
+        offsets -= np.float32(PREEMPHASIS) * lasts
         offsets *= np.float32(1.0 / FRAME_LENGTH_SAMPLES)
-        windows = np.empty((*starts.shape, FFT_SIZE), dtype=np.float32) if out is None else out
-        windows[..., FRAME_LENGTH_SAMPLES:] = 0.0
+        if out is None:
+            windows = np.empty((*firsts.shape, FFT_SIZE), dtype=np.float32)
+            windows[..., FRAME_LENGTH_SAMPLES:] = 0.0
+        else:
+            windows = out
         np.subtract(runs, offsets[..., None], out=windows[..., 1:FRAME_LENGTH_SAMPLES])
-        windows[..., 0] = first * np.float32(1.0 - PREEMPHASIS) - offsets
-        windows[..., :FRAME_LENGTH_SAMPLES] *= self._window
+        windows[..., 0] = firsts * np.float32(1.0 - PREEMPHASIS) - offsets
+        if apply_window:
+            windows[..., :FRAME_LENGTH_SAMPLES] *= self._window
         return windows
 
     def log_mel(self, windows: np.ndarray) -> np.ndarray:
@@ -299,19 +360,36 @@ class KaldiFbank:
             return np.zeros((0, NUM_MEL_BINS), dtype=np.float32)
         return self.log_mel_into(windows, np.empty((windows.shape[0], NUM_MEL_BINS), dtype=np.float32))
 
-    def log_mel_into(self, windows: np.ndarray, energies: np.ndarray) -> np.ndarray:
-        """:meth:`log_mel` written into ``energies`` (float32, a row per window, rows C-ordered)."""
+    def log_mel_into(
+        self, windows: np.ndarray, energies: np.ndarray, whole: bool | None = None
+    ) -> np.ndarray:
+        """:meth:`log_mel` written into ``energies`` (float32, a row per window, rows C-ordered).
+
+        ``whole``: the mel product in one with the whole mel matrix rather than by its slices
+        (default: for up to _WHOLE_MEL_MAX_ROWS windows).
+        """
         # numpy before 2.0 transforms in float64 whatever the input.
         spectrum = np.ascontiguousarray(self._rfft(windows), dtype=np.complex64)
         # Real and imaginary parts side by side, squared in place: the mel weights (repeated for
         # both) add them up in the product, with no separate power spectrum pass.
         squares = spectrum.view(np.float32)
         np.square(squares, out=squares)
-        if squares.shape[0] <= _WHOLE_MEL_MAX_ROWS:
+        if whole is None:
+            whole = squares.shape[0] <= _WHOLE_MEL_MAX_ROWS
+        if whole:
             np.matmul(squares, _whole_mel_weights(), out=energies)
-        else:
+        elif squares.shape[0] > 1:
             for part in _mel_slices():
                 np.matmul(squares[:, part.parts], part.weights, out=energies[:, part.filters])
+        else:
+            # numpy takes a one-row product as a matrix-vector product, which sums in another
+            # order than a matrix product: the row is taken twice, so that a batch's row gets the
+            # same bits in a block of its own as in a larger one.
+            twice = np.concatenate([squares, squares])
+            products = np.empty((2, NUM_MEL_BINS), dtype=np.float32)
+            for part in _mel_slices():
+                np.matmul(twice[:, part.parts], part.weights, out=products[:, part.filters])
+            energies[:] = products[:1]
         np.maximum(energies, _ENERGY_FLOOR, out=energies)
         return np.log(energies, out=energies)
 
@@ -323,10 +401,15 @@ def frame_count(samples: int) -> int:
     )
 
 
+def _even_bounds(total: int, parts: int) -> list[int]:
+    """Bounds of ``parts`` consecutive ranges covering ``range(total)``, as even as can be."""
+    return [total * part // parts for part in range(parts + 1)]
+
+
 def _preemphasised_differences(signal: np.ndarray) -> np.ndarray:
-    """x[i] - k * x[i-1] for i >= 1, float32."""
-    differences = signal[:-1] * np.float32(-PREEMPHASIS)
-    differences += signal[1:]
+    """x[i] - k * x[i-1] for i >= 1 along the last axis, float32."""
+    differences = signal[..., :-1] * np.float32(-PREEMPHASIS)
+    differences += signal[..., 1:]
     return differences
 
 
@@ -422,19 +505,23 @@ def accept_many(
         return [_accept_one(streams[0], samples[0], final)]
     fbank = streams[0]._fbank
     chunks = [np.asarray(chunk) for chunk in samples]
-    lengths: list[int] = []
-    for stream, chunk in zip(streams, chunks, strict=True):
+    for chunk in chunks:
         if chunk.ndim != 1:
             raise ValueError(f"expected mono samples as a 1-D array, got shape {chunk.shape}")
-        lengths.append(stream._pending_samples.shape[0] + chunk.shape[0])
+    lengths = [
+        stream._pending_samples.shape[0] + chunk.shape[0]
+        for stream, chunk in zip(streams, chunks, strict=True)
+    ]
     # Streams with as many samples side by side (streams fed in step: all, or a few runs), so
-    # that each run's frames are one strided view (see KaldiFbank.windows_of_runs); a stable
-    # order, undone at the end.
-    order = sorted(range(len(streams)), key=lengths.__getitem__)
-    streams = [streams[i] for i in order]
+    # that each run's frames are read through strided views (see KaldiFbank.log_mel_of_runs); a
+    # stable order, undone at the end.
+    order = None if min(lengths) == max(lengths) else sorted(range(len(streams)), key=lengths.__getitem__)
+    if order is not None:
+        streams = [streams[i] for i in order]
+        chunks = [chunks[i] for i in order]
+        lengths = [lengths[i] for i in order]
     pieces: list[np.ndarray] = []
-    for i, stream in zip(order, streams, strict=True):
-        chunk = chunks[i]
+    for stream, chunk in zip(streams, chunks, strict=True):
         stream._samples_total += chunk.shape[0]
         pieces += (stream._pending_samples, chunk)
     # Every stream's remainder and new samples back to back, in float32 (which holds 16-bit
@@ -443,30 +530,29 @@ def accept_many(
     runs: list[tuple[int, int, int]] = []
     counts: list[int] = []
     first = 0
-    for length, run in itertools.groupby(lengths[i] for i in order):
+    for length, run in itertools.groupby(lengths):
         members = len(list(run))
         runs.append((first, members, length))
         count = frame_count(length)
-        counts += [count] * members
         # Each stream keeps the samples after its last frame's start (rows of one copy per run).
         block = signal[first : first + members * length].reshape(members, length)
         remainders = block[:, count * FRAME_SHIFT_SAMPLES :].copy()
-        for position, remainder in enumerate(remainders, start=len(counts) - members):
-            streams[position]._pending_samples = remainder
+        for stream, remainder in zip(streams[len(counts) : len(counts) + members], remainders, strict=True):
+            stream._pending_samples = remainder
+        counts += [count] * members
         first += members * length
-    windows = fbank.windows_of_runs(signal, runs)
     # The streams' context rows, then their new frames' log mel energies, written in place
     # below them: the rows the splicing reads, with no copy of the new frames.
     contexts = [stream._context for stream in streams]
     held = [context.shape[0] for context in contexts]
     held_total = sum(held)
-    source = np.empty((held_total + windows.shape[0], NUM_MEL_BINS), dtype=np.float32)
+    source = np.empty((held_total + sum(counts), NUM_MEL_BINS), dtype=np.float32)
     if held_total:
         np.concatenate(contexts, out=source[:held_total])
-    if windows.shape[0]:
-        fbank.log_mel_into(windows, source[held_total:])
-    del windows  # freed before the splicing's arrays are made: the next batch reuses its memory
+    fbank.log_mel_of_runs(signal, runs, source[held_total:])
     spliced = _splice_many(streams, source, held, counts, final=final)
+    if order is None:
+        return spliced
     results: list[np.ndarray] = [spliced[0]] * len(streams)
     for position, stream in enumerate(order):
         results[stream] = spliced[position]
@@ -728,13 +814,12 @@ def _splice_many(
     )
     # Rows of one small matrix: nothing of the batch's frames stays alive through them.
     kept = source[rows_of(kept_stream, kept_absolute)]
-    kept_bounds = np.cumsum([0, *kept_counts.tolist()]).tolist()
-    for stream, frames_total, next_center, low, high in zip(
-        streams, total.tolist(), next_centers.tolist(), kept_bounds[:-1], kept_bounds[1:], strict=True
+    for stream, frames_total, next_center, context in zip(
+        streams, total.tolist(), next_centers.tolist(), _split_rows(kept, kept_counts), strict=True
     ):
         stream._fbank_frames_total = frames_total
         stream._next_output_center = next_center
-        stream._context = kept[low:high]
+        stream._context = context
     emitted_total = int(emit.sum())
     if emitted_total == 0:
         return [np.zeros((0, FEATURE_DIM), dtype=np.float32) for _ in streams]
@@ -749,5 +834,14 @@ def _splice_many(
         absolute = np.minimum(np.maximum(absolute, 0), total[emitting][:, None] - 1)
     spliced = source[rows_of(emitting[:, None], absolute)].reshape(emitted_total, FEATURE_DIM)
     normalised = streams[0]._cmvn.apply_in_place(spliced)
-    bounds = np.cumsum([0, *counts_array.tolist()]).tolist()
-    return [normalised[low:high] for low, high in itertools.pairwise(bounds)]
+    return _split_rows(normalised, counts_array)
+
+
+def _split_rows(rows: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
+    """``rows`` as consecutive views of ``counts`` rows each (counts: an intp array)."""
+    if counts.shape[0] and counts.min() == counts.max():
+        # Streams fed in step keep and emit as many rows each: the views come from iterating
+        # over one reshaped view, without a Python slice per stream.
+        return list(rows.reshape(counts.shape[0], int(counts[0]), *rows.shape[1:]))
+    bounds = np.cumsum([0, *counts.tolist()]).tolist()
+    return [rows[low:high] for low, high in itertools.pairwise(bounds)]

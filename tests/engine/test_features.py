@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import sys
 import wave
 from pathlib import Path
@@ -346,3 +347,59 @@ def test_streams_fed_alone_on_several_threads_get_the_bits_of_new_arrays(  # typ
     for index, samples in enumerate(pairs):
         for got, expected in zip(results[index], alone_in_turn(samples, None), strict=True):
             np.testing.assert_array_equal(got, expected)
+
+
+def streams_back_to_back(
+    samples: np.ndarray,
+) -> tuple[np.ndarray, list[tuple[int, int, int]], list[np.ndarray]]:
+    """Pieces of a recording as a batch's streams, laid back to back as accept_many lays them:
+    runs of streams as long as each other (a live step's, a stream of one frame alone, streams
+    longer than a block), their float32 signal, runs and pieces."""
+    lengths = [1840] * 37 + [400] * 3 + [560] + [16000 * 2 + 123] * 2 + [399] + [1840] * 5
+    samples = np.resize(samples, 997 * len(lengths) + max(lengths))  # the recording repeated
+    pieces, runs, first, position = [], [], 0, 0
+    for length, run in itertools.groupby(lengths):
+        members = len(list(run))
+        runs.append((first, members, length))
+        for _ in range(members):
+            pieces.append(samples[position : position + length].astype(np.float32))
+            position += 997
+        first += members * length
+    return np.concatenate(pieces), runs, pieces
+
+
+@pytest.mark.parametrize("block_rows", [1, 2, 9, 160, 100_000])
+def test_a_batch_in_blocks_of_any_size_gets_each_streams_log_mel_energies(
+    block_rows: int, example_wav: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batched filterbank (log_mel_of_runs) takes a batch's frames in blocks of _BLOCK_ROWS:
+    whatever their size, every frame of every stream gets the energies of that stream's windows
+    taken at once, to float32 rounding (a BLAS may sum a large product's rows in another order
+    than a small one's)."""
+    signal, runs, pieces = streams_back_to_back(read_samples(example_wav))
+    fbank = KaldiFbank()
+    expected = np.concatenate([fbank.log_mel(fbank.windows(piece)) for piece in pieces])
+    monkeypatch.setattr(features, "_BLOCK_ROWS", block_rows)
+    energies = np.full_like(expected, np.nan)
+    fbank.log_mel_of_runs(signal, runs, energies)
+    assert np.abs(energies - expected).max() < 1e-5
+
+
+def test_a_frames_log_mel_energies_do_not_depend_on_the_block_it_is_in(
+    example_wav: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every step up to the mel product is row by row, and blocks are small products, which
+    OpenBLAS (numpy's wheels) sums row by row alike whatever their number of rows; a block of
+    one row (a product numpy would make a matrix-vector one) is taken as two. So a frame's energies
+    are the same bits in a block of its own, in a small block or in the largest."""
+    signal, runs, _ = streams_back_to_back(read_samples(example_wav))
+    fbank = KaldiFbank()
+    results = []
+    rows = sum(streams * features.frame_count(length) for _, streams, length in runs)
+    for block_rows in (1, 2, 9, features._BLOCK_ROWS):
+        monkeypatch.setattr(features, "_BLOCK_ROWS", block_rows)
+        energies = np.full((rows, NUM_MEL_BINS), np.nan, dtype=np.float32)
+        fbank.log_mel_of_runs(signal, runs, energies)
+        results.append(energies)
+    for energies in results[1:]:
+        np.testing.assert_array_equal(energies, results[0])
