@@ -69,6 +69,9 @@ def machine() -> dict[str, Any]:
         "fft": default_fft(),
         "commit": commit,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        # Other work on the machine when the results were written: a shared VM's speed drifts
+        # with it (1-minute average of runnable processes; compare it with the cores).
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
 
 
