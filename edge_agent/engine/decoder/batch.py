@@ -331,16 +331,20 @@ def process_many(
                     continue
                 index = members[row]
                 proposed = np.flatnonzero(candidates[position])
+                spans = search.frames_read(
+                    decoders[index].history, frames[row, proposed], scores[position, proposed]
+                )
+                if not spans and search.firing.pending is None:
+                    # No proposed frame may end a match that counts: all the exact decoding
+                    # would do is keep the carries.
+                    search.keep_carries(new_carry[position], new_carry_pre[position], alive[position])
+                    continue
                 # Its scores propose the frames to re-score; all of them are resolved below.
                 filtered = Filtered(
                     scores[position, : lengths[row]], new_carry[position], new_carry_pre[position]
                 )
                 exact_work.setdefault(index, []).append((search, filtered))
-                wanted.setdefault(index, []).extend(
-                    search.frames_read(
-                        decoders[index].history, frames[row, proposed], scores[position, proposed]
-                    )
-                )
+                wanted.setdefault(index, []).extend(spans)
     if resolve is not None:
         # Everything the exact decoding below will read, for every stream, in one call.
         frames_wanted = {i: decoders[i].history.unresolved(spans) for i, spans in wanted.items() if spans}
@@ -416,8 +420,12 @@ def process_one(
         if search.pending is None and found.size == 0:
             search.keep_carries(new_carry, new_carry_pre)
             continue
+        spans = search.frames_read(history, found, scores[proposed])
+        if not spans and search.pending is None:
+            search.keep_carries(new_carry, new_carry_pre)  # as in process_many
+            continue
         exact_work.append((search, Filtered(scores, new_carry, new_carry_pre)))
-        wanted += search.frames_read(history, found, scores[proposed])
+        wanted += spans
     if not exact_work:
         return []
     if resolve is None:
