@@ -322,8 +322,9 @@ def serve(handle: int) -> None:
     """A worker process's entry point: its end of the pipe is the open descriptor ``handle``;
     the first message on it says what to load and how (:meth:`Partition.launch`)."""
     # As `edge-agent run` does for its own process: the engine's per-chunk buffers stay in the
-    # heap (see tune_allocator), with a lower bound here, as there is one heap per worker.
-    tune_allocator(_WORKER_HEAP_BYTES)
+    # heap (see tune_allocator), with a lower bound here, as there is one heap per worker; and
+    # one arena, which the engine thread and the pipe's reader share.
+    tune_allocator(_WORKER_HEAP_BYTES, arenas=1)
     conn = Connection(handle)
     try:
         source, settings, read_ahead = conn.recv()
