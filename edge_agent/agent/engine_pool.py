@@ -14,8 +14,11 @@ snapshots, health), so Ingest, LiveConfig and the detection sink do not know whi
   goes through one sender thread and one pipe, in the order it was submitted.
 * **Backlog.** Each worker has its own :class:`PartitionQueue`, bounded in bytes (its share of
   ``engine.queue_mb``) counting what waits in this process *and* what the worker was sent but
-  has not handled (it reports what it handled). The worker reads ahead only a quarter of its
-  bound, so the backlog stays here, where the oldest waiting audio is dropped first.
+  has not handled (it reports what it handled). The worker reads ahead only about one step's
+  worth of audio, so the backlog stays here, where the oldest waiting audio is dropped first.
+* **Steps.** The sender gathers what arrives for a worker's live streams within a few
+  milliseconds into one batch: the worker then runs one batched step over all of them rather
+  than several small ones, which cost several times as much.
 * **Results.** Detections, closed streams and refusals come back on the same pipe; one reader
   thread per worker hands them to the detection sink and the :class:`ErrorReporter` of this
   process: there is one outbox and one publisher.
@@ -79,6 +82,10 @@ _WORKER_HEAP_BYTES = 32 * 1024 * 1024
 _RECENT_SECONDS = 2.0
 # Waits for a worker process that no longer answers (a drain, a change, a stop).
 _START_SECONDS = 60.0
+# Audio a worker process holds at most besides what it is scoring (seconds, all its streams
+# together): it scores all it holds in one step, and a step's working memory grows with its
+# audio. About one 100 ms chunk of 300 streams; more waits in the agent.
+_READ_AHEAD_SECONDS = 32.0
 # Longest wait for a worker's other live streams' chunks before what came is sent to it (see
 # Partition._gather): about one burst of devices sending in step, a fraction of a chunk.
 _GATHER_SECONDS = 0.03
@@ -190,9 +197,10 @@ class _ReadAheadQueue(WorkQueue):
             self.handled_seconds += seconds
             self._room.notify_all()
 
-    def wait_below(self, limit: int) -> None:
+    def wait_below(self, seconds: float) -> None:
+        """Wait until less than ``seconds`` of audio is queued."""
         with self._room:
-            while self.queued_bytes >= limit:
+            while self.queued_seconds >= seconds:
                 self._room.wait(_STATE_SECONDS)
 
 
@@ -201,7 +209,7 @@ class WorkerProcess:
     main thread, reads the pipe and queues what came for the worker."""
 
     def __init__(
-        self, conn: Connection, source: ModelSource, settings: EngineSettings, read_ahead: int
+        self, conn: Connection, source: ModelSource, settings: EngineSettings, read_ahead: float
     ) -> None:
         self._conn = conn
         self._out = _Outgoing(conn)
@@ -277,17 +285,19 @@ class WorkerProcess:
         return True
 
     def _queue_items(self, items: list[Any]) -> None:
-        """Queue ``items`` for the worker, never more than the read-ahead at a time: what the
-        worker has not taken yet stays in the agent, where the oldest audio can be dropped."""
+        """Queue ``items`` for the worker, never more than the read-ahead (seconds of audio) at a
+        time: the worker scores all it has in one step, whose working memory grows with its
+        audio; what it has not taken yet stays in the agent, where the oldest audio can be
+        dropped."""
         inbox, limit = self._inbox, self._read_ahead
         start = 0
         while start < len(items):
             inbox.wait_below(limit)
-            room = limit - inbox.queued_bytes
+            room = limit - inbox.queued_seconds
             end = start + 1
-            room -= _item_bytes(items[start])
+            room -= _item_seconds(items[start])
             while end < len(items) and room > 0:
-                room -= _item_bytes(items[end])
+                room -= _item_seconds(items[end])
                 end += 1
             inbox.extend(items[start:end])
             start = end
@@ -402,7 +412,7 @@ class Partition:
         self.pool = pool
         self.index = index
         self.queue = PartitionQueue(max_bytes)
-        self.read_ahead = max(max_bytes // 4, 1)
+        self.read_ahead = _READ_AHEAD_SECONDS
         self.process: subprocess.Popen[bytes] | None = None
         self.conn: Connection | None = None
         self.state = _WorkerState([], WorkerStats(), False, None)

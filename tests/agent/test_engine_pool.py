@@ -163,12 +163,12 @@ def test_health_reads_the_workers_false_alarm_windows_as_one(  # type: ignore[no
 
 def test_a_worker_process_reads_no_more_than_its_read_ahead_and_keeps_the_order() -> None:
     """A batch from the agent (raw PCM chunks as tuples, items, in order) is queued a
-    read-ahead's worth at a time: what the worker has not taken stays with the agent, where the
-    oldest audio can be dropped."""
+    read-ahead's worth of audio at a time: what the worker has not taken stays with the agent,
+    where the oldest audio can be dropped."""
     from edge_agent.agent import engine_pool
 
     chunk = PcmChunk("s", "mqtt", bytes(3200), None, 0.0, "t")
-    read_ahead = 5 * chunk.nbytes
+    read_ahead = 5 * chunk.seconds
     process = engine_pool.WorkerProcess.__new__(engine_pool.WorkerProcess)
     process._inbox = inbox = engine_pool._ReadAheadQueue()
     process._read_ahead = read_ahead
@@ -180,7 +180,7 @@ def test_a_worker_process_reads_no_more_than_its_read_ahead_and_keeps_the_order(
     taken: list[object] = []
     most = 0
     while len(taken) < len(entries):
-        most = max(most, inbox.queued_bytes)
+        most = max(most, inbox.queued_seconds)
         batch = inbox.take(10.0)
         assert batch, "the reader stopped queueing"
         taken += batch
@@ -188,7 +188,7 @@ def test_a_worker_process_reads_no_more_than_its_read_ahead_and_keeps_the_order(
             sum(getattr(i, "nbytes", 0) for i in batch), sum(getattr(i, "seconds", 0) for i in batch)
         )
     reader.join(10)
-    assert most <= read_ahead + chunk.nbytes
+    assert most <= read_ahead + chunk.seconds + 1e-9
     assert [(i.stream, i.data[:1]) for i in taken[:-1]] == [(f"s{n % 3}", bytes([n])) for n in range(40)]
     assert [i.received_at for i in taken[:-1]] == [float(n) for n in range(40)]
     assert taken[-1] == StreamEnd("s0", "mqtt", "t")
