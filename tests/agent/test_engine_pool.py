@@ -193,3 +193,31 @@ def test_a_worker_process_reads_no_more_than_its_read_ahead_and_keeps_the_order(
     assert [i.received_at for i in taken[:-1]] == [float(n) for n in range(40)]
     assert taken[-1] == StreamEnd("s0", "mqtt", "t")
     assert inbox.handled_bytes == 40 * chunk.nbytes
+
+
+def test_the_sender_gathers_what_its_live_streams_send_into_one_batch_in_order() -> None:
+    """A worker steps once per batch it is sent: the sender adds to a batch the chunks of the
+    worker's other live streams (and whatever else is queued, in order) until each of them has
+    one, or a few milliseconds passed; a stream that went quiet holds nothing up for long."""
+    from edge_agent.agent import engine_pool
+
+    partition = engine_pool.Partition.__new__(engine_pool.Partition)
+    partition.queue = engine_pool.PartitionQueue(1 << 20)
+    waiting = partition.queue.waiting
+
+    def chunk(stream: str) -> PcmChunk:
+        return PcmChunk(stream, "mqtt", bytes(3200), None, 0.0, f"t/{stream}")
+
+    live: dict[str, float] = {}
+    assert partition._gather([chunk("s0")], live) == [chunk("s0")]  # nothing else was live
+    assert set(live) == {"s0"}
+    for stream in ("s1", "s2"):
+        live[stream] = live["s0"]
+    # The rest of the round is queued: it joins the batch, in the order it came.
+    for item in (StreamEnd("s2", "mqtt", "t/s2"), chunk("s0"), chunk("s2")):
+        waiting.put(item)
+    batch = partition._gather([chunk("s1")], live)
+    assert batch == [chunk("s1"), StreamEnd("s2", "mqtt", "t/s2"), chunk("s0"), chunk("s2")]
+    # s0 and s2 are awaited but silent: the batch goes with what came.
+    assert partition._gather([chunk("s1")], live) == [chunk("s1")]
+    assert len(waiting) == 0
