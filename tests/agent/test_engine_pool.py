@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -221,3 +223,17 @@ def test_the_sender_gathers_what_its_live_streams_send_into_one_batch_in_order()
     # s0 and s2 are awaited but silent: the batch goes with what came.
     assert partition._gather([chunk("s1")], live) == [chunk("s1")]
     assert len(waiting) == 0
+
+
+def test_a_worker_process_loads_the_engine_and_not_the_agents_other_parts() -> None:
+    """Every engine process is a fresh interpreter: what its entry point imports is paid once
+    per core (the configuration, yaml, MQTT, the outbox are the agent's own process's)."""
+    code = (
+        "import sys; from edge_agent.agent.engine_pool import serve; "
+        "print(sorted(m for m in ('edge_agent.config', 'yaml', 'hashlib', 'paho', 'sqlite3', 'psutil') "
+        "if m in sys.modules))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    assert loaded.strip() == "[]"
