@@ -60,15 +60,10 @@ from edge_agent.mqtt.messages import (
     iso_utc,
 )
 from edge_agent.mqtt.transport import MqttTransport
-from edge_agent.system import tune_allocator
 
 log = logging.getLogger(__name__)
 
 _BYTES_PER_MB = 1024 * 1024
-# With engine processes: the largest allocation this process keeps in its heap (above one batch
-# of chunks pickled for a worker), and its heaps (see tune_allocator).
-_AGENT_HEAP_BYTES = 4 * _BYTES_PER_MB
-_AGENT_ARENAS = 2
 
 
 class Agent:
@@ -283,12 +278,6 @@ class Agent:
             ", ".join(f"{k.text}@{k.threshold}" for k in self.worker.keywords),
         )
         self._started = True
-        if isinstance(self.worker, EnginePool):
-            # The engine runs in its own processes: this one reads MQTT, queues chunks and
-            # publishes, on many threads. It makes none of the engine's large buffers, so it keeps
-            # little freed memory (a drained backlog goes back to the system) and shares a few
-            # heaps among its threads rather than keeping one per thread.
-            tune_allocator(_AGENT_HEAP_BYTES, arenas=_AGENT_ARENAS)
         self.sink.start()
         self.worker.start()
         if self.transport is not None:
