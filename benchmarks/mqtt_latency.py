@@ -26,7 +26,10 @@ much of it passed inside the agent (``agent_delay_ms_*``: keyword end to the det
 to the broker, from the events' own ``delay_ms``), chunks the agent dropped or refused (from
 its retained health), and the agent's CPU and peak memory: the agent is its own process and its
 engine's worker processes (``engine.workers``), and both are summed over all of them (CPU: 100 =
-one core; RSS counts shared pages once per process, PSS shares them out: both are given).
+one core; RSS counts shared pages once per process, PSS shares them out: both are given), then
+per process (``agent_peak_memory_per_process``). The load generator, mosquitto and this process
+(the subscriber) share the machine with the agent: their CPU is given too
+(``others_cpu_percent``), with the load average before the round (``load_average_before``).
 
 With ``--rounds R`` each N is run R times with a fresh broker and agent: the row is the round
 with the median p95, next to every round's p95, the most chunks any round dropped and the most
@@ -41,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import tempfile
 import threading
 import time
@@ -48,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 
 from benchmarks.common import (
     BROKER_NODELAY,
@@ -92,6 +97,61 @@ def engine_detections(audio: np.ndarray, offsets: list[int], seconds: float) -> 
         found += detector.finish()
         per_offset[offset] = [(round(d.start, 3), round(d.end, 3)) for d in found]
     return {(f"s{k}", start, end) for k, offset in enumerate(offsets) for start, end in per_offset[offset]}
+
+
+class MachineShare:
+    """How much of the machine each party of a round takes: CPU of the load generator (the
+    devices' process), the broker and this process (the subscriber), next to the agent's; and
+    each agent process's peak memory (its main process, its engine processes), sampled with
+    :meth:`sample`. The figures are for a machine the parties share, often with others: the
+    load average before the round says how busy it was."""
+
+    def __init__(self, agent_pid: int, others: dict[str, int]) -> None:
+        self.load_average = round(os.getloadavg()[0], 2)
+        self._agent = psutil.Process(agent_pid)
+        self._others = {name: psutil.Process(pid) for name, pid in others.items()}
+        started = time.monotonic()
+        # name -> (CPU seconds, when) at the first and the latest sample (a process may be gone at the end)
+        self._first = {name: (_cpu_seconds(process), started) for name, process in self._others.items()}
+        self._latest = dict(self._first)
+        self.peak_memory: dict[str, dict[str, float]] = {}  # "main" / "engine N" -> peak RSS, PSS (MB)
+
+    def sample(self) -> None:
+        now = time.monotonic()
+        for name, process in self._others.items():
+            seconds = _cpu_seconds(process)
+            if seconds is not None:
+                self._latest[name] = (seconds, now)
+        try:
+            engines = self._agent.children()
+        except psutil.Error:
+            return
+        for name, process in [("main", self._agent), *((f"engine {n}", c) for n, c in enumerate(engines))]:
+            try:
+                memory = process.memory_full_info()
+            except psutil.Error:
+                continue
+            peak = self.peak_memory.setdefault(name, {"rss_mb": 0.0, "pss_mb": 0.0})
+            peak["rss_mb"] = round(max(peak["rss_mb"], memory.rss / 1e6), 1)
+            peak["pss_mb"] = round(max(peak["pss_mb"], getattr(memory, "pss", memory.rss) / 1e6), 1)
+
+    def cpu_percent(self) -> dict[str, float]:
+        """CPU between the first and the latest sample (100 = one core), per party but the agent."""
+        self.sample()
+        used = {}
+        for name, (first, first_at) in self._first.items():
+            latest, latest_at = self._latest[name]
+            if first is not None and latest is not None and latest_at > first_at:
+                used[name] = round((latest - first) / (latest_at - first_at) * 100, 1)
+        return used
+
+
+def _cpu_seconds(process: psutil.Process) -> float | None:
+    try:
+        times = process.cpu_times()
+    except psutil.Error:
+        return None
+    return float(times.user + times.system)
 
 
 class Collector:
@@ -180,10 +240,17 @@ def run_once(
             target=send_audio, args=(broker.port, offsets, audio, total_seconds, started, lags)
         )
         sender.start()
+        assert sender.pid is not None and broker.process is not None
+        share = MachineShare(
+            agent.pid,
+            {"load_generator": sender.pid, "broker": broker.process.pid, "subscriber": os.getpid()},
+        )
         while sender.is_alive() and time.time() < started + total_seconds:
             usage.sample()
+            share.sample()
             time.sleep(1.0)
         cpu = usage.cpu_percent()
+        others_cpu = share.cpu_percent()
         sender_lags = lags.get(timeout=60)
         sender.join(30)
         deadline = time.monotonic() + 15
@@ -232,6 +299,10 @@ def run_once(
         "agent_cpu_percent_per_process": {pid: v for pid, v in cpu.items() if pid != "total"},
         "agent_peak_rss_mb": round(usage.peak_rss_mb, 1),  # summed over its processes
         "agent_peak_pss_mb": round(usage.peak_pss_mb, 1),
+        "agent_peak_memory_per_process": share.peak_memory,
+        # The rest of the machine's work in the round (100 = one core), and how busy it was before.
+        "others_cpu_percent": others_cpu,
+        "load_average_before": share.load_average,
         "engine_workers": health.get("worker", {}).get("workers"),
     }
 

@@ -10,15 +10,21 @@ from pathlib import Path
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 
 
-def tune_allocator(threshold_bytes: int = 64 * 1024 * 1024) -> bool:
+def tune_allocator(threshold_bytes: int = 64 * 1024 * 1024, arenas: int | None = None) -> bool:
     """Stop glibc from returning every freed feature buffer to the kernel.
 
     Each audio chunk allocates a few arrays of 0.1-2 MB. By default glibc serves those with
     mmap and unmaps them on free, so every chunk pays for fresh zeroed pages: measured here it
     doubled the front-end's cost. Keeping them in the heap (up to ``threshold_bytes``) is what
     long-running numpy services usually do. Returns False where glibc is not the allocator.
+
+    ``arenas``: at most this many heaps. glibc gives threads heaps of their own (up to eight
+    per core), each keeping its own freed memory; threads that take turns holding the GIL gain
+    nothing from them, and a process whose threads hand arrays to each other (a pipe reader
+    and the engine) keeps the freed buffers of both.
     """
     if platform.system() != "Linux":
         return False
@@ -33,7 +39,8 @@ def tune_allocator(threshold_bytes: int = 64 * 1024 * 1024) -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     ok_mmap = mallopt(_M_MMAP_THRESHOLD, threshold_bytes)
     ok_trim = mallopt(_M_TRIM_THRESHOLD, 2 * threshold_bytes)
-    return bool(ok_mmap and ok_trim)
+    ok_arenas = arenas is None or mallopt(_M_ARENA_MAX, arenas)
+    return bool(ok_mmap and ok_trim and ok_arenas)
 
 
 def board_temperature() -> float | None:

@@ -264,6 +264,9 @@ class Agent:
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         config = self.live.config
+        # Naming the FFT library loads it, and scipy's is large: with engine processes, only they
+        # load it (this process runs no front-end).
+        fft = self.model.fft if isinstance(self.worker, EngineWorker) else "the engine processes' default"
         log.info(
             "edge-agent %s starting as %s (boot %s), model %s, backend %s (FFT: %s), keywords %s",
             __version__,
@@ -271,7 +274,7 @@ class Agent:
             self.boot_id,
             config.model.id,
             self.model.backend,
-            self.model.fft,
+            fft,
             ", ".join(f"{k.text}@{k.threshold}" for k in self.worker.keywords),
         )
         self._started = True

@@ -14,8 +14,11 @@ snapshots, health), so Ingest, LiveConfig and the detection sink do not know whi
   goes through one sender thread and one pipe, in the order it was submitted.
 * **Backlog.** Each worker has its own :class:`PartitionQueue`, bounded in bytes (its share of
   ``engine.queue_mb``) counting what waits in this process *and* what the worker was sent but
-  has not handled (it reports what it handled). The worker reads ahead only a quarter of its
-  bound, so the backlog stays here, where the oldest waiting audio is dropped first.
+  has not handled (it reports what it handled). The worker reads ahead only about one step's
+  worth of audio, so the backlog stays here, where the oldest waiting audio is dropped first.
+* **Steps.** The sender gathers what arrives for a worker's live streams within a few
+  milliseconds into one batch: the worker then runs one batched step over all of them rather
+  than several small ones, which cost several times as much.
 * **Results.** Detections, closed streams and refusals come back on the same pipe; one reader
   thread per worker hands them to the detection sink and the :class:`ErrorReporter` of this
   process: there is one outbox and one publisher.
@@ -25,9 +28,13 @@ snapshots, health), so Ingest, LiveConfig and the detection sink do not know whi
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
-import multiprocessing
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -37,6 +44,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import edge_agent
 from edge_agent.agent.errors import ErrorReporter
 from edge_agent.agent.items import (
     Detected,
@@ -74,6 +82,19 @@ _WORKER_HEAP_BYTES = 32 * 1024 * 1024
 _RECENT_SECONDS = 2.0
 # Waits for a worker process that no longer answers (a drain, a change, a stop).
 _START_SECONDS = 60.0
+# Audio a worker process holds at most besides what it is scoring (seconds, all its streams
+# together): it scores all it holds in one step, and a step's working memory grows with its
+# audio. About one 100 ms chunk of 300 streams; more waits in the agent.
+_READ_AHEAD_SECONDS = 32.0
+# Longest wait for a worker's other live streams' chunks before what came is sent to it (see
+# Partition._gather): about one burst of devices sending in step, a fraction of a chunk.
+_GATHER_SECONDS = 0.03
+# How often the queue is looked at meanwhile (chunks arrive one by one: no wake-up per chunk).
+_GATHER_POLL_SECONDS = 0.004
+# A stream is awaited while it sent audio this recently; and how many quiet ones are remembered
+# before they are forgotten.
+_LIVE_SECONDS = 0.5
+_LIVE_STREAMS_SLACK = 256
 
 
 @dataclass
@@ -176,9 +197,10 @@ class _ReadAheadQueue(WorkQueue):
             self.handled_seconds += seconds
             self._room.notify_all()
 
-    def wait_below(self, limit: int) -> None:
+    def wait_below(self, seconds: float) -> None:
+        """Wait until less than ``seconds`` of audio is queued."""
         with self._room:
-            while self.queued_bytes >= limit:
+            while self.queued_seconds >= seconds:
                 self._room.wait(_STATE_SECONDS)
 
 
@@ -187,7 +209,7 @@ class WorkerProcess:
     main thread, reads the pipe and queues what came for the worker."""
 
     def __init__(
-        self, conn: Connection, source: ModelSource, settings: EngineSettings, read_ahead: int
+        self, conn: Connection, source: ModelSource, settings: EngineSettings, read_ahead: float
     ) -> None:
         self._conn = conn
         self._out = _Outgoing(conn)
@@ -263,17 +285,19 @@ class WorkerProcess:
         return True
 
     def _queue_items(self, items: list[Any]) -> None:
-        """Queue ``items`` for the worker, never more than the read-ahead at a time: what the
-        worker has not taken yet stays in the agent, where the oldest audio can be dropped."""
+        """Queue ``items`` for the worker, never more than the read-ahead (seconds of audio) at a
+        time: the worker scores all it has in one step, whose working memory grows with its
+        audio; what it has not taken yet stays in the agent, where the oldest audio can be
+        dropped."""
         inbox, limit = self._inbox, self._read_ahead
         start = 0
         while start < len(items):
             inbox.wait_below(limit)
-            room = limit - inbox.queued_bytes
+            room = limit - inbox.queued_seconds
             end = start + 1
-            room -= _item_bytes(items[start])
+            room -= _item_seconds(items[start])
             while end < len(items) and room > 0:
-                room -= _item_bytes(items[end])
+                room -= _item_seconds(items[end])
                 end += 1
             inbox.extend(items[start:end])
             start = end
@@ -304,12 +328,35 @@ class WorkerProcess:
         return True
 
 
-def _serve(conn: Connection, source: ModelSource, settings: EngineSettings, read_ahead: int) -> None:
-    """The worker process's entry point."""
+def serve(handle: int) -> None:
+    """A worker process's entry point: its end of the pipe is the open descriptor ``handle``;
+    the first message on it says what to load and how (:meth:`Partition.launch`)."""
     # As `edge-agent run` does for its own process: the engine's per-chunk buffers stay in the
-    # heap (see tune_allocator), with a lower bound here, as there is one heap per worker.
-    tune_allocator(_WORKER_HEAP_BYTES)
+    # heap (see tune_allocator), with a lower bound here, as there is one heap per worker; and
+    # one arena, which the engine thread and the pipe's reader share.
+    tune_allocator(_WORKER_HEAP_BYTES, arenas=1)
+    conn = Connection(handle)
+    try:
+        source, settings, read_ahead = conn.recv()
+    except (EOFError, OSError):
+        return  # the agent went away before it started this one
     WorkerProcess(conn, source, settings, read_ahead).run()
+
+
+def _worker_environment() -> dict[str, str]:
+    """The agent's environment, with this copy of edge_agent first on the worker's path (the
+    agent may run from a checkout that is not installed)."""
+    root = str(Path(edge_agent.__file__).resolve().parent.parent)
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([root, path]) if path else root}
+
+
+def _wait(process: subprocess.Popen[bytes], timeout: float) -> int | None:
+    """The exit code of ``process`` once it exited, None if it still runs after ``timeout``."""
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 def _reply_over(out: _Outgoing, token: int) -> Callable[[Any], None]:
@@ -365,8 +412,8 @@ class Partition:
         self.pool = pool
         self.index = index
         self.queue = PartitionQueue(max_bytes)
-        self.read_ahead = max(max_bytes // 4, 1)
-        self.process: multiprocessing.process.BaseProcess | None = None
+        self.read_ahead = _READ_AHEAD_SECONDS
+        self.process: subprocess.Popen[bytes] | None = None
         self.conn: Connection | None = None
         self.state = _WorkerState([], WorkerStats(), False, None)
         self.restarts = 0
@@ -379,17 +426,21 @@ class Partition:
         self._sender: threading.Thread | None = None
 
     def launch(self) -> None:
-        context = multiprocessing.get_context("spawn")
-        mine, theirs = context.Pipe()
-        process = context.Process(
-            target=_serve,
-            args=(theirs, self.pool.source, self.pool.settings, self.read_ahead),
-            name=f"edge-agent-engine-{self.index}",
-            daemon=True,
-        )
+        """Start a worker process: a fresh interpreter (as multiprocessing's spawn would make,
+        without the extra resource-tracker process spawn starts), its pipe a socket pair."""
+        ours, theirs = socket.socketpair()
+        mine = Connection(ours.detach())
+        handle = theirs.fileno()
         self.ready.clear()
-        process.start()
+        process = subprocess.Popen(
+            [sys.executable, "-c", f"from edge_agent.agent.engine_pool import serve; serve({handle})"],
+            pass_fds=(handle,),
+            env=_worker_environment(),
+        )
         theirs.close()
+        # Should it die at once, its reader thread finds the pipe closed and starts another.
+        with contextlib.suppress(OSError):
+            mine.send((self.pool.source, self.pool.settings, self.read_ahead))
         with self._replaced:
             self.conn, self.process = mine, process
             self._replaced.notify_all()
@@ -404,8 +455,11 @@ class Partition:
 
     # --- sender thread -----------------------------------------------------------------------
     def _send(self) -> None:
+        live: dict[str, float] = {}  # stream id -> when its audio was last sent
         while True:
             batch = self.queue.waiting.take(_STATE_SECONDS)
+            if batch and None not in batch:
+                batch = self._gather(batch, live)
             items = [item for item in batch if item is not None]
             if items:
                 # Everything waiting in one message: one pickling and one write for many chunks.
@@ -413,6 +467,29 @@ class Partition:
                 self.queue.sent(items)
             if len(items) < len(batch):
                 return  # closed
+
+    def _gather(self, batch: list[Any], live: dict[str, float]) -> list[Any]:
+        """``batch`` and what joins it while the worker's other live streams' next chunks arrive
+        (at most :data:`_GATHER_SECONDS`): the worker steps once per batch it is sent, and one
+        step over every stream costs far less than several steps over a few each."""
+        now = time.monotonic()
+        deadline = now + _GATHER_SECONDS
+        awaited = {stream for stream, sent in live.items() if now - sent < _LIVE_SECONDS}
+        if len(live) > len(awaited) + _LIVE_STREAMS_SLACK:
+            for stream in [stream for stream in live if stream not in awaited]:
+                del live[stream]
+        awaited.difference_update(_audio_streams(batch))
+        while awaited and time.monotonic() < deadline:
+            time.sleep(_GATHER_POLL_SECONDS)
+            more = self.queue.waiting.take(0.0)
+            batch += more
+            if None in more:
+                break  # closed
+            awaited.difference_update(_audio_streams(more))
+        now = time.monotonic()
+        for stream in _audio_streams(batch):
+            live[stream] = now
+        return batch
 
     def _deliver(self, message: _Message) -> None:
         """Send to the current worker process; if it died meanwhile, to the one replacing it
@@ -435,7 +512,7 @@ class Partition:
         return not self.pool.stopping and self.conn is not dead
 
     # --- reader thread -----------------------------------------------------------------------
-    def _read(self, conn: Connection, process: multiprocessing.process.BaseProcess) -> None:
+    def _read(self, conn: Connection, process: subprocess.Popen[bytes]) -> None:
         pool = self.pool
         while True:
             try:
@@ -458,10 +535,10 @@ class Partition:
                 pool.reply(args[0], args[1])
             elif kind == "ready":
                 self.ready.set()
-        process.join(5.0)
+        exitcode = _wait(process, 5.0)
         if pool.stopping:
             return
-        self._died(process.exitcode)
+        self._died(exitcode)
 
     def _died(self, exitcode: int | None) -> None:
         self.ready.clear()  # nothing more is sent until the new worker is ready
@@ -504,13 +581,18 @@ class Partition:
         process = self.process
         return WorkerBacklog(
             self.index,
-            (process.pid or 0) if process is not None else 0,
+            process.pid if process is not None else 0,
             self.state.alive,
             round(waiting.queued_seconds, 2),
             waiting.queued_bytes,
             len(self.state.snapshots),
             self.restarts,
         )
+
+
+def _audio_streams(items: list[Any]) -> set[str]:
+    """The streams of the audio chunks among ``items``."""
+    return {item.stream for item in items if type(item) is PcmChunk or _is_audio(item)}
 
 
 def _to_wire(item: Any) -> _Message | tuple[Any, ...]:
@@ -659,10 +741,9 @@ class EnginePool:
         self._everywhere("stop", (), max(0.5, deadline - time.monotonic()))
         for partition in self.partitions:
             partition.queue.waiting.close()
-            if partition.process is not None:
-                partition.process.join(max(0.1, deadline - time.monotonic()))
-                if partition.process.is_alive():
-                    partition.process.terminate()
+            process = partition.process
+            if process is not None and _wait(process, max(0.1, deadline - time.monotonic())) is None:
+                process.terminate()
 
     def drain(self, timeout: float = 10.0) -> bool:
         return self._everywhere("drain", (), timeout)
@@ -764,7 +845,7 @@ class EnginePool:
 
     @property
     def alive(self) -> bool:
-        return all(p.process is not None and p.process.is_alive() for p in self.partitions)
+        return all(p.process is not None and p.process.poll() is None for p in self.partitions)
 
     @property
     def stats(self) -> WorkerStats:

@@ -17,18 +17,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_agent.audio.pcm import DEFAULT_PCM, ENGINE_RATE_HZ, MIN_RATE_HZ, PcmFormat
+from edge_agent.audio.pcm import DEFAULT_PCM, MIN_RATE_HZ, PcmFormat
 from edge_agent.audio.sources import AudioChunk
 from edge_agent.engine.decoder import CompiledKeyword, DecoderSettings, Detection
 
 # Streams fed by local hardware or files: continuous by nature, never closed for going quiet
 # and not counted against the network stream limits.
 LOCAL_KINDS = frozenset({"microphone", "file"})
-# Bytes of one second of audio once converted for the engine (16 kHz float32).
-DECODED_BYTES_PER_SECOND = ENGINE_RATE_HZ * 4
 # The fewest bytes a second of raw PCM can take (8 kHz, mono, 8-bit): a chunk whose stream
 # declared its format earlier is at most this long.
 MIN_PCM_BYTES_PER_SECOND = MIN_RATE_HZ * 1
+# What a queued chunk takes besides its bytes: the item, its fields, its place in the queue.
+QUEUED_ITEM_BYTES = 256
 
 
 def is_network_kind(kind: str) -> bool:
@@ -61,9 +61,9 @@ class PcmChunk:
         # Its length in the declared format, or the default one (a stream's own declared format
         # is known only to the worker).
         object.__setattr__(self, "seconds", size / (fmt or DEFAULT_PCM).bytes_per_second)
-        # What it may take in memory once converted (the raw bytes with their samples).
-        longest = size / (fmt.bytes_per_second if fmt is not None else MIN_PCM_BYTES_PER_SECOND)
-        object.__setattr__(self, "nbytes", size + int(longest * DECODED_BYTES_PER_SECOND))
+        # What it holds while it waits for the engine: its bytes. (Its samples exist only while
+        # the worker scores the batch it took, a bounded number of chunks at a time.)
+        object.__setattr__(self, "nbytes", size + QUEUED_ITEM_BYTES)
 
     @property
     def longest_seconds(self) -> float:
@@ -88,8 +88,8 @@ class WavChunk:
 
     @property
     def nbytes(self) -> int:
-        """What it may take in memory once converted (the raw bytes with their samples)."""
-        return len(self.data) + int(self.seconds * DECODED_BYTES_PER_SECOND)
+        """What it holds while it waits for the engine (see :class:`PcmChunk`)."""
+        return len(self.data) + QUEUED_ITEM_BYTES
 
 
 @dataclass(frozen=True)

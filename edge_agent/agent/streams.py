@@ -7,7 +7,6 @@ Only the worker thread changes a :class:`StreamState`; other threads read
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +58,36 @@ class StreamSnapshot:
     gap_seconds: float
 
 
+class _ClockMarks:
+    """The last :data:`_CLOCK_MARKS` (samples fed so far, wall time of the last of them) of a
+    stream, which map its stream time to wall time. Two fixed arrays used as a ring: a worker
+    holds hundreds of streams, and a deque of tuples would cost each several times as much."""
+
+    def __init__(self) -> None:
+        self._fed = np.zeros(_CLOCK_MARKS, np.int64)
+        self._wall = np.zeros(_CLOCK_MARKS, np.float64)
+        self._count = 0  # marks added since the last clear
+
+    def add(self, fed: int, wall: float) -> None:
+        slot = self._count % _CLOCK_MARKS
+        self._fed[slot] = fed
+        self._wall[slot] = wall
+        self._count += 1
+
+    def clear(self) -> None:
+        self._count = 0
+
+    def wall_time(self, sample: int) -> float:
+        """Wall time of ``sample`` (from the stream's start): the first mark at or after it, or
+        the last mark, less the samples between them; now when there is no mark."""
+        if self._count == 0:
+            return time.time()
+        order = np.arange(max(0, self._count - _CLOCK_MARKS), self._count) % _CLOCK_MARKS
+        fed = self._fed[order]
+        at = min(int(np.searchsorted(fed, sample)), order.shape[0] - 1)
+        return float(self._wall[order[at]]) - (int(fed[at]) - sample) / SAMPLE_RATE_HZ
+
+
 class StreamState:
     """One audio stream: converts its input, queues it for the next batch, maps its clock."""
 
@@ -70,8 +99,7 @@ class StreamState:
         self._wav: WavFrameConverter | None = None
         self.counters = StreamCounters()
         self.last_activity = time.monotonic()
-        # (samples fed so far, wall time of the last of them): maps stream time to wall time.
-        self._clock_marks: deque[tuple[int, float]] = deque(maxlen=_CLOCK_MARKS)
+        self._clock = _ClockMarks()
         self._samples_fed = 0
         self._pending: list[np.ndarray] = []
         self._clock_offset: float | None = None
@@ -111,7 +139,7 @@ class StreamState:
             self.counters.gap_seconds += gap
         self._clock_offset = offset
         self._samples_fed += samples.shape[0]
-        self._clock_marks.append((self._samples_fed, captured_at))
+        self._clock.add(self._samples_fed, captured_at)
         self._pending.append(samples)
         self.energy.push(samples)
         self._account(samples, captured_at)
@@ -142,7 +170,7 @@ class StreamState:
         self.detector.reset()
         self._pcm = PcmConverter(fmt) if fmt is not None else None
         self._wav = None
-        self._clock_marks.clear()
+        self._clock.clear()
         self._samples_fed = 0
         self._pending = []
         self._clock_offset = None
@@ -151,14 +179,7 @@ class StreamState:
     # --- time and telemetry -----------------------------------------------------------------
     def wall_time(self, stream_seconds: float) -> float:
         """Wall-clock time at ``stream_seconds`` into the stream (from arrival times)."""
-        target = int(round(stream_seconds * SAMPLE_RATE_HZ))
-        for fed, wall in self._clock_marks:
-            if fed >= target:
-                return wall - (fed - target) / SAMPLE_RATE_HZ
-        if self._clock_marks:
-            fed, wall = self._clock_marks[-1]
-            return wall - (fed - target) / SAMPLE_RATE_HZ
-        return time.time()
+        return self._clock.wall_time(int(round(stream_seconds * SAMPLE_RATE_HZ)))
 
     def keyword_level(self, detection: Detection) -> KeywordLevel | None:
         """The detected keyword's level and its margin over the stream's recent background."""

@@ -24,10 +24,9 @@ from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 import numpy as np
 
 from edge_agent.audio.wav import TARGET_SAMPLE_RATE_HZ, WavError, read_wav, to_mono_16k
-from edge_agent.config import FileSource
 
 if TYPE_CHECKING:
-    from edge_agent.config import AudioSourceConfig
+    from edge_agent.config import AudioSourceConfig, FileSource
 
 logger = logging.getLogger(__name__)
 
@@ -394,6 +393,10 @@ class FileAudioSource:
 
 def create_source(config: AudioSourceConfig) -> AudioSource:
     """The source for one ``audio.sources`` entry; the microphone needs the ``mic`` extra."""
+    # Imported here: the engine's worker processes import this module (its audio items) and
+    # need none of the configuration.
+    from edge_agent.config import FileSource
+
     if isinstance(config, FileSource):
         return FileAudioSource(config)
     # Imported here: the microphone module is light, but keeps PyAudio concerns out of this one.

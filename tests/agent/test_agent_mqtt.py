@@ -144,8 +144,9 @@ def test_kill_9_leaves_offline_through_the_last_will(broker, model_dir: Path, tm
 def test_recordings_streamed_fast_give_exactly_the_cli_detections(  # type: ignore[no-untyped-def]
     broker, make_agent, client, tmp_path: Path, dev_audio: Path, cli_detections
 ) -> None:
-    # 450 s of audio as fast as the broker goes (about 75 MB of queue at its worst-case cost):
-    # what is checked here is the detections, not the queue's bound, so it gets room for all.
+    # 450 s of audio as fast as the broker goes (about 15 MB of queue should the engine fall
+    # that far behind): what is checked here is the detections, not the queue's bound, so it
+    # gets room for all.
     make_agent(agent_config(broker.port, tmp_path, engine={"queue_mb": 256}))
     client.subscribe(f"{PREFIX}/detection")
     files = sorted(dev_audio.glob("pos/*.wav")) + sorted(dev_audio.glob("neg/*.wav"))

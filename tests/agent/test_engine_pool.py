@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -163,12 +165,12 @@ def test_health_reads_the_workers_false_alarm_windows_as_one(  # type: ignore[no
 
 def test_a_worker_process_reads_no_more_than_its_read_ahead_and_keeps_the_order() -> None:
     """A batch from the agent (raw PCM chunks as tuples, items, in order) is queued a
-    read-ahead's worth at a time: what the worker has not taken stays with the agent, where the
-    oldest audio can be dropped."""
+    read-ahead's worth of audio at a time: what the worker has not taken stays with the agent,
+    where the oldest audio can be dropped."""
     from edge_agent.agent import engine_pool
 
     chunk = PcmChunk("s", "mqtt", bytes(3200), None, 0.0, "t")
-    read_ahead = 5 * chunk.nbytes
+    read_ahead = 5 * chunk.seconds
     process = engine_pool.WorkerProcess.__new__(engine_pool.WorkerProcess)
     process._inbox = inbox = engine_pool._ReadAheadQueue()
     process._read_ahead = read_ahead
@@ -180,7 +182,7 @@ def test_a_worker_process_reads_no_more_than_its_read_ahead_and_keeps_the_order(
     taken: list[object] = []
     most = 0
     while len(taken) < len(entries):
-        most = max(most, inbox.queued_bytes)
+        most = max(most, inbox.queued_seconds)
         batch = inbox.take(10.0)
         assert batch, "the reader stopped queueing"
         taken += batch
@@ -188,8 +190,50 @@ def test_a_worker_process_reads_no_more_than_its_read_ahead_and_keeps_the_order(
             sum(getattr(i, "nbytes", 0) for i in batch), sum(getattr(i, "seconds", 0) for i in batch)
         )
     reader.join(10)
-    assert most <= read_ahead + chunk.nbytes
+    assert most <= read_ahead + chunk.seconds + 1e-9
     assert [(i.stream, i.data[:1]) for i in taken[:-1]] == [(f"s{n % 3}", bytes([n])) for n in range(40)]
     assert [i.received_at for i in taken[:-1]] == [float(n) for n in range(40)]
     assert taken[-1] == StreamEnd("s0", "mqtt", "t")
     assert inbox.handled_bytes == 40 * chunk.nbytes
+
+
+def test_the_sender_gathers_what_its_live_streams_send_into_one_batch_in_order() -> None:
+    """A worker steps once per batch it is sent: the sender adds to a batch the chunks of the
+    worker's other live streams (and whatever else is queued, in order) until each of them has
+    one, or a few milliseconds passed; a stream that went quiet holds nothing up for long."""
+    from edge_agent.agent import engine_pool
+
+    partition = engine_pool.Partition.__new__(engine_pool.Partition)
+    partition.queue = engine_pool.PartitionQueue(1 << 20)
+    waiting = partition.queue.waiting
+
+    def chunk(stream: str) -> PcmChunk:
+        return PcmChunk(stream, "mqtt", bytes(3200), None, 0.0, f"t/{stream}")
+
+    live: dict[str, float] = {}
+    assert partition._gather([chunk("s0")], live) == [chunk("s0")]  # nothing else was live
+    assert set(live) == {"s0"}
+    for stream in ("s1", "s2"):
+        live[stream] = live["s0"]
+    # The rest of the round is queued: it joins the batch, in the order it came.
+    for item in (StreamEnd("s2", "mqtt", "t/s2"), chunk("s0"), chunk("s2")):
+        waiting.put(item)
+    batch = partition._gather([chunk("s1")], live)
+    assert batch == [chunk("s1"), StreamEnd("s2", "mqtt", "t/s2"), chunk("s0"), chunk("s2")]
+    # s0 and s2 are awaited but silent: the batch goes with what came.
+    assert partition._gather([chunk("s1")], live) == [chunk("s1")]
+    assert len(waiting) == 0
+
+
+def test_a_worker_process_loads_the_engine_and_not_the_agents_other_parts() -> None:
+    """Every engine process is a fresh interpreter: what its entry point imports is paid once
+    per core (the configuration, yaml, MQTT, the outbox are the agent's own process's)."""
+    code = (
+        "import sys; from edge_agent.agent.engine_pool import serve; "
+        "print(sorted(m for m in ('edge_agent.config', 'yaml', 'hashlib', 'paho', 'sqlite3', 'psutil') "
+        "if m in sys.modules))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    assert loaded.strip() == "[]"

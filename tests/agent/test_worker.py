@@ -13,6 +13,7 @@ import pytest
 
 from edge_agent.agent.errors import ErrorReporter, Refusal
 from edge_agent.agent.items import (
+    QUEUED_ITEM_BYTES,
     AudioChunk,
     Detected,
     EngineSettings,
@@ -217,13 +218,12 @@ def test_after_a_hand_over_that_timed_out_the_worker_does_not_wait_again(
         worker.stop()
 
 
-def test_the_queue_is_bounded_in_memory_once_converted_and_controls_always_pass() -> None:
-    """A chunk costs its bytes and its samples once converted: 0.1 s of 16 kHz s16le is
-    3,200 bytes and 6,400 of float32 samples (declared), or up to 0.4 s of samples when its
-    format is the stream's own (8 kHz u8 at the least)."""
+def test_the_queue_is_bounded_by_what_waiting_chunks_hold_and_controls_always_pass() -> None:
+    """A waiting chunk holds its bytes (and the item itself), whether or not it declares its
+    format: 0.1 s of 16 kHz s16le is 3,200 bytes; its samples exist only while it is scored."""
     declared = PcmChunk("s", "mqtt", bytes(3200), PcmFormat(), 0.0, "t")
     undeclared = PcmChunk("s", "mqtt", bytes(3200), None, 0.0, "t")
-    assert declared.nbytes == 3200 + 6400 and undeclared.nbytes == 3200 + 25600
+    assert declared.nbytes == undeclared.nbytes == 3200 + QUEUED_ITEM_BYTES
     queue = WorkQueue(max_bytes=2 * declared.nbytes + 100)
     dropped: list[object] = []
     queue.on_evicted(dropped.append)
