@@ -357,7 +357,7 @@ class Connection(AsyncEventHandler):
         self._write_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._format_key: tuple[Any, Any, Any] | None = None
-        self.hold_for_tick = server.batch_ms > 0
+        self._hold_for_tick = server.batch_ms > 0
         stream.take_ahead = self._take_audio
 
     # --- the read loop ---------------------------------------------------------------------
@@ -392,7 +392,7 @@ class Connection(AsyncEventHandler):
                     self.last_event = time.monotonic()
                     if not await self.handle_event(event):
                         break
-                    if self.hold_for_tick and self.session is not None:
+                    if self._hold_for_tick and self.session is not None:
                         reader.hold()
         finally:
             self.closed = True
@@ -409,7 +409,7 @@ class Connection(AsyncEventHandler):
         if not AudioChunk.is_type(event.type) or not self._append(event):
             return False
         self.last_event = time.monotonic()
-        if self.hold_for_tick:
+        if self._hold_for_tick:
             self.stream.hold()
         return True
 
