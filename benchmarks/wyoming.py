@@ -2,7 +2,7 @@
 
     python -m benchmarks.wyoming [--clients 1,8,32,128] [--seconds 30]
                                  [--openwakeword-python PATH] [--batch-ms 100]
-                                 [--event-loop auto|uvloop|asyncio] [--rounds 1]
+                                 [--event-loop auto|uvloop|asyncio] [--rounds 1] [--against DIR]
 
 For each N, the agent runs as ``edge-agent wyoming`` (its own process, MQTT off, no mDNS; its
 event loop ``wyoming.event_loop``: uvloop where installed unless ``--event-loop asyncio``) and N
@@ -34,9 +34,9 @@ with the median CPU ratio, next to every round's ratio. ``threads_cpu_percent`` 
 busiest threads' CPU over the same window, busiest first (the engine worker's, then the Wyoming
 server's event loop). Results: benchmarks/results/wyoming.json.
 
-``--baseline PATH`` also runs the agent of another checkout (a worktree of the commit to compare
+``--against DIR`` also runs the agent of another checkout (a worktree of the commit to compare
 with) in every round, right after this one's, with the same clients: on a machine whose speed
-drifts, ``cpu_vs_baseline`` (this agent's CPU over the baseline's, per round) is the figure to
+drifts, ``cpu_vs_against`` (this agent's CPU over the other's, per round) is the figure to
 compare, not two separate runs.
 """
 
@@ -67,6 +67,7 @@ from benchmarks.common import (
     stream_offsets,
     write_result,
 )
+from benchmarks.frontend import commit_of
 from edge_agent.engine.model import KeywordSpec, KwsModel
 
 CHUNK_MS = 10
@@ -370,10 +371,10 @@ def main() -> None:
         "--rounds", type=int, default=1, help="runs per client count, alternating (median ratio reported)"
     )
     parser.add_argument(
-        "--baseline",
+        "--against",
         type=Path,
         default=None,
-        help="a checkout whose agent also runs in every round, right after this one's (A/B)",
+        help="another checkout whose agent also runs in every round, right after this one's (A/B)",
     )
     parser.add_argument("--name", default="wyoming", help="results file name (benchmarks/results/NAME.json)")
     args = parser.parse_args()
@@ -390,17 +391,17 @@ def main() -> None:
             "detections_expected": expected_detections(audio, offsets, samples),
         }
         rounds = [_one_round(args, clients, streams) for _ in range(args.rounds)]
-        # The round with the median ratio (or CPU, with neither openWakeWord nor a baseline): one
+        # The round with the median ratio (or CPU, with neither openWakeWord nor --against): one
         # run on a shared VM moves by a good fraction, and one lucky round proves little.
         ordered = sorted(rounds, key=_round_figure)
         row.update(ordered[(len(ordered) - 1) // 2])
         if args.openwakeword_python:
             row["rounds_cpu_ratio"] = [r["cpu_ratio"] for r in rounds]
-        if args.baseline is not None:
-            row["rounds_cpu_vs_baseline"] = [r["cpu_vs_baseline"] for r in rounds]
+        if args.against is not None:
+            row["rounds_cpu_vs_against"] = [r["cpu_vs_against"] for r in rounds]
         row["clients_kept_real_time"] = all(
             row[server]["sender_lag_ms_p95"] <= MAX_SENDER_LAG_MS
-            for server in ("edge_agent", "baseline", "openwakeword")
+            for server in ("edge_agent", "against", "openwakeword")
             if server in row
         )
         rows.append(row)
@@ -418,7 +419,8 @@ def main() -> None:
             "openwakeword": "wyoming-openwakeword 1.8.2, --preload-model ok_nabu"
             if args.openwakeword_python
             else None,
-            "baseline": _commit(args.baseline) if args.baseline is not None else None,
+            "against": str(args.against) if args.against is not None else None,
+            "against_commit": commit_of(args.against) if args.against is not None else None,
         },
         "rows": rows,
     }
@@ -429,8 +431,8 @@ def _one_round(args: argparse.Namespace, clients: int, streams: list[bytes]) -> 
     """Our server, then openWakeWord's if asked, each on a fresh port with the same clients."""
     result: dict[str, Any] = {}
     checkouts = [("edge_agent", REPO)]
-    if args.baseline is not None:
-        checkouts.append(("baseline", args.baseline))
+    if args.against is not None:
+        checkouts.append(("against", args.against))
     for name, checkout in checkouts:
         port = free_port()
         agent = start_ours(port, clients, args.batch_ms, args.event_loop, checkout)
@@ -439,9 +441,9 @@ def _one_round(args: argparse.Namespace, clients: int, streams: list[bytes]) -> 
             result[name] = measure(agent, streams, KEYWORD, port)
         finally:
             stop(agent)
-    if args.baseline is not None:
-        ours_cpu, base_cpu = result["edge_agent"]["cpu_percent"], result["baseline"]["cpu_percent"]
-        result["cpu_vs_baseline"] = round(ours_cpu / base_cpu, 3) if base_cpu else None
+    if args.against is not None:
+        ours_cpu, other_cpu = result["edge_agent"]["cpu_percent"], result["against"]["cpu_percent"]
+        result["cpu_vs_against"] = round(ours_cpu / other_cpu, 3) if other_cpu else None
     if args.openwakeword_python:
         port = free_port()
         theirs = start_openwakeword(args.openwakeword_python, port)
@@ -455,18 +457,9 @@ def _one_round(args: argparse.Namespace, clients: int, streams: list[bytes]) -> 
     return result
 
 
-def _commit(checkout: Path) -> str:
-    """The baseline checkout's commit (its path if it is not a git checkout)."""
-    try:
-        command = ["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"]
-        return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return str(checkout)
-
-
 def _round_figure(result: dict[str, Any]) -> float:
-    """What a round is ranked by: the ratio to openWakeWord, else to the baseline, else CPU."""
-    for ratio in (result.get("cpu_ratio"), result.get("cpu_vs_baseline")):
+    """What a round is ranked by: the ratio to openWakeWord, else to the other checkout, else CPU."""
+    for ratio in (result.get("cpu_ratio"), result.get("cpu_vs_against")):
         if ratio is not None:
             return float(ratio)
     return float(result["edge_agent"]["cpu_percent"])
@@ -493,11 +486,11 @@ def _summary(row: dict[str, Any]) -> str:
         f"(all audio {ours['cpu_percent_all_audio']}%, drain {ours['drain_seconds']} s), "
         f"RSS {ours['peak_rss_mb']} MB, sender lag p95 {ours['sender_lag_ms_p95']} ms"
     )
-    if "baseline" in row:
-        base = row["baseline"]
+    if "against" in row:
+        other = row["against"]
         text += (
-            f"; baseline CPU {base['cpu_percent']}% (threads {base['threads_cpu_percent']}), "
-            f"ours/baseline per round {row['rounds_cpu_vs_baseline']}"
+            f"; --against CPU {other['cpu_percent']}% (threads {other['threads_cpu_percent']}), "
+            f"this / that per round {row['rounds_cpu_vs_against']}"
         )
     if "openwakeword" in row:
         theirs = row["openwakeword"]
