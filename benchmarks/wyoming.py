@@ -2,7 +2,7 @@
 
     python -m benchmarks.wyoming [--clients 1,8,32,128] [--seconds 30]
                                  [--openwakeword-python PATH] [--batch-ms 100]
-                                 [--event-loop auto|uvloop|asyncio] [--rounds 1]
+                                 [--event-loop auto|uvloop|asyncio] [--rounds 1] [--against DIR]
 
 For each N, the agent runs as ``edge-agent wyoming`` (its own process, MQTT off, no mDNS; its
 event loop ``wyoming.event_loop``: uvloop where installed unless ``--event-loop asyncio``) and N
@@ -30,7 +30,14 @@ fell behind and worked through its sockets' backlog after the window. RSS is the
 A row whose clients fell behind their schedule (sender lag p95 over 50 ms: the machine's other
 work starved the load generator) is marked ``clients_kept_real_time: false`` and is not to be
 quoted. With ``--rounds R`` each N is run R times, ours and theirs in turn: the row is the round
-with the median CPU ratio, next to every round's ratio. Results: benchmarks/results/wyoming.json.
+with the median CPU ratio, next to every round's ratio. ``threads_cpu_percent`` is the agent's
+busiest threads' CPU over the same window, busiest first (the engine worker's, then the Wyoming
+server's event loop). Results: benchmarks/results/wyoming.json.
+
+``--against DIR`` also runs the agent of another checkout (a worktree of the commit to compare
+with) in every round, right after this one's, with the same clients: on a machine whose speed
+drifts, ``cpu_vs_against`` (this agent's CPU over the other's, per round) is the figure to
+compare, not two separate runs.
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ from benchmarks.common import (
     stream_offsets,
     write_result,
 )
+from benchmarks.frontend import commit_of
 from edge_agent.engine.model import KeywordSpec, KwsModel
 
 CHUNK_MS = 10
@@ -191,7 +199,11 @@ def _load_process(port: int, streams: list[bytes], name: str, start_at: float, q
 # --- the servers -----------------------------------------------------------------------------------
 
 
-def start_ours(port: int, clients: int, batch_ms: int, event_loop: str) -> subprocess.Popen[Any]:
+def start_ours(
+    port: int, clients: int, batch_ms: int, event_loop: str, checkout: Path = REPO
+) -> subprocess.Popen[Any]:
+    """The agent of ``checkout`` (its own ``edge_agent`` package: the working directory comes
+    first on ``python -m``'s path)."""
     env = {
         **os.environ,
         "EDGE_AGENT_AUDIO__MQTT__MAX_STREAMS": str(max(64, clients)),
@@ -202,7 +214,7 @@ def start_ours(port: int, clients: int, batch_ms: int, event_loop: str) -> subpr
     }
     command = [sys.executable, "-m", "edge_agent", "wyoming", "--model-dir", str(model_dir())]
     command += ["--wyoming-host", "127.0.0.1", "--wyoming-port", str(port), "--no-zeroconf"]
-    return subprocess.Popen([*command, "--log-level", "warning"], cwd=REPO, env=env)
+    return subprocess.Popen([*command, "--log-level", "warning"], cwd=checkout, env=env)
 
 
 def start_openwakeword(python: str, port: int) -> subprocess.Popen[Any]:
@@ -243,6 +255,8 @@ def measure(process: subprocess.Popen[Any], streams: list[bytes], name: str, por
     children = [server, *server.children(recursive=True)]
     peak_rss = 0.0
     cpu_start = cpu_end = streaming_start = None
+    threads_start: dict[int, float] = {}
+    threads_end: dict[int, float] = {}
     measure_from = start_at + MEASURE_FROM * seconds
     measure_to = start_at + MEASURE_TO * seconds
     while time.time() < start_at + seconds:
@@ -252,19 +266,27 @@ def measure(process: subprocess.Popen[Any], streams: list[bytes], name: str, por
             streaming_start = sum(sum(p.cpu_times()[:2]) for p in children)
         if cpu_start is None and now >= measure_from:
             cpu_start = (now, sum(sum(p.cpu_times()[:2]) for p in children))
+            threads_start = _thread_times(server)
         if cpu_end is None and now >= measure_to:
             cpu_end = (now, sum(sum(p.cpu_times()[:2]) for p in children))
+            threads_end = _thread_times(server)
         time.sleep(0.1)
     results = queue.get(timeout=seconds + 120)
     load.join(30)
     streaming_end = time.time()
     cpu_idle, idle_at = _until_idle(children)
     assert cpu_start is not None and cpu_end is not None and streaming_start is not None
-    cpu = 100.0 * (cpu_end[1] - cpu_start[1]) / (cpu_end[0] - cpu_start[0])
+    window = cpu_end[0] - cpu_start[0]
+    cpu = 100.0 * (cpu_end[1] - cpu_start[1]) / window
+    threads = sorted(
+        (100.0 * (spent - threads_start.get(thread, 0.0)) / window for thread, spent in threads_end.items()),
+        reverse=True,
+    )
     delays = [d * 1000 for d in results["delays"]]
     describe = [d * 1000 for d in results["describe"]]
     return {
         "cpu_percent": round(cpu, 1),
+        "threads_cpu_percent": [round(share, 1) for share in threads[:3]],
         # All the CPU the stream cost, backlog included, per second of audio; and how long the
         # server went on working after the clients left (about 0: it kept up with real time).
         "cpu_percent_all_audio": round(100.0 * (cpu_idle - streaming_start) / seconds, 1),
@@ -281,6 +303,11 @@ def measure(process: subprocess.Popen[Any], streams: list[bytes], name: str, por
         "describes": len(describe),
         "sender_lag_ms_p95": _round(percentile([lag * 1000 for lag in results["lags"]], 95) or 0.0),
     }
+
+
+def _thread_times(process: psutil.Process) -> dict[int, float]:
+    """CPU seconds of each thread of ``process`` (user and system)."""
+    return {thread.id: thread.user_time + thread.system_time for thread in process.threads()}
 
 
 def _until_idle(processes: list[psutil.Process]) -> tuple[float, float]:
@@ -343,6 +370,12 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=1, help="runs per client count, alternating (median ratio reported)"
     )
+    parser.add_argument(
+        "--against",
+        type=Path,
+        default=None,
+        help="another checkout whose agent also runs in every round, right after this one's (A/B)",
+    )
     parser.add_argument("--name", default="wyoming", help="results file name (benchmarks/results/NAME.json)")
     args = parser.parse_args()
     audio, starts = positives_back_to_back()
@@ -358,15 +391,17 @@ def main() -> None:
             "detections_expected": expected_detections(audio, offsets, samples),
         }
         rounds = [_one_round(args, clients, streams) for _ in range(args.rounds)]
-        # The round with the median ratio (or CPU, without openWakeWord): one run on a shared VM
-        # moves by a good fraction, and one lucky round proves little.
+        # The round with the median ratio (or CPU, with neither openWakeWord nor --against): one
+        # run on a shared VM moves by a good fraction, and one lucky round proves little.
         ordered = sorted(rounds, key=_round_figure)
         row.update(ordered[(len(ordered) - 1) // 2])
         if args.openwakeword_python:
             row["rounds_cpu_ratio"] = [r["cpu_ratio"] for r in rounds]
+        if args.against is not None:
+            row["rounds_cpu_vs_against"] = [r["cpu_vs_against"] for r in rounds]
         row["clients_kept_real_time"] = all(
             row[server]["sender_lag_ms_p95"] <= MAX_SENDER_LAG_MS
-            for server in ("edge_agent", "openwakeword")
+            for server in ("edge_agent", "against", "openwakeword")
             if server in row
         )
         rows.append(row)
@@ -384,6 +419,8 @@ def main() -> None:
             "openwakeword": "wyoming-openwakeword 1.8.2, --preload-model ok_nabu"
             if args.openwakeword_python
             else None,
+            "against": str(args.against) if args.against is not None else None,
+            "against_commit": commit_of(args.against) if args.against is not None else None,
         },
         "rows": rows,
     }
@@ -393,13 +430,20 @@ def main() -> None:
 def _one_round(args: argparse.Namespace, clients: int, streams: list[bytes]) -> dict[str, Any]:
     """Our server, then openWakeWord's if asked, each on a fresh port with the same clients."""
     result: dict[str, Any] = {}
-    port = free_port()
-    ours = start_ours(port, clients, args.batch_ms, args.event_loop)
-    try:
-        wait_serving(port, ours)
-        result["edge_agent"] = measure(ours, streams, KEYWORD, port)
-    finally:
-        stop(ours)
+    checkouts = [("edge_agent", REPO)]
+    if args.against is not None:
+        checkouts.append(("against", args.against))
+    for name, checkout in checkouts:
+        port = free_port()
+        agent = start_ours(port, clients, args.batch_ms, args.event_loop, checkout)
+        try:
+            wait_serving(port, agent)
+            result[name] = measure(agent, streams, KEYWORD, port)
+        finally:
+            stop(agent)
+    if args.against is not None:
+        ours_cpu, other_cpu = result["edge_agent"]["cpu_percent"], result["against"]["cpu_percent"]
+        result["cpu_vs_against"] = round(ours_cpu / other_cpu, 3) if other_cpu else None
     if args.openwakeword_python:
         port = free_port()
         theirs = start_openwakeword(args.openwakeword_python, port)
@@ -414,8 +458,11 @@ def _one_round(args: argparse.Namespace, clients: int, streams: list[bytes]) -> 
 
 
 def _round_figure(result: dict[str, Any]) -> float:
-    ratio = result.get("cpu_ratio")
-    return float(ratio) if ratio is not None else float(result["edge_agent"]["cpu_percent"])
+    """What a round is ranked by: the ratio to openWakeWord, else to the other checkout, else CPU."""
+    for ratio in (result.get("cpu_ratio"), result.get("cpu_vs_against")):
+        if ratio is not None:
+            return float(ratio)
+    return float(result["edge_agent"]["cpu_percent"])
 
 
 def _event_loop(choice: str) -> str:
@@ -435,9 +482,16 @@ def _summary(row: dict[str, Any]) -> str:
         f"{row['clients']:>4} clients: detections {ours['detections']}/{row['detections_expected']}, "
         f"delay p50 {ours['delay_ms_p50']} p95 {ours['delay_ms_p95']} ms, "
         f"describe p95 {ours['describe_ms_p95']} ms, CPU {ours['cpu_percent']}% "
+        f"(threads {ours['threads_cpu_percent']}) "
         f"(all audio {ours['cpu_percent_all_audio']}%, drain {ours['drain_seconds']} s), "
         f"RSS {ours['peak_rss_mb']} MB, sender lag p95 {ours['sender_lag_ms_p95']} ms"
     )
+    if "against" in row:
+        other = row["against"]
+        text += (
+            f"; --against CPU {other['cpu_percent']}% (threads {other['threads_cpu_percent']}), "
+            f"this / that per round {row['rounds_cpu_vs_against']}"
+        )
     if "openwakeword" in row:
         theirs = row["openwakeword"]
         text += (

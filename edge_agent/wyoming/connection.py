@@ -1,11 +1,12 @@
 """One Wyoming client: its events in, its audio onto the engine as a stream, its answers out.
 
 A connection runs on the server's event loop. Events are read with the ``wyoming`` package's
-own framing (:func:`wyoming.event.async_read_event`) from a :class:`ClientStream`: the socket's
-protocol is itself the reader ``async_read_event`` asks for lines and exact byte counts (no
-asyncio StreamReader and no proxy in between: tens of events per second per client), and it
-refuses a declared data or payload length, or a header line, above ``wyoming.max_event_bytes``
-before reading it.
+own framing (:func:`wyoming.event.read_event`) from a :class:`ClientStream`: the socket's
+protocol is itself the reader ``read_event`` asks for lines and exact byte counts (no asyncio
+StreamReader, no proxy and no coroutine per event: tens of events per second per client), and
+it refuses a declared data or payload length, or a header line, above
+``wyoming.max_event_bytes`` before reading it. A streaming client's audio chunks are taken
+where its bytes arrive (:attr:`ClientStream.take_ahead`); anything else wakes its task.
 
 * ``describe`` -> ``info`` (:mod:`edge_agent.wyoming.info`), from the keywords configured now;
 * ``detect`` -> the names to report (None: every keyword); a name we do not have gets an
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import asyncio.streams
+import io
 import logging
 import re
 import time
@@ -46,7 +48,7 @@ from typing import Any, Protocol, cast
 
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.error import Error
-from wyoming.event import Event, async_read_event
+from wyoming.event import Event, read_event
 from wyoming.info import Describe, Info
 from wyoming.ping import Ping, Pong
 from wyoming.server import AsyncEventHandler
@@ -71,6 +73,9 @@ _TICKS_HELD = 4
 # default limit); the reader resumes it whenever it needs more, so an event of up to
 # wyoming.max_event_bytes still arrives whole.
 _MAX_UNREAD_BYTES = 128 * 1024
+# What was read of the buffer is dropped once it is this long (it is dropped anyway whenever
+# everything buffered has been read, which is nearly always).
+_COMPACT_AFTER_BYTES = 64 * 1024
 
 
 def peer_label(peername: Any) -> str:
@@ -126,13 +131,25 @@ class Session:
         self.ms_per_byte = 1000.0 / fmt.bytes_per_second
 
 
+class NeedMore(Exception):
+    """The bytes buffered so far end inside an event (deliberately not a ValueError, which
+    ``read_event`` takes for a malformed event)."""
+
+
 class ClientStream(asyncio.streams.FlowControlMixin):
     """A client's socket on the server's loop: the protocol its transport feeds, and the reader
-    :func:`async_read_event` reads (``readline``, ``readexactly``) straight from what arrived.
+    the ``wyoming`` package's own :func:`wyoming.event.read_event` reads (``readline``,
+    ``read``) from what arrived, with no coroutine per event.
+
+    :meth:`next_event` is the next whole event buffered, or raises :class:`NeedMore` (what was
+    read of it is put back; :meth:`more` waits). While the connection's task waits for more, the
+    events that arrive are first offered to :attr:`take_ahead` (the connection's audio fast
+    path) right where they arrive: only an event it does not take (kept for :meth:`next_event`)
+    wakes the task, so a streaming client costs one socket read and no task switch per tick.
 
     A header line or a declared data or payload length above ``limit`` is refused before it is
     read (the library would read whatever a header declares): ``refused`` says why and the read
-    raises ValueError, which ``async_read_event`` answers with None, as it does bad JSON. Reading
+    raises ValueError, which ``read_event`` answers with None, as it does bad JSON. Reading
     the socket pauses while more than ``_MAX_UNREAD_BYTES`` are unread and the reader needs none
     of it (a client that does not read its answers while it keeps sending), and while the
     connection waits for the server's tick (:meth:`hold`, :meth:`release`). Writes go through
@@ -147,9 +164,13 @@ class ClientStream(asyncio.streams.FlowControlMixin):
         self.received_at = time.time()  # wall time of the last bytes' arrival
         self.transport: asyncio.Transport | None = None
         self.writer: asyncio.StreamWriter
+        # The connection's fast path: takes an event (True) or leaves it to the task (False).
+        self.take_ahead: Callable[[Event], bool] | None = None
         self._connected = connected
-        self._buffer = bytearray()
-        self._start = 0  # what is read of _buffer; compacted when the buffer is read to the end
+        self._unread = io.BytesIO()  # what arrived; read up to its position
+        self._size = 0  # bytes in _unread
+        self._kept: Event | None = None  # read ahead, not taken: the next event
+        self._missing = 0  # bytes of the event being read that have not arrived yet
         self._eof = False
         self._waiter: asyncio.Future[None] | None = None
         self._held = False  # by the connection, until the server's tick
@@ -163,11 +184,36 @@ class ClientStream(asyncio.streams.FlowControlMixin):
 
     def data_received(self, data: bytes) -> None:
         self.received_at = time.time()
-        self._buffer += data
-        if len(self._buffer) - self._start > _MAX_UNREAD_BYTES:
+        self._append_unread(data)
+        if self._missing > 0:
+            self._missing -= len(data)
+            if self._missing > 0:
+                return  # the rest of a declared data or payload is still to come
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            # The task waits for more: what arrived is read here first.
+            if self.take_ahead is not None and self._read_ahead(self.take_ahead):
+                return  # all taken (the rest of an event may follow): the task sleeps on
+            waiter.set_result(None)
+        if self._size - self._unread.tell() > _MAX_UNREAD_BYTES:
             self._full = True
             self._pause()
-        self._wake()
+
+    def _append_unread(self, data: bytes) -> None:
+        unread = self._unread
+        position = unread.tell()
+        if position >= self._size:
+            # Everything before was read (the usual case: clients write whole events).
+            self._unread = io.BytesIO(data)
+            self._size = len(data)
+        elif position > _COMPACT_AFTER_BYTES:
+            self._unread = io.BytesIO(unread.read() + data)
+            self._size = self._size - position + len(data)
+        else:
+            unread.seek(0, io.SEEK_END)
+            unread.write(data)
+            unread.seek(position)
+            self._size += len(data)
 
     def eof_received(self) -> bool:
         self.feed_eof()
@@ -181,35 +227,85 @@ class ClientStream(asyncio.streams.FlowControlMixin):
         self._eof = True
         self._wake()
 
-    # --- what async_read_event reads -------------------------------------------------------------
-    async def readline(self) -> bytes:
-        while True:
-            end = self._buffer.find(b"\n", self._start)
-            if end >= 0:
-                line = self._take(end + 1 - self._start)
-                self.last_line = line
-                return line
-            if len(self._buffer) - self._start > self.limit:
-                self.refused = f"a header line longer than {self.limit} bytes (wyoming.max_event_bytes)"
-                raise ValueError(self.refused)
-            if self._eof:
-                # A last line without its end, or nothing (b"": the client left between events).
-                self.last_line = self._take(len(self._buffer) - self._start)
-                return self.last_line
-            await self._more()
+    # --- events ----------------------------------------------------------------------------------
+    def next_event(self) -> Event | None:
+        """The next event (None: the client left, or a bad event: see ``refused``, ``last_line``).
+        Raises NeedMore when no whole event is buffered; IncompleteReadError when the client
+        left in the middle of one."""
+        kept = self._kept
+        if kept is not None:
+            self._kept = None
+            return kept
+        unread = self._unread
+        start = unread.tell()
+        try:
+            return read_event(self)  # type: ignore[arg-type]
+        except NeedMore:
+            unread.seek(start)
+            raise
 
-    async def readexactly(self, n: int) -> bytes:
+    def _read_ahead(self, take: Callable[[Event], bool]) -> bool:
+        """Hand whole buffered events to ``take`` while it takes them; True when it took them all
+        and what is left is part of an event. An event it does not take is kept for
+        :meth:`next_event`; a bad one is left unread for the task to find again and answer."""
+        unread = self._unread
+        while True:
+            start = unread.tell()
+            try:
+                event = read_event(self)  # type: ignore[arg-type]
+            except NeedMore:
+                unread.seek(start)
+                return True
+            except Exception:  # noqa: BLE001 - the task reads it again and answers
+                event = None
+            if event is None:
+                unread.seek(start)
+                self.refused = None
+                return False
+            if not take(event):
+                self._kept = event
+                return False
+
+    # --- what read_event reads -------------------------------------------------------------------
+    def readline(self) -> bytes:
+        line = self._unread.readline()
+        self.last_line = line
+        if line[-1:] == b"\n" or self._eof:
+            return line  # at the end: a last line without its end, or nothing (b"": the client left)
+        if len(line) > self.limit:
+            self.refused = f"a header line longer than {self.limit} bytes (wyoming.max_event_bytes)"
+            raise ValueError(self.refused)
+        raise NeedMore
+
+    def read(self, n: int) -> bytes:
         if n > self.limit:
             self.refused = (
                 f"event declares {n} bytes of data or payload; wyoming.max_event_bytes is {self.limit}"
             )
             raise ValueError(self.refused)
-        while len(self._buffer) - self._start < n:
-            if self._eof:
-                partial = self._take(len(self._buffer) - self._start)
-                raise asyncio.IncompleteReadError(partial, n)
-            await self._more()
-        return self._take(n)
+        data = self._unread.read(n)
+        if len(data) == n:
+            return data
+        if self._eof:
+            raise asyncio.IncompleteReadError(data, n)
+        # Not parsed again before these bytes are here (a large payload arrives in many pieces).
+        self._missing = n - len(data)
+        raise NeedMore
+
+    async def more(self) -> None:
+        """Wait for more bytes (the buffer holds no whole event)."""
+        if self._eof:
+            return
+        if self._full:
+            self._full = False
+            if not self._held:
+                self._resume()
+        waiter = self._loop.create_future()
+        self._waiter = waiter
+        try:
+            await waiter
+        finally:
+            self._waiter = None
 
     # --- reading paused ---------------------------------------------------------------------------
     def hold(self) -> None:
@@ -225,33 +321,6 @@ class ClientStream(asyncio.streams.FlowControlMixin):
                 self._resume()
 
     # --- inside ----------------------------------------------------------------------------------
-    def _take(self, n: int) -> bytes:
-        start = self._start
-        end = start + n
-        data = bytes(self._buffer[start:end])
-        if end >= len(self._buffer):
-            self._buffer.clear()
-            self._start = 0
-        else:
-            self._start = end
-        return data
-
-    async def _more(self) -> None:
-        """Wait for more bytes (the buffer holds no whole line or length)."""
-        if self._start:
-            del self._buffer[: self._start]
-            self._start = 0
-        if self._full:
-            self._full = False
-            if not self._held:
-                self._resume()
-        waiter = self._loop.create_future()
-        self._waiter = waiter
-        try:
-            await waiter
-        finally:
-            self._waiter = None
-
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -288,21 +357,26 @@ class Connection(AsyncEventHandler):
         self._write_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._format_key: tuple[Any, Any, Any] | None = None
+        self._hold_for_tick = server.batch_ms > 0
+        stream.take_ahead = self._take_audio
 
     # --- the read loop ---------------------------------------------------------------------
     async def run(self) -> None:
         """Events until the client leaves or misbehaves (the library's loop, hardened: a bad
         event ends this connection with an ``error`` event, and nothing else)."""
         reader = self.stream
-        hold_for_tick = self.server.batch_ms > 0
         try:
             while not self.closed:
                 try:
-                    event = await async_read_event(reader)  # type: ignore[arg-type]
+                    event = reader.next_event()
+                except NeedMore:
+                    try:
+                        await reader.more()
+                    except asyncio.CancelledError:
+                        break
+                    continue
                 except asyncio.IncompleteReadError:
                     self._bad_event("the connection closed in the middle of an event", "truncated_event")
-                    break
-                except (ConnectionError, asyncio.CancelledError):
                     break
                 except Exception as error:  # noqa: BLE001 - whatever a header holds: one client's fault
                     await self._refuse(f"malformed event: {type(error).__name__}: {error}", "bad_event")
@@ -314,19 +388,30 @@ class Connection(AsyncEventHandler):
                         # A header line that is not JSON.
                         await self._refuse("malformed event: its header line is not JSON", "bad_event")
                     break
-                self.last_event = time.monotonic()
-                # Audio in the session's format (nearly every event) without a coroutine.
-                appended = AudioChunk.is_type(event.type) and self._append(event)
-                if not appended and not await self.handle_event(event):
-                    break
-                if hold_for_tick and self.session is not None:
-                    # Streaming: what the socket holds is read once per tick, in one go (one
-                    # wake-up of the loop for several chunks); what was read is parsed first.
-                    reader.hold()
+                if not self._take_audio(event):
+                    self.last_event = time.monotonic()
+                    if not await self.handle_event(event):
+                        break
+                    if self._hold_for_tick and self.session is not None:
+                        reader.hold()
         finally:
             self.closed = True
+            reader.take_ahead = None
             self.end_session(answer=False)
             self.writer.close()
+
+    def _take_audio(self, event: Event) -> bool:
+        """An ``audio-chunk`` in the open session's format (nearly every event), held for the
+        tick, with no coroutine: from :meth:`run` or straight from the socket's buffer as it
+        arrives (:attr:`ClientStream.take_ahead`). False for anything else (:meth:`handle_event`).
+        Streaming, what the socket holds is then read once per tick, in one go (one wake-up of
+        the loop for several chunks)."""
+        if not AudioChunk.is_type(event.type) or not self._append(event):
+            return False
+        self.last_event = time.monotonic()
+        if self._hold_for_tick:
+            self.stream.hold()
+        return True
 
     async def handle_event(self, event: Event) -> bool:
         if AudioChunk.is_type(event.type):
@@ -362,6 +447,7 @@ class Connection(AsyncEventHandler):
     def close(self) -> None:
         """End the connection from the server's side (idle, shutting down)."""
         self.closed = True
+        self.stream.take_ahead = None
         self.writer.close()
         self.stream.feed_eof()
 
