@@ -244,6 +244,37 @@ def test_the_feasible_start_is_the_first_frame_whose_best_sum_reaches_the_level(
     assert narrowed or strength < 0.5  # at 0.6, some windows narrowed and held a possible match
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_the_on_track_start_is_the_first_frame_of_a_partial_match_averaging_the_threshold(seed: int) -> None:
+    """Early resolution's start against a forward brute force: the first frame where the first
+    character and the next ones (two to n - 1 in all) average the threshold so far."""
+    rng = np.random.default_rng(seed)
+    events = {int(f): {int(rng.integers(2, 5)): float(rng.uniform(0.005, 0.3))} for f in range(0, 120, 2)}
+    # Weak first characters (said, but no partial match from them is on track), then keywords.
+    events.update({int(f): {A: float(rng.uniform(0.01, 0.03))} for f in range(1, 120, 4)})
+    for start in rng.integers(20, 100, size=3):
+        events.update(spoken(int(start), tuple(float(p) for p in rng.uniform(0.4, 0.95, 4)), spacing=3))
+    word = keyword("abcd", [A, B, C, D], threshold=0.2)
+    search, history = _search_over(posteriors(120, events)[:, :5], word)
+    q = search.scorer.characters(history.values)
+    with np.errstate(divide="ignore"):
+        terms = np.where(q >= search.said_floor, np.log(q) - math.log(0.2), -np.inf) / search.n
+    narrowed = 0
+    for end in range(10, 120, 5):
+        low = search.first_start(end, history)
+        if low is None:
+            continue
+        reaching = [
+            b
+            for b in range(low, end + 1)
+            if max(_best_sum_from(terms[:, :j], b, b, end) for j in range(2, search.n)) >= FEASIBLE_SLACK
+        ]
+        expected = reaching[0] if reaching else None
+        assert search.on_track_start(history, end) == expected
+        narrowed += expected is not None and expected > low
+    assert narrowed  # some windows' on-track start lay after their first possible start
+
+
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("strength", [0.25, 0.5])
 def test_every_match_as_strong_as_the_level_begins_at_or_after_the_feasible_start(

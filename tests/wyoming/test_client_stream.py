@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import socket
+import weakref
 from collections.abc import Awaitable, Callable
 
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
@@ -52,12 +53,16 @@ def same(a: list[Event], b: list[Event]) -> bool:
     ]
 
 
-async def read_events(stream: ClientStream, into: list[Event]) -> None:
-    """What a connection's task does: the next event, or wait for more; until the end."""
+async def read_events(stream: ClientStream, into: list[Event], waiting: asyncio.Event | None = None) -> None:
+    """What a connection's task does: the next event, or wait for more; until the end.
+    ``waiting`` is set each time it waits for bytes (the stream's waiter is in place by then:
+    ``more`` makes it before its first await)."""
     while True:
         try:
             event = stream.next_event()
         except NeedMore:
+            if waiting is not None:
+                waiting.set()
             await stream.more()
             continue
         if event is None:
@@ -70,7 +75,9 @@ async def connected(kind: type[ClientStream] = ClientStream, limit: int = LIMIT)
     ours, theirs = socket.socketpair()
     streams: list[ClientStream] = []
     await asyncio.get_running_loop().connect_accepted_socket(lambda: kind(limit, streams.append), ours)
-    theirs.close()  # nothing comes from the other end: the test hands the bytes over
+    # Nothing comes from the other end (the test hands the bytes over), but it stays open while
+    # the stream lives: its close would reach the stream as the client's end of file.
+    weakref.finalize(streams[0], theirs.close)
     return streams[0]
 
 
@@ -97,8 +104,9 @@ def test_events_split_at_every_byte_come_out_whole_and_in_order() -> None:
             stream.take_ahead = lambda event, seen=seen: (
                 AudioChunk.is_type(event.type) and not seen.append(event)
             )
-            reader = asyncio.get_running_loop().create_task(read_events(stream, seen))
-            await asyncio.sleep(0)  # the reader starts and waits for bytes
+            waiting = asyncio.Event()
+            reader = asyncio.get_running_loop().create_task(read_events(stream, seen, waiting))
+            await waiting.wait()  # the reader started and waits for bytes
             stream.data_received(blob[:split])
             stream.data_received(blob[split:])
             stream.feed_eof()
@@ -115,8 +123,9 @@ def test_audio_arriving_while_the_task_waits_is_taken_without_waking_it() -> Non
     async def test(stream: ClientStream) -> None:
         seen: list[Event] = []
         stream.take_ahead = lambda event: AudioChunk.is_type(event.type) and not taken.append(event)
-        reader = asyncio.get_running_loop().create_task(read_events(stream, seen))
-        await asyncio.sleep(0)
+        waiting = asyncio.Event()
+        reader = asyncio.get_running_loop().create_task(read_events(stream, seen, waiting))
+        await waiting.wait()  # the reader started and waits for bytes
         stream.data_received(framed(chunk(0), chunk(1)) + framed(chunk(2))[:50])
         stream.data_received(framed(chunk(2))[50:])
         assert len(taken) == 3 and not reader.done() and seen == []
@@ -141,8 +150,9 @@ def test_a_payload_arriving_in_small_pieces_is_parsed_once_it_is_whole() -> None
         stream = await connected(Counting)
         seen: list[Event] = []
         stream.take_ahead = lambda event: AudioChunk.is_type(event.type) and not seen.append(event)
-        reader = asyncio.get_running_loop().create_task(read_events(stream, seen))
-        await asyncio.sleep(0)
+        waiting = asyncio.Event()
+        reader = asyncio.get_running_loop().create_task(read_events(stream, seen, waiting))
+        await waiting.wait()  # the reader started and waits for bytes
         blob = framed(chunk(0, samples=1500))  # 3000 bytes of payload
         header_end = blob.index(b"\n") + 1
         stream.data_received(blob[:header_end])

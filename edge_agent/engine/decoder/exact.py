@@ -210,6 +210,14 @@ class ExactRuns:
     def reset(self) -> None:
         self.latest = None
 
+    def start_between(self, low: int, high: int) -> int | None:
+        """The latest run's start if it lies between ``low`` and ``high`` (a run from there reads
+        frames already exact), else None."""
+        run = self.latest
+        if run is not None and low <= run.start <= high and run.stop > run.start:
+            return run.start
+        return None
+
     def resume_point(self, start: int) -> int:
         """Where a run from ``start`` is to be computed from: where the latest run stops if it
         is a run from ``start``, else ``start`` itself."""

@@ -76,6 +76,28 @@ def under_way_rows(carry: np.ndarray, search: KeywordSearch) -> list[bool]:
     return (carry[:, 1 : search.n - 1] >= search.on_track).any(axis=1).tolist()
 
 
+def _first_reaching(terms: np.ndarray, level: float, stops: range) -> int | None:
+    """The first row u from which terms (t, c) summed at increasing rows, column 0 at u then
+    columns 1, 2, ... in order, reach ``level``: through the last column, or stopping after any
+    column in ``stops``; None if no row does. Read backwards, each column from the next one's
+    best completion (a suffix maximum): one pass per column."""
+    columns = terms.shape[1]
+    best = np.maximum.accumulate(terms[::-1, columns - 1])[::-1]
+    sums = terms[:, columns - 1]
+    for i in range(columns - 2, -1, -1):
+        sums = terms[:, i].copy()
+        after = best[1:]
+        if i in stops:
+            after = np.maximum(after, 0.0)  # or stop here (the last row too)
+        else:
+            sums[-1] = NEG_INF  # the next column needs a later row
+        sums[:-1] += after
+        if i:
+            best = np.maximum.accumulate(sums[::-1])[::-1]
+    begins = np.flatnonzero(sums >= level)
+    return int(begins[0]) if begins.size else None
+
+
 @dataclass
 class Filtered:
     """A filtering pass over a search's new frames: per frame, an upper bound of the best
@@ -284,18 +306,10 @@ class KeywordSearch:
             # log_strength), and ends in the range: its last character is there.
             floor = math.exp(level * (self.n - 1)) * BOUND_SAFETY
             log_q[q < max(floor, self.said_floor)] = NEG_INF
-            sums = log_q[:, -1].copy()
-            sums[: first - low] = NEG_INF
-            # best[u]: the best sum of the logs of characters i+1 .. n at increasing frames
-            # from u on; then the sums of character i at u and the rest after it.
-            for i in range(self.n - 2, -1, -1):
-                best = np.maximum.accumulate(sums[::-1])[::-1]
-                sums = log_q[:, i].copy()
-                sums[:-1] += best[1:]
-                sums[-1] = NEG_INF
-            begins = np.flatnonzero(sums >= level + FEASIBLE_SLACK)
-            if begins.size:
-                found = low + int(begins[0])
+            log_q[: first - low, -1] = NEG_INF
+            begins = _first_reaching(log_q, level + FEASIBLE_SLACK, stops=range(0))
+            if begins is not None:
+                found = low + begins
         self._feasible = (first, last, level, found)
         return found
 
@@ -315,17 +329,10 @@ class KeywordSearch:
             # Each character's term less its share of the threshold: on track when they sum to 0.
             terms = (np.log(q) - math.log(self.keyword.threshold)) / self.n
         terms[q < self.said_floor] = NEG_INF
-        # best: the best sum of characters i .. j (for some j from 2 to n - 1) from u on.
-        best = np.maximum.accumulate(terms[::-1, self.n - 2])[::-1]
-        for i in range(self.n - 3, 0, -1):
-            sums = terms[:, i].copy()
-            sums[:-1] += np.maximum(best[1:], 0.0)
-            best = np.maximum.accumulate(sums[::-1])[::-1]
-        sums = terms[:, 0].copy()
-        sums[:-1] += best[1:]
-        sums[-1] = NEG_INF
-        begins = np.flatnonzero(sums >= FEASIBLE_SLACK)
-        return low + int(begins[0]) if begins.size else None
+        # Characters 1 .. j for some j from 2 to n - 1: the last one left out, a stop allowed after
+        # any of the others but the first.
+        begins = _first_reaching(terms[:, :-1], FEASIBLE_SLACK, stops=range(1, self.n - 2))
+        return None if begins is None else low + begins
 
     def rivals_start(self, history: History) -> int | None:
         """Where the exact run read by the pending match's rivals (:meth:`_rivals`) starts: the
@@ -348,10 +355,8 @@ class KeywordSearch:
         if strong.size == 0:
             return stop
         found = start + int(strong[0])
-        run = self.runs.latest
-        if run is not None and start <= run.start <= found and run.stop > run.start:
-            return run.start
-        return found
+        reusable = self.runs.start_between(start, found)
+        return found if reusable is None else reusable
 
     def match_start(self, frame: int, history: History, earliest: int | None = None) -> int | None:
         """Where the exact run for a candidate match ending at ``frame`` (and beginning at
@@ -366,10 +371,8 @@ class KeywordSearch:
             return start
         if feasible > frame:
             return None
-        run = self.runs.latest
-        if run is not None and start <= run.start <= feasible and run.stop > run.start:
-            return run.start
-        return self.first_start(frame, history, feasible)
+        reusable = self.runs.start_between(start, feasible)
+        return self.first_start(frame, history, feasible) if reusable is None else reusable
 
     def first_start(self, frame: int, history: History, earliest: int | None = None) -> int | None:
         """The first frame, in the window of a match ending at ``frame`` (and not before
