@@ -182,6 +182,44 @@ def test_an_exact_run_extended_chunk_by_chunk_finds_what_one_run_over_all_its_fr
         assert scorer.backtrace(extended.pointers, frame) == scorer.backtrace(whole.pointers, frame)
 
 
+def test_runs_from_two_starts_read_in_turn_are_each_computed_once_and_extended() -> None:
+    """A candidate after a recent detection reads the run from its window's start and the run
+    from the detection's end, frame after frame: both are kept (and extended), so neither is
+    recomputed when the other was read; each is what a run of its own would be, and the least
+    recently used goes when more starts come."""
+    rng = np.random.default_rng(5)
+    events = {int(f): {int(rng.integers(1, 6)): float(rng.uniform(0.05, 0.9))} for f in range(0, 90, 3)}
+    events.update({8: {A: 0.8}, 12: {A: 0.6}, 18: {C: 0.7}, 22: {D: 0.9}, 30: {A: 0.9}, 44: {D: 0.8}})
+    aa_cd = CompiledKeyword("aacd", ((A,), (A,), (C,), (D,)), 0.05, 0.0, 2.5)
+    history = History(posteriors(90, events)[:, :5], np.ones(90, dtype=bool), first=0)
+    scorer = KeywordScorer(aa_cd, {token: token for token in range(5)}, gap_tolerance=0.5)
+    runs = ExactRuns(scorer)
+    computed: list[int] = []
+    real_run = scorer.run
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        computed.append(args[0].log_q.shape[1])
+        return real_run(*args, **kwargs)
+
+    scorer.run = counted  # type: ignore[method-assign]
+    for stop in (40, 41, 42, 60):
+        from_window = runs.covering(history, 0, stop, already_exact)
+        after_detection = runs.covering(history, 24, stop, already_exact)
+    # Each start: computed once, then extended by the new frames only.
+    assert computed == [40, 16, 1, 1, 1, 1, 18, 18]
+    scorer.run = real_run  # type: ignore[method-assign]
+    for start, run in ((0, from_window), (24, after_detection)):
+        alone = ExactRuns(scorer).covering(history, start, 60, already_exact)
+        assert (run.start, run.stop) == (start, 60)
+        np.testing.assert_allclose(run.scores, alone.scores, rtol=1e-12)
+        np.testing.assert_allclose(run.ends, alone.ends, rtol=1e-12)
+    for start in range(30, 30 + ExactRuns.KEPT):
+        runs.covering(history, start, 60, already_exact)
+    assert runs.resume_point(0) == 0  # the least recently used went first
+    assert runs.resume_point(24) == 24
+    assert runs.start_between(31, 40) == 30 + ExactRuns.KEPT - 1
+
+
 # --- where a candidate's window is read from -------------------------------------------------
 
 

@@ -201,38 +201,56 @@ class ExactRun:
 
 
 class ExactRuns:
-    """One keyword's latest exact run in one stream."""
+    """One keyword's recent exact runs in one stream, by start.
+
+    A candidate reads the run from its window's start, and, when a recent detection silences
+    the matches beginning before its end, the run from that end too (``KeywordSearch._exact``):
+    two runs in turn, frame after frame. Keeping only one would recompute each from scratch
+    whenever the other was read. A run is a function of its start and of exact frames, which
+    never change, so a run kept is always right; the least recently used goes first.
+    """
+
+    # Runs kept: the window's start, a detection's end or two, and the rivals' start.
+    KEPT = 4
 
     def __init__(self, scorer: KeywordScorer) -> None:
         self.scorer = scorer
-        self.latest: ExactRun | None = None
+        # start -> run, the most recently used last
+        self._runs: dict[int, ExactRun] = {}
 
     def reset(self) -> None:
-        self.latest = None
+        self._runs.clear()
+
+    def _run_from(self, start: int) -> ExactRun | None:
+        """The run kept from ``start`` with at least one frame, marked as the latest used."""
+        run = self._runs.pop(start, None)
+        if run is None or run.stop <= start:
+            return None
+        self._runs[start] = run
+        return run
 
     def start_between(self, low: int, high: int) -> int | None:
-        """The latest run's start if it lies between ``low`` and ``high`` (a run from there reads
-        frames already exact), else None."""
-        run = self.latest
-        if run is not None and low <= run.start <= high and run.stop > run.start:
-            return run.start
+        """The start of a run kept that lies between ``low`` and ``high`` (a run from there reads
+        frames already exact), the most recently used first; else None."""
+        for start in reversed(self._runs):
+            if low <= start <= high and self._runs[start].stop > start:
+                return start
         return None
 
     def resume_point(self, start: int) -> int:
-        """Where a run from ``start`` is to be computed from: where the latest run stops if it
-        is a run from ``start``, else ``start`` itself."""
-        run = self.latest
-        return run.stop if run is not None and run.start == start and run.stop > start else start
+        """Where a run from ``start`` is to be computed from: where the run kept from ``start``
+        stops, else ``start`` itself."""
+        run = self._runs.get(start)
+        return run.stop if run is not None and run.stop > start else start
 
     def covering(self, history: History, start: int, stop: int, ensure: Ensure) -> ExactRun:
         """The exact run from ``start`` to at least ``stop`` (or the end of the history),
         resolving its frames with ``ensure`` first."""
         stop = min(history.end, stop)
-        run = self.latest
-        reusable = run is not None and run.start == start and run.stop > start
-        if reusable and run.stop >= stop:  # type: ignore[union-attr]
-            return run  # type: ignore[return-value]
-        begin = run.stop if reusable else start  # type: ignore[union-attr]
+        run = self._run_from(start)
+        if run is not None and run.stop >= stop:
+            return run
+        begin = start if run is None else run.stop
         ensure(begin, stop)
         values, exact = history.rows(begin, stop)
         require_exact(exact, "a candidate's window")
@@ -249,11 +267,11 @@ class ExactRuns:
 
     def carries(self, start: int, begin: int) -> tuple[np.ndarray, np.ndarray]:
         """What a run from ``start`` carries into frame ``begin``: nothing at its start, the
-        partial matches of the latest run when it is extended."""
+        partial matches of the run kept from ``start`` when it is extended."""
         if begin == start:
             return self.scorer.no_match_shared, self.scorer.no_match_shared
-        run = self.latest
-        assert run is not None and run.start == start and run.stop == begin
+        run = self._runs.get(start)
+        assert run is not None and run.stop == begin
         return run.carry, run.carry_pre
 
     def store(self, start: int, piece: ExactRun) -> ExactRun:
@@ -261,10 +279,9 @@ class ExactRuns:
         :meth:`carries` into its own start: the whole run if it starts at ``start``, else the
         continuation of the latest run."""
         if piece.start == start:
-            self.latest = piece
-            return piece
-        run = self.latest
-        assert run is not None and run.start == start and run.stop == piece.start
+            return self._keep(piece)
+        run = self._runs.get(start)
+        assert run is not None and run.stop == piece.start
         # A pointer of -1 is "the carried partial match": the one the run's last frame points
         # to. Others count from this piece's first frame.
         offset = piece.start - start
@@ -275,15 +292,24 @@ class ExactRuns:
             )
             for old_entry, new_entry in zip(run.pointers, piece.pointers, strict=True)
         ]
-        self.latest = ExactRun(
-            start,
-            piece.stop,
-            np.concatenate([run.scores, piece.scores]),
-            pointers,
-            np.concatenate([run.log_q, piece.log_q]),
-            np.concatenate([run.prefix, piece.prefix]),
-            np.concatenate([run.ends, piece.ends]),
-            piece.carry,
-            piece.carry_pre,
+        return self._keep(
+            ExactRun(
+                start,
+                piece.stop,
+                np.concatenate([run.scores, piece.scores]),
+                pointers,
+                np.concatenate([run.log_q, piece.log_q]),
+                np.concatenate([run.prefix, piece.prefix]),
+                np.concatenate([run.ends, piece.ends]),
+                piece.carry,
+                piece.carry_pre,
+            )
         )
-        return self.latest
+
+    def _keep(self, run: ExactRun) -> ExactRun:
+        runs = self._runs
+        runs.pop(run.start, None)
+        runs[run.start] = run
+        if len(runs) > self.KEPT:
+            del runs[next(iter(runs))]
+        return run
