@@ -46,9 +46,12 @@ PYTHON_FILTER_MAX_FRAMES = 16
 # Spans of at most this many frames (1 s: audio arriving in real time, not whole recordings)
 # resolve a match under way as it goes.
 EARLY_RESOLUTION_FRAMES = 34
-# ... a few frames at a time: each step resolves, oldest first, at most as many frames as it
-# brought plus this many (the window so far is up to the keyword's maximum duration long).
-EARLY_RESOLUTION_BACKLOG_FRAMES = 16
+# ... a few steps' worth at a time: each step resolves, oldest first, at most as many frames as
+# it brought plus this many. A match is often found on track only a few steps before its last
+# character, with most of its window (up to the keyword's maximum duration) still to resolve:
+# resolved then, it is done before that character comes, and the step where every stream's
+# keyword ends (many devices hearing one speaker) does not resolve every window at once.
+EARLY_RESOLUTION_BACKLOG_FRAMES = 64
 
 
 def _stack_spans(
