@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from edge_agent.engine.decoder import CompiledKeyword, KeywordDecoder, batch, process_many
+from edge_agent.engine.decoder.recurrence import KeywordScorer
 from edge_agent.engine.decoder.search import NEG_INF, drop_hopeless, under_way_rows
 from tests.engine.decoder_signals import (
     ABCD,
@@ -214,3 +215,32 @@ def test_only_partial_matches_on_track_are_resolved_ahead(probability: float, re
     finally:
         batch.EARLY_RESOLUTION_MIN_STREAMS = original
     assert (sum(resolver.asked) > 0) == resolved_ahead
+
+
+@pytest.mark.parametrize("chunk", [7, 20])
+def test_after_a_detection_both_runs_a_candidate_reads_are_shared_between_streams(
+    chunk: int, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A keyword begun inside a recent detection's window is read from its window's start and
+    from the detection's end (the matches beginning before it are silenced unless stronger):
+    both runs are computed for every stream in one recurrence, none stream by stream, and the
+    detections are those of one decoder per stream."""
+    streams = [
+        posteriors(200, {**spoken(20 + i % 2), **spoken(56 + i % 4, spacing=6 + i % 3)}) for i in range(8)
+    ]
+    rows_per_run: list[int] = []
+    run = KeywordScorer.run
+
+    def counted(self, terms, *args, **kwargs):  # type: ignore[no-untyped-def]
+        rows_per_run.append(terms.log_q.shape[0])
+        return run(self, terms, *args, **kwargs)
+
+    monkeypatch.setattr(KeywordScorer, "run", counted)
+    together, _ = decode_lazily(streams, [ABCD], chunk=chunk, seed=3)
+    assert rows_per_run.count(1) == 0
+    alone = []
+    for signal in streams:
+        decoder = KeywordDecoder([ABCD], frame_seconds=0.03)
+        alone.append(decoder.process(signal) + decoder.finish())
+    assert same_detections(together, alone)
+    assert all(len(found) == 2 for found in together)

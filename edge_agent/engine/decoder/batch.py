@@ -171,14 +171,13 @@ def prime_exact_runs(
     groups: dict[tuple[int, int], list[tuple[int, KeywordSearch, int, int, int]]] = {}
     for i in sorted(exact_work):
         for search, filtered in exact_work[i]:
-            span = search.run_to_prime(filtered, first_frames[i], decoders[i].history)  # type: ignore[arg-type]
-            if span is not None:
+            for span in search.runs_to_prime(filtered, first_frames[i], decoders[i].history):  # type: ignore[arg-type]
                 groups.setdefault(_search_key(decoders[i], search), []).append((i, search, *span))
     for members in groups.values():
         if len(members) < 2:
             continue  # nothing to share: the one-stream path computes it
         template = members[0][1]
-        # Every row is exact: run_to_prime stops each span at its first unresolved frame.
+        # Every row is exact: runs_to_prime stops each span at its first unresolved frame.
         stacked, _, _, padding = _stack_spans(
             [decoders[i] for i, _, _, _, _ in members],
             [begin for _, _, _, begin, _ in members],

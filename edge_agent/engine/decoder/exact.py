@@ -11,7 +11,7 @@ nothing else (:func:`require_exact` checks it), so the detections are those of a
 exact posteriors everywhere (the tests compare the two on real recordings).
 
 :class:`History` holds the frames and which of them are exact; :class:`ExactRuns` keeps a
-keyword's latest exact run, which later candidates and the pending detection extend instead of
+keyword's recent exact runs, which later candidates and the pending detection extend instead of
 redoing.
 """
 
@@ -277,7 +277,7 @@ class ExactRuns:
     def store(self, start: int, piece: ExactRun) -> ExactRun:
         """Keep the run from ``start`` to the end of ``piece``, a run just computed from the
         :meth:`carries` into its own start: the whole run if it starts at ``start``, else the
-        continuation of the latest run."""
+        continuation of the run kept from ``start``."""
         if piece.start == start:
             return self._keep(piece)
         run = self._runs.get(start)

@@ -1,7 +1,7 @@
 """One keyword in one stream: where the recurrence, the exact runs and the firing policy meet.
 
 :class:`KeywordSearch` keeps what a keyword's decoding carries from chunk to chunk (partial
-matches, the frames where a match may begin, the latest exact run, the pending detection) and
+matches, the frames where a match may begin, its recent exact runs, the pending detection) and
 decodes new frames in three moves:
 
 1. the *filtering* pass (``recurrence.py``, over bounds where posteriors are not exact)
@@ -339,8 +339,8 @@ class KeywordSearch:
         first frame of its window, from its first possible start to its hold time, where the
         first character is strong enough for a partial match to reach the rivals' level
         (:meth:`FiringPolicy.rival_level`; a partial match's log score is at most its first
-        character's term, and the settle rule compares the rivals with that level only); the
-        latest run's start if it lies between (its rows are exact already). If no frame held
+        character's term, and the settle rule compares the rivals with that level only); a
+        kept run's start if one lies between (its rows are exact already). If no frame held
         is, the end of what is held (no rival to read yet); None if no match may begin in the
         window."""
         pending = self.pending
@@ -483,17 +483,20 @@ class KeywordSearch:
         passed = self.scorer.run(terms, no_match, no_match, backtrace=True)
         return start, self.policy.rivals_still_spoken(passed.prefix[0], passed.ends[0])
 
-    def run_to_prime(
+    def runs_to_prime(
         self, filtered: Filtered, first_frame: int, history: History
-    ) -> tuple[int, int, int] | None:
-        """The exact run that :meth:`process` is about to compute or extend for these filtered
+    ) -> list[tuple[int, int, int]]:
+        """The exact runs that :meth:`process` is about to compute or extend for these filtered
         frames (``first_frame`` on), as (start, begin, stop): the window of the pending match,
-        or else of the first candidate that may become pending, computed from ``begin`` (its
-        start, or where the run computed so far stops) through the hold time of the last
-        candidate, as far as the frames are exact. None if there is nothing to compute."""
+        or else those of the first candidate that may become pending (from its window's start,
+        and from the end of each recent detection that silences matches beginning before it:
+        :meth:`_exact` reads both), each computed from ``begin`` (its start, or where the run
+        kept from there stops) through the hold time of the last candidate, as far as the
+        frames are exact. Empty if there is nothing to compute."""
         frames = np.flatnonzero(filtered.scores >= self.log_threshold) + first_frame
         if self.pending is not None:
             anchor = self.pending.frame
+            starts = [self.rivals_start(history)]
         else:
             eligible = [
                 frame
@@ -501,18 +504,23 @@ class KeywordSearch:
                 if self._may_count(float(filtered.scores[frame - first_frame]), frame)
             ]
             if not eligible:
-                return None
+                return []
             anchor = eligible[0]
-        start = self.rivals_start(history) if self.pending is not None else self.match_start(anchor, history)
-        if start is None:
-            return None
+            low = self.window_start(anchor, history)
+            earliest = [None, *(resume for resume, _ in self.firing.restrictions(low))]
+            starts = [self.match_start(anchor, history, first) for first in earliest]
         last = max(anchor, int(frames[-1])) if frames.size else anchor
         stop = min(history.end, last + 1 + self.policy.hold_frames)
-        begin = self.runs.resume_point(start)
-        missing = np.flatnonzero(~history.rows(begin, stop)[1])
-        if missing.size:
-            stop = begin + int(missing[0])  # the rest is resolved on demand, if ever read
-        return (start, begin, stop) if stop > begin else None
+        spans = []
+        for start in dict.fromkeys(s for s in starts if s is not None):
+            begin = self.runs.resume_point(start)
+            end = stop
+            missing = np.flatnonzero(~history.rows(begin, stop)[1])
+            if missing.size:
+                end = begin + int(missing[0])  # the rest is resolved on demand, if ever read
+            if end > begin:
+                spans.append((start, begin, end))
+        return spans
 
     def _fire(self, frame: int) -> Detection:
         """Emit the pending detection at ``frame``."""
