@@ -360,9 +360,9 @@ class KeywordSearch:
 
     def match_start(self, frame: int, history: History, earliest: int | None = None) -> int | None:
         """Where the exact run for a candidate match ending at ``frame`` (and beginning at
-        ``earliest`` or later) starts, None if no match that counts may end there: the latest
-        run's start if it lies between the window's first possible start and the feasible start
-        (its rows are exact already), else the first possible start from the feasible one on."""
+        ``earliest`` or later) starts, None if no match that counts may end there: a kept run's
+        start if one lies between the window's first possible start and the feasible start (its
+        rows are exact already), else the first possible start from the feasible one on."""
         start = self.first_start(frame, history, earliest)
         if start is None:
             return None
