@@ -16,6 +16,10 @@ audio on every stream, on one thread, and report:
 * ``burst``: every stream plays the same recording of the wake word, so that all of them finish
   the keyword in the same step (what ``benchmarks.mqtt_latency`` provokes through MQTT); the
   median step, the step in which they all fire and the largest step, in ms;
+* ``lockstep``: every stream plays the positive recordings back to back from the same start
+  (``LOCKSTEP_SECONDS`` of them, as ``benchmarks.mqtt_latency`` does), and the delay from each
+  keyword's end to its detection (p50/p95/max) had one worker run the steps as the chunks came
+  in, next to that delay with steps taking no time: how much the engine's steps add to it;
 * ``arithmetic_ceiling``: the network body's multiply-adds per stream-second and how fast this
   machine's BLAS runs those very products, so how many streams one core could carry if it did
   nothing else: how far the engine is from the arithmetic limit;
@@ -45,7 +49,7 @@ for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import dev_audio, machine, model_dir, write_result  # noqa: E402
+from benchmarks.common import dev_audio, machine, model_dir, positives_back_to_back, write_result  # noqa: E402
 from benchmarks.reference import reference_rtf  # noqa: E402
 from edge_agent.audio.wav import read_wav, to_mono_16k  # noqa: E402
 from edge_agent.engine.detector import feed_many  # noqa: E402
@@ -55,6 +59,8 @@ from edge_agent.engine.model import NETWORK_FILE, KeywordSpec, KwsModel  # noqa:
 from edge_agent.system import tune_allocator  # noqa: E402
 
 CHUNK = 1600  # 100 ms
+# Audio the lockstep rows play: what benchmarks.mqtt_latency is run with at 512 streams (--seconds 40).
+LOCKSTEP_SECONDS = 40.0
 
 
 def corpus() -> np.ndarray:
@@ -121,6 +127,44 @@ def burst_steps(model: KwsModel, streams: int) -> dict[str, float]:
         "firing_step_ms": round(1000 * max(firing), 1),
         "largest_step_ms": round(1000 * max(step_seconds), 1),
     }
+
+
+def lockstep_delay(model: KwsModel, streams: int, seconds: float = LOCKSTEP_SECONDS) -> dict[str, float]:
+    """Every stream plays the same audio (the positive recordings back to back, from the start,
+    as ``benchmarks.mqtt_latency`` plays them: every stream says the keyword at the same
+    instant) in 100 ms chunks; had one worker run these steps as the chunks came in (each once
+    its chunk is in and the step before is done), the delay from each keyword's end to its
+    detection, p50/p95/max (ms): the engine's share of what ``benchmarks.mqtt_latency``
+    measures, next to the same delay with steps taking no time (the chunking, the model's
+    look-ahead and the decoder's hold alone)."""
+    audio, _ = positives_back_to_back()
+    audio = audio[: int(seconds * 16000)]
+    detectors = [model.detector([KeywordSpec("小云小云")]) for _ in range(streams)]
+    queued, instant = [], []
+    finished = 0.0
+    for start in range(0, audio.shape[0] - CHUNK + 1, CHUNK):
+        started = clock()
+        found = feed_many(detectors, [audio[start : start + CHUNK]] * streams)
+        spent = clock() - started
+        arrived = (start + CHUNK) / 16000
+        finished = max(arrived, finished) + spent
+        ends = [detection.end for detections in found for detection in detections]
+        queued += [finished - end for end in ends]
+        instant += [arrived - end for end in ends]
+    if not queued:
+        raise SystemExit("lockstep: the wake word was not detected")
+    return {
+        "seconds": seconds,
+        "detections": len(queued),
+        **{f"delay_ms_{name}": round(1000 * float(np.percentile(queued, q)), 1) for name, q in _QUANTILES},
+        **{
+            f"delay_ms_{name}_with_instant_steps": round(1000 * float(np.percentile(instant, q)), 1)
+            for name, q in _QUANTILES
+        },
+    }
+
+
+_QUANTILES = (("p50", 50), ("p95", 95), ("max", 100))
 
 
 def arithmetic_ceiling(model: KwsModel, streams: int = 256) -> dict[str, float]:
@@ -205,6 +249,7 @@ def main() -> None:
                 "detections": detections,
                 "step_ms": step_percentiles(step_seconds),
                 "burst": burst_steps(model, count),
+                "lockstep": lockstep_delay(model, count),
             }
         )
         print(json.dumps(results[-1]), flush=True)
@@ -237,14 +282,16 @@ def main() -> None:
     print(
         f"{'streams':>8} {'RTF':>9} {'streams/core':>13} {'vs baseline':>12}"
         f" {'step p50/p95/max ms':>20} {'burst: median/firing/largest step ms':>37}"
+        f" {'lockstep delay p95 ms (instant steps)':>38}"
     )
     for r in results:
-        ratio, step, burst = r["speedup_vs_baseline"], r["step_ms"], r["burst"]
+        ratio, step, burst, lock = r["speedup_vs_baseline"], r["step_ms"], r["burst"], r["lockstep"]
         steps = f"{step['p50']:.1f}/{step['p95']:.1f}/{step['max']:.1f}"
         bursts = f"{burst['median_step_ms']:.1f}/{burst['firing_step_ms']:.1f}/{burst['largest_step_ms']:.1f}"
         print(
             f"{r['streams']:>8} {r['rtf']:>9.5f} {r['streams_per_core']:>13.0f} {ratio:>11.2f}x"
             f" {steps:>20} {bursts:>37}"
+            f" {lock['delay_ms_p95']:>25.0f} ({lock['delay_ms_p95_with_instant_steps']:.0f})"
         )
     ceiling = report["arithmetic_ceiling"]
     print(
