@@ -136,19 +136,27 @@ def test_a_keyword_begun_in_the_refractory_period_and_ended_after_it_is_found_in
     """After a detection, the partial matches go on through its refractory period: a keyword
     begun there and finished after it is found, from bounds in many streams at once exactly as
     from exact posteriors one stream at a time."""
-    streams = []
-    for i in range(8):
-        # The first keyword's last peak is at frame 38 or 39: no detection before frame 72. The
-        # second begins inside that second (frames 56-59) and ends after it (74-83).
-        events = {**spoken(20 + i % 2), **spoken(56 + i % 4, spacing=6 + i % 3)}
-        streams.append(posteriors(200, events))
+    streams = _second_keyword_in_refractory_period()
     together, _ = decode_lazily(streams, [ABCD], chunk=chunk, seed=3)
-    alone = []
+    assert same_detections(together, _one_decoder_each(streams))
+    assert all(len(found) == 2 for found in together)
+
+
+def _second_keyword_in_refractory_period() -> list[np.ndarray]:
+    """Eight streams: the first keyword's last peak is at frame 38 or 39 (no detection before
+    frame 72); the second begins inside that second (frames 56-59) and ends after it (74-83)."""
+    return [
+        posteriors(200, {**spoken(20 + i % 2), **spoken(56 + i % 4, spacing=6 + i % 3)}) for i in range(8)
+    ]
+
+
+def _one_decoder_each(streams: list[np.ndarray]) -> list[list]:
+    """Each stream's detections from a decoder of its own given exact posteriors."""
+    found = []
     for signal in streams:
         decoder = KeywordDecoder([ABCD], frame_seconds=0.03)
-        alone.append(decoder.process(signal) + decoder.finish())
-    assert same_detections(together, alone)
-    assert all(len(found) == 2 for found in together)
+        found.append(decoder.process(signal) + decoder.finish())
+    return found
 
 
 def test_hopeless_partial_matches_are_dropped_for_many_streams_as_for_one() -> None:
@@ -225,9 +233,7 @@ def test_after_a_detection_both_runs_a_candidate_reads_are_shared_between_stream
     from the detection's end (the matches beginning before it are silenced unless stronger):
     both runs are computed for every stream in one recurrence, none stream by stream, and the
     detections are those of one decoder per stream."""
-    streams = [
-        posteriors(200, {**spoken(20 + i % 2), **spoken(56 + i % 4, spacing=6 + i % 3)}) for i in range(8)
-    ]
+    streams = _second_keyword_in_refractory_period()
     rows_per_run: list[int] = []
     run = KeywordScorer.run
 
@@ -238,9 +244,5 @@ def test_after_a_detection_both_runs_a_candidate_reads_are_shared_between_stream
     monkeypatch.setattr(KeywordScorer, "run", counted)
     together, _ = decode_lazily(streams, [ABCD], chunk=chunk, seed=3)
     assert rows_per_run.count(1) == 0
-    alone = []
-    for signal in streams:
-        decoder = KeywordDecoder([ABCD], frame_seconds=0.03)
-        alone.append(decoder.process(signal) + decoder.finish())
-    assert same_detections(together, alone)
+    assert same_detections(together, _one_decoder_each(streams))
     assert all(len(found) == 2 for found in together)
