@@ -220,6 +220,21 @@ def test_runs_from_two_starts_read_in_turn_are_each_computed_once_and_extended()
     assert runs.start_between(31, 40) == 30 + ExactRuns.KEPT - 1
 
 
+@pytest.mark.parametrize("chunk", [3, 40])
+def test_runs_no_match_can_read_any_more_are_forgotten(chunk: int) -> None:
+    """Once a keyword was found and fired, and then a window and a hold time of frames went by
+    with nothing said, the search keeps none of the runs it read (a stream keeps no memory for
+    matches long over)."""
+    decoder = KeywordDecoder([ABCD], frame_seconds=FRAME)
+    signal = posteriors(400, spoken(20))
+    found = []
+    for start in range(0, signal.shape[0], chunk):
+        found += decoder.process(signal[start : start + chunk])
+    assert len(found) == 1
+    search = decoder.searches[0]
+    assert search.runs.start_between(0, 400) is None
+
+
 # --- where a candidate's window is read from -------------------------------------------------
 
 

@@ -221,6 +221,11 @@ class ExactRuns:
     def reset(self) -> None:
         self._runs.clear()
 
+    def drop_before(self, frame: int) -> None:
+        """Forget the runs that start before ``frame``: no match read from now on begins there."""
+        for start in [start for start in self._runs if start < frame]:
+            del self._runs[start]
+
     def _run_from(self, start: int) -> ExactRun | None:
         """The run kept from ``start`` with at least one frame, marked as the latest used."""
         run = self._runs.pop(start, None)

@@ -216,6 +216,9 @@ class KeywordSearch:
             self.carry = self.scorer.no_match()
             self.carry_pre = self.scorer.no_match()
             self.alive = False
+            # Every run starts where a match may begin, at or before the last such frame: no
+            # match read from now on (nothing is pending) reaches back that far.
+            self.runs.reset()
             return
         for i, repeated in enumerate(self.scorer.repeated):
             if repeated:
@@ -443,6 +446,9 @@ class KeywordSearch:
             i += 1
         self.keep_carries(filtered.carry, filtered.carry_pre)
         firing.forget(history.end, self.window_frames)
+        # A match read from now on ends at a later frame, or is the pending one (it fires within
+        # its hold time): none begins a window and a hold time before the end.
+        self.runs.drop_before(history.end - self.window_frames - self.policy.hold_frames)
         return detections
 
     def _may_count(self, bound: float, frame: int) -> bool:
