@@ -170,18 +170,20 @@ class WorkQueue:
                 self._ready.notify()
 
     def _make_room(self, size: int) -> list[AudioItem]:
-        """Take the oldest waiting audio chunks out until ``size`` fits (lock held)."""
+        """Take the oldest waiting audio chunks out until ``size`` fits (lock held). Controls
+        met on the way go back to the front in their order: a drop costs the items it passes,
+        not a copy of the queue (a worker far behind drops at every put)."""
         dropped: list[AudioItem] = []
-        kept: deque[_Item | None] = deque()
-        while self._items and self._bytes + size > self.max_bytes:
-            queued = self._items.popleft()
+        kept: list[_Item | None] = []
+        items = self._items
+        while items and self._bytes + size > self.max_bytes:
+            queued = items.popleft()
             if _is_audio(queued):
                 dropped.append(queued)  # type: ignore[arg-type]
                 self._count(queued, -1)
             else:
                 kept.append(queued)
-        kept.extend(self._items)
-        self._items = kept
+        items.extendleft(reversed(kept))
         return dropped
 
     def _count(self, item: _Item | None, sign: int) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from edge_agent.agent.errors import ErrorReporter, Refusal
@@ -46,6 +48,19 @@ def test_a_full_queue_drops_the_oldest_waiting_audio_counts_it_per_stream_never_
     assert [(r.code, r.stream) for r in refusals] == [("queue_full", "a")]
     entry.forget("a")
     assert entry.dropped("a") == 0
+
+
+def test_controls_before_the_dropped_audio_keep_their_place_and_order() -> None:
+    """Room is made from the front: the controls met on the way stay first, in their order,
+    and the audio behind them waits as it was."""
+    chunk = PcmChunk("a", "mqtt", ONE_SECOND, None, 0.0, "t/a")
+    queue = WorkQueue(max_bytes=3 * chunk.nbytes)
+    start_b, end_b = StreamStart("b", "mqtt", None, "t/b"), StreamEnd("b", "mqtt", "t/b")
+    first, second, third, fourth = (replace(chunk, received_at=float(t)) for t in range(4))
+    for item in (first, start_b, second, end_b, third):
+        assert queue.put(item)
+    assert queue.put(fourth)  # the oldest audio (first) makes room
+    assert queue.take(0) == [start_b, second, end_b, third, fourth]
 
 
 def test_the_rate_limiter_remembers_boundedly_many_streams() -> None:
