@@ -263,15 +263,15 @@ class _FsmnBuffer:
     __slots__ = ("_held", "_start", "_store", "_taps", "in_slot", "windows")
 
     # Rows a store holds beyond a layer's history and look-ahead: several 100 ms chunks between
-    # moves to the front (fewer rows cost a live microphone a few percent). Every stream of a
-    # batch has a store per layer, so room costs memory hundreds of times over.
+    # moves to the front (fewer rows cost a live microphone a few percent). A batch needs none
+    # (it reads and writes the rows held): the slots past a pool's first few have less.
     _ROOM = 32
 
     def __init__(self, frames: np.ndarray, taps: int, slot: np.ndarray | None = None) -> None:
         """``slot``, if given, is the store: a slot of a :class:`_SlotPool`, where a batch reads
         and writes the rows held by many streams at once."""
         self._taps = taps
-        if slot is None or frames.shape[0] + self._ROOM > slot.shape[0]:
+        if slot is None or frames.shape[0] > slot.shape[0]:
             self._allocate(frames.shape[0] + self._ROOM, frames.shape[1])
         else:
             self._store = slot
@@ -373,13 +373,22 @@ class _SlotPool:
     Blocks double in size up to a limit (a lone microphone takes a small one) and never move: a
     stream's buffers are views of its slot, which any thread may create or use meanwhile. A slot
     is free again when its stream's state is collected. Slots are numbered across blocks.
+
+    The first blocks' slots (``roomy``) have room for several of a live microphone's chunks
+    (see :attr:`_FsmnBuffer._ROOM`). Only many streams at once reach the later blocks, whose
+    slots (``tight``) hold a layer's history, look-ahead and one short chunk: a batch reads and
+    writes only the rows held, and room would cost memory once per stream and layer. A stream
+    of theirs fed alone still works in place, moving its rows to the front more often.
     """
 
     _FIRST_BLOCK_SLOTS = 8
-    _LARGEST_BLOCK_SLOTS = 512
+    _LARGEST_BLOCK_SLOTS = 64
+    # Slots with the roomy shapes: the first two blocks'.
+    _ROOMY_SLOTS = 24
 
-    def __init__(self, shapes: list[tuple[int, int]]) -> None:
-        self._shapes = shapes  # per layer: (rows, dim) of a slot
+    def __init__(self, roomy: list[tuple[int, int]], tight: list[tuple[int, int]]) -> None:
+        self._roomy = roomy  # per layer: (rows, dim) of a slot of the first blocks
+        self._tight = tight  # the same, in later blocks
         #: per block, per layer: (slots, rows, dim) float32
         self.blocks: list[list[np.ndarray]] = []
         #: per block: the number of its first slot
@@ -405,7 +414,8 @@ class _SlotPool:
     def _grow(self) -> None:
         size = min(self._LARGEST_BLOCK_SLOTS, self._FIRST_BLOCK_SLOTS << len(self.blocks))
         first = self.starts[-1] + self.blocks[-1][0].shape[0] if self.blocks else 0
-        self.blocks.append([np.zeros((size, rows, dim), dtype=np.float32) for rows, dim in self._shapes])
+        shapes = self._roomy if first < self._ROOMY_SLOTS else self._tight
+        self.blocks.append([np.zeros((size, rows, dim), dtype=np.float32) for rows, dim in shapes])
         self.starts.append(first)
         self._free += range(first + size - 1, first - 1, -1)
 
@@ -549,7 +559,11 @@ class NumpyNetwork:
         # one call to the next, so every stream a thread feeds can share them.
         self._threads = threading.local()
         self._slots = _SlotPool(
-            [(layer.history_frames + _FsmnBuffer._ROOM, layer.input_dim) for layer in self._fsmn_layers]
+            [(layer.history_frames + _FsmnBuffer._ROOM, layer.input_dim) for layer in self._fsmn_layers],
+            [
+                (layer.history_frames + layer.lookahead_frames + _SHORT_CHUNK_FRAMES, layer.input_dim)
+                for layer in self._fsmn_layers
+            ],
         )
 
     def _compile_plan(self) -> list[tuple[int, np.ndarray | None, np.ndarray | None, np.ndarray | None, int]]:
