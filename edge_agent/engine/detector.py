@@ -294,8 +294,7 @@ def _decode(detectors: Sequence[KeywordDetector], hidden: Sequence[np.ndarray]) 
     def resolver(owners: Sequence[KeywordDetector]) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
         def resolve(frames: list[np.ndarray]) -> list[np.ndarray]:
             asking = [i for i, f in enumerate(frames) if f.size]
-            wanted = [owners[i]._hidden.rows(frames[i]) for i in asking]
-            exact = output.posteriors(np.concatenate(wanted) if len(wanted) > 1 else wanted[0], columns)
+            exact = output.posteriors_of((owners[i]._hidden.rows(frames[i]) for i in asking), columns)
             answers = [exact[:0]] * len(frames)
             offset = 0
             for i in asking:

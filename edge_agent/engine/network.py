@@ -27,7 +27,7 @@ import bisect
 import itertools
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -217,6 +217,50 @@ class OutputLayer:
                 for start in range(0, rows, _OUTPUT_BLOCK_ROWS)
             ]
         )
+
+    def posteriors_of(self, parts: Iterable[np.ndarray], columns: np.ndarray) -> np.ndarray:
+        """:meth:`posteriors` of ``columns`` for the rows of ``parts`` one after the other: the
+        same values as for their concatenation, in the same blocks, but each part is copied into
+        the block being filled as it comes. A burst of requests (every stream of a batch
+        resolving a keyword at once) then holds one block of rows, not all of them and their
+        concatenation. A lone part is used as it is."""
+        columns = np.asarray(columns, dtype=np.int64)
+        lone: np.ndarray | None = None  # the first part, while no other came
+        block: np.ndarray | None = None
+        filled = 0
+        results: list[np.ndarray] = []
+        for part in parts:
+            part = np.asarray(part, dtype=np.float32)
+            if block is None:
+                if lone is None:
+                    lone = part
+                    continue
+                block = np.empty((_OUTPUT_BLOCK_ROWS, self.input_dim), dtype=np.float32)
+                filled = self._fill(block, 0, lone, columns, results)
+            filled = self._fill(block, filled, part, columns, results)
+        if block is None:
+            nothing = np.zeros((0, self.input_dim), dtype=np.float32)
+            return self.posteriors(nothing if lone is None else lone, columns)
+        if filled or not results:
+            results.append(self._selected(block[:filled], columns))
+        return results[0] if len(results) == 1 else np.concatenate(results)
+
+    def _fill(
+        self, block: np.ndarray, filled: int, part: np.ndarray, columns: np.ndarray, results: list[np.ndarray]
+    ) -> int:
+        """Copy ``part`` into ``block`` after its ``filled`` rows; each full block's posteriors
+        go to ``results``. Returns the rows filled after."""
+        self.rows_exact += part.shape[0]
+        start = 0
+        while start < part.shape[0]:
+            count = min(block.shape[0] - filled, part.shape[0] - start)
+            block[filled : filled + count] = part[start : start + count]
+            filled += count
+            start += count
+            if filled == block.shape[0]:
+                results.append(self._selected(block, columns))
+                filled = 0
+        return filled
 
     def _selected(self, hidden: np.ndarray, columns: np.ndarray) -> np.ndarray:
         rows = hidden.shape[0]

@@ -203,6 +203,21 @@ def test_bounds_of_a_few_rows_and_of_many_agree_and_stay_upper_bounds() -> None:
         np.testing.assert_allclose(few, many, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("sizes", [[], [5], [0, 5], [3, 0, 4], [100, 200, 300, 1], [256, 256], [255, 2, 600]])
+def test_posteriors_of_parts_equal_those_of_their_concatenation(sizes: list[int], numpy_model) -> None:  # type: ignore[no-untyped-def]
+    """Parts of any size (a burst of requests from every stream of a batch: hundreds of parts,
+    blocks filled across them) give exactly the posteriors of their concatenation."""
+    output = numpy_model.network.output
+    rng = np.random.default_rng(len(sizes) + sum(sizes))
+    parts = [rng.normal(scale=2.0, size=(size, output.input_dim)).astype(np.float32) for size in sizes]
+    columns = np.array([0, 976, 1462])
+    whole = np.concatenate(parts) if parts else np.zeros((0, output.input_dim), np.float32)
+    expected = output.posteriors(whole, columns)
+    got = output.posteriors_of(iter(parts), columns)
+    assert got.shape == expected.shape == (sum(sizes), 3)
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_output_layer_survives_a_logit_far_above_the_selected_ones() -> None:
     """Rows are shifted by their largest *selected* logit; one that overflows is redone exactly."""
     layers, network = small_network()
