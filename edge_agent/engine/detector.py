@@ -370,18 +370,24 @@ class _HiddenRows:
         count = rows.shape[0]
         if count == 0:
             return  # the decoder skips empty spans too, keeping everything it holds
-        self._first = first = max(self._first, self._end - keep)
-        end = self._end + count
-        if end - first > self._ring.shape[0]:
+        end = self._end
+        if end - self._first > keep:
+            self._first = end - keep
+        ring = self._ring
+        capacity = ring.shape[0]
+        if end + count - self._first > capacity:
             self._remake(keep + count + self._SPARE_ROWS)
-        capacity = self._ring.shape[0]
-        at = (self._end - self._offset) % capacity
-        fits = min(count, capacity - at)
+            ring = self._ring
+            capacity = ring.shape[0]
+        at = (end - self._offset) % capacity
+        stop = at + count
         # Always a copy: ``rows`` is a view of the whole batch's hidden matrix.
-        self._ring[at : at + fits] = rows[:fits]
-        if fits < count:
-            self._ring[: count - fits] = rows[fits:]
-        self._end = end
+        if stop <= capacity:
+            ring[at:stop] = rows
+        else:
+            ring[at:] = rows[: capacity - at]
+            ring[: stop - capacity] = rows[capacity - at :]
+        self._end = end + count
 
     def _remake(self, capacity: int) -> None:
         """A ring of ``capacity`` rows with the rows held from its first row on."""
