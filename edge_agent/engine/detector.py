@@ -356,8 +356,9 @@ class _HiddenRows:
     way ask), so that a burst of requests from every stream costs no copy of their rows.
     """
 
-    # Rows beyond the rows kept and the new ones, when the ring is (re)made.
-    _SPARE_ROWS = 8
+    # Rows beyond the rows kept and the new ones, when the ring is (re)made: for steps that
+    # bring a row more than the step that made it (100 ms chunks bring 3 or 4).
+    _SPARE_ROWS = 2
 
     def __init__(self, width: int) -> None:
         self._ring = np.zeros((0, width), dtype=np.float32)

@@ -420,9 +420,10 @@ class _SlotPool:
 
     The first blocks' slots (``roomy``) have room for several of a live microphone's chunks
     (see :attr:`_FsmnBuffer._ROOM`). Only many streams at once reach the later blocks, whose
-    slots (``tight``) hold a layer's history, look-ahead and one short chunk: a batch reads and
-    writes only the rows held, and room would cost memory once per stream and layer. A stream
-    of theirs fed alone still works in place, moving its rows to the front more often.
+    slots (``tight``) hold a layer's history and look-ahead alone: a batch reads and writes
+    only the rows held, and room would cost memory once per stream and layer. A stream of
+    theirs fed alone takes the long chunks' path (a few array operations more), and its rows
+    held stay in its slot.
     """
 
     _FIRST_BLOCK_SLOTS = 8
@@ -605,7 +606,7 @@ class NumpyNetwork:
         self._slots = _SlotPool(
             [(layer.history_frames + _FsmnBuffer._ROOM, layer.input_dim) for layer in self._fsmn_layers],
             [
-                (layer.history_frames + layer.lookahead_frames + _SHORT_CHUNK_FRAMES, layer.input_dim)
+                (layer.history_frames + layer.lookahead_frames, layer.input_dim)
                 for layer in self._fsmn_layers
             ],
         )
