@@ -605,10 +605,7 @@ class NumpyNetwork:
         self._threads = threading.local()
         self._slots = _SlotPool(
             [(layer.history_frames + _FsmnBuffer._ROOM, layer.input_dim) for layer in self._fsmn_layers],
-            [
-                (layer.history_frames + layer.lookahead_frames, layer.input_dim)
-                for layer in self._fsmn_layers
-            ],
+            [(layer.history_frames + layer.lookahead_frames, layer.input_dim) for layer in self._fsmn_layers],
         )
 
     def _compile_plan(self) -> list[tuple[int, np.ndarray | None, np.ndarray | None, np.ndarray | None, int]]:
