@@ -138,14 +138,19 @@ class OutputLayer:
     def __init__(self, affine: AffineTransform) -> None:
         self.input_dim = affine.input_dim
         self.output_dim = affine.output_dim
-        weights = np.ascontiguousarray(affine.weight.T, dtype=np.float32)  # (input, output)
-        bias = np.asarray(affine.bias, dtype=np.float32)
-        self._weights = weights
-        self._bias = bias
         # Two extra input rows make the matrix product add the bias and subtract each row's
         # shift itself: hidden | 1 | -shift times weights ; bias ; 1. That saves two passes over
         # the (rows, 2599) logits, which cost as much as the product's arithmetic.
-        self._augmented = np.concatenate([weights, bias[None, :], np.ones((1, self.output_dim), np.float32)])
+        augmented = np.empty((self.input_dim + 2, self.output_dim), dtype=np.float32)
+        augmented[: self.input_dim] = affine.weight.T
+        augmented[self.input_dim] = affine.bias
+        augmented[self.input_dim + 1] = 1.0
+        augmented.flags.writeable = False
+        self._augmented = augmented
+        # The weights (input, output) and the bias are its first rows: one copy in every
+        # process (the agent's and each engine process), not two.
+        self._weights = augmented[: self.input_dim]
+        self._bias = augmented[self.input_dim]
         self._subsets: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
         #: rows given bounds and rows given exact posteriors so far (statistics, all streams)
         self.rows_bounded = 0
