@@ -306,7 +306,8 @@ class _FsmnBuffer:
     linear transform before the layer itself, in one stream's plan) and filtered through that
     view, and the rows held then start further on; they move to the front only when the room
     runs out (every few chunks of 100 ms). A chunk costs one filter pass, not a new matrix and
-    copies per layer. Longer chunks (whole files, batches) replace the store's rows.
+    copies per layer. Longer chunks (whole files, batches) replace the store's rows, as do
+    chunks that do not fit a store without room (a tight slot of :class:`_SlotPool`).
     """
 
     __slots__ = ("_held", "_start", "_store", "_taps", "in_slot", "windows")
