@@ -27,9 +27,11 @@ to the broker, from the events' own ``delay_ms``), chunks the agent dropped or r
 its retained health), and the agent's CPU and peak memory: the agent is its own process and its
 engine's worker processes (``engine.workers``), and both are summed over all of them (CPU: 100 =
 one core; RSS counts shared pages once per process, PSS shares them out: both are given), then
-per process (``agent_peak_memory_per_process``). The load generator, mosquitto and this process
-(the subscriber) share the machine with the agent: their CPU is given too
-(``others_cpu_percent``), with the load average before the round (``load_average_before``).
+per process (``agent_peak_memory_per_process``, sampled once a second, with the kernel's
+high-water mark of each process's RSS, which also counts the instants between samples). The
+load generator, mosquitto and this process (the subscriber) share the machine with the agent:
+their CPU is given too (``others_cpu_percent``), with the load average before the round
+(``load_average_before``).
 
 With ``--rounds R`` each N is run R times with a fresh broker and agent: the row is the round
 with the median p95, next to every round's p95, the most chunks any round dropped and the most
@@ -103,8 +105,9 @@ class MachineShare:
     """How much of the machine each party of a round takes: CPU of the load generator (the
     devices' process), the broker and this process (the subscriber), next to the agent's; and
     each agent process's peak memory (its main process, its engine processes), sampled with
-    :meth:`sample`. The figures are for a machine the parties share, often with others: the
-    load average before the round says how busy it was."""
+    :meth:`sample`, next to the kernel's high-water mark of its RSS. The figures are for a
+    machine the parties share, often with others: the load average before the round says how
+    busy it was."""
 
     def __init__(self, agent_pid: int, others: dict[str, int]) -> None:
         self.load_average = round(os.getloadavg()[0], 2)
@@ -134,6 +137,9 @@ class MachineShare:
             peak = self.peak_memory.setdefault(name, {"rss_mb": 0.0, "pss_mb": 0.0})
             peak["rss_mb"] = round(max(peak["rss_mb"], memory.rss / 1e6), 1)
             peak["pss_mb"] = round(max(peak["pss_mb"], getattr(memory, "pss", memory.rss) / 1e6), 1)
+            high_water = _high_water_mb(process.pid)
+            if high_water is not None:
+                peak["high_water_rss_mb"] = high_water
 
     def cpu_percent(self) -> dict[str, float]:
         """CPU between the first and the latest sample (100 = one core), per party but the agent."""
@@ -144,6 +150,18 @@ class MachineShare:
             if first is not None and latest is not None and latest_at > first_at:
                 used[name] = round((latest - first) / (latest_at - first_at) * 100, 1)
         return used
+
+
+def _high_water_mb(pid: int) -> float | None:
+    """The process's peak RSS as the kernel counts it (``VmHWM``: every instant, not only the
+    samples), where Linux gives it."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) * 1024 / 1e6, 1)
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def _cpu_seconds(process: psutil.Process) -> float | None:
@@ -258,6 +276,8 @@ def run_once(
             time.sleep(0.1)
         time.sleep(2.5)  # a final health report
         health = collector.health
+        usage.sample()  # memory after the streams ended (their last steps)
+        share.sample()
     finally:
         agent.terminate()
         agent.wait(30)

@@ -294,8 +294,7 @@ def _decode(detectors: Sequence[KeywordDetector], hidden: Sequence[np.ndarray]) 
     def resolver(owners: Sequence[KeywordDetector]) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
         def resolve(frames: list[np.ndarray]) -> list[np.ndarray]:
             asking = [i for i, f in enumerate(frames) if f.size]
-            wanted = [owners[i]._hidden.rows(frames[i]) for i in asking]
-            exact = output.posteriors(np.concatenate(wanted) if len(wanted) > 1 else wanted[0], columns)
+            exact = output.posteriors_of((owners[i]._hidden.rows(frames[i]) for i in asking), columns)
             answers = [exact[:0]] * len(frames)
             offset = 0
             for i in asking:
@@ -348,19 +347,24 @@ class _HiddenRows:
     """A stream's recent hidden rows (the output layer's inputs), by absolute frame, so that the
     decoder can ask for the exact posteriors of any frame it still holds.
 
-    The rows live in a buffer with room to spare: a step appends its few rows in place, and the
-    rows still held move to the front only when the room runs out (every few steps of 100 ms),
-    instead of a new matrix of ~100 rows per stream at every step.
+    The rows live in a ring: frame ``f`` at row ``(f - offset) % capacity``. A step writes its
+    few rows in place and nothing moves; the ring holds the rows kept and one step's new rows,
+    with a few to spare, and is made anew when a step brings more. Every stream of a batch has
+    one, so rows to spare cost memory hundreds of times over. The decoder asks for runs of
+    consecutive frames, which are handed over as views: a run that wraps round first has the
+    ring laid out afresh from its oldest row (rarely: only streams where a keyword may be under
+    way ask), so that a burst of requests from every stream costs no copy of their rows.
     """
 
-    # Spare rows beyond what an append needs, when the buffer is (re)allocated.
-    _SPARE_ROWS = 48
+    # Rows beyond the rows kept and the new ones, when the ring is (re)made: for steps that
+    # bring a row more than the step that made it (100 ms chunks bring 3 or 4).
+    _SPARE_ROWS = 2
 
     def __init__(self, width: int) -> None:
-        self._buffer = np.zeros((0, width), dtype=np.float32)
-        self._start = 0  # buffer row of the oldest row held
-        self._end = 0  # buffer row after the newest
-        self._first = 0  # absolute frame of buffer row ``_start``
+        self._ring = np.zeros((0, width), dtype=np.float32)
+        self._offset = 0  # the absolute frame at ring row 0, modulo the ring's size
+        self._first = 0  # absolute frame of the oldest row held
+        self._end = 0  # absolute frame after the newest
 
     def append(self, rows: np.ndarray, keep: int) -> None:
         """Add new rows, keeping ``keep`` rows from before (as the decoder keeps its history)."""
@@ -368,29 +372,46 @@ class _HiddenRows:
         if count == 0:
             return  # the decoder skips empty spans too, keeping everything it holds
         end = self._end
-        if end - self._start > keep:
-            self._first += end - keep - self._start
-            self._start = end - keep
-        if end + count <= self._buffer.shape[0]:  # room to spare: most steps
-            # Always a copy: ``rows`` is a view of the whole batch's hidden matrix.
-            self._buffer[end : end + count] = rows
-            self._end = end + count
-            return
-        held = self._end - self._start
-        # Out of room: the rows held go to the front of a buffer sized for them, the new
-        # rows and some spare (a new one if this one is too small).
-        needed = held + count
-        if needed + self._SPARE_ROWS // 2 > self._buffer.shape[0]:
-            buffer = np.empty((needed + self._SPARE_ROWS, self._buffer.shape[1]), dtype=np.float32)
+        if end - self._first > keep:
+            self._first = end - keep
+        ring = self._ring
+        capacity = ring.shape[0]
+        if end + count - self._first > capacity:
+            self._remake(keep + count + self._SPARE_ROWS)
+            ring = self._ring
+            capacity = ring.shape[0]
+        at = (end - self._offset) % capacity
+        stop = at + count
+        # Always a copy: ``rows`` is a view of the whole batch's hidden matrix.
+        if stop <= capacity:
+            ring[at:stop] = rows
         else:
-            buffer = self._buffer
-        buffer[:held] = self._buffer[self._start : self._end]  # may overlap: numpy copies safely
-        self._buffer, self._start, self._end = buffer, 0, held
-        self._buffer[held : held + count] = rows
-        self._end = held + count
+            ring[at:] = rows[: capacity - at]
+            ring[: stop - capacity] = rows[capacity - at :]
+        self._end = end + count
+
+    def _remake(self, capacity: int) -> None:
+        """A ring of ``capacity`` rows with the rows held from its first row on."""
+        ring = np.empty((capacity, self._ring.shape[1]), dtype=np.float32)
+        held = self._end - self._first
+        if held:
+            frames = np.arange(self._first - self._offset, self._end - self._offset)
+            np.take(self._ring, frames, axis=0, out=ring[:held], mode="wrap")
+        self._ring, self._offset = ring, self._first
 
     def rows(self, frames: np.ndarray) -> np.ndarray:
-        index = frames - (self._first - self._start)
-        if index.size and (index.min() < self._start or index.max() >= self._end):
-            raise IndexError(f"frames {frames.min()}..{frames.max()} are no longer held")
-        return self._buffer[index]
+        """The rows of ``frames`` (absolute): a view of the ring for consecutive frames in order
+        (what the decoder asks for), to be read before the next :meth:`append`; else a copy."""
+        if frames.size == 0:
+            return self._ring[:0]
+        low, high = int(frames.min()), int(frames.max())
+        if low < self._first or high >= self._end:
+            raise IndexError(f"frames {low}..{high} are no longer held")
+        if high - low + 1 == frames.size and (frames.size == 1 or bool((frames[1:] > frames[:-1]).all())):
+            capacity = self._ring.shape[0]
+            start = (low - self._offset) % capacity
+            if start + frames.size > capacity:  # the run wraps round: the ring starts afresh
+                self._remake(capacity)
+                start = low - self._offset
+            return self._ring[start : start + frames.size]
+        return np.take(self._ring, frames - self._offset, axis=0, mode="wrap")

@@ -27,7 +27,7 @@ import bisect
 import itertools
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -138,14 +138,19 @@ class OutputLayer:
     def __init__(self, affine: AffineTransform) -> None:
         self.input_dim = affine.input_dim
         self.output_dim = affine.output_dim
-        weights = np.ascontiguousarray(affine.weight.T, dtype=np.float32)  # (input, output)
-        bias = np.asarray(affine.bias, dtype=np.float32)
-        self._weights = weights
-        self._bias = bias
         # Two extra input rows make the matrix product add the bias and subtract each row's
         # shift itself: hidden | 1 | -shift times weights ; bias ; 1. That saves two passes over
         # the (rows, 2599) logits, which cost as much as the product's arithmetic.
-        self._augmented = np.concatenate([weights, bias[None, :], np.ones((1, self.output_dim), np.float32)])
+        augmented = np.empty((self.input_dim + 2, self.output_dim), dtype=np.float32)
+        augmented[: self.input_dim] = affine.weight.T
+        augmented[self.input_dim] = affine.bias
+        augmented[self.input_dim + 1] = 1.0
+        augmented.flags.writeable = False
+        self._augmented = augmented
+        # The weights (input, output) and the bias are its first rows: one copy in every
+        # process (the agent's and each engine process), not two.
+        self._weights = augmented[: self.input_dim]
+        self._bias = augmented[self.input_dim]
         self._subsets: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
         #: rows given bounds and rows given exact posteriors so far (statistics, all streams)
         self.rows_bounded = 0
@@ -218,6 +223,50 @@ class OutputLayer:
             ]
         )
 
+    def posteriors_of(self, parts: Iterable[np.ndarray], columns: np.ndarray) -> np.ndarray:
+        """:meth:`posteriors` of ``columns`` for the rows of ``parts`` one after the other: the
+        same values as for their concatenation, in the same blocks, but each part is copied into
+        the block being filled as it comes. A burst of requests (every stream of a batch
+        resolving a keyword at once) then holds one block of rows, not all of them and their
+        concatenation. A lone part is used as it is."""
+        columns = np.asarray(columns, dtype=np.int64)
+        lone: np.ndarray | None = None  # the first part, while no other came
+        block: np.ndarray | None = None
+        filled = 0
+        results: list[np.ndarray] = []
+        for part in parts:
+            part = np.asarray(part, dtype=np.float32)
+            if block is None:
+                if lone is None:
+                    lone = part
+                    continue
+                block = np.empty((_OUTPUT_BLOCK_ROWS, self.input_dim), dtype=np.float32)
+                filled = self._fill(block, 0, lone, columns, results)
+            filled = self._fill(block, filled, part, columns, results)
+        if block is None:
+            nothing = np.zeros((0, self.input_dim), dtype=np.float32)
+            return self.posteriors(nothing if lone is None else lone, columns)
+        if filled or not results:
+            results.append(self._selected(block[:filled], columns))
+        return results[0] if len(results) == 1 else np.concatenate(results)
+
+    def _fill(
+        self, block: np.ndarray, filled: int, part: np.ndarray, columns: np.ndarray, results: list[np.ndarray]
+    ) -> int:
+        """Copy ``part`` into ``block`` after its ``filled`` rows; each full block's posteriors
+        go to ``results``. Returns the rows filled after."""
+        self.rows_exact += part.shape[0]
+        start = 0
+        while start < part.shape[0]:
+            count = min(block.shape[0] - filled, part.shape[0] - start)
+            block[filled : filled + count] = part[start : start + count]
+            filled += count
+            start += count
+            if filled == block.shape[0]:
+                results.append(self._selected(block, columns))
+                filled = 0
+        return filled
+
     def _selected(self, hidden: np.ndarray, columns: np.ndarray) -> np.ndarray:
         rows = hidden.shape[0]
         if rows == 0:
@@ -257,21 +306,22 @@ class _FsmnBuffer:
     linear transform before the layer itself, in one stream's plan) and filtered through that
     view, and the rows held then start further on; they move to the front only when the room
     runs out (every few chunks of 100 ms). A chunk costs one filter pass, not a new matrix and
-    copies per layer. Longer chunks (whole files, batches) replace the store's rows.
+    copies per layer. Longer chunks (whole files, batches) replace the store's rows, as do
+    chunks that do not fit a store without room (a tight slot of :class:`_SlotPool`).
     """
 
     __slots__ = ("_held", "_start", "_store", "_taps", "in_slot", "windows")
 
     # Rows a store holds beyond a layer's history and look-ahead: several 100 ms chunks between
-    # moves to the front (fewer rows cost a live microphone a few percent). Every stream of a
-    # batch has a store per layer, so room costs memory hundreds of times over.
+    # moves to the front (fewer rows cost a live microphone a few percent). A batch needs none
+    # (it reads and writes the rows held): the slots past a pool's first few have less.
     _ROOM = 32
 
     def __init__(self, frames: np.ndarray, taps: int, slot: np.ndarray | None = None) -> None:
         """``slot``, if given, is the store: a slot of a :class:`_SlotPool`, where a batch reads
         and writes the rows held by many streams at once."""
         self._taps = taps
-        if slot is None or frames.shape[0] + self._ROOM > slot.shape[0]:
+        if slot is None or frames.shape[0] > slot.shape[0]:
             self._allocate(frames.shape[0] + self._ROOM, frames.shape[1])
         else:
             self._store = slot
@@ -373,13 +423,23 @@ class _SlotPool:
     Blocks double in size up to a limit (a lone microphone takes a small one) and never move: a
     stream's buffers are views of its slot, which any thread may create or use meanwhile. A slot
     is free again when its stream's state is collected. Slots are numbered across blocks.
+
+    The first blocks' slots (``roomy``) have room for several of a live microphone's chunks
+    (see :attr:`_FsmnBuffer._ROOM`). Only many streams at once reach the later blocks, whose
+    slots (``tight``) hold a layer's history and look-ahead alone: a batch reads and writes
+    only the rows held, and room would cost memory once per stream and layer. A stream of
+    theirs fed alone takes the long chunks' path (a few array operations more), and its rows
+    held stay in its slot.
     """
 
     _FIRST_BLOCK_SLOTS = 8
-    _LARGEST_BLOCK_SLOTS = 512
+    _LARGEST_BLOCK_SLOTS = 64
+    # Slots with the roomy shapes: the first two blocks'.
+    _ROOMY_SLOTS = 24
 
-    def __init__(self, shapes: list[tuple[int, int]]) -> None:
-        self._shapes = shapes  # per layer: (rows, dim) of a slot
+    def __init__(self, roomy: list[tuple[int, int]], tight: list[tuple[int, int]]) -> None:
+        self._roomy = roomy  # per layer: (rows, dim) of a slot of the first blocks
+        self._tight = tight  # the same, in later blocks
         #: per block, per layer: (slots, rows, dim) float32
         self.blocks: list[list[np.ndarray]] = []
         #: per block: the number of its first slot
@@ -405,7 +465,8 @@ class _SlotPool:
     def _grow(self) -> None:
         size = min(self._LARGEST_BLOCK_SLOTS, self._FIRST_BLOCK_SLOTS << len(self.blocks))
         first = self.starts[-1] + self.blocks[-1][0].shape[0] if self.blocks else 0
-        self.blocks.append([np.zeros((size, rows, dim), dtype=np.float32) for rows, dim in self._shapes])
+        shapes = self._roomy if first < self._ROOMY_SLOTS else self._tight
+        self.blocks.append([np.zeros((size, rows, dim), dtype=np.float32) for rows, dim in shapes])
         self.starts.append(first)
         self._free += range(first + size - 1, first - 1, -1)
 
@@ -549,7 +610,8 @@ class NumpyNetwork:
         # one call to the next, so every stream a thread feeds can share them.
         self._threads = threading.local()
         self._slots = _SlotPool(
-            [(layer.history_frames + _FsmnBuffer._ROOM, layer.input_dim) for layer in self._fsmn_layers]
+            [(layer.history_frames + _FsmnBuffer._ROOM, layer.input_dim) for layer in self._fsmn_layers],
+            [(layer.history_frames + layer.lookahead_frames, layer.input_dim) for layer in self._fsmn_layers],
         )
 
     def _compile_plan(self) -> list[tuple[int, np.ndarray | None, np.ndarray | None, np.ndarray | None, int]]:

@@ -11,7 +11,7 @@ from edge_agent.engine.detector import _HiddenRows
 def test_hidden_rows_hold_what_the_decoder_may_ask_for_whatever_the_chunk_sizes() -> None:
     """Against the plain definition: after each append, the last ``keep`` rows from before plus
     the new ones, by absolute frame; chunks from 1 row (streaming) to 500 (whole files), with
-    the buffer's moves and growth in between."""
+    the ring wrapping round and made anew in between; any frames asked for, in any order."""
     rng = np.random.default_rng(5)
     held = _HiddenRows(3)
     reference = np.zeros((0, 3), dtype=np.float32)
@@ -32,6 +32,13 @@ def test_hidden_rows_hold_what_the_decoder_may_ask_for_whatever_the_chunk_sizes(
             reference = np.concatenate([old, source])
         frames = np.arange(first, first + reference.shape[0])
         np.testing.assert_array_equal(held.rows(frames), reference)
+        if reference.shape[0]:  # a run of frames, some frames in order, some in any order
+            low, high = sorted(rng.integers(0, reference.shape[0], 2).tolist())
+            np.testing.assert_array_equal(held.rows(frames[low : high + 1]), reference[low : high + 1])
+            some = np.flatnonzero(rng.random(reference.shape[0]) < 0.3)
+            np.testing.assert_array_equal(held.rows(frames[some]), reference[some])
+            shuffled = rng.permutation(reference.shape[0])[:5]
+            np.testing.assert_array_equal(held.rows(frames[shuffled]), reference[shuffled])
         if first > 0:
             with pytest.raises(IndexError):
                 held.rows(np.array([first - 1]))

@@ -203,6 +203,21 @@ def test_bounds_of_a_few_rows_and_of_many_agree_and_stay_upper_bounds() -> None:
         np.testing.assert_allclose(few, many, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("sizes", [[], [5], [0, 5], [3, 0, 4], [100, 200, 300, 1], [256, 256], [255, 2, 600]])
+def test_posteriors_of_parts_equal_those_of_their_concatenation(sizes: list[int], numpy_model) -> None:  # type: ignore[no-untyped-def]
+    """Parts of any size (a burst of requests from every stream of a batch: hundreds of parts,
+    blocks filled across them) give exactly the posteriors of their concatenation."""
+    output = numpy_model.network.output
+    rng = np.random.default_rng(len(sizes) + sum(sizes))
+    parts = [rng.normal(scale=2.0, size=(size, output.input_dim)).astype(np.float32) for size in sizes]
+    columns = np.array([0, 976, 1462])
+    whole = np.concatenate(parts) if parts else np.zeros((0, output.input_dim), np.float32)
+    expected = output.posteriors(whole, columns)
+    got = output.posteriors_of(iter(parts), columns)
+    assert got.shape == expected.shape == (sum(sizes), 3)
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_output_layer_survives_a_logit_far_above_the_selected_ones() -> None:
     """Rows are shifted by their largest *selected* logit; one that overflows is redone exactly."""
     layers, network = small_network()
@@ -266,6 +281,36 @@ def test_streams_keep_their_memory_when_the_slots_grow_and_are_reused() -> None:
         for want, have in zip(expected, got, strict=True):
             assert have.shape == want.shape
             np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5)
+
+
+def test_streams_in_the_later_slots_fed_alone_or_in_batches_give_the_rows_of_a_stream_alone() -> None:
+    """Slots past the pool's first blocks hold little more than a layer's history and
+    look-ahead: their streams fed in batches, alone with short chunks of every size (moving
+    their rows to the front more often), with a long chunk, then in batches again, give the rows
+    each stream gives alone (on a network of its own, in a roomy slot), and stay in their slots."""
+    from edge_agent.engine.network import _SlotPool
+
+    _, network = small_network()
+    roomy = [network.new_state() for _ in range(_SlotPool._ROOMY_SLOTS)]
+    together = [network.new_state() for _ in range(6)]
+    assert together[0].buffers[0]._store.shape[0] < roomy[0].buffers[0]._store.shape[0]
+    _, reference = small_network()
+    alone = [reference.new_state() for _ in together]
+    rng = np.random.default_rng(12)
+    plan = [None, None, *range(1, 10), None, 80, None, None, 2, 2, 2, None, None]
+    for step, lone in enumerate(plan):
+        if lone is None:  # a batch, in step
+            chunks = [rng.normal(size=(3 + (i + step) % 2, 6)).astype(np.float32) for i in range(6)]
+            got = network.hidden_many(together, chunks)
+            expected = [reference.hidden(state, chunk) for state, chunk in zip(alone, chunks, strict=True)]
+        else:  # the first stream alone
+            chunk = rng.normal(size=(lone, 6)).astype(np.float32)
+            got, expected = [network.hidden(together[0], chunk)], [reference.hidden(alone[0], chunk)]
+        for want, have in zip(expected, got, strict=True):
+            assert have.shape == want.shape
+            np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5)
+    assert all(buffer.in_slot for state in together for buffer in state.buffers)
+    assert all(state.slotted for state in together)  # the last batch read them from their slots
 
 
 def test_streams_started_on_many_threads_get_slots_of_their_own() -> None:
