@@ -1,6 +1,6 @@
 """The front-end's cost per call: one live stream's chunk, and one step of a batch of streams.
 
-    python -m benchmarks.frontend [--rounds 9] [--against DIR] [--shared]
+    python -m benchmarks.frontend [--rounds 9] [--against DIR] [--numpy-fft] [--shared]
 
 CPU time (``time.process_time``, one thread) of the front-end alone, from samples to the
 normalised network input frames, on the 120-second clip of ``benchmarks.streaming``:
@@ -17,6 +17,10 @@ whole file costs a third as much per second of audio as 100 ms chunks.
 features.py``, e.g. the commit a change starts from) is loaded into this process and timed in
 the same rounds, the two alternating in each round, so that a drift of a shared machine's
 speed hits both alike; each row then gives the ratio of the medians (this / DIR).
+
+``--numpy-fft``: this front-end with numpy's FFT instead of the default (scipy's, with the
+``fast`` extra) is timed in the same rounds too; each row then gives ``numpy_fft_ratio_median``
+(numpy's FFT / the default): what the scipy import an engine process pays for buys.
 
 Results: benchmarks/results/frontend.json and a table on stdout.
 """
@@ -74,22 +78,25 @@ def commit_of(checkout: Path) -> str:
         return ""
 
 
-def single_stream(module: ModuleType, cmvn: object, audio: np.ndarray, chunk_ms: int) -> float:
-    """µs of CPU per chunk of one stream."""
+def single_stream(
+    module: ModuleType, cmvn: object, audio: np.ndarray, chunk_ms: int, fft: str | None = None
+) -> float:
+    """µs of CPU per chunk of one stream (``fft``: the FFT library; None: the default)."""
     chunk = chunk_ms * 16
     count = SINGLE_SECONDS * 1000 // chunk_ms
-    stream = module.FeatureStream(cmvn)
+    stream = module.FeatureStream(cmvn, module.KaldiFbank(fft))
     started = time.process_time()
     for index in range(count):
         stream.accept(audio[index * chunk : (index + 1) * chunk])
     return (time.process_time() - started) / count * 1e6
 
 
-def batch(module: ModuleType, cmvn: object, audio: np.ndarray, streams: int) -> float:
+def batch(module: ModuleType, cmvn: object, audio: np.ndarray, streams: int, fft: str | None = None) -> float:
     """µs of CPU per step of ``streams`` streams fed 100 ms each, at spread places of the clip."""
     chunk = BATCH_CHUNK_MS * 16
     steps = BATCH_STEPS[streams]
-    states = [module.FeatureStream(cmvn) for _ in range(streams)]
+    fbank = module.KaldiFbank(fft)
+    states = [module.FeatureStream(cmvn, fbank) for _ in range(streams)]
     span = audio.shape[0] - (steps + 3) * chunk
     offsets = [(index * 7919 * chunk) % span for index in range(streams)]
 
@@ -110,14 +117,20 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--against", type=Path, help="another checkout whose front-end to time alongside")
+    parser.add_argument("--numpy-fft", action="store_true", help="also time this front-end with numpy's FFT")
     parser.add_argument("--shared", action="store_true", help="record that other work shared the machine")
     args = parser.parse_args()
     tune_allocator()
     model = KwsModel.load(model_dir())
     audio = clip()
     modules = {"this": features}
+    ffts: dict[str, str | None] = {"this": None}
     if args.against is not None:
         modules["against"] = front_end_of(args.against.resolve())
+        ffts["against"] = None
+    if args.numpy_fft:
+        modules["numpy_fft"] = features
+        ffts["numpy_fft"] = "numpy"
     cmvns = {name: module.Cmvn(model.cmvn.shift, model.cmvn.scale) for name, module in modules.items()}
     cases = [(f"1 stream, {ms} ms", "single", ms) for ms in SINGLE_CHUNKS_MS]
     cases += [(f"{n} streams, {BATCH_CHUNK_MS} ms", "batch", n) for n in BATCH_STREAMS]
@@ -129,7 +142,7 @@ def main() -> None:
         for label, kind, size in cases:
             for name in names:
                 run = single_stream if kind == "single" else batch
-                times[label][name].append(run(modules[name], cmvns[name], audio, size))
+                times[label][name].append(run(modules[name], cmvns[name], audio, size, ffts[name]))
     rows = {}
     for label, _, _ in cases:
         row: dict[str, object] = {"unit": "us per chunk" if "1 stream" in label else "us per step"}
@@ -140,6 +153,10 @@ def main() -> None:
             row["ratio_median"] = round(
                 statistics.median(times[label]["this"]) / statistics.median(times[label]["against"]), 3
             )
+        if "numpy_fft" in modules:
+            row["numpy_fft_ratio_median"] = round(
+                statistics.median(times[label]["numpy_fft"]) / statistics.median(times[label]["this"]), 3
+            )
         rows[label] = row
     result = {
         "machine": machine(),
@@ -148,17 +165,22 @@ def main() -> None:
         "shared_machine": args.shared,
         "against": str(args.against) if args.against else None,
         "against_commit": commit_of(args.against) if args.against else None,
+        "fft": features.default_fft(),
         "front_end": rows,
     }
     path = write_result("frontend", result)
     header = f"{'':>20}  {'median µs':>10}  {'best µs':>9}"
     if "against" in modules:
         header += f"  {'against median':>14}  {'ratio':>6}"
+    if "numpy_fft" in modules:
+        header += f"  {'numpy FFT median':>16}  {'ratio':>6}"
     print(header)
     for label, row in rows.items():
         line = f"{label:>20}  {row['this_median_us']:>10}  {row['this_best_us']:>9}"
         if "against" in modules:
             line += f"  {row['against_median_us']:>14}  {row['ratio_median']:>6}"
+        if "numpy_fft" in modules:
+            line += f"  {row['numpy_fft_median_us']:>16}  {row['numpy_fft_ratio_median']:>6}"
         print(line)
     print(path)
 

@@ -306,7 +306,7 @@ def test_the_wyoming_benchmark_streams_real_time_clients_and_counts_their_detect
 def test_the_front_end_benchmark_times_one_stream_and_batches_against_another_checkout(
     tmp_path: Path, model_dir: Path, dev_audio: Path
 ) -> None:
-    bench("frontend", "--rounds", "1", "--against", str(REPO), results=tmp_path)
+    bench("frontend", "--rounds", "1", "--against", str(REPO), "--numpy-fft", results=tmp_path)
     result = json.loads((tmp_path / "frontend.json").read_text(encoding="utf-8"))
     assert result["machine"]["cpu"]
     rows = result["front_end"]
@@ -321,6 +321,8 @@ def test_the_front_end_benchmark_times_one_stream_and_batches_against_another_ch
     }
     assert all(row["this_median_us"] > 0 and row["against_median_us"] > 0 for row in rows.values())
     assert all(row["ratio_median"] > 0 for row in rows.values())
+    # The same front-end with numpy's FFT, timed in the same rounds.
+    assert all(row["numpy_fft_median_us"] > 0 and row["numpy_fft_ratio_median"] > 0 for row in rows.values())
 
 
 def test_the_network_call_benchmark_measures_every_figure_in_both_checkouts(
