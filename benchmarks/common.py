@@ -25,6 +25,8 @@ RESULTS = Path(os.environ.get("EDGE_AGENT_BENCH_RESULTS", REPO / "benchmarks" / 
 SHARED = REPO.parent / "shared"
 # Silence between the recordings of the wake word when they are played back to back.
 GAP_SECONDS = 0.5
+# In :func:`conversation`, a recording of the wake word after this many recordings of other speech.
+SPEECH_PER_KEYWORD = 3
 
 
 def model_dir() -> Path:
@@ -110,9 +112,30 @@ def positives_back_to_back() -> tuple[np.ndarray, list[float]]:
     them, as 16-bit values (float32, what a device would send as s16le), and where each one
     starts (s): what the MQTT benchmark's devices play, and the engine benchmark's continuous
     streams."""
+    return _back_to_back(sorted(dev_audio().glob("pos/*.wav")))
+
+
+def conversation() -> tuple[np.ndarray, list[float]]:
+    """Other Mandarin speech (the 33 negatives of audio/dev, navigation and smart-device
+    commands) with a recording of the wake word after every SPEECH_PER_KEYWORD of them, as
+    :func:`positives_back_to_back` gives its recordings: what a satellite in a room where people
+    talk hears, the keyword said now and then, rather than the keyword alone over and over."""
+    speech = sorted(dev_audio().glob("neg/*.wav"))
+    keywords = sorted(dev_audio().glob("pos/*.wav"))
+    order = []
+    for k, path in enumerate(speech):
+        order.append(path)
+        if (k + 1) % SPEECH_PER_KEYWORD == 0:
+            order.append(keywords[(k // SPEECH_PER_KEYWORD) % len(keywords)])
+    return _back_to_back(order)
+
+
+def _back_to_back(paths: list[Path]) -> tuple[np.ndarray, list[float]]:
+    """The recordings at ``paths`` one after another with GAP_SECONDS of silence between them,
+    and where each one starts (s)."""
     pieces, starts, offset = [], [], 0.0
     gap = np.zeros(int(GAP_SECONDS * 16000), dtype=np.float32)
-    for path in sorted(dev_audio().glob("pos/*.wav")):
+    for path in paths:
         samples = to_mono_16k(read_wav(path))
         starts.append(offset)
         pieces += [samples, gap]

@@ -303,6 +303,38 @@ def test_the_wyoming_benchmark_streams_real_time_clients_and_counts_their_detect
     assert "openwakeword" not in row  # no --openwakeword-python given
 
 
+def test_conversation_is_other_speech_with_the_keyword_after_every_third_recording(dev_audio: Path) -> None:
+    from benchmarks.common import GAP_SECONDS, SPEECH_PER_KEYWORD, conversation
+    from edge_agent.audio.wav import read_wav, to_mono_16k
+
+    speech = sorted(dev_audio.glob("neg/*.wav"))
+    keywords = sorted(dev_audio.glob("pos/*.wav"))
+    audio, starts = conversation()
+    assert SPEECH_PER_KEYWORD == 3
+    assert len(starts) == len(speech) + len(speech) // 3
+    # The fourth recording is the first keyword, played from where the third one's gap ends.
+    third = to_mono_16k(read_wav(speech[2]))
+    first_keyword = to_mono_16k(read_wav(keywords[0]))
+    at = round(starts[3] * 16000)
+    assert round(starts[3] - starts[2] - GAP_SECONDS, 6) == round(third.shape[0] / 16000, 6)
+    assert (audio[at : at + first_keyword.shape[0]] == first_keyword).all()
+    # 33 recordings of speech: the last of them is followed by the eleventh keyword.
+    last = to_mono_16k(read_wav(keywords[10]))
+    assert audio.shape[0] == round(starts[-1] * 16000) + last.shape[0] + round(GAP_SECONDS * 16000)
+
+
+def test_the_wyoming_benchmark_plays_a_conversation_when_asked(
+    tmp_path: Path, model_dir: Path, dev_audio: Path
+) -> None:
+    # Client 3 starts at the first keyword; the others at other speech.
+    bench("wyoming", "--clients", "4", "--seconds", "8", "--audio", "conversation", results=tmp_path)
+    report = json.loads((tmp_path / "wyoming.json").read_text(encoding="utf-8"))
+    assert report["settings"]["audio"] == "conversation"
+    (row,) = report["rows"]
+    assert row["detections_expected"] >= 1
+    assert row["edge_agent"]["detections"] == row["detections_expected"]
+
+
 def test_the_front_end_benchmark_times_one_stream_and_batches_against_another_checkout(
     tmp_path: Path, model_dir: Path, dev_audio: Path
 ) -> None:
