@@ -13,7 +13,9 @@ the end), so that at most ceil(N / 25) streams say it at once, as independent de
 delay = arrival time at the subscriber - (wall time the stream started + the detection's
 ``end`` in stream seconds), i.e. from the moment the end of the keyword was spoken. It includes
 the 100 ms chunking, the model's look-ahead (~0.29 s), inference, the outbox and two broker hops.
-The devices publish from a process of their own; how late their chunks left is reported too
+The devices publish from a process of their own, every round of chunks in one write on one
+MQTT 3.1.1 connection at QoS 0 (:mod:`benchmarks.devices`: a fleet is other machines, and its
+stand-in should take little of the agent's); how late their chunks left is reported too
 (``sender_lag_ms_p95``), since on a small machine the load generator competes with the agent.
 
 Which detections must arrive is known before the run: the engine, in this process, is fed each
@@ -68,6 +70,7 @@ from benchmarks.common import (
     stream_offsets,
     write_result,
 )
+from benchmarks.devices import DeviceFleet
 from edge_agent.engine.model import KeywordSpec, KwsModel
 from edge_agent.mqtt.client import MqttClient
 from edge_agent.mqtt.transport import InboundMessage
@@ -198,33 +201,30 @@ class Collector:
 def send_audio(
     port: int, offsets: list[int], audio: bytes, seconds: float, started: float, lags: Any
 ) -> None:
-    """The N thin devices, in a process of their own.
+    """The N thin devices, in a process of their own, on one connection (:mod:`benchmarks.devices`).
 
     In the collector's process, 1000+ publishes a second would hold the GIL while detections
     arrive and the measured delay would include the benchmark's own contention. How late each
     round of chunks left (``lags``, ms) is reported, so a slow sender cannot pass for a slow agent.
     """
-    publisher = MqttClient("127.0.0.1", port).connect()
+    fleet = DeviceFleet("127.0.0.1", port, "benchmark-devices")
     chunk = CHUNK_SAMPLES * 2  # bytes
+    topics = [f"{PREFIX}/audio/s{stream}" for stream in range(len(offsets))]
     late = []
     for index in range(int(seconds * 1000 / CHUNK_MS)):
         due = started + (index + 1) * CHUNK_MS / 1000  # chunk k holds audio up to (k+1) * 100 ms
         if due > time.time():
             time.sleep(due - time.time())
         payloads: dict[int, bytes] = {}  # per distinct starting point
-        for stream, offset in enumerate(offsets):
-            payload = payloads.get(offset)
-            if payload is None:
+        for offset in offsets:
+            if offset not in payloads:
                 begin = (offset * 2 + index * chunk) % len(audio)
                 payload = audio[begin : begin + chunk]
-                payload += audio[: chunk - len(payload)]  # wrapping round
-                payloads[offset] = payload
-            publisher.publish(f"{PREFIX}/audio/s{stream}", payload, qos=0)
+                payloads[offset] = payload + audio[: chunk - len(payload)]  # wrapping round
+        fleet.publish_round(topics, [payloads[offset] for offset in offsets])
         late.append((time.time() - due) * 1000)
-    for stream in range(len(offsets)):
-        publisher.publish(f"{PREFIX}/audio/s{stream}/control", b'{"action": "end"}', qos=1, wait=False)
-    publisher.flush(10)
-    publisher.close()
+    fleet.publish_round([f"{topic}/control" for topic in topics], [b'{"action": "end"}'] * len(topics))
+    fleet.close()
     lags.put(late)
 
 
