@@ -148,6 +148,9 @@ class Agent:
             # The same worker loop in as many processes, each on its share of the streams.
             engine = config.engine
             source = ModelSource(model.directory, engine.backend, engine.threads, engine.quantize)
+            # This process scores no audio: it keeps what spells keywords and describes the
+            # model, and lets the network's weights go (each engine process loads its own).
+            model = model.without_network()
             self.worker = EnginePool(source, settings, workers, max_bytes, self.sink, self.errors)
             self.queue: WorkQueue | PoolInbox = self.worker.inbox
         else:

@@ -128,7 +128,9 @@ class ModelSource:
     quantize: bool = False
 
     def load(self) -> KwsModel:
-        return KwsModel.load(self.directory, self.backend, self.threads, self.quantize)
+        """The model as a worker process needs it: keywords come to it compiled, so without the
+        lexicon's characters."""
+        return KwsModel.load(self.directory, self.backend, self.threads, self.quantize, spelling=False)
 
 
 def partition_of(stream: str, workers: int) -> int:
