@@ -258,3 +258,16 @@ def test_the_agents_process_keeps_the_model_without_its_network_when_engine_proc
     assert pooled.model.lexicon is numpy_model.lexicon
     assert pooled.worker.keywords == in_process.worker.keywords
     assert in_process.model is numpy_model
+
+
+def test_worker_processes_run_one_blas_thread_unless_the_environment_says_otherwise(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """An agent embedded in a program that did not set the BLAS thread count (``edge-agent``
+    does) still starts its worker processes with one BLAS thread each; a count the environment
+    gives is kept."""
+    from edge_agent.agent import engine_pool
+
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    environment = engine_pool._worker_environment()
+    assert environment["OPENBLAS_NUM_THREADS"] == "1" and environment["OMP_NUM_THREADS"] == "3"
+    assert environment["PYTHONPATH"].split(os.pathsep)[0] == str(Path(engine_pool.__file__).parents[2])
