@@ -43,6 +43,33 @@ def tune_allocator(threshold_bytes: int = 64 * 1024 * 1024, arenas: int | None =
     return bool(ok_mmap and ok_trim and ok_arenas)
 
 
+def give_back_free_memory() -> bool:
+    """Return the heap's free pages to the kernel now (glibc's ``malloc_trim``): for a process
+    that let a large part of what it allocated go for good (the agent's own, which keeps the
+    model without its network when engine processes run the engine), since the thresholds
+    :func:`tune_allocator` sets keep freed memory for reuse. False where glibc is not the
+    allocator."""
+    libc = _glibc()
+    trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+    if trim is None:
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
+    return True
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if platform.system() != "Linux":
+        return None
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
 def board_temperature() -> float | None:
     """Hottest thermal zone in degrees Celsius, where Linux exposes one (Raspberry Pi does)."""
     readings = []

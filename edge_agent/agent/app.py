@@ -60,6 +60,7 @@ from edge_agent.mqtt.messages import (
     iso_utc,
 )
 from edge_agent.mqtt.transport import MqttTransport
+from edge_agent.system import give_back_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,9 @@ class Agent:
             # The same worker loop in as many processes, each on its share of the streams.
             engine = config.engine
             source = ModelSource(model.directory, engine.backend, engine.threads, engine.quantize)
+            # This process scores no audio: it keeps what spells keywords and describes the
+            # model, and lets the network's weights go (each engine process loads its own).
+            model = model.without_network()
             self.worker = EnginePool(source, settings, workers, max_bytes, self.sink, self.errors)
             self.queue: WorkQueue | PoolInbox = self.worker.inbox
         else:
@@ -278,6 +282,10 @@ class Agent:
             ", ".join(f"{k.text}@{k.threshold}" for k in self.worker.keywords),
         )
         self._started = True
+        if not isinstance(self.worker, EngineWorker):
+            # This process let the network's weights go when it kept the model without them (its
+            # engine processes hold their own): their pages go back to the system.
+            give_back_free_memory()
         self.sink.start()
         self.worker.start()
         if self.transport is not None:

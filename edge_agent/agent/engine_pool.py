@@ -128,7 +128,9 @@ class ModelSource:
     quantize: bool = False
 
     def load(self) -> KwsModel:
-        return KwsModel.load(self.directory, self.backend, self.threads, self.quantize)
+        """The model as a worker process needs it: keywords come to it compiled, so without the
+        lexicon's characters."""
+        return KwsModel.load(self.directory, self.backend, self.threads, self.quantize, spelling=False)
 
 
 def partition_of(stream: str, workers: int) -> int:
@@ -343,12 +345,21 @@ def serve(handle: int) -> None:
     WorkerProcess(conn, source, settings, read_ahead).run()
 
 
+# One BLAS thread per worker process unless the agent's environment says otherwise (as
+# ``edge-agent`` sets for itself): there is a process per core already, and each OpenBLAS thread
+# would wait for work on a core of its own and keep a buffer of its own.
+_BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 def _worker_environment() -> dict[str, str]:
     """The agent's environment, with this copy of edge_agent first on the worker's path (the
-    agent may run from a checkout that is not installed)."""
+    agent may run from a checkout that is not installed), and one BLAS thread unless set."""
     root = str(Path(edge_agent.__file__).resolve().parent.parent)
     path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([root, path]) if path else root}
+    environment = {variable: "1" for variable in _BLAS_THREAD_VARIABLES}
+    environment.update(os.environ)
+    environment["PYTHONPATH"] = os.pathsep.join([root, path]) if path else root
+    return environment
 
 
 def _wait(process: subprocess.Popen[bytes], timeout: float) -> int | None:

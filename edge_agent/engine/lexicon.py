@@ -29,11 +29,15 @@ class Lexicon:
     blank_id: int
 
     @classmethod
-    def load(cls, phone_table: Path, lexicon: Path) -> Lexicon:
+    def load(cls, phone_table: Path, lexicon: Path | None) -> Lexicon:
+        """``lexicon`` None: the token table alone (no characters: :meth:`spell` refuses), for a
+        process that gets its keywords compiled."""
         token_names = _read_token_table(phone_table)
         index = {name: i for i, name in enumerate(token_names)}
         if BLANK_TOKEN not in index:
             raise LexiconError(f"{phone_table}: no {BLANK_TOKEN!r} (CTC blank) token")
+        if lexicon is None:
+            return cls(token_names=token_names, char_to_tokens={}, blank_id=index[BLANK_TOKEN])
         char_to_tokens: dict[str, list[int]] = {}
         try:
             lines = lexicon.read_text(encoding="utf-8").splitlines()
@@ -78,6 +82,11 @@ class Lexicon:
         ``homophones``, when given, maps the keyword text to extra outputs per character
         (outputs of other characters pronounced the same in that word).
         """
+        if not self.char_to_tokens:
+            raise LexiconError(
+                "the model was loaded without its lexicon (keywords reach this process compiled); "
+                "load it with the lexicon to spell keywords"
+            )
         text = normalize_keyword(keyword)
         if not text:
             raise LexiconError("empty keyword")

@@ -15,11 +15,14 @@ and, when present, ``keywords.json`` for the default keyword durations.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -92,6 +95,8 @@ class KwsModel:
         self.lexicon = lexicon
         self.default_min_duration = default_min_duration
         self.default_max_duration = default_max_duration
+        # How load() read the network (backend, threads, quantize), to read it again.
+        self._loaded_as: tuple[str, int, bool] | None = None
 
     @property
     def backend(self) -> str:
@@ -110,9 +115,17 @@ class KwsModel:
 
     @classmethod
     def load(
-        cls, directory: str | Path, backend: str = "numpy", threads: int = 1, quantize: bool = False
+        cls,
+        directory: str | Path,
+        backend: str = "numpy",
+        threads: int = 1,
+        quantize: bool = False,
+        spelling: bool = True,
     ) -> KwsModel:
-        """Read and check the model files; raises :class:`ModelError` naming what is wrong."""
+        """Read and check the model files; raises :class:`ModelError` naming what is wrong.
+
+        ``spelling=False``: the lexicon's characters are not read (the token table is): for an
+        engine process, whose keywords come compiled; :meth:`compile` then raises."""
         directory = Path(directory)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -124,38 +137,35 @@ class KwsModel:
                 f"model directory {directory} lacks {', '.join(missing)}; it should hold the files of "
                 "ModelScope's damo/speech_charctc_kws_phone-xiaoyun"
             )
+        network = _load_network(directory, backend, threads, quantize)
         try:
-            components = read_nnet(directory / NETWORK_FILE)
             cmvn = _read_cmvn(directory / CMVN_FILE)
-            lexicon = Lexicon.load(directory / TOKEN_FILE, directory / LEXICON_FILE)
+            lexicon = Lexicon.load(directory / TOKEN_FILE, directory / LEXICON_FILE if spelling else None)
         except (NnetFormatError, LexiconError) as error:
             raise ModelError(str(error)) from None
         except OSError as error:
             raise ModelError(f"cannot read model file: {error}") from None
-
-        source = str(directory / NETWORK_FILE)
-        try:
-            if backend == "torch":
-                from edge_agent.engine.torch_network import TorchNetwork
-
-                network: NetworkBackend = TorchNetwork(components, source, threads=threads, quantize=quantize)
-            else:
-                if quantize:
-                    raise ValueError("int8 quantization needs the torch backend (engine.backend: torch)")
-                network = NumpyNetwork(components, source)
-        except ValueError as error:
-            raise ModelError(str(error)) from None
-        if network.input_dim != FEATURE_DIM:
-            raise ModelError(
-                f"{source}: network input is {network.input_dim}-dimensional, expected {FEATURE_DIM}"
-            )
         if network.output_dim != len(lexicon.token_names):
             raise ModelError(
-                f"{source}: network has {network.output_dim} outputs but {TOKEN_FILE} lists "
-                f"{len(lexicon.token_names)} tokens"
+                f"{directory / NETWORK_FILE}: network has {network.output_dim} outputs but {TOKEN_FILE} "
+                f"lists {len(lexicon.token_names)} tokens"
             )
         min_duration, max_duration = _default_durations(directory / KEYWORDS_FILE)
-        return cls(directory, network, cmvn, lexicon, min_duration, max_duration)
+        model = cls(directory, network, cmvn, lexicon, min_duration, max_duration)
+        model._loaded_as = (backend, threads, quantize)
+        return model
+
+    def without_network(self) -> KwsModel:
+        """This model without its network's weights, for a process that scores no live audio
+        (the agent's own when engine processes run the engine): it spells keywords and says
+        what the model is (backend, latency); should it score a recording after all (the HTTP
+        API's scores), the network is read from the model's files again then. A model not made
+        by :meth:`load` is returned as it is."""
+        if self._loaded_as is None or isinstance(self.network, NetworkOnDemand):
+            return self
+        light = copy.copy(self)
+        light.network = NetworkOnDemand(self.network, self.directory, *self._loaded_as)  # type: ignore[assignment]
+        return light
 
     def compile(self, spec: KeywordSpec, homophones: bool = False) -> CompiledKeyword:
         """Spell a keyword with the lexicon; raises ``LexiconError`` for unknown characters."""
@@ -208,6 +218,70 @@ class KwsModel:
         """A detector for one audio stream."""
         compiled = [k if isinstance(k, CompiledKeyword) else self.compile(k, homophones) for k in keywords]
         return KeywordDetector(self, compiled, settings or DecoderSettings())
+
+
+class NetworkOnDemand:
+    """The network of a model without it (:meth:`KwsModel.without_network`): the backend's
+    name, the dimensions and the look-ahead are here; anything else reads the network from
+    the model's files first (once), and it must have the same shape."""
+
+    def __init__(self, network: NetworkBackend, directory: Path, backend: str, threads: int, quantize: bool):
+        self.name = network.name
+        self.input_dim = network.input_dim
+        self.output_dim = network.output_dim
+        self.lookahead_frames = network.lookahead_frames
+        self._load = (directory, backend, threads, quantize)
+        self._network: NetworkBackend | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def held(self) -> bool:
+        """Whether the network was read (something asked for more than its shape)."""
+        return self._network is not None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self._loaded(), name)
+
+    def _loaded(self) -> NetworkBackend:
+        with self._lock:
+            if self._network is None:
+                network = _load_network(*self._load)
+                shape = (network.input_dim, network.output_dim, network.lookahead_frames)
+                if shape != (self.input_dim, self.output_dim, self.lookahead_frames):
+                    raise ModelError(
+                        f"{self._load[0] / NETWORK_FILE} changed since the model was loaded: reload the model"
+                    )
+                self._network = network
+            return self._network
+
+
+def _load_network(directory: Path, backend: str, threads: int, quantize: bool) -> NetworkBackend:
+    """The network of ``directory`` on ``backend``; raises :class:`ModelError`."""
+    source = str(directory / NETWORK_FILE)
+    try:
+        components = read_nnet(directory / NETWORK_FILE)
+    except NnetFormatError as error:
+        raise ModelError(str(error)) from None
+    except OSError as error:
+        raise ModelError(f"cannot read model file: {error}") from None
+    try:
+        if backend == "torch":
+            from edge_agent.engine.torch_network import TorchNetwork
+
+            network: NetworkBackend = TorchNetwork(components, source, threads=threads, quantize=quantize)
+        else:
+            if quantize:
+                raise ValueError("int8 quantization needs the torch backend (engine.backend: torch)")
+            network = NumpyNetwork(components, source)
+    except ValueError as error:
+        raise ModelError(str(error)) from None
+    if network.input_dim != FEATURE_DIM:
+        raise ModelError(
+            f"{source}: network input is {network.input_dim}-dimensional, expected {FEATURE_DIM}"
+        )
+    return network
 
 
 def _read_cmvn(path: Path) -> Cmvn:

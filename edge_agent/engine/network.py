@@ -24,6 +24,7 @@ torch import: torch costs ~1.8 s and ~220 MB on import) and ``TorchNetwork`` in
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import threading
 import weakref
@@ -155,6 +156,10 @@ class OutputLayer:
         #: rows given bounds and rows given exact posteriors so far (statistics, all streams)
         self.rows_bounded = 0
         self.rows_exact = 0
+
+    def affine(self) -> AffineTransform:
+        """The layer's affine transform, its weight and bias views of this layer's matrix."""
+        return AffineTransform(weight=self._weights.T, bias=self._bias)
 
     def _subset(self, columns: np.ndarray) -> _Subset:
         key = columns.tobytes()
@@ -582,18 +587,20 @@ class NumpyNetwork:
 
     def __init__(self, components: Sequence[Component], source: str = "network") -> None:
         validate_structure(components, source)
-        self.components = list(components)
         self.input_dim = components[0].input_dim
         self.output_dim = components[-1].output_dim
         self.output = OutputLayer(components[-2])  # type: ignore[arg-type]
+        # One copy of each weight matrix: the transposed one (every chunk is then a plain
+        # row-major x @ W), which the components kept here see as their weight (a view of its
+        # transpose, the output layer's a view of its matrix); the matrices read from the file
+        # are let go with the caller's components.
+        self.components = [_transposed_once(c) for c in components[:-2]]
+        self.components += [self.output.affine(), components[-1]]
         self._body = self.components[:-2]
         self._fsmn_layers = [c for c in self._body if isinstance(c, Fsmn)]
         self.lookahead_frames = sum(layer.lookahead_frames for layer in self._fsmn_layers)
-        # Pre-transpose weights once so every chunk is a plain row-major x @ W.
         self._weights_t = {
-            id(c): np.ascontiguousarray(c.weight.T, dtype=np.float32)
-            for c in self._body
-            if isinstance(c, (AffineTransform, LinearTransform))
+            id(c): c.weight.T for c in self._body if isinstance(c, (AffineTransform, LinearTransform))
         }
         self._biases = {
             id(c): np.asarray(c.bias, dtype=np.float32) for c in self._body if isinstance(c, AffineTransform)
@@ -1024,6 +1031,15 @@ class NumpyNetwork:
             return np.zeros((0, output_dim), dtype=np.float32), [0] * streams
         outputs = np.einsum("srkd,kd->srd", _stream_windows(inputs, taps.shape[0]), taps)
         return outputs.reshape(streams * windows, width), [windows] * streams
+
+
+def _transposed_once(component: Component) -> Component:
+    """``component`` with its weight (if any) a view of the transpose of a row-major copy of
+    its transpose: the same values, laid out for ``x @ W`` (see :class:`NumpyNetwork`)."""
+    if isinstance(component, (AffineTransform, LinearTransform)):
+        transposed = np.ascontiguousarray(component.weight.T, dtype=np.float32)
+        return dataclasses.replace(component, weight=transposed.T)
+    return component
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

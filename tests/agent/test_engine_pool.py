@@ -237,3 +237,37 @@ def test_a_worker_process_loads_the_engine_and_not_the_agents_other_parts() -> N
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     ).stdout
     assert loaded.strip() == "[]"
+
+
+def test_the_agents_process_keeps_the_model_without_its_network_when_engine_processes_run_it(  # type: ignore[no-untyped-def]
+    numpy_model, tmp_path: Path
+) -> None:
+    """With engine processes the agent's own process scores no live audio: it keeps what
+    compiles keywords and describes the model, not the network's weights. With one worker
+    (in-process) the model is the one it was given."""
+    from edge_agent.agent.app import Agent
+    from edge_agent.engine.model import NetworkOnDemand
+    from tests.support import agent_config
+
+    def config(workers: int, device: str):  # type: ignore[no-untyped-def]
+        return agent_config(1883, tmp_path, device, mqtt={"enabled": False}, engine={"workers": workers})
+
+    pooled = Agent(config(2, "pooled"), numpy_model)
+    in_process = Agent(config(1, "alone"), numpy_model)
+    assert isinstance(pooled.model.network, NetworkOnDemand) and not pooled.model.network.held
+    assert pooled.model.lexicon is numpy_model.lexicon
+    assert pooled.worker.keywords == in_process.worker.keywords
+    assert in_process.model is numpy_model
+
+
+def test_worker_processes_run_one_blas_thread_unless_the_environment_says_otherwise(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """An agent embedded in a program that did not set the BLAS thread count (``edge-agent``
+    does) still starts its worker processes with one BLAS thread each; a count the environment
+    gives is kept."""
+    from edge_agent.agent import engine_pool
+
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    environment = engine_pool._worker_environment()
+    assert environment["OPENBLAS_NUM_THREADS"] == "1" and environment["OMP_NUM_THREADS"] == "3"
+    assert environment["PYTHONPATH"].split(os.pathsep)[0] == str(Path(engine_pool.__file__).parents[2])

@@ -114,3 +114,47 @@ def test_int8_torch_backend_runs_and_numpy_refuses_it(model_dir: Path, example_w
     assert found.confidence > 0.5
     with pytest.raises(ModelError, match="int8 quantization needs the torch backend"):
         KwsModel.load(model_dir, backend="numpy", quantize=True)
+
+
+def test_a_model_without_its_network_spells_describes_and_reads_it_only_when_asked(  # type: ignore[no-untyped-def]
+    numpy_model, example_wav: Path
+) -> None:
+    """The agent's process, when engine processes score its streams, keeps the model without
+    the network's weights: it still compiles keywords and says what the model is; a recording
+    scored there after all (the HTTP API's scores) reads the network then, with the same
+    results."""
+    from edge_agent.audio.wav import read_wav, to_mono_16k
+    from edge_agent.engine.model import NetworkOnDemand
+
+    light = numpy_model.without_network()
+    assert isinstance(light.network, NetworkOnDemand) and not light.network.held
+    assert light.lexicon is numpy_model.lexicon and light.backend == numpy_model.backend
+    assert light.latency_seconds == numpy_model.latency_seconds
+    assert light.network.output_dim == 2599 and not light.network.held
+    keyword = KeywordSpec("小云小云")
+    assert light.compile(keyword) == numpy_model.compile(keyword)
+    assert light.without_network() is light
+    samples = to_mono_16k(read_wav(example_wav))
+    np.testing.assert_array_equal(light.posteriors(samples), numpy_model.posteriors(samples))
+    assert light.network.held
+
+
+def test_a_model_loaded_without_spelling_takes_compiled_keywords(  # type: ignore[no-untyped-def]
+    numpy_model, model_dir: Path, example_wav: Path
+) -> None:
+    """An engine process gets its keywords compiled: it reads the token table, not the
+    characters; spelling there is refused, clearly."""
+    from edge_agent.audio.wav import read_wav, to_mono_16k
+
+    engine = KwsModel.load(model_dir, spelling=False)
+    assert engine.lexicon.blank_id == numpy_model.lexicon.blank_id
+    assert engine.lexicon.token_names == numpy_model.lexicon.token_names
+    with pytest.raises(LexiconError, match="without its lexicon"):
+        engine.compile(KeywordSpec("小云小云"))
+    compiled = numpy_model.compile(KeywordSpec("小云小云"))
+    samples = to_mono_16k(read_wav(example_wav))
+    found = []
+    for model in (engine, numpy_model):
+        detector = model.detector([compiled])
+        found.append(detector.feed(samples) + detector.finish())
+    assert found[0] == found[1] and len(found[0]) == 1

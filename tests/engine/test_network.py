@@ -364,3 +364,28 @@ def test_a_network_without_a_final_affine_and_softmax_is_refused() -> None:
     relu_before_softmax = [*layers[:-1], Layer("RectifiedLinear", 4, 4), layers[-1]]
     with pytest.raises(ValueError, match="AffineTransform followed by a Softmax"):
         NumpyNetwork(parse_nnet(binary_nnet(relu_before_softmax), "odd.net"))
+
+
+def test_each_weight_matrix_is_held_once() -> None:
+    """The network keeps the transposed copies its products use, and the components it keeps
+    see them as their weights: the matrices read from the file are let go with the reader's
+    components, and the outputs are those of the file's weights."""
+    import gc
+    import weakref
+
+    from edge_agent.engine.kaldi_nnet import AffineTransform, LinearTransform
+
+    layers, _ = small_network()
+    components = parse_nnet(binary_nnet(layers), "small.net")
+    parsed = [weakref.ref(c.weight) for c in components if isinstance(c, (AffineTransform, LinearTransform))]
+    expected = [c.weight.copy() for c in components if isinstance(c, (AffineTransform, LinearTransform))]
+    network = NumpyNetwork(components)
+    del components
+    gc.collect()
+    assert parsed and all(ref() is None for ref in parsed)
+    kept = [c.weight for c in network.components if isinstance(c, (AffineTransform, LinearTransform))]
+    assert all(np.array_equal(weight, copy) for weight, copy in zip(kept, expected, strict=True))
+    assert all(weight.T.flags.c_contiguous and not weight.flags.owndata for weight in kept)
+    features = np.random.default_rng(2).normal(size=(17, 6)).astype(np.float32)
+    got = network.forward(network.new_state(), features, final=True)
+    np.testing.assert_allclose(got, reference_forward(layers, features), atol=1e-5)
