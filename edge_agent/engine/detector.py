@@ -38,6 +38,11 @@ if TYPE_CHECKING:
 # Largest piece of audio run through the network at once (8 s): long enough that the per-call
 # costs vanish, short enough that a block's working arrays stay in the CPU's caches.
 _BLOCK_SAMPLES = 8 * SAMPLE_RATE_HZ
+# Batches of fewer streams than this let an idle stream set short chunks aside (see
+# KeywordDetector._defers): a step's per-call costs are then shared by few streams, and halving
+# the steps saves. In larger batches those costs are shared already, and the steps where idle
+# streams run two chunks at once would hold twice the audio and features at once.
+IDLE_DEFERRAL_MAX_STREAMS = 31
 # Near misses (telemetry) are matches that reach this share of a keyword's threshold but not
 # the threshold itself.
 NEAR_MISS_SHARE = 0.25
@@ -188,15 +193,17 @@ class KeywordDetector:
                 best = self._near_misses.get(match.keyword, 0.0)
                 self._near_misses[match.keyword] = max(best, match.confidence)
 
-    def _defers(self, samples: np.ndarray) -> np.ndarray | None:
+    def _defers(self, samples: np.ndarray, idle_may_wait: bool = True) -> np.ndarray | None:
         """None if ``samples`` are set aside for the next call (see :func:`feed_many`), else the
-        samples to run now: those set aside, then these."""
+        samples to run now: those set aside, then these. ``idle_may_wait``: whether an idle
+        stream sets short chunks aside (see :data:`IDLE_DEFERRAL_MAX_STREAMS`)."""
         deferred = self._deferred
         waiting = deferred.shape[0] + samples.shape[0]
         # Idle, a short wait delays no detection (deferrable_samples). Whatever the decoder's
         # state, audio that completes no network frame would change nothing past the front-end
         # (a third of 20 ms chunks): it waits too, and the front-end runs once for both.
-        if (waiting < self._defer_limit and self._decoder.idle) or self._features.frames_after(waiting) == 0:
+        idle_waits = idle_may_wait and waiting < self._defer_limit and self._decoder.idle
+        if idle_waits or self._features.frames_after(waiting) == 0:
             # A copy in float32 (what astype would give), made by the concatenation itself.
             self._deferred = np.concatenate((deferred, samples), dtype=np.float32, casting="unsafe")
             return None
@@ -247,6 +254,7 @@ def feed_many(detectors: Sequence[KeywordDetector], chunks: Sequence[np.ndarray]
     results: list[list[Detection]] = [[] for _ in detectors]
     runs: dict[int, np.ndarray] = {}
     groups: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+    idle_may_wait = len(detectors) <= IDLE_DEFERRAL_MAX_STREAMS
     for i, (detector, chunk) in enumerate(zip(detectors, chunks, strict=True)):
         samples = np.asarray(chunk)
         if samples.ndim != 1 or samples.shape[0] > _BLOCK_SAMPLES:
@@ -257,7 +265,7 @@ def feed_many(detectors: Sequence[KeywordDetector], chunks: Sequence[np.ndarray]
         detector._samples_seen += samples.shape[0]
         # A stream with nothing going on sets short chunks aside and runs them with the next one
         # (a live microphone: per-chunk costs halve), when that delays no detection.
-        ready = detector._defers(samples)
+        ready = detector._defers(samples, idle_may_wait)
         if ready is None:
             continue
         runs[i] = ready

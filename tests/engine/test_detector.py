@@ -91,6 +91,40 @@ def test_an_idle_stream_sets_short_chunks_aside_without_delaying_any_detection(
     assert set_aside > 10
 
 
+@pytest.mark.parametrize(("streams", "sets_aside"), [(2, True), (32, False)])
+def test_idle_streams_set_chunks_aside_only_in_small_batches(
+    streams: int, sets_aside: bool, numpy_model, dev_audio
+) -> None:  # type: ignore[no-untyped-def]
+    """In a batch of more than IDLE_DEFERRAL_MAX_STREAMS streams every 100 ms chunk is run at
+    once; in a small one idle streams still set chunks aside. Either way each stream's detections
+    come out of the same chunk's feed as when it is fed alone, at once."""
+    from edge_agent.audio.wav import read_wav, to_mono_16k
+    from edge_agent.engine.detector import IDLE_DEFERRAL_MAX_STREAMS, feed_many
+    from edge_agent.engine.model import KeywordSpec
+
+    assert (streams > IDLE_DEFERRAL_MAX_STREAMS) != sets_aside
+    keyword = to_mono_16k(read_wav(sorted(dev_audio.glob("pos/*.wav"))[0]))
+    silence = np.zeros(2 * 16000, dtype=np.int16)
+    samples = np.concatenate([silence, keyword, silence])
+    eager = numpy_model.detector([KeywordSpec("小云小云")])
+    eager._defer_limit = 0
+    alone = []
+    for index, offset in enumerate(range(0, samples.shape[0], 1600)):
+        detections = eager.feed(samples[offset : offset + 1600])
+        alone += [(index, d.keyword, round(d.start, 3), round(d.end, 3)) for d in detections]
+    assert alone
+    batch = [numpy_model.detector([KeywordSpec("小云小云")]) for _ in range(streams)]
+    found: list[list[tuple[int, str, float, float]]] = [[] for _ in batch]
+    set_aside = 0
+    for index, offset in enumerate(range(0, samples.shape[0], 1600)):
+        results = feed_many(batch, [samples[offset : offset + 1600]] * streams)
+        set_aside += sum(detector._deferred.size > 0 for detector in batch)
+        for mine, detections in zip(found, results, strict=True):
+            mine += [(index, d.keyword, round(d.start, 3), round(d.end, 3)) for d in detections]
+    assert (set_aside > 0) == sets_aside
+    assert found == [alone] * streams
+
+
 @pytest.mark.parametrize("dtype", [np.int16, np.float64])
 def test_audio_set_aside_is_a_float32_copy_of_what_was_fed(dtype, numpy_model) -> None:  # type: ignore[no-untyped-def]
     """An idle stream sets its chunk aside as float32, as the front-end takes it, whatever the
