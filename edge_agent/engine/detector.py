@@ -43,6 +43,10 @@ _BLOCK_SAMPLES = 8 * SAMPLE_RATE_HZ
 # the steps saves. In larger batches those costs are shared already, and the steps where idle
 # streams run two chunks at once would hold twice the audio and features at once.
 IDLE_DEFERRAL_MAX_STREAMS = 31
+# Larger batches run in groups of at most this many streams, one after the other: past it a
+# larger group saves little per stream, while a group's working arrays (its audio, features,
+# hidden rows, bounds and exact posteriors) grow with its streams.
+BATCH_GROUP_STREAMS = 128
 # Near misses (telemetry) are matches that reach this share of a keyword's threshold but not
 # the threshold itself.
 NEAR_MISS_SHARE = 0.25
@@ -249,7 +253,8 @@ def feed_many(detectors: Sequence[KeywordDetector], chunks: Sequence[np.ndarray]
 
     The streams' windows share one FFT, and their frames go through the network together (one
     matrix product per layer for all of them); each detector keeps its own state. Detectors
-    must come from one model; those with different keyword outputs are batched separately.
+    must come from one model; those with different keyword outputs are batched separately, and a
+    batch of more than :data:`BATCH_GROUP_STREAMS` streams in groups of that many.
     """
     results: list[list[Detection]] = [[] for _ in detectors]
     runs: dict[int, np.ndarray] = {}
@@ -271,12 +276,14 @@ def feed_many(detectors: Sequence[KeywordDetector], chunks: Sequence[np.ndarray]
         runs[i] = ready
         key = (id(detector._model), detector._decoder.columns_key)
         groups.setdefault(key, []).append(i)
-    for members in groups.values():
-        batch = [detectors[i] for i in members]
-        features = accept_many([d._features for d in batch], [runs[i] for i in members])
-        hidden = batch[0]._model.network.hidden_many([d._network_state for d in batch], features)
-        for i, detections in zip(members, _decode(batch, hidden), strict=True):
-            results[i] = detections
+    for group in groups.values():
+        for first in range(0, len(group), BATCH_GROUP_STREAMS):
+            members = group[first : first + BATCH_GROUP_STREAMS]
+            batch = [detectors[i] for i in members]
+            features = accept_many([d._features for d in batch], [runs[i] for i in members])
+            hidden = batch[0]._model.network.hidden_many([d._network_state for d in batch], features)
+            for i, detections in zip(members, _decode(batch, hidden), strict=True):
+                results[i] = detections
     return results
 
 

@@ -74,6 +74,33 @@ def test_streams_fed_in_step_find_what_each_finds_alone(numpy_model, recordings)
     assert sum(len(e) for e in expected) >= 8
 
 
+def test_a_batch_larger_than_a_group_runs_in_groups_and_finds_what_each_finds_alone(
+    numpy_model, recordings, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """16 streams in groups of 5 (5, 5, 5, 1): no network pass sees more streams than a group,
+    and the detections are those of each stream fed alone."""
+    from edge_agent.engine import detector
+
+    monkeypatch.setattr(detector, "BATCH_GROUP_STREAMS", 5)
+    network = type(numpy_model.network)
+    passes: list[int] = []
+    original = network.hidden_many
+
+    def counted(self, states, features):  # type: ignore[no-untyped-def]
+        passes.append(len(states))
+        return original(self, states, features)
+
+    monkeypatch.setattr(network, "hidden_many", counted)
+    expected, got = fed_alone_and_together(
+        numpy_model, recordings, [KeywordSpec("小云小云")], lambda: [1600] * len(recordings)
+    )
+    assert [[(d.start, d.end, round(d.confidence, 6)) for d in e] for e in got] == [
+        [(d.start, d.end, round(d.confidence, 6)) for d in e] for e in expected
+    ]
+    assert sum(len(e) for e in expected) >= 8
+    assert max(passes) == 5 and 1 in passes
+
+
 def exact_detections(model, specs: list[KeywordSpec], samples: np.ndarray):  # type: ignore[no-untyped-def]
     """The reference: exact posteriors of every frame (the whole output layer), then the decoder."""
     decoder = model.decoder([model.compile(spec) for spec in specs])
