@@ -20,13 +20,14 @@ from pathlib import Path
 
 from edge_agent.agent.ingest import Ingest
 from edge_agent.agent.items import EngineSettings
-from edge_agent.agent.worker import Engine
+from edge_agent.agent.worker import Engine, EngineWorker
 from edge_agent.config import AgentConfig, changed_keys, to_dict
 from edge_agent.engine.decoder import CompiledKeyword
 from edge_agent.engine.lexicon import LexiconError
 from edge_agent.engine.model import KwsModel, ModelError
 from edge_agent.keywords import compile_config_keywords, decoder_settings_from
 from edge_agent.model_store import ModelSource, resolve_model_dir
+from edge_agent.system import give_back_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,14 @@ class LiveConfig:
             keywords = compile_config_keywords(model, config)
             if not self._worker.replace_model(model, keywords, APPLY_TIMEOUT_SECONDS):
                 raise ConfigRejected("the engine worker did not take the new model (is it running?)")
+            scored_elsewhere = not isinstance(self._worker, EngineWorker)
+            if scored_elsewhere:
+                # Engine processes loaded the model themselves: as at start, this process keeps
+                # what spells keywords and describes the model, not the network's weights.
+                model = model.without_network()
             self._model = model
+        if scored_elsewhere:
+            give_back_free_memory()
         self._applied()
         return model
 

@@ -260,6 +260,29 @@ def test_the_agents_process_keeps_the_model_without_its_network_when_engine_proc
     assert in_process.model is numpy_model
 
 
+def test_a_pooled_agent_reloading_its_model_keeps_it_without_the_network(  # type: ignore[no-untyped-def]
+    numpy_model, tmp_path: Path, example_wav: Path
+) -> None:
+    """``reload_model`` with engine processes: they load the new model, and the agent's own
+    process again keeps it without the network's weights; the streams detect with it."""
+    from edge_agent.agent.app import Agent
+    from edge_agent.engine.model import NetworkOnDemand
+    from tests.support import agent_config
+
+    config = agent_config(1883, tmp_path, "pooled", mqtt={"enabled": False}, engine={"workers": 2})
+    agent = Agent(config, numpy_model)
+    agent.start()
+    try:
+        old = agent.model
+        reloaded = agent.reload_model()
+        assert reloaded is agent.model and reloaded is not old
+        assert isinstance(reloaded.network, NetworkOnDemand) and not reloaded.network.held
+        result = agent.services.score_recording(example_wav.read_bytes(), "after-reload")
+        assert [d.keyword for d in result.detections] == ["小云小云"]
+    finally:
+        agent.stop(timeout=10)
+
+
 def test_worker_processes_run_one_blas_thread_unless_the_environment_says_otherwise(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """An agent embedded in a program that did not set the BLAS thread count (``edge-agent``
     does) still starts its worker processes with one BLAS thread each; a count the environment
