@@ -26,16 +26,10 @@ def tune_allocator(threshold_bytes: int = 64 * 1024 * 1024, arenas: int | None =
     nothing from them, and a process whose threads hand arrays to each other (a pipe reader
     and the engine) keeps the freed buffers of both.
     """
-    if platform.system() != "Linux":
-        return False
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False  # musl (Alpine) has no mallopt
+    libc = _glibc()
+    mallopt = getattr(libc, "mallopt", None) if libc is not None else None
+    if mallopt is None:
+        return False  # not Linux, or musl (Alpine), which has no mallopt
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     ok_mmap = mallopt(_M_MMAP_THRESHOLD, threshold_bytes)
     ok_trim = mallopt(_M_TRIM_THRESHOLD, 2 * threshold_bytes)
@@ -59,6 +53,7 @@ def give_back_free_memory() -> bool:
 
 
 def _glibc() -> ctypes.CDLL | None:
+    """The C library where Linux has one (glibc, or musl: callers look up what they need)."""
     if platform.system() != "Linux":
         return None
     name = ctypes.util.find_library("c")
