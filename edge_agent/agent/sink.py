@@ -81,7 +81,7 @@ class DetectionWire:
         return self._transport.publish(self._probe_topic, b"", qos=1, expiry_seconds=1, hold=False)
 
     def publish(self, stored: StoredEvent, replayed: bool) -> int | None:
-        event = DetectionEvent.from_stored(stored.body, stored.seq).delivered(self._clock(), replayed)
+        event = DetectionEvent.from_stored(stored.body, stored.seq, self._clock(), replayed)
         return self._transport.publish(
             stored.topic,
             event.to_payload(),

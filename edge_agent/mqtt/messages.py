@@ -28,7 +28,7 @@ import functools
 import json
 import math
 import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any, ClassVar, TypeVar
 
@@ -242,16 +242,18 @@ class DetectionEvent(JsonMessage):
         return {name: getattr(self, name) for name in _stored_names()}
 
     @classmethod
-    def from_stored(cls, body: dict[str, Any], seq: int) -> DetectionEvent:
-        """The event of a stored body and its number (unknown keys of older bodies dropped)."""
+    def from_stored(
+        cls, body: dict[str, Any], seq: int, delivered_at: float | None = None, replayed: bool = False
+    ) -> DetectionEvent:
+        """The event of a stored body and its number (unknown keys of older bodies dropped);
+        with ``delivered_at``, as it goes out then: its delay since the keyword's end, and
+        whether it is a replay (made in one go: a burst of detections makes one per event)."""
         names = _stored_names()
-        return cls(**{k: v for k, v in body.items() if k in names}, seq=seq)
-
-    def delivered(self, now: float, replayed: bool) -> DetectionEvent:
-        """This event as it goes out at ``now``: its delay since the keyword's end, and
-        whether it is a replay."""
-        delay = max(0.0, round((now - parse_iso_utc(self.time)) * 1000.0, 1))
-        return replace(self, delay_ms=delay, replayed=replayed)
+        kept = {k: v for k, v in body.items() if k in names}
+        delay = None
+        if delivered_at is not None:
+            delay = max(0.0, round((delivered_at - parse_iso_utc(kept["time"])) * 1000.0, 1))
+        return cls(**kept, seq=seq, delay_ms=delay, replayed=replayed)
 
 
 @functools.cache

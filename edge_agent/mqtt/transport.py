@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import logging
 import random
 import select
@@ -128,7 +129,12 @@ def publish_properties(
     correlation_data: bytes | None = None,
     user_properties: Iterable[tuple[str, str]] = (),
 ) -> Properties:
-    """The MQTT 5 properties of a PUBLISH."""
+    """The MQTT 5 properties of a PUBLISH. Those with at most an expiry (detections, state) are
+    made once per expiry and shared: paho only reads them, and making them is a good part of a
+    publish's cost in a burst of detections."""
+    user = list(user_properties)
+    if not (response_topic or correlation_data is not None or user):
+        return _expiry_properties(int(expiry_seconds or 0))
     properties = Properties(PacketTypes.PUBLISH)
     if expiry_seconds:
         properties.MessageExpiryInterval = int(expiry_seconds)
@@ -136,9 +142,16 @@ def publish_properties(
         properties.ResponseTopic = response_topic
     if correlation_data is not None:
         properties.CorrelationData = correlation_data
-    user = list(user_properties)
     if user:
         properties.UserProperty = user
+    return properties
+
+
+@functools.lru_cache(maxsize=64)
+def _expiry_properties(expiry_seconds: int) -> Properties:
+    properties = Properties(PacketTypes.PUBLISH)
+    if expiry_seconds:
+        properties.MessageExpiryInterval = expiry_seconds
     return properties
 
 

@@ -30,9 +30,7 @@ class Wire:
         self.connected.set()
 
     def publish(self, stored: StoredEvent, replayed: bool) -> int:
-        self.sent.append(
-            DetectionEvent.from_stored(stored.body, stored.seq).delivered(stored.created, replayed)
-        )
+        self.sent.append(DetectionEvent.from_stored(stored.body, stored.seq, stored.created, replayed))
         return len(self.sent)
 
 

@@ -698,3 +698,42 @@ def test_plain_and_decoded_messages_reach_the_handlers_alike_and_in_order(
         assert message.user_properties == ({"rate": str(index)} if declared else {})
         assert not message.retain and message.qos == 0 and message.received_at > 0
     assert transport.stats.messages_in == count + 1
+
+
+def test_publish_properties_with_only_an_expiry_are_made_once_and_others_each_time() -> None:
+    from edge_agent.mqtt.transport import publish_properties
+
+    live = publish_properties(expiry_seconds=30)
+    assert publish_properties(expiry_seconds=30) is live  # a burst of detections shares one
+    assert live.MessageExpiryInterval == 30
+    assert publish_properties(expiry_seconds=5) is not live
+    assert publish_properties() is publish_properties(None)
+    assert not hasattr(publish_properties(), "MessageExpiryInterval")
+    asked = publish_properties(expiry_seconds=30, correlation_data=b"c1", user_properties=[("k", "v")])
+    assert asked is not live and publish_properties(expiry_seconds=30, correlation_data=b"c1") is not asked
+    assert asked.CorrelationData == b"c1" and asked.UserProperty == [("k", "v")]
+    assert not hasattr(live, "CorrelationData")  # nothing of another publish leaks into the shared one
+
+
+def test_publishes_sharing_properties_reach_subscribers_with_their_own_expiry(tmp_path: Path) -> None:
+    broker = Broker(tmp_path).start()
+    transport = MqttTransport(agent_config(broker.port, tmp_path).mqtt, "expiry-test")
+    watcher = Client(broker.port).connect().subscribe("e/#")
+    try:
+        transport.start()
+        assert transport.wait_connected(10)
+        for n in range(3):
+            transport.publish(f"e/{n}", b"x", qos=1, expiry_seconds=60 if n < 2 else None)
+        transport.publish("e/end", b"x", qos=1, correlation_data=b"42")
+        received = {
+            m.topic: m for m in watcher.wait_for("e/#", lambda found: any(m.topic == "e/end" for m in found))
+        }
+        for topic in ("e/0", "e/1"):
+            assert 0 < received[topic].properties.MessageExpiryInterval <= 60
+        assert not hasattr(received["e/2"].properties, "MessageExpiryInterval")
+        assert received["e/end"].properties.CorrelationData == b"42"
+        assert not hasattr(received["e/end"].properties, "MessageExpiryInterval")
+    finally:
+        transport.stop()
+        watcher.close()
+        broker.stop()
