@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import platform
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -45,16 +47,64 @@ def dev_audio() -> Path:
     return path
 
 
+def cpu_identity(cpuinfo: str | None = None) -> dict[str, Any]:
+    """Name, vendor, family and model of the first CPU in ``/proc/cpuinfo`` (or ``cpuinfo``):
+    one name covers several designs (an "AMD EPYC" VM was Zen 4 one day and Zen 5 the next)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.split("\n\n", 1)[0].splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+
+    def number(key: str) -> int | None:
+        return int(fields[key]) if fields.get(key, "").isdigit() else None
+
+    return {
+        "name": fields.get("model name") or platform.processor() or platform.machine(),
+        "vendor": fields.get("vendor_id"),
+        "family": number("cpu family"),
+        "model": number("model"),
+    }
+
+
+# Where OpenBLAS says which kernels it runs: numpy's own build (64-bit integers, prefixed), then others.
+_OPENBLAS_CORENAME = (
+    "scipy_openblas_get_corename64_",
+    "scipy_openblas_get_corename",
+    "openblas_get_corename",
+)
+
+
+def openblas_kernels() -> str | None:
+    """The kernels of the OpenBLAS numpy loaded (``Haswell``, ``SkylakeX``, ...): chosen by
+    OpenBLAS for the CPU, unless ``OPENBLAS_CORETYPE`` says otherwise; the agents the
+    benchmarks start inherit the same environment. None without OpenBLAS (or not on Linux)."""
+    try:
+        maps = Path("/proc/self/maps").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    for path in sorted(set(re.findall(r"(/\S*openblas\S*\.so\S*)", maps))):
+        try:
+            library = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for symbol in _OPENBLAS_CORENAME:
+            function = getattr(library, symbol, None)
+            if function is not None:
+                function.restype = ctypes.c_char_p
+                name = function()
+                return name.decode("ascii", "replace") if name else None
+    return None
+
+
 def machine() -> dict[str, Any]:
     """What the numbers were measured on: they mean nothing without it."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    identity = cpu_identity()
+    cpu = identity["name"]
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5
@@ -63,7 +113,11 @@ def machine() -> dict[str, Any]:
         commit = ""
     return {
         "cpu": cpu,
+        "cpu_vendor_family_model": [identity["vendor"], identity["family"], identity["model"]],
         "cores": os.cpu_count(),
+        # The BLAS kernels behind the network's matrix products, and the setting that chose them.
+        "openblas_kernels": openblas_kernels(),
+        "openblas_coretype_setting": os.environ.get("OPENBLAS_CORETYPE"),
         "machine": platform.machine(),
         "system": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),

@@ -369,3 +369,37 @@ def test_the_network_call_benchmark_measures_every_figure_in_both_checkouts(
     assert all(value > 0 for value in figures.values())
     assert set(report["ratio_this_over_against"]) == set(figures) == set(report["against"]["figures"])
     assert report["machine"]["cpu"]
+
+
+def test_the_machine_record_tells_cpu_designs_and_blas_kernels_apart() -> None:
+    from benchmarks.common import cpu_identity
+
+    zen5 = (
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+        "model name\t: AMD EPYC\n\n"
+    )
+    zen4 = zen5.replace("cpu family\t: 26", "cpu family\t: 25").replace("model\t\t: 2", "model\t\t: 17")
+    assert cpu_identity(zen5) == {"name": "AMD EPYC", "vendor": "AuthenticAMD", "family": 26, "model": 2}
+    assert cpu_identity(zen4)["family"] == 25 and cpu_identity(zen4)["name"] == "AMD EPYC"
+    second_cpu = zen5 + zen5.replace("cpu family\t: 26", "cpu family\t: 25")
+    assert cpu_identity(second_cpu)["family"] == 26  # the first CPU's
+    assert cpu_identity("")["family"] is None
+
+
+@pytest.mark.parametrize("kernels", ["Haswell", "Sandybridge"])
+def test_the_machine_record_names_the_kernels_openblas_runs(kernels: str) -> None:
+    """In a fresh interpreter, as the benchmarks and the agents they start see it."""
+    script = (
+        "import json; from benchmarks.common import machine; m = machine(); "
+        "print(json.dumps([m['openblas_kernels'], m['openblas_coretype_setting']]))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env={**os.environ, "OPENBLAS_CORETYPE": kernels},
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert json.loads(found.stdout.splitlines()[-1]) == [kernels, kernels]
