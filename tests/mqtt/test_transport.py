@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import signal
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,23 +19,32 @@ from tests.broker import Broker, Client
 from tests.support import agent_config
 
 
-@pytest.mark.parametrize("bad_topic", ["a/\udcac/response", "a/+/response", ""])
-def test_a_topic_mqtt_cannot_carry_drops_that_publish_only(bad_topic: str, tmp_path: Path) -> None:
-    """Topics built from inbound names (request ids) may be unencodable; the link must survive it."""
+@contextlib.contextmanager
+def connected_transport(
+    tmp_path: Path, client_id: str, watched: str
+) -> Iterator[tuple[MqttTransport, Client]]:
+    """A started, connected transport on a fresh broker, and a paho client subscribed to ``watched``."""
     broker = Broker(tmp_path).start()
-    transport = MqttTransport(agent_config(broker.port, tmp_path).mqtt, "transport-test")
-    watcher = Client(broker.port).connect().subscribe("ok")
+    transport = MqttTransport(agent_config(broker.port, tmp_path).mqtt, client_id)
+    watcher = Client(broker.port).connect().subscribe(watched)
     try:
         transport.start()
         assert transport.wait_connected(10)
-        assert transport.publish(bad_topic, b"x", qos=1) is None
-        assert transport.publish("ok", b"still here", qos=1) is not None
-        received = watcher.wait_for("ok")
-        assert [m.payload for m in received] == [b"still here"]
+        yield transport, watcher
     finally:
         transport.stop()
         watcher.close()
         broker.stop()
+
+
+@pytest.mark.parametrize("bad_topic", ["a/\udcac/response", "a/+/response", ""])
+def test_a_topic_mqtt_cannot_carry_drops_that_publish_only(bad_topic: str, tmp_path: Path) -> None:
+    """Topics built from inbound names (request ids) may be unencodable; the link must survive it."""
+    with connected_transport(tmp_path, "transport-test", "ok") as (transport, watcher):
+        assert transport.publish(bad_topic, b"x", qos=1) is None
+        assert transport.publish("ok", b"still here", qos=1) is not None
+        received = watcher.wait_for("ok")
+        assert [m.payload for m in received] == [b"still here"]
 
 
 def test_read_buffer_serves_small_reads_from_one_large_read() -> None:
@@ -716,24 +726,14 @@ def test_publish_properties_with_only_an_expiry_are_made_once_and_others_each_ti
 
 
 def test_publishes_sharing_properties_reach_subscribers_with_their_own_expiry(tmp_path: Path) -> None:
-    broker = Broker(tmp_path).start()
-    transport = MqttTransport(agent_config(broker.port, tmp_path).mqtt, "expiry-test")
-    watcher = Client(broker.port).connect().subscribe("e/#")
-    try:
-        transport.start()
-        assert transport.wait_connected(10)
+    with connected_transport(tmp_path, "expiry-test", "e/#") as (transport, watcher):
         for n in range(3):
             transport.publish(f"e/{n}", b"x", qos=1, expiry_seconds=60 if n < 2 else None)
         transport.publish("e/end", b"x", qos=1, correlation_data=b"42")
-        received = {
-            m.topic: m for m in watcher.wait_for("e/#", lambda found: any(m.topic == "e/end" for m in found))
-        }
+        arrived = watcher.wait_for("e/#", lambda found: any(m.topic == "e/end" for m in found))
+        received = {m.topic: m for m in arrived}
         for topic in ("e/0", "e/1"):
             assert 0 < received[topic].properties.MessageExpiryInterval <= 60
         assert not hasattr(received["e/2"].properties, "MessageExpiryInterval")
         assert received["e/end"].properties.CorrelationData == b"42"
         assert not hasattr(received["e/end"].properties, "MessageExpiryInterval")
-    finally:
-        transport.stop()
-        watcher.close()
-        broker.stop()
