@@ -75,7 +75,9 @@ async def discovered(instance: str):  # type: ignore[no-untyped-def]
     from zeroconf import IPVersion
     from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
-    zeroconf = AsyncZeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
+    # From a port of its own (a "legacy unicast" query): the answer comes back by unicast, so
+    # loopback needs no multicast (some VMs' has none).
+    zeroconf = AsyncZeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only, unicast=True)
     try:
         info = AsyncServiceInfo(SERVICE_TYPE, f"{instance}.{SERVICE_TYPE}")
         if not await info.async_request(zeroconf.zeroconf, 10_000, addr="127.0.0.1", port=5353):

@@ -1,8 +1,9 @@
 """The mDNS announcement, found as Home Assistant finds it: ``_wyoming._tcp.local.``.
 
 mDNS stays on the loopback interface here (``wyoming.advertise_host: 127.0.0.1``, which is also
-the only interface it then uses): the query is sent by unicast to 127.0.0.1:5353, which needs
-no multicast on ``lo``, and nothing leaves the machine.
+the only interface it then uses): the query is sent by unicast to 127.0.0.1:5353 from a port of
+its own (a "legacy unicast" query, which is answered by unicast), so it needs no multicast on
+``lo`` (some VMs' loopback has none), and nothing leaves the machine.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from tests.wyoming.helpers import KEYWORD, wyoming_agent
 
 
 async def look_up(instance: str) -> AsyncServiceInfo:
-    zeroconf = AsyncZeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
+    zeroconf = AsyncZeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only, unicast=True)
     try:
         info = AsyncServiceInfo(SERVICE_TYPE, f"{instance}.{SERVICE_TYPE}")
         assert await info.async_request(zeroconf.zeroconf, 10_000, addr="127.0.0.1", port=5353)
