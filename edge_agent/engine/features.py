@@ -512,14 +512,20 @@ def accept_many(
         stream._pending_samples.shape[0] + chunk.shape[0]
         for stream, chunk in zip(streams, chunks, strict=True)
     ]
-    # Streams with as many samples side by side (streams fed in step: all, or a few runs), so
-    # that each run's frames are read through strided views (see KaldiFbank.log_mel_of_runs); a
-    # stable order, undone at the end.
-    order = None if min(lengths) == max(lengths) else sorted(range(len(streams)), key=lengths.__getitem__)
-    if order is not None:
+    if min(lengths) == max(lengths):
+        order = None
+        counts = [frame_count(lengths[0])] * len(streams)
+    else:
+        # Streams with as many frames side by side, so that each run's frames are read through
+        # strided views (see KaldiFbank.log_mel_of_runs): streams fed in step have as many
+        # samples, but clients that started apart (Wyoming satellites, a fleet's devices) are
+        # out of phase by a few samples, and grouping by their lengths would take their frames
+        # a stream at a time. A stable order, undone at the end.
+        order = sorted(range(len(streams)), key=lambda i: frame_count(lengths[i]))
         streams = [streams[i] for i in order]
         chunks = [chunks[i] for i in order]
         lengths = [lengths[i] for i in order]
+        counts = [frame_count(length) for length in lengths]
     pieces: list[np.ndarray] = []
     for stream, chunk in zip(streams, chunks, strict=True):
         stream._samples_total += chunk.shape[0]
@@ -527,20 +533,7 @@ def accept_many(
     # Every stream's remainder and new samples back to back, in float32 (which holds 16-bit
     # samples exactly, and is what Kaldi computes in), in one copy.
     signal = np.concatenate(pieces, dtype=np.float32)
-    runs: list[tuple[int, int, int]] = []
-    counts: list[int] = []
-    first = 0
-    for length, run in itertools.groupby(lengths):
-        members = len(list(run))
-        runs.append((first, members, length))
-        count = frame_count(length)
-        # Each stream keeps the samples after its last frame's start (rows of one copy per run).
-        block = signal[first : first + members * length].reshape(members, length)
-        remainders = block[:, count * FRAME_SHIFT_SAMPLES :].copy()
-        for stream, remainder in zip(streams[len(counts) : len(counts) + members], remainders, strict=True):
-            stream._pending_samples = remainder
-        counts += [count] * members
-        first += members * length
+    signal, runs = _frame_runs(signal, streams, lengths, counts)
     # The streams' context rows, then their new frames' log mel energies, written in place
     # below them: the rows the splicing reads, with no copy of the new frames.
     contexts = [stream._context for stream in streams]
@@ -557,6 +550,42 @@ def accept_many(
     for position, stream in enumerate(order):
         results[stream] = spliced[position]
     return results
+
+
+def _frame_runs(
+    signal: np.ndarray, streams: list[FeatureStream], lengths: list[int], counts: list[int]
+) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """The signal and runs for :meth:`KaldiFbank.log_mel_of_runs` of streams laid back to back
+    in ``signal`` (``lengths`` samples each, in order of their frame ``counts``); each stream
+    keeps its remainder, the samples after its last frame's start.
+
+    Streams with as many samples are one run in place. Otherwise each stream's samples up to
+    the end of its last frame are copied into a signal of their own, with one run per number of
+    frames: a copy of the audio costs far less than taking a run's frames apart.
+    """
+    if min(lengths) == max(lengths):
+        length, count = lengths[0], counts[0]
+        # One copy for every stream's remainder, each a row of it.
+        remainders = signal.reshape(len(streams), length)[:, count * FRAME_SHIFT_SAMPLES :].copy()
+        for stream, remainder in zip(streams, remainders, strict=True):
+            stream._pending_samples = remainder
+        return signal, [(0, len(streams), length)]
+    pieces: list[np.ndarray] = []
+    runs: list[tuple[int, int, int]] = []
+    start = first = 0
+    for stream, length, count in zip(streams, lengths, counts, strict=True):
+        stream._pending_samples = signal[start + count * FRAME_SHIFT_SAMPLES : start + length].copy()
+        if count:
+            span = (count - 1) * FRAME_SHIFT_SAMPLES + FRAME_LENGTH_SAMPLES
+            pieces.append(signal[start : start + span])
+            if runs and runs[-1][2] == span:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1, span)
+            else:
+                runs.append((first, 1, span))
+            first += span
+        start += length
+    framed = np.concatenate(pieces) if pieces else signal[:0]
+    return framed, runs
 
 
 def _accept_one(stream: FeatureStream, chunk: np.ndarray, final: bool) -> np.ndarray:

@@ -206,6 +206,52 @@ def test_many_streams_in_one_batch_equal_each_stream_alone() -> None:
         np.testing.assert_allclose(stream_batched.finish(), stream_alone.finish(), atol=1e-4)
 
 
+def test_streams_out_of_phase_take_their_frames_in_one_run_per_number_of_frames(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Clients that started apart (Wyoming satellites, a fleet's devices) hold a few samples
+    more or less than each other at every step: streams with as many new frames are still one
+    run of the batched filterbank, not a run each, and every stream gets its frames alone."""
+    from edge_agent.engine.features import accept_many
+
+    rng = np.random.default_rng(11)
+    streams = 32
+    signals = [rng.integers(-8000, 8000, size=16000).astype(np.int16) for _ in range(streams)]
+    alone = [FeatureStream(identity_cmvn()) for _ in signals]
+    batched = [FeatureStream(identity_cmvn()) for _ in signals]
+    taken: list[list[tuple[int, int, int]]] = []
+    log_mel_of_runs = KaldiFbank.log_mel_of_runs
+
+    def recording(
+        self: KaldiFbank, signal: np.ndarray, runs: list[tuple[int, int, int]], energies: np.ndarray
+    ) -> None:
+        taken.append(list(runs))
+        log_mel_of_runs(self, signal, runs, energies)
+
+    monkeypatch.setattr(KaldiFbank, "log_mel_of_runs", recording)
+    # Each stream's own phase first, then 100 ms chunks for all.
+    offsets = [int(n) for n in rng.integers(0, 480, size=streams)]
+    steps = [[samples[:offset] for samples, offset in zip(signals, offsets, strict=True)]]
+    for start in range(0, 8000, 1600):
+        steps.append(
+            [
+                samples[offset + start : offset + start + 1600]
+                for samples, offset in zip(signals, offsets, strict=True)
+            ]
+        )
+    for chunks in steps:
+        expected = [stream.accept(chunk) for stream, chunk in zip(alone, chunks, strict=True)]
+        got = accept_many(batched, chunks)
+        for want, have in zip(expected, got, strict=True):
+            np.testing.assert_allclose(have, want, atol=1e-4)
+    for runs in taken[1:]:
+        counts = [features.frame_count(length) for _, _, length in runs]
+        assert len(set(counts)) == len(counts)  # one run per number of frames
+        assert len(runs) <= 3  # 100 ms is 10 frame shifts: 9, 10 or 11 frames by what was held
+        assert sum(members for _, members, _ in runs) == streams
+    assert len({length for runs in taken[1:] for _, _, length in runs}) > 1  # out of phase indeed
+
+
 def test_accepting_the_last_samples_equals_accept_then_finish() -> None:
     samples = np.random.default_rng(7).integers(-8000, 8000, size=16000 + 321).astype(np.int16)
     stream = FeatureStream(identity_cmvn())
