@@ -11,6 +11,8 @@ audio on every stream, on one thread, and report:
 * ``rtf``: engine time / audio time, per stream (lower is better);
 * ``streams_per_core``: how many real-time streams one core could carry = N / (engine time /
   audio seconds);
+* ``out_of_phase_streams_per_core``: the same with streams out of phase (each holds another
+  number of samples from its last frame at every step, as devices that started apart do);
 * ``step_ms``: how long each 100 ms step (one ``feed_many`` over every stream) took, p50 / p95
   / p99 / max: the engine's share of a chunk's delay in the agent;
 * ``burst``: every stream plays the same recording of the wake word, so that all of them finish
@@ -86,12 +88,22 @@ def baseline_rtf(model: KwsModel, seconds: float) -> float:
 
 
 def batched_rtf(
-    model: KwsModel, audio: np.ndarray, streams: int, seconds: float
+    model: KwsModel, audio: np.ndarray, streams: int, seconds: float, out_of_phase: bool = False
 ) -> tuple[float, int, list[float]]:
-    """(RTF per stream, detections, each step's seconds) for ``streams`` staggered streams."""
+    """(RTF per stream, detections, each step's seconds) for ``streams`` staggered streams.
+
+    ``out_of_phase``: each stream first gets a part of a chunk of its own length (not timed),
+    as devices that started apart, or send chunks that are not a whole number of 10 ms frame
+    shifts (1,024 samples, as PyAudio and wyoming-satellite do), hold a different number of
+    samples from their last frame at every step."""
     detectors = [model.detector([KeywordSpec("小云小云")]) for _ in range(streams)]
     length = audio.shape[0]
     offsets = [(i * 7919 * CHUNK) % length for i in range(streams)]
+    if out_of_phase:
+        heads = [(i * 997) % CHUNK for i in range(streams)]
+        pairs = list(zip(offsets, heads, strict=True))
+        feed_many(detectors, [audio[offset : offset + head] for offset, head in pairs])
+        offsets = [offset + head for offset, head in pairs]
     steps = int(seconds * 1000 / 100)
     detections = 0
     step_seconds = []
@@ -237,6 +249,7 @@ def main() -> None:
     results = []
     for count in (int(n) for n in args.streams.split(",")):
         rtf, detections, step_seconds = batched_rtf(model, audio, count, args.seconds)
+        rtf_out_of_phase, _, _ = batched_rtf(model, audio, count, args.seconds, out_of_phase=True)
         baselines.append(baseline_rtf(model, args.seconds))
         baseline_here = (baselines[-2] + baselines[-1]) / 2
         results.append(
@@ -247,6 +260,7 @@ def main() -> None:
                 "baseline_rtf": round(baseline_here, 6),
                 "speedup_vs_baseline": round(baseline_here / rtf, 2),
                 "detections": detections,
+                "out_of_phase_streams_per_core": round(1.0 / rtf_out_of_phase, 1),
                 "step_ms": step_percentiles(step_seconds),
                 "burst": burst_steps(model, count),
                 "lockstep": lockstep_delay(model, count),
@@ -280,7 +294,7 @@ def main() -> None:
         f"streams per core (median of {len(baselines)} timings, {min(baselines):.5f}-{max(baselines):.5f})"
     )
     print(
-        f"{'streams':>8} {'RTF':>9} {'streams/core':>13} {'vs baseline':>12}"
+        f"{'streams':>8} {'RTF':>9} {'streams/core':>13} {'vs baseline':>12} {'out of phase':>13}"
         f" {'step p50/p95/max ms':>20} {'burst: median/firing/largest step ms':>37}"
         f" {'lockstep delay p95 ms (instant steps)':>38}"
     )
@@ -290,6 +304,7 @@ def main() -> None:
         bursts = f"{burst['median_step_ms']:.1f}/{burst['firing_step_ms']:.1f}/{burst['largest_step_ms']:.1f}"
         print(
             f"{r['streams']:>8} {r['rtf']:>9.5f} {r['streams_per_core']:>13.0f} {ratio:>11.2f}x"
+            f" {r['out_of_phase_streams_per_core']:>13.0f}"
             f" {steps:>20} {bursts:>37}"
             f" {lock['delay_ms_p95']:>25.0f} ({lock['delay_ms_p95_with_instant_steps']:.0f})"
         )

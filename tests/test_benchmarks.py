@@ -49,6 +49,7 @@ def test_throughput_latency_and_plot_produce_their_files(
     for row in throughput["results"]:
         steps = row["step_ms"]
         assert 0 < steps["p50"] <= steps["p95"] <= steps["p99"] <= steps["max"]
+        assert row["out_of_phase_streams_per_core"] > 0
         # present only if the streams detected the wake word they all played
         assert row["burst"]["firing_step_ms"] > 0
     ceiling = throughput["arithmetic_ceiling"]
