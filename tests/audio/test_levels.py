@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_agent.audio.levels import FRAME_SAMPLES, EnergyHistory, power_dbfs
+from edge_agent.audio.levels import FRAME_SAMPLES, EnergyHistory, percentile, power_dbfs
 
 RATE = 16000
 
@@ -74,3 +74,23 @@ def test_reset_starts_the_frame_clock_again() -> None:
     history.push(tone(1.0, 10000.0))
     level = history.keyword_level(0.0, 1.0)
     assert level is not None and level.level_dbfs > -15.0
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 50, 1999, 2000])
+@pytest.mark.parametrize("q", [0.0, 10.0, 37.5, 50.0, 100.0])
+def test_the_percentile_is_numpys_linear_one(size: int, q: float) -> None:
+    values = np.random.default_rng(size).random(size).astype(np.float32)
+    assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)), rel=1e-6, abs=0.0)
+
+
+def test_a_keyword_across_the_rings_end_gets_the_level_of_the_same_audio_unwrapped() -> None:
+    """The ring is read as slices: a keyword and a background that wrap round its end are read
+    as the same audio held without wrapping."""
+    audio = np.concatenate([noise(1.5, 40.0), tone(0.7, 2500.0), noise(0.8, 40.0, seed=2)])
+    ring = EnergyHistory(seconds=2.0)  # 200 frames: the last 2 s of 3 s wrap round at 2 s
+    ring.push(audio)
+    unwrapped = EnergyHistory(seconds=2.0)
+    unwrapped.push(audio[RATE:])  # the same last 2 s, from the ring's first row
+    wrapped_level = ring.keyword_level(1.5, 2.2)
+    assert wrapped_level is not None
+    assert wrapped_level == unwrapped.keyword_level(0.5, 1.2)
