@@ -33,6 +33,7 @@ MIN_BACKGROUND_FRAMES = 50
 # Mean square of a 16-bit full-scale signal, and the floor every power is kept above.
 _FULL_SCALE_POWER = 32768.0**2
 _FLOOR_POWER = _FULL_SCALE_POWER * 10.0 ** (SILENCE_DBFS / 10.0)
+_NO_SAMPLES = np.zeros(0, np.float32)
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class EnergyHistory:
         self._size = max(1, int(math.ceil(seconds * SAMPLE_RATE_HZ / FRAME_SAMPLES)))
         self._power = np.zeros(self._size, np.float32)  # float32: ample for a level in dB
         self._frames = 0  # frames pushed since the start: the next one's index
-        self._tail = np.zeros(0, np.float32)  # samples of a frame not yet complete
+        self._tail = _NO_SAMPLES  # samples of a frame not yet complete
 
     @property
     def nbytes(self) -> int:
@@ -81,28 +82,40 @@ class EnergyHistory:
 
     def reset(self) -> None:
         self._frames = 0
-        self._tail = np.zeros(0, np.float32)
+        self._tail = _NO_SAMPLES
 
     def push(self, samples: np.ndarray) -> None:
         """The stream's next samples (16 kHz mono, 16-bit units)."""
-        if samples.size == 0:
+        count = samples.shape[0]
+        if count == 0:
             return
-        if self._tail.size:
-            samples = np.concatenate([self._tail, samples])
-        whole = samples.shape[0] // FRAME_SAMPLES
-        self._tail = samples[whole * FRAME_SAMPLES :].copy()
+        if samples.dtype.kind != "f":
+            samples = samples.astype(np.float32)  # 16-bit integers would overflow their squares
+        if self._tail.shape[0]:
+            samples = np.concatenate((self._tail, samples))
+            count = samples.shape[0]
+        whole = count // FRAME_SAMPLES
+        end = whole * FRAME_SAMPLES
+        # Chunks of whole 10 ms (the usual ones) leave no tail: nothing to copy.
+        self._tail = samples[end:].copy() if end < count else _NO_SAMPLES
         if whole == 0:
             return
-        frames = samples[: whole * FRAME_SAMPLES].reshape(whole, FRAME_SAMPLES)
-        power = np.einsum("ij,ij->i", frames, frames, dtype=np.float64) / FRAME_SAMPLES
+        frames = samples[:end].reshape(whole, FRAME_SAMPLES)
+        # In the samples' own precision (float32 from the converters): ample for a level in dB,
+        # and this runs on every chunk of every stream.
+        power = np.einsum("ij,ij->i", frames, frames)
+        power *= 1.0 / FRAME_SAMPLES
         if whole > self._size:
             self._frames += whole - self._size
             power = power[-self._size :]
             whole = self._size
         start = self._frames % self._size
-        first = min(whole, self._size - start)
-        self._power[start : start + first] = power[:first]
-        self._power[: whole - first] = power[first:]
+        if start + whole <= self._size:
+            self._power[start : start + whole] = power
+        else:
+            first = self._size - start
+            self._power[start:] = power[:first]
+            self._power[: whole - first] = power[first:]
         self._frames += whole
 
     def _window(self, begin: int, end: int) -> np.ndarray:

@@ -94,3 +94,14 @@ def test_a_keyword_across_the_rings_end_gets_the_level_of_the_same_audio_unwrapp
     wrapped_level = ring.keyword_level(1.5, 2.2)
     assert wrapped_level is not None
     assert wrapped_level == unwrapped.keyword_level(0.5, 1.2)
+
+
+def test_16_bit_integer_samples_get_the_level_of_the_same_samples_as_floats() -> None:
+    """A loud keyword's squares overflow 16 bits: integer samples are squared as floats."""
+    audio = np.concatenate([noise(1.0, 50.0), tone(0.7, 30000.0)])
+    as_integers, as_floats = EnergyHistory(), EnergyHistory()
+    as_integers.push(audio.astype(np.int16))
+    as_floats.push(audio.astype(np.int16).astype(np.float32))
+    level = as_integers.keyword_level(1.0, 1.7)
+    assert level is not None and level.level_dbfs == pytest.approx(-3.8, abs=0.1)  # 30000 / sqrt(2)
+    assert level == as_floats.keyword_level(1.0, 1.7)
