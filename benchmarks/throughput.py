@@ -12,7 +12,8 @@ audio on every stream, on one thread, and report:
 * ``streams_per_core``: how many real-time streams one core could carry = N / (engine time /
   audio seconds);
 * ``out_of_phase_streams_per_core``: the same with streams out of phase (each holds another
-  number of samples from its last frame at every step, as devices that started apart do);
+  number of samples from its last frame at every step, as streams sent in chunks that are not a
+  whole number of 10 ms frame shifts do);
 * ``step_ms``: how long each 100 ms step (one ``feed_many`` over every stream) took, p50 / p95
   / p99 / max: the engine's share of a chunk's delay in the agent;
 * ``burst``: every stream plays the same recording of the wake word, so that all of them finish
@@ -93,9 +94,9 @@ def batched_rtf(
     """(RTF per stream, detections, each step's seconds) for ``streams`` staggered streams.
 
     ``out_of_phase``: each stream first gets a part of a chunk of its own length (not timed),
-    as devices that started apart, or send chunks that are not a whole number of 10 ms frame
-    shifts (1,024 samples, as PyAudio and wyoming-satellite do), hold a different number of
-    samples from their last frame at every step."""
+    so that each holds another number of samples from its last frame at every step, as streams
+    sent in chunks that are not a whole number of 10 ms frame shifts do (1,024 samples:
+    wyoming-satellite's default, and a common PyAudio buffer)."""
     detectors = [model.detector([KeywordSpec("小云小云")]) for _ in range(streams)]
     length = audio.shape[0]
     offsets = [(i * 7919 * CHUNK) % length for i in range(streams)]

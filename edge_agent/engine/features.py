@@ -518,9 +518,10 @@ def accept_many(
     else:
         # Streams with as many frames side by side, so that each run's frames are read through
         # strided views (see KaldiFbank.log_mel_of_runs): streams fed in step have as many
-        # samples, but clients that started apart (Wyoming satellites, a fleet's devices) are
-        # out of phase by a few samples, and grouping by their lengths would take their frames
-        # a stream at a time. A stable order, undone at the end.
+        # samples, but streams whose chunks are not a whole number of frame shifts (1,024
+        # samples, wyoming-satellite's default and a common PyAudio buffer) each keep another
+        # remainder, and grouping by length would take their frames a stream at a time. A
+        # stable order, undone at the end.
         order = sorted(range(len(streams)), key=lambda i: frame_count(lengths[i]))
         streams = [streams[i] for i in order]
         chunks = [chunks[i] for i in order]

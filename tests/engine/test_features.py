@@ -209,9 +209,10 @@ def test_many_streams_in_one_batch_equal_each_stream_alone() -> None:
 def test_streams_out_of_phase_take_their_frames_in_one_run_per_number_of_frames(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Clients that started apart (Wyoming satellites, a fleet's devices) hold a few samples
-    more or less than each other at every step: streams with as many new frames are still one
-    run of the batched filterbank, not a run each, and every stream gets its frames alone."""
+    """Streams sent in chunks that are not a whole number of frame shifts (1,024 samples, as
+    wyoming-satellite's default) hold a few samples more or less than each other at every
+    step: streams with as many new frames are still one run of the batched filterbank, not a
+    run each, and every stream gets its frames alone."""
     from edge_agent.engine.features import accept_many
 
     rng = np.random.default_rng(11)
