@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from edge_agent.engine.decoder import CompiledKeyword, KeywordDecoder, process_many
+from edge_agent.engine.decoder import CompiledKeyword, Detection, KeywordDecoder, process_many
 from edge_agent.engine.decoder.exact import ExactRuns, History, already_exact
 from edge_agent.engine.decoder.recurrence import BOUND_SAFETY, KeywordScorer
 from edge_agent.engine.decoder.search import FEASIBLE_SLACK, KeywordSearch
@@ -62,6 +62,31 @@ def test_quiet_audio_needs_no_exact_posteriors() -> None:
     assert resolver.asked[0] == 0  # nothing that could be a character: bounds are enough
     # The keyword's stream resolved its window and hold time, not its 90 seconds.
     assert 0 < resolver.asked[1] < 200
+
+
+def test_a_weak_match_reusing_a_detections_characters_resolves_none_of_its_window() -> None:
+    """After a detection, its first characters and a weak ending said later make a match the
+    filter proposes; but it begins before the detection's end, so it counts only if stronger
+    than the detection, which its bound rules out: none of its window is resolved, and the
+    detections are those of exact posteriors."""
+    decoders = [KeywordDecoder([ABCD], frame_seconds=FRAME) for _ in range(2)]
+    columns = decoders[0].columns
+    alone = posteriors(300, spoken(40))
+    tail = {**spoken(40), 95: {C: 0.35}, 101: {D: 0.35}}  # after the detection's refractory period
+    followed = posteriors(300, tail)
+    exact = [alone[:, columns], followed[:, columns]]
+    resolver = CountingResolver(exact)
+    found: list[list[Detection]] = [[], []]
+    for start in range(0, 300, 4):
+        # The exact values themselves as the bounds: what is resolved is what decoding reads.
+        pieces = [e[start : start + 4] for e in exact]
+        for i, detections in enumerate(process_many(decoders, pieces, resolver)):
+            found[i] += detections
+    for i, decoder in enumerate(decoders):
+        found[i] += decoder.finish()
+    assert same_detections(found, [decode(alone, [ABCD], chunk=4), decode(followed, [ABCD], chunk=4)])
+    assert [len(f) for f in found] == [1, 1]
+    assert resolver.asked[1] == resolver.asked[0]
 
 
 def test_a_frame_never_resolved_is_never_read() -> None:

@@ -256,17 +256,21 @@ class KeywordSearch:
             if start is not None and start < stop:
                 spans.append((start, stop))
         counting = [
-            frame
+            (frame, bound)
             for frame, bound in zip(frames.tolist(), bounds.tolist(), strict=True)
             if self._may_count(bound, frame)
         ]
         if not counting:
             return spans
-        feasible = self.feasible_start(history, counting[0], counting[-1], self._level(counting[-1]))
-        for frame in counting:
+        last = counting[-1][0]
+        feasible = self.feasible_start(history, counting[0][0], last, self._level(last))
+        for frame, bound in counting:
             if feasible > frame:
                 continue  # no match ending here can count: nothing to read for it
-            start = self.first_start(frame, history)
+            options = self._options(history, frame, bound)
+            if not options:
+                continue  # every match ending here is silenced by a detection stronger than it
+            start = self.first_start(frame, history, options[0][0])
             if start is not None:
                 spans.append((max(start, feasible), min(history.end, frame + 1 + hold)))
         return spans
@@ -428,7 +432,7 @@ class KeywordSearch:
             if (
                 scores[i] >= self.log_threshold
                 and self._may_count(float(scores[i]), frame)
-                and firing.offer(self._exact(history, frame, ensure))
+                and firing.offer(self._exact(history, frame, ensure, float(scores[i])))
             ):
                 rivals = None  # a new pending detection: its own window, its own rivals
                 i += 1
@@ -512,9 +516,8 @@ class KeywordSearch:
             if not eligible:
                 return []
             anchor = eligible[0]
-            low = self.window_start(anchor, history)
-            earliest = [None, *(resume for resume, _ in self.firing.restrictions(low))]
-            starts = [self.match_start(anchor, history, first) for first in earliest]
+            options = self._options(history, anchor, float(filtered.scores[anchor - first_frame]))
+            starts = [self.match_start(anchor, history, earliest) for earliest, _ in options]
         last = max(anchor, int(frames[-1])) if frames.size else anchor
         stop = min(history.end, last + 1 + self.policy.hold_frames)
         spans = []
@@ -537,27 +540,42 @@ class KeywordSearch:
         return [] if pending is None else [self._fire(pending.frame + 1)]
 
     # --- exact re-scoring ----------------------------------------------------------------
-    def _exact(self, history: History, frame: int, ensure: Ensure) -> Candidate | None:
+    def _exact(self, history: History, frame: int, ensure: Ensure, bound: float) -> Candidate | None:
         """The highest-ranked match ending at ``frame`` that counts and that no recent detection
-        silences, or None.
+        silences, or None; ``bound``: the filtering pass's bound of its log confidence.
 
         A detection silences the matches that begin before its end unless they are stronger
         than itself. With detections ending at r_1 < ... < r_m in the window, a match beginning
         at or after r_j counts if it is stronger than every detection after the j-th: the best
         match beginning at or after r_j is taken if it clears that level, and the best of these
-        over j (with r_0 the window's start) is the best match allowed.
+        over j (with r_0 the window's start) is the best match allowed (:meth:`_options`).
         """
+        best: Candidate | None = None
+        for earliest, level in self._options(history, frame, bound):
+            found = self._best_from(history, frame, earliest, ensure)
+            if found is not None and found.strength > level and (best is None or found.rank > best.rank):
+                best = found
+        return best
+
+    def _options(self, history: History, frame: int, bound: float) -> list[tuple[int, float]]:
+        """Where the matches ending at ``frame`` may begin, and the strength each must exceed
+        (see :meth:`_exact`): (the window's start, the strongest detection that ends in the
+        window), then (r_j, the strongest after the j-th) for the recent detections ending at
+        r_1 < ... < r_m; by increasing start and non-increasing strength. Only those that a match
+        whose log confidence is at most ``bound`` may exceed (a strength is at most a confidence):
+        right after a detection, matches that reuse its characters are stronger than it only if
+        the filter's bound says they may be, and their window is neither read nor resolved."""
         low = self.window_start(frame, history)
         restrictions = self.firing.restrictions(low)
         levels = [c for _, c in restrictions]
         options = [(low, max(levels, default=0.0))]
         options += [(resume, max(levels[j + 1 :], default=0.0)) for j, (resume, _) in enumerate(restrictions)]
-        best: Candidate | None = None
-        for earliest, level in options:
-            found = self._best_from(history, frame, earliest, ensure)
-            if found is not None and found.strength > level and (best is None or found.rank > best.rank):
-                best = found
-        return best
+        # The bound and an exact score may differ in their last bits (sums from other origins).
+        return [
+            (earliest, level)
+            for earliest, level in options
+            if level <= 0.0 or bound + BOUND_TOLERANCE > math.log(level)
+        ]
 
     def _best_from(self, history: History, frame: int, earliest: int, ensure: Ensure) -> Candidate | None:
         """The highest-ranked match ending at ``frame`` within the duration window that begins
