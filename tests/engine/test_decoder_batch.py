@@ -11,8 +11,10 @@ from edge_agent.engine.decoder.recurrence import KeywordScorer
 from edge_agent.engine.decoder.search import NEG_INF, drop_hopeless, under_way_rows
 from tests.engine.decoder_signals import (
     ABCD,
+    FRAME,
     A,
     B,
+    C,
     CountingResolver,
     decode_lazily,
     posteriors,
@@ -223,6 +225,40 @@ def test_only_partial_matches_on_track_are_resolved_ahead(probability: float, re
     finally:
         batch.EARLY_RESOLUTION_MIN_STREAMS = original
     assert (sum(resolver.asked) > 0) == resolved_ahead
+
+
+def test_a_detections_own_characters_keep_no_stream_resolving_ahead(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """After a detection its first characters stay in the partial matches, on track (a
+    stronger match may still reuse them). That is no reason to resolve the frames that follow
+    as they come: a match beginning inside a detection counts only if stronger than it, and
+    the filter says whether one may be when it proposes it (its window is resolved then). In
+    speech after the keyword (a character now and then, no keyword) nothing past the
+    detection's hold time is resolved, and the detections are those of a small batch, which
+    resolves nothing ahead."""
+    monkeypatch.setattr(batch, "EARLY_RESOLUTION_MIN_STREAMS", 10)
+    speech = {frame: {C: 0.4} for frame in range(230, 400, 30)}
+    signals = [posteriors(600, spoken(150, spacing=8) | speech) for _ in range(10)]
+    decoders = [KeywordDecoder([ABCD], frame_seconds=FRAME) for _ in signals]
+    exact = [signal[:, decoders[0].columns] for signal in signals]
+    asked: list[int] = []
+
+    class FrameLog(CountingResolver):
+        def __call__(self, frames: list[np.ndarray]) -> list[np.ndarray]:
+            asked.extend(int(f) for wanted in frames for f in wanted.tolist())
+            return super().__call__(frames)
+
+    resolver = FrameLog(exact)
+    found: list[list] = [[] for _ in signals]
+    for start in range(0, 600, 3):
+        # The exact posteriors as bounds: what the filter sees is what was said.
+        chunks = [e[start : start + 3] for e in exact]
+        for i, detections in enumerate(process_many(decoders, chunks, resolver)):
+            found[i] += detections
+    small, _ = decode_lazily(signals[:1], [ABCD], chunk=3, seed=1)
+    assert all(len(f) == 1 for f in found) and same_detections(found[:1], small)
+    detection = found[0][0]
+    hold_end = round(detection.end / FRAME) + decoders[0].searches[0].policy.hold_frames + 1
+    assert asked and max(asked) <= hold_end
 
 
 @pytest.mark.parametrize("chunk", [7, 20])

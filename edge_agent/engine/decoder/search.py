@@ -330,6 +330,14 @@ class KeywordSearch:
         low = self.first_start(end, history)
         if low is None or self.n <= 2:
             return None
+        restrictions = self.firing.restrictions(low)
+        if restrictions:
+            # Only after the last recent detection: a match reusing a detection's characters
+            # counts only if stronger than the detection, and whether it may be is known once the
+            # filter proposes it, which then resolves its window (frames_read).
+            low = self.first_start(end, history, restrictions[-1][0])
+            if low is None:
+                return None
         values, _ = history.rows(low, end + 1)
         q = self.scorer.characters(values)
         with np.errstate(divide="ignore"):
