@@ -89,6 +89,31 @@ def test_a_weak_match_reusing_a_detections_characters_resolves_none_of_its_windo
     assert resolver.asked[1] == resolver.asked[0]
 
 
+def test_a_weak_match_reusing_a_detections_characters_reads_no_speech_after_it() -> None:
+    """The same, with speech after the detection where a match may begin (a first character
+    said faintly) but none could count: only matches beginning after the detection's end are
+    left, and whether one of them may count is read from the frames after it alone (the
+    detection's own characters cannot help them). Nothing after the keyword is resolved."""
+    decoders = [KeywordDecoder([ABCD], frame_seconds=FRAME) for _ in range(2)]
+    columns = decoders[0].columns
+    alone = posteriors(300, spoken(40))
+    tail = {**spoken(40), 80: {A: 0.2}, 95: {C: 0.35}, 101: {D: 0.35}}
+    followed = posteriors(300, tail)
+    exact = [alone[:, columns], followed[:, columns]]
+    resolver = CountingResolver(exact)
+    found: list[list[Detection]] = [[], []]
+    for start in range(0, 300, 4):
+        # The exact values themselves as the bounds: what is resolved is what decoding reads.
+        pieces = [e[start : start + 4] for e in exact]
+        for i, detections in enumerate(process_many(decoders, pieces, resolver)):
+            found[i] += detections
+    for i, decoder in enumerate(decoders):
+        found[i] += decoder.finish()
+    assert same_detections(found, [decode(alone, [ABCD], chunk=4), decode(followed, [ABCD], chunk=4)])
+    assert [len(f) for f in found] == [1, 1]
+    assert resolver.asked[1] == resolver.asked[0]
+
+
 def test_a_frame_never_resolved_is_never_read() -> None:
     """Exact re-scoring reads only resolved frames: a resolver that answers nothing fails loudly."""
     decoder = KeywordDecoder([ABCD], frame_seconds=FRAME)
@@ -289,11 +314,14 @@ def _best_sum_from(log_q: np.ndarray, begin: int, first: int, last: int) -> floa
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("strength", [0.2, 0.6])
+@pytest.mark.parametrize("earliest_offset", [None, -6, 2])
 def test_the_feasible_start_is_the_first_frame_whose_best_sum_reaches_the_level(
-    seed: int, strength: float
+    seed: int, strength: float, earliest_offset: int | None
 ) -> None:
     """The backward pass against a forward brute force: for matches ending in a range of frames
-    and as strong as a level (characters below that level's floor left out)."""
+    and as strong as a level (characters below that level's floor left out), beginning
+    anywhere in their window or only from a given frame (after a detection's end), which may
+    lie inside the range."""
     rng = np.random.default_rng(seed)
     events = {int(f): {int(rng.integers(2, 5)): float(rng.uniform(0.005, 0.95))} for f in range(0, 120, 2)}
     # First characters below the higher level's floor (but above the threshold's): windows that
@@ -311,15 +339,24 @@ def test_the_feasible_start_is_the_first_frame_whose_best_sum_reaches_the_level(
     narrowed = 0
     for last in range(20, 120, 7):
         first = last - 3
-        low = search.first_start(first, history)
-        feasible = search.feasible_start(history, first, last, level)
+        earliest = None if earliest_offset is None else first + earliest_offset
+        low = search.window_start(first, history)
+        if earliest is not None:
+            low = max(low, earliest)
+        feasible = search.feasible_start(history, first, last, level, earliest)
         reaching = [
             b for b in range(low, last + 1) if _best_sum_from(log_q, b, first, last) >= level + FEASIBLE_SLACK
         ]
         expected = reaching[0] if reaching else last + 1
         assert feasible == expected
-        narrowed += low < feasible <= last
-    assert narrowed or strength < 0.5  # at 0.6, some windows narrowed and held a possible match
+        if earliest is None:
+            first_said = search.first_start(first, history)
+            narrowed += first_said is not None and first_said < feasible <= last
+        else:
+            narrowed += feasible > search.feasible_start(history, first, last, level)
+    # At 0.6, some windows narrowed and held a possible match; from a given frame, some ranges
+    # lost matches that began earlier.
+    assert narrowed or (strength < 0.5 and earliest_offset is None)
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -160,9 +160,9 @@ class KeywordSearch:
         # Recent absolute frames where a match may begin (KeywordScorer.first_said), and the latest.
         self.starts = np.zeros(0, dtype=np.int64)
         self.last_start = NEVER
-        # (first, last, level, frame) of the latest feasible_start: valid for any frames
-        # inside, at that level or above.
-        self._feasible: tuple[int, int, float, int] | None = None
+        # (first, last, level, earliest, frame) of the latest feasible_start: valid for any
+        # frames inside, at that level or above, and matches beginning that late or later.
+        self._feasible: tuple[int, int, float, int, int] | None = None
 
     @property
     def pending(self) -> Candidate | None:
@@ -262,15 +262,17 @@ class KeywordSearch:
         ]
         if not counting:
             return spans
-        last = counting[-1][0]
-        feasible = self.feasible_start(history, counting[0][0], last, self._level(last))
+        first, last = counting[0][0], counting[-1][0]
+        level = self._level(last)
         for frame, bound in counting:
-            if feasible > frame:
-                continue  # no match ending here can count: nothing to read for it
             options = self._options(history, frame, bound)
             if not options:
                 continue  # every match ending here is silenced by a detection stronger than it
-            start = self.first_start(frame, history, options[0][0])
+            earliest = options[0][0]
+            feasible = self.feasible_start(history, first, last, level, earliest)
+            if feasible > frame:
+                continue  # no match ending here can count: nothing to read for it
+            start = self.first_start(frame, history, earliest)
             if start is not None:
                 spans.append((max(start, feasible), min(history.end, frame + 1 + hold)))
         return spans
@@ -284,10 +286,13 @@ class KeywordSearch:
         floor = max(self.firing.silenced_below(last), pending.strength if pending is not None else 0.0)
         return self.log_threshold if floor <= 0.0 else max(self.log_threshold, math.log(floor))
 
-    def feasible_start(self, history: History, first: int, last: int, level: float) -> int:
+    def feasible_start(
+        self, history: History, first: int, last: int, level: float, earliest: int | None = None
+    ) -> int:
         """The earliest frame where a match ending at one of the frames ``first`` .. ``last``
-        may begin and still reach the log score ``level`` (``last + 1`` if none may), from the
-        values held: bounds, or exact posteriors where resolved.
+        (and beginning at ``earliest`` or later) may begin and still reach the log score
+        ``level`` (``last + 1`` if none may), from the values held: bounds, or exact posteriors
+        where resolved.
 
         Read backwards, each character from the next one's best completion: a match's log score
         is its characters' logs less gap penalties, so the best sum of the characters' logs at
@@ -297,12 +302,28 @@ class KeywordSearch:
         after the frame found, so the exact run may start there: its best and strongest matches
         that count are those of a run from the window's first possible start. Later rows
         turning exact can only lower the sums: a result stays valid for any frames inside the
-        range it was computed for, at its level or above, and is kept for them.
+        range it was computed for, at its level or above, for matches beginning as late or
+        later, and is kept for them. ``earliest`` matters right after a detection: a match
+        beginning inside it counts only if stronger (:meth:`_options`), and the matches left,
+        beginning after it, cannot borrow its characters.
         """
+        floor_start = -1 if earliest is None else earliest
         cached = self._feasible
-        if cached is not None and cached[0] <= first and last <= cached[1] and cached[2] <= level:
-            return cached[3]
-        low = self.first_start(first, history)
+        if (
+            cached is not None
+            and cached[0] <= first
+            and last <= cached[1]
+            and cached[2] <= level
+            and cached[3] <= floor_start
+        ):
+            return cached[4]
+        # The first frame where a match ending in the range may begin: in the window of one
+        # ending at ``first``, and by ``last``.
+        bottom = self.window_start(first, history)
+        if earliest is not None:
+            bottom = max(bottom, earliest)
+        index = int(np.searchsorted(self.starts, bottom))
+        low = int(self.starts[index]) if index < self.starts.shape[0] else None
         found = last + 1
         if low is not None and low <= last:
             values, _ = history.rows(low, last + 1)
@@ -313,11 +334,11 @@ class KeywordSearch:
             # log_strength), and ends in the range: its last character is there.
             floor = math.exp(level * (self.n - 1)) * BOUND_SAFETY
             log_q[q < max(floor, self.said_floor)] = NEG_INF
-            log_q[: first - low, -1] = NEG_INF
+            log_q[: max(first - low, 0), -1] = NEG_INF
             begins = _first_reaching(log_q, level + FEASIBLE_SLACK, stops=range(0))
             if begins is not None:
                 found = low + begins
-        self._feasible = (first, last, level, found)
+        self._feasible = (first, last, level, floor_start, found)
         return found
 
     def on_track_start(self, history: History, end: int) -> int | None:
@@ -381,7 +402,7 @@ class KeywordSearch:
         start = self.first_start(frame, history, earliest)
         if start is None:
             return None
-        feasible = self.feasible_start(history, frame, frame, self._level(frame))
+        feasible = self.feasible_start(history, frame, frame, self._level(frame), earliest)
         if feasible <= start:
             return start
         if feasible > frame:
