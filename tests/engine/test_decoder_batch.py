@@ -16,7 +16,10 @@ from tests.engine.decoder_signals import (
     B,
     C,
     CountingResolver,
+    D,
+    decode,
     decode_lazily,
+    keyword,
     posteriors,
     same_detections,
     spoken,
@@ -225,6 +228,30 @@ def test_only_partial_matches_on_track_are_resolved_ahead(probability: float, re
     finally:
         batch.EARLY_RESOLUTION_MIN_STREAMS = original
     assert (sum(resolver.asked) > 0) == resolved_ahead
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("chunk", [3, 10])
+def test_resolving_ahead_changes_no_detection(seed: int, chunk: int, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A batch large enough to resolve matches under way ahead of need, on loose bounds, with
+    keywords said often (some inside another's refractory period) among other speech: the
+    detections are those of exact posteriors, stream by stream."""
+    monkeypatch.setattr(batch, "EARLY_RESOLUTION_MIN_STREAMS", 10)
+    rng = np.random.default_rng(seed)
+    keywords = [ABCD, keyword("cd", [C, D], threshold=0.2)]
+    signals = []
+    for _ in range(12):
+        events: dict[int, dict[int, float]] = {}
+        for start in rng.integers(0, 560, size=6):
+            probs = tuple(float(p) for p in rng.uniform(0.2, 0.95, size=4))
+            events.update(spoken(int(start), probs, spacing=int(rng.integers(2, 12))))
+        for frame in rng.integers(0, 600, size=80):  # other speech
+            events.setdefault(int(frame), {int(rng.integers(1, 6)): float(rng.uniform(1e-3, 0.6))})
+        signals.append(posteriors(600, events))
+    expected = [decode(s, keywords, chunk=chunk) for s in signals]
+    got, resolver = decode_lazily(signals, keywords, chunk, seed)
+    assert same_detections(got, expected)
+    assert sum(len(e) for e in expected) >= 20 and sum(resolver.asked) > 0
 
 
 def test_a_detections_own_characters_keep_no_stream_resolving_ahead(monkeypatch) -> None:  # type: ignore[no-untyped-def]
