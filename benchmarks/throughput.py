@@ -16,6 +16,9 @@ audio on every stream, on one thread, and report:
   whole number of 10 ms frame shifts do);
 * ``step_ms``: how long each 100 ms step (one ``feed_many`` over every stream) took, p50 / p95
   / p99 / max: the engine's share of a chunk's delay in the agent;
+* ``exact_rows_per_stream``: how many frames per stream the output layer ran on in full (exact
+  posteriors, for the decoder's candidates; every other frame gets cheap bounds), in that run
+  and in the ``lockstep`` run below;
 * ``burst``: every stream plays the same recording of the wake word, so that all of them finish
   the keyword in the same step (what ``benchmarks.mqtt_latency`` provokes through MQTT); the
   median step, the step in which they all fire and the largest step, in ms;
@@ -90,8 +93,9 @@ def baseline_rtf(model: KwsModel, seconds: float) -> float:
 
 def batched_rtf(
     model: KwsModel, audio: np.ndarray, streams: int, seconds: float, out_of_phase: bool = False
-) -> tuple[float, int, list[float]]:
-    """(RTF per stream, detections, each step's seconds) for ``streams`` staggered streams.
+) -> tuple[float, int, list[float], float]:
+    """(RTF per stream, detections, each step's seconds, exact output-layer rows per stream)
+    for ``streams`` staggered streams.
 
     ``out_of_phase``: each stream first gets a part of a chunk of its own length (not timed),
     so that each holds another number of samples from its last frame at every step, as streams
@@ -108,6 +112,7 @@ def batched_rtf(
     steps = int(seconds * 1000 / 100)
     detections = 0
     step_seconds = []
+    rows_before = model.network.output.rows_exact
     for step in range(steps):
         chunks = []
         for offset in offsets:
@@ -116,7 +121,8 @@ def batched_rtf(
         started = clock()
         detections += sum(len(found) for found in feed_many(detectors, chunks))
         step_seconds.append(clock() - started)
-    return sum(step_seconds) / (seconds * streams), detections, step_seconds
+    rows = (model.network.output.rows_exact - rows_before) / streams
+    return sum(step_seconds) / (seconds * streams), detections, step_seconds, rows
 
 
 def burst_steps(model: KwsModel, streams: int) -> dict[str, float]:
@@ -155,6 +161,7 @@ def lockstep_delay(model: KwsModel, streams: int, seconds: float = LOCKSTEP_SECO
     detectors = [model.detector([KeywordSpec("小云小云")]) for _ in range(streams)]
     queued, instant = [], []
     finished = 0.0
+    rows_before = model.network.output.rows_exact
     for start in range(0, audio.shape[0] - CHUNK + 1, CHUNK):
         started = clock()
         found = feed_many(detectors, [audio[start : start + CHUNK]] * streams)
@@ -169,6 +176,7 @@ def lockstep_delay(model: KwsModel, streams: int, seconds: float = LOCKSTEP_SECO
     return {
         "seconds": seconds,
         "detections": len(queued),
+        "exact_rows_per_stream": round((model.network.output.rows_exact - rows_before) / streams, 1),
         **{f"delay_ms_{name}": round(1000 * float(np.percentile(queued, q)), 1) for name, q in _QUANTILES},
         **{
             f"delay_ms_{name}_with_instant_steps": round(1000 * float(np.percentile(instant, q)), 1)
@@ -249,8 +257,8 @@ def main() -> None:
     baselines = [baseline_rtf(model, args.seconds)]
     results = []
     for count in (int(n) for n in args.streams.split(",")):
-        rtf, detections, step_seconds = batched_rtf(model, audio, count, args.seconds)
-        rtf_out_of_phase, _, _ = batched_rtf(model, audio, count, args.seconds, out_of_phase=True)
+        rtf, detections, step_seconds, rows = batched_rtf(model, audio, count, args.seconds)
+        rtf_out_of_phase, _, _, _ = batched_rtf(model, audio, count, args.seconds, out_of_phase=True)
         baselines.append(baseline_rtf(model, args.seconds))
         baseline_here = (baselines[-2] + baselines[-1]) / 2
         results.append(
@@ -263,6 +271,7 @@ def main() -> None:
                 "detections": detections,
                 "out_of_phase_streams_per_core": round(1.0 / rtf_out_of_phase, 1),
                 "step_ms": step_percentiles(step_seconds),
+                "exact_rows_per_stream": round(rows, 1),
                 "burst": burst_steps(model, count),
                 "lockstep": lockstep_delay(model, count),
             }
@@ -297,7 +306,7 @@ def main() -> None:
     print(
         f"{'streams':>8} {'RTF':>9} {'streams/core':>13} {'vs baseline':>12} {'out of phase':>13}"
         f" {'step p50/p95/max ms':>20} {'burst: median/firing/largest step ms':>37}"
-        f" {'lockstep delay p95 ms (instant steps)':>38}"
+        f" {'lockstep delay p95 ms (instant steps)':>38} {'exact rows/stream (lockstep)':>29}"
     )
     for r in results:
         ratio, step, burst, lock = r["speedup_vs_baseline"], r["step_ms"], r["burst"], r["lockstep"]
@@ -308,6 +317,7 @@ def main() -> None:
             f" {r['out_of_phase_streams_per_core']:>13.0f}"
             f" {steps:>20} {bursts:>37}"
             f" {lock['delay_ms_p95']:>25.0f} ({lock['delay_ms_p95_with_instant_steps']:.0f})"
+            f" {r['exact_rows_per_stream']:>18.0f} ({lock['exact_rows_per_stream']:.0f})"
         )
     ceiling = report["arithmetic_ceiling"]
     print(

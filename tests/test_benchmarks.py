@@ -52,6 +52,9 @@ def test_throughput_latency_and_plot_produce_their_files(
         assert row["out_of_phase_streams_per_core"] > 0
         # present only if the streams detected the wake word they all played
         assert row["burst"]["firing_step_ms"] > 0
+        # the keywords of the lockstep run were re-scored on exact posteriors, and few frames were
+        assert 0 < row["lockstep"]["exact_rows_per_stream"] < 0.5 * row["lockstep"]["seconds"] * 100 / 3
+        assert row["exact_rows_per_stream"] >= 0
     ceiling = throughput["arithmetic_ceiling"]
     # 4x (250x128 + 128x250) + 400x140 + 140x250 + 250x140 products and four 12-tap FSMN filters
     assert ceiling["body_macs_per_frame"] == 388_144
