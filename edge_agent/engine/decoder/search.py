@@ -160,8 +160,8 @@ class KeywordSearch:
         # Recent absolute frames where a match may begin (KeywordScorer.first_said), and the latest.
         self.starts = np.zeros(0, dtype=np.int64)
         self.last_start = NEVER
-        # (first, last, level, earliest, frame) of the latest feasible_start: valid for any
-        # frames inside, at that level or above, and matches beginning that late or later.
+        # (first, last, level, earliest or -1, frame) of the latest feasible_start: valid for
+        # any frames inside, at that level or above, and matches beginning that late or later.
         self._feasible: tuple[int, int, float, int, int] | None = None
 
     @property
@@ -303,9 +303,9 @@ class KeywordSearch:
         that count are those of a run from the window's first possible start. Later rows
         turning exact can only lower the sums: a result stays valid for any frames inside the
         range it was computed for, at its level or above, for matches beginning as late or
-        later, and is kept for them. ``earliest`` matters right after a detection: a match
-        beginning inside it counts only if stronger (:meth:`_options`), and the matches left,
-        beginning after it, cannot borrow its characters.
+        later, and is kept for them. ``earliest`` is where the options of :meth:`_options` let a
+        match begin: right after a detection, only after its end when nothing beginning inside
+        it may be stronger than it, and the matches left cannot borrow its characters.
         """
         floor_start = -1 if earliest is None else earliest
         cached = self._feasible
@@ -342,12 +342,12 @@ class KeywordSearch:
         return found
 
     def on_track_start(self, history: History, end: int) -> int | None:
-        """The first frame, in the window of a match ending at frame ``end``, where a partial
-        match on track up to ``end`` (two characters or more but not all, averaging the
-        threshold: see :func:`under_way_rows`) may begin, from the values held; None if none
-        may. Where early resolution starts (``batch.py``): a keyword being said is on track from
-        its first character, and the window before it is mostly other speech. Which frames are
-        resolved early never changes a detection."""
+        """The first frame, in the window of a match ending at frame ``end`` and after the last
+        recent detection's end, where a partial match on track up to ``end`` (two characters or
+        more but not all, averaging the threshold: see :func:`under_way_rows`) may begin, from
+        the values held; None if none may. Where early resolution starts (``batch.py``): a
+        keyword being said is on track from its first character, and the window before it is
+        mostly other speech. Which frames are resolved early never changes a detection."""
         low = self.first_start(end, history)
         if low is None or self.n <= 2:
             return None
