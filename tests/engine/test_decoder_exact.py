@@ -64,40 +64,29 @@ def test_quiet_audio_needs_no_exact_posteriors() -> None:
     assert 0 < resolver.asked[1] < 200
 
 
-def test_a_weak_match_reusing_a_detections_characters_resolves_none_of_its_window() -> None:
+@pytest.mark.parametrize(
+    "speech_after",
+    [
+        pytest.param({}, id="a-weak-ending-alone"),
+        # a first character said faintly after the detection: a match may begin there
+        pytest.param({80: {A: 0.2}}, id="a-faint-first-character-after-the-detection"),
+    ],
+)
+def test_a_weak_match_reusing_a_detections_characters_resolves_none_of_its_window(
+    speech_after: dict[int, dict[int, float]],
+) -> None:
     """After a detection, its first characters and a weak ending said later make a match the
     filter proposes; but it begins before the detection's end, so it counts only if stronger
     than the detection, which its bound rules out: none of its window is resolved, and the
-    detections are those of exact posteriors."""
+    detections are those of exact posteriors. With speech after the detection where a match may
+    begin but none could count, only matches beginning after the detection's end are left, and
+    whether one of them may count is read from the frames after it alone (the detection's own
+    characters cannot help them): nothing after the keyword is resolved either."""
     decoders = [KeywordDecoder([ABCD], frame_seconds=FRAME) for _ in range(2)]
     columns = decoders[0].columns
     alone = posteriors(300, spoken(40))
-    tail = {**spoken(40), 95: {C: 0.35}, 101: {D: 0.35}}  # after the detection's refractory period
-    followed = posteriors(300, tail)
-    exact = [alone[:, columns], followed[:, columns]]
-    resolver = CountingResolver(exact)
-    found: list[list[Detection]] = [[], []]
-    for start in range(0, 300, 4):
-        # The exact values themselves as the bounds: what is resolved is what decoding reads.
-        pieces = [e[start : start + 4] for e in exact]
-        for i, detections in enumerate(process_many(decoders, pieces, resolver)):
-            found[i] += detections
-    for i, decoder in enumerate(decoders):
-        found[i] += decoder.finish()
-    assert same_detections(found, [decode(alone, [ABCD], chunk=4), decode(followed, [ABCD], chunk=4)])
-    assert [len(f) for f in found] == [1, 1]
-    assert resolver.asked[1] == resolver.asked[0]
-
-
-def test_a_weak_match_reusing_a_detections_characters_reads_no_speech_after_it() -> None:
-    """The same, with speech after the detection where a match may begin (a first character
-    said faintly) but none could count: only matches beginning after the detection's end are
-    left, and whether one of them may count is read from the frames after it alone (the
-    detection's own characters cannot help them). Nothing after the keyword is resolved."""
-    decoders = [KeywordDecoder([ABCD], frame_seconds=FRAME) for _ in range(2)]
-    columns = decoders[0].columns
-    alone = posteriors(300, spoken(40))
-    tail = {**spoken(40), 80: {A: 0.2}, 95: {C: 0.35}, 101: {D: 0.35}}
+    # The weak ending comes after the detection's refractory period.
+    tail = {**spoken(40), **speech_after, 95: {C: 0.35}, 101: {D: 0.35}}
     followed = posteriors(300, tail)
     exact = [alone[:, columns], followed[:, columns]]
     resolver = CountingResolver(exact)

@@ -322,10 +322,9 @@ class KeywordSearch:
         bottom = self.window_start(first, history)
         if earliest is not None:
             bottom = max(bottom, earliest)
-        index = int(np.searchsorted(self.starts, bottom))
-        low = int(self.starts[index]) if index < self.starts.shape[0] else None
+        low = self._start_between(bottom, last)
         found = last + 1
-        if low is not None and low <= last:
+        if low is not None:
             values, _ = history.rows(low, last + 1)
             q = self.scorer.characters(values)
             with np.errstate(divide="ignore"):
@@ -417,8 +416,12 @@ class KeywordSearch:
         low = self.window_start(frame, history)
         if earliest is not None:
             low = max(low, earliest)
+        return self._start_between(low, frame)
+
+    def _start_between(self, low: int, high: int) -> int | None:
+        """The first frame from ``low`` to ``high`` where a match may begin, or None."""
         index = int(np.searchsorted(self.starts, low))
-        if index == self.starts.shape[0] or int(self.starts[index]) > frame:
+        if index == self.starts.shape[0] or int(self.starts[index]) > high:
             return None
         return int(self.starts[index])
 
