@@ -152,7 +152,9 @@ class Agent:
             # This process scores no audio: it keeps what spells keywords and describes the
             # model, and lets the network's weights go (each engine process loads its own).
             model = model.without_network()
-            self.worker = EnginePool(source, settings, workers, max_bytes, self.sink, self.errors)
+            self.worker = EnginePool(
+                source, settings, workers, max_bytes, self.sink, self.errors, nice=engine.nice
+            )
             self.queue: WorkQueue | PoolInbox = self.worker.inbox
         else:
             self.queue = WorkQueue(max_bytes)

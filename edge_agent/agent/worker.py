@@ -49,6 +49,7 @@ from edge_agent.engine.decoder import CompiledKeyword, Detection
 from edge_agent.engine.detector import feed_many
 from edge_agent.engine.model import KwsModel
 from edge_agent.recording import Recording, RecordingBusy, RecordingScan
+from edge_agent.system import niceness
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +282,7 @@ class WorkerBacklog:
     queued_bytes: int
     streams: int
     restarts: int = 0
+    nice: int | None = None  # the CPU niceness of its process (None: unknown)
 
 
 @dataclass
@@ -445,7 +447,9 @@ class EngineWorker:
         """How far behind the engine is: this one thread."""
         inbox = self._inbox
         seconds = round(inbox.queued_seconds, 2)
-        return [WorkerBacklog(0, os.getpid(), self.alive, seconds, inbox.queued_bytes, len(self._streams))]
+        pid = os.getpid()
+        streams = len(self._streams)
+        return [WorkerBacklog(0, pid, self.alive, seconds, inbox.queued_bytes, streams, nice=niceness(pid))]
 
     # --- the loop ----------------------------------------------------------------------------
     def _run(self) -> None:

@@ -131,6 +131,14 @@ class EngineConfig:
         minimum=0,
         maximum=64,
     )
+    nice: int = option(
+        5,
+        doc="How much lower than the agent's own the CPU priority of its engine worker processes is "
+        "(engine.workers > 1; a nice increment): when the cores are full, the agent's main process "
+        "(MQTT, delivery of detections, health, HTTP) runs first. 0 = the same priority.",
+        minimum=0,
+        maximum=19,
+    )
     quantize: bool = option(
         False,
         doc="torch backend only: int8 dynamic quantization of the linear layers (faster; see the README).",
