@@ -147,12 +147,26 @@ def publish_properties(
     return properties
 
 
+class _SharedProperties(Properties):  # type: ignore[misc]
+    """The properties of many publishes (an expiry at most), made once and never changed:
+    paho packs a PUBLISH's properties each time it sends one (:meth:`Properties.pack`), and
+    packing walks every property name MQTT 5 defines, a good part of a publish's cost in a
+    burst of detections. Packed once here."""
+
+    def __init__(self, expiry_seconds: int) -> None:
+        super().__init__(PacketTypes.PUBLISH)
+        if expiry_seconds:
+            self.MessageExpiryInterval = expiry_seconds
+        # paho's Properties accepts only MQTT property names as attributes.
+        object.__setattr__(self, "packed", super().pack())
+
+    def pack(self) -> bytes:
+        return self.packed  # type: ignore[no-any-return]
+
+
 @functools.lru_cache(maxsize=64)
 def _expiry_properties(expiry_seconds: int) -> Properties:
-    properties = Properties(PacketTypes.PUBLISH)
-    if expiry_seconds:
-        properties.MessageExpiryInterval = expiry_seconds
-    return properties
+    return _SharedProperties(expiry_seconds)
 
 
 class Wakeup:

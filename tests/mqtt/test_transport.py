@@ -723,6 +723,14 @@ def test_publish_properties_with_only_an_expiry_are_made_once_and_others_each_ti
     assert asked is not live and publish_properties(expiry_seconds=30, correlation_data=b"c1") is not asked
     assert asked.CorrelationData == b"c1" and asked.UserProperty == [("k", "v")]
     assert not hasattr(live, "CorrelationData")  # nothing of another publish leaks into the shared one
+    # The shared ones are packed once, to the bytes paho would pack for them each time.
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    expiry = Properties(PacketTypes.PUBLISH)
+    expiry.MessageExpiryInterval = 30
+    assert live.pack() == expiry.pack() == b"\x05\x02\x00\x00\x00\x1e"
+    assert publish_properties().pack() == Properties(PacketTypes.PUBLISH).pack() == b"\x00"
 
 
 def test_publishes_sharing_properties_reach_subscribers_with_their_own_expiry(tmp_path: Path) -> None:
