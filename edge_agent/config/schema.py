@@ -132,10 +132,11 @@ class EngineConfig:
         maximum=64,
     )
     nice: int = option(
-        5,
-        doc="How much lower than the agent's own the CPU priority of its engine worker processes is "
-        "(engine.workers > 1; a nice increment): when the cores are full, the agent's main process "
-        "(MQTT, delivery of detections, health, HTTP) runs first. 0 = the same priority.",
+        0,
+        doc="With engine.workers > 1: how many nice levels below the agent's own process its engine "
+        "worker processes run. The agent's process (MQTT, the delivery of detections) then gets a core "
+        "first when many streams say the keyword at once: lower delays below saturation, but at "
+        "saturation the engine falls behind sooner and drops audio (see the README's Speed).",
         minimum=0,
         maximum=19,
     )
