@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import logging
-import os
 import platform
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -54,28 +50,6 @@ def give_back_free_memory() -> bool:
     trim.argtypes = [ctypes.c_size_t]
     trim(0)
     return True
-
-
-def lower_priority(increment: int) -> None:
-    """The calling thread's niceness (and that of the threads it starts later: Linux keeps one
-    per thread) raised by ``increment`` from what it inherited. Where the system has no
-    niceness, nothing changes."""
-    if increment <= 0 or not hasattr(os, "nice"):
-        return
-    try:
-        os.nice(increment)
-    except OSError as error:  # not expected when lowering one's own priority; never fatal
-        log.warning("could not lower the CPU priority by %d: %s", increment, error)
-
-
-def niceness(pid: int) -> int | None:
-    """The niceness of process ``pid`` (of its main thread), or None where unknown."""
-    if not pid or not hasattr(os, "getpriority"):
-        return None
-    try:
-        return os.getpriority(os.PRIO_PROCESS, pid)
-    except OSError:  # gone meanwhile
-        return None
 
 
 def _glibc() -> ctypes.CDLL | None:

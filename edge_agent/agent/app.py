@@ -152,9 +152,7 @@ class Agent:
             # This process scores no audio: it keeps what spells keywords and describes the
             # model, and lets the network's weights go (each engine process loads its own).
             model = model.without_network()
-            self.worker = EnginePool(
-                source, settings, workers, max_bytes, self.sink, self.errors, nice=engine.nice
-            )
+            self.worker = EnginePool(source, settings, workers, max_bytes, self.sink, self.errors)
             self.queue: WorkQueue | PoolInbox = self.worker.inbox
         else:
             self.queue = WorkQueue(max_bytes)

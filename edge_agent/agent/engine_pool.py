@@ -69,7 +69,7 @@ from edge_agent.agent.worker import (
 from edge_agent.audio.wav import WavError
 from edge_agent.engine.decoder import CompiledKeyword
 from edge_agent.engine.model import KwsModel
-from edge_agent.system import lower_priority, niceness, tune_allocator
+from edge_agent.system import tune_allocator
 
 log = logging.getLogger(__name__)
 
@@ -330,13 +330,9 @@ class WorkerProcess:
         return True
 
 
-def serve(handle: int, nice: int = 0) -> None:
+def serve(handle: int) -> None:
     """A worker process's entry point: its end of the pipe is the open descriptor ``handle``;
-    the first message on it says what to load and how (:meth:`Partition.launch`). ``nice``:
-    how much lower than the agent's its CPU priority is (``engine.nice``)."""
-    # First, while this is the only thread: Linux keeps a niceness per thread, and the threads
-    # started later take this one's.
-    lower_priority(nice)
+    the first message on it says what to load and how (:meth:`Partition.launch`)."""
     # As `edge-agent run` does for its own process: the engine's per-chunk buffers stay in the
     # heap (see tune_allocator), with a lower bound here, as there is one heap per worker; and
     # one arena, which the engine thread and the pipe's reader share.
@@ -448,11 +444,7 @@ class Partition:
         handle = theirs.fileno()
         self.ready.clear()
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                f"from edge_agent.agent.engine_pool import serve; serve({handle}, nice={self.pool.nice})",
-            ],
+            [sys.executable, "-c", f"from edge_agent.agent.engine_pool import serve; serve({handle})"],
             pass_fds=(handle,),
             env=_worker_environment(),
         )
@@ -598,16 +590,14 @@ class Partition:
     def backlog(self) -> WorkerBacklog:
         waiting = self.queue.waiting
         process = self.process
-        pid = process.pid if process is not None else 0
         return WorkerBacklog(
             self.index,
-            pid,
+            process.pid if process is not None else 0,
             self.state.alive,
             round(waiting.queued_seconds, 2),
             waiting.queued_bytes,
             len(self.state.snapshots),
             self.restarts,
-            niceness(pid),
         )
 
 
@@ -727,13 +717,9 @@ class EnginePool:
         max_bytes: int,
         results: ResultSink,
         errors: ErrorReporter,
-        nice: int = 0,
     ) -> None:
-        """``nice``: how much lower than this process's the CPU priority of the worker
-        processes is (``engine.nice``)."""
         self.source = source
         self.settings = settings
-        self.nice = nice
         self.results = results
         self.errors = errors
         self.partitions = [Partition(self, index, max(max_bytes // workers, 1)) for index in range(workers)]

@@ -49,7 +49,6 @@ from edge_agent.engine.decoder import CompiledKeyword, Detection
 from edge_agent.engine.detector import feed_many
 from edge_agent.engine.model import KwsModel
 from edge_agent.recording import Recording, RecordingBusy, RecordingScan
-from edge_agent.system import niceness
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +281,6 @@ class WorkerBacklog:
     queued_bytes: int
     streams: int
     restarts: int = 0
-    nice: int | None = None  # the CPU niceness of its process (None: unknown)
 
 
 @dataclass
@@ -447,9 +445,7 @@ class EngineWorker:
         """How far behind the engine is: this one thread."""
         inbox = self._inbox
         seconds = round(inbox.queued_seconds, 2)
-        pid = os.getpid()
-        streams = len(self._streams)
-        return [WorkerBacklog(0, pid, self.alive, seconds, inbox.queued_bytes, streams, nice=niceness(pid))]
+        return [WorkerBacklog(0, os.getpid(), self.alive, seconds, inbox.queued_bytes, len(self._streams))]
 
     # --- the loop ----------------------------------------------------------------------------
     def _run(self) -> None:

@@ -131,15 +131,6 @@ class EngineConfig:
         minimum=0,
         maximum=64,
     )
-    nice: int = option(
-        0,
-        doc="With engine.workers > 1: how many nice levels below the agent's own process its engine "
-        "worker processes run. The agent's process (MQTT, the delivery of detections) then gets a core "
-        "first when many streams say the keyword at once: lower delays below saturation, but at "
-        "saturation the engine falls behind sooner and drops audio (see the README's Speed).",
-        minimum=0,
-        maximum=19,
-    )
     quantize: bool = option(
         False,
         doc="torch backend only: int8 dynamic quantization of the linear layers (faster; see the README).",

@@ -143,52 +143,6 @@ def test_a_dead_worker_is_reported_and_replaced_and_the_agent_goes_on(  # type: 
     assert victim.restarts == 1 and engine.alive
 
 
-def thread_niceness(pid: int) -> set[int]:
-    """The niceness of every thread of process ``pid`` (Linux keeps one per thread)."""
-    values = set()
-    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
-        fields = stat.read_text().rsplit(")", 1)[1].split()  # from field 3 on (state)
-        values.add(int(fields[16]))  # field 19: nice
-    return values
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("nice", [0, 3])
-def test_the_worker_processes_run_that_much_nicer_than_the_agent(numpy_model, nice: int) -> None:  # type: ignore[no-untyped-def]
-    """engine.nice: every thread of every worker process (the engine's, the pipe reader's: the
-    ones started after the priority was lowered too) runs ``nice`` below the agent's priority,
-    and so does a worker that replaces a dead one; the agent keeps its own; health shows each
-    worker's niceness."""
-    own = os.getpriority(os.PRIO_PROCESS, 0)
-    expected = min(own + nice, 19)
-    refusals = Refusals()
-    engine = EnginePool(
-        ModelSource(numpy_model.directory),
-        settings(numpy_model),
-        2,
-        64 << 20,
-        Results(),
-        refusals.reporter,
-        nice=nice,
-    )
-    engine.start()
-    try:
-        backlog = engine.backlog()
-        assert [b.nice for b in backlog] == [expected, expected]
-        for b in backlog:
-            threads = list(Path(f"/proc/{b.pid}/task").iterdir())
-            assert len(threads) >= 2 and thread_niceness(b.pid) == {expected}
-        victim = engine.partitions[0]
-        assert victim.process is not None
-        os.kill(victim.process.pid, signal.SIGKILL)
-        refusals.wait_for("internal_error")  # reported once the next process is on its way
-        assert victim.ready.wait(60)
-        assert engine.backlog()[0].nice == expected and thread_niceness(engine.backlog()[0].pid) == {expected}
-        assert os.getpriority(os.PRIO_PROCESS, 0) == own
-    finally:
-        engine.stop(timeout=30)
-
-
 def test_streams_are_partitioned_stably_across_processes() -> None:
     assert [partition_of(f"s{n}", 4) for n in range(8)] == [partition_of(f"s{n}", 4) for n in range(8)]
     assert len({partition_of(f"s{n}", 2) for n in range(64)}) == 2
