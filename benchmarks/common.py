@@ -149,16 +149,20 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def start_agent(
-    port: int, device: str, outbox: Path, *options: str, **settings: str
+    port: int, device: str, outbox: Path, *options: str, checkout: Path = REPO, **settings: str
 ) -> subprocess.Popen[Any]:
     """``edge-agent run`` as its own process (logging warnings only), against 127.0.0.1:``port``.
 
     ``settings`` are config overrides given the way a deployment would, as environment variables
-    (``health__interval="2"`` becomes ``EDGE_AGENT_HEALTH__INTERVAL=2``).
+    (``health__interval="2"`` becomes ``EDGE_AGENT_HEALTH__INTERVAL=2``). ``checkout``: the
+    repository whose agent runs (its own ``edge_agent`` package: ``python -m`` puts the working
+    directory first on the path, and engine worker processes take their package's).
     """
     env = {f"EDGE_AGENT_{key.upper()}": value for key, value in settings.items()}
     options = ("--log-level", "warning", *options)
-    return start_agent_process(model_dir(), port, device, outbox, *options, env=env, stdout=None, stderr=None)
+    return start_agent_process(
+        model_dir(), port, device, outbox, *options, env=env, stdout=None, stderr=None, cwd=checkout
+    )
 
 
 def positives_back_to_back() -> tuple[np.ndarray, list[float]]:

@@ -1,6 +1,7 @@
 """End-to-end delay through mosquitto: keyword spoken -> detection received by a subscriber.
 
     python -m benchmarks.mqtt_latency [--streams 1,16,64,128] [--seconds 60] [--stagger]
+                                      [--rounds R] [--against DIR]
 
 Starts mosquitto on a free loopback port and the agent as its own process
 (`edge-agent run`), then plays the 25 positive recordings of audio/dev, one after another with
@@ -41,6 +42,15 @@ detections any round missed (a shared machine's speed drifts; one lucky round pr
 Results go to benchmarks/results/mqtt_latency.json; with ``--broker-nodelay`` (mosquitto told
 ``set_tcp_nodelay true``, see docs/mqtt.md) to mqtt_latency-nodelay.json, with ``--stagger`` to
 mqtt_latency-stagger.json (both: mqtt_latency-nodelay-stagger.json).
+
+``--against DIR`` runs, in every round, the agent of another checkout too (a worktree of the
+commit to compare with), with a fresh broker and the same devices, one right after the other
+(which goes first alternates from round to round). A shared VM's speed drifts by a quarter
+within minutes: two runs at different times compare the VM as much as the code, two agents in
+the same rounds compare the code. Each N then has a row per checkout (``this``, ``against``,
+each the round with its median p95) and, per round, this agent's p95 and p50 over the other's
+(``rounds_p95_vs_against``, ``rounds_p50_vs_against``). Results go to a file of their own
+(``mqtt_latency-against.json``, with the suffixes above).
 """
 
 from __future__ import annotations
@@ -60,6 +70,7 @@ import psutil
 
 from benchmarks.common import (
     BROKER_NODELAY,
+    REPO,
     AgentUsage,
     machine,
     model_dir,
@@ -71,6 +82,7 @@ from benchmarks.common import (
     write_result,
 )
 from benchmarks.devices import DeviceFleet
+from benchmarks.frontend import commit_of
 from edge_agent.engine.model import KeywordSpec, KwsModel
 from edge_agent.mqtt.client import MqttClient
 from edge_agent.mqtt.transport import InboundMessage
@@ -235,15 +247,18 @@ def run_once(
     expected: Detected,
     workdir: Path,
     broker_config: str = "",
+    checkout: Path = REPO,
 ) -> dict[str, Any]:
     """One round: ``audio`` (s16le) played from ``offsets`` by as many streams, for
-    ``total_seconds``; ``expected`` what must arrive (:func:`engine_detections`)."""
+    ``total_seconds``, to the agent of ``checkout``; ``expected`` what must arrive
+    (:func:`engine_detections`)."""
     streams = len(offsets)
     broker = Broker(workdir, extra_config=broker_config).start()
     agent = start_agent(
         broker.port,
         DEVICE,
-        workdir / f"outbox-{streams}.db",
+        workdir / f"outbox-{streams}-{checkout.name}.db",
+        checkout=checkout,
         health__interval="2",
         audio__mqtt__max_streams=str(max(64, streams)),
     )
@@ -348,7 +363,15 @@ def main() -> None:
         action="store_true",
         help="streams start at different recordings (default: all say the keyword at once)",
     )
+    parser.add_argument(
+        "--against",
+        type=Path,
+        default=None,
+        help="another checkout whose agent runs in the same rounds (a worktree of another commit)",
+    )
     args = parser.parse_args()
+    if args.against is not None and not (args.against / "edge_agent" / "__main__.py").is_file():
+        raise SystemExit(f"--against {args.against}: no edge_agent package there")
     broker_config = f"{BROKER_NODELAY}\n" if args.broker_nodelay else ""
     results = []
     samples, starts = positives_back_to_back()
@@ -358,11 +381,20 @@ def main() -> None:
         for count in (int(n) for n in args.streams.split(",")):
             offsets = stream_offsets(count, starts, args.stagger)
             expected = engine_detections(samples, offsets, total_seconds)  # the same every round
-            rounds = []
-            for _ in range(args.rounds):
-                rounds.append(run_once(audio, offsets, total_seconds, expected, Path(folder), broker_config))
-                print(json.dumps(rounds[-1], ensure_ascii=False), flush=True)
-            results.append(summarise(rounds))
+            agents = {"this": REPO} if args.against is None else {"this": REPO, "against": args.against}
+            played: dict[str, list[dict[str, Any]]] = {name: [] for name in agents}
+            for index in range(args.rounds):
+                # The order alternates: a drift of the machine's speed favours neither.
+                for name in list(agents) if index % 2 == 0 else list(agents)[::-1]:
+                    found = run_once(
+                        audio, offsets, total_seconds, expected, Path(folder), broker_config, agents[name]
+                    )
+                    played[name].append(found)
+                    print(json.dumps({"agent": name, **found}, ensure_ascii=False), flush=True)
+            if args.against is None:
+                results.append(summarise(played["this"]))
+            else:
+                results.append(compare(played["this"], played["against"]))
     report = {
         "benchmark": "mqtt_latency",
         "machine": machine(),
@@ -372,6 +404,10 @@ def main() -> None:
         "results": results,
     }
     name = "mqtt_latency" + ("-nodelay" if args.broker_nodelay else "") + ("-stagger" if args.stagger else "")
+    if args.against is not None:
+        report["against"] = str(args.against)
+        report["against_commit"] = commit_of(args.against)
+        name += "-against"
     path = write_result(name, report)
     print(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores")
     header = (
@@ -388,8 +424,13 @@ def main() -> None:
         "RSS MB",
         "PSS MB",
     )
+    if args.against is not None:
+        header = ("agent", *header)
     print(" ".join(f"{h:>9}" for h in header), " p95 of every round")
-    for r in results:
+    labelled = [("", r) for r in results]
+    if args.against is not None:
+        labelled = [(name, r[name]) for r in results for name in ("this", "against")]
+    for label, r in labelled:
         row = (
             r["streams"],
             r["detections_expected"],
@@ -405,8 +446,32 @@ def main() -> None:
             r["agent_peak_pss_mb"],
         )
         cells = " ".join(f"{value:>9.0f}" if value is not None else f"{'-':>9}" for value in row)
+        if label:
+            cells = f"{label:>9} {cells}"
         print(cells, " ", ", ".join(f"{p:.0f}" for p in r["rounds_delay_ms_p95"] if p is not None))
+    for r in results if args.against is not None else []:
+        ratios = r["rounds_p95_vs_against"]
+        print(f"{r['streams']} streams, this agent's p95 over the other's, per round: {ratios}")
     print(f"written: {path}")
+
+
+def compare(this: list[dict[str, Any]], against: list[dict[str, Any]]) -> dict[str, Any]:
+    """Two agents' rounds of one N, taken in turn: each one's summary, and per round this
+    agent's p95 and p50 over the other's (None where either received nothing)."""
+
+    def ratios(key: str) -> list[float | None]:
+        return [
+            round(a[key] / b[key], 3) if a[key] is not None and b[key] else None
+            for a, b in zip(this, against, strict=True)
+        ]
+
+    return {
+        "streams": this[0]["streams"],
+        "this": summarise(this),
+        "against": summarise(against),
+        "rounds_p95_vs_against": ratios("delay_ms_p95"),
+        "rounds_p50_vs_against": ratios("delay_ms_p50"),
+    }
 
 
 def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:

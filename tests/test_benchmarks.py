@@ -155,6 +155,59 @@ def test_the_staggered_latency_run_writes_its_own_file(
     assert row["detections_missing"] == row["detections_unexpected"] == row["duplicates"] == 0
 
 
+def test_the_latency_run_against_another_checkout_plays_both_agents_in_every_round(
+    tmp_path: Path, model_dir: Path, dev_audio: Path
+) -> None:
+    """--against: both agents (here the same checkout) get every round, in turn, and each must
+    deliver every detection; per round, this one's p95 over the other's."""
+    bench(
+        "mqtt_latency",
+        "--streams",
+        "2",
+        "--seconds",
+        "12",
+        "--rounds",
+        "2",
+        "--against",
+        str(REPO),
+        results=tmp_path,
+    )
+    report = json.loads((tmp_path / "mqtt_latency-against.json").read_text(encoding="utf-8"))
+    assert not (tmp_path / "mqtt_latency.json").exists()
+    assert report["against"] == str(REPO) and report["against_commit"]
+    (row,) = report["results"]
+    for name in ("this", "against"):
+        agent = row[name]
+        assert agent["rounds"] == 2 and len(agent["rounds_delay_ms_p95"]) == 2
+        assert (
+            agent["detections_expected"] > 0 and agent["detections_received"] == agent["detections_expected"]
+        )
+        assert agent["detections_missing"] == agent["duplicates"] == agent["dropped_chunks"] == 0
+    ratios = row["rounds_p95_vs_against"]
+    assert len(ratios) == 2 and all(ratio is not None and ratio > 0 for ratio in ratios)
+    assert len(row["rounds_p50_vs_against"]) == 2
+
+
+def test_an_agent_started_for_another_checkout_is_that_checkouts_package(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    """What --against relies on: ``python -m edge_agent`` in the checkout runs its package,
+    whatever the environment has installed."""
+    from benchmarks.common import start_agent
+
+    package = tmp_path / "other" / "edge_agent"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("", encoding="utf-8")
+    (package / "__main__.py").write_text(
+        "import pathlib, sys\n"
+        "pathlib.Path(__file__).parent.parent.joinpath('ran').write_text(' '.join(sys.argv[1:]))\n",
+        encoding="utf-8",
+    )
+    agent = start_agent(1883, "other", tmp_path / "outbox.db", checkout=tmp_path / "other")
+    assert agent.wait(60) == 0
+    assert (tmp_path / "other" / "ran").read_text(encoding="utf-8").startswith("run --model-dir")
+
+
 def test_decision_delay_is_the_look_ahead_unless_the_decoder_waits_for_a_better_match(  # type: ignore[no-untyped-def]
     numpy_model, positives
 ) -> None:
