@@ -248,16 +248,17 @@ def run_once(
     workdir: Path,
     broker_config: str = "",
     checkout: Path = REPO,
+    agent_name: str = "this",
 ) -> dict[str, Any]:
     """One round: ``audio`` (s16le) played from ``offsets`` by as many streams, for
-    ``total_seconds``, to the agent of ``checkout``; ``expected`` what must arrive
-    (:func:`engine_detections`)."""
+    ``total_seconds``, to the agent of ``checkout`` (``agent_name`` names its outbox);
+    ``expected`` what must arrive (:func:`engine_detections`)."""
     streams = len(offsets)
     broker = Broker(workdir, extra_config=broker_config).start()
     agent = start_agent(
         broker.port,
         DEVICE,
-        workdir / f"outbox-{streams}-{checkout.name}.db",
+        workdir / f"outbox-{streams}-{agent_name}.db",  # each agent its own, whatever its folder's name
         checkout=checkout,
         health__interval="2",
         audio__mqtt__max_streams=str(max(64, streams)),
@@ -386,8 +387,9 @@ def main() -> None:
             for index in range(args.rounds):
                 # The order alternates: a drift of the machine's speed favours neither.
                 for name in list(agents) if index % 2 == 0 else list(agents)[::-1]:
+                    workdir = Path(folder)
                     found = run_once(
-                        audio, offsets, total_seconds, expected, Path(folder), broker_config, agents[name]
+                        audio, offsets, total_seconds, expected, workdir, broker_config, agents[name], name
                     )
                     played[name].append(found)
                     print(json.dumps({"agent": name, **found}, ensure_ascii=False), flush=True)
