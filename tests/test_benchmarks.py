@@ -188,6 +188,28 @@ def test_the_latency_run_against_another_checkout_plays_both_agents_in_every_rou
     assert len(row["rounds_p50_vs_against"]) == 2
 
 
+def test_the_lockstep_steps_benchmark_splits_the_heavy_and_firing_steps_into_their_parts(
+    tmp_path: Path, model_dir: Path, dev_audio: Path
+) -> None:
+    from benchmarks.lockstep_steps import PartClock, timing_parts
+    from edge_agent.engine.decoder.search import KeywordSearch
+
+    original = KeywordSearch.process
+    with timing_parts(PartClock()):
+        assert KeywordSearch.process is not original
+    assert KeywordSearch.process is original  # the engine's methods are given back
+
+    bench("lockstep_steps", "--streams", "4", "--seconds", "12", results=tmp_path)
+    report = json.loads((tmp_path / "lockstep_steps.json").read_text(encoding="utf-8"))
+    assert report["streams"] == 4 and report["median_step_ms"] > 0
+    fired = [step for step in report["steps"] if step["detections"]]
+    assert fired and all(step["detections"] == 4 and step["delay_ms_max"] > 0 for step in fired)
+    for step in report["steps"]:
+        parts = step["exact_output_ms"] + step["search_ms"] + step["other_ms"]
+        assert step["exact_output_ms"] >= 0 and step["search_ms"] >= 0 and abs(parts - step["cpu_ms"]) < 0.5
+    assert all(step["search_ms"] > 0 for step in fired)  # a detection is the per-stream search's
+
+
 def test_an_agent_started_for_another_checkout_is_that_checkouts_package(
     tmp_path: Path, model_dir: Path
 ) -> None:
