@@ -38,12 +38,12 @@ for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np  # noqa: E402
 
 from benchmarks.common import machine, model_dir, positives_back_to_back, write_result  # noqa: E402
+from benchmarks.throughput import CHUNK, LOCKSTEP_SECONDS  # noqa: E402
 from edge_agent.engine.decoder.search import KeywordSearch  # noqa: E402
 from edge_agent.engine.detector import feed_many  # noqa: E402
 from edge_agent.engine.model import KeywordSpec, KwsModel  # noqa: E402
 from edge_agent.engine.network import OutputLayer  # noqa: E402
 
-CHUNK = 1600  # 100 ms
 PARTS: dict[str, list[tuple[type, str]]] = {
     "exact_output_ms": [(OutputLayer, "posteriors"), (OutputLayer, "posteriors_of")],
     "search_ms": [
@@ -141,7 +141,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--streams", type=int, default=256)
-    parser.add_argument("--seconds", type=float, default=40.0, help="audio per stream")
+    parser.add_argument("--seconds", type=float, default=LOCKSTEP_SECONDS, help="audio per stream")
     args = parser.parse_args()
     model = KwsModel.load(model_dir(), backend="numpy", threads=1)
     result = lockstep_steps(model, args.streams, args.seconds)

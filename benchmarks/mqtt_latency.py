@@ -379,6 +379,7 @@ def main() -> None:
     audio = samples.astype("<i2").tobytes()  # what the devices send: s16le
     total_seconds = min(args.seconds, samples.shape[0] / 16000)
     with tempfile.TemporaryDirectory() as folder:
+        workdir = Path(folder)
         for count in (int(n) for n in args.streams.split(",")):
             offsets = stream_offsets(count, starts, args.stagger)
             expected = engine_detections(samples, offsets, total_seconds)  # the same every round
@@ -387,7 +388,6 @@ def main() -> None:
             for index in range(args.rounds):
                 # The order alternates: a drift of the machine's speed favours neither.
                 for name in list(agents) if index % 2 == 0 else list(agents)[::-1]:
-                    workdir = Path(folder)
                     found = run_once(
                         audio, offsets, total_seconds, expected, workdir, broker_config, agents[name], name
                     )

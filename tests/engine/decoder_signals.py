@@ -52,6 +52,28 @@ def spoken(
     return {start + i * spacing: {token: prob} for i, (token, prob) in enumerate(pairs)}
 
 
+def random_speech(
+    rng: np.random.Generator,
+    keywords_said: int,
+    lowest_probability: float,
+    closest_spacing: int,
+    other_frames: int,
+    faintest_other: float,
+    length: int = 600,
+) -> np.ndarray:
+    """``length`` frames where "abcd" is said ``keywords_said`` times (each character's
+    posterior from ``lowest_probability`` to 0.95, ``closest_spacing`` to 11 frames apart,
+    overlapping at times), among ``other_frames`` frames of other speech (a random character, or
+    a keyword's one alone, from ``faintest_other`` to 0.6)."""
+    events: dict[int, dict[int, float]] = {}
+    for start in rng.integers(0, length - 40, size=keywords_said):
+        probs = tuple(float(p) for p in rng.uniform(lowest_probability, 0.95, size=4))
+        events.update(spoken(int(start), probs, spacing=int(rng.integers(closest_spacing, 12))))
+    for frame in rng.integers(0, length, size=other_frames):
+        events.setdefault(int(frame), {int(rng.integers(1, 6)): float(rng.uniform(faintest_other, 0.6))})
+    return posteriors(length, events)
+
+
 # --- bounds and exact posteriors on demand (process_many with a resolver) ------------------
 
 

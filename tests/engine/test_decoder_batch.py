@@ -21,6 +21,7 @@ from tests.engine.decoder_signals import (
     decode_lazily,
     keyword,
     posteriors,
+    random_speech,
     same_detections,
     spoken,
 )
@@ -239,15 +240,7 @@ def test_resolving_ahead_changes_no_detection(seed: int, chunk: int, monkeypatch
     monkeypatch.setattr(batch, "EARLY_RESOLUTION_MIN_STREAMS", 10)
     rng = np.random.default_rng(seed)
     keywords = [ABCD, keyword("cd", [C, D], threshold=0.2)]
-    signals = []
-    for _ in range(12):
-        events: dict[int, dict[int, float]] = {}
-        for start in rng.integers(0, 560, size=6):
-            probs = tuple(float(p) for p in rng.uniform(0.2, 0.95, size=4))
-            events.update(spoken(int(start), probs, spacing=int(rng.integers(2, 12))))
-        for frame in rng.integers(0, 600, size=80):  # other speech
-            events.setdefault(int(frame), {int(rng.integers(1, 6)): float(rng.uniform(1e-3, 0.6))})
-        signals.append(posteriors(600, events))
+    signals = [random_speech(rng, 6, 0.2, 2, other_frames=80, faintest_other=1e-3) for _ in range(12)]
     expected = [decode(s, keywords, chunk=chunk) for s in signals]
     got, resolver = decode_lazily(signals, keywords, chunk, seed)
     assert same_detections(got, expected)

@@ -24,6 +24,7 @@ from tests.engine.decoder_signals import (
     decode_lazily,
     keyword,
     posteriors,
+    random_speech,
     same_detections,
     spoken,
 )
@@ -39,15 +40,8 @@ def test_bounds_and_resolution_give_the_exact_detections(seed: int, chunk: int) 
         keyword("cd", [C, D], threshold=0.2),
         CompiledKeyword("aa", ((A,), (A,)), 0.2, 0.0, 2.5),
     ]
-    signals = []
-    for _ in range(5):
-        events: dict[int, dict[int, float]] = {}
-        for start in rng.integers(0, 560, size=5):
-            probs = tuple(float(p) for p in rng.uniform(0.05, 0.95, size=4))
-            events.update(spoken(int(start), probs, spacing=int(rng.integers(1, 12))))
-        for frame in rng.integers(0, 600, size=60):  # unrelated speech and near-misses
-            events.setdefault(int(frame), {int(rng.integers(1, 6)): float(rng.uniform(1e-5, 0.6))})
-        signals.append(posteriors(600, events))
+    # Unrelated speech and near-misses among the keywords.
+    signals = [random_speech(rng, 5, 0.05, 1, other_frames=60, faintest_other=1e-5) for _ in range(5)]
     expected = [decode(s, keywords, chunk=chunk) for s in signals]
     got, _ = decode_lazily(signals, keywords, chunk, seed)
     assert same_detections(got, expected)
