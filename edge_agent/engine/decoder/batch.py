@@ -185,8 +185,7 @@ def prime_exact_runs(
         )
         lengths = (~padding).sum(axis=1)
         terms = template.scorer.terms(stacked)
-        log_q = terms.log_q
-        _pad(terms, padding)
+        _pad(terms, padding)  # in the padding cells only: each row's own frames keep their terms
         carries = [search.runs.carries(start, begin) for _, search, start, begin, _ in members]
         carry = np.stack([c for c, _ in carries])
         carry_pre = np.stack([c for _, c in carries])
@@ -200,7 +199,7 @@ def prime_exact_runs(
                 stop,
                 scores[row, :length].copy(),
                 [tuple(a[row, :length].copy() for a in entry) for entry in pointers],
-                log_q[row, :length].copy(),
+                *(a[row, :length].copy() for a in terms),
                 prefix[row, :length].copy(),
                 ends[row, :length].copy(),
                 new_carry[row].copy(),

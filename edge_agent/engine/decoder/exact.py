@@ -182,9 +182,11 @@ class History:
 @dataclass
 class ExactRun:
     """The exact recurrence over frames [start, stop), with nothing carried in: per frame, the
-    best match ending there, the back-pointers (frame offsets from ``start``), the characters'
-    log posteriors, the best partial match and the best one whose last character is there
-    (``ends``), and the partial matches carried out of the last frame. Every candidate and
+    best match ending there, the back-pointers (frame offsets from ``start``), the terms it ran
+    on (the characters' log posteriors, the gap penalties and the blank dips: reruns over the
+    same frames with some characters dropped reuse them), the best partial match and the best
+    one whose last character is there (``ends``), and the partial matches carried out of the
+    last frame. Every candidate and
     pending match whose window begins at ``start`` reads it, so one run serves a whole cluster
     of candidate frames; exact frames never change, so a run is extended over new frames
     instead of being redone (a pending match reads one more chunk at every step)."""
@@ -194,6 +196,8 @@ class ExactRun:
     scores: np.ndarray
     pointers: list[tuple[np.ndarray, ...]]
     log_q: np.ndarray
+    gap: np.ndarray
+    dips: np.ndarray
     prefix: np.ndarray
     ends: np.ndarray
     carry: np.ndarray
@@ -265,9 +269,12 @@ class ExactRuns:
             terms, carry[None], carry_pre[None], backtrace=True
         )
         pieces = [tuple(a[0] for a in entry) for entry in pointers]
-        log_q = terms.log_q[0]
+        log_q, gap, dips = (a[0] for a in terms)
         return self.store(
-            start, ExactRun(begin, stop, scores[0], pieces, log_q, prefix[0], ends[0], carry[0], carry_pre[0])
+            start,
+            ExactRun(
+                begin, stop, scores[0], pieces, log_q, gap, dips, prefix[0], ends[0], carry[0], carry_pre[0]
+            ),
         )
 
     def carries(self, start: int, begin: int) -> tuple[np.ndarray, np.ndarray]:
@@ -304,6 +311,8 @@ class ExactRuns:
                 np.concatenate([run.scores, piece.scores]),
                 pointers,
                 np.concatenate([run.log_q, piece.log_q]),
+                np.concatenate([run.gap, piece.gap]),
+                np.concatenate([run.dips, piece.dips]),
                 np.concatenate([run.prefix, piece.prefix]),
                 np.concatenate([run.ends, piece.ends]),
                 piece.carry,

@@ -227,24 +227,28 @@ class KeywordScorer:
         carry: np.ndarray,
         carry_pre: np.ndarray,
         backtrace: bool = False,
+        partials: bool | None = None,
     ) -> Pass:
         """The recurrence over s streams at once from their carries (s, n): arrays are
-        (s, t, ...). Only exact runs (``backtrace``) settle pending matches, so only they get
-        back-pointers, prefix and ends.
+        (s, t, ...). Only exact runs settle pending matches, so only they get back-pointers
+        (``backtrace``), prefix and ends (``partials``, by default with the back-pointers; the
+        rivals of a pending match need them without).
 
         A_i(t) = max(V_i(t), A_i(t-1) + g_i(t)) and V_{i+1}(t) = L_{i+1}(t) + A_i(t-1), i.e.
         A_i(t) = G_i(t) + running max of (V_i - G_i) with G_i the cumulative gap penalty.
         """
         log_q, gap, dips = terms
+        if partials is None:
+            partials = backtrace
         streams = log_q.shape[0]
         value = log_q[..., 0]  # V_1
         new_carry = np.full((streams, self.n), NEG_INF)
         new_carry_pre = np.full((streams, self.n), NEG_INF)
         pointers: list[tuple[np.ndarray, ...]] = []
-        prefix = np.full_like(value, NEG_INF) if backtrace else np.empty(0)
-        ends = np.full_like(value, NEG_INF) if backtrace else np.empty(0)
+        prefix = np.full_like(value, NEG_INF) if partials else np.empty(0)
+        ends = np.full_like(value, NEG_INF) if partials else np.empty(0)
         for i in range(self.n - 1):
-            if backtrace:
+            if partials:
                 np.maximum(ends, value, out=ends)
             cumulative = np.cumsum(gap[..., i], axis=1)
             if not self.repeated[i]:
@@ -262,10 +266,11 @@ class KeywordScorer:
                 new_carry_pre[:, i] = a_pre[:, -1]
                 if backtrace:
                     pointers.append((arg, arg_pre))
+                if partials:
                     # Before its blank dip a repeated character's partial match is only in a_pre.
                     np.maximum(prefix, a_pre, out=prefix)
             new_carry[:, i] = a_i[:, -1]
-            if backtrace:
+            if partials:
                 np.maximum(prefix, a_i, out=prefix)
             previous = np.concatenate((carry[:, i, None], a_i[:, :-1]), axis=1)
             value = log_q[..., i + 1] + previous

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_agent.engine.decoder.exact import Ensure, ExactRuns, History, already_exact
+from edge_agent.engine.decoder.exact import Ensure, ExactRun, ExactRuns, History, already_exact
 from edge_agent.engine.decoder.firing import Candidate, Firing, FiringPolicy, keyword_span
 from edge_agent.engine.decoder.keywords import CompiledKeyword, Detection
 from edge_agent.engine.decoder.recurrence import BOUND_SAFETY, NEG_INF, KeywordScorer, Terms
@@ -518,11 +518,9 @@ class KeywordSearch:
         log_q = np.where(run.log_q > level, run.log_q, NEG_INF)
         if not np.isfinite(log_q[:, :-1]).any():
             return start, np.full(bound.shape, NEG_INF)
-        values, _ = history.rows(start, run.stop)
-        terms = self.scorer.terms(values[None])
         no_match = self.scorer.no_match_shared[None]
-        terms = Terms(log_q[None], terms.gap, terms.dips)
-        passed = self.scorer.run(terms, no_match, no_match, backtrace=True)
+        terms = Terms(log_q[None], run.gap[None], run.dips[None])
+        passed = self.scorer.run(terms, no_match, no_match, partials=True)
         return start, self.policy.rivals_still_spoken(passed.prefix[0], passed.ends[0])
 
     def runs_to_prime(
@@ -622,7 +620,7 @@ class KeywordSearch:
         score = float(run.scores[last])
         if not self.policy.reaches_threshold(score):
             return None  # no match that confident: none that strong either
-        strongest = self._strongest(history, window_start, last, score, run.pointers, run.log_q[: last + 1])
+        strongest = self._strongest(run, last, score)
         log_strength, score, peaks, log_q = strongest
         if not self.policy.reaches_threshold(log_strength):
             return None
@@ -633,17 +631,11 @@ class KeywordSearch:
         return Candidate(frame, float(math.exp(score)), absolute, posteriors, float(math.exp(log_strength)))
 
     def _strongest(
-        self,
-        history: History,
-        window_start: int,
-        last: int,
-        score: float,
-        pointers: list[tuple[np.ndarray, ...]],
-        log_q: np.ndarray,
+        self, run: ExactRun, last: int, score: float
     ) -> tuple[float, float, list[int], np.ndarray]:
-        """The highest-ranked match ending at offset ``last`` from ``window_start``, from the
-        most confident one (log ``score``, its run's ``pointers`` and terms ``log_q``): its log
-        strength, log confidence, peaks (offsets) and the terms it was found in.
+        """The highest-ranked match ending at offset ``last`` in ``run`` (which starts at the
+        match's window), from the most confident one (log ``score``): its log strength, log
+        confidence, peaks (offsets) and the characters' terms it was found in.
 
         The recurrence finds the most confident match, not the strongest. If the most confident
         one is as strong as it is confident, nothing is stronger (a strength is at most a
@@ -652,20 +644,18 @@ class KeywordSearch:
         below its weakest one) and the most confident of the rest is looked at in turn, until
         one is as strong as it is confident or none is more confident than the strongest so far.
         """
-        peaks = self.scorer.backtrace(pointers, last)
+        log_q = run.log_q[: last + 1]
+        peaks = self.scorer.backtrace(run.pointers, last)
         weakest = min(float(log_q[p, i]) for i, p in enumerate(peaks))
         log_strength = self.scorer.log_strength(score, weakest)
         best = (log_strength, score, peaks, log_q)
-        gap_and_dips: Terms | None = None
         no_match = self.scorer.no_match_shared[None]
+        gap, dips = run.gap[None, : last + 1], run.dips[None, : last + 1]
         while log_strength < score:
             log_q = np.where(log_q > weakest, log_q, NEG_INF)
             if not (np.isfinite(log_q).any(axis=0).all() and np.isfinite(log_q[last, -1])):
                 break  # some character is never stronger (often: its weakest was its best)
-            if gap_and_dips is None:  # the same for every floor: computed once
-                values, _ = history.rows(window_start, window_start + last + 1)
-                gap_and_dips = self.scorer.terms(values[None])
-            terms = Terms(log_q[None], gap_and_dips.gap, gap_and_dips.dips)
+            terms = Terms(log_q[None], gap, dips)
             # Scores alone first: usually nothing left is more confident than the strongest so
             # far is strong, and then no back-pointers are needed.
             score = float(self.scorer.run(terms, no_match, no_match).scores[0, last])
