@@ -209,6 +209,10 @@ def test_an_exact_run_extended_chunk_by_chunk_finds_what_one_run_over_all_its_fr
     np.testing.assert_allclose(extended.scores, whole.scores, rtol=1e-12)
     np.testing.assert_allclose(extended.prefix, whole.prefix, rtol=1e-12)
     np.testing.assert_allclose(extended.ends, whole.ends, rtol=1e-12)
+    # The terms it ran on, which reruns over its frames reuse: those of the frames.
+    terms = scorer.terms(values[None])
+    for kept, computed in zip((extended.log_q, extended.gap, extended.dips), terms, strict=True):
+        np.testing.assert_array_equal(kept, computed[0])
     matched = np.flatnonzero(np.isfinite(whole.scores)).tolist()
     assert matched  # the comparison covered real matches
     for frame in matched:

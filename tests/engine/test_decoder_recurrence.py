@@ -69,6 +69,24 @@ def test_the_vectorised_recurrence_is_the_frame_by_frame_definition() -> None:
     assert np.isfinite(expected[0]).sum() > 20  # the comparison covered real matches
 
 
+def test_partial_matches_without_back_pointers_are_those_of_the_backtraced_run() -> None:
+    """The rivals of a pending match read the best partial match at each frame and the best one
+    whose last character is there, and no back-pointers: the same values, none computed."""
+    rng = np.random.default_rng(6)
+    keyword = scorer((1,), (1,), (2,), (3,))
+    terms = random_terms(rng, streams=3, frames=50, n=4)
+    no_match = np.stack([keyword.no_match()] * 3)
+    backtraced = keyword.run(terms, no_match, no_match, backtrace=True)
+    partials = keyword.run(terms, no_match, no_match, partials=True)
+    assert partials.pointers == []
+    np.testing.assert_array_equal(partials.prefix, backtraced.prefix)
+    np.testing.assert_array_equal(partials.ends, backtraced.ends)
+    np.testing.assert_array_equal(partials.scores, backtraced.scores)
+    assert np.isfinite(partials.prefix).sum() > 20  # the comparison covered partial matches
+    plain = keyword.run(terms, no_match, no_match)
+    assert plain.prefix.size == plain.ends.size == 0 and plain.pointers == []
+
+
 def test_the_backtraced_peaks_add_up_to_the_best_score() -> None:
     """Each character's log posterior at its peak, plus the gap penalties of the frames between
     two peaks, is the score of the match ending at the last peak."""
