@@ -11,7 +11,7 @@ import pytest
 from edge_agent.engine.decoder import CompiledKeyword, Detection, KeywordDecoder, process_many
 from edge_agent.engine.decoder.exact import ExactRuns, History, already_exact
 from edge_agent.engine.decoder.recurrence import BOUND_SAFETY, KeywordScorer
-from edge_agent.engine.decoder.search import FEASIBLE_SLACK, KeywordSearch
+from edge_agent.engine.decoder.search import FEASIBLE_SLACK, FIRST_TRY_STRENGTH, KeywordSearch
 from tests.engine.decoder_signals import (
     ABCD,
     FRAME,
@@ -346,21 +346,27 @@ def test_the_feasible_start_is_the_first_frame_whose_best_sum_reaches_the_level(
     assert narrowed or (strength < 0.5 and earliest_offset is None)
 
 
+@pytest.mark.parametrize("threshold", [0.2, 0.28])
 @pytest.mark.parametrize("seed", range(4))
-def test_the_on_track_start_is_the_first_frame_of_a_partial_match_averaging_the_threshold(seed: int) -> None:
+def test_the_on_track_start_is_the_first_frame_of_a_partial_match_averaging_the_first_try_strength(
+    seed: int, threshold: float
+) -> None:
     """Early resolution's start against a forward brute force: the first frame where the first
-    character and the next ones (two to n - 1 in all) average the threshold so far."""
+    character and the next ones (two to n - 1 in all) average, so far, the strength a
+    candidate's window is first read for (FIRST_TRY_STRENGTH, or the threshold if higher)."""
     rng = np.random.default_rng(seed)
     events = {int(f): {int(rng.integers(2, 5)): float(rng.uniform(0.005, 0.3))} for f in range(0, 120, 2)}
     # Weak first characters (said, but no partial match from them is on track), then keywords.
     events.update({int(f): {A: float(rng.uniform(0.01, 0.03))} for f in range(1, 120, 4)})
     for start in rng.integers(20, 100, size=3):
         events.update(spoken(int(start), tuple(float(p) for p in rng.uniform(0.4, 0.95, 4)), spacing=3))
-    word = keyword("abcd", [A, B, C, D], threshold=0.2)
+    word = keyword("abcd", [A, B, C, D], threshold=threshold)
     search, history = _search_over(posteriors(120, events)[:, :5], word)
+    level = math.log(max(threshold, FIRST_TRY_STRENGTH))
+    assert search.first_try_level == pytest.approx(level, abs=1e-8)
     q = search.scorer.characters(history.values)
     with np.errstate(divide="ignore"):
-        terms = np.where(q >= search.said_floor, np.log(q) - math.log(0.2), -np.inf) / search.n
+        terms = np.where(q >= search.said_floor, np.log(q) - search.first_try_level, -np.inf) / search.n
     narrowed = 0
     for end in range(10, 120, 5):
         low = search.first_start(end, history)

@@ -49,6 +49,18 @@ BOUND_TOLERANCE = 1e-9
 # and still keep its first frame: it sums the same logs in another order, and a bound row and the
 # exact row of the same frame come from separate float32 products (see BOUND_SAFETY).
 FEASIBLE_SLACK = math.log(BOUND_SAFETY)
+# A candidate's window is first read only from where a match this strong may begin (when the
+# threshold is lower). A keyword said clearly is far stronger than the threshold, while its
+# window read from where a match just reaching the threshold may begin goes back over faint
+# traces of its first character: at the default threshold a character's floor is a posterior
+# of about 1e-4, which the silence before a keyword often reaches, and exact rows are most of
+# the cost of a burst of detections. If the strongest match found there is weaker than this,
+# the window is read again from where a match reaching the threshold may begin (those rows are
+# resolved then): a weak detection costs a second run, and is the same detection.
+FIRST_TRY_STRENGTH = 0.25
+# KeywordSearch.feasible_start results kept: the levels a window is read for, and a pending
+# detection's.
+_FEASIBLE_KEPT = 3
 
 
 def drop_hopeless(carry: np.ndarray, carry_pre: np.ndarray, log_threshold: float) -> list[bool]:
@@ -65,7 +77,8 @@ def under_way_rows(carry: np.ndarray, search: KeywordSearch) -> list[bool]:
     """Per stream, from carries (streams, n) of ``search``'s keyword kept as
     :meth:`KeywordSearch.keep_carries` keeps them: whether a partial match of two or more
     characters (but not all) may be on track, its characters' geometric mean so far reaching
-    the threshold.
+    the strength a candidate's window is first read for (``FIRST_TRY_STRENGTH``, or the
+    threshold if higher).
 
     What early resolution (``batch.py``) waits for. A keyword being said is on track at every
     character; speech whose bounds let two characters through only just above the threshold,
@@ -144,9 +157,12 @@ class KeywordSearch:
         # score of the same match. Whether a match counts is decided on its exact score.
         self.log_threshold = self.policy.log_threshold - BOUND_TOLERANCE
         self.window_frames = int(math.ceil(keyword.max_duration / frame_seconds)) + 1
+        #: the log strength a candidate's window is first read for (FIRST_TRY_STRENGTH)
+        self.first_try_level = max(self.log_threshold, math.log(FIRST_TRY_STRENGTH))
         # A partial match of k characters is on track while its characters' geometric mean so
-        # far reaches the threshold: its log score at least k / n of the threshold's (k = 2..n-1).
-        self.on_track = self.log_threshold * np.arange(2, self.n) / self.n
+        # far reaches that strength: its log score at least k / n of its log (k = 2..n-1). Early
+        # resolution (batch.py) reads ahead what the first reading of a window needs.
+        self.on_track = self.first_try_level * np.arange(2, self.n) / self.n
         #: a character's bound below this cannot reach the floor (``KeywordScorer.said``)
         self.said_floor = self.scorer.char_floor * BOUND_SAFETY
         self.reset()
@@ -160,9 +176,10 @@ class KeywordSearch:
         # Recent absolute frames where a match may begin (KeywordScorer.first_said), and the latest.
         self.starts = np.zeros(0, dtype=np.int64)
         self.last_start = NEVER
-        # (first, last, level, earliest or -1, frame) of the latest feasible_start: valid for
-        # any frames inside, at that level or above, and matches beginning that late or later.
-        self._feasible: tuple[int, int, float, int, int] | None = None
+        # (first, last, level, earliest or -1, frame) of the latest feasible_starts, the newest
+        # last: each valid for any frames inside, at its level or above, and matches beginning
+        # that late or later. A few, for the levels a window is read for (_levels_to_try).
+        self._feasible: list[tuple[int, int, float, int, int]] = []
 
     @property
     def pending(self) -> Candidate | None:
@@ -262,19 +279,30 @@ class KeywordSearch:
         ]
         if not counting:
             return spans
-        first, last = counting[0][0], counting[-1][0]
-        level = self._level(last)
+        last = counting[-1][0]
+        # What the first reading of each candidate's window reads (_best_from), as far as the
+        # values held tell (a match found there may still turn out weaker, and then more is
+        # resolved): the candidates read for the same strengths share a feasible start, made
+        # once for all of them (read for its own frames, a candidate only gets a later one).
+        by_levels: dict[tuple[float, ...], list[tuple[int, float]]] = {}
         for frame, bound in counting:
-            options = self._options(history, frame, bound)
-            if not options:
-                continue  # every match ending here is silenced by a detection stronger than it
-            earliest = options[0][0]
-            feasible = self.feasible_start(history, first, last, level, earliest)
-            if feasible > frame:
-                continue  # no match ending here can count: nothing to read for it
-            start = self.first_start(frame, history, earliest)
-            if start is not None:
-                spans.append((max(start, feasible), min(history.end, frame + 1 + hold)))
+            by_levels.setdefault(tuple(self._levels_to_try(last, bound)), []).append((frame, bound))
+        for levels, members in by_levels.items():
+            first, final = members[0][0], members[-1][0]
+            for frame, bound in members:
+                options = self._options(history, frame, bound)
+                if not options:
+                    continue  # every match ending here is silenced by a detection stronger than it
+                earliest = options[0][0]
+                for level in levels:
+                    feasible = self.feasible_start(history, first, final, level, earliest)
+                    if feasible <= frame:
+                        break
+                else:
+                    continue  # no match ending here can count: nothing to read for it
+                start = self.first_start(frame, history, earliest)
+                if start is not None:
+                    spans.append((max(start, feasible), min(history.end, frame + 1 + hold)))
         return spans
 
     def _level(self, last: int) -> float:
@@ -285,6 +313,16 @@ class KeywordSearch:
         pending = self.firing.pending
         floor = max(self.firing.silenced_below(last), pending.strength if pending is not None else 0.0)
         return self.log_threshold if floor <= 0.0 else max(self.log_threshold, math.log(floor))
+
+    def _levels_to_try(self, last: int, bound: float) -> list[float]:
+        """The log strengths for which the window of a candidate ending at ``last`` is read, in
+        turn (:meth:`_best_from`): the one it is first read for if higher and if the filter's
+        ``bound`` of its log confidence lets a match reach it, then :meth:`_level`."""
+        level = self._level(last)
+        # The bound and an exact score may differ in their last bits (sums from other origins).
+        if level < self.first_try_level < bound + BOUND_TOLERANCE:
+            return [self.first_try_level, level]
+        return [level]
 
     def feasible_start(
         self, history: History, first: int, last: int, level: float, earliest: int | None = None
@@ -308,15 +346,13 @@ class KeywordSearch:
         it may be stronger than it, and the matches left cannot borrow its characters.
         """
         floor_start = -1 if earliest is None else earliest
-        cached = self._feasible
-        if (
-            cached is not None
-            and cached[0] <= first
-            and last <= cached[1]
-            and cached[2] <= level
-            and cached[3] <= floor_start
-        ):
-            return cached[4]
+        valid = [
+            cached
+            for cached in self._feasible
+            if cached[0] <= first and last <= cached[1] and cached[2] <= level and cached[3] <= floor_start
+        ]
+        if valid:
+            return max(valid, key=lambda cached: cached[2])[4]  # the closest level: the latest start
         # The first frame where a match ending in the range may begin: in the window of one
         # ending at ``first``, and by ``last``.
         bottom = self.window_start(first, history)
@@ -337,7 +373,7 @@ class KeywordSearch:
             begins = _first_reaching(log_q, level + FEASIBLE_SLACK, stops=range(0))
             if begins is not None:
                 found = low + begins
-        self._feasible = (first, last, level, floor_start, found)
+        self._feasible = [*self._feasible, (first, last, level, floor_start, found)][-_FEASIBLE_KEPT:]
         return found
 
     def on_track_start(self, history: History, end: int) -> int | None:
@@ -361,8 +397,9 @@ class KeywordSearch:
         values, _ = history.rows(low, end + 1)
         q = self.scorer.characters(values)
         with np.errstate(divide="ignore"):
-            # Each character's term less its share of the threshold: on track when they sum to 0.
-            terms = (np.log(q) - math.log(self.keyword.threshold)) / self.n
+            # Each character's term less its share of the strength a window is first read for: on
+            # track when they sum to 0.
+            terms = (np.log(q) - self.first_try_level) / self.n
         terms[q < self.said_floor] = NEG_INF
         # Characters 1 .. j for some j from 2 to n - 1: the last one left out, a stop allowed after
         # any of the others but the first.
@@ -393,15 +430,16 @@ class KeywordSearch:
         reusable = self.runs.start_between(start, found)
         return found if reusable is None else reusable
 
-    def match_start(self, frame: int, history: History, earliest: int | None = None) -> int | None:
+    def match_start(self, frame: int, history: History, earliest: int | None, level: float) -> int | None:
         """Where the exact run for a candidate match ending at ``frame`` (and beginning at
-        ``earliest`` or later) starts, None if no match that counts may end there: a kept run's
-        start if one lies between the window's first possible start and the feasible start (its
-        rows are exact already), else the first possible start from the feasible one on."""
+        ``earliest`` or later) starts, for the matches whose log strength may reach ``level``;
+        None if no such match may end there: a kept run's start if one lies between the window's
+        first possible start and the feasible start (its rows are exact already), else the first
+        possible start from the feasible one on."""
         start = self.first_start(frame, history, earliest)
         if start is None:
             return None
-        feasible = self.feasible_start(history, frame, frame, self._level(frame), earliest)
+        feasible = self.feasible_start(history, frame, frame, level, earliest)
         if feasible <= start:
             return start
         if feasible > frame:
@@ -546,8 +584,21 @@ class KeywordSearch:
             if not eligible:
                 return []
             anchor = eligible[0]
-            options = self._options(history, anchor, float(filtered.scores[anchor - first_frame]))
-            starts = [self.match_start(anchor, history, earliest) for earliest, _ in options]
+            bound = float(filtered.scores[anchor - first_frame])
+            options = self._options(history, anchor, bound)
+            # The run that _best_from computes first for each option.
+            levels = self._levels_to_try(anchor, bound)
+            starts = [
+                next(
+                    (
+                        s
+                        for level in levels
+                        if (s := self.match_start(anchor, history, earliest, level)) is not None
+                    ),
+                    None,
+                )
+                for earliest, _ in options
+            ]
         last = max(anchor, int(frames[-1])) if frames.size else anchor
         stop = min(history.end, last + 1 + self.policy.hold_frames)
         spans = []
@@ -582,7 +633,7 @@ class KeywordSearch:
         """
         best: Candidate | None = None
         for earliest, level in self._options(history, frame, bound):
-            found = self._best_from(history, frame, earliest, ensure)
+            found = self._best_from(history, frame, earliest, ensure, bound)
             if found is not None and found.strength > level and (best is None or found.rank > best.rank):
                 best = found
         return best
@@ -607,21 +658,53 @@ class KeywordSearch:
             if level <= 0.0 or bound + BOUND_TOLERANCE > math.log(level)
         ]
 
-    def _best_from(self, history: History, frame: int, earliest: int, ensure: Ensure) -> Candidate | None:
+    def _best_from(
+        self, history: History, frame: int, earliest: int, ensure: Ensure, bound: float
+    ) -> Candidate | None:
         """The highest-ranked match ending at ``frame`` within the duration window that begins
-        at ``earliest`` or later, if it counts."""
-        window_start = self.match_start(frame, history, earliest)
-        if window_start is None:
-            return None
-        # Through the hold time after it too: if the match is pending, firing reads those
-        # frames, and later candidates near it share the run.
-        run = self.runs.covering(history, window_start, frame + 1 + self.policy.hold_frames, ensure)
-        last = frame - window_start
-        score = float(run.scores[last])
-        if not self.policy.reaches_threshold(score):
-            return None  # no match that confident: none that strong either
-        strongest = self._strongest(run, last, score)
-        log_strength, score, peaks, log_q = strongest
+        at ``earliest`` or later, if it counts; ``bound``: the filtering pass's bound of its log
+        confidence.
+
+        Its window is read from where a match of the strength of :data:`FIRST_TRY_STRENGTH` may
+        begin (when the threshold is lower): every match beginning before is weaker than that
+        (:meth:`feasible_start`), so if the strongest one found is at least that strong it is
+        the highest-ranked of all; if not (and the window was read from a later frame than the
+        first where a match may begin), it is read again from where a match that counts may
+        begin."""
+        levels = self._levels_to_try(frame, bound)
+        for tried, level in enumerate(levels, start=1):
+            window_start = self.match_start(frame, history, earliest, level)
+            if window_start is None:
+                continue
+            # Through the hold time after it too: if the match is pending, firing reads those
+            # frames, and later candidates near it share the run.
+            run = self.runs.covering(history, window_start, frame + 1 + self.policy.hold_frames, ensure)
+            last = frame - window_start
+            score = float(run.scores[last])
+            if not self.policy.reaches_threshold(score):
+                continue  # no match that confident here: none that strong either
+            log_strength, score, peaks, log_q = self._strongest(run, last, score)
+            # Final if at least that strong, or if the run begins where any match may: it holds
+            # every match ending here, as a later reading would.
+            if (
+                tried == len(levels)
+                or log_strength >= level
+                or window_start == self.first_start(frame, history, earliest)
+            ):
+                return self._counting(frame, window_start, log_strength, score, peaks, log_q)
+        return None
+
+    def _counting(
+        self,
+        frame: int,
+        window_start: int,
+        log_strength: float,
+        score: float,
+        peaks: list[int],
+        log_q: np.ndarray,
+    ) -> Candidate | None:
+        """The strongest match ending at ``frame``, found in the run from ``window_start`` (its
+        log strength and confidence, peaks as offsets and the terms it was found in), if it counts."""
         if not self.policy.reaches_threshold(log_strength):
             return None
         absolute = tuple(window_start + p for p in peaks)
