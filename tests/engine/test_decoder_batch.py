@@ -239,7 +239,12 @@ def test_resolving_ahead_changes_no_detection(seed: int, chunk: int, monkeypatch
     detections are those of exact posteriors, stream by stream."""
     monkeypatch.setattr(batch, "EARLY_RESOLUTION_MIN_STREAMS", 10)
     rng = np.random.default_rng(seed)
-    keywords = [ABCD, keyword("cd", [C, D], threshold=0.2)]
+    # The last one below FIRST_TRY_STRENGTH: windows first read for a stronger match.
+    keywords = [
+        ABCD,
+        keyword("cd", [C, D], threshold=0.2),
+        keyword("abcd at 0.05", [A, B, C, D], threshold=0.05),
+    ]
     signals = [random_speech(rng, 6, 0.2, 2, other_frames=80, faintest_other=1e-3) for _ in range(12)]
     expected = [decode(s, keywords, chunk=chunk) for s in signals]
     got, resolver = decode_lazily(signals, keywords, chunk, seed)

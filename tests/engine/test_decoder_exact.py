@@ -39,6 +39,8 @@ def test_bounds_and_resolution_give_the_exact_detections(seed: int, chunk: int) 
         ABCD,
         keyword("cd", [C, D], threshold=0.2),
         CompiledKeyword("aa", ((A,), (A,)), 0.2, 0.0, 2.5),
+        # Below FIRST_TRY_STRENGTH: windows first read for a stronger match, then again.
+        keyword("abcd at 0.05", [A, B, C, D], threshold=0.05),
     ]
     # Unrelated speech and near-misses among the keywords.
     signals = [random_speech(rng, 5, 0.05, 1, other_frames=60, faintest_other=1e-5) for _ in range(5)]
@@ -46,6 +48,83 @@ def test_bounds_and_resolution_give_the_exact_detections(seed: int, chunk: int) 
     got, _ = decode_lazily(signals, keywords, chunk, seed)
     assert same_detections(got, expected)
     assert sum(len(e) for e in expected) >= 5  # the comparison covered real detections
+
+
+class FrameLog(CountingResolver):
+    """A resolver that also keeps every frame it was asked for."""
+
+    def __init__(self, streams: list[np.ndarray]) -> None:
+        super().__init__(streams)
+        self.frames: list[int] = []
+
+    def __call__(self, frames: list[np.ndarray]) -> list[np.ndarray]:
+        self.frames.extend(int(f) for wanted in frames for f in wanted.tolist())
+        return super().__call__(frames)
+
+
+@pytest.mark.parametrize("chunk", [3, 200])
+@pytest.mark.parametrize(("peak", "read_from_traces"), [(0.9, False), (0.15, True)])
+def test_a_clear_keyword_is_read_from_its_first_character_and_a_weak_one_from_where_any_match_may_begin(
+    chunk: int, peak: float, read_from_traces: bool
+) -> None:
+    """At a low threshold a character's floor is tiny (0.05 ** 3 here), and faint traces of the
+    first character before a keyword reach it. A candidate's window is first read for a match
+    as strong as FIRST_TRY_STRENGTH: a keyword said clearly resolves none of the traces; one
+    said weakly (weaker than that) is read again from where a match that counts may begin, over
+    the traces. Both are the detections of exact posteriors."""
+    assert peak > FIRST_TRY_STRENGTH or read_from_traces
+    traces = {frame: {A: 0.01} for frame in range(20, 60, 5)}  # a match may begin there
+    word = keyword("abcd", [A, B, C, D], threshold=0.05)
+    signal = posteriors(200, traces | spoken(80, (peak,) * 4))
+    decoder = KeywordDecoder([word], frame_seconds=FRAME)
+    exact = signal[:, decoder.columns]
+    resolver = FrameLog([exact])
+    found: list[Detection] = []
+    for start in range(0, 200, chunk):
+        # The exact posteriors as bounds: what the filter sees is what was said.
+        (detections,) = process_many([decoder], [exact[start : start + chunk]], resolver)
+        found += detections
+    found += decoder.finish()
+    assert same_detections([found], [decode(signal, [word])])
+    assert len(found) == 1 and found[0].peak_frames == (80, 86, 92, 98)
+    if read_from_traces:
+        assert 20 <= min(resolver.frames) < 60
+    else:
+        assert min(resolver.frames) >= 80  # from the keyword's first character
+
+
+@pytest.mark.parametrize("chunk", [3, 200])
+def test_a_match_found_weaker_than_the_first_reading_is_for_is_read_again_and_an_earlier_one_wins(
+    chunk: int,
+) -> None:
+    """The filter's bound lets a match as strong as FIRST_TRY_STRENGTH end at the keyword's last
+    character (its bounds are loose), so the window is first read from where such a match may
+    begin: after a first character too faint for one. The match found there is weaker than
+    that, so the window is read again from where any match that counts may begin, and the
+    match from the earlier first character, stronger, is the detection."""
+    early_a, late_a, rest = 0.12, 0.05, 0.15
+    assert math.exp(np.mean(np.log([early_a, rest, rest, rest]))) > math.exp(
+        np.mean(np.log([late_a, rest, rest, rest]))
+    )
+    signal = posteriors(200, {60: {A: early_a}, 75: {A: late_a}, 81: {B: rest}, 87: {C: rest}, 93: {D: rest}})
+    word = keyword("abcd", [A, B, C, D], threshold=0.05)
+    decoder = KeywordDecoder([word], frame_seconds=FRAME)
+    exact = signal[:, decoder.columns]
+    bounds = exact.copy()
+    # columns: blank, then the keyword's tokens in order
+    bounds[75, 1], bounds[81, 2], bounds[87, 3], bounds[93, 4] = 0.9, 0.3, 0.3, 0.3
+    # Where a match that strong may begin, from the bounds: not at the earlier first character.
+    assert np.mean(np.log([0.12, 0.3, 0.3, 0.3])) < math.log(FIRST_TRY_STRENGTH)
+    assert np.mean(np.log([0.9, 0.3, 0.3, 0.3])) > math.log(FIRST_TRY_STRENGTH)
+    resolver = FrameLog([exact])
+    found: list[Detection] = []
+    for start in range(0, 200, chunk):
+        (detections,) = process_many([decoder], [bounds[start : start + chunk]], resolver)
+        found += detections
+    found += decoder.finish()
+    assert same_detections([found], [decode(signal, [word])])
+    assert [d.peak_frames for d in found] == [(60, 81, 87, 93)]
+    assert min(resolver.frames) == 60
 
 
 def test_quiet_audio_needs_no_exact_posteriors() -> None:
