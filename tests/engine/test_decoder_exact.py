@@ -62,6 +62,22 @@ class FrameLog(CountingResolver):
         return super().__call__(frames)
 
 
+def decode_one_stream(
+    word: CompiledKeyword, signal: np.ndarray, bounds: np.ndarray | None, chunk: int
+) -> tuple[list[Detection], FrameLog]:
+    """One stream decoded from ``bounds`` (gathered columns; the exact posteriors if None) in
+    chunks, exact values resolved on demand; the detections and the resolver."""
+    decoder = KeywordDecoder([word], frame_seconds=FRAME)
+    exact = signal[:, decoder.columns]
+    bounds = exact if bounds is None else bounds
+    resolver = FrameLog([exact])
+    found: list[Detection] = []
+    for start in range(0, signal.shape[0], chunk):
+        (detections,) = process_many([decoder], [bounds[start : start + chunk]], resolver)
+        found += detections
+    return found + decoder.finish(), resolver
+
+
 @pytest.mark.parametrize("chunk", [3, 200])
 @pytest.mark.parametrize(("peak", "read_from_traces"), [(0.9, False), (0.15, True)])
 def test_a_clear_keyword_is_read_from_its_first_character_and_a_weak_one_from_where_any_match_may_begin(
@@ -76,15 +92,8 @@ def test_a_clear_keyword_is_read_from_its_first_character_and_a_weak_one_from_wh
     traces = {frame: {A: 0.01} for frame in range(20, 60, 5)}  # a match may begin there
     word = keyword("abcd", [A, B, C, D], threshold=0.05)
     signal = posteriors(200, traces | spoken(80, (peak,) * 4))
-    decoder = KeywordDecoder([word], frame_seconds=FRAME)
-    exact = signal[:, decoder.columns]
-    resolver = FrameLog([exact])
-    found: list[Detection] = []
-    for start in range(0, 200, chunk):
-        # The exact posteriors as bounds: what the filter sees is what was said.
-        (detections,) = process_many([decoder], [exact[start : start + chunk]], resolver)
-        found += detections
-    found += decoder.finish()
+    # The exact posteriors as bounds: what the filter sees is what was said.
+    found, resolver = decode_one_stream(word, signal, None, chunk)
     assert same_detections([found], [decode(signal, [word])])
     assert len(found) == 1 and found[0].peak_frames == (80, 86, 92, 98)
     if read_from_traces:
@@ -108,20 +117,12 @@ def test_a_match_found_weaker_than_the_first_reading_is_for_is_read_again_and_an
     )
     signal = posteriors(200, {60: {A: early_a}, 75: {A: late_a}, 81: {B: rest}, 87: {C: rest}, 93: {D: rest}})
     word = keyword("abcd", [A, B, C, D], threshold=0.05)
-    decoder = KeywordDecoder([word], frame_seconds=FRAME)
-    exact = signal[:, decoder.columns]
-    bounds = exact.copy()
-    # columns: blank, then the keyword's tokens in order
+    bounds = signal[:, KeywordDecoder([word], frame_seconds=FRAME).columns]  # blank, a, b, c, d
     bounds[75, 1], bounds[81, 2], bounds[87, 3], bounds[93, 4] = 0.9, 0.3, 0.3, 0.3
     # Where a match that strong may begin, from the bounds: not at the earlier first character.
     assert np.mean(np.log([0.12, 0.3, 0.3, 0.3])) < math.log(FIRST_TRY_STRENGTH)
     assert np.mean(np.log([0.9, 0.3, 0.3, 0.3])) > math.log(FIRST_TRY_STRENGTH)
-    resolver = FrameLog([exact])
-    found: list[Detection] = []
-    for start in range(0, 200, chunk):
-        (detections,) = process_many([decoder], [bounds[start : start + chunk]], resolver)
-        found += detections
-    found += decoder.finish()
+    found, resolver = decode_one_stream(word, signal, bounds, chunk)
     assert same_detections([found], [decode(signal, [word])])
     assert [d.peak_frames for d in found] == [(60, 81, 87, 93)]
     assert min(resolver.frames) == 60
