@@ -118,10 +118,16 @@ def test_a_match_found_weaker_than_the_first_reading_is_for_is_read_again_and_an
     signal = posteriors(200, {60: {A: early_a}, 75: {A: late_a}, 81: {B: rest}, 87: {C: rest}, 93: {D: rest}})
     word = keyword("abcd", [A, B, C, D], threshold=0.05)
     bounds = signal[:, KeywordDecoder([word], frame_seconds=FRAME).columns]  # blank, a, b, c, d
-    bounds[75, 1], bounds[81, 2], bounds[87, 3], bounds[93, 4] = 0.9, 0.3, 0.3, 0.3
+    late_a_bound, rest_bound = 0.9, 0.3
+    bounds[75, 1], bounds[81, 2], bounds[87, 3], bounds[93, 4] = (
+        late_a_bound,
+        rest_bound,
+        rest_bound,
+        rest_bound,
+    )
     # Where a match that strong may begin, from the bounds: not at the earlier first character.
-    assert np.mean(np.log([0.12, 0.3, 0.3, 0.3])) < math.log(FIRST_TRY_STRENGTH)
-    assert np.mean(np.log([0.9, 0.3, 0.3, 0.3])) > math.log(FIRST_TRY_STRENGTH)
+    assert np.mean(np.log([bounds[60, 1], rest_bound, rest_bound, rest_bound])) < math.log(FIRST_TRY_STRENGTH)
+    assert np.mean(np.log([late_a_bound, rest_bound, rest_bound, rest_bound])) > math.log(FIRST_TRY_STRENGTH)
     found, resolver = decode_one_stream(word, signal, bounds, chunk)
     assert same_detections([found], [decode(signal, [word])])
     assert [d.peak_frames for d in found] == [(60, 81, 87, 93)]

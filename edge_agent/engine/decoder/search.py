@@ -52,11 +52,11 @@ FEASIBLE_SLACK = math.log(BOUND_SAFETY)
 # A candidate's window is first read only from where a match this strong may begin (when the
 # threshold is lower). A keyword said clearly is far stronger than the threshold, while its
 # window read from where a match just reaching the threshold may begin goes back over faint
-# traces of its first character: at the default threshold a character's floor is a posterior
-# of about 1e-4, which the silence before a keyword often reaches, and exact rows are most of
-# the cost of a burst of detections. If the strongest match found there is weaker than this,
-# the window is read again from where a match reaching the threshold may begin (those rows are
-# resolved then): a weak detection costs a second run, and is the same detection.
+# traces of its first character: at a low threshold a character's floor (threshold ** (n - 1))
+# is so small that the silence before a keyword reaches it, and exact rows are most of the cost
+# of a burst of detections. If the strongest match found there is weaker than this, the window
+# is read again from where a match reaching the threshold may begin (those rows are resolved
+# then): a weak detection costs a second run, and is the same detection.
 FIRST_TRY_STRENGTH = 0.25
 # KeywordSearch.feasible_start results kept: the levels a window is read for, and a pending
 # detection's.
